@@ -1,1 +1,4 @@
-//! Work in progress.
+//! QMP client and hotplug engine (work in progress).
+
+pub mod client;
+pub mod transport;

@@ -1,0 +1,704 @@
+//! A blocking QMP client: greeting, `qmp_capabilities`, commands matched to replies by id
+//! while events arrive in between, event fan-out to several subscribers, descriptor passing.
+//!
+//! One reader thread per connection reads every message QEMU sends. Replies go to the
+//! caller waiting on that id; events are copied to every live [`EventStream`]. Any number of
+//! threads may call [`QmpClient::execute_raw`] at the same time. Every wait has a deadline.
+//! When the connection ends (EOF, malformed JSON, an oversized message, an I/O error) every
+//! waiter and subscriber learns why through [`CloseReason`].
+
+use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::transport::{LineReader, LineWriter, TransportError};
+
+/// Errors of the QMP client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Connecting to the QMP socket failed.
+    #[error("cannot connect to QMP socket {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The last connect error.
+        source: std::io::Error,
+    },
+    /// Setting up the connection failed.
+    #[error("QMP connection set-up: {0}")]
+    Setup(#[source] std::io::Error),
+    /// Sending a message failed.
+    #[error("sending to QEMU failed: {0}")]
+    Send(#[from] TransportError),
+    /// The connection is gone; the reason says how it ended.
+    #[error("QMP connection closed: {0}")]
+    Closed(CloseReason),
+    /// No reply (or event) arrived before the deadline.
+    #[error("{what}: no answer within {after:?}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long was waited.
+        after: Duration,
+    },
+    /// QEMU answered the command with an error.
+    #[error("{command} failed: {class}: {desc}")]
+    Qmp {
+        /// The command that failed.
+        command: String,
+        /// QMP error class, e.g. `GenericError`, `DeviceNotFound`.
+        class: String,
+        /// QEMU's human-readable description.
+        desc: String,
+    },
+    /// The greeting was not a QMP greeting.
+    #[error("bad QMP greeting: {0}")]
+    Greeting(String),
+    /// A command's arguments could not be encoded.
+    #[error("cannot encode arguments of {command}: {source}")]
+    Encode {
+        /// The command.
+        command: String,
+        /// The encoder's error.
+        source: serde_json::Error,
+    },
+    /// A reply did not have the shape the typed command expects.
+    #[error("unexpected reply to {command}: {source}")]
+    UnexpectedReply {
+        /// The command.
+        command: String,
+        /// The decoder's error.
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The QMP error class and description when QEMU answered with an error.
+    pub fn qmp_error(&self) -> Option<(&str, &str)> {
+        match self {
+            ClientError::Qmp { class, desc, .. } => Some((class, desc)),
+            _ => None,
+        }
+    }
+
+    /// True when the connection to QEMU is gone (as opposed to one command failing).
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, ClientError::Closed(_) | ClientError::Send(_))
+    }
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// QEMU closed the connection (or exited).
+    #[error("end of stream")]
+    Eof,
+    /// QEMU sent a line that is not a JSON object.
+    #[error("malformed JSON from QEMU ({message}): {preview}")]
+    MalformedJson {
+        /// The parser's message.
+        message: String,
+        /// The first bytes of the line.
+        preview: String,
+    },
+    /// QEMU sent a line longer than the limit.
+    #[error("message longer than the {limit}-byte limit")]
+    MessageTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Reading failed.
+    #[error("read error: {0}")]
+    Io(String),
+    /// The client was dropped.
+    #[error("client dropped")]
+    Dropped,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Default deadline for a command's reply.
+    pub command_timeout: Duration,
+    /// Deadline for the greeting and `qmp_capabilities`.
+    pub handshake_timeout: Duration,
+    /// How long [`QmpClient::connect_unix`] retries while the socket does not accept yet.
+    pub connect_timeout: Duration,
+    /// Longest message accepted from QEMU; a longer one closes the connection.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            command_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_message_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// QEMU's version from the greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QemuVersion {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+    /// Micro version.
+    pub micro: u32,
+}
+
+/// The QMP greeting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    /// QEMU's version.
+    pub version: QemuVersion,
+    /// The distribution's package string, e.g. `Debian 1:7.2+dfsg-7`.
+    pub package: String,
+    /// Capabilities offered (e.g. `oob`), as QEMU spelt them.
+    pub capabilities: Vec<String>,
+}
+
+/// An event's time stamp as QEMU sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the epoch.
+    pub seconds: i64,
+    /// Microseconds.
+    pub microseconds: i64,
+}
+
+/// An asynchronous event, kept as raw JSON so that events this crate's schema does not
+/// know are delivered too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The event name, e.g. `DEVICE_DELETED`.
+    pub name: String,
+    /// The `data` member (`null` when absent).
+    pub data: Value,
+    /// The time stamp, when QEMU sent one.
+    pub timestamp: Option<Timestamp>,
+}
+
+impl Event {
+    /// The event as the `qapi` crate's generated type, when its schema knows it.
+    pub fn typed(&self) -> Option<qapi::qmp::Event> {
+        let mut obj = Map::new();
+        obj.insert("event".into(), Value::String(self.name.clone()));
+        if !self.data.is_null() {
+            obj.insert("data".into(), self.data.clone());
+        }
+        let ts = self.timestamp.unwrap_or(Timestamp { seconds: 0, microseconds: 0 });
+        obj.insert("timestamp".into(), serde_json::json!(ts));
+        serde_json::from_value(Value::Object(obj)).ok()
+    }
+
+    /// For `DEVICE_DELETED`: the device id, when the event names one.
+    pub fn deleted_device_id(&self) -> Option<&str> {
+        if self.name != "DEVICE_DELETED" {
+            return None;
+        }
+        self.data.get("device").and_then(Value::as_str)
+    }
+}
+
+/// A QMP error reply body.
+#[derive(Debug, Clone)]
+struct ErrorBody {
+    class: String,
+    desc: String,
+}
+
+type Reply = std::result::Result<Value, ErrorBody>;
+
+/// What the reader thread and the callers share.
+#[derive(Debug, Default)]
+struct Conn {
+    pending: HashMap<u64, SyncSender<Reply>>,
+    subscribers: Vec<Sender<Event>>,
+    closed: Option<CloseReason>,
+    stray_replies: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    conn: Mutex<Conn>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Conn> {
+        // A panic while holding this lock cannot leave the maps inconsistent: take the data.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn close_reason(&self) -> CloseReason {
+        self.lock().closed.clone().unwrap_or(CloseReason::Dropped)
+    }
+}
+
+/// A stream of events from one connection. Each stream sees every event that arrives after
+/// it was created; streams do not take events from each other.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: Receiver<Event>,
+    shared: Arc<Shared>,
+}
+
+impl EventStream {
+    /// The next event, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(e) => Ok(e),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(ClientError::Timeout { what: "event".into(), after: timeout })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Closed(self.shared.close_reason())),
+        }
+    }
+
+    /// An event already received, if any, without waiting.
+    pub fn try_recv(&self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Waits until an event satisfies `pred` or `deadline` passes; other events are skipped.
+    pub fn wait_for(&self, deadline: Instant, mut pred: impl FnMut(&Event) -> bool) -> Result<Event> {
+        let started = Instant::now();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(e) if pred(&e) => return Ok(e),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(ClientError::Timeout {
+                        what: "matching event".into(),
+                        after: started.elapsed(),
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ClientError::Closed(self.shared.close_reason()))
+                }
+            }
+        }
+    }
+}
+
+/// A QMP connection to one QEMU process. Cheap to share between threads (`Arc`).
+#[derive(Debug)]
+pub struct QmpClient {
+    shared: Arc<Shared>,
+    writer: Mutex<LineWriter>,
+    next_id: AtomicU64,
+    greeting: Greeting,
+    options: ClientOptions,
+    stop: Arc<AtomicBool>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl QmpClient {
+    /// Connects to QEMU's QMP Unix socket (`-qmp unix:PATH,server=on,wait=off`), retrying
+    /// for up to `options.connect_timeout` while the socket is not there or not accepting.
+    pub fn connect_unix(path: impl AsRef<Path>, options: ClientOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let deadline = Instant::now() + options.connect_timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    let retry = matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    );
+                    if !retry || Instant::now() >= deadline {
+                        return Err(ClientError::Connect { path: path.to_owned(), source: e });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        Self::from_stream(stream, options)
+    }
+
+    /// Speaks QMP over an already connected Unix socket.
+    pub fn from_stream(stream: UnixStream, options: ClientOptions) -> Result<Self> {
+        // A send that QEMU never drains must not block forever.
+        stream.set_write_timeout(Some(options.command_timeout)).map_err(ClientError::Setup)?;
+        let read = stream.try_clone().map_err(ClientError::Setup)?;
+        Self::start(OwnedFd::from(read), LineWriter::Socket(stream), options)
+    }
+
+    /// Speaks QMP over a pair of pipes, e.g. the stdout and stdin of a QEMU started with
+    /// `-qmp stdio`. Descriptor passing is not possible over pipes.
+    pub fn from_pipes(
+        from_qemu: impl Into<OwnedFd>,
+        to_qemu: impl Into<OwnedFd>,
+        options: ClientOptions,
+    ) -> Result<Self> {
+        let writer = LineWriter::Pipe(std::fs::File::from(to_qemu.into()));
+        Self::start(from_qemu.into(), writer, options)
+    }
+
+    fn start(read: OwnedFd, writer: LineWriter, options: ClientOptions) -> Result<Self> {
+        let mut reader = LineReader::new(read, options.max_message_bytes);
+        let stop = Arc::new(AtomicBool::new(false));
+        // The greeting is read here, not by `qapi`, whose handshake panics on EOF.
+        let deadline = Instant::now() + options.handshake_timeout;
+        let line = reader.read_line(Some(deadline), &stop).map_err(|e| match e {
+            TransportError::Timeout(after) => ClientError::Timeout { what: "QMP greeting".into(), after },
+            other => ClientError::Closed(close_reason(other)),
+        })?;
+        let greeting = parse_greeting(&line)?;
+        let shared = Arc::new(Shared::default());
+        let thread_shared = Arc::clone(&shared);
+        let thread_stop = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("qmp-reader".into())
+            .spawn(move || reader_loop(reader, &thread_shared, &thread_stop))
+            .map_err(ClientError::Setup)?;
+        let client = QmpClient {
+            shared,
+            writer: Mutex::new(writer),
+            next_id: AtomicU64::new(1),
+            greeting,
+            options,
+            stop,
+            reader: Mutex::new(Some(handle)),
+        };
+        client.execute_raw("qmp_capabilities", None, client.options.handshake_timeout)?;
+        Ok(client)
+    }
+
+    /// The greeting QEMU sent.
+    pub fn greeting(&self) -> &Greeting {
+        &self.greeting
+    }
+
+    /// The options this client was made with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// Why the connection ended, or `None` while it is open.
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.shared.lock().closed.clone()
+    }
+
+    /// Replies that matched no waiting command (late after a timeout, or unknown ids).
+    pub fn stray_replies(&self) -> u64 {
+        self.shared.lock().stray_replies
+    }
+
+    /// A new event stream that sees every event from now on.
+    pub fn subscribe(&self) -> EventStream {
+        let (tx, rx) = mpsc::channel();
+        let mut conn = self.shared.lock();
+        if conn.closed.is_none() {
+            conn.subscribers.push(tx);
+        }
+        drop(conn);
+        EventStream { rx, shared: Arc::clone(&self.shared) }
+    }
+
+    /// Runs a command given by name with raw JSON arguments and returns the raw `return`
+    /// value. This path works for any command, including ones the `qapi` schema lacks.
+    pub fn execute_raw(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
+        self.execute_inner(command, arguments, &[], timeout)
+    }
+
+    /// Like [`QmpClient::execute_raw`], passing `fds` with the message (`SCM_RIGHTS`).
+    pub fn execute_raw_with_fds(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<Value> {
+        self.execute_inner(command, arguments, fds, timeout)
+    }
+
+    /// Runs a command of the `qapi` crate's generated schema with the default deadline.
+    pub fn execute<C: qapi::Command>(&self, command: &C) -> Result<C::Ok> {
+        self.execute_timeout(command, self.options.command_timeout)
+    }
+
+    /// Runs a typed command with an explicit deadline.
+    pub fn execute_timeout<C: qapi::Command>(&self, command: &C, timeout: Duration) -> Result<C::Ok> {
+        let args = serde_json::to_value(command)
+            .map_err(|source| ClientError::Encode { command: C::NAME.into(), source })?;
+        let args = match args {
+            Value::Object(m) if m.is_empty() => None,
+            other => Some(other),
+        };
+        let ret = self.execute_inner(C::NAME, args, &[], timeout)?;
+        serde_json::from_value(ret)
+            .map_err(|source| ClientError::UnexpectedReply { command: C::NAME.into(), source })
+    }
+
+    /// Hands `fd` to QEMU under `fdname` (`getfd`), e.g. for `vfio-pci`'s or iommufd's `fd`.
+    pub fn getfd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        let args = serde_json::json!({ "fdname": fdname });
+        self.execute_inner("getfd", Some(args), &[fd], self.options.command_timeout).map(drop)
+    }
+
+    /// Closes a descriptor that [`QmpClient::getfd`] passed (`closefd`).
+    pub fn closefd(&self, fdname: &str) -> Result<()> {
+        self.execute(&qapi::qmp::closefd { fdname: fdname.into() }).map(drop)
+    }
+
+    /// Adds `fd` to a file descriptor set (`add-fd`); QEMU picks the set when `fdset_id`
+    /// is `None`.
+    pub fn add_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        fdset_id: Option<i64>,
+        opaque: Option<&str>,
+    ) -> Result<qapi::qmp::AddfdInfo> {
+        let cmd = qapi::qmp::add_fd { fdset_id, opaque: opaque.map(str::to_owned) };
+        let args = serde_json::to_value(&cmd)
+            .map_err(|source| ClientError::Encode { command: "add-fd".into(), source })?;
+        let ret = self.execute_inner("add-fd", Some(args), &[fd], self.options.command_timeout)?;
+        serde_json::from_value(ret)
+            .map_err(|source| ClientError::UnexpectedReply { command: "add-fd".into(), source })
+    }
+
+    fn execute_inner(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<Value> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Map::new();
+        msg.insert("execute".into(), Value::String(command.into()));
+        if let Some(a) = arguments {
+            msg.insert("arguments".into(), a);
+        }
+        msg.insert("id".into(), Value::from(id));
+        let line = serde_json::to_vec(&Value::Object(msg))
+            .map_err(|source| ClientError::Encode { command: command.into(), source })?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut conn = self.shared.lock();
+            if let Some(reason) = &conn.closed {
+                return Err(ClientError::Closed(reason.clone()));
+            }
+            conn.pending.insert(id, tx);
+        }
+        let sent = {
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if fds.is_empty() {
+                w.write_line(&line)
+            } else {
+                w.write_line_with_fds(&line, fds)
+            }
+        };
+        if let Err(e) = sent {
+            self.shared.lock().pending.remove(&id);
+            return Err(ClientError::Send(e));
+        }
+        let reply = match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                self.shared.lock().pending.remove(&id);
+                // The reply may have raced in between; use it if so.
+                match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return Err(ClientError::Timeout { what: command.into(), after: timeout }),
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(ClientError::Closed(self.shared.close_reason()))
+            }
+        };
+        reply.map_err(|e| ClientError::Qmp { command: command.into(), class: e.class, desc: e.desc })
+    }
+}
+
+impl Drop for QmpClient {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        let handle = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            // The reader sees the stop flag within 100 ms; its result carries nothing.
+            let _ = h.join();
+        }
+    }
+}
+
+fn close_reason(e: TransportError) -> CloseReason {
+    match e {
+        TransportError::Eof => CloseReason::Eof,
+        TransportError::LineTooLong { limit } => CloseReason::MessageTooLarge { limit },
+        TransportError::Stopped => CloseReason::Dropped,
+        other => CloseReason::Io(other.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct RawGreeting {
+    #[serde(rename = "QMP")]
+    qmp: RawGreetingBody,
+}
+
+#[derive(Deserialize)]
+struct RawGreetingBody {
+    version: RawVersion,
+    #[serde(default)]
+    capabilities: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawVersion {
+    qemu: QemuVersion,
+    #[serde(default)]
+    package: String,
+}
+
+fn parse_greeting(line: &[u8]) -> Result<Greeting> {
+    let g: RawGreeting =
+        serde_json::from_slice(line).map_err(|e| ClientError::Greeting(format!("{e}: {}", preview(line))))?;
+    Ok(Greeting {
+        version: g.qmp.version.qemu,
+        package: g.qmp.version.package.trim().to_owned(),
+        capabilities: g
+            .qmp
+            .capabilities
+            .iter()
+            .map(|c| c.as_str().map_or_else(|| c.to_string(), str::to_owned))
+            .collect(),
+    })
+}
+
+fn preview(line: &[u8]) -> String {
+    let cut = line.get(..line.len().min(120)).unwrap_or_default();
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+/// One message from QEMU, classified.
+enum Incoming {
+    Reply(Option<u64>, Reply),
+    Event(Event),
+    Other,
+}
+
+fn classify(line: &[u8]) -> std::result::Result<Incoming, CloseReason> {
+    let v: Value = serde_json::from_slice(line)
+        .map_err(|e| CloseReason::MalformedJson { message: e.to_string(), preview: preview(line) })?;
+    let Value::Object(mut obj) = v else {
+        return Err(CloseReason::MalformedJson {
+            message: "not a JSON object".into(),
+            preview: preview(line),
+        });
+    };
+    let id = obj.get("id").and_then(Value::as_u64);
+    if let Some(ret) = obj.remove("return") {
+        return Ok(Incoming::Reply(id, Ok(ret)));
+    }
+    if let Some(err) = obj.remove("error") {
+        let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        return Ok(Incoming::Reply(id, Err(ErrorBody { class: field("class"), desc: field("desc") })));
+    }
+    if let Some(Value::String(name)) = obj.remove("event") {
+        let data = obj.remove("data").unwrap_or(Value::Null);
+        let timestamp = obj.remove("timestamp").and_then(|t| serde_json::from_value(t).ok());
+        return Ok(Incoming::Event(Event { name, data, timestamp }));
+    }
+    Ok(Incoming::Other)
+}
+
+fn reader_loop(mut reader: LineReader, shared: &Shared, stop: &AtomicBool) {
+    let reason = loop {
+        let line = match reader.read_line(None, stop) {
+            Ok(l) => l,
+            Err(e) => break close_reason(e),
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match classify(&line) {
+            Ok(Incoming::Reply(id, reply)) => {
+                let mut conn = shared.lock();
+                match id.and_then(|id| conn.pending.remove(&id)) {
+                    // The waiter may have given up in the meantime; nothing to do then.
+                    Some(tx) => drop(tx.try_send(reply)),
+                    None => conn.stray_replies += 1,
+                }
+            }
+            Ok(Incoming::Event(ev)) => {
+                let mut conn = shared.lock();
+                conn.subscribers.retain(|tx| tx.send(ev.clone()).is_ok());
+            }
+            Ok(Incoming::Other) => {}
+            Err(reason) => break reason,
+        }
+    };
+    let mut conn = shared.lock();
+    conn.closed = Some(reason);
+    // Dropping the senders wakes every waiter and subscriber with "disconnected".
+    conn.pending.clear();
+    conn.subscribers.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greeting_of_qemu_7_2_parses() {
+        let line = br#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
+        let g = parse_greeting(line).unwrap();
+        assert_eq!(g.version, QemuVersion { major: 7, minor: 2, micro: 22 });
+        assert_eq!(g.capabilities, vec!["oob".to_string()]);
+        assert!(parse_greeting(b"{\"hello\":1}").is_err());
+    }
+
+    #[test]
+    fn classify_reply_error_event() {
+        match classify(br#"{"return": {}, "id": 7}"#).unwrap() {
+            Incoming::Reply(Some(7), Ok(_)) => {}
+            _ => panic!("reply"),
+        }
+        match classify(br#"{"error": {"class": "DeviceNotFound", "desc": "x"}, "id": 3}"#).unwrap() {
+            Incoming::Reply(Some(3), Err(e)) => assert_eq!(e.class, "DeviceNotFound"),
+            _ => panic!("error"),
+        }
+        match classify(br#"{"event": "NEVER_HEARD_OF", "data": {"a": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap() {
+            Incoming::Event(e) => {
+                assert_eq!(e.name, "NEVER_HEARD_OF");
+                assert!(e.typed().is_none());
+            }
+            _ => panic!("event"),
+        }
+        assert!(classify(b"[1,2]").is_err());
+        assert!(classify(b"{\"return\": ").is_err());
+    }
+
+    #[test]
+    fn known_event_has_typed_form() {
+        let e = Event {
+            name: "DEVICE_DELETED".into(),
+            data: serde_json::json!({"device": "gpu0", "path": "/machine/peripheral/gpu0"}),
+            timestamp: Some(Timestamp { seconds: 1, microseconds: 0 }),
+        };
+        assert_eq!(e.deleted_device_id(), Some("gpu0"));
+        assert!(matches!(e.typed(), Some(qapi::qmp::Event::DEVICE_DELETED { .. })));
+    }
+}

@@ -1,0 +1,287 @@
+//! The byte level of a QMP connection: bounded line reading with deadlines, writing, and
+//! passing file descriptors with `SCM_RIGHTS`.
+//!
+//! QMP is one JSON document per line. Lines are read into a buffer that never grows past
+//! the configured limit plus one read chunk, so a peer that sends a 16 MiB line (or never
+//! sends a newline) costs bounded memory and ends in [`TransportError::LineTooLong`].
+
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+/// Size of one `read(2)` into the line buffer.
+const CHUNK: usize = 64 * 1024;
+/// How often a blocked reader wakes up to look at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+/// Most descriptors passed in one message (QEMU's limit for one message is larger).
+pub const MAX_FDS_PER_MESSAGE: usize = 16;
+
+/// Errors of the byte level.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer closed the connection.
+    #[error("end of stream from QEMU")]
+    Eof,
+    /// A line grew past the limit before its newline arrived.
+    #[error("message longer than the {limit}-byte limit")]
+    LineTooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No complete line arrived before the deadline.
+    #[error("no message within {0:?}")]
+    Timeout(Duration),
+    /// The reader was asked to stop.
+    #[error("reader stopped")]
+    Stopped,
+    /// An operating-system error.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// Passing descriptors needs a Unix socket; the connection is a pipe pair.
+    #[error("file descriptors can only be passed over a Unix socket, not over pipes")]
+    FdPassingUnsupported,
+    /// More descriptors than one message carries.
+    #[error("{0} file descriptors in one message, at most {MAX_FDS_PER_MESSAGE}")]
+    TooManyFds(usize),
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, TransportError>;
+
+/// Reads newline-terminated lines from a file descriptor with a length limit and deadlines.
+#[derive(Debug)]
+pub(crate) struct LineReader {
+    file: File,
+    buf: Vec<u8>,
+    max_line: usize,
+}
+
+impl LineReader {
+    /// Wraps a readable descriptor (socket or pipe).
+    pub(crate) fn new(fd: OwnedFd, max_line: usize) -> Self {
+        LineReader { file: File::from(fd), buf: Vec::with_capacity(CHUNK), max_line }
+    }
+
+    /// Returns the next line without its line ending.
+    ///
+    /// Waits until `deadline` (forever when `None`), checking `stop` at least every 100 ms.
+    pub(crate) fn read_line(&mut self, deadline: Option<Instant>, stop: &AtomicBool) -> Result<Vec<u8>> {
+        let started = Instant::now();
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > self.max_line {
+                return Err(TransportError::LineTooLong { limit: self.max_line });
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Err(TransportError::Stopped);
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(TransportError::Timeout(started.elapsed()));
+                    }
+                    left.min(STOP_POLL)
+                }
+                None => STOP_POLL,
+            };
+            if !wait_readable(self.file.as_fd(), wait)? {
+                continue;
+            }
+            self.fill()?;
+        }
+    }
+
+    /// One `read(2)` into the buffer; EOF is an error because a line was expected.
+    fn fill(&mut self) -> Result<()> {
+        let old = self.buf.len();
+        // Never read more than the limit allows, so memory stays bounded.
+        let room = (self.max_line + 1).saturating_sub(old).clamp(1, CHUNK);
+        self.buf.resize(old + room, 0);
+        let got = loop {
+            match self.file.read(self.buf.get_mut(old..).unwrap_or_default()) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.buf.truncate(old);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.buf.truncate(old);
+                    return Err(e.into());
+                }
+            }
+        };
+        self.buf.truncate(old + got);
+        if got == 0 {
+            return Err(TransportError::Eof);
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `fd` is readable (or hung up) for at most `wait`.
+fn wait_readable(fd: BorrowedFd<'_>, wait: Duration) -> Result<bool> {
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let timeout = Timespec {
+        tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(wait.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(TransportError::Io(e.into())),
+    }
+}
+
+/// The writing half of a connection.
+#[derive(Debug)]
+pub(crate) enum LineWriter {
+    /// A connected Unix socket (can pass descriptors).
+    Socket(UnixStream),
+    /// The write end of a pipe (`-qmp stdio`).
+    Pipe(File),
+}
+
+impl LineWriter {
+    /// Writes one message followed by a newline.
+    pub(crate) fn write_line(&mut self, line: &[u8]) -> Result<()> {
+        let mut msg = Vec::with_capacity(line.len() + 1);
+        msg.extend_from_slice(line);
+        msg.push(b'\n');
+        match self {
+            LineWriter::Socket(s) => send_all(s.as_fd(), &msg),
+            LineWriter::Pipe(f) => {
+                f.write_all(&msg)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes one message with `fds` attached to its first byte(s) as `SCM_RIGHTS`.
+    pub(crate) fn write_line_with_fds(&mut self, line: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        let LineWriter::Socket(sock) = self else {
+            return Err(TransportError::FdPassingUnsupported);
+        };
+        if fds.len() > MAX_FDS_PER_MESSAGE {
+            return Err(TransportError::TooManyFds(fds.len()));
+        }
+        let mut msg = Vec::with_capacity(line.len() + 1);
+        msg.extend_from_slice(line);
+        msg.push(b'\n');
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(TransportError::TooManyFds(fds.len()));
+        }
+        let sent = loop {
+            match rustix::net::sendmsg(sock.as_fd(), &[IoSlice::new(&msg)], &mut control, SendFlags::NOSIGNAL)
+            {
+                Ok(n) => break n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(TransportError::Io(e.into())),
+            }
+        };
+        // The descriptors travelled with the first bytes; the rest is plain data.
+        send_all(sock.as_fd(), msg.get(sent..).unwrap_or_default())
+    }
+
+    /// Shuts a socket down so that a blocked reader on it wakes up with EOF.
+    pub(crate) fn shutdown(&self) {
+        if let LineWriter::Socket(s) = self {
+            // Already closed by the peer is fine: nothing left to wake.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// `send(2)` in a loop without raising `SIGPIPE`.
+fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<()> {
+    while !data.is_empty() {
+        match rustix::net::send(fd, data, SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(TransportError::Eof),
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(TransportError::Io(e.into())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(max: usize) -> (UnixStream, LineReader) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (a, LineReader::new(OwnedFd::from(b), max))
+    }
+
+    #[test]
+    fn splits_lines_and_strips_crlf() {
+        let (mut w, mut r) = pair(1024);
+        w.write_all(b"{\"a\":1}\r\n{\"b\":2}\n").unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(r.read_line(None, &stop).unwrap(), b"{\"a\":1}");
+        assert_eq!(r.read_line(None, &stop).unwrap(), b"{\"b\":2}");
+    }
+
+    #[test]
+    fn long_line_is_rejected_with_bounded_buffer() {
+        let (mut w, mut r) = pair(1000);
+        let t = std::thread::spawn(move || {
+            // Writes until the reader hangs up; never sends a newline.
+            let chunk = vec![b'x'; 4096];
+            while w.write_all(&chunk).is_ok() {}
+        });
+        let stop = AtomicBool::new(false);
+        let err = r.read_line(Some(Instant::now() + Duration::from_secs(10)), &stop).unwrap_err();
+        assert!(matches!(err, TransportError::LineTooLong { limit: 1000 }), "{err:?}");
+        assert!(r.buf.capacity() <= CHUNK + 1001);
+        drop(r);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn eof_and_timeout_are_distinct() {
+        let (w, mut r) = pair(1000);
+        let stop = AtomicBool::new(false);
+        let err = r.read_line(Some(Instant::now() + Duration::from_millis(50)), &stop).unwrap_err();
+        assert!(matches!(err, TransportError::Timeout(_)), "{err:?}");
+        drop(w);
+        let err = r.read_line(Some(Instant::now() + Duration::from_secs(5)), &stop).unwrap_err();
+        assert!(matches!(err, TransportError::Eof), "{err:?}");
+    }
+
+    #[test]
+    fn stop_flag_ends_a_blocked_read() {
+        let (_w, mut r) = pair(1000);
+        let stop = AtomicBool::new(true);
+        assert!(matches!(r.read_line(None, &stop), Err(TransportError::Stopped)));
+    }
+
+    #[test]
+    fn pipes_cannot_pass_fds() {
+        let (_r, w) = rustix::pipe::pipe().unwrap();
+        let mut w = LineWriter::Pipe(File::from(w));
+        let null = File::open("/dev/null").unwrap();
+        let err = w.write_line_with_fds(b"{}", &[null.as_fd()]).unwrap_err();
+        assert!(matches!(err, TransportError::FdPassingUnsupported));
+    }
+}

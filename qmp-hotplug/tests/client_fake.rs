@@ -1,0 +1,193 @@
+//! Fault tests of the QMP client against a fake peer whose every byte the test controls.
+//! Each case must end in a typed error (or the right result) within its deadline.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{FakePeer, GREETING};
+use qmp_hotplug::client::{ClientError, CloseReason, QmpClient};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn connect(peer: &FakePeer) -> Result<QmpClient, ClientError> {
+    QmpClient::connect_unix(&peer.path, FakePeer::options(DEADLINE))
+}
+
+#[test]
+fn malformed_json_closes_with_typed_error() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let _ = p.recv();
+        p.send(r#"{"return": {}, "id": 2"#);
+        p.send("this is not json");
+    });
+    let c = connect(&peer).unwrap();
+    let err = c.execute_raw("query-status", None, DEADLINE).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::MalformedJson { .. })), "{err:?}");
+    assert!(c.closed().is_some());
+    // Once closed, further commands fail at once with the same reason.
+    let again = c.execute_raw("query-status", None, DEADLINE).unwrap_err();
+    assert!(matches!(again, ClientError::Closed(CloseReason::MalformedJson { .. })));
+}
+
+#[test]
+fn sixteen_mib_line_is_rejected() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let _ = p.recv();
+        let chunk = vec![b'a'; 1 << 20];
+        let _ = p.w.write_all(b"{\"return\": \"");
+        for _ in 0..16 {
+            if p.w.write_all(&chunk).is_err() {
+                return; // the client hung up, as it should
+            }
+        }
+        let _ = p.w.write_all(b"\"}\n");
+    });
+    let c = connect(&peer).unwrap();
+    let limit = c.options().max_message_bytes;
+    assert!(limit < 16 << 20);
+    let err = c.execute_raw("query-status", None, Duration::from_secs(30)).unwrap_err();
+    assert!(
+        matches!(err, ClientError::Closed(CloseReason::MessageTooLarge { limit: l }) if l == limit),
+        "{err:?}"
+    );
+    drop(c);
+}
+
+#[test]
+fn unknown_event_is_delivered_not_fatal() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let (_, id, _) = p.recv().unwrap();
+        p.send(r#"{"event": "X_EVENT_FROM_THE_FUTURE", "data": {"answer": 42}, "timestamp": {"seconds": 1, "microseconds": 5}}"#);
+        p.send(r#"{"event": "DEVICE_DELETED", "data": {"device": "d0", "path": "/machine/peripheral/d0"}, "timestamp": {"seconds": 1, "microseconds": 6}}"#);
+        p.reply(&id, json!({"status": "running", "running": true}));
+        let _ = p.recv();
+    });
+    let c = connect(&peer).unwrap();
+    let a = c.subscribe();
+    let b = c.subscribe();
+    let ret = c.execute_raw("query-status", None, DEADLINE).unwrap();
+    assert_eq!(ret["status"], "running");
+    for s in [&a, &b] {
+        let e = s.recv_timeout(DEADLINE).unwrap();
+        assert_eq!(e.name, "X_EVENT_FROM_THE_FUTURE");
+        assert_eq!(e.data["answer"], 42);
+        assert!(e.typed().is_none());
+        let e = s.recv_timeout(DEADLINE).unwrap();
+        assert_eq!(e.deleted_device_id(), Some("d0"));
+        assert!(e.typed().is_some());
+    }
+    assert!(c.closed().is_none());
+}
+
+#[test]
+fn replies_out_of_order_reach_their_callers() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let (n1, id1, _) = p.recv().unwrap();
+        let (n2, id2, _) = p.recv().unwrap();
+        // Answer the second first, each with its own command's name.
+        p.reply(&id2, json!({"for": n2}));
+        p.reply(&id1, json!({"for": n1}));
+        // A reply for an id nobody waits for is counted, not fatal.
+        p.reply(&json!(9999), json!({}));
+        let (_, id3, _) = p.recv().unwrap();
+        p.reply(&id3, json!({"for": "last"}));
+    });
+    let c = std::sync::Arc::new(connect(&peer).unwrap());
+    let c2 = std::sync::Arc::clone(&c);
+    let first = std::thread::spawn(move || c2.execute_raw("cmd-a", None, DEADLINE));
+    // Make sure cmd-a is written first so the peer reads a then b.
+    std::thread::sleep(Duration::from_millis(100));
+    let second = c.execute_raw("cmd-b", None, DEADLINE).unwrap();
+    let first = first.join().unwrap().unwrap();
+    assert_eq!(first["for"], "cmd-a");
+    assert_eq!(second["for"], "cmd-b");
+    let last = c.execute_raw("cmd-c", None, DEADLINE).unwrap();
+    assert_eq!(last["for"], "last");
+    assert_eq!(c.stray_replies(), 1);
+}
+
+#[test]
+fn silent_peer_times_out_in_handshake() {
+    let peer = FakePeer::start(|p| {
+        // Say nothing; wait until the client hangs up.
+        let mut buf = [0u8; 16];
+        let _ = std::io::Read::read(&mut &p.w, &mut buf);
+    });
+    let t = Instant::now();
+    let err = QmpClient::connect_unix(&peer.path, FakePeer::options(Duration::from_millis(500))).unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn silent_peer_times_out_a_command() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let _ = p.recv();
+        let _ = p.recv(); // returns when the client hangs up
+    });
+    let c = connect(&peer).unwrap();
+    let err = c.execute_raw("query-status", None, Duration::from_millis(300)).unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    // The connection itself is still fine after a timeout.
+    assert!(c.closed().is_none());
+}
+
+#[test]
+fn eof_during_handshake_is_an_error_not_a_panic() {
+    let peer = FakePeer::start(drop);
+    let err = connect(&peer).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
+
+    let peer = FakePeer::start(|mut p| {
+        p.send(GREETING);
+        let _ = p.recv();
+    });
+    let err = connect(&peer).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
+}
+
+#[test]
+fn bad_greeting_is_typed() {
+    let peer = FakePeer::start(|mut p| p.send(r#"{"hello": "world"}"#));
+    let err = connect(&peer).unwrap_err();
+    assert!(matches!(err, ClientError::Greeting(_)), "{err:?}");
+}
+
+#[test]
+fn error_reply_keeps_class_and_desc() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let (_, id, _) = p.recv().unwrap();
+        p.send(
+            &json!({"error": {"class": "DeviceNotFound", "desc": "Device 'x' not found"}, "id": id})
+                .to_string(),
+        );
+        let _ = p.recv();
+    });
+    let c = connect(&peer).unwrap();
+    let err = c.execute(&qapi::qmp::device_del { id: "x".into() }).unwrap_err();
+    assert_eq!(err.qmp_error(), Some(("DeviceNotFound", "Device 'x' not found")));
+}
+
+#[test]
+fn eof_wakes_waiters_and_subscribers() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let _ = p.recv();
+        // Hang up with the command unanswered.
+    });
+    let c = connect(&peer).unwrap();
+    let events = c.subscribe();
+    let err = c.execute_raw("query-status", None, DEADLINE).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
+    let err = events.recv_timeout(DEADLINE).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
+}

@@ -1,0 +1,201 @@
+//! Shared test fixtures: real QEMU processes and a fake QMP peer the test controls.
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use qmp_hotplug::client::{ClientOptions, QmpClient};
+
+pub const QEMU_X86: &str = "/usr/bin/qemu-system-x86_64";
+
+/// How root ports take hotplug requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hotplug {
+    /// q35's default in QEMU 7.2: ACPI hotplug. With no guest OS, `device_del` never
+    /// completes (the unplug-timeout path).
+    Acpi,
+    /// Native PCIe hotplug. With no guest OS the slot stays powered off and `device_del`
+    /// removes the device at once.
+    Native,
+}
+
+/// A q35 QEMU with SeaBIOS, `ports` pcie-root-ports `rp0`… and QMP on a Unix socket.
+/// Killed when dropped.
+pub struct Qemu {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub qmp: PathBuf,
+}
+
+pub fn require(path: &str, package: &str) {
+    assert!(Path::new(path).exists(), "{path} is missing: install it with `apt-get install {package}`");
+}
+
+impl Qemu {
+    pub fn q35(ports: usize, hotplug: Hotplug) -> Qemu {
+        Self::q35_with(ports, hotplug, &[])
+    }
+
+    pub fn q35_with(ports: usize, hotplug: Hotplug, extra: &[&str]) -> Qemu {
+        require(QEMU_X86, "qemu-system-x86");
+        let dir = tempfile::tempdir().unwrap();
+        let qmp = dir.path().join("qmp.sock");
+        let mut args: Vec<String> = [
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "128",
+            "-smp",
+            "1",
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("-qmp".into());
+        args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+        if hotplug == Hotplug::Native {
+            args.push("-global".into());
+            args.push("ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".into());
+        }
+        for i in 0..ports {
+            args.push("-device".into());
+            args.push(format!(
+                "pcie-root-port,id=rp{i},chassis={c},slot={c},bus=pcie.0,addr={a:#x}",
+                c = i + 1,
+                a = i + 2
+            ));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(QEMU_X86)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        Qemu { child, dir, qmp }
+    }
+
+    pub fn connect(&self) -> QmpClient {
+        let opts = ClientOptions { connect_timeout: Duration::from_secs(30), ..Default::default() };
+        QmpClient::connect_unix(&self.qmp, opts).expect("connect to QEMU's QMP socket")
+    }
+
+    /// Waits until SeaBIOS has given every root port a secondary bus number, so that
+    /// `query-pci` shows hotplugged devices at their guest bus.
+    pub fn wait_firmware(&self, client: &QmpClient, ports: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let pci = client.execute(&qapi::qmp::query_pci {}).unwrap();
+            let programmed = pci
+                .iter()
+                .flat_map(|b| b.devices.iter())
+                .filter_map(|d| d.pci_bridge.as_ref())
+                .filter(|br| br.bus.secondary != 0)
+                .count();
+            if programmed >= ports {
+                return;
+            }
+            assert!(Instant::now() < deadline, "firmware did not number the root ports in 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fake QMP peer: a Unix socket whose other end runs `script`.
+pub struct FakePeer {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub thread: Option<JoinHandle<()>>,
+}
+
+pub const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
+
+/// A peer connection with line helpers.
+pub struct Peer {
+    pub r: BufReader<UnixStream>,
+    pub w: UnixStream,
+}
+
+impl Peer {
+    pub fn send(&mut self, line: &str) {
+        let _ = self.w.write_all(line.as_bytes());
+        let _ = self.w.write_all(b"\n");
+    }
+
+    /// Reads one command; returns (name, id, arguments).
+    pub fn recv(&mut self) -> Option<(String, serde_json::Value, serde_json::Value)> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        Some((v["execute"].as_str().unwrap_or_default().to_string(), v["id"].clone(), v["arguments"].clone()))
+    }
+
+    pub fn reply(&mut self, id: &serde_json::Value, ret: serde_json::Value) {
+        let line = serde_json::json!({"return": ret, "id": id}).to_string();
+        self.send(&line);
+    }
+
+    /// Greeting plus the `qmp_capabilities` exchange.
+    pub fn handshake(&mut self) {
+        self.send(GREETING);
+        let (name, id, _) = self.recv().expect("qmp_capabilities");
+        assert_eq!(name, "qmp_capabilities");
+        self.reply(&id, serde_json::json!({}));
+    }
+}
+
+impl FakePeer {
+    pub fn start(script: impl FnOnce(Peer) + Send + 'static) -> FakePeer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fake.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let peer = Peer { r: BufReader::new(s.try_clone().unwrap()), w: s };
+            script(peer);
+        });
+        FakePeer { dir, path, thread: Some(thread) }
+    }
+
+    pub fn options(timeout: Duration) -> ClientOptions {
+        ClientOptions {
+            command_timeout: timeout,
+            handshake_timeout: timeout,
+            connect_timeout: timeout,
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
