@@ -6,4 +6,12 @@
 extern crate alloc;
 
 pub mod bar;
+pub mod bdf;
+pub mod caps;
+pub mod config;
+pub mod decode;
+pub mod ecaps;
+pub mod emulated;
+pub mod facts;
 pub mod requirement;
+pub mod sizing;
