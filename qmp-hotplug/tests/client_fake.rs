@@ -1,6 +1,8 @@
 //! Fault tests of the QMP client against a fake peer whose every byte the test controls.
 //! Each case must end in a typed error (or the right result) within its deadline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
 mod common;
 
 use std::io::Write;

@@ -1,5 +1,7 @@
 //! The QMP client against real QEMU 7.2 processes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
 mod common;
 
 use std::fs::File;

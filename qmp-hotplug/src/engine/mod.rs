@@ -1,0 +1,828 @@
+//! The hotplug engine: drives devices through explicit states, journals every step before
+//! it is sent, rolls back partial plugs, bounds every unplug wait, and recovers after a
+//! restart (see [`recovery`]).
+//!
+//! Concurrency: operations on different ports run in parallel (QMP commands are matched by
+//! id, so they interleave safely); operations on one port are serialized by a per-port
+//! lock; the device table is only changed under its mutex, together with the journal
+//! record that announces the change.
+
+pub mod recovery;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::client::{ClientError, EventStream, QmpClient};
+use crate::journal::{self, Journal, JournalError, JournalHook, OpKind, Record, Step};
+use crate::pci;
+use crate::request::{DeviceRequest, Expectation, Prepared, RequestError};
+use crate::state::{now_ms, DeviceRecord, DeviceState, GuestAddress, Transition};
+use crate::vfio::{self, Sysfs, VfioError};
+
+pub use recovery::{RecoveryAction, RecoveryReport};
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The request is invalid; nothing was sent.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// A VFIO pre-check failed; nothing was sent.
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
+    /// The journal could not be written or read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A QMP command failed or the connection is gone.
+    #[error(transparent)]
+    Qmp(#[from] ClientError),
+    /// The port already holds a device.
+    #[error("port {port} is taken (device state {state:?})")]
+    PortBusy {
+        /// The port.
+        port: String,
+        /// The state of the device on it.
+        state: DeviceState,
+    },
+    /// No device on that port.
+    #[error("no device on port {0}")]
+    NoDevice(String),
+    /// An id of the request belongs to a device on another port.
+    #[error("id {id} is already used on port {port}")]
+    IdInUse {
+        /// The id.
+        id: String,
+        /// The port holding it.
+        port: String,
+    },
+    /// A file to pass could not be opened.
+    #[error("cannot open {path}: {source}")]
+    OpenFd {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// QEMU accepted the device but it is not where or as planned.
+    #[error("device {id} not as planned: {reason}")]
+    NotVisible {
+        /// The device id.
+        id: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A plug failed; what was added was rolled back (`state` says how far).
+    #[error("plug on port {port} failed ({cause}); after rollback the device is {state:?}")]
+    PlugFailed {
+        /// The port.
+        port: String,
+        /// What failed.
+        cause: Box<EngineError>,
+        /// `Removed` (port free again) or `UnplugPending` (waiting for the guest).
+        state: DeviceState,
+    },
+    /// The guest kept the slot busy (power indicator blinking) past the retry budget.
+    #[error("guest kept port {port} busy for {after:?}; the device stays plugged")]
+    GuestBusy {
+        /// The port.
+        port: String,
+        /// How long was retried.
+        after: Duration,
+    },
+}
+
+impl EngineError {
+    /// True when the failure came from losing the QMP connection.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            EngineError::Qmp(e) => e.is_connection_lost(),
+            EngineError::PlugFailed { cause, .. } => cause.is_connection_lost(),
+            _ => false,
+        }
+    }
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// How an unplug ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnplugOutcome {
+    /// `DEVICE_DELETED` arrived for every function; objects and descriptors are released
+    /// and the port is free.
+    Removed,
+    /// The deadline passed first: the device is `UnplugPending`, the port stays taken, and
+    /// a late `DEVICE_DELETED` finishes the removal.
+    Pending,
+}
+
+/// Engine settings.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// How long an unplug waits for `DEVICE_DELETED` (libvirt's 5 s by default).
+    pub unplug_timeout: Duration,
+    /// How long a plugged device may take to show up as planned.
+    pub visible_timeout: Duration,
+    /// How long `device_del` is retried while the guest is busy with the slot.
+    pub busy_retry: Duration,
+    /// Where sysfs is read for the VFIO checks.
+    pub sysfs: Sysfs,
+    /// Called after each journal record is durable (observability, fault injection).
+    pub journal_hook: Option<JournalHook>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            unplug_timeout: Duration::from_secs(5),
+            visible_timeout: Duration::from_secs(10),
+            busy_retry: Duration::from_secs(10),
+            sysfs: Sysfs::default(),
+            journal_hook: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("unplug_timeout", &self.unplug_timeout)
+            .field("visible_timeout", &self.visible_timeout)
+            .field("busy_retry", &self.busy_retry)
+            .field("sysfs", &self.sysfs)
+            .field("journal_hook", &self.journal_hook.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    devices: BTreeMap<String, DeviceRecord>,
+    /// Device ids for which `DEVICE_DELETED` arrived (seen by the watcher).
+    gone: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Arc<QmpClient>,
+    journal: Mutex<Journal>,
+    table: Mutex<Table>,
+    port_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    options: EngineOptions,
+}
+
+/// The hotplug engine for one QEMU. Share it between threads by reference or `Arc`.
+#[derive(Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// Opens the journal at `journal` (creating it when absent), reconciles every device it
+    /// records with what QEMU has (`qom-list /machine/peripheral`, `/objects`, `query-pci`),
+    /// finishes or rolls back every interrupted operation, and returns the engine with a
+    /// report of what recovery did. A fresh journal gives an empty report.
+    pub fn open(
+        client: Arc<QmpClient>,
+        journal: impl AsRef<Path>,
+        options: EngineOptions,
+    ) -> Result<(Engine, RecoveryReport)> {
+        let (journal, records) = Journal::open(journal, options.journal_hook.clone())?;
+        let logs = journal::fold(&records);
+        let table = Table {
+            devices: logs.iter().map(|(p, l)| (p.clone(), l.device.clone())).collect(),
+            gone: HashSet::new(),
+        };
+        let inner = Arc::new(Inner {
+            client,
+            journal: Mutex::new(journal),
+            table: Mutex::new(table),
+            port_locks: Mutex::new(HashMap::new()),
+            options,
+        });
+        // Subscribe before reconciling so no DEVICE_DELETED falls between the two.
+        let events = inner.client.subscribe();
+        let report = recovery::recover(&inner, &logs)?;
+        {
+            let table = lock(&inner.table);
+            lock(&inner.journal).compact(table.devices.values())?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let weak = Arc::downgrade(&inner);
+        let thread_stop = Arc::clone(&stop);
+        let watcher = std::thread::Builder::new()
+            .name("hotplug-watcher".into())
+            .spawn(move || watch(&weak, &events, &thread_stop))
+            .map_err(|e| EngineError::Qmp(ClientError::Setup(e)))?;
+        Ok((Engine { inner, stop, watcher: Some(watcher) }, report))
+    }
+
+    /// Plugs a device onto its port: VFIO checks, `getfd`s, `object-add`s, every function
+    /// (function 0 of a multi-function slot last), then waits until each is where planned.
+    /// On any failure the steps already taken are rolled back and
+    /// [`EngineError::PlugFailed`] says whether the port is free again.
+    pub fn plug(&self, request: DeviceRequest) -> Result<DeviceRecord> {
+        self.inner.plug(request)
+    }
+
+    /// Unplugs the device on `port`: `device_del` (retried with backoff while the guest is
+    /// busy), waits up to `unplug_timeout` for `DEVICE_DELETED`, then deletes objects and
+    /// descriptors and frees the port. A timeout leaves the device `UnplugPending`.
+    pub fn unplug(&self, port: &str) -> Result<UnplugOutcome> {
+        self.inner.unplug(port)
+    }
+
+    /// The record of the device on `port` (including removed ones until compaction).
+    pub fn device(&self, port: &str) -> Option<DeviceRecord> {
+        lock(&self.inner.table).devices.get(port).cloned()
+    }
+
+    /// Every device record, by port.
+    pub fn devices(&self) -> Vec<DeviceRecord> {
+        lock(&self.inner.table).devices.values().cloned().collect()
+    }
+
+    /// True when no device holds `port`.
+    pub fn is_port_free(&self, port: &str) -> bool {
+        lock(&self.inner.table).devices.get(port).map_or(true, |d| d.state.port_free())
+    }
+
+    /// Asks QEMU which `UnplugPending` devices are gone and finishes their removal;
+    /// returns the ports freed. (A watcher thread does this on each `DEVICE_DELETED`; this
+    /// covers events lost with a connection.)
+    pub fn complete_pending(&self) -> Result<Vec<String>> {
+        let pending: Vec<String> = lock(&self.inner.table)
+            .devices
+            .values()
+            .filter(|d| d.state == DeviceState::UnplugPending)
+            .map(|d| d.port().to_owned())
+            .collect();
+        let present = self.inner.peripheral_ids()?;
+        let mut freed = Vec::new();
+        for port in pending {
+            let port_lock = self.inner.port_lock(&port);
+            let _g = lock(&port_lock);
+            let Some(rec) = self.device(&port) else { continue };
+            if rec.state == DeviceState::UnplugPending
+                && rec.request.functions.iter().all(|f| !present.contains(f.id()))
+            {
+                self.inner.complete_removal(&rec.request)?;
+                freed.push(port);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// The QMP client the engine drives.
+    pub fn client(&self) -> &Arc<QmpClient> {
+        &self.inner.client
+    }
+
+    /// Where the journal lives.
+    pub fn journal_path(&self) -> PathBuf {
+        lock(&self.inner.journal).path().to_owned()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.watcher.take() {
+            // The watcher wakes every 100 ms; it returns nothing of interest.
+            let _ = w.join();
+        }
+    }
+}
+
+/// Follows `DEVICE_DELETED` events: records gone ids and finishes pending unplugs.
+fn watch(inner: &Weak<Inner>, events: &EventStream, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let ev = match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(ev) => ev,
+            Err(ClientError::Timeout { .. }) => continue,
+            Err(_) => return,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(id) = ev.deleted_device_id() else { continue };
+        let port = {
+            let mut t = lock(&inner.table);
+            t.gone.insert(id.to_owned());
+            t.devices
+                .values()
+                .find(|d| {
+                    d.state == DeviceState::UnplugPending && d.request.functions.iter().any(|f| f.id() == id)
+                })
+                .map(|d| d.port().to_owned())
+        };
+        if let Some(port) = port {
+            // Errors here leave the device pending; complete_pending or recovery retries.
+            let _ = inner.try_complete_pending(&port);
+        }
+    }
+}
+
+/// Result of asking for a device's removal.
+enum Removal {
+    Gone,
+    Pending,
+}
+
+impl Inner {
+    fn port_lock(&self, port: &str) -> Arc<Mutex<()>> {
+        Arc::clone(lock(&self.port_locks).entry(port.to_owned()).or_default())
+    }
+
+    fn step(&self, port: &str, step: Step) -> Result<()> {
+        lock(&self.journal).append(&Record::Step { port: port.to_owned(), step })?;
+        Ok(())
+    }
+
+    fn record(&self, rec: &Record) -> Result<()> {
+        lock(&self.journal).append(rec)?;
+        Ok(())
+    }
+
+    /// Journals and applies a state change.
+    fn transition(
+        &self,
+        port: &str,
+        state: DeviceState,
+        note: &str,
+        guest: Vec<(String, GuestAddress)>,
+    ) -> Result<()> {
+        let mut t = lock(&self.table);
+        let transition = Transition { state, at_unix_ms: now_ms(), note: note.to_owned() };
+        lock(&self.journal).append(&Record::State {
+            port: port.to_owned(),
+            transition: transition.clone(),
+            guest: guest.clone(),
+        })?;
+        if let Some(d) = t.devices.get_mut(port) {
+            d.state = state;
+            d.history.push(transition);
+            if !guest.is_empty() {
+                d.guest = guest;
+            }
+        }
+        Ok(())
+    }
+
+    fn plug(&self, mut request: DeviceRequest) -> Result<DeviceRecord> {
+        let prepared = request.prepare()?;
+        for check in vfio::checks_for(&request) {
+            self.options.sysfs.run(&check)?;
+        }
+        let port = request.port.clone();
+        let port_lock = self.port_lock(&port);
+        let _g = lock(&port_lock);
+        self.admit(&request)?;
+        let result =
+            self.add_all(&request, &prepared, &HashSet::new()).and_then(|()| self.await_visible(&request));
+        self.settle_plug(&request, &prepared, result)
+    }
+
+    /// Records the plug's outcome: visible, or failed and rolled back.
+    fn settle_plug(
+        &self,
+        request: &DeviceRequest,
+        prepared: &Prepared,
+        result: Result<Vec<(String, GuestAddress)>>,
+    ) -> Result<DeviceRecord> {
+        let port = &request.port;
+        match result {
+            Ok(guest) => {
+                self.transition(port, DeviceState::Visible, "", guest)?;
+                lock(&self.table)
+                    .devices
+                    .get(port)
+                    .cloned()
+                    .ok_or_else(|| EngineError::NoDevice(port.clone()))
+            }
+            // Without QEMU nothing can be rolled back now; recovery will finish the job.
+            Err(e) if e.is_connection_lost() => Err(e),
+            Err(cause) => {
+                self.transition(port, DeviceState::Failed, &cause.to_string(), Vec::new())?;
+                let state = self.rollback(request, prepared)?;
+                Err(EngineError::PlugFailed { port: port.clone(), cause: Box::new(cause), state })
+            }
+        }
+    }
+
+    /// Admits a request: the port must be free and its ids unused; journals the intent.
+    fn admit(&self, request: &DeviceRequest) -> Result<()> {
+        let port = &request.port;
+        let mut t = lock(&self.table);
+        if let Some(d) = t.devices.get(port).filter(|d| !d.state.port_free()) {
+            return Err(EngineError::PortBusy { port: port.clone(), state: d.state });
+        }
+        let ids: HashSet<&str> = request.ids().collect();
+        for d in t.devices.values().filter(|d| !d.state.port_free()) {
+            if let Some(id) = d.request.ids().find(|id| ids.contains(id)) {
+                return Err(EngineError::IdInUse { id: id.to_owned(), port: d.port().to_owned() });
+            }
+        }
+        let planned = Transition { state: DeviceState::Planned, at_unix_ms: now_ms(), note: String::new() };
+        {
+            let mut j = lock(&self.journal);
+            j.append(&Record::Begin {
+                port: port.clone(),
+                op: OpKind::Plug,
+                request: Some(Box::new(request.clone())),
+            })?;
+            j.append(&Record::State { port: port.clone(), transition: planned.clone(), guest: Vec::new() })?;
+        }
+        for id in &ids {
+            t.gone.remove(*id);
+        }
+        t.devices.insert(
+            port.clone(),
+            DeviceRecord {
+                request: request.clone(),
+                state: DeviceState::Planned,
+                history: vec![planned],
+                guest: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Sends descriptors, objects and devices that are not in `present`, in plug order.
+    fn add_all(&self, request: &DeviceRequest, prepared: &Prepared, present: &HashSet<String>) -> Result<()> {
+        let port = &request.port;
+        self.transition(port, DeviceState::Adding, "", Vec::new())?;
+        let missing_device = request.functions.iter().any(|f| !present.contains(f.id()));
+        for fd in request.fds.iter().filter(|_| missing_device) {
+            self.step(port, Step::GetFd { fdname: fd.fdname.clone() })?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(fd.writable)
+                .open(&fd.path)
+                .map_err(|source| EngineError::OpenFd { path: fd.path.clone(), source })?;
+            self.client.getfd(&fd.fdname, file.as_fd())?;
+        }
+        for obj in request.objects.iter().filter(|o| !present.contains(&o.id)) {
+            self.step(port, Step::ObjectAdd { id: obj.id.clone() })?;
+            self.cmd("object-add", obj.arguments())?;
+        }
+        for f in prepared.order.iter().filter_map(|i| request.functions.get(*i)) {
+            if present.contains(f.id()) {
+                continue;
+            }
+            self.step(port, Step::DeviceAdd { id: f.id().to_owned() })?;
+            self.cmd("device_add", Value::Object(f.qdev.clone()))?;
+        }
+        self.transition(port, DeviceState::Added, "", Vec::new())
+    }
+
+    fn cmd(&self, name: &str, args: Value) -> Result<Value> {
+        let timeout = self.client.options().command_timeout;
+        Ok(self.client.execute_raw(name, Some(args), timeout)?)
+    }
+
+    /// Ids under `/machine/peripheral` (devices with an id).
+    fn peripheral_ids(&self) -> Result<HashSet<String>> {
+        self.qom_children("/machine/peripheral")
+    }
+
+    fn qom_children(&self, path: &str) -> Result<HashSet<String>> {
+        let list = self.client.execute(&qapi::qmp::qom_list { path: path.into() })?;
+        Ok(list.into_iter().filter(|p| p.type_.starts_with("child<")).map(|p| p.name).collect())
+    }
+
+    /// Polls until every function meets its expectation or the deadline passes.
+    fn await_visible(&self, request: &DeviceRequest) -> Result<Vec<(String, GuestAddress)>> {
+        let deadline = Instant::now() + self.options.visible_timeout;
+        loop {
+            match self.check_visible(request) {
+                Ok(guest) => return Ok(guest),
+                Err(e @ EngineError::NotVisible { .. }) if Instant::now() >= deadline => return Err(e),
+                Err(EngineError::NotVisible { .. }) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn check_visible(&self, request: &DeviceRequest) -> Result<Vec<(String, GuestAddress)>> {
+        let needs_pci = request.functions.iter().any(|f| matches!(f.expect, Expectation::Pci(_)));
+        let functions = if needs_pci {
+            pci::functions(&self.client.execute_raw(
+                "query-pci",
+                None,
+                self.client.options().command_timeout,
+            )?)
+        } else {
+            Vec::new()
+        };
+        let present = self.peripheral_ids()?;
+        let mut guest = Vec::new();
+        for f in &request.functions {
+            let id = f.id();
+            if !present.contains(id) {
+                return Err(EngineError::NotVisible {
+                    id: id.into(),
+                    reason: "not in /machine/peripheral".into(),
+                });
+            }
+            if let Expectation::Pci(want) = &f.expect {
+                let found = functions.iter().find(|p| p.qdev_id == id).ok_or_else(|| {
+                    EngineError::NotVisible { id: id.into(), reason: "not in query-pci".into() }
+                })?;
+                pci::check(found, want)
+                    .map_err(|reason| EngineError::NotVisible { id: id.into(), reason })?;
+                guest.push((id.to_owned(), found.address));
+            }
+        }
+        Ok(guest)
+    }
+
+    /// Undoes a failed plug. Returns the state reached.
+    fn rollback(&self, request: &DeviceRequest, prepared: &Prepared) -> Result<DeviceState> {
+        let port = &request.port;
+        self.transition(port, DeviceState::Removing, "rollback", Vec::new())?;
+        match self.remove_devices(request, prepared)? {
+            Removal::Gone => {
+                self.complete_removal(request)?;
+                Ok(DeviceState::Removed)
+            }
+            Removal::Pending => {
+                self.transition(
+                    port,
+                    DeviceState::UnplugPending,
+                    "rollback waits for the guest",
+                    Vec::new(),
+                )?;
+                Ok(self.try_complete_locked(request)?)
+            }
+        }
+    }
+
+    fn unplug(&self, port: &str) -> Result<UnplugOutcome> {
+        let port_lock = self.port_lock(port);
+        let _g = lock(&port_lock);
+        let rec = lock(&self.table)
+            .devices
+            .get(port)
+            .filter(|d| !d.state.port_free())
+            .cloned()
+            .ok_or_else(|| EngineError::NoDevice(port.to_owned()))?;
+        let mut request = rec.request.clone();
+        let prepared = request.prepare()?;
+        self.record(&Record::Begin { port: port.to_owned(), op: OpKind::Unplug, request: None })?;
+        self.transition(port, DeviceState::Removing, "", Vec::new())?;
+        match self.remove_devices(&request, &prepared) {
+            Ok(Removal::Gone) => {
+                self.complete_removal(&request)?;
+                Ok(UnplugOutcome::Removed)
+            }
+            Ok(Removal::Pending) => {
+                let note = format!("no DEVICE_DELETED within {:?}", self.options.unplug_timeout);
+                self.transition(port, DeviceState::UnplugPending, &note, Vec::new())?;
+                match self.try_complete_locked(&request)? {
+                    DeviceState::Removed => Ok(UnplugOutcome::Removed),
+                    _ => Ok(UnplugOutcome::Pending),
+                }
+            }
+            Err(e) if e.is_connection_lost() => Err(e),
+            Err(e) => {
+                // device_del was refused: the device stays where it was.
+                let back = if rec.state == DeviceState::Removing { DeviceState::Visible } else { rec.state };
+                self.transition(port, back, &format!("unplug refused: {e}"), Vec::new())?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends `device_del` for what is present and waits for `DEVICE_DELETED`.
+    fn remove_devices(&self, request: &DeviceRequest, prepared: &Prepared) -> Result<Removal> {
+        let ids: Vec<&str> = request.functions.iter().map(|f| f.id()).collect();
+        let present = self.peripheral_ids()?;
+        let mut waiting: HashSet<String> =
+            ids.iter().filter(|id| present.contains(**id)).map(|id| (*id).to_owned()).collect();
+        if waiting.is_empty() {
+            return Ok(Removal::Gone);
+        }
+        let events = self.client.subscribe();
+        for id in deletion_targets(request, prepared, &waiting) {
+            self.step(&request.port, Step::DeviceDel { id: id.clone() })?;
+            if self.device_del(&request.port, &id)? {
+                waiting.remove(&id);
+            }
+        }
+        let deadline = Instant::now() + self.options.unplug_timeout;
+        while !waiting.is_empty() {
+            {
+                let t = lock(&self.table);
+                waiting.retain(|id| !t.gone.contains(id));
+            }
+            if waiting.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+            match events.recv_timeout(left) {
+                Ok(ev) => {
+                    if let Some(id) = ev.deleted_device_id() {
+                        waiting.remove(id);
+                        lock(&self.table).gone.insert(id.to_owned());
+                    }
+                }
+                Err(ClientError::Timeout { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !waiting.is_empty() {
+            // An event may have been missed; QEMU's own list is the truth.
+            let present = self.peripheral_ids()?;
+            waiting.retain(|id| present.contains(id));
+        }
+        Ok(if waiting.is_empty() { Removal::Gone } else { Removal::Pending })
+    }
+
+    /// One `device_del` with the retries QEMU's answers call for. `Ok(true)`: already gone.
+    fn device_del(&self, port: &str, id: &str) -> Result<bool> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.client.execute(&qapi::qmp::device_del { id: id.into() }) {
+                Ok(_) => return Ok(false),
+                Err(e) => match classify_del_error(&e) {
+                    DelError::AlreadyUnplugging => return Ok(false),
+                    DelError::NotFound => return Ok(true),
+                    DelError::Busy if started.elapsed() < self.options.busy_retry => {
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    DelError::Busy => {
+                        return Err(EngineError::GuestBusy {
+                            port: port.to_owned(),
+                            after: started.elapsed(),
+                        })
+                    }
+                    DelError::Other => return Err(e.into()),
+                },
+            }
+        }
+    }
+
+    /// Deletes objects and descriptors of a removed device and frees its port.
+    fn complete_removal(&self, request: &DeviceRequest) -> Result<()> {
+        let port = &request.port;
+        let objects = self.qom_children("/objects")?;
+        for obj in request.objects.iter().rev().filter(|o| objects.contains(&o.id)) {
+            self.step(port, Step::ObjectDel { id: obj.id.clone() })?;
+            self.cmd("object-del", serde_json::json!({ "id": obj.id }))?;
+        }
+        for fd in request.fds.iter().rev() {
+            self.step(port, Step::CloseFd { fdname: fd.fdname.clone() })?;
+            // A device that took the descriptor by name has consumed it: "not found" is fine.
+            if let Err(e) = self.client.closefd(&fd.fdname) {
+                if e.is_connection_lost() {
+                    return Err(e.into());
+                }
+            }
+        }
+        self.transition(port, DeviceState::Removed, "", Vec::new())?;
+        let mut t = lock(&self.table);
+        for f in &request.functions {
+            t.gone.remove(f.id());
+        }
+        Ok(())
+    }
+
+    /// With the port lock held: finishes an `UnplugPending` device whose functions are all
+    /// known gone. Returns the resulting state.
+    fn try_complete_locked(&self, request: &DeviceRequest) -> Result<DeviceState> {
+        let all_gone = {
+            let t = lock(&self.table);
+            request.functions.iter().all(|f| t.gone.contains(f.id()))
+        };
+        if all_gone {
+            self.complete_removal(request)?;
+            return Ok(DeviceState::Removed);
+        }
+        Ok(DeviceState::UnplugPending)
+    }
+
+    fn try_complete_pending(&self, port: &str) -> Result<()> {
+        let port_lock = self.port_lock(port);
+        let _g = lock(&port_lock);
+        let rec = lock(&self.table).devices.get(port).cloned();
+        if let Some(rec) = rec.filter(|r| r.state == DeviceState::UnplugPending) {
+            self.try_complete_locked(&rec.request)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which devices get a `device_del`: in reverse plug order, and for a multi-function slot
+/// whose function 0 is present only function 0 (QEMU then removes the whole slot; asking
+/// again for the other functions would press the slot's attention button twice, which
+/// Linux takes as "cancel").
+fn deletion_targets(request: &DeviceRequest, prepared: &Prepared, present: &HashSet<String>) -> Vec<String> {
+    let zero_present: HashSet<&str> = prepared
+        .pci
+        .iter()
+        .zip(&request.functions)
+        .filter_map(|(p, f)| match p {
+            Some((group, 0)) if present.contains(f.id()) => Some(group.as_str()),
+            _ => None,
+        })
+        .collect();
+    prepared
+        .order
+        .iter()
+        .rev()
+        .filter_map(|i| {
+            let f = request.functions.get(*i)?;
+            if !present.contains(f.id()) {
+                return None;
+            }
+            match prepared.pci.get(*i).and_then(Option::as_ref) {
+                Some((group, func)) if *func != 0 && zero_present.contains(group.as_str()) => None,
+                _ => Some(f.id().to_owned()),
+            }
+        })
+        .collect()
+}
+
+enum DelError {
+    AlreadyUnplugging,
+    Busy,
+    NotFound,
+    Other,
+}
+
+/// Reads QEMU's `device_del` refusals.
+fn classify_del_error(e: &ClientError) -> DelError {
+    match e.qmp_error() {
+        Some(("DeviceNotFound", _)) => DelError::NotFound,
+        Some((_, desc)) if desc.contains("already in the process of unplug") => DelError::AlreadyUnplugging,
+        Some((_, desc)) if desc.contains("guest is busy") => DelError::Busy,
+        _ => DelError::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qerr(class: &str, desc: &str) -> ClientError {
+        ClientError::Qmp { command: "device_del".into(), class: class.into(), desc: desc.into() }
+    }
+
+    #[test]
+    fn del_errors_are_classified() {
+        assert!(matches!(
+            classify_del_error(&qerr("GenericError", "Device gpu0 is already in the process of unplug")),
+            DelError::AlreadyUnplugging
+        ));
+        assert!(matches!(
+            classify_del_error(&qerr(
+                "GenericError",
+                "Hot-unplug failed: guest is busy (power indicator blinking)"
+            )),
+            DelError::Busy
+        ));
+        assert!(matches!(
+            classify_del_error(&qerr("DeviceNotFound", "Device 'x' not found")),
+            DelError::NotFound
+        ));
+        assert!(matches!(
+            classify_del_error(&qerr("GenericError", "Bus 'pcie.0' does not support hotplugging")),
+            DelError::Other
+        ));
+    }
+
+    #[test]
+    fn only_function_zero_is_deleted_when_present() {
+        let mut r: DeviceRequest = serde_json::from_value(serde_json::json!({
+            "port": "rp0",
+            "functions": [
+                {"qdev": {"driver": "e1000e", "id": "f0", "bus": "rp0", "addr": "0.0"}},
+                {"qdev": {"driver": "e1000e", "id": "f1", "bus": "rp0", "addr": "0.1"}},
+                {"qdev": {"driver": "zpci", "id": "z"}}
+            ]
+        }))
+        .unwrap();
+        let p = r.prepare().unwrap();
+        let all: HashSet<String> = ["f0", "f1", "z"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(deletion_targets(&r, &p, &all), vec!["f0".to_string(), "z".to_string()]);
+        let partial: HashSet<String> = ["f1"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(deletion_targets(&r, &p, &partial), vec!["f1".to_string()]);
+    }
+}

@@ -1,0 +1,149 @@
+//! Recovery after a restart: every device the journal records is reconciled with what
+//! QEMU has, and every interrupted operation is finished or rolled back.
+//!
+//! | journal says                         | QEMU has            | recovery does                           |
+//! |--------------------------------------|---------------------|-----------------------------------------|
+//! | plug under way, no failure yet       | any subset          | adds what is missing (function 0 last), checks visibility → `visible`; if that fails, rolls back |
+//! | plug failed, rollback under way      | any subset          | finishes the rollback                   |
+//! | unplug under way                     | some functions      | `device_del` again, waits → `removed` or `unplug-pending` |
+//! | unplug under way / `unplug-pending`  | none                | deletes objects and descriptors → `removed` |
+//! | `unplug-pending`                     | some                | stays pending (no second `device_del`)  |
+//! | `visible`                            | all                 | nothing                                  |
+//! | `visible`                            | none                | `removed` (gone behind the engine's back) |
+//! | `visible`                            | some                | rolls the rest back                      |
+//!
+//! QEMU refuses a second device with the same id, and recovery only adds what
+//! `qom-list` does not show, so no device is ever there twice; a port is freed only
+//! once QEMU no longer has any of its devices.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::journal::{OpKind, PortLog, Record};
+use crate::state::DeviceState;
+
+use super::{lock, EngineError, Inner, Result};
+
+/// What recovery did for one port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryAction {
+    /// The port.
+    pub port: String,
+    /// The state the journal recorded.
+    pub before: DeviceState,
+    /// The state after reconciliation.
+    pub after: DeviceState,
+    /// What was done, in words.
+    pub action: String,
+}
+
+/// What [`super::Engine::open`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// One entry per port the journal knew about (removed ones excluded).
+    pub actions: Vec<RecoveryAction>,
+}
+
+impl RecoveryReport {
+    /// True when the journal recorded an operation that was still under way.
+    pub fn had_interrupted(&self) -> bool {
+        self.actions.iter().any(|a| a.action != "unchanged")
+    }
+}
+
+pub(super) fn recover(inner: &Inner, logs: &BTreeMap<String, PortLog>) -> Result<RecoveryReport> {
+    let mut report = RecoveryReport::default();
+    let mut present = inner.peripheral_ids()?;
+    present.extend(inner.qom_children("/objects")?);
+    for (port, log) in logs {
+        let before = log.device.state;
+        if before == DeviceState::Removed && log.open_op.is_none() {
+            continue;
+        }
+        let port_lock = inner.port_lock(port);
+        let _g = lock(&port_lock);
+        let action = reconcile(inner, log, &present)?;
+        let after = lock(&inner.table).devices.get(port).map_or(DeviceState::Removed, |d| d.state);
+        report.actions.push(RecoveryAction { port: port.clone(), before, after, action });
+    }
+    Ok(report)
+}
+
+fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<String> {
+    let mut request = log.device.request.clone();
+    let prepared = request.prepare()?;
+    let port = request.port.clone();
+    let here: Vec<&str> =
+        request.functions.iter().map(|f| f.id()).filter(|id| present.contains(*id)).collect();
+    let all_here = here.len() == request.functions.len();
+    let begin = |inner: &Inner| -> Result<()> {
+        inner.record(&Record::Begin { port: port.clone(), op: OpKind::Recover, request: None })
+    };
+    match (log.open_op, log.device.state) {
+        (Some(OpKind::Plug), _) if !log.device.failed_since_plan() => {
+            begin(inner)?;
+            let result =
+                inner.add_all(&request, &prepared, present).and_then(|()| inner.await_visible(&request));
+            match inner.settle_plug(&request, &prepared, result) {
+                Ok(_) => Ok(format!(
+                    "finished plug ({} of {} devices were there)",
+                    here.len(),
+                    request.functions.len()
+                )),
+                Err(EngineError::PlugFailed { cause, state, .. }) => {
+                    Ok(format!("plug could not be finished ({cause}); rolled back to {state:?}"))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        (Some(_), _) | (None, DeviceState::Failed) => {
+            begin(inner)?;
+            let rolling_back = log.open_op == Some(OpKind::Plug) || log.device.state == DeviceState::Failed;
+            let state = continue_removal(inner, &request, &prepared)?;
+            let what = if rolling_back { "rollback" } else { "unplug" };
+            Ok(format!("finished {what}: {state:?}"))
+        }
+        (None, DeviceState::UnplugPending) if here.is_empty() => {
+            begin(inner)?;
+            inner.complete_removal(&request)?;
+            Ok("pending unplug had completed; released".into())
+        }
+        (None, DeviceState::Visible | DeviceState::Added) if here.is_empty() => {
+            begin(inner)?;
+            inner.transition(&port, DeviceState::Removing, "device gone from QEMU", Vec::new())?;
+            inner.complete_removal(&request)?;
+            Ok("device had vanished from QEMU; released".into())
+        }
+        (None, DeviceState::Visible | DeviceState::Added) if !all_here => {
+            begin(inner)?;
+            inner.transition(&port, DeviceState::Failed, "some functions vanished from QEMU", Vec::new())?;
+            let state = continue_removal(inner, &request, &prepared)?;
+            Ok(format!("partial device rolled back: {state:?}"))
+        }
+        _ => Ok("unchanged".into()),
+    }
+}
+
+/// Drives an interrupted unplug or rollback to `removed` or `unplug-pending`.
+fn continue_removal(
+    inner: &Inner,
+    request: &crate::request::DeviceRequest,
+    prepared: &crate::request::Prepared,
+) -> Result<DeviceState> {
+    let port = &request.port;
+    inner.transition(port, DeviceState::Removing, "recovery", Vec::new())?;
+    match inner.remove_devices(request, prepared)? {
+        super::Removal::Gone => {
+            inner.complete_removal(request)?;
+            Ok(DeviceState::Removed)
+        }
+        super::Removal::Pending => {
+            inner.transition(
+                port,
+                DeviceState::UnplugPending,
+                "recovery: waiting for the guest",
+                Vec::new(),
+            )?;
+            inner.try_complete_locked(request)
+        }
+    }
+}

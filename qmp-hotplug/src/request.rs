@@ -1,0 +1,415 @@
+//! What the engine is asked to plug: a device (all functions of a slot or an IOMMU group,
+//! with the objects and descriptors they need) and what the guest should see afterwards.
+//!
+//! These types are the engine's own, small and serde-able, so that a planner (for example
+//! `pcie-topology`'s plan) maps onto them without this crate depending on it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Errors in a request, found before anything is sent to QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The port name is empty.
+    #[error("the request names no port")]
+    NoPort,
+    /// The request has no device.
+    #[error("the request for port {0} has no device")]
+    NoFunctions(String),
+    /// A device's `qdev` arguments lack a string member.
+    #[error("device #{index} lacks a string `{member}`")]
+    MissingMember {
+        /// Position in `functions`.
+        index: usize,
+        /// The member, `driver` or `id`.
+        member: &'static str,
+    },
+    /// An id is not a valid QEMU id (`[A-Za-z][A-Za-z0-9._-]*`).
+    #[error("{0:?} is not a valid QEMU id")]
+    BadId(String),
+    /// An id appears twice in the request.
+    #[error("id {0:?} appears twice")]
+    DuplicateId(String),
+    /// An `addr` value could not be read as `slot[.function]`.
+    #[error("device {id}: cannot read addr {addr}")]
+    BadAddr {
+        /// The device id.
+        id: String,
+        /// The value as given.
+        addr: String,
+    },
+    /// Two functions share a bus, slot and function number.
+    #[error("devices {0} and {1} have the same PCI address")]
+    SameAddress(String, String),
+    /// A multi-function slot has no function 0 (the guest would never see it).
+    #[error("multi-function slot of {0} has no function 0")]
+    NoFunctionZero(String),
+    /// A function of a multi-function slot says `multifunction=off`.
+    #[error("device {0} is part of a multi-function slot but sets multifunction=off")]
+    MultifunctionOff(String),
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, RequestError>;
+
+/// One device to hotplug onto one port: every function (or every member of an IOMMU
+/// group), the QOM objects and descriptors they need, and the checks to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRequest {
+    /// The port the device goes on: the engine's unit of serialization and bookkeeping
+    /// (usually the root or downstream port's QEMU id; on s390x a CCW or zPCI slot name).
+    pub port: String,
+    /// QOM objects created before the devices and deleted after them
+    /// (`iommufd`, `memory-backend-*`, ...).
+    #[serde(default)]
+    pub objects: Vec<ObjectRequest>,
+    /// Descriptors opened by the engine and handed to QEMU with `getfd` before the devices.
+    #[serde(default)]
+    pub fds: Vec<FdRequest>,
+    /// The devices (`device_add` arguments), in the order given; the engine moves the
+    /// function 0 of a multi-function slot last.
+    pub functions: Vec<FunctionRequest>,
+}
+
+/// A QOM object for `object-add`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectRequest {
+    /// `qom-type`, e.g. `iommufd` or `memory-backend-ram`.
+    pub qom_type: String,
+    /// The object's id.
+    pub id: String,
+    /// Further properties, passed as they are.
+    #[serde(default)]
+    pub props: Map<String, Value>,
+}
+
+impl ObjectRequest {
+    /// The `object-add` arguments.
+    pub fn arguments(&self) -> Value {
+        let mut m = self.props.clone();
+        m.insert("qom-type".into(), Value::String(self.qom_type.clone()));
+        m.insert("id".into(), Value::String(self.id.clone()));
+        Value::Object(m)
+    }
+}
+
+/// A file the engine opens and passes to QEMU under a name (`getfd`), e.g. `/dev/iommu`
+/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRequest {
+    /// The name QEMU knows the descriptor by.
+    pub fdname: String,
+    /// The file to open.
+    pub path: PathBuf,
+    /// Open read-write (else read-only).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// One `device_add` and what must be true after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionRequest {
+    /// The `device_add` arguments: `driver`, `id`, `bus`, `addr`, `multifunction` and the
+    /// device's properties (`host=`, `sysfsdev=`, `memdev=`, ...).
+    pub qdev: Map<String, Value>,
+    /// What proves the device arrived.
+    #[serde(default)]
+    pub expect: Expectation,
+}
+
+impl FunctionRequest {
+    /// The device's QEMU id (empty when missing; validation rejects that).
+    pub fn id(&self) -> &str {
+        self.qdev.get("id").and_then(Value::as_str).unwrap_or_default()
+    }
+
+    /// The QEMU driver name.
+    pub fn driver(&self) -> &str {
+        self.qdev.get("driver").and_then(Value::as_str).unwrap_or_default()
+    }
+
+    /// A string property of the device.
+    pub fn prop(&self, name: &str) -> Option<&str> {
+        self.qdev.get(name).and_then(Value::as_str)
+    }
+}
+
+/// What must be true once a device is plugged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Expectation {
+    /// The device exists in QEMU (`qom-list /machine/peripheral`); for devices that are
+    /// not on a PCI bus QEMU reports: CCW devices, `vfio-ap`, `zpci`.
+    #[default]
+    Present,
+    /// The device is in `query-pci` under its id, where and as large as planned.
+    Pci(PciExpectation),
+}
+
+/// Where a PCI function must appear in `query-pci`, and with which BAR sizes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciExpectation {
+    /// Guest bus number (as firmware numbered it); unchecked when `None`.
+    #[serde(default)]
+    pub bus: Option<u8>,
+    /// Slot (device) number.
+    #[serde(default)]
+    pub slot: Option<u8>,
+    /// Function number.
+    #[serde(default)]
+    pub function: Option<u8>,
+    /// BARs whose size must match exactly.
+    #[serde(default)]
+    pub bars: Vec<BarExpectation>,
+}
+
+/// One BAR's expected size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarExpectation {
+    /// BAR index as `query-pci` numbers it (0–5, 6 for the ROM).
+    pub bar: u8,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A validated request with the order in which its devices are added.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Prepared {
+    /// Indices into `functions`, in plug order.
+    pub(crate) order: Vec<usize>,
+    /// For each function (by index): `Some((group key, function))` when it is a PCI function.
+    pub(crate) pci: Vec<Option<(String, u8)>>,
+}
+
+/// Whether `id` is a valid QEMU id.
+pub fn valid_qemu_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Reads a PCI `addr` value (`"1f.7"`, `"0x3.0x1"`, `"4"` or an integer devfn) as
+/// (slot, function).
+pub fn parse_addr(v: &Value) -> Option<(u8, u8)> {
+    match v {
+        Value::Number(n) => {
+            let devfn = u8::try_from(n.as_u64()?).ok()?;
+            Some((devfn >> 3, devfn & 7))
+        }
+        Value::String(s) => {
+            let hex = |p: &str| {
+                let p = p.trim();
+                let p = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")).unwrap_or(p);
+                u8::from_str_radix(p, 16).ok()
+            };
+            let (slot, func) = match s.split_once('.') {
+                Some((a, b)) => (hex(a)?, hex(b)?),
+                None => (hex(s)?, 0),
+            };
+            (slot < 32 && func < 8).then_some((slot, func))
+        }
+        _ => None,
+    }
+}
+
+impl DeviceRequest {
+    /// Checks the request and fills in `multifunction=on` where a slot has several
+    /// functions. Returns the plug order.
+    pub(crate) fn prepare(&mut self) -> Result<Prepared> {
+        if self.port.is_empty() {
+            return Err(RequestError::NoPort);
+        }
+        if self.functions.is_empty() {
+            return Err(RequestError::NoFunctions(self.port.clone()));
+        }
+        let mut ids = HashSet::new();
+        for (index, f) in self.functions.iter().enumerate() {
+            for member in ["driver", "id"] {
+                if f.qdev.get(member).and_then(Value::as_str).is_none() {
+                    return Err(RequestError::MissingMember { index, member });
+                }
+            }
+            check_id(f.id(), &mut ids)?;
+        }
+        for o in &self.objects {
+            check_id(&o.id, &mut ids)?;
+        }
+        let pci = self.pci_addresses()?;
+        let mut groups: BTreeMap<&str, Vec<(usize, u8)>> = BTreeMap::new();
+        for (i, p) in pci.iter().enumerate() {
+            if let Some((key, func)) = p {
+                groups.entry(key.as_str()).or_default().push((i, *func));
+            }
+        }
+        let mut multi_zero = HashSet::new();
+        for members in groups.values().filter(|m| m.len() > 1) {
+            let mut seen: BTreeMap<u8, usize> = BTreeMap::new();
+            for &(i, func) in members {
+                if let Some(&other) = seen.get(&func) {
+                    return Err(RequestError::SameAddress(self.id_at(other), self.id_at(i)));
+                }
+                seen.insert(func, i);
+            }
+            let Some(&zero) = seen.get(&0) else {
+                let first = members.first().map(|m| m.0).unwrap_or_default();
+                return Err(RequestError::NoFunctionZero(self.id_at(first)));
+            };
+            multi_zero.insert(zero);
+            for &(i, _) in members {
+                self.set_multifunction(i)?;
+            }
+        }
+        // Function 0 of a multi-function slot goes last: the guest scans a slot when
+        // function 0 appears, so every other function must already be there.
+        let mut order: Vec<usize> = (0..self.functions.len()).collect();
+        order.sort_by_key(|i| multi_zero.contains(i));
+        Ok(Prepared { order, pci })
+    }
+
+    fn id_at(&self, i: usize) -> String {
+        self.functions.get(i).map(|f| f.id().to_owned()).unwrap_or_default()
+    }
+
+    fn set_multifunction(&mut self, i: usize) -> Result<()> {
+        let Some(f) = self.functions.get_mut(i) else { return Ok(()) };
+        let off = match f.qdev.get("multifunction") {
+            Some(Value::Bool(b)) => !b,
+            Some(Value::String(s)) => matches!(s.as_str(), "off" | "false" | "no"),
+            _ => false,
+        };
+        if off {
+            return Err(RequestError::MultifunctionOff(f.id().to_owned()));
+        }
+        f.qdev.insert("multifunction".into(), Value::String("on".into()));
+        Ok(())
+    }
+
+    /// For each function: its (bus/slot group key, function) when it is a PCI function.
+    fn pci_addresses(&self) -> Result<Vec<Option<(String, u8)>>> {
+        self.functions
+            .iter()
+            .map(|f| {
+                let expected = match &f.expect {
+                    Expectation::Pci(p) => Some(p),
+                    _ => None,
+                };
+                let addr = match f.qdev.get("addr") {
+                    Some(v) => Some(parse_addr(v).ok_or_else(|| RequestError::BadAddr {
+                        id: f.id().to_owned(),
+                        addr: v.to_string(),
+                    })?),
+                    None => None,
+                };
+                if addr.is_none() && expected.is_none() {
+                    return Ok(None);
+                }
+                let (slot, func) = match (addr, expected) {
+                    (Some(a), _) => a,
+                    (None, Some(p)) => (p.slot.unwrap_or(0), p.function.unwrap_or(0)),
+                    (None, None) => return Ok(None),
+                };
+                let bus = f.prop("bus").unwrap_or_default();
+                Ok(Some((format!("{bus}/{slot}"), func)))
+            })
+            .collect()
+    }
+
+    /// Every QEMU id of the request: functions, then objects.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.functions.iter().map(FunctionRequest::id).chain(self.objects.iter().map(|o| o.id.as_str()))
+    }
+}
+
+fn check_id<'a>(id: &'a str, seen: &mut HashSet<&'a str>) -> Result<()> {
+    if !valid_qemu_id(id) {
+        return Err(RequestError::BadId(id.to_owned()));
+    }
+    if !seen.insert(id) {
+        return Err(RequestError::DuplicateId(id.to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn func(id: &str, addr: &str) -> FunctionRequest {
+        let qdev = json!({"driver": "vfio-pci", "id": id, "bus": "rp0", "addr": addr});
+        FunctionRequest { qdev: qdev.as_object().unwrap().clone(), expect: Expectation::Present }
+    }
+
+    #[test]
+    fn addr_forms() {
+        assert_eq!(parse_addr(&json!("1f.7")), Some((0x1f, 7)));
+        assert_eq!(parse_addr(&json!("0x3.0x1")), Some((3, 1)));
+        assert_eq!(parse_addr(&json!("4")), Some((4, 0)));
+        assert_eq!(parse_addr(&json!(9)), Some((1, 1)));
+        assert_eq!(parse_addr(&json!("0.8")), None);
+        assert_eq!(parse_addr(&json!("zz")), None);
+    }
+
+    #[test]
+    fn function_zero_last_and_multifunction_on() {
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            functions: vec![func("f0", "0.0"), func("f1", "0.1"), func("f2", "0.2")],
+        };
+        let p = r.prepare().unwrap();
+        assert_eq!(p.order, vec![1, 2, 0]);
+        assert!(r.functions.iter().all(|f| f.prop("multifunction") == Some("on")));
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            functions: vec![func("f1", "0.1"), func("f2", "0.2")],
+        };
+        assert!(matches!(r.prepare(), Err(RequestError::NoFunctionZero(_))));
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            functions: vec![func("a", "0.0"), func("a", "0.1")],
+        };
+        assert!(matches!(r.prepare(), Err(RequestError::DuplicateId(_))));
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            functions: vec![func("1a", "0.0")],
+        };
+        assert!(matches!(r.prepare(), Err(RequestError::BadId(_))));
+        let mut f = func("a", "0.0");
+        f.qdev.insert("multifunction".into(), json!("off"));
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            functions: vec![f, func("b", "0.1")],
+        };
+        assert!(matches!(r.prepare(), Err(RequestError::MultifunctionOff(_))));
+        let mut r = DeviceRequest { port: "".into(), objects: vec![], fds: vec![], functions: vec![] };
+        assert_eq!(r.prepare(), Err(RequestError::NoPort));
+    }
+
+    #[test]
+    fn serde_roundtrip_with_defaults() {
+        let text = r#"{"port": "rp1", "functions": [{"qdev": {"driver": "virtio-net-ccw", "id": "n0", "devno": "fe.0.0042"}}]}"#;
+        let r: DeviceRequest = serde_json::from_str(text).unwrap();
+        assert_eq!(r.functions[0].expect, Expectation::Present);
+        let back: DeviceRequest = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}

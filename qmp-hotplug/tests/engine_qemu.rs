@@ -1,0 +1,319 @@
+//! The hotplug engine against real QEMU 7.2 (q35, SeaBIOS, no guest OS).
+//!
+//! With no guest OS, root ports in native PCIe hotplug mode keep empty slots powered off,
+//! so `device_del` completes at once; with q35's default ACPI hotplug it never completes,
+//! which is the unplug-timeout path.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Hotplug, Qemu};
+use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
+use qmp_hotplug::request::{DeviceRequest, Expectation};
+use qmp_hotplug::state::DeviceState;
+use qmp_hotplug::vfio::Sysfs;
+use serde_json::json;
+
+fn setup(ports: usize, mode: Hotplug) -> (Qemu, Arc<qmp_hotplug::QmpClient>, tempfile::TempDir) {
+    let q = Qemu::q35(ports, mode);
+    let c = q.connect();
+    q.wait_firmware(&c, ports);
+    (q, Arc::new(c), tempfile::tempdir().unwrap())
+}
+
+fn opts() -> EngineOptions {
+    EngineOptions { unplug_timeout: Duration::from_secs(2), ..Default::default() }
+}
+
+/// An ivshmem-plain (one 64-bit prefetchable BAR of `mib` MiB, a GPU stand-in) as
+/// function 0 and an e1000e as function 1 on root port `rpN` (guest bus N+1).
+fn gpu_like(n: usize, mib: u64) -> DeviceRequest {
+    serde_json::from_value(json!({
+        "port": format!("rp{n}"),
+        "objects": [{"qom_type": "memory-backend-ram", "id": format!("mem{n}"),
+                     "props": {"size": mib << 20, "reserve": false}}],
+        "functions": [
+            {"qdev": {"driver": "ivshmem-plain", "id": format!("gpu{n}"), "bus": format!("rp{n}"),
+                      "addr": "0.0", "memdev": format!("mem{n}")},
+             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 0,
+                        "bars": [{"bar": 0, "size": 256}, {"bar": 2, "size": mib << 20}]}},
+            {"qdev": {"driver": "e1000e", "id": format!("nic{n}"), "bus": format!("rp{n}"), "addr": "0.1"},
+             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 1}}
+        ]
+    }))
+    .unwrap()
+}
+
+fn single(port: usize, id: &str, driver: &str) -> DeviceRequest {
+    serde_json::from_value(json!({
+        "port": format!("rp{port}"),
+        "functions": [{"qdev": {"driver": driver, "id": id, "bus": format!("rp{port}")},
+                       "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": 0}}]
+    }))
+    .unwrap()
+}
+
+fn names(c: &qmp_hotplug::QmpClient, path: &str) -> HashSet<String> {
+    c.execute(&qapi::qmp::qom_list { path: path.into() })
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.type_.starts_with("child<"))
+        .map(|p| p.name)
+        .collect()
+}
+
+fn states(rec: &qmp_hotplug::DeviceRecord) -> Vec<DeviceState> {
+    rec.history.iter().map(|t| t.state).collect()
+}
+
+#[test]
+fn multifunction_plug_visible_then_unplug_removed() {
+    let (_q, c, dir) = setup(2, Hotplug::Native);
+    let (engine, report) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    assert!(report.actions.is_empty());
+    let rec = engine.plug(gpu_like(0, 64)).unwrap();
+    assert_eq!(rec.state, DeviceState::Visible);
+    assert_eq!(
+        states(&rec),
+        [DeviceState::Planned, DeviceState::Adding, DeviceState::Added, DeviceState::Visible]
+    );
+    let gpu = rec.guest.iter().find(|(id, _)| id == "gpu0").unwrap().1;
+    assert_eq!((gpu.bus, gpu.slot, gpu.function), (1, 0, 0));
+    assert!(rec.request.functions.iter().all(|f| f.prop("multifunction") == Some("on")));
+    assert!(names(&c, "/machine/peripheral")
+        .is_superset(&["gpu0", "nic0"].iter().map(|s| s.to_string()).collect()));
+    assert!(!engine.is_port_free("rp0"));
+
+    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
+    let rec = engine.device("rp0").unwrap();
+    assert_eq!(rec.state, DeviceState::Removed);
+    assert_eq!(&states(&rec)[4..], [DeviceState::Removing, DeviceState::Removed]);
+    let left = names(&c, "/machine/peripheral");
+    assert!(!left.contains("gpu0") && !left.contains("nic0"), "{left:?}");
+    assert!(!names(&c, "/objects").contains("mem0"));
+    assert!(engine.is_port_free("rp0"));
+    // The port is reusable, with the same ids.
+    engine.plug(gpu_like(0, 64)).unwrap();
+}
+
+#[test]
+fn unplug_without_guest_is_pending_and_keeps_the_port() {
+    let (_q, c, dir) = setup(1, Hotplug::Acpi);
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    engine.plug(single(0, "n0", "e1000e")).unwrap();
+    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Pending);
+    let rec = engine.device("rp0").unwrap();
+    assert_eq!(rec.state, DeviceState::UnplugPending);
+    assert!(rec.history.last().unwrap().note.contains("DEVICE_DELETED"));
+    assert!(!engine.is_port_free("rp0"));
+    match engine.plug(single(0, "n1", "e1000e")) {
+        Err(EngineError::PortBusy { state: DeviceState::UnplugPending, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Asking again is allowed and stays pending; nothing is freed that QEMU still has.
+    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Pending);
+    assert!(engine.complete_pending().unwrap().is_empty());
+    assert!(names(&c, "/machine/peripheral").contains("n0"));
+}
+
+#[test]
+fn failed_function_rolls_back_everything() {
+    let (_q, c, dir) = setup(1, Hotplug::Native);
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    let mut req = gpu_like(0, 16);
+    // Function 0 is added last and fails: function 1 and the object were already added.
+    req.functions[0].qdev.insert("driver".into(), json!("no-such-device-model"));
+    match engine.plug(req) {
+        Err(EngineError::PlugFailed { state: DeviceState::Removed, cause, .. }) => {
+            assert!(cause.to_string().contains("no-such-device-model"), "{cause}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let rec = engine.device("rp0").unwrap();
+    assert!(states(&rec).contains(&DeviceState::Failed));
+    assert!(!names(&c, "/machine/peripheral").contains("nic0"));
+    assert!(!names(&c, "/objects").contains("mem0"));
+    assert!(engine.is_port_free("rp0"));
+}
+
+#[test]
+fn iommufd_object_on_qemu_7_2_fails_cleanly() {
+    let (_q, c, dir) = setup(1, Hotplug::Native);
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    let req: DeviceRequest = serde_json::from_value(json!({
+        "port": "rp0",
+        "objects": [{"qom_type": "iommufd", "id": "iommufd0"}],
+        "fds": [{"fdname": "iommu-fd", "path": "/dev/null"}],
+        "functions": [{"qdev": {"driver": "e1000e", "id": "n0", "bus": "rp0", "iommufd": "iommufd0"}}]
+    }))
+    .unwrap();
+    match engine.plug(req) {
+        Err(EngineError::PlugFailed { state: DeviceState::Removed, cause, .. }) => {
+            assert!(cause.to_string().contains("iommufd"), "{cause}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The descriptor passed with getfd was closed again.
+    let err = c.closefd("iommu-fd").unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+}
+
+#[test]
+fn wrong_bar_size_is_not_visible_and_rolls_back() {
+    let (_q, c, dir) = setup(1, Hotplug::Native);
+    let (engine, _) = Engine::open(
+        Arc::clone(&c),
+        dir.path().join("journal"),
+        EngineOptions { visible_timeout: Duration::from_millis(500), ..opts() },
+    )
+    .unwrap();
+    let mut req = gpu_like(0, 16);
+    if let Expectation::Pci(p) = &mut req.functions[0].expect {
+        p.bars[1].size = 32 << 20;
+    }
+    match engine.plug(req) {
+        Err(EngineError::PlugFailed { cause, state: DeviceState::Removed, .. }) => {
+            assert!(matches!(*cause, EngineError::NotVisible { .. }), "{cause}");
+            assert!(cause.to_string().contains("BAR 2"), "{cause}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!names(&c, "/machine/peripheral").contains("gpu0"));
+}
+
+#[test]
+fn vfio_group_not_viable_stops_before_qemu() {
+    let (_q, c, dir) = setup(1, Hotplug::Native);
+    let sys = dir.path().join("sys");
+    let dev = sys.join("devices/pci0000:00/0000:01:00.0");
+    std::fs::create_dir_all(&dev).unwrap();
+    let group = sys.join("kernel/iommu_groups/5/devices");
+    std::fs::create_dir_all(&group).unwrap();
+    std::os::unix::fs::symlink(sys.join("kernel/iommu_groups/5"), dev.join("iommu_group")).unwrap();
+    std::os::unix::fs::symlink(&dev, group.join("0000:01:00.0")).unwrap();
+    std::fs::create_dir_all(sys.join("bus/pci/drivers/nvidia")).unwrap();
+    std::os::unix::fs::symlink(sys.join("bus/pci/drivers/nvidia"), dev.join("driver")).unwrap();
+    std::fs::create_dir_all(sys.join("bus/pci/devices")).unwrap();
+    std::os::unix::fs::symlink(&dev, sys.join("bus/pci/devices/0000:01:00.0")).unwrap();
+
+    let options = EngineOptions { sysfs: Sysfs::new(&sys), ..opts() };
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), options).unwrap();
+    let req: DeviceRequest = serde_json::from_value(json!({
+        "port": "rp0",
+        "functions": [{"qdev": {"driver": "vfio-pci", "id": "gpu0", "bus": "rp0", "host": "01:00.0"}}]
+    }))
+    .unwrap();
+    match engine.plug(req.clone()) {
+        Err(EngineError::Vfio(e)) => assert!(e.to_string().contains("nvidia"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(engine.device("rp0").is_none(), "nothing admitted");
+
+    // Bound to vfio-pci the group is viable; QEMU then tries the real host device, which
+    // this machine does not have, and the engine rolls back.
+    std::fs::remove_file(dev.join("driver")).unwrap();
+    std::fs::create_dir_all(sys.join("bus/pci/drivers/vfio-pci")).unwrap();
+    std::os::unix::fs::symlink(sys.join("bus/pci/drivers/vfio-pci"), dev.join("driver")).unwrap();
+    match engine.plug(req) {
+        Err(EngineError::PlugFailed { state: DeviceState::Removed, cause, .. }) => {
+            assert!(cause.to_string().contains("vfio"), "{cause}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(engine.is_port_free("rp0"));
+}
+
+#[test]
+fn concurrent_ports_and_serialized_port() {
+    let (_q, c, dir) = setup(4, Hotplug::Native);
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|n| {
+                s.spawn({
+                    let engine = &engine;
+                    move || engine.plug(single(n, &format!("d{n}"), "e1000e"))
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().unwrap().state, DeviceState::Visible);
+        }
+    });
+    // Same port from two threads: exactly one wins, the other finds the port taken.
+    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| engine.plug(single(0, "x0", "e1000e")));
+        let b = s.spawn(|| engine.plug(single(0, "y0", "e1000e")));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(results.iter().any(|r| matches!(r, Err(EngineError::PortBusy { .. }))));
+    // An id in use on another port is refused before QEMU sees it.
+    assert!(matches!(
+        engine.plug(single(0, "d1", "e1000e")),
+        Err(EngineError::IdInUse { .. }) | Err(EngineError::PortBusy { .. })
+    ));
+    let peripherals = names(&c, "/machine/peripheral");
+    assert_eq!(
+        peripherals.iter().filter(|n| n.starts_with('d') || n.starts_with('x') || n.starts_with('y')).count(),
+        4
+    );
+}
+
+#[test]
+fn qemu_killed_during_device_add() {
+    let (q, c, dir) = setup(1, Hotplug::Native);
+    let pid = rustix::process::Pid::from_raw(q.child.id() as i32).unwrap();
+    // Records of a plug: begin, planned, adding, step(device_add) = 4th: kill QEMU there.
+    let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |n| {
+        if n == 4 {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let options = EngineOptions { journal_hook: Some(hook), ..opts() };
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), options).unwrap();
+    let err = engine.plug(single(0, "n0", "e1000e")).unwrap_err();
+    assert!(err.is_connection_lost(), "{err:?}");
+    // The interrupted plug stays on record for recovery.
+    assert_eq!(engine.device("rp0").unwrap().state, DeviceState::Adding);
+    drop(q);
+}
+
+#[test]
+fn qemu_killed_during_unplug_wait() {
+    let (mut q, c, dir) = setup(1, Hotplug::Acpi);
+    let options = EngineOptions { unplug_timeout: Duration::from_secs(120), ..opts() };
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), options).unwrap();
+    engine.plug(single(0, "n0", "e1000e")).unwrap();
+    std::thread::scope(|s| {
+        let unplug = s.spawn(|| engine.unplug("rp0"));
+        std::thread::sleep(Duration::from_millis(500));
+        q.kill();
+        let err = unplug.join().unwrap().unwrap_err();
+        assert!(err.is_connection_lost(), "{err:?}");
+    });
+    assert_eq!(engine.device("rp0").unwrap().state, DeviceState::Removing);
+}
+
+#[test]
+fn passed_descriptor_is_closed_on_unplug() {
+    let (_q, c, dir) = setup(1, Hotplug::Native);
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    let mut req = single(0, "n0", "e1000e");
+    req.fds.push(qmp_hotplug::FdRequest {
+        fdname: "extra".into(),
+        path: "/dev/null".into(),
+        writable: false,
+    });
+    engine.plug(req).unwrap();
+    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
+    let err = c.closefd("extra").unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+}
