@@ -1,1 +1,288 @@
-//! Work in progress.
+//! x86_64 `q35` and aarch64 `virt` machines for the `pcie-topology` planner.
+//!
+//! Each machine is a [`pcie_topology::Platform`]: its address map, port devices and the
+//! rule its firmware (or the guest kernel) follows when it sizes and places bridge
+//! windows. The facts below come from the firmware and QEMU sources of the versions
+//! Debian 12 ships (QEMU 7.2, SeaBIOS 1.16.2, OVMF/AAVMF edk2 2022.11).
+//!
+//! # q35 with SeaBIOS
+//!
+//! - A root port's `mem-reserve`/`pref64-reserve` (QEMU's resource-reserve capability)
+//!   becomes the window size when larger than what sits below the port. The window's
+//!   alignment stays the largest alignment of the boot-time children, at least 1 MiB.
+//! - When the 32-bit hole cannot hold everything, every 64-bit window and BAR of the
+//!   root buses moves above 4 GiB: the region starts at 4 GiB plus RAM above 4 GiB,
+//!   aligned to 1 GiB and to the largest entry alignment, and entries follow one another
+//!   sorted by alignment, then size. An empty port's 128 GiB window can thus start at
+//!   4 GiB: [`WindowRule::ReserveUnaligned`] with 1 MiB start alignment.
+//! - Bus numbers: depth-first from bus 0, `bus-reserve` extends a port's range;
+//!   expander roots keep their `bus_nr` and are walked after bus 0's tree.
+//! - 32-bit PCI space 0xc000_0000..0xfec0_0000 (above the q35 MMCONFIG window); I/O
+//!   0x1000..0xa000 when more than 16 KiB is needed.
+//!
+//! # q35 with OVMF
+//!
+//! - The hotplug-padding driver reads the same capability, rounds each reservation up to
+//!   a power of two and asks for a window aligned to that size:
+//!   [`WindowRule::ReservePowerOfTwo`].
+//! - The 64-bit aperture has a fixed size, 32 GiB unless fw_cfg
+//!   `opt/ovmf/X-PciMmio64Mb` says otherwise, and starts at the end of RAM rounded up to
+//!   1 GiB and then to the largest power of two not above its size. The platform emits
+//!   the fw_cfg file whenever the plan needs more than the default.
+//! - OVMF 2022.11 computes the guest's address width from that aperture; the guest CPU
+//!   must have at least the `phys-bits` the plan states.
+//!
+//! # aarch64 virt
+//!
+//! - Without firmware (direct kernel boot) Linux assigns everything; the port properties
+//!   are not read. Every hotplug bridge gets the extra space of
+//!   `pci=hpmmiosize=,hpmmioprefsize=` (and `hpbussize=` buses); the plan emits them as
+//!   guest kernel arguments sized for the largest spare port, with the same alignment
+//!   slack as SeaBIOS ([`WindowRule::KernelHotplugSize`]). Expander buses are not
+//!   described to the kernel in this mode, so NUMA mode is unsupported there.
+//! - With UEFI (AAVMF) the firmware assigns resources; this crate assumes the same
+//!   padding behaviour as OVMF (power-of-two reservations). The 64-bit window is the
+//!   machine's high PCIe MMIO region, 512 GiB at 512 GiB.
+//! - 32-bit PCI space 0x1000_0000..0x3eff_0000, I/O 64 KiB.
+
+use pcie_topology::platform::{
+    Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
+};
+use pcie_topology::units::{fmt_size, GIB, MIB};
+
+/// Default OVMF image.
+pub const OVMF_PATH: &str = "/usr/share/ovmf/OVMF.fd";
+/// Default AAVMF code image.
+pub const AAVMF_PATH: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+/// OVMF's 64-bit aperture when `X-PciMmio64Mb` is not given (edk2 2022.11).
+pub const OVMF_DEFAULT_MMIO64: u64 = 32 * GIB;
+
+/// x86 firmware of a q35 machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum X86Firmware {
+    /// SeaBIOS (QEMU's default).
+    SeaBios,
+    /// OVMF, from this image (`-bios`).
+    Ovmf {
+        /// Path of the OVMF image.
+        path: String,
+    },
+}
+
+/// The `q35` machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Q35 {
+    /// Firmware.
+    pub firmware: X86Firmware,
+}
+
+impl Q35 {
+    /// q35 with SeaBIOS.
+    pub fn seabios() -> Self {
+        Q35 { firmware: X86Firmware::SeaBios }
+    }
+
+    /// q35 with OVMF from [`OVMF_PATH`].
+    pub fn ovmf() -> Self {
+        Q35 { firmware: X86Firmware::Ovmf { path: OVMF_PATH.to_string() } }
+    }
+}
+
+impl Platform for Q35 {
+    fn spec(&self) -> PlatformSpec {
+        let (name, firmware_args, rule, mmio32, io, mmio64) = match &self.firmware {
+            X86Firmware::SeaBios => (
+                "q35-seabios",
+                Vec::new(),
+                WindowRule::ReserveUnaligned { start_align: MIB },
+                Range { base: 0xc000_0000, size: 0xfec0_0000 - 0xc000_0000 },
+                Range { base: 0x1000, size: 0x9000 },
+                Mmio64Aperture::GrowsAfterRam,
+            ),
+            X86Firmware::Ovmf { path } => (
+                "q35-ovmf",
+                vec!["-bios".to_string(), path.clone()],
+                WindowRule::ReservePowerOfTwo,
+                Range { base: 0xc000_0000, size: 0xfc00_0000 - 0xc000_0000 },
+                Range { base: 0xc000, size: 0x4000 },
+                Mmio64Aperture::FwCfgSized { default_size: OVMF_DEFAULT_MMIO64 },
+            ),
+        };
+        PlatformSpec {
+            name: name.to_string(),
+            arch: Arch::X86_64,
+            machine: "q35".to_string(),
+            firmware_args,
+            root_bus: "pcie.0".to_string(),
+            root_port: Some("pcie-root-port".to_string()),
+            switch_upstream: Some("x3130-upstream".to_string()),
+            switch_downstream: Some("xio3130-downstream".to_string()),
+            downstream_reserve: false,
+            expander: Some("pxb-pcie".to_string()),
+            pci_bridge: Some("pcie-pci-bridge".to_string()),
+            reserved_root_slots: vec![0, 0x1f],
+            window_rule: rule,
+            bus_numbering: BusNumbering::FirmwareDepthFirst,
+            mmio32,
+            io,
+            mmio64,
+            default_phys_bits: 40,
+            low_ram_limit: 2 * GIB,
+        }
+    }
+
+    fn extra_args(&self, totals: &Totals) -> ExtraArgs {
+        let mut extra = ExtraArgs::default();
+        if matches!(self.firmware, X86Firmware::Ovmf { .. }) && totals.mmio64_needed > OVMF_DEFAULT_MMIO64 {
+            extra.qemu.push("-fw_cfg".to_string());
+            extra.qemu.push(format!("name=opt/ovmf/X-PciMmio64Mb,string={}", totals.mmio64_needed / MIB));
+        }
+        extra
+    }
+}
+
+/// aarch64 firmware of a virt machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ArmFirmware {
+    /// No firmware: direct kernel boot, Linux assigns resources.
+    None,
+    /// UEFI (AAVMF) from this code image, as pflash unit 0.
+    Uefi {
+        /// Path of the code image.
+        path: String,
+    },
+}
+
+/// The aarch64 `virt` machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Virt {
+    /// Firmware.
+    pub firmware: ArmFirmware,
+}
+
+impl Virt {
+    /// virt booted without firmware (`-kernel`).
+    pub fn direct_kernel() -> Self {
+        Virt { firmware: ArmFirmware::None }
+    }
+
+    /// virt with AAVMF from [`AAVMF_PATH`].
+    pub fn uefi() -> Self {
+        Virt { firmware: ArmFirmware::Uefi { path: AAVMF_PATH.to_string() } }
+    }
+}
+
+/// virt's high PCIe MMIO window (QEMU 7.2): 512 GiB at 512 GiB.
+pub const VIRT_HIGH_MMIO: Range = Range { base: 512 * GIB, size: 512 * GIB };
+
+impl Platform for Virt {
+    fn spec(&self) -> PlatformSpec {
+        let uefi = matches!(self.firmware, ArmFirmware::Uefi { .. });
+        let firmware_args = match &self.firmware {
+            ArmFirmware::None => Vec::new(),
+            ArmFirmware::Uefi { path } => {
+                vec!["-drive".to_string(), format!("if=pflash,format=raw,unit=0,readonly=on,file={path}")]
+            }
+        };
+        PlatformSpec {
+            name: if uefi { "virt-uefi" } else { "virt" }.to_string(),
+            arch: Arch::Aarch64,
+            machine: "virt".to_string(),
+            firmware_args,
+            root_bus: "pcie.0".to_string(),
+            root_port: Some("pcie-root-port".to_string()),
+            switch_upstream: Some("x3130-upstream".to_string()),
+            switch_downstream: Some("xio3130-downstream".to_string()),
+            downstream_reserve: false,
+            expander: uefi.then(|| "pxb-pcie".to_string()),
+            pci_bridge: Some("pcie-pci-bridge".to_string()),
+            reserved_root_slots: vec![0],
+            window_rule: if uefi {
+                WindowRule::ReservePowerOfTwo
+            } else {
+                WindowRule::KernelHotplugSize { start_align: MIB }
+            },
+            bus_numbering: if uefi {
+                BusNumbering::FirmwareDepthFirst
+            } else {
+                BusNumbering::KernelDepthFirst
+            },
+            mmio32: Range { base: 0x1000_0000, size: 0x2eff_0000 },
+            io: Range { base: 0, size: 0x1_0000 },
+            mmio64: Mmio64Aperture::Fixed { base: VIRT_HIGH_MMIO.base, size: VIRT_HIGH_MMIO.size },
+            default_phys_bits: 40,
+            low_ram_limit: 3 * GIB,
+        }
+    }
+
+    fn extra_args(&self, totals: &Totals) -> ExtraArgs {
+        let mut extra = ExtraArgs::default();
+        if self.firmware == ArmFirmware::None {
+            let mut opts = Vec::new();
+            if totals.hotplug_mem > 0 {
+                opts.push(format!("hpmmiosize={}", fmt_size(totals.hotplug_mem)));
+            }
+            if totals.hotplug_pref > 0 {
+                opts.push(format!("hpmmioprefsize={}", fmt_size(totals.hotplug_pref)));
+            }
+            if totals.hotplug_buses > 0 {
+                opts.push(format!("hpbussize={}", u32::from(totals.hotplug_buses) + 1));
+            }
+            if !opts.is_empty() {
+                extra.kernel.push(format!("pci={}", opts.join(",")));
+            }
+        }
+        extra
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcie_topology::{plan, HotplugProfile, Mode, PlanRequest, SpareRequest};
+
+    fn spares(n: u32) -> PlanRequest {
+        PlanRequest {
+            mode: Mode::RootPort,
+            spares: vec![SpareRequest {
+                profile: HotplugProfile::h100(),
+                count: n,
+                numa_node: None,
+                p2p_group: None,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn seabios_reserves_alignment_slack() {
+        let p = plan(&Q35::seabios(), &spares(1)).unwrap();
+        let rp = &p.ports[0];
+        let dev = rp.device.as_ref().unwrap();
+        assert_eq!(dev.props["pref64-reserve"], (256 * GIB + 31 * MIB).into());
+        assert_eq!(dev.props["mem-reserve"], (31 * MIB).into());
+        assert_eq!(dev.props["io-reserve"], 0u64.into());
+        assert!(p.extra.qemu.is_empty());
+        // 4 GiB + 256 GiB + 31 MiB ends below 512 GiB: 39 bits.
+        assert_eq!(p.address.phys_bits_needed, 39);
+    }
+
+    #[test]
+    fn ovmf_sizes_the_aperture() {
+        let p = plan(&Q35::ovmf(), &spares(2)).unwrap();
+        assert_eq!(p.ports[0].device.as_ref().unwrap().props["pref64-reserve"], (256 * GIB).into());
+        assert_eq!(
+            p.extra.qemu,
+            vec!["-fw_cfg".to_string(), format!("name=opt/ovmf/X-PciMmio64Mb,string={}", 512 * 1024)]
+        );
+    }
+
+    #[test]
+    fn virt_emits_kernel_arguments() {
+        let p = plan(&Virt::direct_kernel(), &spares(1)).unwrap();
+        assert_eq!(p.kernel_args(), ["pci=hpmmiosize=31M,hpmmioprefsize=262175M".to_string()]);
+        assert!(!p.ports[0].device.as_ref().unwrap().props.contains_key("pref64-reserve"));
+    }
+}

@@ -1,1 +1,85 @@
-//! Work in progress.
+//! Plans a QEMU guest's PCIe topology so that devices hotplugged later really fit.
+//!
+//! Given the devices to place (with every function's BARs, from `pcilibs`) and hotplug
+//! profiles for spare ports, [`plan`] decides which root ports, switches and expander
+//! buses exist at boot, hands out ids, chassis/slot pairs, devfns and bus numbers from
+//! free sets, sizes each port's windows so that the largest BAR fits *wherever the
+//! platform's firmware places the window* (size and alignment), checks the whole guest
+//! address space, and returns a [`Plan`]: QEMU arguments for boot, `device_add` argument
+//! objects for hotplug, and the guest PCI path and BDF of every function.
+//!
+//! Machines are described by a [`Platform`] implementation from the `arch-x86-aarch64`
+//! (q35 with SeaBIOS or OVMF, aarch64 `virt`) and `arch-s390x-ccw` crates.
+//!
+//! # Why reservations look the way they do
+//!
+//! - **SeaBIOS** honours a root port's `pref64-reserve` as a size but aligns an empty
+//!   port's window only to 1 MiB; the 64-bit region starts at 4 GiB (after RAM above
+//!   4 GiB), so a 128 GiB window can start at 4 GiB, where a 128 GiB BAR cannot be placed.
+//!   The planner adds `alignment - 1 MiB` of slack: an H100-class profile (16 MiB +
+//!   128 GiB + 32 MiB) gets `pref64-reserve` of 256 GiB + 31 MiB, which holds the BARs at
+//!   any 1 MiB-aligned start.
+//! - **OVMF** rounds each reservation up to a power of two and aligns the window to it,
+//!   so the same profile gets 256 GiB, naturally aligned; its 64-bit aperture has a fixed
+//!   size (32 GiB by default), so the plan emits `opt/ovmf/X-PciMmio64Mb` with the size
+//!   the ports need.
+//! - **aarch64 `virt` without firmware**: Linux sizes the windows and gives every hotplug
+//!   bridge the same extra space; the plan emits `pci=hpmmiosize=,hpmmioprefsize=`.
+//! - **Switch downstream ports** (`xio3130-downstream`) have no `*-reserve` properties in
+//!   QEMU 7.2 and firmware sizes their windows from boot-time devices only, so the
+//!   planner can plug a *placeholder* at boot behind each empty downstream port
+//!   (`ivshmem-plain` functions with `memory-backend-ram,reserve=off`: the BAR sizes of
+//!   the profile, no host memory) and every hotplug action onto such a port starts by
+//!   removing it ([`HotplugAction::remove_placeholder`]). The firmware aligns a window to
+//!   its largest boot-time child, so the placeholder gives both size and alignment. This
+//!   relies on the window staying assigned after the placeholder is removed (firmware
+//!   does not reprogram it and Linux keeps assigned bridge windows); the end-to-end
+//!   guests are where that is proven. It is a policy option
+//!   ([`PlanOptions::switch_placeholders`]); without it, a plan that needs more than the
+//!   firmware's minimum below a downstream port is an error, not a silent failure in the
+//!   guest. The 32-bit window of such a port comes from the placeholder's own small BARs,
+//!   unless [`PlanOptions::placeholder_rom`] names a file to expose as an option ROM of
+//!   the size the profile's 32-bit BARs need.
+//! - **I/O** windows are reserved only for what needs I/O ports: only about 16 ports can
+//!   have one.
+//!
+//! # Example
+//!
+//! ```
+//! use arch_x86_aarch64::Q35;
+//! use pcie_topology::{plan, HotplugProfile, Mode, PlanRequest, SpareRequest};
+//!
+//! let request = PlanRequest {
+//!     mode: Mode::RootPort,
+//!     spares: vec![SpareRequest { profile: HotplugProfile::h100(), count: 2, numa_node: None, p2p_group: None }],
+//!     ..Default::default()
+//! };
+//! let plan = plan(&Q35::seabios(), &request)?;
+//! assert_eq!(plan.ports.len(), 2);
+//! println!("{}", plan.qemu_args().join(" "));
+//! # Ok::<(), pcie_topology::PlanError>(())
+//! ```
+
+pub mod alloc;
+pub mod error;
+pub mod path;
+pub mod physbits;
+pub mod plan;
+pub mod planner;
+pub mod platform;
+pub mod qemu;
+pub mod request;
+pub mod reserve;
+pub mod sim;
+pub mod units;
+
+pub use error::{AddressSpaceError, PlanError};
+pub use path::{GuestBdf, GuestPciPath};
+pub use plan::{
+    FunctionAction, HotplugAction, Mode, Placeholder, PlaceholderRemoval, Plan, PlanOptions, PlanRequest,
+    Port, PortKind, SpareRequest, PLAN_VERSION,
+};
+pub use planner::plan;
+pub use platform::{Platform, PlatformSpec, WindowRule};
+pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
+pub use request::{DeviceRequest, FunctionRequest, HostRef, HotplugProfile};

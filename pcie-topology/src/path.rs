@@ -1,0 +1,208 @@
+//! Where the guest will see a device: its PCI path as Kata's agent reads it, and its BDF.
+//!
+//! # Path format
+//!
+//! Kata's agent resolves a PCI path by starting at bus `00` of the root complex and, for
+//! each element, taking the device at that slot and following the bus behind it; an
+//! element is a two-digit hex slot with an optional `.function` (`02/00`, `02/00.1`). This
+//! crate writes the same form for devices under `pcie.0`. A device under a `pxb-pcie`
+//! expander sits on another root bus, which the agent's walk from bus `00` cannot reach; for
+//! those the path starts with the expander's root bus number (`20/01/00`: root bus 0x20,
+//! root port in slot 1, device in slot 0), and [`GuestPciPath::kata`] returns `None`.
+//!
+//! # Bus number prediction
+//!
+//! The predicted BDF depends on the bus numbers the firmware (or the guest kernel on a
+//! machine booted without firmware) assigns. Both walk each root bus depth-first in devfn
+//! order, give each bridge the next free bus number as its secondary bus and close its
+//! subordinate range after its children, extended by `bus-reserve` where honoured. Expander
+//! root buses keep their `bus_nr`, and their bridges are numbered from `bus_nr + 1`. The
+//! prediction assumes that the guest OS keeps the firmware's numbers (Linux on x86 does
+//! unless `pci=assign-busses`) and that no device the plan does not know sits on a bridge.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::qemu::DevFn;
+
+/// Errors parsing a path or BDF.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PathError {
+    /// Text is not a path like `02/00` or `20/01/00.1`, or a BDF like `0000:02:00.0`.
+    #[error("`{0}` is not a guest PCI path or BDF")]
+    Invalid(String),
+}
+
+/// A guest PCI path: optional expander root bus, then one slot/function per bus hop.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GuestPciPath {
+    /// Root bus number when the path starts at an expander's root bus; `None` for bus 0.
+    pub root_bus: Option<u8>,
+    /// Slot/function at each hop, from the root bus down.
+    pub hops: Vec<DevFn>,
+}
+
+impl GuestPciPath {
+    /// The path as Kata's agent reads it; `None` behind an expander root bus.
+    pub fn kata(&self) -> Option<String> {
+        if self.root_bus.is_some() {
+            return None;
+        }
+        Some(self.to_string())
+    }
+
+    /// This path extended by one hop.
+    pub fn join(&self, hop: DevFn) -> GuestPciPath {
+        let mut hops = self.hops.clone();
+        hops.push(hop);
+        GuestPciPath { root_bus: self.root_bus, hops }
+    }
+}
+
+impl fmt::Display for GuestPciPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(bus) = self.root_bus {
+            parts.push(format!("{bus:02x}"));
+        }
+        for hop in &self.hops {
+            if hop.function == 0 {
+                parts.push(format!("{:02x}", hop.slot));
+            } else {
+                parts.push(format!("{:02x}.{:x}", hop.slot, hop.function));
+            }
+        }
+        f.write_str(&parts.join("/"))
+    }
+}
+
+impl FromStr for GuestPciPath {
+    type Err = PathError;
+
+    /// Parses `02/00` (root bus 0) — a leading element above 0x1f, or a leading element
+    /// followed by at least two more when `root:` is written (`20/01/00`), is not guessed:
+    /// use [`GuestPciPath::parse_with_root`] for expander paths.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        GuestPciPath::parse_with_root(s, false)
+    }
+}
+
+impl GuestPciPath {
+    /// Parses a path; with `has_root` the first element is the root bus number.
+    pub fn parse_with_root(s: &str, has_root: bool) -> Result<Self, PathError> {
+        let bad = || PathError::Invalid(s.to_string());
+        let mut parts = s.split('/');
+        let root_bus = if has_root {
+            Some(u8::from_str_radix(parts.next().ok_or_else(bad)?, 16).map_err(|_| bad())?)
+        } else {
+            None
+        };
+        let mut hops = Vec::new();
+        for p in parts {
+            let (slot, func) = match p.split_once('.') {
+                Some((s, f)) => (s, f),
+                None => (p, "0"),
+            };
+            let slot = u8::from_str_radix(slot, 16).map_err(|_| bad())?;
+            let func = u8::from_str_radix(func, 16).map_err(|_| bad())?;
+            hops.push(DevFn::new(slot, func).map_err(|_| bad())?);
+        }
+        if hops.is_empty() {
+            return Err(bad());
+        }
+        Ok(GuestPciPath { root_bus, hops })
+    }
+}
+
+impl TryFrom<String> for GuestPciPath {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        // The serialized form marks expander paths with a leading `pxb:`.
+        match s.strip_prefix("pxb:") {
+            Some(rest) => GuestPciPath::parse_with_root(rest, true),
+            None => GuestPciPath::parse_with_root(&s, false),
+        }
+    }
+}
+
+impl From<GuestPciPath> for String {
+    fn from(p: GuestPciPath) -> String {
+        if p.root_bus.is_some() {
+            format!("pxb:{p}")
+        } else {
+            p.to_string()
+        }
+    }
+}
+
+/// A guest PCI address `segment:bus:slot.function`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GuestBdf {
+    /// PCI segment (domain).
+    pub segment: u16,
+    /// Bus number.
+    pub bus: u8,
+    /// Slot and function.
+    pub devfn: DevFn,
+}
+
+impl fmt::Display for GuestBdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.segment, self.bus, self.devfn.slot, self.devfn.function)
+    }
+}
+
+impl FromStr for GuestBdf {
+    type Err = PathError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || PathError::Invalid(s.to_string());
+        let (seg, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
+        let (slot, func) = rest.split_once('.').ok_or_else(bad)?;
+        let p16 = |t: &str| u16::from_str_radix(t, 16).map_err(|_| bad());
+        let p8 = |t: &str| u8::from_str_radix(t, 16).map_err(|_| bad());
+        Ok(GuestBdf {
+            segment: p16(seg)?,
+            bus: p8(bus)?,
+            devfn: DevFn::new(p8(slot)?, p8(func)?).map_err(|_| bad())?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kata_form() {
+        let p =
+            GuestPciPath { root_bus: None, hops: vec![DevFn::new(2, 0).unwrap(), DevFn::new(0, 1).unwrap()] };
+        assert_eq!(p.to_string(), "02/00.1");
+        assert_eq!(p.kata().as_deref(), Some("02/00.1"));
+        assert_eq!("02/00.1".parse::<GuestPciPath>().unwrap(), p);
+        let x = GuestPciPath {
+            root_bus: Some(0x20),
+            hops: vec![DevFn::new(1, 0).unwrap(), DevFn::new(0, 0).unwrap()],
+        };
+        assert_eq!(x.to_string(), "20/01/00");
+        assert_eq!(x.kata(), None);
+        let json = serde_json::to_string(&x).unwrap();
+        assert_eq!(json, "\"pxb:20/01/00\"");
+        assert_eq!(serde_json::from_str::<GuestPciPath>(&json).unwrap(), x);
+        assert!("2x/00".parse::<GuestPciPath>().is_err());
+        assert!("20/00".parse::<GuestPciPath>().is_err());
+    }
+
+    #[test]
+    fn bdf_round_trip() {
+        let b: GuestBdf = "0000:1a:03.2".parse().unwrap();
+        assert_eq!(b.bus, 0x1a);
+        assert_eq!(b.to_string(), "0000:1a:03.2");
+        assert!("0000:1a:33.0".parse::<GuestBdf>().is_err());
+    }
+}

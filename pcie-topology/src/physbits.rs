@@ -1,0 +1,130 @@
+//! The host's physical address width: how far a guest's address space may reach.
+//!
+//! With KVM the guest cannot address more than the host CPU (x86_64: CPUID leaf
+//! 0x80000008 as KVM reports it; aarch64: the VM's IPA limit). Without /dev/kvm the
+//! `address sizes` line of /proc/cpuinfo is used. The KVM part is a few ioctls behind
+//! [`kvm_phys_bits`]; everything else is plain text parsing.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Where a width came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PhysBitsSource {
+    /// KVM (`KVM_GET_SUPPORTED_CPUID` leaf 0x80000008, or `KVM_CAP_ARM_VM_IPA_SIZE`).
+    Kvm,
+    /// `/proc/cpuinfo`'s `address sizes` line.
+    CpuInfo,
+}
+
+/// A host physical address width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPhysBits {
+    /// Bits.
+    pub bits: u8,
+    /// Where they came from.
+    pub source: PhysBitsSource,
+}
+
+/// Errors finding the width.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PhysBitsError {
+    /// Neither KVM nor /proc/cpuinfo told it.
+    #[error("host physical address width unknown: no usable /dev/kvm and no `address sizes` in {0}")]
+    Unknown(String),
+}
+
+/// Reads the `N bits physical` of the first `address sizes` line.
+pub fn parse_cpuinfo(text: &str) -> Option<u8> {
+    text.lines()
+        .filter(|l| l.starts_with("address sizes"))
+        .find_map(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+}
+
+/// The width KVM reports, or `None` where /dev/kvm is missing or the query fails.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub fn kvm_phys_bits() -> Option<u8> {
+    // KVM_MAX_CPUID_ENTRIES in the kernel ABI.
+    const MAX_CPUID_ENTRIES: usize = 80;
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let cpuid = kvm.get_supported_cpuid(MAX_CPUID_ENTRIES).ok()?;
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| (e.eax & 0xff) as u8)
+        .filter(|b| *b > 0)
+}
+
+/// The width KVM reports, or `None` where /dev/kvm is missing or the query fails.
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub fn kvm_phys_bits() -> Option<u8> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    u8::try_from(kvm.get_host_ipa_limit()).ok().filter(|b| *b > 0)
+}
+
+/// The width KVM reports; always `None` on other hosts.
+#[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+pub fn kvm_phys_bits() -> Option<u8> {
+    None
+}
+
+/// KVM's answer, else /proc/cpuinfo's.
+pub fn host_phys_bits() -> Result<HostPhysBits, PhysBitsError> {
+    host_phys_bits_with(kvm_phys_bits, Path::new("/proc/cpuinfo"))
+}
+
+/// [`host_phys_bits`] with the KVM query and the cpuinfo path supplied (for tests and for
+/// hosts where /proc is elsewhere).
+pub fn host_phys_bits_with(
+    kvm: impl Fn() -> Option<u8>,
+    cpuinfo: &Path,
+) -> Result<HostPhysBits, PhysBitsError> {
+    if let Some(bits) = kvm() {
+        return Ok(HostPhysBits { bits, source: PhysBitsSource::Kvm });
+    }
+    std::fs::read_to_string(cpuinfo)
+        .ok()
+        .and_then(|t| parse_cpuinfo(&t))
+        .map(|bits| HostPhysBits { bits, source: PhysBitsSource::CpuInfo })
+        .ok_or_else(|| PhysBitsError::Unknown(cpuinfo.display().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_address_sizes() {
+        let t = "processor\t: 0\naddress sizes\t: 46 bits physical, 48 bits virtual\n";
+        assert_eq!(parse_cpuinfo(t), Some(46));
+        assert_eq!(parse_cpuinfo("flags: x"), None);
+    }
+
+    #[test]
+    fn falls_back_to_cpuinfo() {
+        let dir = std::env::temp_dir().join(format!("physbits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cpuinfo");
+        std::fs::write(&f, "address sizes : 39 bits physical, 48 bits virtual\n").unwrap();
+        let got = host_phys_bits_with(|| None, &f).unwrap();
+        assert_eq!(got, HostPhysBits { bits: 39, source: PhysBitsSource::CpuInfo });
+        let kvm = host_phys_bits_with(|| Some(52), &f).unwrap();
+        assert_eq!(kvm.source, PhysBitsSource::Kvm);
+        assert!(host_phys_bits_with(|| None, &dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn this_host_has_a_width() {
+        // Every Linux host this project runs on has either /dev/kvm or an x86 cpuinfo line.
+        let got = host_phys_bits().expect("host width");
+        assert!((32..=57).contains(&got.bits), "{got:?}");
+    }
+}

@@ -1,0 +1,858 @@
+//! The plan: boot-time port devices, hotplug actions and expected guest locations.
+//!
+//! A [`Plan`] is plain data: serialize it with [`Plan::to_json`] (same plan, same bytes),
+//! keep it next to the VM, and [`Plan::from_json`] it after a restart. The hotplug engine
+//! asks it for [`HotplugAction`]s, which carry the exact `device_add` / `object-add`
+//! argument objects and what the guest must then show.
+
+use pcilibs::bar::BarKind;
+use pcilibs::requirement::{Requirement, Resource};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::PlanError;
+use crate::path::{GuestBdf, GuestPciPath};
+use crate::platform::{ExtraArgs, PlatformSpec};
+use crate::qemu::{DevFn, QemuDevice, QemuId, QemuObject};
+use crate::request::{DeviceRequest, HostRef, HotplugProfile};
+use crate::reserve::Window;
+use crate::units::{fmt_size, human_size};
+
+/// Format version of [`Plan`]; bumped on any incompatible change.
+pub const PLAN_VERSION: u32 = 1;
+
+/// Placement policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Mode {
+    /// One root port per device (all functions of a device on it).
+    #[default]
+    RootPort,
+    /// Devices of one peer-to-peer group behind one switch; others on root ports.
+    SwitchPort,
+    /// One `pxb-pcie` expander per host NUMA node; devices on their node's expander
+    /// (peer-to-peer groups still share a switch).
+    Numa,
+}
+
+/// A root bus: `pcie.0` or a `pxb-pcie` expander.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostBridge {
+    /// Bus id (`pcie.0`, or the expander's id).
+    pub id: String,
+    /// Root bus number (0 for `pcie.0`, `bus_nr` for an expander).
+    pub bus_nr: u8,
+    /// Last bus number of this root's range (the next expander starts above it).
+    pub last_bus: u8,
+    /// NUMA node of an expander.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// The expander's `-device` (on `pcie.0`); `None` for `pcie.0` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<QemuDevice>,
+}
+
+/// Kind of a place a device can go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PortKind {
+    /// A `pcie-root-port`.
+    Root,
+    /// A switch downstream port.
+    Downstream,
+    /// A slot of a PCIe-to-PCI bridge (conventional devices).
+    BridgeSlot,
+}
+
+/// The windows a port reserves and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// What the port is for (`device gpu0`, `spare: h100 (16M mem32 + 128G pref64 + 32M pref64)`).
+    pub purpose: String,
+    /// What must fit (pcilibs requirement of the device, profile or switch below).
+    pub need: Requirement,
+    /// 32-bit non-prefetchable window the guest gets.
+    pub mem: Window,
+    /// 64-bit prefetchable window the guest gets.
+    pub pref: Window,
+    /// I/O window the guest gets.
+    pub io: Window,
+    /// Extra bus numbers below the port.
+    pub bus_reserve: u8,
+    /// One explanation per window and property.
+    pub why: Vec<String>,
+}
+
+impl Reservation {
+    /// Whether a device needing `need` fits these windows wherever the firmware placed them.
+    pub fn holds(&self, need: &Requirement) -> bool {
+        self.mem.holds(&need.mem) && self.pref.holds(&need.pref) && self.io.holds(&need.io)
+    }
+}
+
+/// Boot-time devices that make the firmware size a switch downstream port's windows.
+///
+/// `xio3130-downstream` has no `*-reserve` properties, and firmware sizes a port's windows
+/// from what is plugged at boot only. A placeholder — `ivshmem-plain` functions backed by
+/// `memory-backend-ram,reserve=off`, one per prefetchable BAR of the profile, so no host
+/// memory is used — is plugged at boot and removed before the first hotplug on the port;
+/// the window the firmware gave it stays assigned to the port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placeholder {
+    /// Memory backends of the placeholder functions.
+    pub objects: Vec<QemuObject>,
+    /// Placeholder functions (function 0 last is not needed at boot; order is by function).
+    pub devices: Vec<QemuDevice>,
+    /// True while the placeholder is plugged; false once a hotplug action removed it.
+    pub present: bool,
+}
+
+/// A place for one device: a root port, a downstream port or a bridge slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    /// Id of the port device (for a bridge slot: `<bridge id>` plus the slot).
+    pub id: QemuId,
+    /// Kind.
+    pub kind: PortKind,
+    /// The port's `-device` (for a bridge slot: `None`, the bridge is in [`Plan::bridges`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<QemuDevice>,
+    /// Bus id a device plugged here gets as `bus=`.
+    pub target_bus: String,
+    /// Slot a device plugged here gets as `addr=` (0 behind a port).
+    pub target_slot: u8,
+    /// Root bus this port belongs to.
+    pub host_bridge: String,
+    /// Switch upstream port above, for downstream ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<QemuId>,
+    /// Guest BDF of the port itself (for a bridge slot: the bridge's).
+    pub bdf: GuestBdf,
+    /// Guest path of the port itself.
+    pub path: GuestPciPath,
+    /// Bus a device plugged here is on.
+    pub secondary_bus: u8,
+    /// Last bus number of the port's range.
+    pub subordinate_bus: u8,
+    /// Windows.
+    pub reservation: Reservation,
+    /// Hotplug profile of a spare port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<HotplugProfile>,
+    /// Boot-time placeholder of a downstream port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<Placeholder>,
+    /// Device now planned on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occupant: Option<QemuId>,
+    /// NUMA node (of the expander the port is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Peer-to-peer group of the switch the port is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_group: Option<String>,
+}
+
+/// A switch: upstream port on a root port, downstream ports below.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
+    /// Upstream port id.
+    pub id: QemuId,
+    /// The upstream port's `-device`.
+    pub upstream: QemuDevice,
+    /// Root port above.
+    pub root_port: QemuId,
+    /// Bus of the upstream port.
+    pub bus: u8,
+    /// Bus of the downstream ports.
+    pub secondary_bus: u8,
+    /// Peer-to-peer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_group: Option<String>,
+}
+
+/// A PCIe-to-PCI bridge for conventional PCI devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciBridge {
+    /// Bridge id.
+    pub id: QemuId,
+    /// Its `-device`.
+    pub device: QemuDevice,
+    /// Its guest BDF.
+    pub bdf: GuestBdf,
+    /// Bus of the devices behind it.
+    pub secondary_bus: u8,
+}
+
+/// Expected BAR of a function in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ExpectedBar {
+    /// Address space.
+    pub kind: BarKind,
+    /// Prefetchable.
+    pub prefetchable: bool,
+    /// Expansion ROM.
+    pub rom: bool,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl From<&Resource> for ExpectedBar {
+    fn from(r: &Resource) -> Self {
+        ExpectedBar { kind: r.kind, prefetchable: r.prefetchable, rom: r.rom, size: r.size }
+    }
+}
+
+/// One function of a placed device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedFunction {
+    /// Function number.
+    pub function: u8,
+    /// Its `-device` / `device_add` (bus, addr and `multifunction` filled in).
+    pub device: QemuDevice,
+    /// Devices to add right before it (the s390x `zpci` device of a PCI function).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<QemuDevice>,
+    /// Where the guest will see it.
+    pub location: GuestLocation,
+    /// BARs the guest must show assigned.
+    pub bars: Vec<ExpectedBar>,
+    /// Host function, if passed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostRef>,
+}
+
+/// Where the guest sees a function.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "bus")]
+#[non_exhaustive]
+pub enum GuestLocation {
+    /// A PCI function: predicted BDF and path.
+    Pci {
+        /// Predicted guest BDF (`query-pci` reports bus/slot/function).
+        bdf: GuestBdf,
+        /// Guest path (Kata agent form under `pcie.0`).
+        path: GuestPciPath,
+    },
+    /// A channel device on the guest's ccw bus (`0.0.0042`).
+    Ccw {
+        /// Bus id in the guest (`0.<ssid>.<devno>`).
+        busid: String,
+    },
+    /// An s390x zPCI function: the guest's PCI domain is the uid (`0001:00:00.0`).
+    Zpci {
+        /// zPCI uid.
+        uid: u16,
+        /// zPCI function id.
+        fid: u32,
+        /// Guest BDF.
+        bdf: GuestBdf,
+    },
+    /// An adjunct-processor queue device (vfio-ap): no address in the guest's PCI or ccw bus.
+    Ap,
+}
+
+impl GuestLocation {
+    /// The guest BDF of a PCI or zPCI function.
+    pub fn bdf(&self) -> Option<GuestBdf> {
+        match self {
+            GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => Some(*bdf),
+            _ => None,
+        }
+    }
+
+    /// The guest path of a PCI function.
+    pub fn path(&self) -> Option<&GuestPciPath> {
+        match self {
+            GuestLocation::Pci { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// A device in the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedDevice {
+    /// Id (function 0's QEMU id).
+    pub id: QemuId,
+    /// Port it is on (`None` where the platform has no ports: s390x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<QemuId>,
+    /// Plugged at boot.
+    pub cold_plug: bool,
+    /// Host IOMMU group (members are plugged and unplugged together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+    /// Peer-to-peer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_group: Option<String>,
+    /// Objects to create before the functions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<QemuObject>,
+    /// Functions, by function number.
+    pub functions: Vec<PlacedFunction>,
+    /// What the device needs.
+    pub need: Requirement,
+}
+
+/// Address-space usage the plan was checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AddressReport {
+    /// 32-bit MMIO the windows need (packed).
+    pub mmio32_needed: u64,
+    /// 32-bit MMIO the machine has for PCI.
+    pub mmio32_available: u64,
+    /// I/O ports the windows need.
+    pub io_needed: u64,
+    /// I/O ports available.
+    pub io_available: u64,
+    /// 64-bit MMIO the windows need (packed by alignment).
+    pub mmio64_needed: u64,
+    /// Where the 64-bit aperture will be (`None`: no 64-bit window).
+    pub mmio64_aperture: Option<crate::platform::Range>,
+    /// One past the last byte of guest RAM.
+    pub ram_end: u64,
+    /// Guest physical address bits the plan needs.
+    pub phys_bits_needed: u8,
+    /// Guest physical address bits the caller said the guest CPU has.
+    pub guest_phys_bits: Option<u8>,
+    /// Host physical address bits (from KVM or /proc/cpuinfo), when known.
+    pub host_phys_bits: Option<u8>,
+}
+
+/// Options of the planner that are kept with the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanOptions {
+    /// Guest RAM in bytes (decides how much RAM sits above 4 GiB).
+    pub guest_ram: u64,
+    /// Guest CPU physical address bits, when fixed by the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_phys_bits: Option<u8>,
+    /// Host physical address bits, when known (see [`crate::physbits`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_phys_bits: Option<u8>,
+    /// Pack root ports 8 per slot as functions (`multifunction=on`).
+    pub pack_root_ports: bool,
+    /// Extra bus numbers for each spare root port (room for a switch hotplugged later).
+    pub spare_bus_reserve: u8,
+    /// Plug placeholders behind empty switch downstream ports so firmware sizes their windows.
+    pub switch_placeholders: bool,
+    /// File to use as placeholder option ROM, which makes the 32-bit window large enough
+    /// for the profile's 32-bit BARs (a ROM BAR is placed in the 32-bit window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder_rom: Option<String>,
+    /// First slot of the root bus to use.
+    pub first_root_slot: u8,
+    /// Size reservations from requirements (false: emit no `*-reserve`, the machine's
+    /// defaults — used to show that the guest then fails with "no space").
+    pub size_reservations: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            guest_ram: 2 << 30,
+            guest_phys_bits: None,
+            host_phys_bits: None,
+            pack_root_ports: false,
+            spare_bus_reserve: 0,
+            switch_placeholders: true,
+            placeholder_rom: None,
+            first_root_slot: 1,
+            size_reservations: true,
+        }
+    }
+}
+
+/// Spare ports for later hotplug.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareRequest {
+    /// What each spare port must be able to take.
+    pub profile: HotplugProfile,
+    /// How many ports.
+    pub count: u32,
+    /// Put them on this NUMA node's expander (NUMA mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Put them on the switch of this peer-to-peer group (switch-port and NUMA modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_group: Option<String>,
+}
+
+/// Everything the planner is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PlanRequest {
+    /// Placement policy.
+    pub mode: Mode,
+    /// Devices to place (cold-plugged or hotplugged later).
+    pub devices: Vec<DeviceRequest>,
+    /// Spare ports.
+    pub spares: Vec<SpareRequest>,
+    /// Options.
+    pub options: PlanOptions,
+}
+
+/// Steps that must happen before the first hotplug onto a port with a placeholder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceholderRemoval {
+    /// `device_del` these (function 0 removes the slot; wait for `DEVICE_DELETED` of each).
+    pub device_del: Vec<QemuId>,
+    /// Then `object-del` these.
+    pub object_del: Vec<QemuId>,
+}
+
+/// One function to `device_add`, with what the guest must show afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionAction {
+    /// QEMU id of the function.
+    pub id: QemuId,
+    /// Function number.
+    pub function: u8,
+    /// `device_add` these first (the s390x `zpci` device of a PCI function).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<Map<String, Value>>,
+    /// The QMP `device_add` argument object, sent as is.
+    pub device_add: Map<String, Value>,
+    /// Where the guest must then show it.
+    pub guest: GuestLocation,
+    /// BARs the guest must show assigned (sizes as `query-pci` reports them).
+    pub bars: Vec<ExpectedBar>,
+}
+
+/// Everything the hotplug engine needs to plug one device (all its functions) and to
+/// unplug it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotplugAction {
+    /// Device id.
+    pub device: QemuId,
+    /// Port it goes on (`None` on s390x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<QemuId>,
+    /// Host IOMMU group (other devices of the group must be plugged with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+    /// Placeholder to remove first, when the port has one still plugged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_placeholder: Option<PlaceholderRemoval>,
+    /// QMP `object-add` argument objects, before any function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub object_add: Vec<Map<String, Value>>,
+    /// Functions in plug order: highest function first, function 0 last (the guest scans
+    /// the slot when function 0 appears).
+    pub functions: Vec<FunctionAction>,
+    /// `device_del` order for unplug: function 0 (QEMU removes the whole slot), then any
+    /// function still listed.
+    pub unplug: Vec<QemuId>,
+    /// `object-del` after the functions are gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub object_del: Vec<QemuId>,
+    /// The port's windows, to check that every BAR landed inside them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Reservation>,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Format version ([`PLAN_VERSION`]).
+    pub version: u32,
+    /// The machine.
+    pub platform: PlatformSpec,
+    /// Placement policy.
+    pub mode: Mode,
+    /// Options used.
+    pub options: PlanOptions,
+    /// Root buses.
+    pub host_bridges: Vec<HostBridge>,
+    /// Switches.
+    pub switches: Vec<Switch>,
+    /// PCIe-to-PCI bridges.
+    pub bridges: Vec<PciBridge>,
+    /// Ports, in guest enumeration order.
+    pub ports: Vec<Port>,
+    /// Devices.
+    pub devices: Vec<PlacedDevice>,
+    /// Address-space check.
+    pub address: AddressReport,
+    /// Platform arguments derived from the totals.
+    pub extra: ExtraArgs,
+}
+
+impl Plan {
+    /// JSON with a trailing newline; same plan, same bytes.
+    pub fn to_json(&self) -> Result<String, PlanError> {
+        let mut s = serde_json::to_string_pretty(self).map_err(|e| PlanError::Json(e.to_string()))?;
+        s.push('\n');
+        Ok(s)
+    }
+
+    /// Reads a plan written by [`Plan::to_json`], checking the format version first.
+    pub fn from_json(text: &str) -> Result<Plan, PlanError> {
+        let v: Value = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
+        let found = v.get("version").and_then(Value::as_u64).unwrap_or(0);
+        if found != u64::from(PLAN_VERSION) {
+            return Err(PlanError::Version {
+                found: u32::try_from(found).unwrap_or(u32::MAX),
+                supported: PLAN_VERSION,
+            });
+        }
+        serde_json::from_value(v).map_err(|e| PlanError::Json(e.to_string()))
+    }
+
+    /// Guest CPU `phys-bits` to set when the plan needs more than the machine's default.
+    pub fn cpu_phys_bits(&self) -> Option<u8> {
+        (self.address.phys_bits_needed > self.platform.default_phys_bits)
+            .then_some(self.address.phys_bits_needed)
+    }
+
+    /// `-object`/`-device` arguments of everything plugged at boot, in enumeration order.
+    pub fn device_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dev = |d: &QemuDevice| {
+            out.push("-device".to_string());
+            out.push(d.to_arg());
+        };
+        for hb in &self.host_bridges {
+            if let Some(d) = &hb.device {
+                dev(d);
+            }
+        }
+        for b in &self.bridges {
+            dev(&b.device);
+        }
+        for p in &self.ports {
+            if let Some(d) = &p.device {
+                dev(d);
+            }
+            for s in self.switches.iter().filter(|s| s.root_port == p.id) {
+                dev(&s.upstream);
+            }
+        }
+        let mut objs = Vec::new();
+        let mut devs = Vec::new();
+        for p in &self.ports {
+            if let Some(ph) = p.placeholder.as_ref().filter(|ph| ph.present) {
+                objs.extend(ph.objects.iter().map(QemuObject::to_arg));
+                devs.extend(ph.devices.iter().map(QemuDevice::to_arg));
+            }
+        }
+        for d in self.devices.iter().filter(|d| d.cold_plug) {
+            objs.extend(d.objects.iter().map(QemuObject::to_arg));
+            for f in &d.functions {
+                devs.extend(f.companions.iter().map(QemuDevice::to_arg));
+                devs.push(f.device.to_arg());
+            }
+        }
+        let mut args = Vec::new();
+        for o in objs {
+            args.push("-object".to_string());
+            args.push(o);
+        }
+        args.extend(out);
+        for d in devs {
+            args.push("-device".to_string());
+            args.push(d);
+        }
+        args
+    }
+
+    /// Full QEMU arguments for the machine part of the plan: `-machine`, firmware, the
+    /// boot-time devices and the platform's extra arguments. The caller adds CPU
+    /// ([`Plan::cpu_phys_bits`]), memory, accelerator, kernel and QMP socket.
+    pub fn qemu_args(&self) -> Vec<String> {
+        let mut args = vec!["-machine".to_string(), self.platform.machine.clone()];
+        args.extend(self.platform.firmware_args.iter().cloned());
+        args.extend(self.device_args());
+        args.extend(self.extra.qemu.iter().cloned());
+        args
+    }
+
+    /// Guest kernel arguments the platform needs (empty where firmware sizes windows).
+    pub fn kernel_args(&self) -> &[String] {
+        &self.extra.kernel
+    }
+
+    /// The port a device is on.
+    pub fn port(&self, id: &str) -> Option<&Port> {
+        self.ports.iter().find(|p| p.id.as_str() == id)
+    }
+
+    /// A device of the plan.
+    pub fn device(&self, id: &str) -> Option<&PlacedDevice> {
+        self.devices.iter().find(|d| d.id.as_str() == id)
+    }
+
+    /// The hotplug action for a device of the plan.
+    pub fn hotplug_action(&self, device: &str) -> Result<HotplugAction, PlanError> {
+        let d = self.device(device).ok_or_else(|| PlanError::UnknownDevice(device.to_string()))?;
+        let port = d.port.as_ref().and_then(|p| self.port(p.as_str()));
+        let remove_placeholder =
+            port.and_then(|p| p.placeholder.as_ref()).filter(|ph| ph.present).map(|ph| PlaceholderRemoval {
+                device_del: ph
+                    .devices
+                    .iter()
+                    .filter(|x| x.addr.is_some_and(|a| a.function == 0))
+                    .map(|x| x.id.clone())
+                    .collect(),
+                object_del: ph.objects.iter().map(|o| o.id.clone()).collect(),
+            });
+        let mut functions: Vec<FunctionAction> = d
+            .functions
+            .iter()
+            .map(|f| FunctionAction {
+                id: f.device.id.clone(),
+                function: f.function,
+                companions: f.companions.iter().map(QemuDevice::to_qmp).collect(),
+                device_add: f.device.to_qmp(),
+                guest: f.location.clone(),
+                bars: f.bars.clone(),
+            })
+            .collect();
+        functions.sort_by_key(|f| std::cmp::Reverse(f.function));
+        let mut unplug: Vec<QemuId> = Vec::new();
+        for f in d.functions.iter() {
+            unplug.push(f.device.id.clone());
+            unplug.extend(f.companions.iter().map(|c| c.id.clone()));
+        }
+        Ok(HotplugAction {
+            device: d.id.clone(),
+            port: d.port.clone(),
+            iommu_group: d.iommu_group,
+            remove_placeholder,
+            object_add: d.objects.iter().map(QemuObject::to_qmp).collect(),
+            functions,
+            unplug,
+            object_del: d.objects.iter().map(|o| o.id.clone()).collect(),
+            windows: port.map(|p| p.reservation.clone()),
+        })
+    }
+
+    /// Hotplug actions of every device that is not plugged at boot, in plan order.
+    pub fn hotplug_actions(&self) -> Result<Vec<HotplugAction>, PlanError> {
+        self.devices.iter().filter(|d| !d.cold_plug).map(|d| self.hotplug_action(d.id.as_str())).collect()
+    }
+
+    /// A text for people: every port, what it is for, and why each reservation has its size.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "platform {} ({}), mode {:?}\n",
+            self.platform.name, self.platform.machine, self.mode
+        ));
+        for p in &self.ports {
+            let driver = p.device.as_ref().map_or("bridge slot", |d| d.driver.as_str());
+            out.push_str(&format!(
+                "{} ({driver} at {}, secondary bus {:02x}, path {}): {}\n",
+                p.id, p.bdf, p.secondary_bus, p.path, p.reservation.purpose
+            ));
+            for why in &p.reservation.why {
+                out.push_str(&format!("    {why}\n"));
+            }
+            if let Some(ph) = &p.placeholder {
+                let ids: Vec<String> = ph.devices.iter().map(|d| d.id.to_string()).collect();
+                out.push_str(&format!(
+                    "    placeholder {} plugged at boot so firmware sizes this port's windows; removed before the first hotplug\n",
+                    ids.join(", ")
+                ));
+            }
+            if let Some(o) = &p.occupant {
+                out.push_str(&format!("    holds {o}\n"));
+            }
+        }
+        let a = &self.address;
+        out.push_str(&format!(
+            "32-bit MMIO: {} of {} used; I/O: {:#x} of {:#x}\n",
+            human_size(a.mmio32_needed),
+            human_size(a.mmio32_available),
+            a.io_needed,
+            a.io_available
+        ));
+        match a.mmio64_aperture {
+            Some(r) => out.push_str(&format!(
+                "64-bit MMIO: {} needed, aperture {:#x}..{:#x} ({})\n",
+                human_size(a.mmio64_needed),
+                r.base,
+                r.end(),
+                human_size(r.size)
+            )),
+            None => out.push_str("64-bit MMIO: none needed\n"),
+        }
+        out.push_str(&format!("guest phys-bits needed: {}", a.phys_bits_needed));
+        if let Some(b) = self.cpu_phys_bits() {
+            out.push_str(&format!(
+                " (above the machine default {}: start the CPU with phys-bits={b})",
+                self.platform.default_phys_bits
+            ));
+        }
+        out.push('\n');
+        for k in &self.extra.kernel {
+            out.push_str(&format!("guest kernel argument: {k}\n"));
+        }
+        for q in &self.extra.qemu {
+            out.push_str(&format!("platform argument: {q}\n"));
+        }
+        out
+    }
+
+    /// Places a device at run time on the best free port that holds it (the smallest
+    /// fitting window; NUMA node and peer-to-peer group respected when given) and returns
+    /// its hotplug action. The plan records the device; a placeholder on the port is marked
+    /// removed, because the action removes it.
+    pub fn place(&mut self, request: DeviceRequest) -> Result<HotplugAction, PlanError> {
+        request.validate()?;
+        if self.ids_in_use().any(|id| request_ids(&request).any(|r| r == id)) {
+            return Err(PlanError::DuplicateId(request.id.to_string()));
+        }
+        let need = request.requirement()?;
+        let pcie = request.is_pcie();
+        let candidate = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.occupant.is_none())
+            .filter(|(_, p)| (p.kind == PortKind::BridgeSlot) != pcie)
+            .filter(|(_, p)| {
+                request.numa_node.is_none() || self.mode != Mode::Numa || p.numa_node == request.numa_node
+            })
+            .filter(|(_, p)| {
+                request.p2p_group.is_none() || p.p2p_group.is_none() || p.p2p_group == request.p2p_group
+            })
+            .filter(|(_, p)| p.reservation.holds(&need))
+            .min_by_key(|(i, p)| (p.reservation.pref.size, p.reservation.mem.size, *i))
+            .map(|(i, _)| i);
+        let index =
+            candidate.ok_or_else(|| PlanError::NoFreePort { device: request.id.to_string(), need })?;
+        let placed = place_on_port(
+            self.ports.get(index).ok_or_else(|| PlanError::UnknownDevice(request.id.to_string()))?,
+            &request,
+            need,
+        )?;
+        let id = placed.id.to_string();
+        if let Some(port) = self.ports.get_mut(index) {
+            port.occupant = Some(placed.id.clone());
+        }
+        self.devices.push(placed);
+        let action = self.hotplug_action(&id)?;
+        if let Some(ph) = self.ports.get_mut(index).and_then(|p| p.placeholder.as_mut()) {
+            ph.present = false;
+        }
+        Ok(action)
+    }
+
+    /// Removes a device from the plan and frees its port (call once the device is gone).
+    pub fn release(&mut self, device: &str) -> Result<PlacedDevice, PlanError> {
+        let index = self
+            .devices
+            .iter()
+            .position(|d| d.id.as_str() == device)
+            .ok_or_else(|| PlanError::UnknownDevice(device.to_string()))?;
+        let d = self.devices.remove(index);
+        if let Some(p) = self.ports.iter_mut().find(|p| Some(&p.id) == d.port.as_ref()) {
+            p.occupant = None;
+        }
+        Ok(d)
+    }
+
+    /// Every QEMU id the plan uses.
+    pub fn ids_in_use(&self) -> impl Iterator<Item = &str> {
+        let hb = self.host_bridges.iter().filter_map(|h| h.device.as_ref()).map(|d| d.id.as_str());
+        let sw = self.switches.iter().map(|s| s.id.as_str());
+        let br = self.bridges.iter().map(|b| b.id.as_str());
+        let ports = self.ports.iter().filter_map(|p| p.device.as_ref()).map(|d| d.id.as_str());
+        let ph = self.ports.iter().filter_map(|p| p.placeholder.as_ref()).flat_map(|ph| {
+            ph.devices.iter().map(|d| d.id.as_str()).chain(ph.objects.iter().map(|o| o.id.as_str()))
+        });
+        let devs = self.devices.iter().flat_map(|d| {
+            d.functions
+                .iter()
+                .flat_map(|f| {
+                    std::iter::once(f.device.id.as_str()).chain(f.companions.iter().map(|c| c.id.as_str()))
+                })
+                .chain(d.objects.iter().map(|o| o.id.as_str()))
+        });
+        hb.chain(sw).chain(br).chain(ports).chain(ph).chain(devs)
+    }
+}
+
+/// Ids a request will use: function ids and object ids.
+pub(crate) fn request_ids(request: &DeviceRequest) -> impl Iterator<Item = String> + '_ {
+    request
+        .functions
+        .iter()
+        .map(move |f| function_id(&request.id, f.function))
+        .chain(request.functions.iter().flat_map(|f| f.objects.iter().map(|o| o.id.to_string())))
+}
+
+/// QEMU id of function `function` of device `id` (`gpu0`, `gpu0-f1`).
+pub fn function_id(id: &QemuId, function: u8) -> String {
+    if function == 0 {
+        id.to_string()
+    } else {
+        format!("{id}-f{function}")
+    }
+}
+
+/// Builds the placed device for `request` on `port`.
+pub(crate) fn place_on_port(
+    port: &Port,
+    request: &DeviceRequest,
+    need: Requirement,
+) -> Result<PlacedDevice, PlanError> {
+    let multi = request.functions.len() > 1;
+    let mut functions = Vec::new();
+    let mut objects = Vec::new();
+    let mut sorted: Vec<_> = request.functions.iter().collect();
+    sorted.sort_by_key(|f| f.function);
+    for f in sorted {
+        let devfn = DevFn::new(port.target_slot, f.function)?;
+        let mut device =
+            QemuDevice::new(f.driver.clone(), QemuId::new(function_id(&request.id, f.function))?);
+        device.bus = Some(port.target_bus.clone());
+        device.addr = Some(devfn);
+        device.multifunction = multi && f.function == 0;
+        device.props = f.props.clone();
+        objects.extend(f.objects.iter().cloned());
+        functions.push(PlacedFunction {
+            function: f.function,
+            device,
+            companions: Vec::new(),
+            location: GuestLocation::Pci {
+                bdf: GuestBdf { segment: port.bdf.segment, bus: port.secondary_bus, devfn },
+                path: port.path.join(devfn),
+            },
+            bars: f.resources.iter().map(ExpectedBar::from).collect(),
+            host: f.host.clone(),
+        });
+    }
+    Ok(PlacedDevice {
+        id: request.id.clone(),
+        port: Some(port.id.clone()),
+        cold_plug: request.cold_plug,
+        iommu_group: request.iommu_group,
+        p2p_group: request.p2p_group.clone(),
+        objects,
+        functions,
+        need,
+    })
+}
+
+/// A short text for a requirement (`mem 16M, pref 128G+32M @128G`).
+pub fn describe_requirement(r: &Requirement) -> String {
+    let mut parts = Vec::new();
+    if !r.mem.is_empty() {
+        parts.push(format!("mem {} @{}", fmt_size(r.mem.size), fmt_size(r.mem.align)));
+    }
+    if !r.pref.is_empty() {
+        parts.push(format!("pref64 {} @{}", fmt_size(r.pref.size), fmt_size(r.pref.align)));
+    }
+    if !r.io.is_empty() {
+        parts.push(format!("io {:#x}", r.io.size));
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}

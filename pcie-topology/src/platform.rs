@@ -1,0 +1,222 @@
+//! What a machine and its firmware do with the ports the planner emits.
+//!
+//! A [`Platform`] (implemented by the `arch-*` crates) describes a QEMU machine as data —
+//! [`PlatformSpec`]: which port devices exist, where the 32-bit hole, the I/O space and the
+//! 64-bit aperture lie, and by which [`WindowRule`] the firmware (or the guest kernel) sizes
+//! and aligns each port's windows — and turns a finished plan's totals into the extra
+//! arguments the machine needs (fw_cfg files, guest kernel arguments).
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{align_up, GIB};
+
+/// Guest CPU architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Arch {
+    /// x86_64 (`qemu-system-x86_64`).
+    X86_64,
+    /// aarch64 (`qemu-system-aarch64`).
+    Aarch64,
+    /// s390x (`qemu-system-s390x`).
+    S390x,
+}
+
+/// How the guest's bridge windows get their size and their start address.
+///
+/// This is the heart of "a reservation is a size *and* an alignment problem": a window of
+/// the right size is useless if it starts at an address the largest BAR cannot be aligned
+/// to inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "rule")]
+#[non_exhaustive]
+pub enum WindowRule {
+    /// Firmware honours the port's `*-reserve` properties as sizes (rounded to the window
+    /// granularity) but aligns the window only to the largest alignment of what is present
+    /// at boot, at least `start_align` (SeaBIOS: 1 MiB for memory). An empty port's
+    /// 128 GiB window can therefore start at 4 GiB; to guarantee that a BAR of alignment
+    /// `A` fits, the reservation carries `A - start_align` bytes of slack.
+    ReserveUnaligned {
+        /// Alignment the firmware guarantees for an empty port's memory window start.
+        start_align: u64,
+    },
+    /// Firmware rounds each reservation up to a power of two and aligns the window to its
+    /// own size (OVMF and AAVMF through their hotplug-padding driver). No slack is needed,
+    /// but the accounting must use the rounded sizes.
+    ReservePowerOfTwo,
+    /// No firmware assigns resources; the guest kernel sizes bridge windows and gives
+    /// every hotplug bridge the same extra space from `pci=hpmmiosize=,hpmmioprefsize=`
+    /// (aarch64 `virt` with direct kernel boot). Window starts are aligned to at least
+    /// `start_align`, so the same slack as [`WindowRule::ReserveUnaligned`] applies.
+    KernelHotplugSize {
+        /// Alignment the kernel guarantees for the extra space of an empty port.
+        start_align: u64,
+    },
+    /// No bridge windows (s390x: zPCI functions have no PCIe ports).
+    NoWindows,
+}
+
+/// Where the firmware puts the 64-bit PCI aperture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[non_exhaustive]
+pub enum Mmio64Aperture {
+    /// SeaBIOS: starts at `4 GiB + RAM above 4 GiB`, aligned to 1 GiB and to the largest
+    /// alignment of the windows placed there, and grows to whatever they need; only the
+    /// guest's physical address width limits it.
+    GrowsAfterRam,
+    /// OVMF: a fixed-size aperture (`opt/ovmf/X-PciMmio64Mb`, `default_size` when absent)
+    /// starting at the end of RAM rounded up to 1 GiB and then to the largest power of two
+    /// not above its size. The platform emits the fw_cfg file with the size the plan needs.
+    FwCfgSized {
+        /// Size when the fw_cfg file is not given (32 GiB in OVMF 2022.11).
+        default_size: u64,
+    },
+    /// A fixed window of the machine (aarch64 `virt`'s high PCIe MMIO region).
+    Fixed {
+        /// First address.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// No 64-bit aperture.
+    None,
+}
+
+/// An address range `[base, base + size)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Range {
+    /// First address.
+    pub base: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl Range {
+    /// One past the last address (saturating).
+    pub fn end(&self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
+}
+
+/// How guest bus numbers get assigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum BusNumbering {
+    /// Firmware walks each root bus depth-first in devfn order, giving each bridge the next
+    /// bus number and extending its subordinate range by the port's `bus-reserve`
+    /// (SeaBIOS, OVMF).
+    FirmwareDepthFirst,
+    /// The guest kernel walks depth-first the same way; `bus-reserve` is ignored, the
+    /// kernel's `pci=hpbussize=` applies to every hotplug bridge instead.
+    KernelDepthFirst,
+    /// No PCI bus numbers (s390x zPCI: each function gets its own domain from its uid).
+    None,
+}
+
+/// A machine and firmware combination, as data that a plan stores and a reader can check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformSpec {
+    /// Short name (`q35-seabios`, `q35-ovmf`, `virt`, `virt-uefi`, `s390x-ccw`).
+    pub name: String,
+    /// Guest architecture.
+    pub arch: Arch,
+    /// `-machine` value.
+    pub machine: String,
+    /// Firmware arguments (`-bios …`, `-drive if=pflash,…`), empty for the default firmware.
+    pub firmware_args: Vec<String>,
+    /// Id of the root PCIe bus (`pcie.0`); empty where there is none.
+    pub root_bus: String,
+    /// Root port driver (`pcie-root-port`).
+    pub root_port: Option<String>,
+    /// Switch upstream port driver (`x3130-upstream`).
+    pub switch_upstream: Option<String>,
+    /// Switch downstream port driver (`xio3130-downstream`).
+    pub switch_downstream: Option<String>,
+    /// Whether the downstream port driver has `*-reserve` properties (QEMU 7.2's
+    /// `xio3130-downstream` has none).
+    pub downstream_reserve: bool,
+    /// Expander host bridge driver (`pxb-pcie`), where the platform supports it.
+    pub expander: Option<String>,
+    /// PCIe-to-PCI bridge driver for conventional devices (`pcie-pci-bridge`).
+    pub pci_bridge: Option<String>,
+    /// Slots of the root bus the machine itself occupies (q35: 0 and 0x1f).
+    pub reserved_root_slots: Vec<u8>,
+    /// Window sizing and alignment rule.
+    pub window_rule: WindowRule,
+    /// Bus numbering rule.
+    pub bus_numbering: BusNumbering,
+    /// 32-bit MMIO space available to PCI.
+    pub mmio32: Range,
+    /// I/O port space available to PCI.
+    pub io: Range,
+    /// 64-bit aperture rule.
+    pub mmio64: Mmio64Aperture,
+    /// Guest physical address bits the machine gives by default (x86 TCG: 40).
+    pub default_phys_bits: u8,
+    /// Guest RAM that sits below 4 GiB at most (q35: 2 GiB once RAM exceeds 2.75 GiB).
+    pub low_ram_limit: u64,
+}
+
+impl PlatformSpec {
+    /// Bytes of guest RAM placed above 4 GiB for `ram` bytes of RAM.
+    pub fn ram_above_4g(&self, ram: u64) -> u64 {
+        ram.saturating_sub(self.low_ram_limit)
+    }
+
+    /// The 64-bit aperture for windows needing `packed` bytes with largest alignment
+    /// `align`, given `ram` bytes of guest RAM: `None` when there is no aperture.
+    pub fn mmio64_range(&self, ram: u64, packed: u64, align: u64) -> Option<Range> {
+        let ram_end = (4 * GIB).saturating_add(self.ram_above_4g(ram));
+        match self.mmio64 {
+            Mmio64Aperture::GrowsAfterRam => {
+                let base = align_up(align_up(ram_end, align.max(1))?, GIB)?;
+                let end = align_up(base.checked_add(packed)?, GIB)?;
+                Some(Range { base, size: end - base })
+            }
+            Mmio64Aperture::FwCfgSized { default_size } => {
+                let size = align_up(packed, GIB)?.max(default_size);
+                let floor_pow2 = 1u64 << (63 - size.leading_zeros().min(63));
+                let base = align_up(align_up(ram_end, GIB)?, floor_pow2)?;
+                Some(Range { base, size })
+            }
+            Mmio64Aperture::Fixed { base, size } => Some(Range { base, size }),
+            Mmio64Aperture::None => None,
+        }
+    }
+}
+
+/// Extra arguments a platform derives from a finished plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraArgs {
+    /// QEMU command-line arguments (`-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=…`).
+    pub qemu: Vec<String>,
+    /// Guest kernel command-line arguments (`pci=hpmmiosize=…`).
+    pub kernel: Vec<String>,
+}
+
+/// What a finished plan needs from the machine, for [`Platform::extra_args`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Bytes of 64-bit aperture the windows need (packed, rounded to 1 GiB).
+    pub mmio64_needed: u64,
+    /// Largest extra 32-bit space one empty hotplug port must get (kernel rule).
+    pub hotplug_mem: u64,
+    /// Largest extra 64-bit prefetchable space one empty hotplug port must get (kernel rule).
+    pub hotplug_pref: u64,
+    /// Extra bus numbers below each hotplug port (kernel rule).
+    pub hotplug_buses: u8,
+    /// Guest physical address bits the plan needs.
+    pub phys_bits_needed: u8,
+}
+
+/// A QEMU machine with its firmware, implemented by the `arch-*` crates.
+pub trait Platform {
+    /// The machine as data; the planner reads only this and [`Platform::extra_args`].
+    fn spec(&self) -> PlatformSpec;
+
+    /// Arguments that depend on the plan's totals (aperture size, kernel window sizes).
+    fn extra_args(&self, totals: &Totals) -> ExtraArgs;
+}

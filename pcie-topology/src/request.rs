@@ -1,0 +1,344 @@
+//! What the planner is asked to place: devices with all their functions, and hotplug
+//! profiles for spare ports.
+//!
+//! The planner's input is its own small type, so it does not depend on how the facts were
+//! gathered (sysfs, VFIO, an lspci dump or a hand-written profile). Each function carries
+//! its resources as [`pcilibs::requirement::Resource`]s; the window rule that turns them
+//! into a port's needs is [`pcilibs::requirement::Requirement::of`].
+
+use std::collections::BTreeMap;
+
+use pcilibs::bar::BarKind;
+use pcilibs::requirement::{Requirement, RequirementError, Resource};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::qemu::{PropValue, QemuError, QemuId, QemuObject};
+use crate::units::{fmt_size, parse_size, GIB, MIB};
+
+/// Errors in a request or a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// A device id or object id is not a valid QEMU id.
+    #[error(transparent)]
+    Id(#[from] QemuError),
+    /// A device has no functions, more than 8, or two with the same number.
+    #[error("device `{device}`: {why}")]
+    Functions {
+        /// Device id.
+        device: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The resources do not form a valid requirement.
+    #[error("device `{device}`: {source}")]
+    Requirement {
+        /// Device id (or profile name).
+        device: String,
+        /// The underlying error.
+        source: RequirementError,
+    },
+    /// A profile text could not be read.
+    #[error("profile `{0}`: expected a known name (h100, a100, nvswitch, nic) or a list like `16M:mem32,128G:pref64`")]
+    Profile(String),
+}
+
+/// Where a function comes from on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum HostRef {
+    /// A host PCI address (`0000:01:00.0`), passed as `vfio-pci,host=`.
+    Bdf(String),
+    /// A sysfs device path, passed as `sysfsdev=` (vfio-pci, vfio-ccw, mdev, vfio-ap).
+    Sysfsdev(String),
+}
+
+/// One function of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRequest {
+    /// Function number on the device (0..=7); function 0 must exist.
+    pub function: u8,
+    /// QEMU driver for this function (`vfio-pci`, `ivshmem-plain`, `virtio-net-pci`, …).
+    pub driver: String,
+    /// Driver properties other than id/bus/addr/multifunction (e.g. `memdev`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub props: BTreeMap<String, PropValue>,
+    /// Objects this function needs created first (e.g. a memory backend).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<QemuObject>,
+    /// Host function passed through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostRef>,
+    /// Address-space resources: BARs, ROM, SR-IOV VF apertures.
+    pub resources: Vec<Resource>,
+    /// PCI Express function (false: conventional PCI, goes behind a PCIe-to-PCI bridge).
+    #[serde(default = "yes")]
+    pub pcie: bool,
+    /// 24-bit class code, when known (`0x030200` for a 3D controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl FunctionRequest {
+    /// A function with a driver and resources, PCIe, no host reference.
+    pub fn new(function: u8, driver: &str, resources: Vec<Resource>) -> Self {
+        FunctionRequest {
+            function,
+            driver: driver.to_string(),
+            props: BTreeMap::new(),
+            objects: Vec::new(),
+            host: None,
+            resources,
+            pcie: true,
+            class: None,
+        }
+    }
+
+    /// A `vfio-pci` function for host function `bdf` with the given resources.
+    pub fn vfio(function: u8, bdf: &str, resources: Vec<Resource>) -> Self {
+        let mut f = FunctionRequest::new(function, "vfio-pci", resources);
+        f.props.insert("host".into(), PropValue::Str(bdf.to_string()));
+        f.host = Some(HostRef::Bdf(bdf.to_string()));
+        f
+    }
+
+    /// An `ivshmem-plain` GPU stand-in: one 64-bit prefetchable BAR of `size` bytes backed
+    /// by a RAM backend with `reserve=off` (no host memory used), plus its 256-byte BAR 0.
+    pub fn ivshmem(function: u8, device_id: &QemuId, size: u64) -> Result<Self, QemuError> {
+        let mem_id = QemuId::new(format!("{device_id}-mem{function}"))?;
+        let mut f = FunctionRequest::new(
+            function,
+            "ivshmem-plain",
+            vec![Resource::bar(BarKind::Mem32, false, 256), Resource::bar(BarKind::Mem64, true, size)],
+        );
+        f.props.insert("memdev".into(), PropValue::Str(mem_id.to_string()));
+        f.objects.push(QemuObject::unbacked_ram(mem_id, size));
+        Ok(f)
+    }
+}
+
+/// A device to place: every function of it lands on one port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRequest {
+    /// QEMU id of function 0; other functions get `<id>.f<n>`.
+    pub id: QemuId,
+    /// All functions (function 0 included).
+    pub functions: Vec<FunctionRequest>,
+    /// Peer-to-peer group: devices of one group go behind one switch in switch-port mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_group: Option<String>,
+    /// Host IOMMU group, when known (all members must be placed together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+    /// Host NUMA node, when known (NUMA mode puts the device on that node's expander).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Plug at boot (`-device`) instead of hotplugging it once the guest runs.
+    #[serde(default)]
+    pub cold_plug: bool,
+}
+
+impl DeviceRequest {
+    /// A device with the given functions, hotplugged, no group or node.
+    pub fn new(id: QemuId, functions: Vec<FunctionRequest>) -> Self {
+        DeviceRequest { id, functions, p2p_group: None, iommu_group: None, numa_node: None, cold_plug: false }
+    }
+
+    /// A single-function ivshmem GPU stand-in with one `size`-byte prefetchable BAR.
+    pub fn ivshmem(id: &str, size: u64) -> Result<Self, RequestError> {
+        let id = QemuId::new(id)?;
+        let f = FunctionRequest::ivshmem(0, &id, size)?;
+        Ok(DeviceRequest::new(id, vec![f]))
+    }
+
+    /// Checks function numbers (0 present, unique, at most 8) and that the resources are valid.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let err = |why: &str| RequestError::Functions { device: self.id.to_string(), why: why.to_string() };
+        if self.functions.is_empty() {
+            return Err(err("no functions"));
+        }
+        if self.functions.len() > 8 {
+            return Err(err("more than 8 functions"));
+        }
+        let mut seen = [false; 8];
+        for f in &self.functions {
+            let slot = seen.get_mut(usize::from(f.function)).ok_or_else(|| err("function number above 7"))?;
+            if *slot {
+                return Err(err("two functions with the same number"));
+            }
+            *slot = true;
+        }
+        if !seen[0] {
+            return Err(err("function 0 is missing"));
+        }
+        self.requirement().map(|_| ())
+    }
+
+    /// All resources of all functions.
+    pub fn resources(&self) -> impl Iterator<Item = &Resource> {
+        self.functions.iter().flat_map(|f| f.resources.iter())
+    }
+
+    /// What a port holding this device must forward.
+    pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        Requirement::of(self.resources())
+            .map_err(|source| RequestError::Requirement { device: self.id.to_string(), source })
+    }
+
+    /// Whether every function is PCI Express.
+    pub fn is_pcie(&self) -> bool {
+        self.functions.iter().all(|f| f.pcie)
+    }
+}
+
+/// What a spare port must be ready to take later: the resources of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotplugProfile {
+    /// Short name shown in plans and explanations (`h100`, `custom`).
+    pub name: String,
+    /// Resources of the device the port must fit.
+    pub resources: Vec<Resource>,
+}
+
+impl HotplugProfile {
+    /// A profile with the given resources.
+    pub fn new(name: &str, resources: Vec<Resource>) -> Self {
+        HotplugProfile { name: name.to_string(), resources }
+    }
+
+    /// An H100-class GPU: 16 MiB 32-bit BAR 0, 128 GiB and 32 MiB 64-bit prefetchable BARs.
+    pub fn h100() -> Self {
+        HotplugProfile::new(
+            "h100",
+            vec![
+                Resource::bar(BarKind::Mem32, false, 16 * MIB),
+                Resource::bar(BarKind::Mem64, true, 128 * GIB),
+                Resource::bar(BarKind::Mem64, true, 32 * MIB),
+            ],
+        )
+    }
+
+    /// An A100-class GPU: 16 MiB 32-bit, 64 GiB and 32 MiB 64-bit prefetchable BARs.
+    pub fn a100() -> Self {
+        HotplugProfile::new(
+            "a100",
+            vec![
+                Resource::bar(BarKind::Mem32, false, 16 * MIB),
+                Resource::bar(BarKind::Mem64, true, 64 * GIB),
+                Resource::bar(BarKind::Mem64, true, 32 * MIB),
+            ],
+        )
+    }
+
+    /// An NVSwitch function (class 0x0680): one 32 MiB 32-bit BAR 0.
+    pub fn nvswitch() -> Self {
+        HotplugProfile::new("nvswitch", vec![Resource::bar(BarKind::Mem32, false, 32 * MIB)])
+    }
+
+    /// A typical NIC function: 16 KiB and 64 KiB 64-bit non-prefetchable BARs.
+    pub fn nic() -> Self {
+        HotplugProfile::new(
+            "nic",
+            vec![
+                Resource::bar(BarKind::Mem64, false, 64 << 10),
+                Resource::bar(BarKind::Mem64, false, 16 << 10),
+            ],
+        )
+    }
+
+    /// A profile from the resources of a device.
+    pub fn of_device(device: &DeviceRequest) -> Self {
+        HotplugProfile::new(device.id.as_str(), device.resources().copied().collect())
+    }
+
+    /// Parses a known name (`h100`, `a100`, `nvswitch`, `nic`) or a list of
+    /// `SIZE:KIND` items with KIND one of `mem32`, `pref32`, `mem64`, `pref64`, `io`
+    /// (`16M:mem32,128G:pref64,32M:pref64`).
+    pub fn parse(text: &str) -> Result<Self, RequestError> {
+        match text {
+            "h100" => return Ok(Self::h100()),
+            "a100" => return Ok(Self::a100()),
+            "nvswitch" => return Ok(Self::nvswitch()),
+            "nic" => return Ok(Self::nic()),
+            _ => {}
+        }
+        let bad = || RequestError::Profile(text.to_string());
+        let mut resources = Vec::new();
+        for item in text.split(',') {
+            let (size, kind) = item.split_once(':').ok_or_else(bad)?;
+            let size = parse_size(size).map_err(|_| bad())?;
+            if !size.is_power_of_two() {
+                return Err(bad());
+            }
+            let (kind, pref) = match kind {
+                "mem32" => (BarKind::Mem32, false),
+                "pref32" => (BarKind::Mem32, true),
+                "mem64" => (BarKind::Mem64, false),
+                "pref64" => (BarKind::Mem64, true),
+                "io" => (BarKind::Io, false),
+                _ => return Err(bad()),
+            };
+            resources.push(Resource::bar(kind, pref, size));
+        }
+        let p = HotplugProfile::new("custom", resources);
+        p.requirement()?;
+        Ok(p)
+    }
+
+    /// What a port reserved for this profile must forward.
+    pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        Requirement::of(&self.resources)
+            .map_err(|source| RequestError::Requirement { device: self.name.clone(), source })
+    }
+
+    /// One line listing the resources (`16M mem32 + 128G pref64 + 32M pref64`).
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .resources
+            .iter()
+            .map(|r| {
+                let kind = match (r.kind, r.prefetchable) {
+                    (BarKind::Io, _) => "io",
+                    (BarKind::Mem32, false) => "mem32",
+                    (BarKind::Mem32, true) => "pref32",
+                    (BarKind::Mem64, false) => "mem64",
+                    (_, true) => "pref64",
+                    _ => "mem",
+                };
+                format!("{} {kind}", fmt_size(r.size))
+            })
+            .collect();
+        parts.join(" + ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_parse() {
+        let p = HotplugProfile::parse("16M:mem32,128G:pref64,32M:pref64").unwrap();
+        assert_eq!(p.requirement().unwrap(), HotplugProfile::h100().requirement().unwrap());
+        assert!(HotplugProfile::parse("3M:mem32").is_err());
+        assert!(HotplugProfile::parse("16M:weird").is_err());
+        assert_eq!(HotplugProfile::h100().describe(), "16M mem32 + 128G pref64 + 32M pref64");
+    }
+
+    #[test]
+    fn devices_are_validated() {
+        let d = DeviceRequest::ivshmem("gpu0", 128 * GIB).unwrap();
+        d.validate().unwrap();
+        assert_eq!(d.requirement().unwrap().pref.size, 128 * GIB);
+        let mut bad = d.clone();
+        bad.functions[0].function = 1;
+        assert!(bad.validate().is_err());
+        assert!(DeviceRequest::ivshmem("0gpu", GIB).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! A simulation of how firmware lays out bridge windows and how the guest kernel assigns
+//! BARs inside them, used to check a plan's promise that every BAR fits.
+//!
+//! The layout follows the firmware's order: the root-level windows of each kind are
+//! sorted by their (guaranteed) alignment, largest first, then by size, and placed one
+//! after another from the aperture base; windows of downstream ports are placed the same
+//! way inside their root port's window. BARs are then assigned inside a window largest
+//! alignment first, each at the next address aligned to its size, as Linux does. The
+//! checks can also start a window at any other address its guaranteed alignment allows,
+//! which is how firmware with other devices present may place it.
+
+use pcilibs::requirement::{Resource, Window as WindowKind};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{Plan, PortKind};
+use crate::reserve::Window;
+use crate::units::align_up;
+
+/// A window placed at an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedWindow {
+    /// Port id.
+    pub port: String,
+    /// Which window.
+    pub kind: WindowKind,
+    /// First address.
+    pub base: u64,
+    /// Size.
+    pub size: u64,
+}
+
+impl PlacedWindow {
+    /// One past the last address.
+    pub fn end(&self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
+}
+
+/// Assigns `resources` of one window kind inside `[base, base + size)` the way Linux does;
+/// returns each resource's address, or `None` if one does not fit.
+pub fn assign_bars(base: u64, size: u64, resources: &[Resource]) -> Option<Vec<(Resource, u64)>> {
+    let mut list: Vec<Resource> = resources.to_vec();
+    list.sort_by_key(|r| std::cmp::Reverse((r.align, r.size)));
+    let end = base.checked_add(size)?;
+    let mut cursor = base;
+    let mut out = Vec::new();
+    for r in list {
+        let at = align_up(cursor, r.align)?;
+        let next = at.checked_add(r.size)?;
+        if next > end {
+            return None;
+        }
+        out.push((r, at));
+        cursor = next;
+    }
+    Some(out)
+}
+
+/// Places windows of one kind sequentially from `base` in firmware order.
+fn place_sequence(base: u64, windows: &[(String, Window)], kind: WindowKind) -> Vec<PlacedWindow> {
+    let mut list: Vec<&(String, Window)> = windows.iter().filter(|(_, w)| w.size > 0).collect();
+    list.sort_by_key(|w| std::cmp::Reverse((w.1.align, w.1.size)));
+    let mut cursor = base;
+    let mut out = Vec::new();
+    for (port, w) in list {
+        let at = align_up(cursor, w.align.max(1)).unwrap_or(u64::MAX);
+        out.push(PlacedWindow { port: port.clone(), kind, base: at, size: w.size });
+        cursor = at.saturating_add(w.size);
+    }
+    out
+}
+
+/// Lays out every port's memory and prefetchable windows: root-level windows in the
+/// 32-bit hole and the 64-bit aperture, downstream windows inside their root port's.
+pub fn layout(plan: &Plan) -> Vec<PlacedWindow> {
+    let mut out = Vec::new();
+    let roots: Vec<_> = plan.ports.iter().filter(|p| p.kind == PortKind::Root).collect();
+    let pref_base = plan.address.mmio64_aperture.map_or(plan.platform.mmio32.base, |a| a.base);
+    for (kind, base) in [(WindowKind::Mem, plan.platform.mmio32.base), (WindowKind::Pref, pref_base)] {
+        let pick = |w: &crate::plan::Reservation| if kind == WindowKind::Mem { w.mem } else { w.pref };
+        let top: Vec<(String, Window)> =
+            roots.iter().map(|p| (p.id.to_string(), pick(&p.reservation))).collect();
+        let placed = place_sequence(base, &top, kind);
+        for sw in &plan.switches {
+            let Some(parent) = placed.iter().find(|w| w.port == sw.root_port.as_str()) else { continue };
+            let below: Vec<(String, Window)> = plan
+                .ports
+                .iter()
+                .filter(|p| p.switch.as_ref() == Some(&sw.id))
+                .map(|p| (p.id.to_string(), pick(&p.reservation)))
+                .collect();
+            out.extend(place_sequence(parent.base, &below, kind));
+        }
+        out.extend(placed);
+    }
+    out
+}
+
+/// Whether `resources` fit a port's windows when they start at `mem_base` / `pref_base`.
+pub fn fits(mem: (u64, u64), pref: (u64, u64), resources: &[Resource]) -> bool {
+    let of =
+        |k: WindowKind| -> Vec<Resource> { resources.iter().filter(|r| r.window() == k).copied().collect() };
+    let m = of(WindowKind::Mem);
+    let p = of(WindowKind::Pref);
+    (m.is_empty() || assign_bars(mem.0, mem.1, &m).is_some())
+        && (p.is_empty() || assign_bars(pref.0, pref.1, &p).is_some())
+}
