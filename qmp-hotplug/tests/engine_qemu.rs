@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Hotplug, Qemu};
+use common::{gpu_like, single, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::request::{DeviceRequest, Expectation};
 use qmp_hotplug::state::DeviceState;
@@ -28,34 +28,6 @@ fn setup(ports: usize, mode: Hotplug) -> (Qemu, Arc<qmp_hotplug::QmpClient>, tem
 
 fn opts() -> EngineOptions {
     EngineOptions { unplug_timeout: Duration::from_secs(2), ..Default::default() }
-}
-
-/// An ivshmem-plain (one 64-bit prefetchable BAR of `mib` MiB, a GPU stand-in) as
-/// function 0 and an e1000e as function 1 on root port `rpN` (guest bus N+1).
-fn gpu_like(n: usize, mib: u64) -> DeviceRequest {
-    serde_json::from_value(json!({
-        "port": format!("rp{n}"),
-        "objects": [{"qom_type": "memory-backend-ram", "id": format!("mem{n}"),
-                     "props": {"size": mib << 20, "reserve": false}}],
-        "functions": [
-            {"qdev": {"driver": "ivshmem-plain", "id": format!("gpu{n}"), "bus": format!("rp{n}"),
-                      "addr": "0.0", "memdev": format!("mem{n}")},
-             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 0,
-                        "bars": [{"bar": 0, "size": 256}, {"bar": 2, "size": mib << 20}]}},
-            {"qdev": {"driver": "e1000e", "id": format!("nic{n}"), "bus": format!("rp{n}"), "addr": "0.1"},
-             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 1}}
-        ]
-    }))
-    .unwrap()
-}
-
-fn single(port: usize, id: &str, driver: &str) -> DeviceRequest {
-    serde_json::from_value(json!({
-        "port": format!("rp{port}"),
-        "functions": [{"qdev": {"driver": driver, "id": id, "bus": format!("rp{port}")},
-                       "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": 0}}]
-    }))
-    .unwrap()
 }
 
 fn names(c: &qmp_hotplug::QmpClient, path: &str) -> HashSet<String> {

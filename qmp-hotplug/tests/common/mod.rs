@@ -17,6 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qmp_hotplug::client::{ClientOptions, QmpClient};
+use qmp_hotplug::request::DeviceRequest;
+use serde_json::json;
 
 pub const QEMU_X86: &str = "/usr/bin/qemu-system-x86_64";
 
@@ -206,4 +208,32 @@ impl Drop for FakePeer {
             let _ = t.join();
         }
     }
+}
+
+/// An ivshmem-plain (one 64-bit prefetchable BAR of `mib` MiB, a GPU stand-in) as
+/// function 0 and an e1000e as function 1 on root port `rpN` (guest bus N+1).
+pub fn gpu_like(n: usize, mib: u64) -> DeviceRequest {
+    serde_json::from_value(json!({
+        "port": format!("rp{n}"),
+        "objects": [{"qom_type": "memory-backend-ram", "id": format!("mem{n}"),
+                     "props": {"size": mib << 20, "reserve": false}}],
+        "functions": [
+            {"qdev": {"driver": "ivshmem-plain", "id": format!("gpu{n}"), "bus": format!("rp{n}"),
+                      "addr": "0.0", "memdev": format!("mem{n}")},
+             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 0,
+                        "bars": [{"bar": 0, "size": 256}, {"bar": 2, "size": mib << 20}]}},
+            {"qdev": {"driver": "e1000e", "id": format!("nic{n}"), "bus": format!("rp{n}"), "addr": "0.1"},
+             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 1}}
+        ]
+    }))
+    .unwrap()
+}
+
+pub fn single(port: usize, id: &str, driver: &str) -> DeviceRequest {
+    serde_json::from_value(json!({
+        "port": format!("rp{port}"),
+        "functions": [{"qdev": {"driver": driver, "id": id, "bus": format!("rp{port}")},
+                       "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": 0}}]
+    }))
+    .unwrap()
 }
