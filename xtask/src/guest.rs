@@ -1,0 +1,710 @@
+//! Booting a QEMU guest with the project's initramfs and following what it reports.
+//!
+//! [`Guest::boot`] builds the initramfs, starts QEMU (serial console on a pipe, QMP on a
+//! unix socket in a private temporary folder), and waits until the reporter says READY.
+//! A reader thread folds the console into a [`GuestState`]; [`Guest::wait_for`] waits,
+//! with a deadline, until that state satisfies a condition. Dropping a [`Guest`] kills
+//! QEMU.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::accel::{self, Accel, AccelChoice};
+use crate::arch::Arch;
+use crate::debs::DebCache;
+use crate::initramfs::{self, InitramfsSpec};
+use crate::kernels::{self, GuestKernel};
+use crate::qmp::{self, Qmp};
+use crate::reporter::{CommandOutput, GuestState};
+
+/// Starting or following a guest failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GuestError {
+    /// The spec asks for something the architecture does not have.
+    #[error("bad guest spec: {0}")]
+    BadSpec(String),
+    /// The kernel or busybox could not be provisioned.
+    #[error(transparent)]
+    Kernel(#[from] kernels::KernelError),
+    /// The initramfs could not be built.
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::InitramfsError),
+    /// QEMU could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The QEMU binary.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file in the guest's temporary folder could not be written.
+    #[error("guest files: {0}")]
+    Io(#[from] std::io::Error),
+    /// The deadline passed before the guest got there.
+    #[error("[{guest}] timed out after {waited:.1?} waiting for {what}{}", details(diagnostics))]
+    Timeout {
+        /// Guest name.
+        guest: String,
+        /// What was awaited.
+        what: String,
+        /// How long it waited.
+        waited: Duration,
+        /// Console tail and QEMU's stderr.
+        diagnostics: String,
+    },
+    /// QEMU exited (or the guest kernel panicked) before the guest got there.
+    #[error("[{guest}] QEMU exited ({status}) while waiting for {what}{}", details(diagnostics))]
+    Exited {
+        /// Guest name.
+        guest: String,
+        /// What was awaited.
+        what: String,
+        /// Exit status in words.
+        status: String,
+        /// Console tail, panic line and QEMU's stderr.
+        diagnostics: String,
+    },
+    /// A command sent to the guest was not acceptable.
+    #[error("guest command {0:?} must be one line of printable text under 3000 bytes")]
+    BadCommand(String),
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] qmp::QmpError),
+}
+
+fn details(diagnostics: &str) -> String {
+    if diagnostics.is_empty() {
+        String::new()
+    } else {
+        format!("\n{diagnostics}")
+    }
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, GuestError>;
+
+/// The firmware a guest boots through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Firmware {
+    /// x86_64: SeaBIOS (QEMU's default BIOS), loading the kernel via fw_cfg.
+    SeaBios,
+    /// x86_64: OVMF (UEFI), loading the kernel via fw_cfg.
+    Ovmf,
+    /// aarch64 and s390x: QEMU loads the kernel directly; on aarch64 Linux then assigns
+    /// every PCI resource itself.
+    None,
+    /// aarch64: UEFI (edk2 `QEMU_EFI.fd`), which assigns PCI resources before Linux.
+    Uefi,
+}
+
+impl Firmware {
+    /// The default for `arch`.
+    pub fn default_for(arch: Arch) -> Firmware {
+        match arch {
+            Arch::X86_64 => Firmware::SeaBios,
+            _ => Firmware::None,
+        }
+    }
+
+    /// Whether `arch` can boot through this firmware.
+    pub fn supports(self, arch: Arch) -> bool {
+        matches!(
+            (arch, self),
+            (Arch::X86_64, Firmware::SeaBios | Firmware::Ovmf)
+                | (Arch::Aarch64, Firmware::None | Firmware::Uefi)
+                | (Arch::S390x, Firmware::None)
+        )
+    }
+
+    /// The name used in scenario files and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::SeaBios => "seabios",
+            Firmware::Ovmf => "ovmf",
+            Firmware::None => "none",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
+impl std::str::FromStr for Firmware {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "seabios" => Ok(Firmware::SeaBios),
+            "ovmf" => Ok(Firmware::Ovmf),
+            "none" => Ok(Firmware::None),
+            "uefi" => Ok(Firmware::Uefi),
+            other => Err(format!("unknown firmware {other:?} (seabios, ovmf, none, uefi)")),
+        }
+    }
+}
+
+/// Firmware image for x86_64 OVMF.
+pub const OVMF_IMAGE: &str = "/usr/share/ovmf/OVMF.fd";
+/// Firmware image for aarch64 UEFI.
+pub const AARCH64_UEFI_IMAGE: &str = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd";
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    /// Name used in progress messages and errors.
+    pub name: String,
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Firmware.
+    pub firmware: Firmware,
+    /// Software emulation, KVM, or KVM only if the probe found it working.
+    pub accel: AccelChoice,
+    /// Extra `-machine` options (`key=value`), appended to the machine type.
+    pub machine_opts: Vec<String>,
+    /// CPU model; `None` picks the architecture's default for the accelerator.
+    pub cpu: Option<String>,
+    /// Guest physical address bits (x86_64 `phys-bits`).
+    pub phys_bits: Option<u8>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// `-object` arguments.
+    pub objects: Vec<String>,
+    /// `-device` arguments, in order.
+    pub devices: Vec<String>,
+    /// Any other QEMU arguments.
+    pub extra_args: Vec<String>,
+    /// Extra kernel command-line words.
+    pub cmdline: Vec<String>,
+    /// Modules, setup script and files for the initramfs.
+    pub initramfs: InitramfsSpec,
+    /// How long booting to READY may take.
+    pub boot_timeout: Duration,
+    /// Print progress messages while booting.
+    pub progress: bool,
+}
+
+impl GuestSpec {
+    /// A lean guest for `arch` with the architecture's defaults: 256 MiB, one vCPU, no
+    /// devices beyond the machine's own.
+    pub fn new(arch: Arch) -> Self {
+        GuestSpec {
+            name: arch.name().to_string(),
+            arch,
+            firmware: Firmware::default_for(arch),
+            accel: AccelChoice::Auto,
+            machine_opts: Vec::new(),
+            cpu: None,
+            phys_bits: None,
+            memory_mib: 256,
+            objects: Vec::new(),
+            devices: Vec::new(),
+            extra_args: Vec::new(),
+            cmdline: Vec::new(),
+            initramfs: InitramfsSpec::default(),
+            boot_timeout: Duration::from_secs(120),
+            progress: true,
+        }
+    }
+
+    /// Adds a `-device` argument.
+    pub fn device(mut self, arg: impl Into<String>) -> Self {
+        self.devices.push(arg.into());
+        self
+    }
+
+    /// Adds an `-object` argument.
+    pub fn object(mut self, arg: impl Into<String>) -> Self {
+        self.objects.push(arg.into());
+        self
+    }
+
+    /// Sets the firmware.
+    pub fn firmware(mut self, firmware: Firmware) -> Self {
+        self.firmware = firmware;
+        self
+    }
+
+    fn machine_type(&self) -> &'static str {
+        match self.arch {
+            Arch::X86_64 => "q35",
+            Arch::Aarch64 => "virt",
+            Arch::S390x => "s390-ccw-virtio",
+        }
+    }
+
+    fn cpu_model(&self, accel: Accel) -> Option<String> {
+        let base = match (&self.cpu, accel, self.arch) {
+            (Some(cpu), _, _) => cpu.clone(),
+            (None, Accel::Kvm, _) => "host".to_string(),
+            (None, Accel::Tcg, Arch::X86_64) => "qemu64".to_string(),
+            // Boots in a third of the time `max` needs under TCG.
+            (None, Accel::Tcg, Arch::Aarch64) => "cortex-a57".to_string(),
+            (None, Accel::Tcg, Arch::S390x) => return None,
+        };
+        Some(match self.phys_bits {
+            Some(bits) if self.arch == Arch::X86_64 => format!("{base},phys-bits={bits}"),
+            _ => base,
+        })
+    }
+
+    /// The kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words =
+            vec![format!("console={}", self.arch.console()), "panic=-1".into(), "loglevel=1".into()];
+        words.extend(self.cmdline.iter().cloned());
+        words.join(" ")
+    }
+
+    /// The QEMU arguments (without the binary) for this spec.
+    pub fn qemu_args(
+        &self,
+        kernel: &Path,
+        initrd: &Path,
+        qmp_socket: &Path,
+        accel: Accel,
+    ) -> Result<Vec<String>> {
+        if !self.firmware.supports(self.arch) {
+            return Err(GuestError::BadSpec(format!(
+                "{} cannot boot with firmware {}",
+                self.arch,
+                self.firmware.name()
+            )));
+        }
+        let mut machine = self.machine_type().to_string();
+        if self.arch == Arch::Aarch64 {
+            machine.push_str(",gic-version=3");
+        }
+        for opt in &self.machine_opts {
+            machine.push(',');
+            machine.push_str(opt);
+        }
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]);
+        push(&["-machine", &machine, "-accel", accel.qemu_name()]);
+        if let Some(cpu) = self.cpu_model(accel) {
+            push(&["-cpu", &cpu]);
+        }
+        push(&["-m", &self.memory_mib.to_string(), "-smp", "1"]);
+        match self.firmware {
+            Firmware::Ovmf => push(&["-bios", OVMF_IMAGE]),
+            Firmware::Uefi => push(&["-bios", AARCH64_UEFI_IMAGE]),
+            Firmware::SeaBios | Firmware::None => {}
+        }
+        push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+        push(&["-qmp", &format!("unix:{},server=on,wait=off", qmp_socket.display())]);
+        push(&["-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string()]);
+        push(&["-append", &self.kernel_cmdline()]);
+        for o in &self.objects {
+            push(&["-object", o]);
+        }
+        for d in &self.devices {
+            push(&["-device", d]);
+        }
+        a.extend(self.extra_args.iter().cloned());
+        Ok(a)
+    }
+}
+
+/// The provisioned kernel and busybox for one architecture.
+#[derive(Clone, Debug)]
+pub struct GuestAssets {
+    /// Guest kernel.
+    pub kernel: GuestKernel,
+    /// Statically linked busybox of the guest architecture.
+    pub busybox: PathBuf,
+}
+
+impl GuestAssets {
+    /// Downloads (or finds in the cache) the kernel and busybox for `arch`.
+    pub fn ensure(cache: &DebCache, arch: Arch) -> Result<Self> {
+        Ok(GuestAssets {
+            kernel: kernels::ensure_kernel(cache, arch)?,
+            busybox: kernels::ensure_busybox(cache, arch)?,
+        })
+    }
+}
+
+/// The state shared with the console reader thread.
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<GuestState>,
+    changed: Condvar,
+    stderr: Mutex<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, GuestState> {
+        // A reader thread that panicked leaves a usable state behind; keep going.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn stderr_tail(&self) -> String {
+        let text = self.stderr.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::command::tail(&text, 12)
+    }
+}
+
+/// Keep at most this much of QEMU's stderr.
+const STDERR_KEEP: usize = 64 << 10;
+
+/// A running guest. Dropping it kills QEMU.
+#[derive(Debug)]
+pub struct Guest {
+    name: String,
+    arch: Arch,
+    firmware: Firmware,
+    accel: Accel,
+    child: Mutex<Child>,
+    stdin: Mutex<Option<ChildStdin>>,
+    shared: Arc<Shared>,
+    qmp_socket: PathBuf,
+    started: Instant,
+    args: Vec<String>,
+    next_command: AtomicU64,
+    _dir: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Boots `spec`: resolves the accelerator (probing KVM once when asked to), starts
+    /// QEMU and waits for READY within `spec.boot_timeout`, printing progress.
+    pub fn boot(spec: &GuestSpec, assets: &GuestAssets, cache: &DebCache) -> Result<Guest> {
+        let accel = accel::resolve(spec.accel, spec.arch, cache)?;
+        let guest = Guest::start(spec, assets, accel)?;
+        if spec.progress {
+            eprintln!(
+                "[{}] booting {} ({}, {})",
+                spec.name,
+                spec.arch,
+                accel.qemu_name(),
+                spec.firmware.name()
+            );
+        }
+        let deadline = guest.started + spec.boot_timeout;
+        loop {
+            let slice = (Instant::now() + Duration::from_secs(10)).min(deadline);
+            match guest.wait_for("READY", slice, |s| s.ready.is_some()) {
+                Ok(state) => {
+                    if spec.progress {
+                        let uptime = state.ready.as_ref().map_or(0.0, |r| r.uptime);
+                        let took = guest.boot_time().unwrap_or_default();
+                        eprintln!(
+                            "[{}] ready after {:.1} s (guest uptime {uptime:.2} s)",
+                            spec.name,
+                            took.as_secs_f64()
+                        );
+                    }
+                    return Ok(guest);
+                }
+                Err(GuestError::Timeout { .. }) if Instant::now() < deadline => {
+                    if spec.progress {
+                        eprintln!(
+                            "[{}] still booting ({:.0} s)",
+                            spec.name,
+                            guest.started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts QEMU for `spec` with the given accelerator and returns at once.
+    pub fn start(spec: &GuestSpec, assets: &GuestAssets, accel: Accel) -> Result<Guest> {
+        let dir = tempfile::Builder::new().prefix("xtask-guest-").tempdir()?;
+        let initrd = dir.path().join("initramfs.cpio");
+        std::fs::write(&initrd, initramfs::build(&assets.kernel, &assets.busybox, &spec.initramfs)?)?;
+        let qmp_socket = dir.path().join("qmp.sock");
+        let args = spec.qemu_args(&assets.kernel.image, &initrd, &qmp_socket, accel)?;
+        let program = spec.arch.qemu_binary();
+        let mut child = Command::new(program)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| GuestError::Spawn { program: program.to_string(), source })?;
+        let started = Instant::now();
+        let shared = Arc::new(Shared::default());
+        if let Some(out) = child.stdout.take() {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || read_console(out, &shared));
+        }
+        if let Some(err) = child.stderr.take() {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || read_stderr(err, &shared));
+        }
+        let stdin = child.stdin.take();
+        Ok(Guest {
+            name: spec.name.clone(),
+            arch: spec.arch,
+            firmware: spec.firmware,
+            accel,
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+            shared,
+            qmp_socket,
+            started,
+            args,
+            next_command: AtomicU64::new(1),
+            _dir: dir,
+        })
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The guest architecture.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// The firmware it booted through.
+    pub fn firmware(&self) -> Firmware {
+        self.firmware
+    }
+
+    /// The accelerator it runs on.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The QEMU command line, for reports.
+    pub fn command_line(&self) -> String {
+        format!("{} {}", self.arch.qemu_binary(), self.args.join(" "))
+    }
+
+    /// The QMP socket (`server=on,wait=off`: any number of sequential clients).
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    /// A new QMP session with this guest's QEMU.
+    pub fn qmp(&self, deadline: Instant) -> Result<Qmp> {
+        Ok(Qmp::connect(&self.qmp_socket, deadline)?)
+    }
+
+    /// Time from starting QEMU to READY, once the guest is ready.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.shared.lock().ready.as_ref().map(|r| r.at.saturating_duration_since(self.started))
+    }
+
+    /// A copy of everything reported so far.
+    pub fn state(&self) -> GuestState {
+        self.shared.lock().clone()
+    }
+
+    /// Waits until `done` holds for the guest state and returns a copy of that state.
+    /// Fails when `deadline` passes or QEMU exits first; `what` names the condition in
+    /// the error.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut done: impl FnMut(&GuestState) -> bool,
+    ) -> Result<GuestState> {
+        self.wait_map(what, deadline, |s| done(s).then(|| s.clone()))
+    }
+
+    /// Like [`Guest::wait_for`], returning what `check` extracts once it returns `Some`.
+    pub fn wait_map<T>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut check: impl FnMut(&GuestState) -> Option<T>,
+    ) -> Result<T> {
+        let begun = Instant::now();
+        let mut state = self.shared.lock();
+        loop {
+            if let Some(found) = check(&state) {
+                return Ok(found);
+            }
+            if state.exited.is_some() {
+                drop(state);
+                return Err(self.exited_error(what));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let diagnostics = self.diagnostics(&state);
+                return Err(GuestError::Timeout {
+                    guest: self.name.clone(),
+                    what: what.to_string(),
+                    waited: begun.elapsed(),
+                    diagnostics,
+                });
+            }
+            state = self.shared.changed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn diagnostics(&self, state: &GuestState) -> String {
+        let mut lines = Vec::new();
+        if let Some(p) = &state.panic {
+            lines.push(format!("guest panic: {p}"));
+        }
+        for e in state.errors.iter().rev().take(5).rev() {
+            lines.push(format!("guest error: {e}"));
+        }
+        let console: Vec<&String> = state.console_tail.iter().rev().take(10).collect();
+        for l in console.into_iter().rev() {
+            lines.push(format!("console: {l}"));
+        }
+        for l in self.shared.stderr_tail().lines() {
+            lines.push(format!("qemu: {l}"));
+        }
+        lines.join("\n")
+    }
+
+    fn exited_error(&self, what: &str) -> GuestError {
+        // The console closes just before the process is reaped; give it a moment.
+        let mut status = "exited".to_string();
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Ok(Some(s)) = child.try_wait() {
+                status = s.to_string();
+                break;
+            }
+            drop(child);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let state = self.shared.lock().clone();
+        GuestError::Exited {
+            guest: self.name.clone(),
+            what: what.to_string(),
+            status,
+            diagnostics: self.diagnostics(&state),
+        }
+    }
+
+    /// Runs a shell command in the guest (as root, via the reporter) and returns its
+    /// output once it exits. The command must be one printable line.
+    pub fn exec(&self, command: &str, deadline: Instant) -> Result<CommandOutput> {
+        if command.len() >= 3000 || command.chars().any(|c| c.is_control()) || command.trim().is_empty() {
+            return Err(GuestError::BadCommand(command.to_string()));
+        }
+        let id = self.next_command.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut stdin = self.stdin.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pipe =
+                stdin.as_mut().ok_or_else(|| GuestError::BadCommand("console input is closed".into()))?;
+            pipe.write_all(format!("{id} {command}\n").as_bytes())?;
+            pipe.flush()?;
+        }
+        self.wait_map(&format!("guest command `{command}`"), deadline, |s| {
+            s.commands.get(&id).filter(|c| c.status.is_some()).cloned()
+        })
+    }
+
+    /// Kills QEMU now (also done on drop).
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_console(mut out: impl Read, shared: &Shared) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = match out.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        let now = Instant::now();
+        let mut state = shared.lock();
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line);
+            state.feed_line(text.trim_end_matches(['\n', '\r']), now);
+        }
+        drop(state);
+        shared.changed.notify_all();
+    }
+    let mut state = shared.lock();
+    if !pending.is_empty() {
+        state.feed_line(&String::from_utf8_lossy(&pending), Instant::now());
+    }
+    state.exited = Some("console closed".into());
+    drop(state);
+    shared.changed.notify_all();
+}
+
+fn read_stderr(mut err: impl Read, shared: &Shared) {
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = err.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        let mut text = shared.stderr.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        text.push_str(&String::from_utf8_lossy(chunk.get(..n).unwrap_or_default()));
+        if text.len() > STDERR_KEEP {
+            let cut = text.len() - STDERR_KEEP / 2;
+            let cut = (cut..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+            text.drain(..cut);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(spec: &GuestSpec, accel: Accel) -> String {
+        spec.qemu_args(Path::new("/k"), Path::new("/i"), Path::new("/s"), accel).unwrap().join(" ")
+    }
+
+    #[test]
+    fn x86_args() {
+        let mut spec =
+            GuestSpec::new(Arch::X86_64).device("pcie-root-port,id=rp1,chassis=1").firmware(Firmware::Ovmf);
+        spec.phys_bits = Some(46);
+        spec.machine_opts.push("kernel-irqchip=split".into());
+        spec.cmdline.push("pci=realloc".into());
+        let a = args(&spec, Accel::Tcg);
+        assert!(a.contains("-machine q35,kernel-irqchip=split -accel tcg -cpu qemu64,phys-bits=46"), "{a}");
+        assert!(a.contains(&format!("-bios {OVMF_IMAGE}")), "{a}");
+        assert!(a.contains("-append console=ttyS0 panic=-1 loglevel=1 pci=realloc"), "{a}");
+        assert!(a.ends_with("-device pcie-root-port,id=rp1,chassis=1"), "{a}");
+        assert!(args(&GuestSpec::new(Arch::X86_64), Accel::Kvm).contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn other_arch_args() {
+        let a = args(&GuestSpec::new(Arch::Aarch64).firmware(Firmware::Uefi), Accel::Tcg);
+        assert!(a.contains("-machine virt,gic-version=3 -accel tcg -cpu cortex-a57"), "{a}");
+        assert!(a.contains(AARCH64_UEFI_IMAGE), "{a}");
+        let a = args(&GuestSpec::new(Arch::S390x), Accel::Tcg);
+        assert!(a.contains("-machine s390-ccw-virtio -accel tcg -m 256"), "{a}");
+        assert!(a.contains("console=ttysclp0"), "{a}");
+    }
+
+    #[test]
+    fn firmware_must_fit_the_arch() {
+        let spec = GuestSpec::new(Arch::Aarch64).firmware(Firmware::Ovmf);
+        assert!(matches!(
+            spec.qemu_args(Path::new("/k"), Path::new("/i"), Path::new("/s"), Accel::Tcg),
+            Err(GuestError::BadSpec(_))
+        ));
+        for fw in ["seabios", "ovmf", "none", "uefi"] {
+            assert_eq!(fw.parse::<Firmware>().unwrap().name(), fw);
+        }
+        assert!("bios".parse::<Firmware>().is_err());
+    }
+}

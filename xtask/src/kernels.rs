@@ -1,0 +1,425 @@
+//! Guest kernels and guest busybox from Debian, per architecture, and the kernel's
+//! modules with their dependencies.
+//!
+//! Debian's kernel package carries no `modules.dep` (the host's `depmod` writes it on
+//! install), so dependencies are read from each module's `.modinfo` ELF section
+//! (`depends=`), which is what `depmod` itself reads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::arch::Arch;
+use crate::debs::{self, DebCache, Resolve};
+
+/// A guest kernel or its modules could not be found or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// The package could not be fetched.
+    #[error(transparent)]
+    Deb(#[from] debs::DebError),
+    /// The unpacked package lacks a piece it should have.
+    #[error("{what} not found in {}", dir.display())]
+    Missing {
+        /// What is missing.
+        what: String,
+        /// Where it was looked for.
+        dir: PathBuf,
+    },
+    /// A module asked for is neither built in nor shipped as a module.
+    #[error("kernel {release} has no module `{name}` (neither built in nor in kernel/)")]
+    UnknownModule {
+        /// Kernel release.
+        release: String,
+        /// The module name.
+        name: String,
+    },
+    /// A module file is not an ELF file with a readable `.modinfo` section.
+    #[error("cannot read module info of {}: {reason}", path.display())]
+    BadModule {
+        /// The module file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading a file failed.
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| KernelError::Io { path: path.to_path_buf(), source })
+}
+
+/// An unpacked Debian guest kernel.
+#[derive(Clone, Debug)]
+pub struct GuestKernel {
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Kernel release (`uname -r` in the guest), e.g. `6.1.0-56-arm64`.
+    pub release: String,
+    /// Debian package name, e.g. `linux-image-6.1.0-56-arm64`.
+    pub package: String,
+    /// Debian package version, e.g. `6.1.192-2`.
+    pub version: String,
+    /// The bootable image (`boot/vmlinuz-…`).
+    pub image: PathBuf,
+    /// `lib/modules/<release>`.
+    pub modules_dir: PathBuf,
+    /// `boot/config-<release>`: the kernel build configuration.
+    pub config: PathBuf,
+}
+
+/// The kernel for `arch`, resolved from Debian's `linux-image-<debarch>` metapackage.
+pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
+    let meta = format!("linux-image-{}", arch.deb_arch());
+    let unpacked = cache.ensure(&meta, arch, Resolve::MetaDependency("linux-image-"))?;
+    let release = unpacked.package.trim_start_matches("linux-image-").to_string();
+    let image = unpacked.dir.join(format!("boot/vmlinuz-{release}"));
+    let config = unpacked.dir.join(format!("boot/config-{release}"));
+    let modules_dir = unpacked.dir.join(format!("lib/modules/{release}"));
+    for (what, path) in [("kernel image", &image), ("kernel config", &config), ("modules", &modules_dir)] {
+        if !path.exists() {
+            return Err(KernelError::Missing {
+                what: format!("{what} {}", path.display()),
+                dir: unpacked.dir,
+            });
+        }
+    }
+    Ok(GuestKernel {
+        arch,
+        release,
+        package: unpacked.package,
+        version: unpacked.version,
+        image,
+        modules_dir,
+        config,
+    })
+}
+
+/// The statically linked busybox of the guest architecture (`busybox-static:<debarch>`).
+pub fn ensure_busybox(cache: &DebCache, arch: Arch) -> Result<PathBuf> {
+    let unpacked = cache.ensure("busybox-static", arch, Resolve::Direct)?;
+    let path = unpacked.dir.join("bin/busybox");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(KernelError::Missing { what: "bin/busybox".into(), dir: unpacked.dir })
+    }
+}
+
+/// A kernel build configuration (`CONFIG_X=y|m|value`).
+#[derive(Clone, Debug, Default)]
+pub struct KernelConfig {
+    values: BTreeMap<String, String>,
+}
+
+impl KernelConfig {
+    /// Parses a `config-*` file's text.
+    pub fn parse(text: &str) -> Self {
+        let values = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim_start_matches("CONFIG_").to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        KernelConfig { values }
+    }
+
+    /// The value of `CONFIG_<key>` (`key` without the prefix), if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key.trim_start_matches("CONFIG_")).map(String::as_str)
+    }
+
+    /// Whether `CONFIG_<key>` is built in (`=y`).
+    pub fn builtin(&self, key: &str) -> bool {
+        self.get(key) == Some("y")
+    }
+}
+
+impl GuestKernel {
+    /// The kernel's build configuration.
+    pub fn kernel_config(&self) -> Result<KernelConfig> {
+        let bytes = read(&self.config)?;
+        Ok(KernelConfig::parse(&String::from_utf8_lossy(&bytes)))
+    }
+
+    /// An index of the kernel's modules.
+    pub fn module_index(&self) -> Result<ModuleIndex> {
+        ModuleIndex::load(&self.release, &self.modules_dir)
+    }
+}
+
+/// Module names use `_` and `-` interchangeably; this is the one spelling used as key.
+pub fn module_key(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// The modules of one kernel: where each lives, and which are built in.
+#[derive(Clone, Debug)]
+pub struct ModuleIndex {
+    release: String,
+    root: PathBuf,
+    files: BTreeMap<String, PathBuf>,
+    builtin: BTreeSet<String>,
+}
+
+/// Upper bound on files looked at under `kernel/`, so a strange tree cannot make the walk
+/// run away.
+const MAX_MODULE_FILES: usize = 50_000;
+
+impl ModuleIndex {
+    /// Indexes `modules_dir` (`lib/modules/<release>`): every `*.ko` under `kernel/` and
+    /// the names listed in `modules.builtin`.
+    pub fn load(release: &str, modules_dir: &Path) -> Result<Self> {
+        let mut files = BTreeMap::new();
+        let mut stack = vec![modules_dir.join("kernel")];
+        let mut seen = 0usize;
+        while let Some(dir) = stack.pop() {
+            let entries =
+                std::fs::read_dir(&dir).map_err(|source| KernelError::Io { path: dir.clone(), source })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| KernelError::Io { path: dir.clone(), source })?;
+                seen += 1;
+                if seen > MAX_MODULE_FILES {
+                    return Err(KernelError::Missing {
+                        what: format!("a module tree below {MAX_MODULE_FILES} files"),
+                        dir: modules_dir.to_path_buf(),
+                    });
+                }
+                let path = entry.path();
+                let file_type =
+                    entry.file_type().map_err(|source| KernelError::Io { path: path.clone(), source })?;
+                if file_type.is_dir() {
+                    stack.push(path);
+                } else if let Some(name) =
+                    path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko"))
+                {
+                    files.insert(module_key(name), path.clone());
+                }
+            }
+        }
+        let builtin_path = modules_dir.join("modules.builtin");
+        let builtin = String::from_utf8_lossy(&read(&builtin_path)?)
+            .lines()
+            .filter_map(|l| l.rsplit('/').next())
+            .filter_map(|f| f.strip_suffix(".ko"))
+            .map(module_key)
+            .collect();
+        Ok(ModuleIndex { release: release.to_string(), root: modules_dir.to_path_buf(), files, builtin })
+    }
+
+    /// Whether `name` is built into the kernel image.
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.builtin.contains(&module_key(name))
+    }
+
+    /// The module file of `name`, if the kernel ships it as a module.
+    pub fn file(&self, name: &str) -> Option<&Path> {
+        self.files.get(&module_key(name)).map(PathBuf::as_path)
+    }
+
+    /// `lib/modules/<release>` of this kernel.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The module files needed to load `names`, dependencies first, each once. Built-in
+    /// names are skipped; a name that is neither built in nor a module is an error.
+    pub fn load_order(&self, names: &[&str]) -> Result<Vec<PathBuf>> {
+        let mut order = Vec::new();
+        let mut done = BTreeSet::new();
+        for name in names {
+            self.visit(&module_key(name), &mut done, &mut order)?;
+        }
+        Ok(order)
+    }
+
+    /// Depth-first, dependencies before dependents. `done` is filled before recursing, so
+    /// a dependency cycle ends instead of recursing forever; the walk visits each module at
+    /// most once, so it is bounded by the number of modules.
+    fn visit(&self, key: &str, done: &mut BTreeSet<String>, order: &mut Vec<PathBuf>) -> Result<()> {
+        if !done.insert(key.to_string()) || self.builtin.contains(key) {
+            return Ok(());
+        }
+        let path = self.files.get(key).ok_or_else(|| KernelError::UnknownModule {
+            release: self.release.clone(),
+            name: key.to_string(),
+        })?;
+        let info =
+            modinfo(&read(path)?).map_err(|reason| KernelError::BadModule { path: path.clone(), reason })?;
+        let depends = info.get("depends").map(String::as_str).unwrap_or("");
+        for dep in depends.split(',').filter(|d| !d.is_empty()) {
+            self.visit(&module_key(dep), done, order)?;
+        }
+        order.push(path.clone());
+        Ok(())
+    }
+}
+
+fn field(bytes: &[u8], at: usize, len: usize, big_endian: bool) -> Option<u64> {
+    let raw = bytes.get(at..at.checked_add(len)?)?;
+    let mut value = 0u64;
+    for i in 0..len {
+        let b = if big_endian { raw.get(i) } else { raw.get(len - 1 - i) };
+        value = (value << 8) | u64::from(*b?);
+    }
+    Some(value)
+}
+
+/// The `key=value` pairs of a 64-bit ELF object's `.modinfo` section (either endianness).
+pub fn modinfo(elf: &[u8]) -> std::result::Result<BTreeMap<String, String>, String> {
+    if elf.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err("not an ELF file (compressed modules are not supported)".into());
+    }
+    if elf.get(4) != Some(&2) {
+        return Err("not a 64-bit ELF file".into());
+    }
+    let be = match elf.get(5) {
+        Some(1) => false,
+        Some(2) => true,
+        _ => return Err("unknown ELF byte order".into()),
+    };
+    let bad = || "truncated ELF header".to_string();
+    let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad());
+    let shoff = to_usize(field(elf, 0x28, 8, be).ok_or_else(bad)?)?;
+    let shentsize = to_usize(field(elf, 0x3a, 2, be).ok_or_else(bad)?)?;
+    let shnum = to_usize(field(elf, 0x3c, 2, be).ok_or_else(bad)?)?;
+    let shstrndx = to_usize(field(elf, 0x3e, 2, be).ok_or_else(bad)?)?;
+    let section = |i: usize| -> std::result::Result<(usize, usize, usize), String> {
+        let base = i.checked_mul(shentsize).and_then(|o| o.checked_add(shoff)).ok_or_else(bad)?;
+        let name = to_usize(field(elf, base, 4, be).ok_or_else(bad)?)?;
+        let offset = to_usize(field(elf, base.saturating_add(24), 8, be).ok_or_else(bad)?)?;
+        let size = to_usize(field(elf, base.saturating_add(32), 8, be).ok_or_else(bad)?)?;
+        Ok((name, offset, size))
+    };
+    let slice = |offset: usize, size: usize| elf.get(offset..offset.checked_add(size)?);
+    let (_, str_off, str_size) = section(shstrndx)?;
+    let names = slice(str_off, str_size).ok_or("section names out of bounds")?;
+    for i in 0..shnum {
+        let (name, offset, size) = section(i)?;
+        let name_bytes = names.get(name..).unwrap_or_default();
+        let name_end = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
+        if name_bytes.get(..name_end) != Some(b".modinfo".as_slice()) {
+            continue;
+        }
+        let data = slice(offset, size).ok_or(".modinfo out of bounds")?;
+        return Ok(data
+            .split(|&b| b == 0)
+            .filter_map(|entry| std::str::from_utf8(entry).ok())
+            .filter_map(|entry| entry.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect());
+    }
+    Err("no .modinfo section".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal 64-bit ELF with a section-name table and a `.modinfo` section.
+    fn elf(big_endian: bool, modinfo: &[u8]) -> Vec<u8> {
+        let put = |buf: &mut Vec<u8>, at: usize, len: usize, v: u64| {
+            for i in 0..len {
+                let shift = if big_endian { 8 * (len - 1 - i) } else { 8 * i };
+                buf[at + i] = (v >> shift) as u8;
+            }
+        };
+        let names = b"\0.shstrtab\0.modinfo\0";
+        let mut buf = vec![0u8; 64];
+        buf[..4].copy_from_slice(b"\x7fELF");
+        buf[4] = 2;
+        buf[5] = if big_endian { 2 } else { 1 };
+        let names_off = buf.len();
+        buf.extend_from_slice(names);
+        let info_off = buf.len();
+        buf.extend_from_slice(modinfo);
+        let shoff = buf.len();
+        buf.resize(shoff + 3 * 64, 0);
+        put(&mut buf, 0x28, 8, shoff as u64);
+        put(&mut buf, 0x3a, 2, 64);
+        put(&mut buf, 0x3c, 2, 3);
+        put(&mut buf, 0x3e, 2, 1);
+        let sh1 = shoff + 64;
+        put(&mut buf, sh1, 4, 1);
+        put(&mut buf, sh1 + 24, 8, names_off as u64);
+        put(&mut buf, sh1 + 32, 8, names.len() as u64);
+        let sh2 = shoff + 128;
+        put(&mut buf, sh2, 4, 11);
+        put(&mut buf, sh2 + 24, 8, info_off as u64);
+        put(&mut buf, sh2 + 32, 8, modinfo.len() as u64);
+        buf
+    }
+
+    #[test]
+    fn modinfo_of_both_byte_orders() {
+        for be in [false, true] {
+            let info =
+                modinfo(&elf(be, b"license=GPL\0depends=vfio,vfio-pci-core\0name=vfio_pci\0")).unwrap();
+            assert_eq!(info["depends"], "vfio,vfio-pci-core");
+            assert_eq!(info["name"], "vfio_pci");
+        }
+    }
+
+    #[test]
+    fn modinfo_rejects_garbage_without_panicking() {
+        assert!(modinfo(b"").is_err());
+        assert!(modinfo(b"\x7fELF\x02\x01").is_err());
+        let good = elf(false, b"depends=\0");
+        for len in 0..good.len() {
+            let _ = modinfo(&good[..len]);
+        }
+        let mut huge = good.clone();
+        huge[0x3c] = 0xff;
+        huge[0x3d] = 0xff;
+        let _ = modinfo(&huge);
+    }
+
+    #[test]
+    fn config_values() {
+        let cfg = KernelConfig::parse(
+            "# comment\nCONFIG_VFIO=m\nCONFIG_PCI=y\n# CONFIG_X is not set\nCONFIG_S=\"a b\"\n",
+        );
+        assert_eq!(cfg.get("VFIO"), Some("m"));
+        assert!(cfg.builtin("CONFIG_PCI"));
+        assert!(!cfg.builtin("VFIO"));
+        assert_eq!(cfg.get("S"), Some("a b"));
+        assert_eq!(cfg.get("X"), None);
+    }
+
+    #[test]
+    fn load_order_puts_dependencies_first_and_stops_on_cycles() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("kernel/drivers")).unwrap();
+        std::fs::write(root.join("modules.builtin"), "kernel/drivers/pci/hotplug/pciehp.ko\n").unwrap();
+        let module = |name: &str, deps: &str| {
+            let info = format!("depends={deps}\0name={name}\0");
+            std::fs::write(root.join(format!("kernel/drivers/{name}.ko")), elf(false, info.as_bytes()))
+                .unwrap();
+        };
+        module("vfio-pci", "vfio-pci-core,vfio");
+        module("vfio-pci-core", "vfio,irqbypass");
+        module("vfio", "");
+        module("irqbypass", "");
+        module("loop_a", "loop_b");
+        module("loop_b", "loop_a");
+        let index = ModuleIndex::load("test", root).unwrap();
+        let order = index.load_order(&["vfio_pci", "pciehp"]).unwrap();
+        let names: Vec<String> =
+            order.iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["vfio", "irqbypass", "vfio-pci-core", "vfio-pci"]);
+        assert_eq!(index.load_order(&["loop_a"]).unwrap().len(), 2);
+        assert!(matches!(index.load_order(&["nope"]), Err(KernelError::UnknownModule { .. })));
+        assert!(index.is_builtin("pciehp"));
+    }
+}
