@@ -272,6 +272,27 @@ impl FunctionFacts {
     }
 }
 
+/// Whether a member of an IOMMU group is handed to a guest together with the others.
+///
+/// Only what `vfio-pci` cannot take is left out: functions with a bridge header (type 1
+/// or 2) and the bridge classes host bridge (0x0600), PCI-to-PCI bridge (0x0604) and
+/// semi-transparent PCI-to-PCI bridge (0x0609). Every other class stays, in particular
+/// "other bridge" (0x0680), which NVIDIA NVSwitch functions use: dropping those breaks
+/// multi-GPU guests.
+pub fn is_passthrough_companion(f: &FunctionFacts) -> bool {
+    f.header_type == HeaderType::Normal
+        && !matches!(
+            f.class().class_and_sub(),
+            ClassCode::HOST_BRIDGE | ClassCode::PCI_BRIDGE | ClassCode::SEMI_TRANSPARENT_BRIDGE
+        )
+}
+
+/// The members of a group (see [`is_passthrough_companion`]) that go to the guest, in the
+/// order given.
+pub fn passthrough_functions(group: &[FunctionFacts]) -> Vec<&FunctionFacts> {
+    group.iter().filter(|f| is_passthrough_companion(f)).collect()
+}
+
 fn bars_with_sizes(regs: &BarRegisters, sizes: Option<&[Option<u64>; 6]>) -> Vec<Bar> {
     regs.bars
         .iter()
@@ -374,6 +395,18 @@ mod tests {
         let err = requirement_of([&g], &ResourceOptions::default()).unwrap_err();
         assert!(matches!(err, FactsError::SizeUnknown { index: 1, vf: false, .. }));
         assert_eq!(err.to_string(), "0000:3b:00.0: size of BAR 1 is unknown");
+    }
+
+    #[test]
+    fn companions_keep_nvswitch_and_drop_bridges() {
+        let gpu = gpu();
+        let nvswitch = FunctionFacts { class_code: 0x068000, ..gpu.clone() };
+        let audio = FunctionFacts { class_code: 0x040300, ..gpu.clone() };
+        let bridge = FunctionFacts { class_code: 0x060400, header_type: HeaderType::Bridge, ..gpu.clone() };
+        let host = FunctionFacts { class_code: 0x060000, ..gpu.clone() };
+        let group = [gpu, bridge, nvswitch, host, audio];
+        let kept: Vec<u32> = passthrough_functions(&group).iter().map(|f| f.class_code).collect();
+        assert_eq!(kept, [0x030200, 0x068000, 0x040300]);
     }
 
     #[test]

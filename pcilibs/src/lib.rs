@@ -10,8 +10,11 @@ pub mod bdf;
 pub mod caps;
 pub mod config;
 pub mod decode;
+pub mod dump;
 pub mod ecaps;
 pub mod emulated;
 pub mod facts;
 pub mod requirement;
 pub mod sizing;
+#[cfg(feature = "std")]
+pub mod sysfs;

@@ -69,9 +69,9 @@ impl PortType {
         match self {
             PortType::Endpoint => "Endpoint",
             PortType::LegacyEndpoint => "Legacy Endpoint",
-            PortType::RootPort => "Root Port (Slot-)",
+            PortType::RootPort => "Root Port",
             PortType::SwitchUpstream => "Upstream Port",
-            PortType::SwitchDownstream => "Downstream Port (Slot-)",
+            PortType::SwitchDownstream => "Downstream Port",
             PortType::PcieToPciBridge => "PCI-Express to PCI/PCI-X Bridge",
             PortType::PciToPcieBridge => "PCI/PCI-X to PCI-Express Bridge",
             PortType::RootComplexIntegratedEndpoint => "Root Complex Integrated Endpoint",

@@ -1,0 +1,354 @@
+//! Host PCI functions from a sysfs tree (`/sys` on a host, any directory in tests).
+//!
+//! [`Sysfs`] is rooted at a sysfs mount point; functions live in `bus/pci/devices/<bdf>`.
+//! Every name taken from the tree (directory entries, link targets) must parse as a strict
+//! [`Bdf`] (or a decimal number for IOMMU groups) before it is used in a path, so nothing
+//! read from the tree can make this module open a file outside it.
+//!
+//! A [`SysfsDevice`] can also be opened on any directory laid out like a sysfs function
+//! (`config`, optional `resource`, `sriov_totalvfs`, `driver`, `iommu_group`, …); fixtures
+//! saved from guests use that.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::bdf::{Bdf, BdfError};
+use crate::decode::Function;
+use crate::facts::{FactsError, FunctionFacts};
+use crate::sizing::{BarSizes, ResourceFile, SizingError};
+
+/// Errors reading sysfs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SysfsError {
+    /// A file or directory could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A name that should be a PCI address is not one.
+    #[error("{path}: {source}")]
+    Bdf {
+        /// Where the name came from.
+        path: PathBuf,
+        /// Why it is rejected.
+        source: BdfError,
+    },
+    /// A file's content does not parse.
+    #[error("{path}: unexpected content {text:?}")]
+    BadValue {
+        /// The file.
+        path: PathBuf,
+        /// Its content (cut to 64 characters).
+        text: String,
+    },
+    /// The `resource` file does not parse.
+    #[error("{path}: {source}")]
+    Sizing {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: SizingError,
+    },
+    /// The configuration space does not decode.
+    #[error(transparent)]
+    Facts(#[from] FactsError),
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, SysfsError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SysfsError + '_ {
+    move |source| SysfsError::Io { path: path.to_path_buf(), source }
+}
+
+/// A sysfs tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sysfs {
+    root: PathBuf,
+}
+
+impl Default for Sysfs {
+    fn default() -> Self {
+        Sysfs::new("/sys")
+    }
+}
+
+impl Sysfs {
+    /// A tree rooted at `root` (the directory that holds `bus/pci/devices`).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Sysfs { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `bus/pci/devices` below the root.
+    pub fn devices_dir(&self) -> PathBuf {
+        self.root.join("bus/pci/devices")
+    }
+
+    /// Every function, sorted. Entries whose names are not PCI addresses are skipped
+    /// (sysfs has none; anything else is not a PCI function).
+    pub fn functions(&self) -> Result<Vec<Bdf>> {
+        bdf_entries(&self.devices_dir())
+    }
+
+    /// One function (whether or not it exists; reads will tell).
+    pub fn device(&self, bdf: Bdf) -> SysfsDevice {
+        SysfsDevice { bdf, path: self.devices_dir().join(bdf.to_string()) }
+    }
+
+    /// Facts of one function.
+    pub fn facts(&self, bdf: Bdf) -> Result<FunctionFacts> {
+        self.device(bdf).facts()
+    }
+
+    /// Everything known about one function, including its neighbours on the host.
+    pub fn host_device(&self, bdf: Bdf) -> Result<HostDevice> {
+        self.device(bdf).host_device()
+    }
+}
+
+/// Sorted PCI addresses among the entry names of `dir`.
+fn bdf_entries(dir: &Path) -> Result<Vec<Bdf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        if let Some(bdf) = entry.file_name().to_str().and_then(|n| Bdf::parse(n).ok()) {
+            out.push(bdf);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A function's sysfs directory, together with the neighbours sysfs links to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostDevice {
+    /// The function's own facts.
+    pub facts: FunctionFacts,
+    /// Bridges above the function, from the one nearest the root complex down to the
+    /// function's parent (empty for a function on a root bus).
+    pub upstream_bridges: Vec<Bdf>,
+    /// Every function of the function's IOMMU group (itself included), sorted.
+    pub iommu_group_members: Vec<Bdf>,
+    /// The function's SR-IOV virtual functions, in VF order.
+    pub virtual_functions: Vec<Bdf>,
+    /// The physical function, when this is a VF.
+    pub physical_function: Option<Bdf>,
+}
+
+/// One function directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysfsDevice {
+    bdf: Bdf,
+    path: PathBuf,
+}
+
+impl SysfsDevice {
+    /// Opens any directory laid out like a sysfs function; its name must be the address.
+    pub fn open_dir(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let canonical = fs::canonicalize(&path).map_err(io(&path))?;
+        let name = canonical.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let bdf = Bdf::parse(name).map_err(|source| SysfsError::Bdf { path: path.clone(), source })?;
+        Ok(SysfsDevice { bdf, path })
+    }
+
+    /// The function's address.
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Configuration space bytes (the kernel gives 64 bytes to non-root readers).
+    pub fn config(&self) -> Result<Vec<u8>> {
+        let p = self.path.join("config");
+        let f = fs::File::open(&p).map_err(io(&p))?;
+        let mut buf = Vec::with_capacity(4096);
+        f.take(4096).read_to_end(&mut buf).map_err(io(&p))?;
+        Ok(buf)
+    }
+
+    /// The parsed `resource` file, `None` when the file does not exist.
+    pub fn resource(&self) -> Result<Option<ResourceFile>> {
+        let p = self.path.join("resource");
+        let Some(text) = read_optional(&p)? else { return Ok(None) };
+        ResourceFile::parse(&text).map(Some).map_err(|source| SysfsError::Sizing { path: p, source })
+    }
+
+    /// BAR sizes from the `resource` file (`total_vfs` splits the SR-IOV apertures).
+    pub fn sizes(&self, total_vfs: Option<u16>) -> Result<Option<BarSizes>> {
+        let Some(file) = self.resource()? else { return Ok(None) };
+        BarSizes::from_resource_file(&file, total_vfs)
+            .map(Some)
+            .map_err(|source| SysfsError::Sizing { path: self.path.join("resource"), source })
+    }
+
+    /// Name of the bound driver.
+    pub fn driver(&self) -> Result<Option<String>> {
+        link_name(&self.path.join("driver"))
+    }
+
+    /// IOMMU group number.
+    pub fn iommu_group(&self) -> Result<Option<u32>> {
+        let p = self.path.join("iommu_group");
+        let Some(name) = link_name(&p)? else { return Ok(None) };
+        parse_decimal(&name).map(Some).ok_or(SysfsError::BadValue { path: p, text: name })
+    }
+
+    /// Every function in the IOMMU group (sorted; empty without a group).
+    pub fn iommu_group_members(&self) -> Result<Vec<Bdf>> {
+        let dir = self.path.join("iommu_group/devices");
+        if !self.path.join("iommu_group").exists() {
+            return Ok(Vec::new());
+        }
+        bdf_entries(&dir)
+    }
+
+    /// NUMA node (`None` for -1, "no node", or when the file is absent).
+    pub fn numa_node(&self) -> Result<Option<u32>> {
+        let p = self.path.join("numa_node");
+        let Some(text) = read_optional(&p)? else { return Ok(None) };
+        let t = text.trim();
+        if t == "-1" {
+            return Ok(None);
+        }
+        parse_decimal(t).map(Some).ok_or(SysfsError::BadValue { path: p, text: cut(t) })
+    }
+
+    /// `sriov_totalvfs`, when present.
+    pub fn sriov_totalvfs(&self) -> Result<Option<u16>> {
+        self.small_number("sriov_totalvfs")
+    }
+
+    /// `sriov_numvfs`, when present.
+    pub fn sriov_numvfs(&self) -> Result<Option<u16>> {
+        self.small_number("sriov_numvfs")
+    }
+
+    fn small_number(&self, name: &str) -> Result<Option<u16>> {
+        let p = self.path.join(name);
+        let Some(text) = read_optional(&p)? else { return Ok(None) };
+        let t = text.trim();
+        parse_decimal(t)
+            .and_then(|v| u16::try_from(v).ok())
+            .map(Some)
+            .ok_or(SysfsError::BadValue { path: p, text: cut(t) })
+    }
+
+    /// The VFs (`virtfnN` links), in VF order.
+    pub fn virtual_functions(&self) -> Result<Vec<Bdf>> {
+        let mut found: Vec<(u32, Bdf)> = Vec::new();
+        let rd = match fs::read_dir(&self.path) {
+            Ok(rd) => rd,
+            Err(e) => return Err(io(&self.path)(e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(io(&self.path))?;
+            let name = entry.file_name();
+            let Some(n) = name.to_str().and_then(|n| n.strip_prefix("virtfn")).and_then(parse_decimal) else {
+                continue;
+            };
+            let link = entry.path();
+            let target = link_name(&link)?.unwrap_or_default();
+            let bdf = Bdf::parse(&target).map_err(|source| SysfsError::Bdf { path: link, source })?;
+            found.push((n, bdf));
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, b)| b).collect())
+    }
+
+    /// The PF (`physfn` link) of a VF.
+    pub fn physical_function(&self) -> Result<Option<Bdf>> {
+        let p = self.path.join("physfn");
+        let Some(name) = link_name(&p)? else { return Ok(None) };
+        Bdf::parse(&name).map(Some).map_err(|source| SysfsError::Bdf { path: p, source })
+    }
+
+    /// Bridges above the function, root first (from the resolved directory path:
+    /// `/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0` gives `[0000:00:01.0]`).
+    pub fn upstream_bridges(&self) -> Result<Vec<Bdf>> {
+        let canonical = fs::canonicalize(&self.path).map_err(io(&self.path))?;
+        let mut chain: Vec<Bdf> = canonical
+            .ancestors()
+            .skip(1)
+            .map_while(|a| a.file_name().and_then(|n| n.to_str()).and_then(|n| Bdf::parse(n).ok()))
+            .collect();
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// Facts from `config`, `resource` and the host links.
+    pub fn facts(&self) -> Result<FunctionFacts> {
+        let config = self.config()?;
+        let f = Function::decode(&config).map_err(|source| FactsError::Config { bdf: self.bdf, source })?;
+        let total_vfs = match f.sriov() {
+            Some(s) => Some(s.total_vfs),
+            None => self.sriov_totalvfs()?,
+        };
+        let sizes = self.sizes(total_vfs)?;
+        let mut facts = FunctionFacts::from_function(self.bdf, &f, sizes.as_ref());
+        if config.len() <= crate::config::HEADER_SIZE {
+            facts.problems.push(format!(
+                "only {} bytes of configuration space readable (reading all of it needs root); capabilities unknown",
+                config.len()
+            ));
+        }
+        facts.driver = self.driver()?;
+        facts.iommu_group = self.iommu_group()?;
+        facts.numa_node = self.numa_node()?;
+        Ok(facts)
+    }
+
+    /// Facts plus upstream bridges, IOMMU group members and SR-IOV relations.
+    pub fn host_device(&self) -> Result<HostDevice> {
+        Ok(HostDevice {
+            facts: self.facts()?,
+            upstream_bridges: self.upstream_bridges()?,
+            iommu_group_members: self.iommu_group_members()?,
+            virtual_functions: self.virtual_functions()?,
+            physical_function: self.physical_function()?,
+        })
+    }
+}
+
+/// File content, `None` when the file does not exist.
+fn read_optional(p: &Path) -> Result<Option<String>> {
+    match fs::read_to_string(p) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(p)(e)),
+    }
+}
+
+/// Last component of a symlink's target, `None` when the link does not exist.
+fn link_name(p: &Path) -> Result<Option<String>> {
+    match fs::read_link(p) {
+        Ok(t) => Ok(t.file_name().and_then(|n| n.to_str()).map(str::to_string)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(p)(e)),
+    }
+}
+
+fn parse_decimal(t: &str) -> Option<u32> {
+    if t.is_empty() || t.len() > 9 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+fn cut(t: &str) -> String {
+    t.chars().take(64).collect()
+}
