@@ -20,6 +20,8 @@ use qmp_hotplug::client::{ClientOptions, QmpClient};
 use qmp_hotplug::request::DeviceRequest;
 use serde_json::json;
 
+pub mod fake_qemu;
+
 pub const QEMU_X86: &str = "/usr/bin/qemu-system-x86_64";
 
 /// How root ports take hotplug requests.
