@@ -18,3 +18,5 @@ pub mod requirement;
 pub mod sizing;
 #[cfg(feature = "std")]
 pub mod sysfs;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod vfio;
