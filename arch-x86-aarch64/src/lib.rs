@@ -9,12 +9,15 @@
 //!
 //! - A root port's `mem-reserve`/`pref64-reserve` (QEMU's resource-reserve capability)
 //!   becomes the window size when larger than what sits below the port. The window's
-//!   alignment stays the largest alignment of the boot-time children, at least 1 MiB.
+//!   alignment stays the largest alignment of the boot-time children, at least 2 MiB,
+//!   and its size is rounded up to that alignment (QEMU 7.2 with SeaBIOS 1.16.2 put a
+//!   placeholder's 128 GiB + 32 MiB behind a downstream port into a 256 GiB window). An
+//!   empty hotplug port gets 2 MiB windows.
 //! - When the 32-bit hole cannot hold everything, every 64-bit window and BAR of the
 //!   root buses moves above 4 GiB: the region starts at 4 GiB plus RAM above 4 GiB,
 //!   aligned to 1 GiB and to the largest entry alignment, and entries follow one another
 //!   sorted by alignment, then size. An empty port's 128 GiB window can thus start at
-//!   4 GiB: [`WindowRule::ReserveUnaligned`] with 1 MiB start alignment.
+//!   4 GiB: [`WindowRule::ReserveUnaligned`] with 2 MiB start alignment.
 //! - Bus numbers: depth-first from bus 0, `bus-reserve` extends a port's range;
 //!   expander roots keep their `bus_nr` and are walked after bus 0's tree.
 //! - 32-bit PCI space 0xc000_0000..0xfec0_0000 (above the q35 MMCONFIG window); I/O
@@ -49,6 +52,9 @@ use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };
 use pcie_topology::units::{fmt_size, GIB, MIB};
+
+/// SeaBIOS's minimum bridge memory window and its alignment (2 MiB, a huge page).
+pub const SEABIOS_BRIDGE_MEM_MIN: u64 = 2 * MIB;
 
 /// Default OVMF image.
 pub const OVMF_PATH: &str = "/usr/share/ovmf/OVMF.fd";
@@ -95,7 +101,7 @@ impl Platform for Q35 {
             X86Firmware::SeaBios => (
                 "q35-seabios",
                 Vec::new(),
-                WindowRule::ReserveUnaligned { start_align: MIB },
+                WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN },
                 Range { base: 0xc000_0000, size: 0xfec0_0000 - 0xc000_0000 },
                 Range { base: 0x1000, size: 0x9000 },
                 Mmio64Aperture::GrowsAfterRam,
@@ -127,6 +133,7 @@ impl Platform for Q35 {
             mmio32,
             io,
             mmio64,
+            mem32_placeholder: Some("qxl".to_string()),
             default_phys_bits: 40,
             low_ram_limit: 2 * GIB,
         }
@@ -212,6 +219,7 @@ impl Platform for Virt {
             mmio32: Range { base: 0x1000_0000, size: 0x2eff_0000 },
             io: Range { base: 0, size: 0x1_0000 },
             mmio64: Mmio64Aperture::Fixed { base: VIRT_HIGH_MMIO.base, size: VIRT_HIGH_MMIO.size },
+            mem32_placeholder: None,
             default_phys_bits: 40,
             low_ram_limit: 3 * GIB,
         }
@@ -261,8 +269,8 @@ mod tests {
         let p = plan(&Q35::seabios(), &spares(1)).unwrap();
         let rp = &p.ports[0];
         let dev = rp.device.as_ref().unwrap();
-        assert_eq!(dev.props["pref64-reserve"], (256 * GIB + 31 * MIB).into());
-        assert_eq!(dev.props["mem-reserve"], (31 * MIB).into());
+        assert_eq!(dev.props["pref64-reserve"], (256 * GIB + 30 * MIB).into());
+        assert_eq!(dev.props["mem-reserve"], (30 * MIB).into());
         assert_eq!(dev.props["io-reserve"], 0u64.into());
         assert!(p.extra.qemu.is_empty());
         // 4 GiB + 256 GiB + 31 MiB ends below 512 GiB: 39 bits.

@@ -37,9 +37,11 @@
 //!   guests are where that is proven. It is a policy option
 //!   ([`PlanOptions::switch_placeholders`]); without it, a plan that needs more than the
 //!   firmware's minimum below a downstream port is an error, not a silent failure in the
-//!   guest. The 32-bit window of such a port comes from the placeholder's own small BARs,
-//!   unless [`PlanOptions::placeholder_rom`] names a file to expose as an option ROM of
-//!   the size the profile's 32-bit BARs need.
+//!   guest. The 32-bit window needs a 32-bit non-prefetchable BAR of the right size: on
+//!   x86 a `qxl` function (its RAM BAR follows `ram_size_mb`; it also takes 4 KiB of I/O
+//!   space) joins the placeholder. An option ROM does not work for this: OVMF maps no ROM
+//!   BAR of a device it has no driver for, so the window stays at 2 MiB. Where no such
+//!   device exists (aarch64), a profile with large 32-bit BARs below a switch is an error.
 //! - **I/O** windows are reserved only for what needs I/O ports: only about 16 ports can
 //!   have one.
 //!

@@ -97,8 +97,9 @@ impl Reservation {
 /// `xio3130-downstream` has no `*-reserve` properties, and firmware sizes a port's windows
 /// from what is plugged at boot only. A placeholder — `ivshmem-plain` functions backed by
 /// `memory-backend-ram,reserve=off`, one per prefetchable BAR of the profile, so no host
-/// memory is used — is plugged at boot and removed before the first hotplug on the port;
-/// the window the firmware gave it stays assigned to the port.
+/// memory is used, plus on x86 a `qxl` function whose RAM BAR stands in for the profile's
+/// 32-bit BARs — is plugged at boot and removed before the first hotplug on the port; the
+/// window the firmware gave it stays assigned to the port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placeholder {
     /// Memory backends of the placeholder functions.
@@ -339,10 +340,6 @@ pub struct PlanOptions {
     pub spare_bus_reserve: u8,
     /// Plug placeholders behind empty switch downstream ports so firmware sizes their windows.
     pub switch_placeholders: bool,
-    /// File to use as placeholder option ROM, which makes the 32-bit window large enough
-    /// for the profile's 32-bit BARs (a ROM BAR is placed in the 32-bit window).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub placeholder_rom: Option<String>,
     /// First slot of the root bus to use.
     pub first_root_slot: u8,
     /// Size reservations from requirements (false: emit no `*-reserve`, the machine's
@@ -359,7 +356,6 @@ impl Default for PlanOptions {
             pack_root_ports: false,
             spare_bus_reserve: 0,
             switch_placeholders: true,
-            placeholder_rom: None,
             first_root_slot: 1,
             size_reservations: true,
         }

@@ -453,9 +453,24 @@ impl Builder<'_> {
                 self.reservation_for(&need, present, sizing && (can_reserve || kernel || placeholder));
             if placeholder {
                 let ph = self.placeholder_for(ids, taken, &port_id, &need)?;
-                let ph_need = placeholder_requirement(&ph, &self.opts);
+                let ph_need = placeholder_requirement(&ph);
                 res = self.reservation_for(&ph_need, true, true);
                 res.need = need;
+                if !res.holds(&need) {
+                    let hint = if self.spec.mem32_placeholder.is_none() && !res.mem.holds(&need.mem) {
+                        "; this platform has no device whose 32-bit BAR can stand in for the profile's"
+                    } else {
+                        ""
+                    };
+                    return Err(PlanError::DownstreamWindow {
+                        port: port_id,
+                        need: format!(
+                            "{} with placeholder windows {}{hint}",
+                            describe_requirement(&need),
+                            describe_requirement(&ph_need)
+                        ),
+                    });
+                }
                 res.why.push(format!(
                     "the switch downstream port has no *-reserve properties: a boot-time placeholder ({}) makes firmware size the windows, and is removed before the first hotplug",
                     describe_requirement(&ph_need)
@@ -667,43 +682,66 @@ impl Builder<'_> {
             sizes.push(next_pow2(total).unwrap_or(total));
         }
         let base = ids.alloc("ph", taken)?;
-        let multi = sizes.len() > 1;
+        let mem32 = self.spec.mem32_placeholder.clone().filter(|_| need.mem.size > MEM_GRANULARITY);
+        let functions = sizes.len() + usize::from(mem32.is_some());
+        let multi = functions > 1;
         let mut objects = Vec::new();
         let mut devices = Vec::new();
+        let fn_id = |f: usize| QemuId::new(if f == 0 { base.clone() } else { format!("{base}-f{f}") });
         for (f, size) in sizes.iter().enumerate() {
-            let f8 = f as u8;
-            let dev_id = QemuId::new(if f == 0 { base.clone() } else { format!("{base}-f{f}") })?;
             let mem_id = QemuId::new(format!("{base}-mem{f}"))?;
             objects.push(QemuObject::unbacked_ram(mem_id.clone(), *size));
-            let mut d = QemuDevice::new("ivshmem-plain", dev_id).prop("memdev", mem_id.to_string());
+            let mut d = QemuDevice::new("ivshmem-plain", fn_id(f)?).prop("memdev", mem_id.to_string());
             d.bus = Some(port_id.to_string());
-            d.addr = Some(DevFn::new(0, f8)?);
+            d.addr = Some(DevFn::new(0, f as u8)?);
             d.multifunction = multi && f == 0;
-            if f == 0 && need.mem.size > MEM_GRANULARITY {
-                if let Some(rom) = &self.opts.placeholder_rom {
-                    let rom_size = next_pow2(need.mem.size).unwrap_or(need.mem.size);
-                    d = d.prop("romfile", rom.clone()).prop("romsize", rom_size);
-                }
-            }
+            devices.push(d);
+        }
+        if let Some(driver) = mem32 {
+            // qxl's RAM BAR (BAR 0) is 32-bit non-prefetchable and `ram_size_mb` large
+            // (16 MiB at least); its VRAM BAR is kept at 1 MiB and its ROM BAR off.
+            let f = sizes.len();
+            let ram_mb = (next_pow2(need.mem.size).unwrap_or(need.mem.size) / MIB).max(16);
+            let mut d = QemuDevice::new(driver, fn_id(f)?)
+                .prop("ram_size_mb", ram_mb)
+                .prop("vram_size_mb", 1u64)
+                .prop("vgamem_mb", (ram_mb / 4).max(1))
+                .prop("rombar", 0u64);
+            d.bus = Some(port_id.to_string());
+            d.addr = Some(DevFn::new(0, f as u8)?);
             devices.push(d);
         }
         Ok(Placeholder { objects, devices, present: true })
     }
 }
 
-/// What the placeholder's BARs need (ivshmem: 256 B BAR 0, 4 KiB MSI-X free; the memory BAR;
-/// the ROM when given).
-fn placeholder_requirement(ph: &Placeholder, _opts: &crate::plan::PlanOptions) -> Requirement {
+/// What the placeholder's BARs need (ivshmem: 256 B BAR 0 and the memory BAR; qxl: RAM
+/// BAR, 1 MiB VRAM BAR, 8 KiB ROM-register BAR and a 32-port I/O BAR).
+fn placeholder_requirement(ph: &Placeholder) -> Requirement {
     use pcilibs::bar::BarKind;
     use pcilibs::requirement::Resource;
     let mut res = Vec::new();
-    for (d, o) in ph.devices.iter().zip(ph.objects.iter()) {
-        res.push(Resource::bar(BarKind::Mem32, false, 256));
-        if let Some(PropValue::Int(size)) = o.props.get("size") {
-            res.push(Resource::bar(BarKind::Mem64, true, *size));
-        }
-        if let Some(PropValue::Int(rom)) = d.props.get("romsize") {
-            res.push(Resource { rom: true, ..Resource::bar(BarKind::Mem32, false, *rom) });
+    for d in &ph.devices {
+        match d.driver.as_str() {
+            "ivshmem-plain" => {
+                res.push(Resource::bar(BarKind::Mem32, false, 256));
+                let size = ph
+                    .objects
+                    .iter()
+                    .find(|o| d.props.get("memdev") == Some(&PropValue::Str(o.id.to_string())))
+                    .and_then(|o| o.props.get("size"));
+                if let Some(PropValue::Int(size)) = size {
+                    res.push(Resource::bar(BarKind::Mem64, true, *size));
+                }
+            }
+            _ => {
+                if let Some(PropValue::Int(mb)) = d.props.get("ram_size_mb") {
+                    res.push(Resource::bar(BarKind::Mem32, false, mb.saturating_mul(MIB)));
+                }
+                res.push(Resource::bar(BarKind::Mem32, false, MIB));
+                res.push(Resource::bar(BarKind::Mem32, false, 8 << 10));
+                res.push(Resource::bar(BarKind::Io, false, 32));
+            }
         }
     }
     Requirement::of(&res).unwrap_or_default()

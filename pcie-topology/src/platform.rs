@@ -154,6 +154,9 @@ pub struct PlatformSpec {
     pub io: Range,
     /// 64-bit aperture rule.
     pub mmio64: Mmio64Aperture,
+    /// Device that can stand in for large 32-bit non-prefetchable BARs in a boot-time
+    /// placeholder (`qxl` on x86: its RAM BAR is sized by `ram_size_mb`).
+    pub mem32_placeholder: Option<String>,
     /// Guest physical address bits the machine gives by default (x86 TCG: 40).
     pub default_phys_bits: u8,
     /// Guest RAM that sits below 4 GiB at most (q35: 2 GiB once RAM exceeds 2.75 GiB).

@@ -69,7 +69,16 @@ pub fn size_window(
     granularity: u64,
     present_at_boot: bool,
 ) -> Sized {
-    let gran = granularity.max(1);
+    // Memory windows of the unaligned rules come in steps of the start alignment
+    // (SeaBIOS 1.16 programs bridge memory windows in 2 MiB steps).
+    let gran = match rule {
+        WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align }
+            if granularity >= pcilibs::requirement::MEM_GRANULARITY =>
+        {
+            granularity.max(start_align)
+        }
+        _ => granularity.max(1),
+    };
     let need_size = align_up(need.size, gran).unwrap_or(u64::MAX);
     if need.is_empty() {
         return match rule {
@@ -90,7 +99,11 @@ pub fn size_window(
         };
     }
     if present_at_boot {
-        let window = Window { size: need_size, align: need.align.max(gran) };
+        // Firmware aligns the window to its largest boot-time child and rounds its size up
+        // to that alignment.
+        let align = need.align.max(gran);
+        let size = align_up(need_size, align).unwrap_or(u64::MAX);
+        let window = Window { size, align };
         let reserve = match rule {
             WindowRule::ReserveUnaligned { .. } => Some(need_size),
             WindowRule::ReservePowerOfTwo => Some(0),
@@ -100,15 +113,19 @@ pub fn size_window(
             reserve,
             window,
             why: format!(
-                "{} needed by what is plugged at boot; firmware aligns the window to its largest BAR ({})",
-                human_size(need_size),
-                human_size(window.align)
+                "{} for what is plugged at boot; firmware aligns the window to its largest BAR ({}) and rounds it to that",
+                human_size(size),
+                human_size(align)
             ),
         };
     }
     match rule {
         WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
-            let start = start_align.max(gran);
+            let start = if granularity >= pcilibs::requirement::MEM_GRANULARITY {
+                start_align.max(gran)
+            } else {
+                gran
+            };
             let slack = need.align.saturating_sub(start);
             let size = need_size.checked_add(slack).and_then(|s| align_up(s, gran)).unwrap_or(u64::MAX);
             let why = if slack > 0 {
@@ -155,8 +172,8 @@ mod tests {
 
     #[test]
     fn seabios_needs_slack_for_alignment() {
-        let s = size_window(WindowRule::ReserveUnaligned { start_align: MIB }, &H100_PREF, MIB, false);
-        assert_eq!(s.reserve, Some(256 * GIB + 31 * MIB));
+        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, false);
+        assert_eq!(s.reserve, Some(256 * GIB + 30 * MIB));
         assert!(s.window.holds(&H100_PREF));
         // The reservation DESIGN.md saw fail: 128 GiB at 1 MiB alignment cannot hold 128 GiB.
         let plain = Window { size: 128 * GIB, align: MIB };
@@ -177,8 +194,9 @@ mod tests {
 
     #[test]
     fn boot_time_children_align_the_window() {
-        let s = size_window(WindowRule::ReserveUnaligned { start_align: MIB }, &H100_PREF, MIB, true);
-        assert_eq!(s.window, Window { size: 128 * GIB + 32 * MIB, align: 128 * GIB });
+        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, true);
+        // As SeaBIOS showed behind a switch port: 128 GiB + 32 MiB rounds up to 256 GiB.
+        assert_eq!(s.window, Window { size: 256 * GIB, align: 128 * GIB });
         assert!(s.window.holds(&H100_PREF));
     }
 }
