@@ -254,9 +254,13 @@ const DEVICES: &[&str] = &[
     "virtio-rng-pci,bus=rp4",
 ];
 
-/// query-pci regions by function: bar index → (size, is_io, prefetch, mem64).
-fn qemu_regions(q: &mut Qemu) -> BTreeMap<Bdf, BTreeMap<u8, (u64, bool, bool, bool)>> {
-    fn walk(devs: &Value, out: &mut BTreeMap<Bdf, BTreeMap<u8, (u64, bool, bool, bool)>>) {
+/// One query-pci region: (size, is_io, prefetch, mem64).
+type Region = (u64, bool, bool, bool);
+/// query-pci regions by function and BAR index (6 = ROM).
+type Regions = BTreeMap<Bdf, BTreeMap<u8, Region>>;
+
+fn qemu_regions(q: &mut Qemu) -> Regions {
+    fn walk(devs: &Value, out: &mut Regions) {
         for d in devs.as_array().unwrap() {
             let b = Bdf::new(
                 0,
