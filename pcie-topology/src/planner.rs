@@ -583,8 +583,14 @@ impl Builder<'_> {
     fn apply_kernel_sizes(&mut self) {
         let mut hp_mem = 0u64;
         let mut hp_pref = 0u64;
-        for p in self.ports.iter().filter(|p| p.occupant.is_none() && !self.is_switch_port(p)) {
-            if p.kind != PortKind::BridgeSlot && !self.device_of.contains_key(&self.index_of(p)) {
+        // Ports that are empty at boot: spares and ports of devices hotplugged later.
+        for (i, p) in self.ports.iter().enumerate() {
+            let cold = self
+                .device_of
+                .get(&i)
+                .and_then(|d| self.request.devices.get(*d))
+                .is_some_and(|d| d.cold_plug);
+            if p.kind != PortKind::BridgeSlot && !self.is_switch_port(p) && !cold {
                 hp_mem = hp_mem.max(p.reservation.mem.size);
                 hp_pref = hp_pref.max(p.reservation.pref.size);
             }
@@ -619,10 +625,6 @@ impl Builder<'_> {
         self.hotplug_totals.hotplug_mem = hp_mem;
         self.hotplug_totals.hotplug_pref = hp_pref;
         self.hotplug_totals.hotplug_buses = self.opts.spare_bus_reserve;
-    }
-
-    fn index_of(&self, port: &Port) -> usize {
-        self.ports.iter().position(|p| p.id == port.id).unwrap_or(usize::MAX)
     }
 
     /// Writes `mem-reserve`, `pref64-reserve`, `io-reserve` and `bus-reserve` on root ports.

@@ -1,7 +1,14 @@
 //! A small QEMU runner and raw-JSON QMP client for acceptance tests: start a real QEMU
 //! with a plan's arguments, talk QMP over its Unix socket with a deadline on every read,
 //! and read back `query-pci` and `qom-list`.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -142,16 +149,20 @@ impl Qmp {
         out
     }
 
-    /// Polls `query-pci` until `ready` holds, within `timeout`.
+    /// Polls `query-pci` until `ready` holds on two polls in a row that agree (firmware
+    /// writes bridge registers one at a time), within `timeout`.
     pub fn wait_pci(&mut self, timeout: Duration, ready: impl Fn(&[PciDev]) -> bool) -> Vec<PciDev> {
         let deadline = Instant::now() + timeout;
+        let mut last: Option<String> = None;
         loop {
             let devs = self.pci_devices();
-            if ready(&devs) {
+            let snapshot = format!("{devs:?}");
+            if ready(&devs) && last.as_deref() == Some(snapshot.as_str()) {
                 return devs;
             }
+            last = Some(snapshot);
             assert!(Instant::now() < deadline, "query-pci not ready within {timeout:?}: {devs:#?}");
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 }
@@ -181,7 +192,10 @@ pub struct Bridge {
 fn walk(devs: &[Value], out: &mut Vec<PciDev>) {
     for d in devs {
         let bridge = d.get("pci_bridge").map(|b| {
-            let r = |k: &str| (b["bus"][k]["base"].as_u64().unwrap(), b["bus"][k]["limit"].as_u64().unwrap());
+            // A range is missing while firmware has not programmed it yet.
+            let r = |k: &str| {
+                (b["bus"][k]["base"].as_u64().unwrap_or(0), b["bus"][k]["limit"].as_u64().unwrap_or(0))
+            };
             Bridge {
                 secondary: b["bus"]["secondary"].as_u64().unwrap() as u8,
                 subordinate: b["bus"]["subordinate"].as_u64().unwrap() as u8,

@@ -1,0 +1,131 @@
+//! The aarch64 `virt` plans, started in the real `qemu-system-aarch64`.
+//!
+//! Without firmware nothing programs bus numbers before a kernel runs, so the direct-boot
+//! test checks what QEMU itself knows (devices, buses, hotplug acceptance) and the kernel
+//! arguments; with UEFI the firmware runs and the windows are read back like on q35.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::Duration;
+
+use arch_x86_aarch64::{Virt, AAVMF_PATH};
+use common::{require, Qemu};
+use pcie_topology::units::GIB;
+use pcie_topology::{
+    plan, AddressSpaceError, DeviceRequest, HotplugProfile, Mode, Plan, PlanError, PlanRequest, SpareRequest,
+};
+use serde_json::{json, Value};
+
+fn request(profile: HotplugProfile, spares: u32) -> PlanRequest {
+    PlanRequest {
+        mode: Mode::RootPort,
+        devices: vec![DeviceRequest::ivshmem("gpu0", 64 * GIB).unwrap()],
+        spares: vec![SpareRequest { profile, count: spares, numa_node: None, p2p_group: None }],
+        options: Default::default(),
+    }
+}
+
+fn start(plan: &Plan) -> Qemu {
+    require("qemu-system-aarch64", "qemu-system-arm");
+    let mut args = plan.qemu_args();
+    args.extend(["-accel", "tcg", "-cpu", "max", "-m", "512"].map(String::from));
+    Qemu::start("qemu-system-aarch64", &args)
+}
+
+fn hotplug(plan: &Plan, qemu: &mut Qemu) {
+    for action in plan.hotplug_actions().unwrap() {
+        for o in &action.object_add {
+            qemu.qmp.ok("object-add", Value::Object(o.clone()));
+        }
+        for f in &action.functions {
+            qemu.qmp.ok("device_add", Value::Object(f.device_add.clone()));
+        }
+    }
+    let peripherals = qemu.qmp.peripherals();
+    for d in &plan.devices {
+        assert!(peripherals.iter().any(|p| p == d.id.as_str()), "{} missing: {peripherals:?}", d.id);
+    }
+}
+
+#[test]
+fn direct_kernel_boot_plan_is_accepted() {
+    let plan = plan(&Virt::direct_kernel(), &request(HotplugProfile::a100(), 2)).unwrap();
+    // Linux sizes the windows: every hotplug bridge gets the largest spare's space.
+    assert_eq!(plan.kernel_args().len(), 1);
+    assert!(plan.kernel_args()[0].starts_with("pci=hpmmiosize="), "{:?}", plan.kernel_args());
+    let mut qemu = start(&plan);
+    let peripherals = qemu.qmp.peripherals();
+    for p in &plan.ports {
+        assert!(peripherals.iter().any(|x| x == p.id.as_str()), "{} missing: {peripherals:?}", p.id);
+    }
+    // Every root port is on pcie.0 at its planned slot (bus numbers are the kernel's job).
+    let devs = qemu.qmp.pci_devices();
+    for p in &plan.ports {
+        let got = devs.iter().find(|d| d.id == p.id.as_str()).unwrap();
+        assert_eq!((got.slot, got.function), (p.bdf.devfn.slot, p.bdf.devfn.function));
+    }
+    hotplug(&plan, &mut qemu);
+}
+
+#[test]
+fn uefi_windows_hold_profiles() {
+    require(AAVMF_PATH, "qemu-efi-aarch64");
+    let plan = plan(&Virt::uefi(), &request(HotplugProfile::h100(), 1)).unwrap();
+    let mut qemu = start(&plan);
+    let devs = qemu.qmp.wait_pci(Duration::from_secs(240), |devs| {
+        plan.ports
+            .iter()
+            .all(|p| devs.iter().any(|d| d.id == p.id.as_str() && d.bridge.is_some_and(|b| b.secondary != 0)))
+    });
+    for p in &plan.ports {
+        let got = devs.iter().find(|d| d.id == p.id.as_str()).unwrap();
+        let b = got.bridge.unwrap();
+        assert_eq!((b.secondary, b.subordinate), (p.secondary_bus, p.subordinate_bus), "{}", p.id);
+        let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
+        let resources = match (&p.profile, &p.occupant) {
+            (_, Some(d)) => plan
+                .device(d.as_str())
+                .unwrap()
+                .functions
+                .iter()
+                .flat_map(|f| f.bars.iter())
+                .map(|b| pcilibs::requirement::Resource::bar(b.kind, b.prefetchable, b.size))
+                .collect(),
+            (Some(prof), None) => prof.resources.clone(),
+            _ => continue,
+        };
+        assert!(
+            pcie_topology::sim::fits(window(b.mem), window(b.pref), &resources),
+            "{}: mem {:#x?} pref {:#x?} cannot hold {resources:?}",
+            p.id,
+            b.mem,
+            b.pref
+        );
+    }
+    hotplug(&plan, &mut qemu);
+}
+
+#[test]
+fn direct_kernel_boot_gives_every_hotplug_port_the_same_space() {
+    // The kernel rule is uniform: two H100 spares and a hotplug port need 3 x 256 GiB.
+    match plan(&Virt::direct_kernel(), &request(HotplugProfile::h100(), 2)) {
+        Err(PlanError::AddressSpace(AddressSpaceError::Mmio64Aperture { needed, .. })) => {
+            assert!(needed >= 3 * 256 * GIB, "{needed:#x}");
+        }
+        other => panic!("expected an aperture error, got {other:?}"),
+    }
+    let _ = json!({});
+}
+
+#[test]
+fn uefi_plan_that_exceeds_the_high_mmio_window_is_refused() {
+    // Three H100 spares round up to 256 GiB each under UEFI: 768 GiB + 64 GiB > 512 GiB.
+    match plan(&Virt::uefi(), &request(HotplugProfile::h100(), 3)) {
+        Err(PlanError::AddressSpace(AddressSpaceError::Mmio64Aperture { needed, available })) => {
+            assert_eq!(available, 512 * GIB);
+            assert!(needed > available);
+        }
+        other => panic!("expected an aperture error, got {other:?}"),
+    }
+}
