@@ -248,6 +248,18 @@ impl SysfsDevice {
             .ok_or(SysfsError::BadValue { path: p, text: cut(t) })
     }
 
+    /// A `0x1234` id file (`vendor`, `device`), `None` when absent.
+    fn id_file(&self, name: &str) -> Result<Option<u16>> {
+        let p = self.path.join(name);
+        let Some(text) = read_optional(&p)? else { return Ok(None) };
+        let t = text.trim();
+        t.strip_prefix("0x")
+            .filter(|h| h.len() == 4)
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+            .map(Some)
+            .ok_or(SysfsError::BadValue { path: p, text: cut(t) })
+    }
+
     /// The VFs (`virtfnN` links), in VF order.
     pub fn virtual_functions(&self) -> Result<Vec<Bdf>> {
         let mut found: Vec<(u32, Bdf)> = Vec::new();
@@ -291,8 +303,18 @@ impl SysfsDevice {
     }
 
     /// Facts from `config`, `resource` and the host links.
+    ///
+    /// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID; the
+    /// kernel's `vendor` and `device` files have the real ones and are used instead.
     pub fn facts(&self) -> Result<FunctionFacts> {
-        let config = self.config()?;
+        let mut config = self.config()?;
+        if config.get(..4) == Some(&[0xff, 0xff, 0xff, 0xff]) {
+            if let (Some(v), Some(d)) = (self.id_file("vendor")?, self.id_file("device")?) {
+                if let Some(ids) = config.get_mut(..4) {
+                    ids.copy_from_slice(&[v as u8, (v >> 8) as u8, d as u8, (d >> 8) as u8]);
+                }
+            }
+        }
         let f = Function::decode(&config).map_err(|source| FactsError::Config { bdf: self.bdf, source })?;
         let total_vfs = match f.sriov() {
             Some(s) => Some(s.total_vfs),

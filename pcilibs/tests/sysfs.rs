@@ -1,0 +1,358 @@
+//! Sysfs enumeration over trees built in a temporary directory from pciutils' dumps, laid
+//! out like the kernel's (`devices/pci0000:00/…`, `bus/pci/devices` links, drivers, IOMMU
+//! groups, SR-IOV links), plus the host's own `/sys` compared with `lspci`.
+
+// Test code: failures panic with a message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pcilibs::bar::BarKind;
+use pcilibs::bdf::Bdf;
+use pcilibs::caps::pcie::PortType;
+use pcilibs::decode::Function;
+use pcilibs::dump;
+use pcilibs::emulated::EmulatedConfigSpace;
+use pcilibs::facts::{passthrough_functions, requirement_of, ResourceOptions};
+use pcilibs::sizing::probe::probe;
+use pcilibs::sizing::{BarSizes, SizeSource};
+use pcilibs::sysfs::{Sysfs, SysfsDevice, SysfsError};
+
+fn config_of(file: &str, bdf: &str) -> Vec<u8> {
+    let d = dump::parse(&common::dump_text(file));
+    d.devices.into_iter().find(|x| x.bdf.to_string().ends_with(bdf)).unwrap().config
+}
+
+/// Sizes a test chooses for a config: each BAR as large as its address alignment allows
+/// (at most 16 MiB, I/O at most 256), so the tree stays consistent with the registers.
+fn choose_sizes(config: &[u8]) -> BarSizes {
+    let f = Function::decode(config).unwrap();
+    let pick = |addr: u64, kind: BarKind| {
+        let cap = if kind == BarKind::Io { 256 } else { 16 << 20 };
+        let align = if addr == 0 { cap } else { 1u64 << addr.trailing_zeros() };
+        align.min(cap)
+    };
+    let mut s = BarSizes::empty(SizeSource::Sysfs);
+    for b in f.bars.bars.iter().filter(|b| !b.looks_unused()) {
+        s.bars[b.index as usize] = Some(pick(b.address, b.kind));
+    }
+    if f.rom.is_some_and(|r| r.raw != 0) {
+        s.rom = Some(pick(u64::from(f.rom.unwrap().address), BarKind::Mem32).max(2048));
+    }
+    if let Some(sr) = f.sriov() {
+        let mut vf = [None; 6];
+        for b in sr.vf_bars.bars.iter().filter(|b| !b.looks_unused()) {
+            vf[b.index as usize] = Some(pick(b.address, b.kind).max(4096));
+        }
+        s.vf_bars = Some(vf);
+    }
+    s
+}
+
+/// The text of a sysfs `resource` file for `config` with `sizes` (17 lines: BARs, ROM,
+/// SR-IOV, bridge windows — the layout of a kernel with CONFIG_PCI_IOV).
+fn resource_text(config: &[u8], sizes: &BarSizes) -> String {
+    let f = Function::decode(config).unwrap();
+    let line = |start: u64, size: Option<u64>, flags: u64| match size {
+        Some(s) => format!("0x{start:016x} 0x{:016x} 0x{flags:016x}\n", start + s - 1),
+        None => format!("0x{:016x} 0x{:016x} 0x{:016x}\n", 0, 0, 0),
+    };
+    let flags = |kind: BarKind, pref: bool| match kind {
+        BarKind::Io => 0x101,
+        BarKind::Mem64 => 0x0014_0200 | if pref { 0x2000 } else { 0 },
+        _ => 0x0004_0200 | if pref { 0x2000 } else { 0 },
+    };
+    let mut text = String::new();
+    for i in 0..6u8 {
+        let b = f.bars.get(i);
+        let size = sizes.bars[i as usize];
+        text += &line(b.map_or(0, |b| b.address), size, b.map_or(0, |b| flags(b.kind, b.prefetchable)));
+    }
+    text += &line(u64::from(f.rom.map_or(0, |r| r.address)), sizes.rom, 0x4_6200);
+    let total = f.sriov().map_or(0, |s| u64::from(s.total_vfs));
+    for i in 0..6u8 {
+        let reg = f.sriov().and_then(|s| s.vf_bars.get(i).copied());
+        let size = sizes.vf_bars.and_then(|v| v[i as usize]).map(|s| s * total);
+        text += &line(reg.map_or(0, |b| b.address), size, reg.map_or(0, |b| flags(b.kind, b.prefetchable)));
+    }
+    for _ in 0..4 {
+        text += &line(0, None, 0);
+    }
+    text
+}
+
+struct Tree {
+    dir: tempfile::TempDir,
+}
+
+impl Tree {
+    fn new() -> Tree {
+        let t = Tree { dir: tempfile::tempdir().unwrap() };
+        for d in
+            ["bus/pci/devices", "bus/pci/drivers/vfio-pci", "bus/pci/drivers/pcieport", "kernel/iommu_groups"]
+        {
+            std::fs::create_dir_all(t.root().join(d)).unwrap();
+        }
+        t
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds a function at `devices/pci0000:00/<chain…>/<bdf>` and returns its directory.
+    fn add(&self, chain: &[&str], bdf: &str, config: &[u8], sizes: Option<&BarSizes>) -> PathBuf {
+        let mut rel = PathBuf::from("devices/pci0000:00");
+        for c in chain {
+            rel.push(c);
+        }
+        rel.push(bdf);
+        let dir = self.root().join(&rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config"), config).unwrap();
+        if let Some(s) = sizes {
+            std::fs::write(dir.join("resource"), resource_text(config, s)).unwrap();
+        }
+        symlink(Path::new("../../..").join(&rel), self.root().join("bus/pci/devices").join(bdf)).unwrap();
+        dir
+    }
+
+    /// `<dir>/<name>` → a link to `<root>/<target>`, relative like the kernel's.
+    fn link(&self, dir: &Path, name: &str, target: &str) {
+        let depth = dir.strip_prefix(self.root()).unwrap().components().count();
+        let up: PathBuf = std::iter::repeat("..").take(depth).collect();
+        symlink(up.join(target), dir.join(name)).unwrap();
+    }
+
+    fn group(&self, n: u32, members: &[(&str, &Path)]) {
+        let g = self.root().join(format!("kernel/iommu_groups/{n}/devices"));
+        std::fs::create_dir_all(&g).unwrap();
+        for (bdf, dir) in members {
+            let rel = dir.strip_prefix(self.root()).unwrap();
+            symlink(Path::new("../../../..").join(rel), g.join(bdf)).unwrap();
+            self.link(dir, "iommu_group", &format!("kernel/iommu_groups/{n}"));
+        }
+    }
+}
+
+/// A tree: root port 00:1c.0 → endpoint 02:00.0 (SR-IOV PF, two VFs) + 02:00.1 (audio-like)
+/// + 02:00.2 (class 0x0680), all in IOMMU group 7 with the port.
+fn build() -> (Tree, Vec<(Bdf, BarSizes)>) {
+    let t = Tree::new();
+    let port_cfg = config_of("bridge-ctl-vga16", "00:1c.0");
+    let pf_cfg = config_of("cap-pcie-2", "01:00.0");
+    let gpu_cfg = config_of("cap-rebar", "09:00.0");
+    let mut nvswitch_cfg = gpu_cfg.clone();
+    nvswitch_cfg[0x0a] = 0x80; // class 0x0680: "other bridge", as NVSwitch reports
+    nvswitch_cfg[0x0b] = 0x06;
+    let mut sized = Vec::new();
+    let port_sizes = choose_sizes(&port_cfg);
+    let port = t.add(&[], "0000:00:1c.0", &port_cfg, Some(&port_sizes));
+    sized.push((Bdf::parse("0000:00:1c.0").unwrap(), port_sizes));
+    let mut members = vec![("0000:00:1c.0", port.clone())];
+    t.link(&port, "driver", "bus/pci/drivers/pcieport");
+    for (bdf, cfg) in [("0000:02:00.0", &pf_cfg), ("0000:02:00.1", &gpu_cfg), ("0000:02:00.2", &nvswitch_cfg)]
+    {
+        let sizes = choose_sizes(cfg);
+        let dir = t.add(&["0000:00:1c.0"], bdf, cfg, Some(&sizes));
+        t.link(&dir, "driver", "bus/pci/drivers/vfio-pci");
+        std::fs::write(dir.join("numa_node"), "1\n").unwrap();
+        sized.push((Bdf::parse(bdf).unwrap(), sizes));
+        members.push((bdf, dir));
+    }
+    let pf = members[1].1.clone();
+    std::fs::write(pf.join("sriov_totalvfs"), "8\n").unwrap();
+    std::fs::write(pf.join("sriov_numvfs"), "2\n").unwrap();
+    // VFs 0 and 10 (numeric, not lexical, order), with physfn links back.
+    for (n, bdf) in [(10, "0000:02:01.2"), (0, "0000:02:00.4")] {
+        // A VF's vendor and device ID read as 0xffff; sysfs has the real ones.
+        let mut vf_cfg = vec![0u8; 256];
+        vf_cfg[..4].copy_from_slice(&[0xff; 4]);
+        let dir = t.add(&["0000:00:1c.0"], bdf, &vf_cfg, None);
+        std::fs::write(dir.join("vendor"), "0x8086\n").unwrap();
+        std::fs::write(dir.join("device"), "0x10ed\n").unwrap();
+        t.link(&pf, &format!("virtfn{n}"), &dir.strip_prefix(t.root()).unwrap().display().to_string());
+        t.link(&dir, "physfn", &pf.strip_prefix(t.root()).unwrap().display().to_string());
+    }
+    let refs: Vec<(&str, &Path)> = members.iter().map(|(b, d)| (*b, d.as_path())).collect();
+    t.group(7, &refs);
+    (t, sized)
+}
+
+#[test]
+fn enumerates_a_kernel_like_tree() {
+    let (t, sized) = build();
+    // Names that are not strict addresses are ignored.
+    std::fs::create_dir(t.root().join("bus/pci/devices/0000:00:1c.0x")).unwrap();
+    std::fs::create_dir(t.root().join("bus/pci/devices/..hidden")).unwrap();
+    let sys = Sysfs::new(t.root());
+    let list: Vec<String> = sys.functions().unwrap().iter().map(Bdf::to_string).collect();
+    assert_eq!(
+        list,
+        ["0000:00:1c.0", "0000:02:00.0", "0000:02:00.1", "0000:02:00.2", "0000:02:00.4", "0000:02:01.2"]
+    );
+
+    let pf_bdf = Bdf::parse("0000:02:00.0").unwrap();
+    let host = sys.host_device(pf_bdf).unwrap();
+    let f = &host.facts;
+    assert_eq!(f.driver.as_deref(), Some("vfio-pci"));
+    assert_eq!(f.iommu_group, Some(7));
+    assert_eq!(f.numa_node, Some(1));
+    assert!(f.is_pcie);
+    assert_eq!(f.port_type, Some(PortType::Endpoint));
+    assert_eq!(host.upstream_bridges, [Bdf::parse("0000:00:1c.0").unwrap()]);
+    assert_eq!(host.iommu_group_members.len(), 4);
+    let vfs: Vec<String> = host.virtual_functions.iter().map(Bdf::to_string).collect();
+    assert_eq!(vfs, ["0000:02:00.4", "0000:02:01.2"]);
+    assert_eq!(host.physical_function, None);
+    let vf = sys.device(Bdf::parse("0000:02:01.2").unwrap());
+    assert_eq!(vf.physical_function().unwrap(), Some(pf_bdf));
+    assert!(vf.resource().unwrap().is_none(), "no resource file: no sizes");
+    let vf_facts = vf.facts().unwrap();
+    assert_eq!((vf_facts.vendor_id, vf_facts.device_id), (0x8086, 0x10ed));
+    assert_eq!(vf_facts.size_source, None);
+    assert_eq!(sys.device(Bdf::parse("0000:00:1c.0").unwrap()).upstream_bridges().unwrap(), []);
+
+    // Sizes read back from the resource file are the ones the tree was built with.
+    for (bdf, want) in &sized {
+        let f = sys.facts(*bdf).unwrap();
+        assert_eq!(f.size_source, Some(SizeSource::Sysfs));
+        for b in &f.bars {
+            assert_eq!(b.size, want.bars[b.index as usize], "{bdf} BAR {}", b.index);
+        }
+        assert_eq!(f.rom_size, want.rom, "{bdf} ROM");
+        if let Some(sr) = &f.sriov {
+            assert_eq!(sr.total_vfs, 8);
+            for b in &sr.vf_bars {
+                assert_eq!(b.size, want.vf_bars.unwrap()[b.index as usize], "{bdf} VF BAR {}", b.index);
+            }
+        }
+    }
+}
+
+#[test]
+fn probe_on_emulated_config_equals_sysfs() {
+    let (t, _) = build();
+    let sys = Sysfs::new(t.root());
+    let mut compared = 0;
+    for bdf in sys.functions().unwrap() {
+        let dev = sys.device(bdf);
+        let config = dev.config().unwrap();
+        let total = Function::decode(&config).ok().and_then(|f| f.sriov().map(|s| s.total_vfs));
+        let Some(from_sysfs) = dev.sizes(total).unwrap() else { continue };
+        let mut emu = EmulatedConfigSpace::with_sizes(&config, &from_sysfs).unwrap();
+        let before = emu.bytes().to_vec();
+        let probed = probe(&mut emu).unwrap();
+        assert_eq!(probed.bars, from_sysfs.bars, "{bdf}");
+        assert_eq!(probed.rom, from_sysfs.rom, "{bdf}");
+        assert_eq!(probed.vf_bars, from_sysfs.vf_bars, "{bdf}");
+        assert_eq!(emu.bytes(), &before[..], "{bdf}: probe restores every register");
+        compared += 1;
+    }
+    assert_eq!(compared, 4);
+    // The endpoints really have BARs and VF BARs of the chosen sizes.
+    let pf = sys.facts(Bdf::parse("0000:02:00.0").unwrap()).unwrap();
+    assert!(!pf.bars.is_empty() && pf.bars.iter().all(|b| b.size.is_some()));
+    assert!(pf.sriov.unwrap().vf_bars.iter().any(|b| b.size.is_some()));
+}
+
+#[test]
+fn group_companions_and_requirement() {
+    let (t, _) = build();
+    let sys = Sysfs::new(t.root());
+    let members = sys.device(Bdf::parse("0000:02:00.0").unwrap()).iommu_group_members().unwrap();
+    let facts: Vec<_> = members.iter().map(|b| sys.facts(*b).unwrap()).collect();
+    let kept: Vec<String> = passthrough_functions(&facts).iter().map(|f| f.bdf.to_string()).collect();
+    assert_eq!(kept, ["0000:02:00.0", "0000:02:00.1", "0000:02:00.2"], "the root port goes, 0x0680 stays");
+    let chosen: Vec<_> = passthrough_functions(&facts).into_iter().cloned().collect();
+    let plain = requirement_of(&chosen, &ResourceOptions::default()).unwrap();
+    let all = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let full = requirement_of(&chosen, &all).unwrap();
+    assert!(full.pref.size > plain.pref.size, "VF BARs and ReBAR maxima add to the 64-bit window");
+    // cap-rebar's BAR 0 can grow to 4 GiB; the 64-bit window must align to it.
+    assert_eq!(full.pref.align, 4 << 30);
+}
+
+#[test]
+fn nothing_read_from_the_tree_leaves_it() {
+    let (t, _) = build();
+    let sys = Sysfs::new(t.root());
+    let pf = sys.device(Bdf::parse("0000:02:00.0").unwrap());
+    assert!(pf.path().starts_with(sys.devices_dir()));
+    // A virtfn link whose target is not a PCI address is an error, not a path.
+    symlink("../../../../../etc", pf.path().join("virtfn3")).unwrap();
+    assert!(matches!(pf.virtual_functions(), Err(SysfsError::Bdf { .. })));
+    // An IOMMU group link whose name is not a number is an error.
+    let gpu = sys.device(Bdf::parse("0000:02:00.1").unwrap());
+    std::fs::remove_file(gpu.path().join("iommu_group")).unwrap();
+    symlink("../../../../kernel/iommu_groups/7x", gpu.path().join("iommu_group")).unwrap();
+    assert!(matches!(gpu.iommu_group(), Err(SysfsError::BadValue { .. })));
+    // A directory that is not named by an address cannot be opened as a function.
+    let odd = t.root().join("not-a-function");
+    std::fs::create_dir(&odd).unwrap();
+    assert!(matches!(SysfsDevice::open_dir(&odd), Err(SysfsError::Bdf { .. })));
+    // Broken files are errors.
+    std::fs::write(pf.path().join("numa_node"), "one\n").unwrap();
+    assert!(matches!(pf.numa_node(), Err(SysfsError::BadValue { .. })));
+    std::fs::write(pf.path().join("resource"), "0x0 0x1\n").unwrap();
+    assert!(matches!(pf.facts(), Err(SysfsError::Sizing { .. })));
+}
+
+/// `lspci -D -vv` of this host: bdf → region index → size in bytes.
+fn lspci_sizes() -> std::collections::BTreeMap<Bdf, Vec<(u8, u64)>> {
+    let out = Command::new("lspci")
+        .args(["-D", "-vv"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run lspci: {e}; install pciutils (apt-get install pciutils)"));
+    assert!(out.status.success());
+    let mut map = std::collections::BTreeMap::new();
+    let mut cur = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.starts_with('\t') && !line.is_empty() {
+            cur = Bdf::parse(line.split(' ').next().unwrap()).ok();
+            map.insert(cur.unwrap(), Vec::new());
+        } else if let (Some(rest), Some(b)) = (line.trim().strip_prefix("Region "), cur) {
+            let idx: u8 = rest.split(':').next().unwrap().parse().unwrap();
+            if let Some(sz) = rest.split("[size=").nth(1) {
+                let sz = sz.split(']').next().unwrap();
+                let (num, unit) = sz.split_at(sz.find(|c: char| !c.is_ascii_digit()).unwrap_or(sz.len()));
+                let mult = match unit {
+                    "" => 1,
+                    "K" => 1 << 10,
+                    "M" => 1 << 20,
+                    "G" => 1 << 30,
+                    "T" => 1 << 40,
+                    u => panic!("unit {u}"),
+                };
+                map.get_mut(&b).unwrap().push((idx, num.parse::<u64>().unwrap() * mult));
+            }
+        }
+    }
+    map
+}
+
+#[test]
+fn host_sysfs_agrees_with_lspci() {
+    let sys = Sysfs::default();
+    assert!(
+        sys.devices_dir().is_dir(),
+        "{} missing: this test needs a Linux host with sysfs mounted",
+        sys.devices_dir().display()
+    );
+    let list = sys.functions().unwrap();
+    assert!(!list.is_empty(), "no PCI functions on this host");
+    let want = lspci_sizes();
+    for bdf in list {
+        let f = sys.facts(bdf).unwrap();
+        let got: Vec<(u8, u64)> = f.bars.iter().filter_map(|b| b.size.map(|s| (b.index, s))).collect();
+        assert_eq!(got, want[&bdf], "{bdf}: BAR sizes vs lspci");
+        let host = sys.host_device(bdf).unwrap();
+        if let Some(g) = f.iommu_group {
+            assert!(host.iommu_group_members.contains(&bdf), "{bdf} not in its own group {g}");
+        }
+    }
+}
