@@ -166,7 +166,7 @@ fn resource() -> impl Strategy<Value = Resource> {
 
 /// Places `items` largest alignment first from `base`; returns (start, end) of each.
 fn place(base: u64, mut items: Vec<Resource>) -> Vec<(u64, u64, u64)> {
-    items.sort_by(|a, b| b.align.cmp(&a.align));
+    items.sort_by_key(|r| std::cmp::Reverse(r.align));
     let mut cursor = base;
     items
         .into_iter()
