@@ -1,4 +1,47 @@
-//! QMP client and PCIe/VFIO hotplug engine for QEMU (work in progress docs).
+//! A QMP client and a PCIe / VFIO hotplug engine for QEMU that never hangs, never leaks a
+//! port, and survives a restart of the process that drives it.
+//!
+//! * [`client`]: a blocking QMP client (Unix socket or `-qmp stdio` pipes) with a reader
+//!   thread that matches replies to commands by id, fans events out to any number of
+//!   [`EventStream`]s, bounds every wait and every message, and passes descriptors
+//!   (`getfd`, `add-fd`). Typed commands come from the `qapi` crate; a raw JSON path
+//!   covers what its schema does not know.
+//! * [`engine`]: plugs a [`DeviceRequest`] (all functions of a slot or IOMMU group, the
+//!   objects and descriptors they need) through explicit [`DeviceState`]s, proves the
+//!   result with `query-pci`, rolls back partial plugs, bounds unplug waits
+//!   (`unplug-pending` on timeout, finished by a late `DEVICE_DELETED`), and journals every
+//!   step so that [`Engine::open`] can finish or roll back whatever a dead process left.
+//! * [`vfio`]: IOMMU-group viability and device checks before a VFIO hotplug.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use qmp_hotplug::{ClientOptions, DeviceRequest, Engine, EngineOptions, QmpClient, UnplugOutcome};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Arc::new(QmpClient::connect_unix("/run/vm/qmp.sock", ClientOptions::default())?);
+//! // Opening the journal recovers whatever a previous process left half done.
+//! let (engine, report) = Engine::open(client, "/run/vm/hotplug.journal", EngineOptions::default())?;
+//! println!("recovery: {report:?}");
+//!
+//! let request: DeviceRequest = serde_json::from_str(r#"{
+//!     "port": "rp3",
+//!     "functions": [{
+//!         "qdev": {"driver": "vfio-pci", "id": "gpu0", "bus": "rp3", "addr": "0.0", "host": "0000:41:00.0"},
+//!         "expect": {"kind": "pci", "bus": 4, "slot": 0, "function": 0,
+//!                    "bars": [{"bar": 0, "size": 16777216}, {"bar": 1, "size": 137438953472}]}
+//!     }]
+//! }"#)?;
+//! let record = engine.plug(request)?; // visible where planned, or rolled back
+//! println!("{:?} at {:?}", record.state, record.guest);
+//!
+//! match engine.unplug("rp3")? {
+//!     UnplugOutcome::Removed => println!("gone, port free"),
+//!     UnplugOutcome::Pending => println!("guest has not released it yet; port stays taken"),
+//!     _ => {}
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod client;
 pub mod engine;

@@ -36,7 +36,18 @@ fn start() -> S390 {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qmp.sock");
     let child = Command::new(QEMU_S390X)
-        .args(["-nodefaults", "-display", "none", "-machine", "s390-ccw-virtio,accel=tcg", "-m", "128", "-smp", "1", "-S"])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "s390-ccw-virtio,accel=tcg",
+            "-m",
+            "128",
+            "-smp",
+            "1",
+            "-S",
+        ])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())
