@@ -498,6 +498,9 @@ impl Builder<'_> {
                 }
             }
         }
+        if let WindowRule::KernelHotplugSize { .. } = rule {
+            self.apply_kernel_sizes();
+        }
         // Pass 2: root ports above switches cover their downstream ports.
         let switches = self.switches.clone();
         for sw in &switches {
@@ -523,7 +526,14 @@ impl Builder<'_> {
             }
         }
         if let WindowRule::KernelHotplugSize { .. } = rule {
-            self.apply_kernel_sizes();
+            // A root port above a switch is a hotplug bridge too: the kernel adds its share.
+            let (hp_mem, hp_pref) = (self.hotplug_totals.hotplug_mem, self.hotplug_totals.hotplug_pref);
+            for sw in &switches {
+                if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
+                    p.reservation.mem.size = p.reservation.mem.size.saturating_add(hp_mem);
+                    p.reservation.pref.size = p.reservation.pref.size.saturating_add(hp_pref);
+                }
+            }
         }
         self.write_reserve_props();
         Ok(())
@@ -532,29 +542,19 @@ impl Builder<'_> {
     /// Windows for `need` under the platform's rule (or the machine default without sizing).
     fn reservation_for(&self, need: &Requirement, present: bool, sizing: bool) -> Reservation {
         let rule = self.spec.window_rule;
-        if !sizing {
-            let min = Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY };
-            let mut why =
-                vec!["reservations disabled: the firmware gives an empty port its default minimum windows"
-                    .into()];
-            if present {
-                why = vec!["sized by the firmware from what is plugged at boot".into()];
-            }
-            let fit = |w: &WindowRequirement| {
-                if present && !w.is_empty() {
-                    Window { size: w.size, align: w.align }
-                } else {
-                    min
-                }
-            };
+        if !sizing && !present {
+            let min = self.min_window();
             return Reservation {
                 purpose: String::new(),
                 need: *need,
-                mem: fit(&need.mem),
-                pref: fit(&need.pref),
+                mem: min,
+                pref: min,
                 io: Window::default(),
                 bus_reserve: 0,
-                why,
+                why: vec![format!(
+                    "no reservation: the firmware gives an empty port its default minimum windows ({})",
+                    human_size(min.size)
+                )],
             };
         }
         let mem = size_window(rule, &need.mem, MEM_GRANULARITY, present);
@@ -579,6 +579,17 @@ impl Builder<'_> {
         }
     }
 
+    /// The windows firmware gives an empty hotplug port by default.
+    fn min_window(&self) -> Window {
+        let size = match self.spec.window_rule {
+            WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
+                start_align.max(MEM_GRANULARITY)
+            }
+            _ => 2 * MIB,
+        };
+        Window { size, align: size }
+    }
+
     /// Kernel rule: every hotplug bridge gets the largest spare need as extra space.
     fn apply_kernel_sizes(&mut self) {
         let mut hp_mem = 0u64;
@@ -600,20 +611,20 @@ impl Builder<'_> {
             _ => MEM_GRANULARITY,
         };
         let switch_ports: BTreeSet<String> = self.switches.iter().map(|s| s.root_port.to_string()).collect();
-        for p in self.ports.iter_mut().filter(|p| p.kind != PortKind::BridgeSlot) {
-            let grow = |w: &mut Window, hp: u64, add: bool| {
-                if hp == 0 {
-                    return;
-                }
-                if add {
-                    w.size = w.size.saturating_add(hp);
-                } else if w.size < hp {
-                    *w = Window { size: hp, align: start.min(w.align.max(start)) };
+        for p in self
+            .ports
+            .iter_mut()
+            .filter(|p| p.kind != PortKind::BridgeSlot && !switch_ports.contains(p.id.as_str()))
+        {
+            // The kernel gives the port max(what is below, the extra size), aligned only
+            // to its minimum when it is the extra size that counts.
+            let grow = |w: &mut Window, hp: u64| {
+                if hp > w.size {
+                    *w = Window { size: hp, align: start };
                 }
             };
-            let above_switch = switch_ports.contains(p.id.as_str());
-            grow(&mut p.reservation.mem, hp_mem, above_switch);
-            grow(&mut p.reservation.pref, hp_pref, above_switch);
+            grow(&mut p.reservation.mem, hp_mem);
+            grow(&mut p.reservation.pref, hp_pref);
             if hp_pref > 0 {
                 p.reservation.why.push(format!(
                     "the guest kernel gives every hotplug bridge {} of 32-bit and {} of prefetchable space (pci=hpmmiosize=,hpmmioprefsize=)",
