@@ -141,10 +141,21 @@ pub enum Record {
     },
 }
 
-/// A callback run after each record is durable, with the number of records this process
-/// has appended so far. Used for observability and for fault injection (a test can end
-/// the process right after record N).
-pub type JournalHook = Arc<dyn Fn(u64) + Send + Sync>;
+/// When a [`JournalHook`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HookPoint {
+    /// Record N is about to be written: everything before it (including the QMP step the
+    /// previous record announced) has happened, record N has not.
+    BeforeWrite,
+    /// Record N is durable; the step it announces has not been sent yet.
+    Durable,
+}
+
+/// A callback run around each record with the record's number in this process (1 for
+/// the first). Used for observability and for fault injection: a test can end the
+/// process at any point between two records.
+pub type JournalHook = Arc<dyn Fn(HookPoint, u64) + Send + Sync>;
 
 /// What the journal says about one port.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,12 +227,15 @@ impl Journal {
         let mut line = serde_json::to_vec(record)
             .map_err(|e| JournalError::Io { path: self.path.clone(), source: std::io::Error::other(e) })?;
         line.push(b'\n');
+        if let Some(h) = &self.hook {
+            h(HookPoint::BeforeWrite, self.appended + 1);
+        }
         let io = |source| JournalError::Io { path: self.path.clone(), source };
         self.file.write_all(&line).map_err(io)?;
         self.file.sync_data().map_err(io)?;
         self.appended += 1;
         if let Some(h) = &self.hook {
-            h(self.appended);
+            h(HookPoint::Durable, self.appended);
         }
         Ok(())
     }
@@ -354,7 +368,11 @@ mod tests {
         let path = dir.path().join("j");
         let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let c2 = Arc::clone(&count);
-        let hook: JournalHook = Arc::new(move |n| c2.store(n, std::sync::atomic::Ordering::SeqCst));
+        let hook: JournalHook = Arc::new(move |point, n| {
+            if point == HookPoint::Durable {
+                c2.store(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
         let (mut j, _) = Journal::open(&path, Some(hook)).unwrap();
         for port in ["a", "b"] {
             j.append(&Record::Begin {

@@ -1,8 +1,10 @@
 //! Crash-recovery matrix against real QEMU.
 //!
 //! For each scenario the engine runs in a child process (this same binary, in child mode)
-//! that kills itself with SIGKILL right after journal record N becomes durable, for every
-//! N the scenario writes. A new engine then opens the journal against the same QEMU and
+//! that kills itself with SIGKILL at one point, for every point the scenario passes:
+//! right after journal record N becomes durable (before the step it announces is sent),
+//! and right before record N is written (after the step the previous record announced
+//! was executed by QEMU). A new engine then opens the journal against the same QEMU and
 //! recovers. Every case must converge: each device is either visible with all functions
 //! exactly once, or gone with no function, object or port left behind, or pending unplug
 //! with its port still held; a second recovery changes nothing; and the port is usable
@@ -20,6 +22,7 @@ use std::time::Duration;
 
 use common::{gpu_like, single, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineOptions, UnplugOutcome};
+use qmp_hotplug::journal::HookPoint;
 use qmp_hotplug::request::DeviceRequest;
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::QmpClient;
@@ -102,10 +105,38 @@ fn options() -> EngineOptions {
     EngineOptions { unplug_timeout: Duration::from_secs(1), ..Default::default() }
 }
 
-/// Child mode: run one scenario, SIGKILL self after journal record `crash_after`.
-fn child(scenario: &str, socket: &str, journal: &str, crash_after: u64) {
-    let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |n| {
-        if n == crash_after {
+/// Where the child dies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    /// Right after record k is durable.
+    AfterDurable,
+    /// Right before record k is written.
+    BeforeWrite,
+}
+
+impl Kill {
+    fn name(self) -> &'static str {
+        match self {
+            Kill::AfterDurable => "after-durable",
+            Kill::BeforeWrite => "before-write",
+        }
+    }
+
+    fn point(self) -> HookPoint {
+        match self {
+            Kill::AfterDurable => HookPoint::Durable,
+            Kill::BeforeWrite => HookPoint::BeforeWrite,
+        }
+    }
+}
+
+/// Child mode: run one scenario, SIGKILL self at (`kill`, `crash_at`); 0 never.
+fn child(scenario: &str, socket: &str, journal: &str, kill: &str, crash_at: u64) {
+    let kill =
+        [Kill::AfterDurable, Kill::BeforeWrite].into_iter().find(|k| k.name() == kill).expect("kill mode");
+    let point = kill.point();
+    let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |p, n| {
+        if p == point && n == crash_at {
             let me = rustix::process::getpid();
             let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
             std::thread::sleep(Duration::from_secs(60));
@@ -121,9 +152,10 @@ fn child(scenario: &str, socket: &str, journal: &str, crash_after: u64) {
     println!("RECORDS {}", records.len());
 }
 
-fn run_child(s: Scenario, q: &Qemu, journal: &Path, crash_after: u64) -> std::process::Output {
+fn run_child(s: Scenario, q: &Qemu, journal: &Path, kill: Kill, crash_after: u64) -> std::process::Output {
     Command::new(std::env::current_exe().unwrap())
         .env("QMP_CRASH_CHILD", s.name())
+        .env("QMP_CRASH_KILL", kill.name())
         .env("QMP_CRASH_SOCKET", &q.qmp)
         .env("QMP_CRASH_JOURNAL", journal)
         .env("QMP_CRASH_AFTER", crash_after.to_string())
@@ -142,6 +174,7 @@ fn names(c: &QmpClient, path: &str) -> HashSet<String> {
 
 struct Row {
     scenario: &'static str,
+    kill: Kill,
     k: u64,
     last_record: String,
     before: String,
@@ -232,7 +265,7 @@ fn check_usable(s: Scenario, engine: &Engine, state: DeviceState) -> Result<(), 
     }
 }
 
-fn case(s: Scenario, k: u64) -> Row {
+fn case(s: Scenario, kill: Kill, k: u64) -> Row {
     let q = Qemu::q35(1, s.hotplug());
     let c = Arc::new(q.connect());
     q.wait_firmware(&c, 1);
@@ -240,10 +273,11 @@ fn case(s: Scenario, k: u64) -> Row {
     let journal = dir.path().join("journal");
     // The child needs the QMP socket to itself.
     drop(Arc::try_unwrap(c).ok());
-    let out = run_child(s, &q, &journal, k);
+    let out = run_child(s, &q, &journal, kill, k);
     let killed = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9);
     let mut row = Row {
         scenario: s.name(),
+        kill,
         k,
         last_record: last_record(&journal),
         before: String::new(),
@@ -291,8 +325,9 @@ fn main() {
     if let Ok(s) = std::env::var("QMP_CRASH_CHILD") {
         let socket = std::env::var("QMP_CRASH_SOCKET").unwrap();
         let journal = std::env::var("QMP_CRASH_JOURNAL").unwrap();
+        let kill = std::env::var("QMP_CRASH_KILL").unwrap();
         let after: u64 = std::env::var("QMP_CRASH_AFTER").unwrap().parse().unwrap();
-        child(&s, &socket, &journal, after);
+        child(&s, &socket, &journal, &kill, after);
         return;
     }
     // `cargo test` passes filters and flags; this harness runs everything unless asked
@@ -308,7 +343,7 @@ fn main() {
         q.wait_firmware(&c, 1);
         drop(c);
         let dir = tempfile::tempdir().unwrap();
-        let out = run_child(s, &q, &dir.path().join("journal"), 0);
+        let out = run_child(s, &q, &dir.path().join("journal"), Kill::AfterDurable, 0);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -322,18 +357,21 @@ fn main() {
             .and_then(|n| n.parse().ok())
             .expect("child reports its record count");
         drop(q);
-        for k in 1..=total {
-            let row = case(s, k);
-            eprintln!("{} k={} {:?}", row.scenario, row.k, row.ok);
-            rows.push(row);
+        for kill in [Kill::AfterDurable, Kill::BeforeWrite] {
+            for k in 1..=total {
+                let row = case(s, kill, k);
+                eprintln!("{} {} k={} {:?}", row.scenario, kill.name(), row.k, row.ok);
+                rows.push(row);
+            }
         }
     }
-    println!("| scenario | killed after record | last durable record | journal state | recovery | converged to | result |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| scenario | killed | record | last durable record | journal state | recovery | converged to | result |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {:?} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:?} | {} |",
             r.scenario,
+            r.kill.name(),
             r.k,
             r.last_record,
             r.before,

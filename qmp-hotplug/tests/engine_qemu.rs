@@ -243,8 +243,8 @@ fn qemu_killed_during_device_add() {
     let (q, c, dir) = setup(1, Hotplug::Native);
     let pid = rustix::process::Pid::from_raw(q.child.id() as i32).unwrap();
     // Records of a plug: begin, planned, adding, step(device_add) = 4th: kill QEMU there.
-    let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |n| {
-        if n == 4 {
+    let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |point, n| {
+        if point == qmp_hotplug::journal::HookPoint::Durable && n == 4 {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             std::thread::sleep(Duration::from_millis(200));
         }
