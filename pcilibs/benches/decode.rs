@@ -19,9 +19,11 @@ use pcilibs::ecaps;
 use pcilibs::facts::FunctionFacts;
 
 fn fiji() -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/pciutils/dumps/cap-rebar");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e} (the pciutils dumps live in ../shared/conformance)", p.display()));
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/pciutils/dumps/cap-rebar");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| {
+        panic!("{}: {e} (the pciutils dumps live in ../shared/conformance)", p.display())
+    });
     let config = dump::parse(&text).devices.remove(0).config;
     assert_eq!(config.len(), 4096);
     config

@@ -1,6 +1,4 @@
-//! PCI and PCIe device facts for virtual machine monitors.
-//!
-//! The byte-parsing core works without `std` (disable the default `std` feature).
+#![doc = include_str!("../README.md")]
 #![cfg_attr(not(feature = "std"), no_std)]
 
 extern crate alloc;
