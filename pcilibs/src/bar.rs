@@ -50,6 +50,12 @@ pub enum BarError {
         /// BAR slot.
         index: u8,
     },
+    /// A 64-bit BAR's upper half was not supplied to [`decode_register`].
+    #[error("BAR {index}: 64-bit BAR without its upper half")]
+    MissingUpperHalf {
+        /// BAR slot of the lower half.
+        index: u8,
+    },
     /// The register lies past the available bytes.
     #[error("BAR {index}: register at {offset:#x} is past the available bytes")]
     Truncated {
@@ -135,7 +141,7 @@ pub fn decode_register(index: u8, raw: u32, upper: Option<u32>, last_slot: bool)
         }),
         2 if last_slot => Err(BarError::Mem64InLastSlot { index }),
         2 => {
-            let hi = upper.ok_or(BarError::Truncated { index: index + 1, offset: 0 })?;
+            let hi = upper.ok_or(BarError::MissingUpperHalf { index })?;
             Ok(BarRegister {
                 index,
                 kind: BarKind::Mem64,
@@ -166,8 +172,8 @@ pub fn decode_block(cs: ConfigSpace<'_>, base: usize, count: u8) -> BarRegisters
                 i += if b.kind == BarKind::Mem64 { 2 } else { 1 };
                 out.bars.push(b);
             }
-            Err(BarError::Truncated { index, .. }) => {
-                out.errors.push(BarError::Truncated { index, offset: offset + 4 });
+            Err(BarError::MissingUpperHalf { index }) => {
+                out.errors.push(BarError::Truncated { index: index + 1, offset: offset + 4 });
                 break;
             }
             Err(e) => {
