@@ -26,8 +26,14 @@ fn setup(ports: usize, mode: Hotplug) -> (Qemu, Arc<qmp_hotplug::QmpClient>, tem
     (q, Arc::new(c), tempfile::tempdir().unwrap())
 }
 
+/// Generous: where a removal must complete, a slow machine must not turn it into a timeout.
 fn opts() -> EngineOptions {
-    EngineOptions { unplug_timeout: Duration::from_secs(2), ..Default::default() }
+    EngineOptions { unplug_timeout: Duration::from_secs(20), ..Default::default() }
+}
+
+/// For the paths where no guest answers and the deadline is the point.
+fn short_unplug() -> EngineOptions {
+    EngineOptions { unplug_timeout: Duration::from_secs(1), ..Default::default() }
 }
 
 fn names(c: &qmp_hotplug::QmpClient, path: &str) -> HashSet<String> {
@@ -76,7 +82,7 @@ fn multifunction_plug_visible_then_unplug_removed() {
 #[test]
 fn unplug_without_guest_is_pending_and_keeps_the_port() {
     let (_q, c, dir) = setup(1, Hotplug::Acpi);
-    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), short_unplug()).unwrap();
     engine.plug(single(0, "n0", "e1000e")).unwrap();
     assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Pending);
     let rec = engine.device("rp0").unwrap();

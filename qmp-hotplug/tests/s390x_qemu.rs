@@ -60,9 +60,9 @@ fn start() -> S390 {
     S390 { child, _dir: dir, client }
 }
 
-fn options(sysfs: Option<&std::path::Path>) -> EngineOptions {
+fn options(sysfs: Option<&std::path::Path>, unplug_timeout: Duration) -> EngineOptions {
     EngineOptions {
-        unplug_timeout: Duration::from_secs(1),
+        unplug_timeout,
         sysfs: sysfs.map_or_else(Sysfs::default, Sysfs::new),
         ..Default::default()
     }
@@ -72,7 +72,8 @@ fn options(sysfs: Option<&std::path::Path>) -> EngineOptions {
 fn ccw_device_plug_and_unplug() {
     let q = start();
     let dir = tempfile::tempdir().unwrap();
-    let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), options(None)).unwrap();
+    let opts = options(None, Duration::from_secs(20));
+    let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), opts).unwrap();
     let req: DeviceRequest = serde_json::from_value(json!({
         "port": "ccw-0.0.0042",
         "functions": [{"qdev": {"driver": "virtio-net-ccw", "id": "net0", "devno": "fe.0.0042"}}]
@@ -88,7 +89,8 @@ fn ccw_device_plug_and_unplug() {
 fn zpci_function_plugs_with_its_zpci_device_first() {
     let q = start();
     let dir = tempfile::tempdir().unwrap();
-    let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), options(None)).unwrap();
+    let opts = options(None, Duration::from_secs(1));
+    let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), opts).unwrap();
     let req: DeviceRequest = serde_json::from_value(json!({
         "port": "zpci-uid-1",
         "functions": [
@@ -112,7 +114,12 @@ fn vfio_ccw_and_vfio_ap_are_checked_then_roll_back_without_host_devices() {
     let sys = dir.path().join("sys");
     std::fs::create_dir_all(sys.join("bus/mdev/devices/6dfd3ec5-e8b3-4e18-a6fe-57bc9eceb920")).unwrap();
     std::fs::create_dir_all(sys.join("devices/vfio_ap/matrix/4b8a1a4c-8a3b-4a0f-9d4b-1f2e3d4c5b6a")).unwrap();
-    let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), options(Some(&sys))).unwrap();
+    let (engine, _) = Engine::open(
+        Arc::clone(&q.client),
+        dir.path().join("j"),
+        options(Some(&sys), Duration::from_secs(20)),
+    )
+    .unwrap();
     let ccw: DeviceRequest = serde_json::from_value(json!({
         "port": "ccw-0.0.1234",
         "functions": [{"qdev": {"driver": "vfio-ccw", "id": "dasd0", "devno": "fe.0.1234",
