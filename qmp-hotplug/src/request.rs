@@ -88,6 +88,17 @@ pub struct ObjectRequest {
 }
 
 impl ObjectRequest {
+    /// Reads a QMP `object-add` argument object (`qom-type`, `id`, properties), the form a
+    /// planner emits. `None` when `qom-type` or `id` is missing.
+    pub fn from_object_add(args: &Map<String, Value>) -> Option<ObjectRequest> {
+        let qom_type = args.get("qom-type")?.as_str()?.to_owned();
+        let id = args.get("id")?.as_str()?.to_owned();
+        let mut props = args.clone();
+        props.remove("qom-type");
+        props.remove("id");
+        Some(ObjectRequest { qom_type, id, props })
+    }
+
     /// The `object-add` arguments.
     pub fn arguments(&self) -> Value {
         let mut m = self.props.clone();
@@ -402,6 +413,15 @@ mod tests {
         assert!(matches!(r.prepare(), Err(RequestError::MultifunctionOff(_))));
         let mut r = DeviceRequest { port: "".into(), objects: vec![], fds: vec![], functions: vec![] };
         assert_eq!(r.prepare(), Err(RequestError::NoPort));
+    }
+
+    #[test]
+    fn object_add_arguments_round_trip() {
+        let args = json!({"qom-type": "iommufd", "id": "iommufd0", "fd": "iommu-fd"});
+        let o = ObjectRequest::from_object_add(args.as_object().unwrap()).unwrap();
+        assert_eq!((o.qom_type.as_str(), o.id.as_str()), ("iommufd", "iommufd0"));
+        assert_eq!(o.arguments(), args);
+        assert!(ObjectRequest::from_object_add(json!({"id": "x"}).as_object().unwrap()).is_none());
     }
 
     #[test]
