@@ -114,8 +114,8 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
             let id = ids.alloc("pxb", &taken)?;
             (id, nodes.iter().nth(hb_index - 1).copied())
         };
-        let mut slots =
-            if hb_index == 0 { root_slots.clone() } else { FreeSet::new("expander bus slot", 0, 31) };
+        let mut expander_slots = FreeSet::new("expander bus slot", 0, 31);
+        let slots = if hb_index == 0 { &mut root_slots } else { &mut expander_slots };
         let chassis_nr = chassis.alloc()?;
         let mut chassis_slots = FreeSet::new("chassis slot", 1, 255);
         let mut port_indices = Vec::new();

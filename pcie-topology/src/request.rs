@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use pcilibs::bar::BarKind;
+use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -38,6 +39,14 @@ pub enum RequestError {
         device: String,
         /// The underlying error.
         source: RequirementError,
+    },
+    /// A host function has BARs of unknown size (a config-space dump carries no sizes).
+    #[error("host function {bdf}: size of {what} unknown (read it from sysfs or VFIO)")]
+    UnknownSize {
+        /// Host function.
+        bdf: String,
+        /// Which BARs (`BAR 0, VF BAR 2`).
+        what: String,
     },
     /// A profile text could not be read.
     #[error("profile `{0}`: expected a known name (h100, a100, nvswitch, nic) or a list like `16M:mem32,128G:pref64`")]
@@ -123,6 +132,27 @@ impl FunctionRequest {
     }
 }
 
+impl FunctionRequest {
+    /// A `vfio-pci` function for a host function described by pcilibs, with the resources
+    /// `opts` selects (ROM, SR-IOV VF apertures, largest resizable BAR sizes).
+    pub fn from_facts(
+        function: u8,
+        facts: &FunctionFacts,
+        opts: &ResourceOptions,
+    ) -> Result<Self, RequestError> {
+        let unknown = facts.unknown_sizes(opts);
+        if !unknown.is_empty() {
+            let what: Vec<String> =
+                unknown.iter().map(|(i, vf)| format!("{}BAR {i}", if *vf { "VF " } else { "" })).collect();
+            return Err(RequestError::UnknownSize { bdf: facts.bdf.to_string(), what: what.join(", ") });
+        }
+        let mut f = FunctionRequest::vfio(function, &facts.bdf.to_string(), facts.resources(opts));
+        f.pcie = facts.is_pcie;
+        f.class = Some(facts.class_code);
+        Ok(f)
+    }
+}
+
 /// A device to place: every function of it lands on one port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRequest {
@@ -155,6 +185,34 @@ impl DeviceRequest {
         let id = QemuId::new(id)?;
         let f = FunctionRequest::ivshmem(0, &id, size)?;
         Ok(DeviceRequest::new(id, vec![f]))
+    }
+
+    /// One guest device for host functions that must go together (the functions of one
+    /// host device, or the members of one IOMMU group). Functions of one host slot keep
+    /// their function numbers; functions from several slots are numbered 0, 1, … in the
+    /// order given. IOMMU group and NUMA node come from the first function.
+    pub fn from_facts(
+        id: QemuId,
+        functions: &[FunctionFacts],
+        opts: &ResourceOptions,
+    ) -> Result<Self, RequestError> {
+        let first = functions.first().ok_or_else(|| RequestError::Functions {
+            device: id.to_string(),
+            why: "no host functions".into(),
+        })?;
+        let one_slot = functions.iter().all(|f| {
+            (f.bdf.domain, f.bdf.bus, f.bdf.device) == (first.bdf.domain, first.bdf.bus, first.bdf.device)
+        });
+        let mut out = Vec::new();
+        for (n, facts) in functions.iter().enumerate() {
+            let number = if one_slot { facts.bdf.function } else { u8::try_from(n).unwrap_or(u8::MAX) };
+            out.push(FunctionRequest::from_facts(number, facts, opts)?);
+        }
+        let mut d = DeviceRequest::new(id, out);
+        d.iommu_group = first.iommu_group;
+        d.numa_node = first.numa_node;
+        d.validate()?;
+        Ok(d)
     }
 
     /// Checks function numbers (0 present, unique, at most 8) and that the resources are valid.

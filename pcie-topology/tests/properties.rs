@@ -46,8 +46,9 @@ fn device(i: usize) -> impl Strategy<Value = DeviceRequest> {
         prop::option::of(0u8..3),
         prop::option::of(0u32..3),
         any::<bool>(),
+        prop::bool::weighted(0.1),
     )
-        .prop_map(move |(functions, group, node, cold)| {
+        .prop_map(move |(functions, group, node, cold, conventional)| {
             let id = QemuId::new(format!("dev{i}")).unwrap();
             let functions = functions
                 .into_iter()
@@ -55,6 +56,7 @@ fn device(i: usize) -> impl Strategy<Value = DeviceRequest> {
                 .map(|(f, resources)| {
                     let mut fr = FunctionRequest::new(f as u8, "vfio-pci", resources);
                     fr.props.insert("host".into(), PropValue::Str(format!("0000:{:02x}:00.{f}", i + 1)));
+                    fr.pcie = !conventional;
                     fr
                 })
                 .collect();
@@ -112,6 +114,14 @@ fn check_plan(plan: &Plan) {
     let mut addresses = BTreeSet::new();
     for p in plan.ports.iter().filter(|p| p.kind != PortKind::BridgeSlot) {
         assert!(addresses.insert((p.bdf.bus, p.bdf.devfn)), "two ports at {}", p.bdf);
+    }
+    for b in &plan.bridges {
+        assert!(addresses.insert((b.bdf.bus, b.bdf.devfn)), "bridge {} shares {}", b.id, b.bdf);
+    }
+    for hb in &plan.host_bridges {
+        if let Some(addr) = hb.device.as_ref().and_then(|d| d.addr) {
+            assert!(addresses.insert((0, addr)), "expander {} shares slot {addr:?}", hb.id);
+        }
     }
     for d in &plan.devices {
         for f in &d.functions {
