@@ -288,6 +288,24 @@ fn print_human(out: &mut String, e: &Entry) {
     }
     for c in &f.extended_capabilities {
         let _ = writeln!(out, "\tCapabilities: [{:03x} v{}] {}", c.offset, c.version, describe_ecap(c));
+        if c.id == ecaps::id::SRIOV {
+            for b in facts.sriov.iter().flat_map(|s| &s.vf_bars) {
+                let _ = writeln!(
+                    out,
+                    "\t\tVF BAR {}: {}{} per VF",
+                    b.index,
+                    match b.kind {
+                        BarKind::Io => "I/O".to_string(),
+                        k => format!(
+                            "{}, {}prefetchable",
+                            if k == BarKind::Mem64 { "64-bit" } else { "32-bit" },
+                            if b.prefetchable { "" } else { "non-" }
+                        ),
+                    },
+                    size_suffix(b.size)
+                );
+            }
+        }
     }
     if let Some(d) = &facts.driver {
         let _ = writeln!(out, "\tKernel driver in use: {d}");
