@@ -32,6 +32,8 @@ struct Entry {
     description: Option<String>,
     from_dump: bool,
     config: Vec<u8>,
+    /// Host relations (sysfs only): upstream bridges, IOMMU group members, SR-IOV links.
+    host: Option<Value>,
     result: Result<(Function, FunctionFacts), String>,
 }
 
@@ -132,6 +134,7 @@ fn collect(path: &Path, out: &mut Vec<Entry>) -> Result<(), String> {
             description: Some(dev.description),
             from_dump: true,
             config: dev.config,
+            host: None,
             result,
         });
     }
@@ -144,7 +147,25 @@ fn from_sysfs(dev: &SysfsDevice) -> Entry {
         let facts = dev.facts().map_err(|e| e.to_string())?;
         Ok((f, facts))
     });
-    Entry { bdf: dev.bdf(), description: None, from_dump: false, config, result }
+    let host = match (
+        dev.upstream_bridges(),
+        dev.iommu_group_members(),
+        dev.virtual_functions(),
+        dev.physical_function(),
+    ) {
+        (Ok(up), Ok(group), Ok(vfs), Ok(pf)) => json!({
+            "upstream_bridges": up,
+            "iommu_group_members": group,
+            "virtual_functions": vfs,
+            "physical_function": pf,
+        }),
+        (a, b, c, d) => {
+            let errs: Vec<String> =
+                [a.err(), b.err(), c.err(), d.err()].into_iter().flatten().map(|e| e.to_string()).collect();
+            json!({ "host_error": errs.join("; ") })
+        }
+    };
+    Entry { bdf: dev.bdf(), description: None, from_dump: false, config, host: Some(host), result }
 }
 
 fn to_json(e: &Entry) -> Value {
@@ -168,6 +189,9 @@ fn to_json(e: &Entry) -> Value {
             if let Some(Value::Array(bars)) = obj.get_mut("bars") {
                 bars.extend(lspci_upper_halves(f, &e.config));
             }
+        }
+        if let Some(Value::Object(host)) = &e.host {
+            obj.extend(host.clone());
         }
         obj.insert("capabilities".into(), Value::Array(caps));
         obj.insert("extended_capabilities".into(), Value::Array(ecaps));

@@ -13,10 +13,13 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::bar::{Bar, BarKind};
 use crate::bdf::{Bdf, BdfError};
 use crate::decode::Function;
-use crate::facts::{FactsError, FunctionFacts};
-use crate::sizing::{BarSizes, ResourceFile, SizingError};
+use crate::facts::{FactsError, FunctionFacts, SriovFacts};
+use crate::sizing::{
+    BarSizes, ResourceFile, SizingError, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
+};
 
 /// Errors reading sysfs.
 #[derive(Debug, thiserror::Error)]
@@ -253,8 +256,8 @@ impl SysfsDevice {
         let p = self.path.join(name);
         let Some(text) = read_optional(&p)? else { return Ok(None) };
         let t = text.trim();
-        t.strip_prefix("0x")
-            .filter(|h| h.len() == 4)
+        Some(t.strip_prefix("0x").unwrap_or(t))
+            .filter(|h| h.len() == 4 && h.bytes().all(|b| b.is_ascii_hexdigit()))
             .and_then(|h| u16::from_str_radix(h, 16).ok())
             .map(Some)
             .ok_or(SysfsError::BadValue { path: p, text: cut(t) })
@@ -328,10 +331,48 @@ impl SysfsDevice {
                 config.len()
             ));
         }
+        if facts.sriov.is_none() {
+            facts.sriov = self.sriov_from_files(sizes.as_ref())?;
+        }
         facts.driver = self.driver()?;
         facts.iommu_group = self.iommu_group()?;
         facts.numa_node = self.numa_node()?;
         Ok(facts)
+    }
+
+    /// SR-IOV facts from the kernel's `sriov_*` files and the SR-IOV lines of `resource`,
+    /// for when the capability itself is unreadable (non-root readers get 64 bytes).
+    fn sriov_from_files(&self, sizes: Option<&BarSizes>) -> Result<Option<SriovFacts>> {
+        let Some(total_vfs) = self.sriov_totalvfs()? else { return Ok(None) };
+        let resource = self.resource()?;
+        let mut vf_bars = Vec::new();
+        if let (Some(iov), Some(per_vf)) =
+            (resource.as_ref().and_then(ResourceFile::iov_entries), sizes.and_then(|s| s.vf_bars))
+        {
+            for ((index, entry), size) in (0u8..).zip(iov).zip(per_vf) {
+                if size.is_none() {
+                    continue;
+                }
+                let kind = if entry.flags & IORESOURCE_IO != 0 {
+                    BarKind::Io
+                } else if entry.flags & IORESOURCE_MEM_64 != 0 {
+                    BarKind::Mem64
+                } else {
+                    BarKind::Mem32
+                };
+                let prefetchable = entry.flags & IORESOURCE_PREFETCH != 0;
+                vf_bars.push(Bar { index, kind, prefetchable, size });
+            }
+        }
+        Ok(Some(SriovFacts {
+            total_vfs,
+            num_vfs: self.sriov_numvfs()?.unwrap_or(0),
+            initial_vfs: total_vfs,
+            first_vf_offset: self.small_number("sriov_offset")?.unwrap_or(0),
+            vf_stride: self.small_number("sriov_stride")?.unwrap_or(0),
+            vf_device_id: self.id_file("sriov_vf_device")?.unwrap_or(0),
+            vf_bars,
+        }))
     }
 
     /// Facts plus upstream bridges, IOMMU group members and SR-IOV relations.

@@ -278,6 +278,29 @@ fn group_companions_and_requirement() {
 }
 
 #[test]
+fn a_non_root_reader_gets_sriov_facts_from_the_sriov_files() {
+    let (t, sized) = build();
+    let sys = Sysfs::new(t.root());
+    let pf_bdf = Bdf::parse("0000:02:00.0").unwrap();
+    let full = sys.facts(pf_bdf).unwrap();
+    // What a non-root reader sees: the 64-byte header only, plus the kernel's files.
+    let pf = sys.device(pf_bdf);
+    let config = std::fs::read(pf.path().join("config")).unwrap();
+    std::fs::write(pf.path().join("config"), &config[..64]).unwrap();
+    std::fs::write(pf.path().join("sriov_offset"), "384\n").unwrap();
+    std::fs::write(pf.path().join("sriov_stride"), "2\n").unwrap();
+    std::fs::write(pf.path().join("sriov_vf_device"), "10ca\n").unwrap();
+    let f = sys.facts(pf_bdf).unwrap();
+    assert!(f.problems.iter().any(|p| p.contains("needs root")), "{:?}", f.problems);
+    assert_eq!(f.bars, full.bars, "BARs are in the header");
+    let (want, got) = (full.sriov.unwrap(), f.sriov.unwrap());
+    assert_eq!((got.total_vfs, got.num_vfs, got.vf_device_id), (8, 2, want.vf_device_id));
+    assert_eq!((got.first_vf_offset, got.vf_stride), (want.first_vf_offset, want.vf_stride));
+    assert_eq!(got.vf_bars, want.vf_bars, "VF BAR kinds from resource flags, sizes per VF");
+    assert!(sized.iter().any(|(b, s)| *b == pf_bdf && s.vf_bars.is_some()));
+}
+
+#[test]
 fn nothing_read_from_the_tree_leaves_it() {
     let (t, _) = build();
     let sys = Sysfs::new(t.root());
