@@ -88,8 +88,8 @@ impl Sriov {
         if n >= self.total_vfs {
             return None;
         }
-        let pf_rid = (u32::from(pf.bus) << 8) | u32::from(pf.devfn());
-        let rid = pf_rid + u32::from(self.first_vf_offset) + u32::from(n) * u32::from(self.vf_stride);
+        let pf_rid = (u64::from(pf.bus) << 8) | u64::from(pf.devfn());
+        let rid = pf_rid + u64::from(self.first_vf_offset) + u64::from(n) * u64::from(self.vf_stride);
         let bus = u8::try_from(rid >> 8).ok()?;
         Bdf::new(pf.domain, bus, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8).ok()
     }
@@ -113,5 +113,39 @@ impl Sriov {
             system_page_size: r.u32(reg::SYSTEM_PAGE_SIZE)?,
             vf_bars: decode_block(r.config(), base, 6),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sriov(total: u16, offset: u16, stride: u16) -> Sriov {
+        Sriov {
+            capabilities: 0,
+            control: 0,
+            status: 0,
+            initial_vfs: total,
+            total_vfs: total,
+            num_vfs: 0,
+            function_dependency_link: 0,
+            first_vf_offset: offset,
+            vf_stride: stride,
+            vf_device_id: 0x10ca,
+            supported_page_sizes: 0x553,
+            system_page_size: 1,
+            vf_bars: BarRegisters::default(),
+        }
+    }
+
+    #[test]
+    fn vf_addresses_follow_offset_and_stride() {
+        let pf = Bdf::parse("0000:01:00.0").unwrap();
+        let s = sriov(8, 384, 2);
+        assert_eq!(s.vf_bdf(pf, 0).unwrap().to_string(), "0000:02:10.0");
+        assert_eq!(s.vf_bdf(pf, 7).unwrap().to_string(), "0000:02:11.6");
+        assert_eq!(s.vf_bdf(pf, 8), None);
+        let huge = sriov(u16::MAX, u16::MAX, u16::MAX);
+        assert_eq!(huge.vf_bdf(Bdf::new(0, 0xff, 0x1f, 7).unwrap(), u16::MAX - 1), None);
     }
 }
