@@ -20,13 +20,12 @@
 P='@@XT'
 
 kmsg() {
+    # awk filters in one process; a shell loop per record lags seconds behind at boot.
     while :; do
-        cat /dev/kmsg | while read -r line; do
-            case "$line" in
-            *BAR* | *"no space"* | *"can't assign"* | *"failed to assign"* | *pciehp* | *"bridge window"*)
-                echo "$P KMSG ${line#*;}" ;;
-            esac
-        done
+        cat /dev/kmsg | awk -v p="$P" '
+            /BAR|no space|can.t assign|failed to assign|pciehp|bridge window/ {
+                sub(/^[^;]*;/, ""); print p " KMSG " $0; fflush()
+            }'
         sleep 1
     done
 }

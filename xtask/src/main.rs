@@ -47,6 +47,20 @@ enum Cmd {
         #[arg(last = true)]
         qemu_args: Vec<String>,
     },
+    /// Run one of the field experiments (see xtask/README.md, "Field notes").
+    Experiment {
+        /// Experiment name.
+        name: String,
+        /// Firmware, where the experiment takes one.
+        #[arg(long)]
+        firmware: Option<Firmware>,
+        /// x86_64: native PCIe hotplug instead of QEMU's default ACPI hotplug.
+        #[arg(long)]
+        native_hotplug: bool,
+        /// Size of the large BAR in GiB.
+        #[arg(long)]
+        bar_gib: Option<u64>,
+    },
 }
 
 fn print_state(state: &xtask::reporter::GuestState) {
@@ -110,6 +124,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Provision => Err("todo".to_string()),
+        Cmd::Experiment { name, firmware, native_hotplug, bar_gib } => {
+            let opts = xtask::experiments::Options { firmware, native_hotplug, bar_gib };
+            match xtask::experiments::run(&name, opts, &xtask::cache()) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!("experiment {name}: the guest did not assign every BAR")),
+                Err(e) => Err(e),
+            }
+        }
         Cmd::Boot { arch, firmware, devices, objects, cmdline, exec, phys_bits, qemu_args } => {
             boot(arch, firmware, devices, objects, cmdline, exec, phys_bits, qemu_args)
         }

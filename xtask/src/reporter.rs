@@ -600,12 +600,27 @@ impl GuestState {
         self.kmsg.iter().filter(move |m| m.text.contains(&needle))
     }
 
-    /// Checks that every BAR of `bdf` is assigned and, below a bridge, lies inside one of
-    /// that bridge's windows of the same space. Returns the problems found.
-    pub fn bar_problems(&self, bdf: Bdf) -> Vec<String> {
+    /// Checks the BARs of `bdf`: every BAR the guest reports and every `expected` one
+    /// (index, size) must be assigned and, below a bridge, lie inside one of that bridge's
+    /// windows of the same space; and no kernel message since `since` may say that a BAR
+    /// of `bdf` could not be assigned. (A BAR the kernel failed to assign is reset to an
+    /// empty `resource` line, so without `expected` or the message it would go unseen.)
+    /// Returns the problems found; empty means all good.
+    pub fn bar_problems(&self, bdf: Bdf, expected: &[(u8, u64)], since: Option<Instant>) -> Vec<String> {
         let Some(dev) = self.pci.get(&bdf) else { return vec![format!("{bdf} is not present")] };
         let parent = dev.parent().and_then(|p| self.pci.get(&p));
         let mut problems = Vec::new();
+        for &(index, size) in expected {
+            match dev.bars().find(|b| b.index == index) {
+                None => {
+                    problems.push(format!("{bdf} BAR {index} ({size:#x} bytes) has no resource in the guest"))
+                }
+                Some(bar) if bar.size() != size => {
+                    problems.push(format!("{bdf} BAR {index} is {:#x} bytes, expected {size:#x}", bar.size()))
+                }
+                Some(_) => {}
+            }
+        }
         for bar in dev.bars() {
             if !bar.is_assigned() {
                 problems.push(format!("{bdf} BAR {}: {bar}", bar.index));
@@ -622,9 +637,19 @@ impl GuestState {
                 }
             }
         }
+        for m in self.kmsg_about(bdf).filter(|m| since.map_or(true, |t| m.at >= t)) {
+            if BAR_FAILURES.iter().any(|f| m.text.contains(f))
+                && !problems.iter().any(|p| p.contains(&m.text))
+            {
+                problems.push(format!("kernel: {}", m.text));
+            }
+        }
         problems
     }
 }
+
+/// Kernel message fragments that mean a BAR or window got no address.
+pub const BAR_FAILURES: &[&str] = &["can't assign", "failed to assign", "no space"];
 
 #[cfg(test)]
 mod tests {
@@ -671,11 +696,31 @@ mod tests {
         let bar = d.bars().next().unwrap();
         assert_eq!(bar.size(), 128 << 30);
         assert!(bar.is_assigned() && bar.is_mem64() && bar.is_prefetchable());
-        assert!(s.bar_problems(dev).is_empty());
+        assert!(s.bar_problems(dev, &[(2, 128 << 30)], None).is_empty());
         let unassigned: Bdf = "0000:01:00.1".parse().unwrap();
-        let problems = s.bar_problems(unassigned);
+        let problems = s.bar_problems(unassigned, &[], None);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("unassigned"), "{problems:?}");
+        let problems = s.bar_problems(dev, &[(0, 0x100), (2, 64 << 30)], None);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn a_bar_reset_after_failure_is_caught_by_expectation_and_message() {
+        let mut s = state(SNAPSHOT);
+        let dev: Bdf = "0000:01:00.0".parse().unwrap();
+        let now = Instant::now();
+        s.feed_line(
+            "@@XT KMSG pci 0000:01:00.0: BAR 4 [mem size 0x800000000 64bit pref]: can't assign; no space",
+            now,
+        );
+        let problems = s.bar_problems(dev, &[], None);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("no space"));
+        assert!(s.bar_problems(dev, &[], Some(now + std::time::Duration::from_secs(1))).is_empty());
+        let problems =
+            s.bar_problems(dev, &[(4, 0x800000000)], Some(now + std::time::Duration::from_secs(1)));
+        assert!(problems[0].contains("no resource"), "{problems:?}");
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! Hotplug and unplug steps measured against what the guest reports, for experiments and
+//! the boot checks. Uses the harness's raw QMP client; the end-to-end runs drive QEMU
+//! through the `qmp-hotplug` crate instead and keep only the guest-side checks.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::guest::{Guest, GuestError};
+use crate::qmp::{self, Qmp, QmpError};
+use crate::reporter::{Bdf, GuestState, PciDevice};
+
+/// A hotplug or unplug step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HotplugError {
+    /// QMP refused or timed out.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// The guest did not get there in time, or QEMU died.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, HotplugError>;
+
+/// What the guest showed after a `device_add`.
+#[derive(Clone, Debug)]
+pub struct Plugged {
+    /// The QMP id.
+    pub id: String,
+    /// The function the guest found.
+    pub device: PciDevice,
+    /// From `device_add` to the first guest snapshot that showed the function.
+    pub seen_after: Duration,
+    /// BARs that are unassigned or outside the parent's windows (empty: all good).
+    pub bar_problems: Vec<String>,
+    /// Kernel messages about the function or its parent since the `device_add`.
+    pub kmsg: Vec<String>,
+    /// The guest state at the end of the step.
+    pub state: GuestState,
+}
+
+/// What happened after a `device_del`.
+#[derive(Clone, Debug)]
+pub struct Unplugged {
+    /// From `device_del` to `DEVICE_DELETED`.
+    pub event_after: Duration,
+    /// From `device_del` to the first guest snapshot without the function.
+    pub gone_after: Duration,
+}
+
+/// Time to let the guest's kernel messages about a new function arrive after it shows up.
+const SETTLE: Duration = Duration::from_millis(600);
+
+/// What to look for in the guest after a `device_add`.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect<'a> {
+    /// Vendor id of the new function.
+    pub vendor: u16,
+    /// Device id of the new function.
+    pub device: u16,
+    /// BARs (index, size) that must be assigned.
+    pub bars: &'a [(u8, u64)],
+}
+
+/// `device_add` with `args` (which must carry `id`), then waits until the guest shows a
+/// new function as `expect` describes, and checks its BARs.
+pub fn plug(
+    guest: &Guest,
+    qmp: &mut Qmp,
+    args: Value,
+    expect: Expect<'_>,
+    deadline: Instant,
+) -> Result<Plugged> {
+    let Expect { vendor, device, bars: expected_bars } = expect;
+    let id = args.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+    let before: BTreeSet<Bdf> = guest.state().pci.keys().copied().collect();
+    let kmsg_before = guest.state().kmsg.len();
+    let sent = Instant::now();
+    qmp.execute("device_add", args, deadline)?;
+    let what = format!("{id} ({vendor:04x}:{device:04x}) in the guest");
+    let (bdf, seen) = guest.wait_map(&what, deadline, |s| {
+        let new = s.find(vendor, device).find(|d| !before.contains(&d.bdf))?;
+        Some((new.bdf, s.snapshot_at.unwrap_or_else(Instant::now)))
+    })?;
+    std::thread::sleep(SETTLE);
+    let state = guest.state();
+    let Some(found) = state.pci.get(&bdf).cloned() else {
+        return Err(GuestError::Timeout {
+            guest: guest.name().to_string(),
+            what: format!("{id} to stay present"),
+            waited: sent.elapsed(),
+            diagnostics: String::new(),
+        }
+        .into());
+    };
+    let parent = found.parent().map(|p| p.to_string());
+    let kmsg = state
+        .kmsg
+        .iter()
+        .skip(kmsg_before)
+        .filter(|m| m.text.contains(&bdf.to_string()) || parent.as_ref().is_some_and(|p| m.text.contains(p)))
+        .map(|m| m.text.clone())
+        .collect();
+    Ok(Plugged {
+        id,
+        bar_problems: state.bar_problems(bdf, expected_bars, Some(sent)),
+        device: found,
+        seen_after: seen.saturating_duration_since(sent),
+        kmsg,
+        state,
+    })
+}
+
+/// `device_del id`, then waits for `DEVICE_DELETED` and for the guest to drop `bdf`.
+pub fn unplug(guest: &Guest, qmp: &mut Qmp, id: &str, bdf: Bdf, deadline: Instant) -> Result<Unplugged> {
+    let sent = Instant::now();
+    qmp.execute("device_del", json!({ "id": id }), deadline)?;
+    qmp.wait_event(&format!("DEVICE_DELETED for {id}"), deadline, |e| qmp::is_device_deleted(e, id))?;
+    let event_after = sent.elapsed();
+    let gone = guest.wait_map(&format!("{bdf} to leave the guest"), deadline, |s| {
+        (!s.pci.contains_key(&bdf)).then(|| s.snapshot_at.unwrap_or_else(Instant::now))
+    })?;
+    Ok(Unplugged { event_after, gone_after: gone.saturating_duration_since(sent) })
+}
+
+/// The guest's function whose parent bridge is `bridge` (first one, by address).
+pub fn child_of(state: &GuestState, bridge: Bdf) -> Option<&PciDevice> {
+    state.pci.values().find(|d| d.parent() == Some(bridge))
+}
