@@ -188,7 +188,10 @@ fn hotplug_all(plan: &Plan, qemu: &mut Qemu) {
             assert_eq!(want, have, "{} BAR sizes", f.id);
         }
     }
-    assert!(qemu.qmp.peripherals().iter().any(|p| p == "gpu0"));
+    let peripherals = qemu.qmp.peripherals();
+    for d in plan.devices.iter().filter(|d| !d.cold_plug) {
+        assert!(peripherals.iter().any(|p| p == d.id.as_str()), "{} missing after hotplug", d.id);
+    }
 }
 
 #[test]
@@ -228,4 +231,75 @@ fn seabios_without_reservations_cannot_fit_a_128g_bar() {
     let b = find(&devs, spare.id.as_str()).bridge.unwrap();
     let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
     assert!(!sim::fits(window(b.mem), window(b.pref), &HotplugProfile::h100().resources));
+}
+
+#[test]
+fn seabios_numa_expanders_number_buses_as_predicted() {
+    numa_expanders(Q35::seabios());
+}
+
+#[test]
+fn ovmf_numa_expanders_number_buses_as_predicted() {
+    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
+    numa_expanders(Q35::ovmf());
+}
+
+fn numa_expanders(platform: Q35) {
+    let mut devices = Vec::new();
+    for (i, node) in [0u32, 1, 1].iter().enumerate() {
+        let mut d = DeviceRequest::ivshmem(&format!("n{i}"), 4 * GIB).unwrap();
+        d.numa_node = Some(*node);
+        d.cold_plug = i == 2;
+        devices.push(d);
+    }
+    let request = PlanRequest {
+        mode: Mode::Numa,
+        devices,
+        spares: vec![
+            SpareRequest { profile: HotplugProfile::a100(), count: 1, numa_node: Some(0), p2p_group: None },
+            SpareRequest { profile: HotplugProfile::nic(), count: 2, numa_node: None, p2p_group: None },
+        ],
+        options: pcie_topology::PlanOptions { spare_bus_reserve: 2, ..Default::default() },
+    };
+    let plan = plan(&platform, &request).unwrap();
+    assert_eq!(plan.host_bridges.len(), 3);
+    let mut qemu = {
+        require("qemu-system-x86_64", "qemu-system-x86");
+        let mut args = plan.qemu_args();
+        args.extend(["-accel", "tcg", "-m", "512", "-smp", "2"].map(String::from));
+        for node in 0..2 {
+            args.extend([
+                "-object".to_string(),
+                format!("memory-backend-ram,id=numa{node},size=256M"),
+                "-numa".to_string(),
+                format!("node,nodeid={node},cpus={node},memdev=numa{node}"),
+            ]);
+        }
+        args.extend(["-cpu".into(), format!("max,phys-bits={}", plan.address.phys_bits_needed.max(40))]);
+        Qemu::start("qemu-system-x86_64", &args)
+    };
+    let devs = qemu.qmp.wait_pci(Duration::from_secs(240), programmed(&plan));
+    for port in &plan.ports {
+        let got = find(&devs, port.id.as_str());
+        let b = got.bridge.unwrap();
+        assert_eq!(
+            (got.bus, got.slot, got.function),
+            (port.bdf.bus, port.bdf.devfn.slot, port.bdf.devfn.function),
+            "{}",
+            port.id
+        );
+        assert_eq!(
+            (b.secondary, b.subordinate),
+            (port.secondary_bus, port.subordinate_bus),
+            "{} bus numbers",
+            port.id
+        );
+    }
+    // Expander ports carry their root bus in the path; the cold device sits where predicted.
+    let cold = plan.device("n2").unwrap();
+    let f = &cold.functions[0];
+    let got = find(&devs, "n2");
+    assert_eq!((got.bus, got.slot), (f.location.bdf().unwrap().bus, 0));
+    assert!(f.location.path().unwrap().root_bus.is_some());
+    hotplug_all(&plan, &mut qemu);
 }
