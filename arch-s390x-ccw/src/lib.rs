@@ -404,3 +404,8 @@ mod tests {
         assert_eq!(Devno { ssid: 1, devno: 0xbeef }.guest_busid(), "0.1.beef");
     }
 }
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

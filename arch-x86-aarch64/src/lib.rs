@@ -294,3 +294,8 @@ mod tests {
         assert!(!p.ports[0].device.as_ref().unwrap().props.contains_key("pref64-reserve"));
     }
 }
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

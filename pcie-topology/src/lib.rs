@@ -1,7 +1,7 @@
 //! Plans a QEMU guest's PCIe topology so that devices hotplugged later really fit.
 //!
 //! Given the devices to place (with every function's BARs, from `pcilibs`) and hotplug
-//! profiles for spare ports, [`plan`] decides which root ports, switches and expander
+//! profiles for spare ports, [`plan()`] decides which root ports, switches and expander
 //! buses exist at boot, hands out ids, chassis/slot pairs, devfns and bus numbers from
 //! free sets, sizes each port's windows so that the largest BAR fits *wherever the
 //! platform's firmware places the window* (size and alignment), checks the whole guest
@@ -85,3 +85,8 @@ pub use planner::plan;
 pub use platform::{Platform, PlatformSpec, WindowRule};
 pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
 pub use request::{DeviceRequest, FunctionRequest, HostRef, HotplugProfile};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
