@@ -47,6 +47,8 @@ enum Cmd {
         #[arg(last = true)]
         qemu_args: Vec<String>,
     },
+    /// Regenerate pcilibs' QEMU device fixtures (pcilibs/tests/fixtures/qemu-x86_64).
+    Fixtures,
     /// Run one of the field experiments (see xtask/README.md, "Field notes").
     Experiment {
         /// Experiment name.
@@ -124,6 +126,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Provision => Err("todo".to_string()),
+        Cmd::Fixtures => xtask::fixtures::generate(&xtask::cache(), &xtask::workspace_root())
+            .map(|dir| println!("fixtures written to {}", dir.display())),
         Cmd::Experiment { name, firmware, native_hotplug, bar_gib } => {
             let opts = xtask::experiments::Options { firmware, native_hotplug, bar_gib };
             match xtask::experiments::run(&name, opts, &xtask::cache()) {
