@@ -63,6 +63,7 @@
 //! ```
 
 pub mod alloc;
+mod check;
 pub mod error;
 pub mod path;
 pub mod physbits;

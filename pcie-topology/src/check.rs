@@ -1,0 +1,86 @@
+//! The whole-address-space check: 32-bit hole, I/O space, 64-bit aperture and physical
+//! address width, before any VM starts.
+
+use pcilibs::requirement::{WindowRequirement, MEM_GRANULARITY};
+
+use crate::error::{AddressSpaceError, PlanError};
+use crate::plan::{AddressReport, Plan, Port, PortKind};
+use crate::platform::{Mmio64Aperture, Totals};
+use crate::reserve::Window;
+use crate::units::{bits_for_end, GIB};
+
+/// Packs windows largest alignment first (the order firmware places them in).
+fn pack(windows: impl Iterator<Item = Window>) -> Result<WindowRequirement, AddressSpaceError> {
+    let mut list: Vec<Window> = windows.filter(|w| w.size > 0).collect();
+    list.sort_by_key(|w| std::cmp::Reverse((w.align, w.size)));
+    let mut total = WindowRequirement::default();
+    for w in list {
+        total = total.combine(&w.as_requirement()).ok_or(AddressSpaceError::Overflow)?;
+    }
+    Ok(total)
+}
+
+/// Checks 32-bit hole, I/O space, 64-bit aperture and physical address width.
+pub(crate) fn check_address_space(
+    plan: &Plan,
+    hotplug: &Totals,
+) -> Result<(AddressReport, Totals), PlanError> {
+    let spec = &plan.platform;
+    let top: Vec<&Port> = plan.ports.iter().filter(|p| p.kind == PortKind::Root).collect();
+    let bridge_windows =
+        plan.bridges.iter().map(|_| Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY });
+    let mem = pack(top.iter().map(|p| p.reservation.mem).chain(bridge_windows))?;
+    let io: u64 = top.iter().map(|p| p.reservation.io.size).sum();
+    let pref = pack(top.iter().map(|p| p.reservation.pref))?;
+    if mem.size > spec.mmio32.size {
+        return Err(AddressSpaceError::Mmio32 { needed: mem.size, available: spec.mmio32.size }.into());
+    }
+    if io > spec.io.size {
+        return Err(AddressSpaceError::Io { needed: io, available: spec.io.size }.into());
+    }
+    let ram = plan.options.guest_ram;
+    let ram_end = (4 * GIB).saturating_add(spec.ram_above_4g(ram));
+    let aperture = if pref.is_empty() && spec.mmio64 == Mmio64Aperture::GrowsAfterRam {
+        None
+    } else {
+        spec.mmio64_range(ram, pref.size, pref.align)
+    };
+    if let (Mmio64Aperture::Fixed { size, .. }, false) = (spec.mmio64, pref.is_empty()) {
+        if pref.size > size {
+            return Err(AddressSpaceError::Mmio64Aperture { needed: pref.size, available: size }.into());
+        }
+    }
+    if matches!(spec.mmio64, Mmio64Aperture::None) && !pref.is_empty() {
+        return Err(AddressSpaceError::Mmio64Aperture { needed: pref.size, available: 0 }.into());
+    }
+    let end = aperture.map_or(ram_end, |a| a.end().max(ram_end));
+    let needed_bits = bits_for_end(end).max(bits_for_end(ram_end));
+    for (have, who) in [(plan.options.guest_phys_bits, "guest CPU"), (plan.options.host_phys_bits, "host")] {
+        if let Some(bits) = have {
+            if bits < needed_bits {
+                return Err(AddressSpaceError::PhysBits {
+                    end,
+                    needed_bits,
+                    available_bits: bits,
+                    source_name: who.to_string(),
+                }
+                .into());
+            }
+        }
+    }
+    let report = AddressReport {
+        mmio32_needed: mem.size,
+        mmio32_available: spec.mmio32.size,
+        io_needed: io,
+        io_available: spec.io.size,
+        mmio64_needed: pref.size,
+        mmio64_aperture: aperture,
+        ram_end,
+        phys_bits_needed: needed_bits,
+        guest_phys_bits: plan.options.guest_phys_bits,
+        host_phys_bits: plan.options.host_phys_bits,
+    };
+    let totals =
+        Totals { mmio64_needed: aperture.map_or(0, |a| a.size), phys_bits_needed: needed_bits, ..*hotplug };
+    Ok((report, totals))
+}

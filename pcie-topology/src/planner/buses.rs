@@ -1,0 +1,120 @@
+//! Bus numbers as firmware (or the guest kernel) assigns them, and guest paths.
+
+use super::Builder;
+use crate::error::PlanError;
+use crate::path::{GuestBdf, GuestPciPath};
+use crate::plan::{HostBridge, PciBridge, PortKind};
+use crate::platform::BusNumbering;
+use crate::qemu::DevFn;
+
+/// Assigns bus numbers depth-first per root bus and expander `bus_nr` ranges, and fills in
+/// BDFs and paths of ports, switches and bridges.
+pub(super) fn number_buses(
+    b: &mut Builder<'_>,
+    host_bridges: &mut [HostBridge],
+    bridges: &mut [PciBridge],
+) -> Result<(), PlanError> {
+    let per_hb_ports = b.per_root.clone();
+    let kernel = b.spec.bus_numbering == BusNumbering::KernelDepthFirst;
+    let mut next: u32 = 0;
+    for (hb_index, hb) in host_bridges.iter_mut().enumerate() {
+        let root = next;
+        if root > 255 {
+            return Err(PlanError::Buses { needed: root + 1 });
+        }
+        hb.bus_nr = root as u8;
+        if let Some(d) = hb.device.as_mut() {
+            *d = d.clone().prop("bus_nr", u64::from(root));
+        }
+        next = root + 1;
+        let root_path = if hb_index == 0 { None } else { Some(root as u8) };
+        let mut indices: Vec<usize> = per_hb_ports.get(hb_index).cloned().unwrap_or_default();
+        indices.retain(|i| b.ports.get(*i).is_some_and(|p| p.kind == PortKind::Root));
+        indices.sort_by_key(|i| b.ports.get(*i).map(|p| p.bdf.devfn));
+        // Items on the root bus in devfn order: root ports, and on pcie.0 the PCI bridge.
+        let mut entries: Vec<(DevFn, Option<usize>)> =
+            indices.iter().filter_map(|i| b.ports.get(*i).map(|p| (p.bdf.devfn, Some(*i)))).collect();
+        if hb_index == 0 {
+            for br in bridges.iter() {
+                entries.push((br.bdf.devfn, None));
+            }
+        }
+        entries.sort_by_key(|e| e.0);
+        for (devfn, idx) in entries {
+            let sec = next;
+            next += 1;
+            match idx {
+                Some(i) => {
+                    let port_id = b.ports.get(i).map(|p| p.id.clone());
+                    let sw_index = b.switches.iter().position(|s| Some(&s.root_port) == port_id.as_ref());
+                    let path = GuestPciPath { root_bus: root_path, hops: vec![devfn] };
+                    if let Some(si) = sw_index {
+                        let up_sec = next;
+                        next += 1;
+                        let sw_id = b.switches.get(si).map(|s| s.id.clone());
+                        if let Some(s) = b.switches.get_mut(si) {
+                            s.bus = sec as u8;
+                            s.secondary_bus = up_sec as u8;
+                        }
+                        let up_path = path.join(DevFn { slot: 0, function: 0 });
+                        let mut ds: Vec<usize> = (0..b.ports.len())
+                            .filter(|j| {
+                                b.ports.get(*j).is_some_and(|p| p.switch.is_some() && p.switch == sw_id)
+                            })
+                            .collect();
+                        ds.sort_by_key(|j| b.ports.get(*j).map(|p| p.bdf.devfn));
+                        for j in ds {
+                            let dsec = next;
+                            let reserve = if kernel { u32::from(b.opts.spare_bus_reserve) } else { 0 };
+                            next = dsec + 1 + reserve;
+                            if let Some(p) = b.ports.get_mut(j) {
+                                let dfn = p.bdf.devfn;
+                                p.bdf = GuestBdf { segment: 0, bus: up_sec as u8, devfn: dfn };
+                                p.path = up_path.join(dfn);
+                                p.secondary_bus = clamp_bus(dsec)?;
+                                p.subordinate_bus = clamp_bus(dsec + reserve)?;
+                            }
+                        }
+                    }
+                    let reserve = b.ports.get(i).map_or(0, |p| {
+                        if kernel {
+                            u32::from(b.opts.spare_bus_reserve)
+                        } else {
+                            u32::from(p.reservation.bus_reserve)
+                        }
+                    });
+                    let sub = (next - 1).max(sec + reserve);
+                    next = sub + 1;
+                    if let Some(p) = b.ports.get_mut(i) {
+                        p.bdf = GuestBdf { segment: 0, bus: root as u8, devfn };
+                        p.path = path;
+                        p.secondary_bus = clamp_bus(sec)?;
+                        p.subordinate_bus = clamp_bus(sub)?;
+                    }
+                }
+                None => {
+                    if let Some(br) = bridges.iter_mut().find(|br| br.bdf.devfn == devfn) {
+                        br.secondary_bus = clamp_bus(sec)?;
+                        let br_id = br.id.to_string();
+                        for p in b
+                            .ports
+                            .iter_mut()
+                            .filter(|p| p.kind == PortKind::BridgeSlot && p.target_bus == br_id)
+                        {
+                            p.bdf = GuestBdf { segment: 0, bus: 0, devfn };
+                            p.path = GuestPciPath { root_bus: None, hops: vec![devfn] };
+                            p.secondary_bus = clamp_bus(sec)?;
+                            p.subordinate_bus = clamp_bus(sec)?;
+                        }
+                    }
+                }
+            }
+        }
+        hb.last_bus = clamp_bus(next - 1)?;
+    }
+    Ok(())
+}
+
+fn clamp_bus(bus: u32) -> Result<u8, PlanError> {
+    u8::try_from(bus).map_err(|_| PlanError::Buses { needed: bus + 1 })
+}

@@ -1,0 +1,464 @@
+//! Building a plan from a [`PlanRequest`] for a [`Platform`].
+//!
+//! Steps: choose root buses (one `pxb-pcie` per NUMA node in NUMA mode), group devices
+//! into root ports and switches, hand out ids, slots, chassis/slot pairs and bus numbers
+//! from free sets, size every window with the platform's
+//! [`WindowRule`](crate::platform::WindowRule), place the devices, then check the whole
+//! address space and ask the platform for its extra arguments.
+
+mod buses;
+mod windows;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pcilibs::requirement::Requirement;
+
+use crate::alloc::{FreeSet, IdAllocator};
+use crate::check::check_address_space;
+use crate::error::PlanError;
+use crate::path::{GuestBdf, GuestPciPath};
+use crate::plan::{
+    place_on_port, request_ids, AddressReport, HostBridge, Mode, PciBridge, PlacedDevice, Plan, PlanOptions,
+    PlanRequest, Port, PortKind, Reservation, Switch, PLAN_VERSION,
+};
+use crate::platform::{Platform, PlatformSpec, Totals};
+use crate::qemu::{DevFn, QemuDevice, QemuId};
+use crate::request::HotplugProfile;
+use crate::reserve::Window;
+
+/// What one port is for, before it has a name.
+#[derive(Debug, Clone)]
+struct PortSpec {
+    device: Option<usize>,
+    profile: Option<HotplugProfile>,
+    p2p_group: Option<String>,
+}
+
+/// Something on a root bus.
+#[derive(Debug, Clone)]
+enum Item {
+    Port(PortSpec),
+    Switch { group: Option<String>, downstream: Vec<PortSpec> },
+}
+
+/// The request sorted onto root buses: index 0 is `pcie.0`, then one per NUMA node.
+struct Layout {
+    nodes: Vec<u32>,
+    items: BTreeMap<usize, Vec<Item>>,
+    conventional: Vec<usize>,
+}
+
+impl Layout {
+    fn of(request: &PlanRequest) -> Layout {
+        let numa = request.mode == Mode::Numa;
+        let switches = matches!(request.mode, Mode::SwitchPort | Mode::Numa);
+        let mut nodes: BTreeSet<u32> = BTreeSet::new();
+        if numa {
+            nodes.extend(request.devices.iter().filter_map(|d| d.numa_node));
+            nodes.extend(request.spares.iter().filter_map(|s| s.numa_node));
+        }
+        let nodes: Vec<u32> = nodes.into_iter().collect();
+        let root_of = |node: Option<u32>| {
+            node.filter(|_| numa).and_then(|n| nodes.iter().position(|x| *x == n)).map_or(0, |i| i + 1)
+        };
+        let mut items: BTreeMap<usize, Vec<Item>> = (0..=nodes.len()).map(|i| (i, Vec::new())).collect();
+        let mut conventional = Vec::new();
+        for (i, d) in request.devices.iter().enumerate() {
+            if !d.is_pcie() {
+                conventional.push(i);
+                continue;
+            }
+            let spec = PortSpec { device: Some(i), profile: None, p2p_group: d.p2p_group.clone() };
+            push_item(
+                items.entry(root_of(d.numa_node)).or_default(),
+                spec,
+                switches && d.p2p_group.is_some(),
+            );
+        }
+        for s in &request.spares {
+            let list = items.entry(root_of(s.numa_node)).or_default();
+            for _ in 0..s.count {
+                let spec = PortSpec {
+                    device: None,
+                    profile: Some(s.profile.clone()),
+                    p2p_group: s.p2p_group.clone(),
+                };
+                push_item(list, spec, switches && s.p2p_group.is_some());
+            }
+        }
+        Layout { nodes, items, conventional }
+    }
+}
+
+/// Plans `request` for `platform`.
+pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, PlanError> {
+    let spec = platform.spec();
+    check_request(&spec, request)?;
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    for d in &request.devices {
+        for id in request_ids(d) {
+            if !taken.insert(id.clone()) {
+                return Err(PlanError::DuplicateId(id));
+            }
+        }
+    }
+    let layout = Layout::of(request);
+    let mut b = Builder::new(spec, request, taken)?;
+    let mut host_bridges = Vec::new();
+    for (index, items) in &layout.items {
+        let node = index.checked_sub(1).and_then(|i| layout.nodes.get(i)).copied();
+        host_bridges.push(b.add_root_bus(*index, node, items)?);
+    }
+    let mut bridges = b.add_conventional(&layout.conventional)?;
+    b.size_windows()?;
+    buses::number_buses(&mut b, &mut host_bridges, &mut bridges)?;
+    let (ports, devices) = b.place_devices()?;
+    let mut plan = Plan {
+        version: PLAN_VERSION,
+        platform: b.spec.clone(),
+        mode: request.mode,
+        options: b.opts.clone(),
+        host_bridges,
+        switches: b.switches.clone(),
+        bridges,
+        ports,
+        devices,
+        address: AddressReport::default(),
+        extra: Default::default(),
+    };
+    let (report, totals) = check_address_space(&plan, &b.hotplug_totals)?;
+    plan.address = report;
+    plan.extra = platform.extra_args(&totals);
+    Ok(plan)
+}
+
+/// Checks what the platform cannot do before anything is built.
+fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanError> {
+    let unsupported =
+        |what: &str| PlanError::Unsupported { platform: spec.name.clone(), what: what.to_string() };
+    if spec.root_port.is_none() {
+        return Err(unsupported("PCIe root ports (use the platform's own planner)"));
+    }
+    for d in &request.devices {
+        d.validate()?;
+    }
+    let switches = matches!(request.mode, Mode::SwitchPort | Mode::Numa)
+        && (request.devices.iter().any(|d| d.p2p_group.is_some())
+            || request.spares.iter().any(|s| s.p2p_group.is_some()));
+    if switches && (spec.switch_upstream.is_none() || spec.switch_downstream.is_none()) {
+        return Err(unsupported("PCIe switches"));
+    }
+    if request.mode == Mode::Numa && spec.expander.is_none() {
+        return Err(unsupported("pxb-pcie expanders (NUMA mode)"));
+    }
+    if request.devices.iter().any(|d| !d.is_pcie()) && spec.pci_bridge.is_none() {
+        return Err(unsupported("PCIe-to-PCI bridges for conventional devices"));
+    }
+    Ok(())
+}
+
+fn push_item(list: &mut Vec<Item>, spec: PortSpec, behind_switch: bool) {
+    if behind_switch {
+        for item in list.iter_mut() {
+            if let Item::Switch { group, downstream } = item {
+                if *group == spec.p2p_group {
+                    downstream.push(spec);
+                    return;
+                }
+            }
+        }
+        list.push(Item::Switch { group: spec.p2p_group.clone(), downstream: vec![spec] });
+    } else {
+        list.push(Item::Port(spec));
+    }
+}
+
+/// Root ports grouped per slot: one each, or up to 8 as functions when packing.
+fn group_root_ports(items: &[Item], pack: bool) -> Vec<Vec<&Item>> {
+    let per_slot = if pack { 8 } else { 1 };
+    items.chunks(per_slot).map(|c| c.iter().collect()).collect()
+}
+
+#[derive(Default)]
+struct Ids {
+    allocators: BTreeMap<String, IdAllocator>,
+}
+
+impl Ids {
+    fn alloc(&mut self, prefix: &str, taken: &BTreeSet<String>) -> Result<String, PlanError> {
+        let a = self.allocators.entry(prefix.to_string()).or_insert_with(|| IdAllocator::new(prefix));
+        Ok(a.alloc(|id| taken.contains(id))?)
+    }
+}
+
+/// Plan state while it is built.
+struct Builder<'a> {
+    spec: PlatformSpec,
+    opts: PlanOptions,
+    request: &'a PlanRequest,
+    /// Ids the request's devices use.
+    taken: BTreeSet<String>,
+    ids: Ids,
+    chassis: FreeSet,
+    root_slots: FreeSet,
+    ports: Vec<Port>,
+    switches: Vec<Switch>,
+    /// Port indices per root bus, in the order they were made.
+    per_root: Vec<Vec<usize>>,
+    /// Port index -> device index of the request.
+    device_of: BTreeMap<usize, usize>,
+    /// Kernel-rule sizes every hotplug bridge gets.
+    hotplug_totals: Totals,
+}
+
+impl<'a> Builder<'a> {
+    fn new(spec: PlatformSpec, request: &'a PlanRequest, taken: BTreeSet<String>) -> Result<Self, PlanError> {
+        let opts = request.options.clone();
+        let mut root_slots = FreeSet::new("root bus slot", u32::from(opts.first_root_slot), 31);
+        for s in &spec.reserved_root_slots {
+            // A reserved slot below `first_root_slot` is outside the set already.
+            let _ = root_slots.take(u32::from(*s));
+        }
+        Ok(Builder {
+            spec,
+            opts,
+            request,
+            taken,
+            ids: Ids::default(),
+            chassis: FreeSet::new("chassis", 1, 255),
+            root_slots,
+            ports: Vec::new(),
+            switches: Vec::new(),
+            per_root: Vec::new(),
+            device_of: BTreeMap::new(),
+            hotplug_totals: Totals::default(),
+        })
+    }
+
+    fn id(&mut self, prefix: &str) -> Result<QemuId, PlanError> {
+        let id = self.ids.alloc(prefix, &self.taken)?;
+        Ok(QemuId::new(id)?)
+    }
+
+    /// Root ports (and switches behind them) of one root bus, and the expander device for
+    /// root buses other than `pcie.0`.
+    fn add_root_bus(
+        &mut self,
+        index: usize,
+        node: Option<u32>,
+        items: &[Item],
+    ) -> Result<HostBridge, PlanError> {
+        let hb_id = if index == 0 { self.spec.root_bus.clone() } else { self.id("pxb")?.to_string() };
+        let mut expander_slots = FreeSet::new("expander bus slot", 0, 31);
+        let chassis_nr = self.chassis.alloc()?;
+        let mut chassis_slots = FreeSet::new("chassis slot", 1, 255);
+        let mut port_indices = Vec::new();
+        for group in group_root_ports(items, self.opts.pack_root_ports) {
+            let slot = if index == 0 { self.root_slots.alloc()? } else { expander_slots.alloc()? };
+            let multi = group.len() > 1;
+            for (function, item) in group.iter().enumerate() {
+                let devfn = DevFn::new(slot as u8, function as u8)?;
+                let rp_id = self.id("rp")?;
+                let mut dev = QemuDevice::new(self.spec.root_port.clone().unwrap_or_default(), rp_id.clone());
+                dev.bus = Some(hb_id.clone());
+                dev.addr = Some(devfn);
+                dev.multifunction = multi && function == 0;
+                dev = dev
+                    .prop("chassis", u64::from(chassis_nr))
+                    .prop("slot", u64::from(chassis_slots.alloc()?));
+                let spec = match item {
+                    Item::Port(p) => p.clone(),
+                    Item::Switch { group, .. } => {
+                        PortSpec { device: None, profile: None, p2p_group: group.clone() }
+                    }
+                };
+                port_indices.push(self.new_port(
+                    rp_id.as_str(),
+                    PortKind::Root,
+                    Some(dev),
+                    &hb_id,
+                    node,
+                    &spec,
+                    devfn,
+                )?);
+                if let Item::Switch { group, downstream } = item {
+                    let ds = self.add_switch(&rp_id, &hb_id, node, group, downstream)?;
+                    port_indices.extend(ds);
+                }
+            }
+        }
+        let device = if index == 0 {
+            None
+        } else {
+            let slot = self.root_slots.alloc()?;
+            let mut d =
+                QemuDevice::new(self.spec.expander.clone().unwrap_or_default(), QemuId::new(hb_id.clone())?);
+            d.bus = Some(self.spec.root_bus.clone());
+            d.addr = Some(DevFn::new(slot as u8, 0)?);
+            if let Some(n) = node {
+                d = d.prop("numa_node", u64::from(n));
+            }
+            Some(d)
+        };
+        self.per_root.push(port_indices);
+        Ok(HostBridge { id: hb_id, bus_nr: 0, last_bus: 0, numa_node: node, device })
+    }
+
+    /// A switch below root port `rp_id`: upstream port and one downstream port per spec.
+    fn add_switch(
+        &mut self,
+        rp_id: &QemuId,
+        hb_id: &str,
+        node: Option<u32>,
+        group: &Option<String>,
+        downstream: &[PortSpec],
+    ) -> Result<Vec<usize>, PlanError> {
+        let sw_id = self.id("sw")?;
+        let mut up = QemuDevice::new(self.spec.switch_upstream.clone().unwrap_or_default(), sw_id.clone());
+        up.bus = Some(rp_id.to_string());
+        up.addr = Some(DevFn::new(0, 0)?);
+        self.switches.push(Switch {
+            id: sw_id.clone(),
+            upstream: up,
+            root_port: rp_id.clone(),
+            bus: 0,
+            secondary_bus: 0,
+            p2p_group: group.clone(),
+        });
+        let sw_chassis = self.chassis.alloc()?;
+        let mut indices = Vec::new();
+        for (k, ds) in downstream.iter().enumerate() {
+            // A switch has 32 slots on its internal bus, one downstream port each.
+            let dfn = DevFn::new(u8::try_from(k).unwrap_or(u8::MAX), 0)?;
+            let dp_id = self.id("dp")?;
+            let mut dd =
+                QemuDevice::new(self.spec.switch_downstream.clone().unwrap_or_default(), dp_id.clone());
+            dd.bus = Some(sw_id.to_string());
+            dd.addr = Some(dfn);
+            dd = dd.prop("chassis", u64::from(sw_chassis)).prop("slot", (k as u64) + 1);
+            let spec = PortSpec { p2p_group: group.clone(), ..ds.clone() };
+            let i = self.new_port(dp_id.as_str(), PortKind::Downstream, Some(dd), hb_id, node, &spec, dfn)?;
+            if let Some(p) = self.ports.get_mut(i) {
+                p.switch = Some(sw_id.clone());
+            }
+            indices.push(i);
+        }
+        Ok(indices)
+    }
+
+    /// Conventional PCI devices go behind one PCIe-to-PCI bridge on `pcie.0`.
+    fn add_conventional(&mut self, devices: &[usize]) -> Result<Vec<PciBridge>, PlanError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let br_id = self.id("pcibr")?;
+        let devfn = DevFn::new(self.root_slots.alloc()? as u8, 0)?;
+        let mut dev = QemuDevice::new(self.spec.pci_bridge.clone().unwrap_or_default(), br_id.clone());
+        dev.bus = Some(self.spec.root_bus.clone());
+        dev.addr = Some(devfn);
+        let bridge = PciBridge {
+            id: br_id.clone(),
+            device: dev,
+            bdf: GuestBdf { segment: 0, bus: 0, devfn },
+            secondary_bus: 0,
+        };
+        let mut slots = FreeSet::new("PCI bridge slot", 1, 31);
+        let root = self.spec.root_bus.clone();
+        for &i in devices {
+            let s = slots.alloc()? as u8;
+            let spec = PortSpec { device: Some(i), profile: None, p2p_group: None };
+            let idx = self.new_port(
+                &format!("{br_id}-s{s}"),
+                PortKind::BridgeSlot,
+                None,
+                &root,
+                None,
+                &spec,
+                devfn,
+            )?;
+            if let Some(p) = self.ports.get_mut(idx) {
+                p.target_bus = br_id.to_string();
+                p.target_slot = s;
+            }
+            if let Some(first) = self.per_root.first_mut() {
+                first.push(idx);
+            }
+        }
+        Ok(vec![bridge])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_port(
+        &mut self,
+        id: &str,
+        kind: PortKind,
+        device: Option<QemuDevice>,
+        hb: &str,
+        numa_node: Option<u32>,
+        spec: &PortSpec,
+        devfn: DevFn,
+    ) -> Result<usize, PlanError> {
+        let purpose = match (spec.device, &spec.profile) {
+            (Some(i), _) => {
+                let d = self.request.devices.get(i).map(|d| d.id.to_string()).unwrap_or_default();
+                format!("device {d}")
+            }
+            (None, Some(p)) => format!("spare for {} ({})", p.name, p.describe()),
+            (None, None) => "switch".to_string(),
+        };
+        let target_bus = device.as_ref().map(|d| d.id.to_string()).unwrap_or_default();
+        self.ports.push(Port {
+            id: QemuId::new(id.replace('.', "-"))?,
+            kind,
+            device,
+            target_bus,
+            target_slot: 0,
+            host_bridge: hb.to_string(),
+            switch: None,
+            bdf: GuestBdf { segment: 0, bus: 0, devfn },
+            path: GuestPciPath { root_bus: None, hops: vec![devfn] },
+            secondary_bus: 0,
+            subordinate_bus: 0,
+            reservation: Reservation {
+                purpose,
+                need: Requirement::default(),
+                mem: Window::default(),
+                pref: Window::default(),
+                io: Window::default(),
+                bus_reserve: 0,
+                why: Vec::new(),
+            },
+            profile: spec.profile.clone(),
+            placeholder: None,
+            occupant: None,
+            numa_node,
+            p2p_group: spec.p2p_group.clone(),
+        });
+        let index = self.ports.len() - 1;
+        if let Some(d) = spec.device {
+            self.device_of.insert(index, d);
+        }
+        Ok(index)
+    }
+
+    /// Puts each device on its port; returns the ports in guest enumeration order.
+    fn place_devices(&mut self) -> Result<(Vec<Port>, Vec<PlacedDevice>), PlanError> {
+        let mut order: Vec<usize> = (0..self.ports.len()).collect();
+        order.sort_by_key(|i| self.ports.get(*i).map(|p| (p.bdf, p.target_slot)));
+        let mut devices = Vec::new();
+        for i in &order {
+            let (Some(port), Some(d)) =
+                (self.ports.get(*i), self.device_of.get(i).and_then(|d| self.request.devices.get(*d)))
+            else {
+                continue;
+            };
+            let placed = place_on_port(port, d, d.requirement()?)?;
+            let id = placed.id.clone();
+            devices.push(placed);
+            if let Some(p) = self.ports.get_mut(*i) {
+                p.occupant = Some(id);
+            }
+        }
+        Ok((order.iter().filter_map(|i| self.ports.get(*i).cloned()).collect(), devices))
+    }
+}

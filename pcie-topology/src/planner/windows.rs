@@ -1,0 +1,359 @@
+//! Window sizing: reservations, kernel hotplug sizes and switch-port placeholders.
+
+use std::collections::BTreeSet;
+
+use pcilibs::requirement::{Requirement, IO_GRANULARITY, MEM_GRANULARITY};
+
+use super::Builder;
+use crate::error::{AddressSpaceError, PlanError};
+use crate::plan::{describe_requirement, Placeholder, Port, PortKind, Reservation};
+use crate::platform::{BusNumbering, WindowRule};
+use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
+use crate::reserve::{size_window, Window};
+use crate::units::{human_size, next_pow2, MIB};
+
+impl Builder<'_> {
+    fn is_switch_port(&self, port: &Port) -> bool {
+        self.switches.iter().any(|s| s.root_port == port.id)
+    }
+
+    /// Sizes every window: downstream ports and plain root ports first, then the root
+    /// ports above switches from their downstream ports, then the kernel rule's uniform
+    /// sizes.
+    pub(super) fn size_windows(&mut self) -> Result<(), PlanError> {
+        let rule = self.spec.window_rule;
+        let sizing = self.opts.size_reservations;
+        // Pass 1: ports that hold a device or a profile.
+        for i in 0..self.ports.len() {
+            let Some(port) = self.ports.get(i) else { continue };
+            if self.is_switch_port(port) {
+                continue;
+            }
+            let (need, cold) = match (self.device_of.get(&i), &port.profile) {
+                (Some(d), _) => {
+                    let d = self
+                        .request
+                        .devices
+                        .get(*d)
+                        .ok_or_else(|| PlanError::UnknownDevice(d.to_string()))?;
+                    (d.requirement()?, d.cold_plug)
+                }
+                (None, Some(p)) => (p.requirement()?, false),
+                (None, None) => (Requirement::default(), false),
+            };
+            let kind = port.kind;
+            let port_id = port.id.to_string();
+            let can_reserve = kind == PortKind::Root || self.spec.downstream_reserve;
+            let kernel = matches!(rule, WindowRule::KernelHotplugSize { .. });
+            let placeholder = kind == PortKind::Downstream
+                && !cold
+                && !can_reserve
+                && !kernel
+                && sizing
+                && self.opts.switch_placeholders
+                && !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY);
+            let present = cold || placeholder || kind == PortKind::BridgeSlot;
+            let mut res =
+                self.reservation_for(&need, present, sizing && (can_reserve || kernel || placeholder));
+            if placeholder {
+                let ph = self.placeholder_for(&port_id, &need)?;
+                let ph_need = placeholder_requirement(&ph);
+                res = self.reservation_for(&ph_need, true, true);
+                res.need = need;
+                if !res.holds(&need) {
+                    let hint = if self.spec.mem32_placeholder.is_none() && !res.mem.holds(&need.mem) {
+                        "; this platform has no device whose 32-bit BAR can stand in for the profile's"
+                    } else {
+                        ""
+                    };
+                    return Err(PlanError::DownstreamWindow {
+                        port: port_id,
+                        need: format!(
+                            "{} with placeholder windows {}{hint}",
+                            describe_requirement(&need),
+                            describe_requirement(&ph_need)
+                        ),
+                    });
+                }
+                res.why.push(format!(
+                    "the switch downstream port has no *-reserve properties: a boot-time placeholder ({}) makes firmware size the windows, and is removed before the first hotplug",
+                    describe_requirement(&ph_need)
+                ));
+                if let Some(p) = self.ports.get_mut(i) {
+                    p.placeholder = Some(ph);
+                }
+            } else if kind == PortKind::Downstream && !cold && !can_reserve && !kernel && sizing {
+                let min = Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY };
+                if !(min.holds(&need.mem) && min.holds(&need.pref)) {
+                    return Err(PlanError::DownstreamWindow {
+                        port: port_id,
+                        need: describe_requirement(&need),
+                    });
+                }
+            }
+            if let Some(p) = self.ports.get_mut(i) {
+                p.reservation.need = need;
+                p.reservation.mem = res.mem;
+                p.reservation.pref = res.pref;
+                p.reservation.io = res.io;
+                p.reservation.why = res.why;
+                if kind == PortKind::Root && p.profile.is_some() && p.occupant.is_none() {
+                    p.reservation.bus_reserve = self.opts.spare_bus_reserve;
+                }
+            }
+        }
+        if let WindowRule::KernelHotplugSize { .. } = rule {
+            self.apply_kernel_sizes();
+        }
+        // Pass 2: root ports above switches cover their downstream ports.
+        let switches = self.switches.clone();
+        for sw in &switches {
+            let mut need = Requirement::default();
+            for p in self.ports.iter().filter(|p| p.switch.as_ref() == Some(&sw.id)) {
+                let r = &p.reservation;
+                let windows = Requirement {
+                    mem: r.mem.as_requirement(),
+                    pref: r.pref.as_requirement(),
+                    io: r.io.as_requirement(),
+                };
+                need = need.combine(&windows).map_err(|_| AddressSpaceError::Overflow)?;
+            }
+            let mut res = self.reservation_for(&need, true, sizing);
+            res.why.insert(0, format!("covers the windows of switch {}'s downstream ports", sw.id));
+            if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
+                p.reservation.purpose = format!("switch {}", sw.id);
+                p.reservation.need = need;
+                p.reservation.mem = res.mem;
+                p.reservation.pref = res.pref;
+                p.reservation.io = res.io;
+                p.reservation.why = res.why;
+            }
+        }
+        if let WindowRule::KernelHotplugSize { .. } = rule {
+            // A root port above a switch is a hotplug bridge too: the kernel adds its share.
+            let (hp_mem, hp_pref) = (self.hotplug_totals.hotplug_mem, self.hotplug_totals.hotplug_pref);
+            for sw in &switches {
+                if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
+                    p.reservation.mem.size = p.reservation.mem.size.saturating_add(hp_mem);
+                    p.reservation.pref.size = p.reservation.pref.size.saturating_add(hp_pref);
+                }
+            }
+        }
+        self.write_reserve_props();
+        Ok(())
+    }
+
+    /// Windows for `need` under the platform's rule (or the machine default without sizing).
+    fn reservation_for(&self, need: &Requirement, present: bool, sizing: bool) -> Reservation {
+        let rule = self.spec.window_rule;
+        if !sizing && !present {
+            let min = self.min_window();
+            return Reservation {
+                purpose: String::new(),
+                need: *need,
+                mem: min,
+                pref: min,
+                io: Window::default(),
+                bus_reserve: 0,
+                why: vec![format!(
+                    "no reservation: the firmware gives an empty port its default minimum windows ({})",
+                    human_size(min.size)
+                )],
+            };
+        }
+        let mem = size_window(rule, &need.mem, MEM_GRANULARITY, present);
+        let pref = size_window(rule, &need.pref, MEM_GRANULARITY, present);
+        let io = size_window(rule, &need.io, IO_GRANULARITY, present);
+        let mut why = Vec::new();
+        why.push(format!("32-bit window {}: {}", human_size(mem.window.size), mem.why));
+        why.push(format!("64-bit prefetchable window {}: {}", human_size(pref.window.size), pref.why));
+        if need.io.is_empty() {
+            why.push("no I/O window: nothing needs I/O ports, and only about 16 ports can have one".into());
+        } else {
+            why.push(format!("I/O window {:#x}: {}", io.window.size, io.why));
+        }
+        Reservation {
+            purpose: String::new(),
+            need: *need,
+            mem: mem.window,
+            pref: pref.window,
+            io: if need.io.is_empty() { Window::default() } else { io.window },
+            bus_reserve: 0,
+            why,
+        }
+    }
+
+    /// The windows firmware gives an empty hotplug port by default.
+    fn min_window(&self) -> Window {
+        let size = match self.spec.window_rule {
+            WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
+                start_align.max(MEM_GRANULARITY)
+            }
+            _ => 2 * MIB,
+        };
+        Window { size, align: size }
+    }
+
+    /// Kernel rule: every hotplug bridge gets the largest spare need as extra space.
+    fn apply_kernel_sizes(&mut self) {
+        let mut hp_mem = 0u64;
+        let mut hp_pref = 0u64;
+        // Ports that are empty at boot: spares and ports of devices hotplugged later.
+        for (i, p) in self.ports.iter().enumerate() {
+            let cold = self
+                .device_of
+                .get(&i)
+                .and_then(|d| self.request.devices.get(*d))
+                .is_some_and(|d| d.cold_plug);
+            if p.kind != PortKind::BridgeSlot && !self.is_switch_port(p) && !cold {
+                hp_mem = hp_mem.max(p.reservation.mem.size);
+                hp_pref = hp_pref.max(p.reservation.pref.size);
+            }
+        }
+        let start = match self.spec.window_rule {
+            WindowRule::KernelHotplugSize { start_align } => start_align.max(MEM_GRANULARITY),
+            _ => MEM_GRANULARITY,
+        };
+        let switch_ports: BTreeSet<String> = self.switches.iter().map(|s| s.root_port.to_string()).collect();
+        for p in self
+            .ports
+            .iter_mut()
+            .filter(|p| p.kind != PortKind::BridgeSlot && !switch_ports.contains(p.id.as_str()))
+        {
+            // The kernel gives the port max(what is below, the extra size), aligned only
+            // to its minimum when it is the extra size that counts.
+            let grow = |w: &mut Window, hp: u64| {
+                if hp > w.size {
+                    *w = Window { size: hp, align: start };
+                }
+            };
+            grow(&mut p.reservation.mem, hp_mem);
+            grow(&mut p.reservation.pref, hp_pref);
+            if hp_pref > 0 {
+                p.reservation.why.push(format!(
+                    "the guest kernel gives every hotplug bridge {} of 32-bit and {} of prefetchable space (pci=hpmmiosize=,hpmmioprefsize=)",
+                    human_size(hp_mem),
+                    human_size(hp_pref)
+                ));
+            }
+        }
+        self.hotplug_totals.hotplug_mem = hp_mem;
+        self.hotplug_totals.hotplug_pref = hp_pref;
+        self.hotplug_totals.hotplug_buses = self.opts.spare_bus_reserve;
+    }
+
+    /// Writes `mem-reserve`, `pref64-reserve`, `io-reserve` and `bus-reserve` on root ports.
+    fn write_reserve_props(&mut self) {
+        let rule = self.spec.window_rule;
+        let reads_props = matches!(rule, WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePowerOfTwo);
+        if !reads_props || !self.opts.size_reservations {
+            return;
+        }
+        let downstream_reserve = self.spec.downstream_reserve;
+        let bus_numbering = self.spec.bus_numbering;
+        for p in self.ports.iter_mut() {
+            let carries = p.kind == PortKind::Root || (p.kind == PortKind::Downstream && downstream_reserve);
+            let Some(dev) = p.device.as_mut().filter(|_| carries) else { continue };
+            let r = &p.reservation;
+            dev.props.insert("mem-reserve".into(), PropValue::Int(r.mem.size));
+            dev.props.insert("pref64-reserve".into(), PropValue::Int(r.pref.size));
+            dev.props.insert("io-reserve".into(), PropValue::Int(r.io.size));
+            if r.bus_reserve > 0 && bus_numbering == BusNumbering::FirmwareDepthFirst {
+                dev.props.insert("bus-reserve".into(), PropValue::Int(u64::from(r.bus_reserve)));
+            }
+        }
+    }
+
+    /// Placeholder functions for a downstream port: one `ivshmem-plain` per prefetchable
+    /// BAR of what the port must hold (at most 8), each backed by an unreserved RAM backend.
+    fn placeholder_for(&mut self, port_id: &str, need: &Requirement) -> Result<Placeholder, PlanError> {
+        let mut sizes: Vec<u64> = self
+            .ports
+            .iter()
+            .find(|p| p.id.as_str() == port_id)
+            .and_then(|p| p.profile.as_ref())
+            .map(|prof| {
+                prof.resources
+                    .iter()
+                    .filter(|r| r.window() == pcilibs::requirement::Window::Pref)
+                    .map(|r| r.size)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if sizes.is_empty() && !need.pref.is_empty() {
+            sizes.push(next_pow2(need.pref.size).unwrap_or(need.pref.size));
+        }
+        if sizes.is_empty() {
+            sizes.push(MIB);
+        }
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        if sizes.len() > 8 {
+            let total: u64 = sizes.iter().skip(7).sum();
+            sizes.truncate(7);
+            sizes.push(next_pow2(total).unwrap_or(total));
+        }
+        let base = self.id("ph")?.to_string();
+        let mem32 = self.spec.mem32_placeholder.clone().filter(|_| need.mem.size > MEM_GRANULARITY);
+        let functions = sizes.len() + usize::from(mem32.is_some());
+        let multi = functions > 1;
+        let mut objects = Vec::new();
+        let mut devices = Vec::new();
+        let fn_id = |f: usize| QemuId::new(if f == 0 { base.clone() } else { format!("{base}-f{f}") });
+        for (f, size) in sizes.iter().enumerate() {
+            let mem_id = QemuId::new(format!("{base}-mem{f}"))?;
+            objects.push(QemuObject::unbacked_ram(mem_id.clone(), *size));
+            let mut d = QemuDevice::new("ivshmem-plain", fn_id(f)?).prop("memdev", mem_id.to_string());
+            d.bus = Some(port_id.to_string());
+            d.addr = Some(DevFn::new(0, f as u8)?);
+            d.multifunction = multi && f == 0;
+            devices.push(d);
+        }
+        if let Some(driver) = mem32 {
+            // qxl's RAM BAR (BAR 0) is 32-bit non-prefetchable and `ram_size_mb` large
+            // (16 MiB at least); its VRAM BAR is kept at 1 MiB and its ROM BAR off.
+            let f = sizes.len();
+            let ram_mb = (next_pow2(need.mem.size).unwrap_or(need.mem.size) / MIB).max(16);
+            let mut d = QemuDevice::new(driver, fn_id(f)?)
+                .prop("ram_size_mb", ram_mb)
+                .prop("vram_size_mb", 1u64)
+                .prop("vgamem_mb", (ram_mb / 4).max(1))
+                .prop("rombar", 0u64);
+            d.bus = Some(port_id.to_string());
+            d.addr = Some(DevFn::new(0, f as u8)?);
+            devices.push(d);
+        }
+        Ok(Placeholder { objects, devices, present: true })
+    }
+}
+
+/// What the placeholder's BARs need (ivshmem: 256 B BAR 0 and the memory BAR; qxl: RAM
+/// BAR, 1 MiB VRAM BAR, 8 KiB ROM-register BAR and a 32-port I/O BAR).
+fn placeholder_requirement(ph: &Placeholder) -> Requirement {
+    use pcilibs::bar::BarKind;
+    use pcilibs::requirement::Resource;
+    let mut res = Vec::new();
+    for d in &ph.devices {
+        match d.driver.as_str() {
+            "ivshmem-plain" => {
+                res.push(Resource::bar(BarKind::Mem32, false, 256));
+                let size = ph
+                    .objects
+                    .iter()
+                    .find(|o| d.props.get("memdev") == Some(&PropValue::Str(o.id.to_string())))
+                    .and_then(|o| o.props.get("size"));
+                if let Some(PropValue::Int(size)) = size {
+                    res.push(Resource::bar(BarKind::Mem64, true, *size));
+                }
+            }
+            _ => {
+                if let Some(PropValue::Int(mb)) = d.props.get("ram_size_mb") {
+                    res.push(Resource::bar(BarKind::Mem32, false, mb.saturating_mul(MIB)));
+                }
+                res.push(Resource::bar(BarKind::Mem32, false, MIB));
+                res.push(Resource::bar(BarKind::Mem32, false, 8 << 10));
+                res.push(Resource::bar(BarKind::Io, false, 32));
+            }
+        }
+    }
+    Requirement::of(&res).unwrap_or_default()
+}
