@@ -177,7 +177,9 @@ impl EmulatedConfigSpace {
         let keep = !(size - 1);
         match kind {
             BarKind::Io => {
-                if !(4..=256).contains(&size) {
+                // The specification caps I/O BARs at 256 bytes, but devices (and QEMU's
+                // models) have larger ones; the I/O space itself is 64 KiB.
+                if !(4..=1 << 16).contains(&size) {
                     return Err(bad());
                 }
                 self.put(off, ((address as u32) & keep as u32 & !3) | 1);

@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+pub(crate) mod qemu;
+
 /// `../shared/conformance` next to the workspace root, where the pciutils dumps live.
 pub(crate) fn conformance_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
