@@ -340,11 +340,24 @@ pub struct PlanOptions {
     pub spare_bus_reserve: u8,
     /// Plug placeholders behind empty switch downstream ports so firmware sizes their windows.
     pub switch_placeholders: bool,
-    /// First slot of the root bus to use.
+    /// First slot of the root bus to use. The plan accounts only for the devices it
+    /// emits: start QEMU with `-nodefaults` (q35 otherwise puts a VGA device in slot 1 and
+    /// a NIC in slot 2), or raise this past the slots other devices take.
     pub first_root_slot: u8,
     /// Size reservations from requirements (false: emit no `*-reserve`, the machine's
     /// defaults — used to show that the guest then fails with "no space").
     pub size_reservations: bool,
+}
+
+impl PlanOptions {
+    /// These options with `host_phys_bits` read from KVM or /proc/cpuinfo (see
+    /// [`crate::physbits::host_phys_bits`]); unchanged when neither tells it.
+    pub fn with_host_phys_bits(mut self) -> Self {
+        if let Ok(h) = crate::physbits::host_phys_bits() {
+            self.host_phys_bits = Some(h.bits);
+        }
+        self
+    }
 }
 
 impl Default for PlanOptions {
@@ -623,6 +636,12 @@ impl Plan {
             object_del: d.objects.iter().map(|o| o.id.clone()).collect(),
             windows: port.map(|p| p.reservation.clone()),
         })
+    }
+
+    /// Devices of the plan that share host IOMMU group `group` (plug and unplug them
+    /// together: a group is only viable for VFIO when all its members are assigned).
+    pub fn iommu_group_members(&self, group: u32) -> Vec<&QemuId> {
+        self.devices.iter().filter(|d| d.iommu_group == Some(group)).map(|d| &d.id).collect()
     }
 
     /// Hotplug actions of every device that is not plugged at boot, in plan order.

@@ -340,6 +340,19 @@ fn impossible_plans_say_what_does_not_fit() {
 }
 
 #[test]
+fn iommu_group_members_are_listed_together() {
+    let mut a = DeviceRequest::ivshmem("a", 64 * KIB).unwrap();
+    let mut b = DeviceRequest::ivshmem("b", 64 * KIB).unwrap();
+    let c = DeviceRequest::ivshmem("c", 64 * KIB).unwrap();
+    a.iommu_group = Some(7);
+    b.iommu_group = Some(7);
+    let plan = plan(&Q35::seabios(), &PlanRequest { devices: vec![a, b, c], ..Default::default() }).unwrap();
+    let members: Vec<&str> = plan.iommu_group_members(7).into_iter().map(QemuId::as_str).collect();
+    assert_eq!(members, ["a", "b"]);
+    assert_eq!(plan.hotplug_action("a").unwrap().iommu_group, Some(7));
+}
+
+#[test]
 fn ports_are_reused_after_unplug_in_the_middle() {
     let request = PlanRequest {
         spares: vec![SpareRequest {

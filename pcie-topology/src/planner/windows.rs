@@ -83,13 +83,20 @@ impl Builder<'_> {
                     p.placeholder = Some(ph);
                 }
             } else if kind == PortKind::Downstream && !cold && !can_reserve && !kernel && sizing {
-                let min = Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY };
+                // Without a placeholder the firmware gives the empty port its minimum.
+                let min = self.min_window();
                 if !(min.holds(&need.mem) && min.holds(&need.pref)) {
                     return Err(PlanError::DownstreamWindow {
                         port: port_id,
                         need: describe_requirement(&need),
                     });
                 }
+                res.mem = min;
+                res.pref = min;
+                res.why = vec![format!(
+                    "no reservation property on a switch downstream port; the firmware's minimum windows ({}) hold this",
+                    human_size(min.size)
+                )];
             }
             if let Some(p) = self.ports.get_mut(i) {
                 p.reservation.need = need;
