@@ -10,6 +10,7 @@
 
 pub mod accel;
 pub mod arch;
+pub mod bootcheck;
 pub mod command;
 pub mod cpio;
 pub mod debs;
@@ -23,6 +24,8 @@ pub mod lspci;
 pub mod provision;
 pub mod qmp;
 pub mod reporter;
+pub mod table;
+pub mod tasks;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,7 @@
 //! Project automation. `cargo xtask test` runs the whole test suite; `cargo xtask e2e`
 //! boots real guests; `cargo xtask fixtures` regenerates the QEMU device fixtures.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use xtask::arch::Arch;
 use xtask::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use xtask::{bootcheck, experiments, fixtures, tasks};
 
 #[derive(Parser)]
 #[command(about = "pcie-hotplug project automation")]
@@ -18,40 +20,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Format check, clippy (warnings denied), all tests, doc tests (provisions first).
+    Test,
+    /// Boot real guests on every architecture and check what they report.
+    E2e {
+        /// Only this architecture (repeatable).
+        #[arg(long)]
+        arch: Vec<Arch>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Run the criterion benchmarks of every crate.
+    Bench {
+        /// Arguments for the benchmark binaries (e.g. a filter).
+        args: Vec<String>,
+    },
     /// Install the host packages and download the guest kernels (only what is missing).
     Provision,
-    /// Boot one guest, print what it reports, optionally run commands in it.
-    Boot {
-        /// Guest architecture.
-        #[arg(long, default_value = "x86_64")]
-        arch: Arch,
-        /// Firmware (seabios, ovmf, none, uefi).
-        #[arg(long)]
-        firmware: Option<Firmware>,
-        /// Extra `-device` arguments.
-        #[arg(long = "device")]
-        devices: Vec<String>,
-        /// Extra `-object` arguments.
-        #[arg(long = "object")]
-        objects: Vec<String>,
-        /// Extra kernel command-line words.
-        #[arg(long = "cmdline")]
-        cmdline: Vec<String>,
-        /// Commands to run in the guest after boot.
-        #[arg(long = "exec")]
-        exec: Vec<String>,
-        /// Guest physical address bits (x86_64).
-        #[arg(long)]
-        phys_bits: Option<u8>,
-        /// Any other QEMU arguments, after `--`.
-        #[arg(last = true)]
-        qemu_args: Vec<String>,
-    },
     /// Regenerate pcilibs' QEMU device fixtures (pcilibs/tests/fixtures/qemu-x86_64).
     Fixtures,
+    /// Boot one guest, print what it reports, optionally run commands in it.
+    Boot(BootArgs),
     /// Run one of the field experiments (see xtask/README.md, "Field notes").
     Experiment {
         /// Experiment name.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(experiments::NAMES))]
         name: String,
         /// Firmware, where the experiment takes one.
         #[arg(long)]
@@ -65,16 +59,41 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct BootArgs {
+    /// Guest architecture.
+    #[arg(long, default_value = "x86_64")]
+    arch: Arch,
+    /// Firmware (seabios, ovmf, none, uefi).
+    #[arg(long)]
+    firmware: Option<Firmware>,
+    /// Extra `-device` arguments.
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Extra `-object` arguments.
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    /// Extra kernel command-line words.
+    #[arg(long = "cmdline")]
+    cmdline: Vec<String>,
+    /// Kernel modules to load at boot.
+    #[arg(long = "module")]
+    modules: Vec<String>,
+    /// Commands to run in the guest after boot.
+    #[arg(long = "exec")]
+    exec: Vec<String>,
+    /// Guest physical address bits (x86_64).
+    #[arg(long)]
+    phys_bits: Option<u8>,
+    /// Any other QEMU arguments, after `--`.
+    #[arg(last = true)]
+    qemu_args: Vec<String>,
+}
+
 fn print_state(state: &xtask::reporter::GuestState) {
     for dev in state.pci.values() {
-        println!(
-            "{} {:04x}:{:04x} class {:06x} driver {}",
-            dev.bdf,
-            dev.vendor,
-            dev.device,
-            dev.class,
-            dev.driver.as_deref().unwrap_or("-")
-        );
+        let driver = dev.driver.as_deref().unwrap_or("-");
+        println!("{} {:04x}:{:04x} class {:06x} driver {driver}", dev.bdf, dev.vendor, dev.device, dev.class);
         for r in &dev.resources {
             println!("    res {:2} {r}", r.index);
         }
@@ -87,32 +106,23 @@ fn print_state(state: &xtask::reporter::GuestState) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn boot(
-    arch: Arch,
-    firmware: Option<Firmware>,
-    devices: Vec<String>,
-    objects: Vec<String>,
-    cmdline: Vec<String>,
-    exec: Vec<String>,
-    phys_bits: Option<u8>,
-    qemu_args: Vec<String>,
-) -> Result<(), String> {
+fn boot(args: BootArgs) -> Result<(), String> {
     let cache = xtask::cache();
-    let assets = GuestAssets::ensure(&cache, arch).map_err(|e| e.to_string())?;
-    let mut spec = GuestSpec::new(arch);
-    if let Some(fw) = firmware {
+    let assets = GuestAssets::ensure(&cache, args.arch).map_err(|e| e.to_string())?;
+    let mut spec = GuestSpec::new(args.arch);
+    if let Some(fw) = args.firmware {
         spec.firmware = fw;
     }
-    spec.devices = devices;
-    spec.objects = objects;
-    spec.cmdline = cmdline;
-    spec.phys_bits = phys_bits;
-    spec.extra_args = qemu_args;
+    spec.devices = args.devices;
+    spec.objects = args.objects;
+    spec.cmdline = args.cmdline;
+    spec.phys_bits = args.phys_bits;
+    spec.extra_args = args.qemu_args;
+    spec.initramfs.modules = args.modules;
     let guest = Guest::boot(&spec, &assets, &cache).map_err(|e| e.to_string())?;
     println!("{}", guest.command_line());
     print_state(&guest.state());
-    for cmd in exec {
+    for cmd in args.exec {
         let out = guest.exec(&cmd, Instant::now() + Duration::from_secs(60)).map_err(|e| e.to_string())?;
         println!("$ {cmd}  (exit {})", out.status.unwrap_or(-1));
         for l in out.lines {
@@ -122,22 +132,43 @@ fn boot(
     Ok(())
 }
 
+fn e2e(arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
+    let cache = xtask::cache();
+    tasks::provision_all(&cache)?;
+    let arches = if arches.is_empty() { Arch::ALL.to_vec() } else { arches };
+    let rows = bootcheck::run(&arches, &cache);
+    println!("{}", bootcheck::render(&rows));
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    let failed: Vec<String> =
+        rows.iter().filter(|r| !r.ok()).map(|r| format!("{}: {}", r.arch, r.result)).collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("boot check failed:\n{}", failed.join("\n")))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cache = xtask::cache();
     let result = match cli.cmd {
-        Cmd::Provision => Err("todo".to_string()),
-        Cmd::Fixtures => xtask::fixtures::generate(&xtask::cache(), &xtask::workspace_root())
+        Cmd::Test => tasks::test(&cache),
+        Cmd::E2e { arch, json } => e2e(arch, json),
+        Cmd::Bench { args } => tasks::bench(&args),
+        Cmd::Provision => tasks::provision_all(&cache),
+        Cmd::Fixtures => fixtures::generate(&cache, &xtask::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
+        Cmd::Boot(args) => boot(args),
         Cmd::Experiment { name, firmware, native_hotplug, bar_gib } => {
-            let opts = xtask::experiments::Options { firmware, native_hotplug, bar_gib };
-            match xtask::experiments::run(&name, opts, &xtask::cache()) {
+            let opts = experiments::Options { firmware, native_hotplug, bar_gib };
+            match experiments::run(&name, opts, &cache) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!("experiment {name}: the guest did not assign every BAR")),
                 Err(e) => Err(e),
             }
-        }
-        Cmd::Boot { arch, firmware, devices, objects, cmdline, exec, phys_bits, qemu_args } => {
-            boot(arch, firmware, devices, objects, cmdline, exec, phys_bits, qemu_args)
         }
     };
     match result {

@@ -1,0 +1,233 @@
+//! The boot check: one lean guest per architecture, booted in parallel, each given one
+//! small hotplug and unplug through the harness's own QMP client, with a table of what
+//! the guests reported. It proves the provisioning, the initramfs, the reporter and the
+//! QMP path on every architecture; the planned-topology scenarios build on it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::arch::Arch;
+use crate::debs::DebCache;
+use crate::guest::{Guest, GuestAssets, GuestSpec};
+use crate::hotplug::{self, Expect};
+use crate::reporter::GuestState;
+use crate::table::Table;
+
+/// The result for one architecture.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BootCheck {
+    /// Guest architecture.
+    pub arch: String,
+    /// Firmware.
+    pub firmware: String,
+    /// Accelerator (tcg or kvm).
+    pub accel: String,
+    /// Guest kernel release.
+    pub kernel: String,
+    /// From starting QEMU to READY.
+    pub boot_ms: Option<u128>,
+    /// PCI functions the guest reported at boot.
+    pub pci_functions: usize,
+    /// Channel devices the guest reported at boot.
+    pub ccw_devices: usize,
+    /// The devices hotplugged and unplugged, in order.
+    pub hotplugs: Vec<Hotplugged>,
+    /// `ok`, or what went wrong.
+    pub result: String,
+    /// Every function the guest reported at boot: address, ids, class, BARs.
+    pub functions: Vec<String>,
+}
+
+/// One device plugged and unplugged again.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Hotplugged {
+    /// What was plugged.
+    pub device: String,
+    /// From `device_add` to the guest showing it.
+    pub plug_ms: Option<u128>,
+    /// From `device_del` to the guest no longer showing it.
+    pub unplug_ms: Option<u128>,
+}
+
+impl BootCheck {
+    /// Whether every step passed.
+    pub fn ok(&self) -> bool {
+        self.result == "ok"
+    }
+}
+
+fn deadline(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+/// The guest of the boot check for `arch`: one hotplug-capable root port (x86_64,
+/// aarch64); s390x needs none.
+pub fn spec(arch: Arch) -> GuestSpec {
+    let mut spec = GuestSpec::new(arch);
+    spec.name = format!("boot-{arch}");
+    if arch != Arch::S390x {
+        spec.devices.push("pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1".into());
+    }
+    spec
+}
+
+fn functions(state: &GuestState) -> Vec<String> {
+    let mut out: Vec<String> = state
+        .pci
+        .values()
+        .map(|d| {
+            let bars: Vec<String> = d.bars().map(|b| format!("{}:{b}", b.index)).collect();
+            format!("{} {:04x}:{:04x} class {:06x} {}", d.bdf, d.vendor, d.device, d.class, bars.join(" "))
+        })
+        .collect();
+    out.extend(state.ccw.values().map(|c| format!("ccw {} {} online={}", c.busid, c.cutype, c.online)));
+    out
+}
+
+fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
+    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    // virtio-net is modern-only (device 0x1041) on a PCIe port, transitional (0x1000) on
+    // s390x's zPCI bus.
+    let (args, device) = if guest.arch() == Arch::S390x {
+        (json!({"driver": "virtio-net-pci", "id": "net0"}), 0x1000)
+    } else {
+        (json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp1"}), 0x1041)
+    };
+    let mut done = Hotplugged { device: "virtio-net-pci".into(), ..Hotplugged::default() };
+    let result = (|| {
+        let plugged =
+            hotplug::plug(guest, &mut qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
+                .map_err(|e| e.to_string())?;
+        done.plug_ms = Some(plugged.seen_after.as_millis());
+        if !plugged.bar_problems.is_empty() {
+            return Err(plugged.bar_problems.join("; "));
+        }
+        let unplugged = hotplug::unplug(guest, &mut qmp, "net0", plugged.device.bdf, deadline(60))
+            .map_err(|e| e.to_string())?;
+        done.unplug_ms = Some(unplugged.gone_after.as_millis());
+        Ok(())
+    })();
+    row.hotplugs.push(done);
+    result
+}
+
+fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
+    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let mut done = Hotplugged { device: "virtio-net-ccw fe.0.0042".into(), ..Hotplugged::default() };
+    let sent = Instant::now();
+    qmp.execute(
+        "device_add",
+        json!({"driver": "virtio-net-ccw", "id": "net1", "devno": "fe.0.0042"}),
+        deadline(10),
+    )
+    .map_err(|e| e.to_string())?;
+    guest
+        .wait_for("0.0.0042 on the ccw bus", deadline(60), |s| s.ccw.contains_key("0.0.0042"))
+        .map_err(|e| e.to_string())?;
+    done.plug_ms = Some(sent.elapsed().as_millis());
+    let sent = Instant::now();
+    qmp.execute("device_del", json!({"id": "net1"}), deadline(10)).map_err(|e| e.to_string())?;
+    guest
+        .wait_for("0.0.0042 to leave", deadline(60), |s| !s.ccw.contains_key("0.0.0042"))
+        .map_err(|e| e.to_string())?;
+    done.unplug_ms = Some(sent.elapsed().as_millis());
+    row.hotplugs.push(done);
+    Ok(())
+}
+
+/// Boots and checks one architecture.
+pub fn check(arch: Arch, cache: &DebCache) -> BootCheck {
+    let spec = spec(arch);
+    let mut row =
+        BootCheck { arch: arch.to_string(), firmware: spec.firmware.name().into(), ..BootCheck::default() };
+    let result = GuestAssets::ensure(cache, arch).map_err(|e| e.to_string()).and_then(|assets| {
+        row.kernel = assets.kernel.release.clone();
+        let guest = Guest::boot(&spec, &assets, cache).map_err(|e| e.to_string())?;
+        row.accel = guest.accel().qemu_name().into();
+        row.boot_ms = guest.boot_time().map(|d| d.as_millis());
+        let state = guest.state();
+        row.pci_functions = state.pci.len();
+        row.ccw_devices = state.ccw.len();
+        row.functions = functions(&state);
+        if arch == Arch::S390x {
+            check_ccw(&guest, &mut row)?;
+        }
+        check_pci(&guest, &mut row)
+    });
+    row.result = match result {
+        Ok(()) => "ok".into(),
+        Err(e) => e,
+    };
+    row
+}
+
+/// Runs the boot check for `arches` in parallel.
+pub fn run(arches: &[Arch], cache: &DebCache) -> Vec<BootCheck> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = arches.iter().map(|&arch| scope.spawn(move || check(arch, cache))).collect();
+        handles
+            .into_iter()
+            .zip(arches)
+            .map(|(h, arch)| {
+                h.join().unwrap_or_else(|_| BootCheck {
+                    arch: arch.to_string(),
+                    result: "the check panicked".into(),
+                    ..BootCheck::default()
+                })
+            })
+            .collect()
+    })
+}
+
+fn opt_ms(v: Option<u128>) -> String {
+    v.map_or_else(|| "-".into(), |ms| ms.to_string())
+}
+
+/// The summary table and the table of reported functions.
+pub fn render(rows: &[BootCheck]) -> String {
+    let mut summary = Table::new([
+        "arch",
+        "firmware",
+        "accel",
+        "kernel",
+        "boot ms",
+        "pci",
+        "ccw",
+        "hotplug",
+        "plug ms",
+        "unplug ms",
+        "result",
+    ]);
+    let mut devices = Table::new(["arch", "reported at boot"]);
+    for r in rows {
+        let result = r.result.lines().next().unwrap_or("").to_string();
+        let steps: Vec<Option<&Hotplugged>> =
+            if r.hotplugs.is_empty() { vec![None] } else { r.hotplugs.iter().map(Some).collect() };
+        for (i, step) in steps.iter().enumerate() {
+            // Guest columns on its first line only; the result on its last.
+            let once = |v: String| if i == 0 { v } else { String::new() };
+            summary.row([
+                r.arch.clone(),
+                once(r.firmware.clone()),
+                once(r.accel.clone()),
+                once(r.kernel.clone()),
+                once(opt_ms(r.boot_ms)),
+                once(r.pci_functions.to_string()),
+                once(r.ccw_devices.to_string()),
+                step.map_or_else(|| "-".into(), |h| h.device.clone()),
+                opt_ms(step.and_then(|h| h.plug_ms)),
+                opt_ms(step.and_then(|h| h.unplug_ms)),
+                if i + 1 == steps.len() { result.clone() } else { "ok".into() },
+            ]);
+        }
+        for f in &r.functions {
+            devices.row([r.arch.clone(), f.clone()]);
+        }
+    }
+    format!(
+        "Boot check (provisioning, reporter and QMP on every architecture; the planned-topology scenarios are wired on top of it)\n\n{}\n{}",
+        summary.render(),
+        devices.render()
+    )
+}
