@@ -27,7 +27,6 @@ use pcie_topology::{
 };
 use pcilibs::bdf::Bdf;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
-use pcilibs::sizing::{BarSizes, SizeSource};
 use pcilibs::sysfs::Sysfs;
 
 #[derive(Parser)]
@@ -106,21 +105,25 @@ fn facts(args: &Args, bdf: Bdf) -> Result<FunctionFacts, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let dump = pcilibs::dump::parse(&text);
     let dev = dump.devices.iter().find(|d| d.bdf == bdf).ok_or_else(|| format!("{bdf} is not in {path}"))?;
-    let mut sizes = BarSizes::empty(SizeSource::Probe);
+    // A dump has no sizes: every BAR is listed with an unknown size until --bar-size says.
+    let mut facts = FunctionFacts::from_config(bdf, &dev.config, None).map_err(|e| e.to_string())?;
     for spec in &args.bar_size {
         let (who, size) =
             spec.split_once('=').ok_or_else(|| format!("--bar-size {spec}: expected BDF:INDEX=SIZE"))?;
         let (b, index) =
             who.rsplit_once(':').ok_or_else(|| format!("--bar-size {spec}: expected BDF:INDEX=SIZE"))?;
         if Bdf::parse_any(b).map_err(|e| e.to_string())? == bdf {
-            let index: usize = index.parse().map_err(|_| format!("--bar-size {spec}: bad index"))?;
+            let index: u8 = index.parse().map_err(|_| format!("--bar-size {spec}: bad index"))?;
             let size = parse_size(size).map_err(|e| e.to_string())?;
-            if let Some(slot) = sizes.bars.get_mut(index) {
-                *slot = Some(size);
-            }
+            let bar = facts
+                .bars
+                .iter_mut()
+                .find(|b| b.index == index)
+                .ok_or_else(|| format!("{bdf} has no BAR {index}"))?;
+            bar.size = Some(size);
         }
     }
-    FunctionFacts::from_config(bdf, &dev.config, Some(&sizes)).map_err(|e| e.to_string())
+    Ok(facts)
 }
 
 fn devices(args: &Args) -> Result<Vec<DeviceRequest>, String> {
