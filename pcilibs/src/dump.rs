@@ -167,6 +167,7 @@ fn add_bytes(config: &mut Vec<u8>, offset: usize, rest: &str, line: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     #[test]
     fn parses_several_devices_in_both_address_forms() {

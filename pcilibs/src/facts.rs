@@ -328,6 +328,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     const MIB: u64 = 1 << 20;
 

@@ -11,6 +11,8 @@
 //! * QEMU's resource reservation capability decodes to the root ports' `*-reserve`
 //!   properties on that command line.
 
+// Host access (sysfs) needs the `std` feature.
+#![cfg(feature = "std")]
 // Test code: failures panic with a message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 

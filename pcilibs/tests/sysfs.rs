@@ -2,6 +2,8 @@
 //! out like the kernel's (`devices/pci0000:00/…`, `bus/pci/devices` links, drivers, IOMMU
 //! groups, SR-IOV links), plus the host's own `/sys` compared with `lspci`.
 
+// Host access (sysfs) needs the `std` feature.
+#![cfg(feature = "std")]
 // Test code: failures panic with a message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 

@@ -119,6 +119,7 @@ impl Sriov {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     fn sriov(total: u16, offset: u16, stride: u16) -> Sriov {
         Sriov {
