@@ -11,6 +11,7 @@ use crate::arch::Arch;
 use crate::debs::DebCache;
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::hotplug::{self, Expect, Plugged};
+use crate::qmp::Qmp;
 use crate::reporter::{Bdf, GuestState};
 
 /// `ivshmem-plain` (Red Hat Inter-VM shared memory) with a 256-byte register BAR 0 and
@@ -93,13 +94,12 @@ fn boot(spec: &GuestSpec, cache: &DebCache) -> Result<Guest> {
 }
 
 /// Plugs, reports, unplugs, reports. Returns whether the BARs were fine.
-fn plug_unplug(guest: &Guest, args: Value, expect: Expect<'_>) -> Result<bool> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
+fn plug_unplug(guest: &Guest, qmp: &mut Qmp, args: Value, expect: Expect<'_>) -> Result<bool> {
     let id = args.get("id").and_then(Value::as_str).unwrap_or("").to_string();
     println!("  device_add {args}");
-    let plugged = hotplug::plug(guest, &mut qmp, args, expect, deadline(60)).map_err(s)?;
+    let plugged = hotplug::plug(guest, qmp, args, expect, deadline(60)).map_err(s)?;
     print_plugged(&plugged);
-    match hotplug::unplug(guest, &mut qmp, &id, plugged.device.bdf, deadline(30)) {
+    match hotplug::unplug(guest, qmp, &id, plugged.device.bdf, deadline(30)) {
         Ok(u) => println!(
             "  device_del {id}: DEVICE_DELETED after {}, gone from the guest after {}",
             ms(u.event_after),
@@ -108,6 +108,12 @@ fn plug_unplug(guest: &Guest, args: Value, expect: Expect<'_>) -> Result<bool> {
         Err(e) => println!("  device_del {id}: {e}"),
     }
     Ok(plugged.bar_problems.is_empty())
+}
+
+/// Plugs (and unplugs) `gpu0`: an ivshmem of `gib` GiB on memory backend `m0`, onto `rp1`.
+fn plug_gpu0(guest: &Guest, qmp: &mut Qmp, gib: u64) -> Result<bool> {
+    let args = json!({"driver": "ivshmem-plain", "id": "gpu0", "memdev": "m0", "bus": "rp1"});
+    plug_unplug(guest, qmp, args, expect_ivshmem(&ivshmem(gib * GIB)))
 }
 
 /// (a) A 128 GiB BAR hotplugged onto a root port that reserves 256 GiB of 64-bit
@@ -119,18 +125,15 @@ pub fn root_port_128g(cache: &DebCache, firmware: Firmware, opts: Options) -> Re
     opts.apply(&mut spec);
     spec.phys_bits = Some(46);
     spec.objects.push(format!("memory-backend-ram,id=m0,size={gib}G,reserve=off"));
-    spec.devices
-        .push(format!("pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,pref64-reserve={}G", 2 * gib));
+    let reserve = opts.reserve_gib.unwrap_or(2 * gib);
+    spec.devices.push(format!("pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,pref64-reserve={reserve}G"));
     if firmware == Firmware::Ovmf {
         // OVMF's 64-bit aperture must hold the reservation (value in MiB).
         spec.extra_args.extend(["-fw_cfg".into(), "name=opt/ovmf/X-PciMmio64Mb,string=524288".into()]);
     }
     let guest = boot(&spec, cache)?;
-    plug_unplug(
-        &guest,
-        json!({"driver": "ivshmem-plain", "id": "gpu0", "memdev": "m0", "bus": "rp1"}),
-        expect_ivshmem(&ivshmem(gib * GIB)),
-    )
+    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
+    plug_gpu0(&guest, &mut qmp, gib)
 }
 
 /// (b) Placeholders: firmware sizes each switch downstream port's window from a boot-time
@@ -206,21 +209,33 @@ pub fn switch_placeholder(
     Ok(ok)
 }
 
-/// (c) aarch64 `virt` without firmware: Linux sizes the root port's windows itself, told
-/// by `pci=hpmmioprefsize=`.
+/// (c) aarch64 `virt`, two root ports, a small device on the second, then a large BAR
+/// onto the first. Without firmware Linux sizes the windows itself, told by
+/// `pci=hpmmioprefsize=`; with UEFI the ports carry `pref64-reserve` instead.
 pub fn aarch64_hpmmioprefsize(cache: &DebCache, opts: Options) -> Result<bool> {
     let gib = opts.bar_gib.unwrap_or(128);
-    let mut spec = GuestSpec::new(Arch::Aarch64);
-    spec.name = "aarch64-hpmmioprefsize".into();
-    spec.cmdline.push(format!("pci=hpmmioprefsize={}G,hpmmiosize=64M", 2 * gib));
+    let reserve = opts.reserve_gib.unwrap_or(2 * gib);
+    let firmware = opts.firmware.unwrap_or(Firmware::None);
+    let mut spec = GuestSpec::new(Arch::Aarch64).firmware(firmware);
+    spec.name = format!("aarch64-{}", firmware.name());
     spec.objects.push(format!("memory-backend-ram,id=m0,size={gib}G,reserve=off"));
-    spec.devices.push("pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1".into());
+    let port_extra = if firmware == Firmware::Uefi {
+        format!(",pref64-reserve={reserve}G")
+    } else {
+        spec.cmdline.push(format!("pci=hpmmioprefsize={reserve}G,hpmmiosize=64M"));
+        String::new()
+    };
+    for i in 1..=2 {
+        spec.devices.push(format!("pcie-root-port,id=rp{i},bus=pcie.0,chassis={i},slot={i}{port_extra}"));
+    }
     let guest = boot(&spec, cache)?;
-    plug_unplug(
-        &guest,
-        json!({"driver": "ivshmem-plain", "id": "gpu0", "memdev": "m0", "bus": "rp1"}),
-        expect_ivshmem(&ivshmem(128 * GIB)),
-    )
+    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
+    let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp2"});
+    println!("  device_add {args}");
+    let expect = Expect { vendor: 0x1af4, device: 0x1041, bars: &[] };
+    let net = hotplug::plug(&guest, &mut qmp, args, expect, deadline(60)).map_err(s)?;
+    print_plugged(&net);
+    plug_gpu0(&guest, &mut qmp, gib)
 }
 
 /// (c) s390x: a virtio-net-ccw device number shows on the ccw bus; virtio-net-pci becomes
@@ -285,6 +300,8 @@ pub struct Options {
     pub native_hotplug: bool,
     /// Size of the large BAR in GiB, where the experiment plugs one.
     pub bar_gib: Option<u64>,
+    /// Root port `pref64-reserve` in GiB (default: twice the BAR).
+    pub reserve_gib: Option<u64>,
 }
 
 impl Options {

@@ -492,7 +492,8 @@ impl Guest {
         format!("{} {}", self.arch.qemu_binary(), self.args.join(" "))
     }
 
-    /// The QMP socket (`server=on,wait=off`: any number of sequential clients).
+    /// The QMP socket (`server=on,wait=off`). QEMU serves one client at a time: a second
+    /// connection gets its greeting only after the first one closes.
     pub fn qmp_socket(&self) -> &Path {
         &self.qmp_socket
     }

@@ -56,6 +56,9 @@ enum Cmd {
         /// Size of the large BAR in GiB.
         #[arg(long)]
         bar_gib: Option<u64>,
+        /// Root port `pref64-reserve` in GiB (root-port-128g; default twice the BAR).
+        #[arg(long)]
+        reserve_gib: Option<u64>,
     },
 }
 
@@ -162,8 +165,8 @@ fn main() -> ExitCode {
         Cmd::Fixtures => fixtures::generate(&cache, &xtask::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
         Cmd::Boot(args) => boot(args),
-        Cmd::Experiment { name, firmware, native_hotplug, bar_gib } => {
-            let opts = experiments::Options { firmware, native_hotplug, bar_gib };
+        Cmd::Experiment { name, firmware, native_hotplug, bar_gib, reserve_gib } => {
+            let opts = experiments::Options { firmware, native_hotplug, bar_gib, reserve_gib };
             match experiments::run(&name, opts, &cache) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!("experiment {name}: the guest did not assign every BAR")),

@@ -637,15 +637,30 @@ impl GuestState {
                 }
             }
         }
+        // The kernel may fail a BAR, grow the bridge window and then succeed: only the
+        // last message about each BAR counts.
+        let mut last: BTreeMap<Option<u8>, &str> = BTreeMap::new();
         for m in self.kmsg_about(bdf).filter(|m| since.map_or(true, |t| m.at >= t)) {
-            if BAR_FAILURES.iter().any(|f| m.text.contains(f))
-                && !problems.iter().any(|p| p.contains(&m.text))
-            {
-                problems.push(format!("kernel: {}", m.text));
+            let failed = BAR_FAILURES.iter().any(|f| m.text.contains(f));
+            let bar = bar_number(&m.text);
+            if failed || (bar.is_some() && m.text.ends_with("assigned")) {
+                last.insert(bar, if failed { m.text.as_str() } else { "" });
+            }
+        }
+        for text in last.values().filter(|t| !t.is_empty()) {
+            if !problems.iter().any(|p| p.contains(text)) {
+                problems.push(format!("kernel: {text}"));
             }
         }
         problems
     }
+}
+
+/// The BAR number in a kernel message (`… BAR 2 [mem …]`, `… BAR 2: …`).
+pub fn bar_number(text: &str) -> Option<u8> {
+    let rest = &text[text.find("BAR ")? + 4..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Kernel message fragments that mean a BAR or window got no address.
@@ -757,6 +772,26 @@ mod tests {
         assert!(s.panic.as_ref().unwrap().contains("Attempted to kill init"));
         assert_eq!(s.console_tail.len(), 2);
         assert!(s.ccw.is_empty(), "CCW outside a snapshot is ignored");
+    }
+
+    #[test]
+    fn a_bar_assigned_after_a_failed_try_is_fine() {
+        let mut s = state(SNAPSHOT);
+        let dev: Bdf = "0000:01:00.0".parse().unwrap();
+        let now = Instant::now();
+        for line in [
+            "@@XT KMSG pci 0000:01:00.0: BAR 2 [mem size 0x2000000000 64bit pref]: can't assign; no space",
+            "@@XT KMSG pci 0000:01:00.0: BAR 2 [mem size 0x2000000000 64bit pref]: failed to assign",
+            "@@XT KMSG pcieport 0000:00:01.0: bridge window [mem 0x2000000000-0x3fffffffff 64bit pref]: assigned",
+            "@@XT KMSG pci 0000:01:00.0: BAR 2 [mem 0x2000000000-0x3fffffffff 64bit pref]: assigned",
+        ] {
+            s.feed_line(line, now);
+        }
+        assert!(s.bar_problems(dev, &[(2, 128 << 30)], None).is_empty());
+        s.feed_line("@@XT KMSG pci 0000:01:00.0: BAR 0: no space for [mem size 0x00000100]", now);
+        assert_eq!(s.bar_problems(dev, &[], None).len(), 1);
+        assert_eq!(bar_number("pci 0000:01:00.0: BAR 12 [mem"), Some(12));
+        assert_eq!(bar_number("bridge window"), None);
     }
 
     #[test]
