@@ -57,7 +57,7 @@ impl<W: Write> CpioWriter<W> {
             ));
         }
         let ino = self.next_ino;
-        self.next_ino += 1;
+        self.next_ino = self.next_ino.wrapping_add(1);
         let namesize = u32::try_from(name.len() + 1)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "archive path too long"))?;
         let fields = [ino, h.mode, 0, 0, h.nlink, 0, h.size, 0, 0, h.rdev.0, h.rdev.1, namesize, 0];

@@ -352,6 +352,9 @@ impl Shared {
     }
 }
 
+/// Longest console line kept whole; longer runs without a line end are cut.
+const MAX_LINE: usize = 1 << 20;
+
 /// Keep at most this much of QEMU's stderr.
 const STDERR_KEEP: usize = 64 << 10;
 
@@ -644,6 +647,11 @@ fn read_console(mut out: impl Read, shared: &Shared) {
             let line: Vec<u8> = pending.drain(..=nl).collect();
             let text = String::from_utf8_lossy(&line);
             state.feed_line(text.trim_end_matches(['\n', '\r']), now);
+        }
+        if pending.len() > MAX_LINE {
+            // Output without line ends (a crashed guest writing garbage): keep memory bounded.
+            let line: Vec<u8> = std::mem::take(&mut pending);
+            state.feed_line(&String::from_utf8_lossy(&line), now);
         }
         drop(state);
         shared.changed.notify_all();
