@@ -3,11 +3,10 @@
 //! the guests reported. It proves the provisioning, the initramfs, the reporter and the
 //! QMP path on every architecture; the planned-topology scenarios build on it.
 
-use std::time::{Duration, Instant};
-
 use serde_json::json;
 
 use crate::arch::Arch;
+use crate::deadline;
 use crate::debs::DebCache;
 use crate::guest::{Guest, GuestAssets, GuestSpec};
 use crate::hotplug::{self, Expect};
@@ -55,10 +54,6 @@ impl BootCheck {
     pub fn ok(&self) -> bool {
         self.result == "ok"
     }
-}
-
-fn deadline(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
 }
 
 /// The guest of the boot check for `arch`: one hotplug-capable root port (x86_64,
@@ -115,25 +110,18 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
 fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
     let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     let mut done = Hotplugged { device: "virtio-net-ccw fe.0.0042".into(), ..Hotplugged::default() };
-    let sent = Instant::now();
-    qmp.execute(
-        "device_add",
-        json!({"driver": "virtio-net-ccw", "id": "net1", "devno": "fe.0.0042"}),
-        deadline(10),
-    )
-    .map_err(|e| e.to_string())?;
-    guest
-        .wait_for("0.0.0042 on the ccw bus", deadline(60), |s| s.ccw.contains_key("0.0.0042"))
-        .map_err(|e| e.to_string())?;
-    done.plug_ms = Some(sent.elapsed().as_millis());
-    let sent = Instant::now();
-    qmp.execute("device_del", json!({"id": "net1"}), deadline(10)).map_err(|e| e.to_string())?;
-    guest
-        .wait_for("0.0.0042 to leave", deadline(60), |s| !s.ccw.contains_key("0.0.0042"))
-        .map_err(|e| e.to_string())?;
-    done.unplug_ms = Some(sent.elapsed().as_millis());
+    let args = json!({"driver": "virtio-net-ccw", "id": "net1", "devno": "fe.0.0042"});
+    let result = (|| {
+        let (_, took) =
+            hotplug::plug_ccw(guest, &mut qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
+        done.plug_ms = Some(took.as_millis());
+        let gone = hotplug::unplug_ccw(guest, &mut qmp, "net1", "0.0.0042", deadline(60))
+            .map_err(|e| e.to_string())?;
+        done.unplug_ms = Some(gone.gone_after.as_millis());
+        Ok(())
+    })();
     row.hotplugs.push(done);
-    Ok(())
+    result
 }
 
 /// Boots and checks one architecture.

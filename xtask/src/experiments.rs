@@ -3,11 +3,12 @@
 //! reported and the measured times, and ends with a verdict line; xtask/README.md
 //! ("Field notes") records the results.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::arch::Arch;
+use crate::deadline;
 use crate::debs::DebCache;
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::hotplug::{self, Expect, Plugged};
@@ -40,10 +41,6 @@ pub type Result<T> = std::result::Result<T, String>;
 
 fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
-}
-
-fn deadline(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
 }
 
 fn ms(d: Duration) -> String {
@@ -245,20 +242,10 @@ pub fn s390x_ccw_zpci(cache: &DebCache) -> Result<bool> {
     spec.name = "s390x-ccw-zpci".into();
     let guest = boot(&spec, cache)?;
     let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
-    let sent = Instant::now();
     let args = json!({"driver": "virtio-net-ccw", "id": "net0", "devno": "fe.0.0042"});
     println!("  device_add {args}");
-    qmp.execute("device_add", args, deadline(30)).map_err(s)?;
-    let ccw = guest
-        .wait_map("0.0.0042 on the ccw bus", deadline(30), |st| st.ccw.get("0.0.0042").cloned())
-        .map_err(s)?;
-    println!(
-        "  guest ccw {} cutype {} online={} after {}",
-        ccw.busid,
-        ccw.cutype,
-        ccw.online,
-        ms(sent.elapsed())
-    );
+    let (ccw, took) = hotplug::plug_ccw(&guest, &mut qmp, args, "0.0.0042", deadline(30)).map_err(s)?;
+    println!("  guest ccw {} cutype {} online={} after {}", ccw.busid, ccw.cutype, ccw.online, ms(took));
     let args = json!({"driver": "virtio-net-pci", "id": "net1"});
     println!("  device_add {args}");
     let plugged = hotplug::plug(
@@ -273,13 +260,14 @@ pub fn s390x_ccw_zpci(cache: &DebCache) -> Result<bool> {
     if let Some(z) = &plugged.device.zpci {
         println!("  zPCI uid {} fid {}", z.uid, z.fid);
     }
-    let sent = Instant::now();
-    qmp.execute("device_del", json!({"id": "net0"}), deadline(10)).map_err(s)?;
-    let gone = guest.wait_for("0.0.0042 to leave", deadline(30), |st| !st.ccw.contains_key("0.0.0042"));
-    println!(
-        "  device_del net0: {}",
-        gone.map(|_| format!("gone after {}", ms(sent.elapsed()))).unwrap_or_else(s)
-    );
+    match hotplug::unplug_ccw(&guest, &mut qmp, "net0", "0.0.0042", deadline(30)) {
+        Ok(u) => println!(
+            "  device_del net0: DEVICE_DELETED after {}, gone after {}",
+            ms(u.event_after),
+            ms(u.gone_after)
+        ),
+        Err(e) => println!("  device_del net0: {e}"),
+    }
     match hotplug::unplug(&guest, &mut qmp, "net1", plugged.device.bdf, deadline(30)) {
         Ok(u) => println!(
             "  device_del net1: DEVICE_DELETED after {}, gone after {}",

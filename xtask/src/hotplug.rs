@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::guest::{Guest, GuestError};
 use crate::qmp::{self, Qmp, QmpError};
-use crate::reporter::{Bdf, GuestState, PciDevice};
+use crate::reporter::{Bdf, CcwDevice, GuestState, PciDevice};
 
 /// A hotplug or unplug step failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,38 @@ pub fn unplug(guest: &Guest, qmp: &mut Qmp, id: &str, bdf: Bdf, deadline: Instan
         (!s.pci.contains_key(&bdf)).then(|| s.snapshot_at.unwrap_or_else(Instant::now))
     })?;
     Ok(Unplugged { event_after, gone_after: gone.saturating_duration_since(sent) })
+}
+
+/// `device_add` of a channel device (`args` carries `id` and `devno`), then waits until
+/// the guest's ccw bus shows `busid`. Returns the device and the time it took.
+pub fn plug_ccw(
+    guest: &Guest,
+    qmp: &mut Qmp,
+    args: Value,
+    busid: &str,
+    deadline: Instant,
+) -> Result<(CcwDevice, Duration)> {
+    let sent = Instant::now();
+    qmp.execute("device_add", args, deadline)?;
+    let dev = guest.wait_map(&format!("{busid} on the ccw bus"), deadline, |s| s.ccw.get(busid).cloned())?;
+    Ok((dev, sent.elapsed()))
+}
+
+/// `device_del id` of a channel device, then waits for `DEVICE_DELETED` and for the guest
+/// to drop `busid`.
+pub fn unplug_ccw(
+    guest: &Guest,
+    qmp: &mut Qmp,
+    id: &str,
+    busid: &str,
+    deadline: Instant,
+) -> Result<Unplugged> {
+    let sent = Instant::now();
+    qmp.execute("device_del", json!({ "id": id }), deadline)?;
+    qmp.wait_event(&format!("DEVICE_DELETED for {id}"), deadline, |e| qmp::is_device_deleted(e, id))?;
+    let event_after = sent.elapsed();
+    guest.wait_for(&format!("{busid} to leave the guest"), deadline, |s| !s.ccw.contains_key(busid))?;
+    Ok(Unplugged { event_after, gone_after: sent.elapsed() })
 }
 
 /// The guest's function whose parent bridge is `bridge` (first one, by address).

@@ -28,6 +28,12 @@ pub mod table;
 pub mod tasks;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The instant `secs` seconds from now: every wait in the harness has one.
+pub fn deadline(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
 
 /// The workspace root (the folder holding the root `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {

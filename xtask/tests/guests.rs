@@ -7,13 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use xtask::arch::Arch;
+use xtask::deadline;
 use xtask::guest::{Guest, GuestAssets, GuestError, GuestSpec};
 use xtask::hotplug::{self, Expect};
 use xtask::provision;
-
-fn deadline(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
-}
 
 fn assets(arch: Arch) -> GuestAssets {
     GuestAssets::ensure(&xtask::cache(), arch)
