@@ -46,9 +46,10 @@ pub fn test(cache: &DebCache) -> Result<(), String> {
 }
 
 /// `cargo xtask bench`: the criterion benchmarks of every crate (extra arguments go to
-/// the benchmark binaries).
+/// the benchmark binaries, e.g. a name filter or `--quick`).
 pub fn bench(extra: &[String]) -> Result<(), String> {
-    let mut args = vec!["bench", "--workspace"];
+    // Bench targets only: the libraries' unit-test harness would reject criterion's flags.
+    let mut args = vec!["bench", "--workspace", "--bench", "*"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
