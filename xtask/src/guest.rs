@@ -89,7 +89,7 @@ fn details(diagnostics: &str) -> String {
 pub type Result<T> = std::result::Result<T, GuestError>;
 
 /// The firmware a guest boots through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Firmware {

@@ -14,6 +14,7 @@ pub mod bootcheck;
 pub mod command;
 pub mod cpio;
 pub mod debs;
+pub mod e2e;
 pub mod experiments;
 pub mod fixtures;
 pub mod guest;
@@ -24,6 +25,7 @@ pub mod lspci;
 pub mod provision;
 pub mod qmp;
 pub mod reporter;
+pub mod scenario;
 pub mod table;
 pub mod tasks;
 

@@ -1,0 +1,484 @@
+//! End-to-end scenarios: what `cargo xtask e2e` boots and plugs, read from TOML files.
+//!
+//! A scenario names one guest (architecture, firmware), a placement mode and the devices to
+//! hotplug into it. The format is documented in `xtask/README.md` ("Scenario files"); the
+//! default set lives in `xtask/scenarios/*.toml`. Unknown keys and values are errors that
+//! name the file, the key and what is accepted.
+//!
+//! # Adding a mode
+//!
+//! A mode is a [`Mode`] variant (its TOML name in kebab case) plus one match arm in
+//! [`crate::e2e::run_scenario`], which hands the parsed [`Scenario`] and the
+//! [`crate::e2e::RunContext`] to the mode's runner and gets back a
+//! [`crate::e2e::ScenarioReport`] whose [`crate::e2e::Row`]s join the common table. A mode
+//! that needs settings of its own adds an optional field (a table) to [`Scenario`]; the
+//! other modes reject it in [`Scenario::validate`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::arch::Arch;
+use crate::guest::Firmware;
+
+/// A scenario file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("scenario {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys or values.
+    #[error("scenario {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (line, column, key and what is accepted).
+        message: String,
+    },
+    /// The keys are known but do not go together.
+    #[error("scenario {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, ScenarioError>;
+
+/// How devices are placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Mode {
+    /// One root port per device (x86_64, aarch64).
+    RootPort,
+    /// Devices of one `group` behind one switch, a boot-time placeholder behind each of
+    /// its downstream ports (x86_64, aarch64).
+    SwitchPort,
+    /// s390x: channel devices by CCW device number, PCI devices as zPCI functions.
+    Ccw,
+}
+
+impl Mode {
+    /// The name used in scenario files and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::RootPort => "root-port",
+            Mode::SwitchPort => "switch-port",
+            Mode::Ccw => "ccw",
+        }
+    }
+}
+
+/// How the planner sizes port windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Reservations {
+    /// Sized from the devices' BARs for the platform's firmware (the planner's job).
+    #[default]
+    Planned,
+    /// No `*-reserve` properties and no placeholders: the machine's defaults. Used to show
+    /// that the guest then fails with "no space" and that the run reports it.
+    QemuDefault,
+}
+
+/// The emulated device models a scenario can plug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum DeviceKind {
+    /// `ivshmem-plain`: GPU stand-in, a 256-byte BAR 0 and a 64-bit prefetchable BAR 2 of
+    /// `bar_size` backed by `memory-backend-ram,reserve=off` (no host memory used).
+    Ivshmem,
+    /// `virtio-net-pci` (on s390x a zPCI function).
+    VirtioNet,
+    /// `virtio-blk-pci` on a `null-co` block device created at boot.
+    VirtioBlk,
+    /// `nvme` (one 16 KiB 64-bit BAR).
+    Nvme,
+    /// `e1000e` (three 32-bit memory BARs and an I/O BAR).
+    E1000e,
+    /// s390x: `virtio-net-ccw`, a channel device.
+    VirtioNetCcw,
+    /// s390x: `virtio-blk-ccw` on a `null-co` block device created at boot.
+    VirtioBlkCcw,
+}
+
+impl DeviceKind {
+    /// The name used in scenario files.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Ivshmem => "ivshmem",
+            DeviceKind::VirtioNet => "virtio-net",
+            DeviceKind::VirtioBlk => "virtio-blk",
+            DeviceKind::Nvme => "nvme",
+            DeviceKind::E1000e => "e1000e",
+            DeviceKind::VirtioNetCcw => "virtio-net-ccw",
+            DeviceKind::VirtioBlkCcw => "virtio-blk-ccw",
+        }
+    }
+
+    /// Whether this is an s390x channel device.
+    pub fn is_ccw(self) -> bool {
+        matches!(self, DeviceKind::VirtioNetCcw | DeviceKind::VirtioBlkCcw)
+    }
+}
+
+/// When a device gets its port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Placement {
+    /// In the plan from the start: the planner makes a port for it before boot.
+    #[default]
+    Planned,
+    /// Placed at run time (`Plan::place`) on one of the spare ports.
+    Spare,
+}
+
+/// What the hotplug of a device must do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PlugExpect {
+    /// Appear at the planned place with every BAR assigned.
+    #[default]
+    Visible,
+    /// Fit no free port: placing it must fail with a clear error before any `device_add`.
+    NoFit,
+}
+
+/// How a device is taken out again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum UnplugMode {
+    /// `device_del` with the guest running; `DEVICE_DELETED` and the guest must agree.
+    #[default]
+    Normal,
+    /// The guest's CPUs are stopped (QMP `stop`) first: the unplug must end in the
+    /// pending state at its deadline, and `cont` must let the late `DEVICE_DELETED`
+    /// complete it.
+    GuestStopped,
+}
+
+/// A byte size written as in QEMU (`128G`, `16M`, `4096`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&pcie_topology::units::fmt_size(self.0))
+    }
+}
+
+impl FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        pcie_topology::units::parse_size(s).map(Size).map_err(|e| e.to_string())
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One device of a scenario (`[[device]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// QEMU id of function 0 (other functions get `<id>-f<n>`).
+    pub id: String,
+    /// Device model.
+    pub kind: DeviceKind,
+    /// Size of the large BAR (`ivshmem` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bar_size: Option<Size>,
+    /// Number of functions of the device (1–8), all of `kind`, plugged as one
+    /// multi-function slot, function 0 last.
+    #[serde(default = "one")]
+    pub functions: u8,
+    /// Peer-to-peer group: devices of one group share a switch in switch-port mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// When the device gets its port.
+    #[serde(default)]
+    pub place: Placement,
+    /// What its hotplug must do.
+    #[serde(default)]
+    pub expect: PlugExpect,
+    /// How it is unplugged.
+    #[serde(default)]
+    pub unplug: UnplugMode,
+}
+
+fn one() -> u8 {
+    1
+}
+
+/// A scenario file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name shown in tables and progress lines.
+    pub name: String,
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Firmware; the architecture's default when absent (x86_64 SeaBIOS, else none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// Placement mode.
+    pub mode: Mode,
+    /// Spare ports for devices placed at run time (`place = "spare"`).
+    #[serde(default)]
+    pub spare_ports: u32,
+    /// What each spare port must take: a profile name (`h100`, `a100`, `nvswitch`, `nic`)
+    /// or a list like `16M:mem32,128G:pref64`. Default `nic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare_profile: Option<String>,
+    /// How port windows are sized.
+    #[serde(default)]
+    pub reservations: Reservations,
+    /// x86_64: native PCIe hotplug (pciehp) instead of QEMU's default ACPI hotplug.
+    #[serde(default)]
+    pub native_hotplug: bool,
+    /// Seconds an unplug waits for `DEVICE_DELETED` before it counts as pending (default:
+    /// 10 on x86_64 and s390x, 20 on aarch64, whose pciehp takes 5–6 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unplug_timeout_s: Option<u64>,
+    /// The devices, in plug order.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceSpec>,
+    /// The file it was read from (not a key).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+impl Serialize for Arch {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Arch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Scenario {
+    /// Parses scenario TOML; `path` names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Scenario> {
+        let mut s: Scenario = toml::from_str(text)
+            .map_err(|e| ScenarioError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        s.source = path.to_owned();
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+        Scenario::parse(&text, path)
+    }
+
+    /// The firmware the guest boots through.
+    pub fn firmware(&self) -> Firmware {
+        self.firmware.unwrap_or_else(|| Firmware::default_for(self.arch))
+    }
+
+    /// Checks that the keys go together (arch and firmware, mode and device kinds, sizes).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |message: String| Err(ScenarioError::Invalid { path: self.source.clone(), message });
+        if self.name.trim().is_empty() {
+            return bad("`name` is empty".into());
+        }
+        if !self.firmware().supports(self.arch) {
+            return bad(format!("{} cannot boot with firmware `{}`", self.arch, self.firmware().name()));
+        }
+        let ccw_arch = self.arch == Arch::S390x;
+        if (self.mode == Mode::Ccw) != ccw_arch {
+            return bad(format!(
+                "mode `{}` does not go with arch `{}` (s390x takes mode `ccw`; x86_64 and aarch64 `root-port` or `switch-port`)",
+                self.mode.name(),
+                self.arch
+            ));
+        }
+        if let Some(p) = &self.spare_profile {
+            if let Err(e) = pcie_topology::HotplugProfile::parse(p) {
+                return bad(format!("spare_profile: {e}"));
+            }
+        }
+        if ccw_arch && (self.spare_ports > 0 || self.reservations != Reservations::Planned) {
+            return bad("s390x has no ports: `spare_ports` and `reservations` do not apply".into());
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for d in &self.devices {
+            if !ids.insert(d.id.as_str()) {
+                return bad(format!("device id `{}` appears twice", d.id));
+            }
+            if let Err(e) = pcie_topology::QemuId::new(d.id.as_str()) {
+                return bad(format!("device `{}`: {e}", d.id));
+            }
+            if d.kind.is_ccw() && !ccw_arch {
+                return bad(format!("device `{}`: kind `{}` exists on s390x only", d.id, d.kind.name()));
+            }
+            if (d.kind == DeviceKind::Ivshmem) != d.bar_size.is_some() {
+                return bad(format!("device `{}`: `bar_size` is required for ivshmem and only for it", d.id));
+            }
+            if let Some(Size(size)) = d.bar_size {
+                if !size.is_power_of_two() || size < (1 << 20) {
+                    return bad(format!("device `{}`: bar_size must be a power of two of at least 1M", d.id));
+                }
+            }
+            if !(1..=8).contains(&d.functions) {
+                return bad(format!("device `{}`: functions must be 1 to 8", d.id));
+            }
+            if ccw_arch && (d.functions > 1 || d.place != Placement::Planned || d.group.is_some()) {
+                return bad(format!(
+                    "device `{}`: s390x devices take no `functions`, `place` or `group`",
+                    d.id
+                ));
+            }
+            if d.place == Placement::Spare && self.spare_ports == 0 {
+                return bad(format!("device `{}` is placed on a spare port but spare_ports = 0", d.id));
+            }
+            if d.expect == PlugExpect::NoFit && d.place != Placement::Spare {
+                return bad(format!(
+                    "device `{}`: expect = \"no-fit\" needs place = \"spare\" (a planned device always gets a port)",
+                    d.id
+                ));
+            }
+            if d.expect == PlugExpect::NoFit && d.unplug != UnplugMode::Normal {
+                return bad(format!("device `{}`: a device that must not fit is never unplugged", d.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The folder of the default scenario set: `xtask/scenarios`.
+pub fn default_dir() -> PathBuf {
+    crate::workspace_root().join("xtask").join("scenarios")
+}
+
+/// The default set: every `*.toml` directly in [`default_dir`], by file name. (Scenarios
+/// that must fail live in a subfolder and run only when named.)
+pub fn default_files() -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(default_dir())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Finds a scenario file named on the command line: as given, else relative to `xtask/`,
+/// else in [`default_dir`].
+pub fn resolve(name: &Path) -> PathBuf {
+    let candidates =
+        [name.to_path_buf(), crate::workspace_root().join("xtask").join(name), default_dir().join(name)];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| name.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario> {
+        Scenario::parse(text, Path::new("t.toml"))
+    }
+
+    const GPU: &str = r#"
+        name = "gpu-root-port"
+        arch = "x86_64"
+        firmware = "seabios"
+        mode = "root-port"
+        spare_ports = 1
+        [[device]]
+        id = "gpu0"
+        kind = "ivshmem"
+        bar_size = "128G"
+        [[device]]
+        id = "nic0"
+        kind = "virtio-net"
+        group = "p2p0"
+    "#;
+
+    #[test]
+    fn the_issue_example_parses() {
+        let s = parse(GPU).unwrap();
+        assert_eq!(s.arch, Arch::X86_64);
+        assert_eq!(s.firmware(), Firmware::SeaBios);
+        assert_eq!(s.devices[0].bar_size, Some(Size(128 << 30)));
+        assert_eq!(s.devices[1].functions, 1);
+        assert_eq!(s.devices[1].group.as_deref(), Some("p2p0"));
+        assert_eq!(s.reservations, Reservations::Planned);
+    }
+
+    #[test]
+    fn unknown_keys_and_values_are_named() {
+        let e = parse(&GPU.replace("spare_ports", "spare_port")).unwrap_err().to_string();
+        assert!(e.contains("t.toml") && e.contains("spare_port"), "{e}");
+        let e = parse(&GPU.replace("\"virtio-net\"", "\"virtio-nett\"")).unwrap_err().to_string();
+        assert!(e.contains("virtio-nett") && e.contains("virtio-net"), "{e}");
+        let e = parse(&GPU.replace("\"x86_64\"", "\"riscv64\"")).unwrap_err().to_string();
+        assert!(e.contains("riscv64"), "{e}");
+        let e = parse(&GPU.replace("\"128G\"", "\"lots\"")).unwrap_err().to_string();
+        assert!(e.contains("lots"), "{e}");
+        let e = parse(&format!("{GPU}\nreservations = \"tiny\"")).unwrap_err().to_string();
+        assert!(e.contains("tiny"), "{e}");
+    }
+
+    #[test]
+    fn keys_must_go_together() {
+        for (from, to, needle) in [
+            ("\"seabios\"", "\"uefi\"", "firmware"),
+            ("\"root-port\"", "\"ccw\"", "mode"),
+            ("bar_size = \"128G\"", "", "bar_size"),
+            ("bar_size = \"128G\"", "bar_size = \"3M\"", "power of two"),
+            ("kind = \"virtio-net\"", "kind = \"virtio-net-ccw\"", "s390x only"),
+            ("spare_ports = 1", "spare_ports = 1\nspare_profile = \"huge\"", "spare_profile"),
+        ] {
+            let e = parse(&GPU.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{from} -> {to}: {e}");
+        }
+        let no_fit = format!("{GPU}\n[[device]]\nid = \"big\"\nkind = \"e1000e\"\nexpect = \"no-fit\"\n");
+        assert!(parse(&no_fit).unwrap_err().to_string().contains("place"));
+        let dup = format!("{GPU}\n[[device]]\nid = \"gpu0\"\nkind = \"nvme\"\n");
+        assert!(parse(&dup).unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn default_set_parses() {
+        let files = default_files().unwrap();
+        assert!(!files.is_empty());
+        for f in files {
+            Scenario::load(&f).unwrap();
+        }
+    }
+}
