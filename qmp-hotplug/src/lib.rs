@@ -9,7 +9,8 @@
 //! * [`engine`]: plugs a [`DeviceRequest`] (all functions of a slot or IOMMU group, the
 //!   objects and descriptors they need) through explicit [`DeviceState`]s, proves the
 //!   result with `query-pci`, rolls back partial plugs, bounds unplug waits
-//!   (`unplug-pending` on timeout, finished by a late `DEVICE_DELETED`), and journals every
+//!   (`unplug-pending` on timeout, finished by a late `DEVICE_DELETED`), takes a boot-time
+//!   placeholder off the port before a plug ([`request::PlaceholderRequest`]), and journals every
 //!   step so that [`Engine::open`] can finish or roll back whatever a dead process left.
 //! * [`vfio`]: IOMMU-group viability and device checks before a VFIO hotplug.
 //!
@@ -56,5 +57,6 @@ pub use client::{ClientError, ClientOptions, Event, EventStream, QmpClient};
 pub use engine::{Engine, EngineError, EngineOptions, RecoveryReport, UnplugOutcome};
 pub use request::{
     BarExpectation, DeviceRequest, Expectation, FdRequest, FunctionRequest, ObjectRequest, PciExpectation,
+    PlaceholderRequest,
 };
 pub use state::{DeviceRecord, DeviceState, GuestAddress, Transition};

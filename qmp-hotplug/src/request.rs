@@ -73,6 +73,27 @@ pub struct DeviceRequest {
     /// The devices (`device_add` arguments), in the order given; the engine moves the
     /// function 0 of a multi-function slot last.
     pub functions: Vec<FunctionRequest>,
+    /// A boot-time placeholder to take off the port before anything is added (a planner
+    /// plugs one behind a switch downstream port so that firmware sizes the port's
+    /// windows; see [`PlaceholderRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<PlaceholderRequest>,
+}
+
+/// A device plugged at boot that holds a port's windows open until the real device
+/// comes: the engine `device_del`s it, waits for `DEVICE_DELETED` (up to
+/// [`crate::EngineOptions::placeholder_timeout`]; the removal needs a guest OS that
+/// answers the slot), then `object-del`s its backends, all journaled, before the first
+/// `object-add` or `device_add` of the request. While the guest has not released it the
+/// port stays taken (`unplug-pending`), and a late `DEVICE_DELETED` frees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceholderRequest {
+    /// `device_del` these, in order. For a multi-function placeholder list function 0
+    /// only: QEMU then removes the whole slot.
+    pub devices: Vec<String>,
+    /// Then `object-del` these (the placeholder's memory backends).
+    #[serde(default)]
+    pub objects: Vec<String>,
 }
 
 /// A QOM object for `object-add`.
@@ -250,6 +271,11 @@ impl DeviceRequest {
         for o in &self.objects {
             check_id(&o.id, &mut ids)?;
         }
+        if let Some(ph) = &self.placeholder {
+            for id in ph.devices.iter().chain(&ph.objects) {
+                check_id(id, &mut ids)?;
+            }
+        }
         let pci = self.pci_addresses()?;
         let mut groups: BTreeMap<&str, Vec<(usize, u8)>> = BTreeMap::new();
         for (i, p) in pci.iter().enumerate() {
@@ -334,6 +360,15 @@ impl DeviceRequest {
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.functions.iter().map(FunctionRequest::id).chain(self.objects.iter().map(|o| o.id.as_str()))
     }
+
+    /// Ids of every device that must be gone before the port is free: the functions,
+    /// then the placeholder's devices.
+    pub fn device_ids(&self) -> impl Iterator<Item = &str> {
+        self.functions
+            .iter()
+            .map(FunctionRequest::id)
+            .chain(self.placeholder.iter().flat_map(|p| p.devices.iter().map(String::as_str)))
+    }
 }
 
 fn check_id<'a>(id: &'a str, seen: &mut HashSet<&'a str>) -> Result<()> {
@@ -372,6 +407,7 @@ mod tests {
             port: "rp0".into(),
             objects: vec![],
             fds: vec![],
+            placeholder: None,
             functions: vec![func("f0", "0.0"), func("f1", "0.1"), func("f2", "0.2")],
         };
         let p = r.prepare().unwrap();
@@ -385,6 +421,7 @@ mod tests {
             port: "rp0".into(),
             objects: vec![],
             fds: vec![],
+            placeholder: None,
             functions: vec![func("f1", "0.1"), func("f2", "0.2")],
         };
         assert!(matches!(r.prepare(), Err(RequestError::NoFunctionZero(_))));
@@ -392,6 +429,7 @@ mod tests {
             port: "rp0".into(),
             objects: vec![],
             fds: vec![],
+            placeholder: None,
             functions: vec![func("a", "0.0"), func("a", "0.1")],
         };
         assert!(matches!(r.prepare(), Err(RequestError::DuplicateId(_))));
@@ -399,6 +437,7 @@ mod tests {
             port: "rp0".into(),
             objects: vec![],
             fds: vec![],
+            placeholder: None,
             functions: vec![func("1a", "0.0")],
         };
         assert!(matches!(r.prepare(), Err(RequestError::BadId(_))));
@@ -408,10 +447,17 @@ mod tests {
             port: "rp0".into(),
             objects: vec![],
             fds: vec![],
+            placeholder: None,
             functions: vec![f, func("b", "0.1")],
         };
         assert!(matches!(r.prepare(), Err(RequestError::MultifunctionOff(_))));
-        let mut r = DeviceRequest { port: "".into(), objects: vec![], fds: vec![], functions: vec![] };
+        let mut r = DeviceRequest {
+            port: "".into(),
+            objects: vec![],
+            fds: vec![],
+            functions: vec![],
+            placeholder: None,
+        };
         assert_eq!(r.prepare(), Err(RequestError::NoPort));
     }
 

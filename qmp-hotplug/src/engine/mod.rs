@@ -90,6 +90,17 @@ pub enum EngineError {
         /// `Removed` (port free again) or `UnplugPending` (waiting for the guest).
         state: DeviceState,
     },
+    /// A boot-time placeholder on the port was not removed in time: the guest has not
+    /// released the slot. Nothing of the request was added.
+    #[error("placeholder {devices:?} on port {port} still present after {waited:?}: the guest has not released the slot; nothing was added")]
+    PlaceholderPending {
+        /// The port.
+        port: String,
+        /// Placeholder devices still waiting for `DEVICE_DELETED`.
+        devices: Vec<String>,
+        /// How long was waited.
+        waited: Duration,
+    },
     /// The guest kept the slot busy (power indicator blinking) past the retry budget.
     #[error("guest kept port {port} busy for {after:?}; the device stays plugged")]
     GuestBusy {
@@ -133,6 +144,10 @@ pub struct EngineOptions {
     pub unplug_timeout: Duration,
     /// How long a plugged device may take to show up as planned.
     pub visible_timeout: Duration,
+    /// How long a plug waits for a boot-time placeholder's `DEVICE_DELETED` before it
+    /// gives up with [`EngineError::PlaceholderPending`] (native PCIe hotplug takes
+    /// 5–6 s: the attention button's abort window).
+    pub placeholder_timeout: Duration,
     /// How long `device_del` is retried while the guest is busy with the slot.
     pub busy_retry: Duration,
     /// Where sysfs is read for the VFIO checks.
@@ -146,6 +161,7 @@ impl Default for EngineOptions {
         EngineOptions {
             unplug_timeout: Duration::from_secs(5),
             visible_timeout: Duration::from_secs(10),
+            placeholder_timeout: Duration::from_secs(15),
             busy_retry: Duration::from_secs(10),
             sysfs: Sysfs::default(),
             journal_hook: None,
@@ -158,6 +174,7 @@ impl std::fmt::Debug for EngineOptions {
         f.debug_struct("EngineOptions")
             .field("unplug_timeout", &self.unplug_timeout)
             .field("visible_timeout", &self.visible_timeout)
+            .field("placeholder_timeout", &self.placeholder_timeout)
             .field("busy_retry", &self.busy_retry)
             .field("sysfs", &self.sysfs)
             .field("journal_hook", &self.journal_hook.is_some())
@@ -280,7 +297,7 @@ impl Engine {
             let _g = lock(&port_lock);
             let Some(rec) = self.device(&port) else { continue };
             if rec.state == DeviceState::UnplugPending
-                && rec.request.functions.iter().all(|f| !present.contains(f.id()))
+                && rec.request.device_ids().all(|id| !present.contains(id))
             {
                 self.inner.complete_removal(&rec.request)?;
                 freed.push(port);
@@ -325,9 +342,7 @@ fn watch(inner: &Weak<Inner>, events: &EventStream, stop: &AtomicBool) {
             t.gone.insert(id.to_owned());
             t.devices
                 .values()
-                .find(|d| {
-                    d.state == DeviceState::UnplugPending && d.request.functions.iter().any(|f| f.id() == id)
-                })
+                .find(|d| d.state == DeviceState::UnplugPending && d.request.device_ids().any(|d| d == id))
                 .map(|d| d.port().to_owned())
         };
         if let Some(port) = port {
@@ -466,6 +481,7 @@ impl Inner {
     fn add_all(&self, request: &DeviceRequest, prepared: &Prepared, present: &HashSet<String>) -> Result<()> {
         let port = &request.port;
         self.transition(port, DeviceState::Adding, "", Vec::new())?;
+        self.remove_placeholder(request)?;
         let missing_device = request.functions.iter().any(|f| !present.contains(f.id()));
         for fd in request.fds.iter().filter(|_| missing_device) {
             self.step(port, Step::GetFd { fdname: fd.fdname.clone() })?;
@@ -610,10 +626,19 @@ impl Inner {
 
     /// Sends `device_del` for what is present and waits for `DEVICE_DELETED`.
     fn remove_devices(&self, request: &DeviceRequest, prepared: &Prepared) -> Result<Removal> {
-        let ids: Vec<&str> = request.functions.iter().map(|f| f.id()).collect();
         let present = self.peripheral_ids()?;
-        let mut waiting: HashSet<String> =
-            ids.iter().filter(|id| present.contains(**id)).map(|id| (*id).to_owned()).collect();
+        let mut waiting: HashSet<String> = HashSet::new();
+        {
+            // What QEMU does not have is gone: a late event then only has to cover the rest.
+            let mut t = lock(&self.table);
+            for id in request.device_ids() {
+                if present.contains(id) {
+                    waiting.insert(id.to_owned());
+                } else {
+                    t.gone.insert(id.to_owned());
+                }
+            }
+        }
         if waiting.is_empty() {
             return Ok(Removal::Gone);
         }
@@ -625,6 +650,56 @@ impl Inner {
             }
         }
         let deadline = Instant::now() + self.options.unplug_timeout;
+        self.await_deleted(&events, &mut waiting, deadline)?;
+        Ok(if waiting.is_empty() { Removal::Gone } else { Removal::Pending })
+    }
+
+    /// Takes a request's boot-time placeholder off its port: `device_del` of what QEMU
+    /// still has, `DEVICE_DELETED` within `placeholder_timeout`, then `object-del` of its
+    /// backends. Idempotent, so recovery can run it again.
+    fn remove_placeholder(&self, request: &DeviceRequest) -> Result<()> {
+        let Some(ph) = &request.placeholder else { return Ok(()) };
+        let port = &request.port;
+        let present = self.peripheral_ids()?;
+        let mut waiting: HashSet<String> =
+            ph.devices.iter().filter(|id| present.contains(*id)).cloned().collect();
+        if !waiting.is_empty() {
+            let started = Instant::now();
+            let events = self.client.subscribe();
+            for id in ph.devices.iter().filter(|id| present.contains(*id)) {
+                self.step(port, Step::DeviceDel { id: id.clone() })?;
+                if self.device_del(port, id)? {
+                    waiting.remove(id);
+                }
+            }
+            self.await_deleted(&events, &mut waiting, started + self.options.placeholder_timeout)?;
+            if !waiting.is_empty() {
+                let mut devices: Vec<String> = waiting.into_iter().collect();
+                devices.sort();
+                return Err(EngineError::PlaceholderPending {
+                    port: port.clone(),
+                    devices,
+                    waited: started.elapsed(),
+                });
+            }
+        }
+        let objects = self.qom_children("/objects")?;
+        for id in ph.objects.iter().filter(|o| objects.contains(*o)) {
+            self.step(port, Step::ObjectDel { id: id.clone() })?;
+            self.cmd("object-del", serde_json::json!({ "id": id }))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `DEVICE_DELETED` (seen here or by the watcher) covers every id in
+    /// `waiting` or `deadline` passes; then asks QEMU about the rest, since an event may
+    /// have been missed. What is left in `waiting` is still present.
+    fn await_deleted(
+        &self,
+        events: &EventStream,
+        waiting: &mut HashSet<String>,
+        deadline: Instant,
+    ) -> Result<()> {
         while !waiting.is_empty() {
             {
                 let t = lock(&self.table);
@@ -648,9 +723,16 @@ impl Inner {
         if !waiting.is_empty() {
             // An event may have been missed; QEMU's own list is the truth.
             let present = self.peripheral_ids()?;
-            waiting.retain(|id| present.contains(id));
+            let mut t = lock(&self.table);
+            waiting.retain(|id| {
+                let here = present.contains(id);
+                if !here {
+                    t.gone.insert(id.clone());
+                }
+                here
+            });
         }
-        Ok(if waiting.is_empty() { Removal::Gone } else { Removal::Pending })
+        Ok(())
     }
 
     /// One `device_del` with the retries QEMU's answers call for. `Ok(true)`: already gone.
@@ -687,6 +769,12 @@ impl Inner {
             self.step(port, Step::ObjectDel { id: obj.id.clone() })?;
             self.cmd("object-del", serde_json::json!({ "id": obj.id }))?;
         }
+        // A placeholder that left only now (its plug gave up waiting) leaves its backends.
+        let placeholder_objects = request.placeholder.iter().flat_map(|p| p.objects.iter());
+        for id in placeholder_objects.filter(|id| objects.contains(*id)) {
+            self.step(port, Step::ObjectDel { id: id.clone() })?;
+            self.cmd("object-del", serde_json::json!({ "id": id }))?;
+        }
         for fd in request.fds.iter().rev() {
             self.step(port, Step::CloseFd { fdname: fd.fdname.clone() })?;
             // A device that took the descriptor by name has consumed it: "not found" is fine.
@@ -698,8 +786,8 @@ impl Inner {
         }
         self.transition(port, DeviceState::Removed, "", Vec::new())?;
         let mut t = lock(&self.table);
-        for f in &request.functions {
-            t.gone.remove(f.id());
+        for id in request.device_ids() {
+            t.gone.remove(id);
         }
         Ok(())
     }
@@ -709,7 +797,7 @@ impl Inner {
     fn try_complete_locked(&self, request: &DeviceRequest) -> Result<DeviceState> {
         let all_gone = {
             let t = lock(&self.table);
-            request.functions.iter().all(|f| t.gone.contains(f.id()))
+            request.device_ids().all(|id| t.gone.contains(id))
         };
         if all_gone {
             self.complete_removal(request)?;
@@ -729,7 +817,8 @@ impl Inner {
     }
 }
 
-/// Which devices get a `device_del`: in reverse plug order, and for a multi-function slot
+/// Which devices get a `device_del`: in reverse plug order (then a placeholder still
+/// present), and for a multi-function slot
 /// whose function 0 is present only function 0 (QEMU then removes the whole slot; asking
 /// again for the other functions would press the slot's attention button twice, which
 /// Linux takes as "cancel").
@@ -757,6 +846,16 @@ fn deletion_targets(request: &DeviceRequest, prepared: &Prepared, present: &Hash
                 _ => Some(f.id().to_owned()),
             }
         })
+        .chain(
+            // A placeholder whose removal a failed plug left pending ("already in the
+            // process of unplug" counts as accepted).
+            request
+                .placeholder
+                .iter()
+                .flat_map(|p| p.devices.iter())
+                .filter(|id| present.contains(*id))
+                .cloned(),
+        )
         .collect()
 }
 

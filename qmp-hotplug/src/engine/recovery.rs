@@ -72,9 +72,12 @@ fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<
     let mut request = log.device.request.clone();
     let prepared = request.prepare()?;
     let port = request.port.clone();
+    // Functions present, and whether all are; a placeholder still present also keeps an
+    // unplug-pending port taken.
     let here: Vec<&str> =
         request.functions.iter().map(|f| f.id()).filter(|id| present.contains(*id)).collect();
     let all_here = here.len() == request.functions.len();
+    let nothing_left = request.device_ids().all(|id| !present.contains(id));
     let begin = |inner: &Inner| -> Result<()> {
         inner.record(&Record::Begin { port: port.clone(), op: OpKind::Recover, request: None })
     };
@@ -102,7 +105,7 @@ fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<
             let what = if rolling_back { "rollback" } else { "unplug" };
             Ok(format!("finished {what}: {state:?}"))
         }
-        (None, DeviceState::UnplugPending) if here.is_empty() => {
+        (None, DeviceState::UnplugPending) if nothing_left => {
             begin(inner)?;
             inner.complete_removal(&request)?;
             Ok("pending unplug had completed; released".into())
