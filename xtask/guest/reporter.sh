@@ -4,6 +4,9 @@
 #
 #   SNAP seq uptime            a full snapshot follows, up to END seq
 #   PCI bdf vendor device class
+#   INO bdf inode              inode of the device's sysfs directory: a new number each
+#                              time a function appears, so a device re-plugged at the same
+#                              address with the same ids and BARs still reads as new
 #   RES bdf index start end flags      each `resource` line with non-zero flags
 #   LINK path                  sysfs device path, e.g. ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
 #   DRV bdf driver
@@ -44,6 +47,7 @@ commands() {
 
 signature() {
     cat /sys/bus/pci/devices/*/resource /sys/bus/ccw/devices/*/online 2>/dev/null
+    ls -iLd /sys/bus/pci/devices/* 2>/dev/null
     echo /sys/bus/pci/devices/* /sys/bus/pci/drivers/*/*:* /sys/bus/ccw/devices/* /sys/bus/ccw/drivers/*/*.*.*
 }
 
@@ -63,6 +67,9 @@ snapshot() {
         if [ -r "$d/uid" ] && read -r u < "$d/uid" && read -r fid < "$d/function_id"; then
             echo "$P ZPCI $b $u $fid"
         fi
+    done
+    ls -iLd /sys/bus/pci/devices/* 2>/dev/null | while read -r ino path; do
+        echo "$P INO ${path##*/} $ino"
     done
     ls -l /sys/bus/pci/devices/ | while read -r line; do
         case "$line" in *" -> "*) echo "$P LINK ${line##* }" ;; esac

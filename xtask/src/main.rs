@@ -22,8 +22,11 @@ struct Cli {
 enum Cmd {
     /// Format check, clippy (warnings denied), all tests, doc tests (provisions first).
     Test,
-    /// Boot real guests on every architecture and check what they report.
-    E2e {
+    /// Run end-to-end scenarios in real guests (default: every xtask/scenarios/*.toml).
+    E2e(E2eArgs),
+    /// Boot one small guest per architecture and plug one device through the harness's
+    /// own QMP client (a quick check of provisioning, reporter and QMP).
+    BootCheck {
         /// Only this architecture (repeatable).
         #[arg(long)]
         arch: Vec<Arch>,
@@ -60,6 +63,23 @@ enum Cmd {
         #[arg(long)]
         reserve_gib: Option<u64>,
     },
+}
+
+#[derive(clap::Args)]
+struct E2eArgs {
+    /// Scenario files to run (as given, or relative to xtask/ or xtask/scenarios/);
+    /// none: the default set.
+    #[arg(long = "scenario", num_args = 1..)]
+    scenarios: Vec<PathBuf>,
+    /// Only scenarios of this architecture (repeatable).
+    #[arg(long)]
+    arch: Vec<Arch>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Guests running at the same time.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
 }
 
 #[derive(clap::Args)]
@@ -135,7 +155,7 @@ fn boot(args: BootArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn e2e(arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
+fn boot_check(arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
     let cache = xtask::cache();
     tasks::provision_all(&cache)?;
     let arches = if arches.is_empty() { Arch::ALL.to_vec() } else { arches };
@@ -159,7 +179,8 @@ fn main() -> ExitCode {
     let cache = xtask::cache();
     let result = match cli.cmd {
         Cmd::Test => tasks::test(&cache),
-        Cmd::E2e { arch, json } => e2e(arch, json),
+        Cmd::E2e(args) => tasks::e2e(&cache, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
+        Cmd::BootCheck { arch, json } => boot_check(arch, json),
         Cmd::Bench { args } => tasks::bench(&args),
         Cmd::Provision => tasks::provision_all(&cache),
         Cmd::Fixtures => fixtures::generate(&cache, &xtask::workspace_root())

@@ -208,6 +208,9 @@ pub struct PciDevice {
     pub upstream: Vec<Bdf>,
     /// zPCI identifiers (s390x).
     pub zpci: Option<Zpci>,
+    /// Inode of its sysfs directory: changes whenever the function is removed and added
+    /// again, even at the same address with the same ids.
+    pub node: Option<u64>,
 }
 
 impl PciDevice {
@@ -280,6 +283,13 @@ pub enum GuestEvent {
     Link {
         /// Addresses from the root bus down, ending with the function.
         chain: Vec<Bdf>,
+    },
+    /// The inode of a function's sysfs directory.
+    Node {
+        /// Address.
+        bdf: Bdf,
+        /// Inode number.
+        inode: u64,
     },
     /// A function's bound driver.
     Driver {
@@ -400,6 +410,7 @@ fn parse_fields(body: &str) -> Result<GuestEvent, String> {
             }
             GuestEvent::Link { chain }
         }
+        "INO" => GuestEvent::Node { bdf: bdf(f.next())?, inode: num(f.next(), "inode")? },
         "DRV" => GuestEvent::Driver { bdf: bdf(f.next())?, driver: word(f.next(), "driver")? },
         "ZPCI" => {
             let bdf = bdf(f.next())?;
@@ -552,6 +563,7 @@ impl GuestState {
                         resources: Vec::new(),
                         upstream: Vec::new(),
                         zpci: None,
+                        node: None,
                     },
                 );
             }
@@ -565,6 +577,11 @@ impl GuestState {
                     if let Some(d) = p.pci.get_mut(&bdf) {
                         d.upstream = chain;
                     }
+                }
+            }
+            GuestEvent::Node { bdf, inode } => {
+                if let Some(d) = p.pci.get_mut(&bdf) {
+                    d.node = Some(inode);
                 }
             }
             GuestEvent::Driver { bdf, driver } => {
@@ -685,6 +702,7 @@ mod tests {
 @@XT LINK ../../../devices/pci0000:00/0000:00:01.0
 @@XT LINK ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
 @@XT LINK ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.1
+@@XT INO 0000:01:00.0 4242
 @@XT DRV 0000:00:01.0 pcieport
 @@XT END 1
 ";
@@ -707,6 +725,8 @@ mod tests {
         let d = &s.pci[&dev];
         assert_eq!((d.vendor, d.device, d.class), (0x1af4, 0x1110, 0x050000));
         assert_eq!(d.parent(), Some("0000:00:01.0".parse().unwrap()));
+        assert_eq!(d.node, Some(4242));
+        assert_eq!(s.pci[&"0000:00:01.0".parse().unwrap()].node, None);
         assert_eq!(s.pci[&"0000:00:01.0".parse().unwrap()].driver.as_deref(), Some("pcieport"));
         let bar = d.bars().next().unwrap();
         assert_eq!(bar.size(), 128 << 30);

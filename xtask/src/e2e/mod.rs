@@ -11,6 +11,7 @@
 //! use the same columns (device, planned path, guest BDF, BARs ok, hotplug ms, unplug ms,
 //! result) and set `ok` for the exit status.
 
+pub mod models;
 pub mod planned;
 
 use std::path::PathBuf;

@@ -1,13 +1,725 @@
-//! The runner of the planned modes (`root-port`, `switch-port`, `ccw`): plan, boot with
-//! the plan's ports, hotplug and unplug every device through `qmp-hotplug`, check in the
-//! guest what the plan promised.
+//! The runner of the planned modes (`root-port`, `switch-port`, `ccw`): plan with the
+//! scenario's platform, boot with the plan's boot-time devices and kernel arguments, hand
+//! the QMP socket to `qmp-hotplug`'s engine, hotplug every device onto its planned port
+//! (the engine first removes a placeholder where the plan put one), check in the guest
+//! that each function is at the planned address with every BAR assigned inside its
+//! port's window, then unplug each and check that QEMU and the guest agree it is gone.
+//!
+//! All devices are plugged first and unplugged afterwards, so devices that share a switch
+//! are checked side by side. QEMU serves one QMP client at a time: the engine's client is
+//! the only one, and the `stop`/`cont` of the unfriendly unplug go through it too.
 
-use super::{RunContext, ScenarioReport};
-use crate::scenario::Scenario;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_x86_aarch64::{Virt, Q35};
+use pcie_topology::plan::{function_id, GuestLocation, Reservation};
+use pcie_topology::qemu::PropValue;
+use pcie_topology::{
+    FunctionRequest, HotplugAction, HotplugProfile, Plan, PlanOptions, PlanRequest, Platform, QemuId,
+    SpareRequest,
+};
+use qmp_hotplug::journal::{Journal, Record, Step};
+use qmp_hotplug::{
+    BarExpectation, ClientOptions, DeviceState, Engine, EngineOptions, Expectation, ObjectRequest,
+    PciExpectation, PlaceholderRequest, QmpClient, UnplugOutcome,
+};
+use serde_json::Value;
+
+use super::models::{model, Model};
+use super::{Row, RunContext, ScenarioReport};
+use crate::arch::Arch;
+use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use crate::reporter::{Bdf, GuestState, PciDevice};
+use crate::scenario::{
+    DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
+};
+
+type Result<T> = std::result::Result<T, String>;
+
+fn s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// How long the guest may take to show or drop a device (TCG, two guests at a time).
+const GUEST_WAIT: Duration = Duration::from_secs(90);
+
+/// Kernel messages about a new function arrive a moment after it appears in sysfs.
+const SETTLE: Duration = Duration::from_millis(600);
 
 /// Runs one planned-mode scenario.
-pub fn run(scenario: &Scenario, _ctx: &RunContext) -> ScenarioReport {
+pub fn run(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     let mut report = ScenarioReport::new(scenario);
-    report.error = Some("the planned-mode runner is not wired yet".into());
+    if let Err(e) = run_inner(scenario, ctx, &mut report) {
+        report.error = Some(e);
+    }
     report
+}
+
+/// The plan and what it was built from.
+struct Planned {
+    plan: Plan,
+    /// The s390x platform (placing more devices at run time needs it).
+    s390x: Option<S390xCcw>,
+    /// The platform, for x86_64 and aarch64.
+    platform: Option<Box<dyn Platform>>,
+    /// Block devices (`null-co`) the devices need, created at boot.
+    blockdevs: Vec<String>,
+}
+
+fn platform(scenario: &Scenario) -> Result<Box<dyn Platform>> {
+    Ok(match (scenario.arch, scenario.firmware()) {
+        (Arch::X86_64, Firmware::SeaBios) => Box::new(Q35::seabios()),
+        (Arch::X86_64, Firmware::Ovmf) => Box::new(Q35::ovmf()),
+        (Arch::Aarch64, Firmware::None) => Box::new(Virt::direct_kernel()),
+        (Arch::Aarch64, Firmware::Uefi) => Box::new(Virt::uefi()),
+        (arch, fw) => return Err(format!("no planner platform for {arch} with firmware {}", fw.name())),
+    })
+}
+
+/// The planner request of one scenario device (every function of it).
+fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequest> {
+    let id = QemuId::new(d.id.as_str()).map_err(s)?;
+    let mut functions = Vec::new();
+    for f in 0..d.functions {
+        let fid = function_id(&id, f);
+        let func = match (d.kind, d.bar_size) {
+            (DeviceKind::Ivshmem, Some(size)) => FunctionRequest::ivshmem(f, &id, size.0).map_err(s)?,
+            _ => {
+                let mut func = FunctionRequest::new(f, m.driver, m.resources());
+                if m.needs_serial {
+                    func.props.insert("serial".into(), PropValue::Str(fid.clone()));
+                }
+                if m.needs_drive {
+                    func.props.insert("drive".into(), PropValue::Str(format!("{fid}-disk")));
+                }
+                func
+            }
+        };
+        functions.push(func);
+    }
+    let mut r = pcie_topology::DeviceRequest::new(id, functions);
+    r.p2p_group = d.group.clone();
+    Ok(r)
+}
+
+fn blockdevs(scenario: &Scenario) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in &scenario.devices {
+        if model(d.kind, d.bar_size.map(|b| b.0)).needs_drive {
+            for f in 0..d.functions {
+                let fid = if f == 0 { d.id.clone() } else { format!("{}-f{f}", d.id) };
+                out.push(format!("null-co,node-name={fid}-disk,size=67108864"));
+            }
+        }
+    }
+    out
+}
+
+fn s390x_device(d: &DeviceSpec, m: &Model) -> Result<S390xDevice> {
+    let id = QemuId::new(d.id.as_str()).map_err(s)?;
+    let mut props = BTreeMap::new();
+    if m.needs_drive {
+        props.insert("drive".to_string(), PropValue::Str(format!("{id}-disk")));
+    }
+    Ok(if d.kind.is_ccw() {
+        S390xDevice::Ccw { id, driver: m.driver.into(), props, host: None, ssid: 0 }
+    } else {
+        S390xDevice::Zpci { id, driver: m.driver.into(), props, host: None, resources: m.resources() }
+    })
+}
+
+fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
+    let blockdevs = blockdevs(scenario);
+    if scenario.mode == Mode::Ccw {
+        let platform = S390xCcw::default();
+        let devices: Vec<S390xDevice> = scenario
+            .devices
+            .iter()
+            .map(|d| s390x_device(d, &model(d.kind, d.bar_size.map(|b| b.0))))
+            .collect::<Result<_>>()?;
+        let plan = arch_s390x_ccw::plan(&platform, &devices, false).map_err(s)?;
+        return Ok(Planned { plan, s390x: Some(platform), platform: None, blockdevs });
+    }
+    let platform = platform(scenario)?;
+    let planned_devices: Vec<pcie_topology::DeviceRequest> = scenario
+        .devices
+        .iter()
+        .filter(|d| d.place == Placement::Planned)
+        .map(|d| device_request(d, &model(d.kind, d.bar_size.map(|b| b.0))))
+        .collect::<Result<_>>()?;
+    let sized = scenario.reservations == Reservations::Planned;
+    let options = PlanOptions {
+        guest_ram: u64::from(memory_mib) << 20,
+        size_reservations: sized,
+        switch_placeholders: sized,
+        ..PlanOptions::default()
+    };
+    let mut spares = Vec::new();
+    if scenario.spare_ports > 0 {
+        let profile = HotplugProfile::parse(scenario.spare_profile.as_deref().unwrap_or("nic")).map_err(s)?;
+        spares.push(SpareRequest { profile, count: scenario.spare_ports, numa_node: None, p2p_group: None });
+    }
+    let mode = match scenario.mode {
+        Mode::SwitchPort => pcie_topology::Mode::SwitchPort,
+        _ => pcie_topology::Mode::RootPort,
+    };
+    let request = PlanRequest { mode, devices: planned_devices, spares, options };
+    let plan = pcie_topology::plan(platform.as_ref(), &request).map_err(|e| format!("planning: {e}"))?;
+    Ok(Planned { plan, s390x: None, platform: Some(platform), blockdevs })
+}
+
+fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
+    let mut spec = GuestSpec::new(scenario.arch).firmware(scenario.firmware());
+    spec.name = scenario.name.clone();
+    // The machine type and firmware come from the harness (same machine as the plan's);
+    // the plan gives the boot-time devices and the platform's own arguments.
+    spec.extra_args.extend(planned.plan.device_args());
+    spec.extra_args.extend(planned.plan.extra.qemu.iter().cloned());
+    for b in &planned.blockdevs {
+        spec.extra_args.extend(["-blockdev".to_string(), b.clone()]);
+    }
+    if scenario.native_hotplug && scenario.arch == Arch::X86_64 {
+        spec.extra_args
+            .extend(["-global".into(), "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".into()]);
+    }
+    spec.cmdline.extend(planned.plan.kernel_args().iter().cloned());
+    if scenario.arch == Arch::X86_64 {
+        spec.phys_bits = planned.plan.cpu_phys_bits();
+    }
+    spec
+}
+
+/// The unplug deadline: the scenario's, else long enough for the platform's hotplug.
+fn unplug_timeout(scenario: &Scenario) -> Duration {
+    let secs = scenario.unplug_timeout_s.unwrap_or(match scenario.arch {
+        // ACPI hotplug completes in ~0.1 s; pciehp needs its 5 s attention-button window.
+        Arch::X86_64 if !scenario.native_hotplug => 5,
+        Arch::S390x => 10,
+        _ => 20,
+    });
+    Duration::from_secs(secs)
+}
+
+/// One device plugged (or refused), carried from the plug phase to the unplug phase.
+struct Plugged<'a> {
+    spec: &'a DeviceSpec,
+    /// The engine's port name, once the device was plugged.
+    port: Option<String>,
+    row: Row,
+    /// Where the guest showed each function.
+    seen: Vec<Seen>,
+}
+
+/// Where the guest showed one function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Seen {
+    /// A PCI (or zPCI) function at this address.
+    Pci(Bdf),
+    /// A channel device with this bus id.
+    Ccw(String),
+}
+
+fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {
+    let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
+    let memory_mib = GuestSpec::new(scenario.arch).memory_mib;
+    let mut planned = make_plan(scenario, memory_mib)?;
+    std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
+    std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
+    let spec = guest_spec(scenario, &planned);
+    let assets = GuestAssets::ensure(&ctx.cache, scenario.arch).map_err(s)?;
+    report.kernel = assets.kernel.release.clone();
+    let guest = Guest::boot(&spec, &assets, &ctx.cache).map_err(s)?;
+    report.qemu = guest.command_line();
+    report.accel = guest.accel().qemu_name().into();
+    report.boot_ms = guest.boot_time().map(|d| d.as_millis());
+    std::fs::write(dir.join("qemu.txt"), format!("{}\n", report.qemu)).map_err(s)?;
+
+    // The engine's client is the QMP client of this guest: QEMU serves one at a time.
+    let client = QmpClient::connect_unix(
+        guest.qmp_socket(),
+        ClientOptions { connect_timeout: Duration::from_secs(30), ..ClientOptions::default() },
+    )
+    .map_err(|e| format!("QMP: {e}"))?;
+    let journal = dir.join("hotplug.journal");
+    let options = EngineOptions {
+        unplug_timeout: unplug_timeout(scenario),
+        visible_timeout: Duration::from_secs(30),
+        placeholder_timeout: Duration::from_secs(30),
+        ..EngineOptions::default()
+    };
+    let (engine, _) =
+        Engine::open(Arc::new(client), &journal, options).map_err(|e| format!("hotplug engine: {e}"))?;
+    let ctx = Step3 { scenario, ctx, guest: &guest, engine: &engine, journal: &journal };
+
+    let mut plugged: Vec<Plugged<'_>> = Vec::new();
+    for d in &scenario.devices {
+        plugged.push(ctx.plug(&mut planned, d));
+    }
+    for p in &mut plugged {
+        if let Some(port) = p.port.clone() {
+            ctx.unplug(p, &port);
+            if p.row.ok {
+                // Free the port in the plan too, for later placements.
+                if let Err(e) = planned.plan.release(p.spec.id.as_str()) {
+                    p.row.fail(format!("plan release: {e}"));
+                }
+            }
+        }
+    }
+    report.rows = plugged.into_iter().map(|p| p.row).collect();
+    Ok(())
+}
+
+/// The action for a device: from the plan, or placed now on a spare port.
+fn action_for(planned: &mut Planned, d: &DeviceSpec) -> Result<HotplugAction> {
+    if d.place == Placement::Planned {
+        return planned.plan.hotplug_action(d.id.as_str()).map_err(s);
+    }
+    let m = model(d.kind, d.bar_size.map(|b| b.0));
+    match (&planned.s390x, &planned.platform) {
+        (Some(platform), _) => {
+            arch_s390x_ccw::place(&mut planned.plan, platform, s390x_device(d, &m)?).map_err(s)
+        }
+        _ => planned.plan.place(device_request(d, &m)?).map_err(s),
+    }
+}
+
+/// `planned` column: the guest path of function 0 (ccw: bus id; zPCI: address, uid, fid),
+/// with the number of functions when there are more.
+fn planned_location(action: &HotplugAction) -> String {
+    let mut parts: Vec<String> = action
+        .functions
+        .iter()
+        .rev()
+        .map(|f| match &f.guest {
+            GuestLocation::Pci { path, .. } => path.to_string(),
+            GuestLocation::Ccw { busid } => busid.clone(),
+            GuestLocation::Zpci { uid, fid, bdf } => format!("{bdf} (uid {uid}, fid {fid})"),
+            _ => "-".into(),
+        })
+        .collect();
+    parts.dedup();
+    parts.join(" ")
+}
+
+/// The engine's request for a plan action (mapping described in qmp-hotplug's README).
+fn engine_request(action: &HotplugAction, m: &Model) -> Result<qmp_hotplug::DeviceRequest> {
+    let port = action.port.as_ref().map_or_else(|| action.device.to_string(), |p| p.to_string());
+    let objects = action
+        .object_add
+        .iter()
+        .map(|o| {
+            ObjectRequest::from_object_add(o)
+                .ok_or_else(|| format!("object-add without qom-type or id: {o:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut functions = Vec::new();
+    for f in &action.functions {
+        for c in &f.companions {
+            functions.push(qmp_hotplug::FunctionRequest { qdev: c.clone(), expect: Expectation::Present });
+        }
+        let expect = match &f.guest {
+            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
+                bus: Some(bdf.bus),
+                slot: Some(bdf.devfn.slot),
+                function: Some(bdf.devfn.function),
+                bars: m.bars.iter().map(|b| BarExpectation { bar: b.index, size: b.size }).collect(),
+            }),
+            _ => Expectation::Present,
+        };
+        functions.push(qmp_hotplug::FunctionRequest { qdev: f.device_add.clone(), expect });
+    }
+    let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
+        devices: p.device_del.iter().map(ToString::to_string).collect(),
+        objects: p.object_del.iter().map(ToString::to_string).collect(),
+    });
+    Ok(qmp_hotplug::DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+}
+
+fn journal_device_adds(journal: &Path) -> Result<usize> {
+    let (_, records) = Journal::open(journal, None).map_err(s)?;
+    Ok(records.iter().filter(|r| matches!(r, Record::Step { step: Step::DeviceAdd { .. }, .. })).count())
+}
+
+/// The guest path of a function from the chain of bridges the guest reported.
+fn guest_path(dev: &PciDevice) -> String {
+    dev.upstream
+        .iter()
+        .chain(std::iter::once(&dev.bdf))
+        .map(|b| {
+            if b.function == 0 {
+                format!("{:02x}", b.device)
+            } else {
+                format!("{:02x}.{:x}", b.device, b.function)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The port's guest windows must be at least what the plan reserved.
+fn window_problems(state: &GuestState, dev: &PciDevice, planned: &Reservation) -> Vec<String> {
+    let Some(parent) = dev.parent().and_then(|p| state.pci.get(&p)) else {
+        return vec![format!("{} has no parent bridge in the guest", dev.bdf)];
+    };
+    let mut out = Vec::new();
+    for (what, size, pref) in
+        [("64-bit prefetchable", planned.pref.size, true), ("memory", planned.mem.size, false)]
+    {
+        if size == 0 {
+            continue;
+        }
+        let window = parent.windows().find(|w| w.is_assigned() && w.is_mem() && w.is_prefetchable() == pref);
+        match window {
+            Some(w) if w.size() >= size => {}
+            Some(w) => out.push(format!(
+                "port {} {what} window {w} is smaller than the planned {}",
+                parent.bdf,
+                pcie_topology::units::fmt_size(size)
+            )),
+            None => out.push(format!(
+                "port {} has no {what} window (planned {})",
+                parent.bdf,
+                pcie_topology::units::fmt_size(size)
+            )),
+        }
+    }
+    out
+}
+
+/// Everything one device's steps need.
+struct Step3<'a> {
+    scenario: &'a Scenario,
+    ctx: &'a RunContext,
+    guest: &'a Guest,
+    engine: &'a Engine,
+    journal: &'a Path,
+}
+
+impl Step3<'_> {
+    fn progress(&self, text: &str) {
+        if self.ctx.progress {
+            eprintln!("[{}] {text}", self.scenario.name);
+        }
+    }
+
+    fn peripheral(&self) -> Result<Vec<String>> {
+        let list = self
+            .engine
+            .client()
+            .execute_raw(
+                "qom-list",
+                Some(serde_json::json!({"path": "/machine/peripheral"})),
+                Duration::from_secs(30),
+            )
+            .map_err(s)?;
+        Ok(list
+            .as_array()
+            .map(|a| {
+                a.iter().filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_owned)).collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn qmp(&self, command: &str) -> Result<()> {
+        self.engine.client().execute_raw(command, None, Duration::from_secs(30)).map(|_| ()).map_err(s)
+    }
+
+    /// Plans (or places) a device, plugs it through the engine and checks the guest.
+    fn plug<'d>(&self, planned: &mut Planned, d: &'d DeviceSpec) -> Plugged<'d> {
+        let mut p = Plugged { spec: d, port: None, row: Row::new(d.id.as_str()), seen: Vec::new() };
+        let adds_before = journal_device_adds(self.journal);
+        let action = match action_for(planned, d) {
+            Ok(a) => a,
+            Err(e) if d.expect == PlugExpect::NoFit => {
+                self.refused(&mut p, &e, adds_before);
+                return p;
+            }
+            Err(e) => {
+                p.row.fail(format!("no place for it: {e}"));
+                return p;
+            }
+        };
+        p.row.planned = planned_location(&action);
+        if d.expect == PlugExpect::NoFit {
+            let port = action.port.as_ref().map_or("-", |x| x.as_str());
+            p.row.fail(format!("should fit no free port but the plan placed it on {port}"));
+            return p;
+        }
+        let m = model(d.kind, d.bar_size.map(|b| b.0));
+        let request = match engine_request(&action, &m) {
+            Ok(r) => r,
+            Err(e) => {
+                p.row.fail(e);
+                return p;
+            }
+        };
+        let port = request.port.clone();
+        let first = if request.placeholder.is_some() { ", placeholder removed first" } else { "" };
+        self.progress(&format!("plugging {} onto {port} (planned {}){first}", d.id, p.row.planned));
+        let before = self.guest.state();
+        let sent = Instant::now();
+        match self.engine.plug(request) {
+            Ok(rec) => p.row.notes.push(format!("engine: {:?} on {port}", rec.state)),
+            Err(e) => {
+                p.row.fail(format!("plug: {e}"));
+                return p;
+            }
+        }
+        p.port = Some(port);
+        match self.check_guest(&action, &m, sent, &before, &mut p.row) {
+            Ok(seen) => p.seen = seen,
+            Err(e) => p.row.fail(e),
+        }
+        if p.row.result.is_empty() {
+            p.row.ok = true;
+            p.row.result = "ok".into();
+        }
+        self.progress(&format!("{}: {} ({} ms)", d.id, p.row.result, p.row.hotplug_ms.unwrap_or(0)));
+        p
+    }
+
+    /// A device that must not fit: the planner refused it. Proves that the engine was never
+    /// asked: no new `device_add` in its journal, nothing of the device in QEMU.
+    fn refused(&self, p: &mut Plugged<'_>, error: &str, adds_before: Result<usize>) {
+        p.row.planned = "-".into();
+        let adds_after = journal_device_adds(self.journal);
+        let in_qemu = self.peripheral().map(|list| list.iter().any(|x| x.starts_with(p.spec.id.as_str())));
+        match (adds_before, adds_after, in_qemu) {
+            (Ok(a), Ok(b), Ok(false)) if a == b => {
+                p.row.ok = true;
+                p.row.result = format!("ok: refused before any device_add: {error}");
+            }
+            other => p.row.fail(format!("refused ({error}), but journal/QEMU show a device_add: {other:?}")),
+        }
+        self.progress(&format!("{}: refused as it must be: {error}", p.spec.id));
+    }
+
+    /// Waits until the guest shows every function of the action where planned, then
+    /// checks ids, path, BARs and the port's windows. A function counts as new only when
+    /// its sysfs node differs from the one `before` the plug: a placeholder with the same
+    /// ids and BARs at the same address must not pass for the device.
+    fn check_guest(
+        &self,
+        action: &HotplugAction,
+        m: &Model,
+        sent: Instant,
+        before: &GuestState,
+        row: &mut Row,
+    ) -> Result<Vec<Seen>> {
+        let deadline = Instant::now() + GUEST_WAIT;
+        let planned_bdfs: Vec<Bdf> = action
+            .functions
+            .iter()
+            .filter_map(|f| f.guest.bdf())
+            .filter_map(|b| b.to_string().parse().ok())
+            .collect();
+        let mut seen = Vec::new();
+        let mut last_seen = sent;
+        let mut guest_col = Vec::new();
+        for f in action.functions.iter().rev() {
+            match &f.guest {
+                GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => {
+                    let want: Bdf = bdf.to_string().parse()?;
+                    let device_id =
+                        if matches!(f.guest, GuestLocation::Zpci { .. }) { m.zpci_device } else { m.device };
+                    let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id, m.vendor);
+                    let found = self.guest.wait_map(&what, deadline, |st| {
+                        let at = st.snapshot_at.unwrap_or_else(Instant::now);
+                        let is_new =
+                            |d: &&PciDevice| before.pci.get(&d.bdf).map_or(true, |old| old.node != d.node);
+                        if let Some(d) = st
+                            .pci
+                            .get(&want)
+                            .filter(|d| d.vendor == m.vendor && d.device == device_id)
+                            .filter(is_new)
+                        {
+                            return Some(Ok((d.clone(), at)));
+                        }
+                        // A new function elsewhere: the plan's address was wrong.
+                        st.find(m.vendor, device_id)
+                            .find(|d| !before.pci.contains_key(&d.bdf) && !planned_bdfs.contains(&d.bdf))
+                            .map(|d| Err(d.bdf))
+                    });
+                    match found.map_err(s)? {
+                        Ok((dev, at)) => {
+                            last_seen = last_seen.max(at);
+                            guest_col.push(want.to_string());
+                            seen.push(Seen::Pci(want));
+                            if let GuestLocation::Pci { path, .. } = &f.guest {
+                                let got = guest_path(&dev);
+                                if path.root_bus.is_none() && got != path.to_string() {
+                                    row.fail(format!("{} is at guest path {got}, planned {path}", f.id));
+                                }
+                            }
+                            if let (GuestLocation::Zpci { uid, fid, .. }, Some(z)) = (&f.guest, &dev.zpci) {
+                                let num = |t: &str| u64::from_str_radix(t.trim_start_matches("0x"), 16).ok();
+                                if num(&z.uid) != Some(u64::from(*uid))
+                                    || num(&z.fid) != Some(u64::from(*fid))
+                                {
+                                    row.fail(format!(
+                                        "{}: zPCI uid {} fid {}, planned {uid} {fid}",
+                                        f.id, z.uid, z.fid
+                                    ));
+                                }
+                            }
+                        }
+                        Err(elsewhere) => {
+                            guest_col.push(elsewhere.to_string());
+                            seen.push(Seen::Pci(elsewhere));
+                            row.fail(format!("{} appeared at {elsewhere}, planned {want}", f.id));
+                        }
+                    }
+                }
+                GuestLocation::Ccw { busid } => {
+                    let what = format!("{} as ccw {busid}", f.id);
+                    let (dev, at) = self
+                        .guest
+                        .wait_map(&what, deadline, |st| {
+                            st.ccw
+                                .get(busid)
+                                .map(|d| (d.clone(), st.snapshot_at.unwrap_or_else(Instant::now)))
+                        })
+                        .map_err(s)?;
+                    last_seen = last_seen.max(at);
+                    guest_col.push(busid.clone());
+                    seen.push(Seen::Ccw(busid.clone()));
+                    if Some(dev.cutype.as_str()) != m.cutype {
+                        row.fail(format!("{busid} has control unit {}, expected {:?}", dev.cutype, m.cutype));
+                    }
+                }
+                other => return Err(format!("{}: guest location {other:?} cannot be checked here", f.id)),
+            }
+        }
+        row.hotplug_ms = Some(last_seen.saturating_duration_since(sent).as_millis());
+        row.guest = guest_col.join(" ");
+        // BAR checks: let the kernel's messages about the new functions arrive first.
+        std::thread::sleep(SETTLE);
+        let state = self.guest.state();
+        let mut problems = Vec::new();
+        for bdf in seen.iter().filter_map(|x| match x {
+            Seen::Pci(b) => Some(*b),
+            Seen::Ccw(_) => None,
+        }) {
+            problems.extend(state.bar_problems(bdf, &m.expected_bars(), Some(sent)));
+            for msg in state.kmsg_about(bdf).filter(|k| k.at >= sent) {
+                row.notes.push(format!("kernel: {}", msg.text));
+            }
+            if let Some(dev) = state.pci.get(&bdf) {
+                for bar in dev.bars() {
+                    row.notes.push(format!("{bdf} BAR {} {bar}", bar.index));
+                }
+                if let Some(parent) = dev.parent().and_then(|p| state.pci.get(&p)) {
+                    let w: Vec<String> = parent.windows().map(ToString::to_string).collect();
+                    row.notes.push(format!("port {} windows {}", parent.bdf, w.join(" ")));
+                }
+                if let Some(windows) = &action.windows {
+                    problems.extend(window_problems(&state, dev, windows));
+                }
+            }
+        }
+        if seen.iter().any(|x| matches!(x, Seen::Pci(_))) {
+            row.bars_ok = Some(problems.is_empty());
+        }
+        for p in problems {
+            row.fail(p);
+        }
+        Ok(seen)
+    }
+
+    /// Waits until the guest shows none of `seen`; returns when (the snapshot's time).
+    fn wait_gone(&self, seen: &[Seen]) -> Result<Instant> {
+        let deadline = Instant::now() + GUEST_WAIT;
+        self.guest
+            .wait_map("the device to leave the guest", deadline, |st| {
+                let gone = seen.iter().all(|x| match x {
+                    Seen::Pci(b) => !st.pci.contains_key(b),
+                    Seen::Ccw(id) => !st.ccw.contains_key(id),
+                });
+                gone.then(|| st.snapshot_at.unwrap_or_else(Instant::now))
+            })
+            .map_err(s)
+    }
+
+    fn unplug(&self, p: &mut Plugged<'_>, port: &str) {
+        let result = match p.spec.unplug {
+            UnplugMode::Normal => self.unplug_normal(p, port),
+            UnplugMode::GuestStopped => self.unplug_guest_stopped(p, port),
+        };
+        if let Err(e) = result {
+            p.row.fail(format!("unplug: {e}"));
+        }
+        self.progress(&format!(
+            "{}: unplugged, {} ({} ms)",
+            p.spec.id,
+            p.row.result,
+            p.row.unplug_ms.unwrap_or(0)
+        ));
+    }
+
+    fn unplug_normal(&self, p: &mut Plugged<'_>, port: &str) -> Result<()> {
+        let t0 = Instant::now();
+        match self.engine.unplug(port).map_err(s)? {
+            UnplugOutcome::Removed => {}
+            other => {
+                return Err(format!(
+                    "{other:?}: no DEVICE_DELETED within {:?} with the guest running",
+                    unplug_timeout(self.scenario)
+                ))
+            }
+        }
+        let qemu = t0.elapsed();
+        let guest = self.wait_gone(&p.seen)?.saturating_duration_since(t0);
+        p.row.unplug_ms = Some(qemu.max(guest).as_millis());
+        p.row.notes.push(format!(
+            "DEVICE_DELETED and objects released after {} ms, guest dropped it after {} ms",
+            qemu.as_millis(),
+            guest.as_millis()
+        ));
+        Ok(())
+    }
+
+    /// The guest's CPUs are stopped, so nothing answers the slot: the unplug must end
+    /// pending at its deadline with the port held; after `cont` the late
+    /// `DEVICE_DELETED` must complete it (the engine's watcher frees the port).
+    fn unplug_guest_stopped(&self, p: &mut Plugged<'_>, port: &str) -> Result<()> {
+        self.qmp("stop")?;
+        let t0 = Instant::now();
+        let outcome = self.engine.unplug(port);
+        let waited = t0.elapsed();
+        let state = self.engine.device(port).map(|d| d.state);
+        let held = !self.engine.is_port_free(port);
+        // Whatever happened, the guest runs again.
+        self.qmp("cont")?;
+        let resumed = Instant::now();
+        match outcome.map_err(s)? {
+            UnplugOutcome::Pending => {}
+            other => return Err(format!("ended {other:?} although the guest's CPUs were stopped")),
+        }
+        if state != Some(DeviceState::UnplugPending) || !held {
+            return Err(format!("after the deadline the device is {state:?} and the port held: {held}"));
+        }
+        let deadline = Instant::now() + GUEST_WAIT;
+        while !self.engine.is_port_free(port) {
+            if Instant::now() >= deadline {
+                return Err("still pending after cont: no late DEVICE_DELETED".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let qemu = resumed.elapsed();
+        let guest = self.wait_gone(&p.seen)?.saturating_duration_since(resumed);
+        p.row.unplug_ms = Some(qemu.max(guest).as_millis());
+        p.row.result = "ok: pending while stopped, completed after cont".into();
+        p.row.notes.push(format!(
+            "guest stopped: unplug-pending after {} ms (deadline), port held; after cont DEVICE_DELETED freed it in {} ms, guest dropped it after {} ms",
+            waited.as_millis(),
+            qemu.as_millis(),
+            guest.as_millis()
+        ));
+        Ok(())
+    }
 }
