@@ -27,7 +27,8 @@ pub const MAX_FDS_PER_MESSAGE: usize = 16;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
-    /// The peer closed the connection.
+    /// The peer closed the connection (end of stream, or a reset because it closed with
+    /// data of ours unread).
     #[error("end of stream from QEMU")]
     Eof,
     /// A line grew past the limit before its newline arrived.
@@ -120,6 +121,15 @@ impl LineReader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.buf.truncate(old);
                     return Ok(());
+                }
+                // A Unix socket whose peer closed with bytes of ours still unread reports
+                // ECONNRESET instead of EOF, once everything sent to us has been read.
+                // QEMU's monitor reads one byte at a time and pauses while a command runs,
+                // so a QEMU killed right after a reply often leaves our newline unread.
+                // Either way the peer is gone.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.buf.truncate(old);
+                    return Err(TransportError::Eof);
                 }
                 Err(e) => {
                     self.buf.truncate(old);

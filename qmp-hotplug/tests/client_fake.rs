@@ -193,3 +193,27 @@ fn eof_wakes_waiters_and_subscribers() {
     let err = events.recv_timeout(DEADLINE).unwrap_err();
     assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
 }
+
+/// QEMU's QMP monitor reads its socket one byte at a time and stops reading while a
+/// command runs, so the newline after a command can still sit unread in QEMU's socket
+/// when the reply has already arrived. If QEMU dies then, Linux ends the client's side of
+/// the Unix socket with ECONNRESET instead of a plain end of stream. Either way QEMU is
+/// gone: the client must say so the same way.
+#[test]
+fn peer_closing_with_unread_data_is_end_of_stream() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        // Wait until the client's command has arrived, read none of it, and hang up.
+        let mut fds = [rustix::event::PollFd::new(p.r.get_ref(), rustix::event::PollFlags::IN)];
+        let timeout = rustix::event::Timespec { tv_sec: 5, tv_nsec: 0 };
+        assert_eq!(rustix::event::poll(&mut fds, Some(&timeout)).unwrap(), 1);
+        drop(p);
+    });
+    let c = connect(&peer).unwrap();
+    let events = c.subscribe();
+    let err = c.execute_raw("query-status", None, DEADLINE).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
+    assert!(err.is_connection_lost());
+    let err = events.recv_timeout(DEADLINE).unwrap_err();
+    assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
+}
