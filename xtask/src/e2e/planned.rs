@@ -723,3 +723,171 @@ impl Step3<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reporter::Resource;
+
+    fn scenario(text: &str) -> Scenario {
+        Scenario::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn switch_plan_maps_placeholders_objects_and_expectations() {
+        let s = scenario(
+            r#"
+            name = "sw"
+            arch = "x86_64"
+            firmware = "seabios"
+            mode = "switch-port"
+            [[device]]
+            id = "gpu0"
+            kind = "ivshmem"
+            bar_size = "32G"
+            group = "g"
+            [[device]]
+            id = "gpu1"
+            kind = "ivshmem"
+            bar_size = "32G"
+            group = "g"
+            "#,
+        );
+        let planned = make_plan(&s, 256).unwrap();
+        assert_eq!(planned.plan.switches.len(), 1);
+        let spec = guest_spec(&s, &planned);
+        assert!(spec.extra_args.iter().any(|a| a.starts_with("xio3130-downstream")), "{:?}", spec.extra_args);
+        for id in ["gpu0", "gpu1"] {
+            let action = planned.plan.hotplug_action(id).unwrap();
+            let m = model(DeviceKind::Ivshmem, Some(32 << 30));
+            let r = engine_request(&action, &m).unwrap();
+            assert_eq!(Some(r.port.as_str()), action.port.as_ref().map(|p| p.as_str()));
+            let ph = r.placeholder.as_ref().expect("a placeholder to remove first");
+            let removal = action.remove_placeholder.as_ref().unwrap();
+            assert_eq!(ph.devices, removal.device_del.iter().map(ToString::to_string).collect::<Vec<_>>());
+            assert!(!ph.objects.is_empty());
+            assert_eq!(r.objects.len(), 1);
+            assert_eq!(r.objects[0].qom_type, "memory-backend-ram");
+            let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("pci") };
+            let Expectation::Pci(want) = &r.functions[0].expect else { panic!("pci expectation") };
+            assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus), Some(0), Some(0)));
+            assert_eq!(
+                want.bars,
+                vec![BarExpectation { bar: 0, size: 256 }, BarExpectation { bar: 2, size: 32 << 30 }]
+            );
+        }
+    }
+
+    #[test]
+    fn qemu_default_reservations_plan_no_reserve_and_no_placeholder() {
+        let s = scenario(
+            r#"
+            name = "u"
+            arch = "x86_64"
+            mode = "root-port"
+            reservations = "qemu-default"
+            [[device]]
+            id = "gpu0"
+            kind = "ivshmem"
+            bar_size = "128G"
+            "#,
+        );
+        let planned = make_plan(&s, 256).unwrap();
+        let args = planned.plan.device_args().join(" ");
+        assert!(!args.contains("reserve"), "{args}");
+    }
+
+    #[test]
+    fn multifunction_and_zpci_requests() {
+        let s = scenario(
+            r#"
+            name = "mf"
+            arch = "x86_64"
+            mode = "root-port"
+            [[device]]
+            id = "mf0"
+            kind = "e1000e"
+            functions = 2
+            "#,
+        );
+        let planned = make_plan(&s, 256).unwrap();
+        let action = planned.plan.hotplug_action("mf0").unwrap();
+        let r = engine_request(&action, &model(DeviceKind::E1000e, None)).unwrap();
+        let ids: Vec<&str> = r.functions.iter().map(|f| f.id()).collect();
+        assert_eq!(ids, ["mf0-f1", "mf0"], "function 0 last");
+        assert!(r.placeholder.is_none());
+
+        let s = scenario(
+            r#"
+            name = "z"
+            arch = "s390x"
+            mode = "ccw"
+            [[device]]
+            id = "net0"
+            kind = "virtio-net-ccw"
+            [[device]]
+            id = "znic0"
+            kind = "virtio-net"
+            "#,
+        );
+        let planned = make_plan(&s, 256).unwrap();
+        let ccw = engine_request(
+            &planned.plan.hotplug_action("net0").unwrap(),
+            &model(DeviceKind::VirtioNetCcw, None),
+        )
+        .unwrap();
+        assert_eq!(ccw.port, "net0");
+        assert_eq!(ccw.functions[0].expect, Expectation::Present);
+        let action = planned.plan.hotplug_action("znic0").unwrap();
+        assert_eq!(planned_location(&action), "0001:00:00.0 (uid 1, fid 0)");
+        let z = engine_request(&action, &model(DeviceKind::VirtioNet, None)).unwrap();
+        let ids: Vec<&str> = z.functions.iter().map(|f| f.id()).collect();
+        assert_eq!(ids, ["zpci-znic0", "znic0"], "the zpci device goes first");
+    }
+
+    fn dev(bdf: &str, upstream: &[&str], resources: Vec<Resource>) -> PciDevice {
+        PciDevice {
+            bdf: bdf.parse().unwrap(),
+            vendor: 0x1af4,
+            device: 0x1110,
+            class: 0x050000,
+            driver: None,
+            resources,
+            upstream: upstream.iter().map(|u| u.parse().unwrap()).collect(),
+            zpci: None,
+            node: Some(1),
+        }
+    }
+
+    #[test]
+    fn guest_path_and_window_checks() {
+        let d = dev("0000:03:00.1", &["0000:00:01.0", "0000:01:00.0", "0000:02:01.0"], Vec::new());
+        assert_eq!(guest_path(&d), "01/00/01/00.1");
+        let pref = |size: u64| Resource {
+            index: 15,
+            start: 0x40_0000_0000,
+            end: 0x40_0000_0000 + size - 1,
+            flags: crate::reporter::IORESOURCE_MEM
+                | crate::reporter::IORESOURCE_PREFETCH
+                | crate::reporter::IORESOURCE_MEM_64,
+        };
+        let mut state = GuestState::default();
+        let port = dev("0000:02:01.0", &["0000:00:01.0", "0000:01:00.0"], vec![pref(32 << 30)]);
+        state.pci.insert(port.bdf, port);
+        let planned = |size: u64| Reservation {
+            purpose: String::new(),
+            need: Default::default(),
+            mem: Default::default(),
+            pref: pcie_topology::reserve::Window { size, align: size },
+            io: Default::default(),
+            bus_reserve: 0,
+            why: Vec::new(),
+        };
+        assert!(window_problems(&state, &d, &planned(32 << 30)).is_empty());
+        let p = window_problems(&state, &d, &planned(64 << 30));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("smaller than the planned 64G"), "{p:?}");
+        let orphan = dev("0000:09:00.0", &["0000:00:09.0"], Vec::new());
+        assert!(window_problems(&state, &orphan, &planned(1 << 20))[0].contains("no parent"));
+    }
+}
