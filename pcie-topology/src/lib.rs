@@ -34,7 +34,11 @@
 //!   its largest boot-time child, so the placeholder gives both size and alignment. This
 //!   relies on the window staying assigned after the placeholder is removed (firmware
 //!   does not reprogram it and Linux keeps assigned bridge windows); the end-to-end
-//!   guests are where that is proven. It is a policy option
+//!   guests prove it (`cargo xtask e2e`, scenarios `x86-ovmf-switch`,
+//!   `x86-seabios-switch` with 2 × 128 GiB, `x86-native-hotplug-switch`): each device lands
+//!   inside the window its placeholder left, under SeaBIOS and OVMF, with ACPI and
+//!   native PCIe hotplug. `qmp-hotplug` removes the placeholder (journaled, with a
+//!   deadline) before it plugs the device. It is a policy option
 //!   ([`PlanOptions::switch_placeholders`]); without it, a plan that needs more than the
 //!   firmware's minimum below a downstream port is an error, not a silent failure in the
 //!   guest. The 32-bit window needs a 32-bit non-prefetchable BAR of the right size: on
