@@ -265,7 +265,7 @@ pub struct Scenario {
     #[serde(default)]
     pub native_hotplug: bool,
     /// Seconds an unplug waits for `DEVICE_DELETED` before it counts as pending (default:
-    /// 10 on x86_64 and s390x, 20 on aarch64, whose pciehp takes 5–6 s).
+    /// 10 on x86_64 with ACPI hotplug and on s390x, 20 with pciehp, which takes 5–6 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unplug_timeout_s: Option<u64>,
     /// The devices, in plug order.

@@ -196,8 +196,9 @@ fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
 /// The unplug deadline: the scenario's, else long enough for the platform's hotplug.
 fn unplug_timeout(scenario: &Scenario) -> Duration {
     let secs = scenario.unplug_timeout_s.unwrap_or(match scenario.arch {
-        // ACPI hotplug completes in ~0.1 s; pciehp needs its 5 s attention-button window.
-        Arch::X86_64 if !scenario.native_hotplug => 5,
+        // ACPI hotplug completes in ~0.1 s (10 s leaves room for a loaded machine);
+        // pciehp needs its 5 s attention-button window on top.
+        Arch::X86_64 if !scenario.native_hotplug => 10,
         Arch::S390x => 10,
         _ => 20,
     });
