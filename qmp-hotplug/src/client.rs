@@ -418,66 +418,11 @@ impl QmpClient {
     /// Runs a command given by name with raw JSON arguments and returns the raw `return`
     /// value. This path works for any command, including ones the `qapi` schema lacks.
     pub fn execute_raw(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
-        self.execute_inner(command, arguments, &[], timeout)
+        self.execute_raw_with_fds(command, arguments, &[], timeout)
     }
 
     /// Like [`QmpClient::execute_raw`], passing `fds` with the message (`SCM_RIGHTS`).
     pub fn execute_raw_with_fds(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-        fds: &[BorrowedFd<'_>],
-        timeout: Duration,
-    ) -> Result<Value> {
-        self.execute_inner(command, arguments, fds, timeout)
-    }
-
-    /// Runs a command of the `qapi` crate's generated schema with the default deadline.
-    pub fn execute<C: qapi::Command>(&self, command: &C) -> Result<C::Ok> {
-        self.execute_timeout(command, self.options.command_timeout)
-    }
-
-    /// Runs a typed command with an explicit deadline.
-    pub fn execute_timeout<C: qapi::Command>(&self, command: &C, timeout: Duration) -> Result<C::Ok> {
-        let args = serde_json::to_value(command)
-            .map_err(|source| ClientError::Encode { command: C::NAME.into(), source })?;
-        let args = match args {
-            Value::Object(m) if m.is_empty() => None,
-            other => Some(other),
-        };
-        let ret = self.execute_inner(C::NAME, args, &[], timeout)?;
-        serde_json::from_value(ret)
-            .map_err(|source| ClientError::UnexpectedReply { command: C::NAME.into(), source })
-    }
-
-    /// Hands `fd` to QEMU under `fdname` (`getfd`), e.g. for `vfio-pci`'s or iommufd's `fd`.
-    pub fn getfd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<()> {
-        let args = serde_json::json!({ "fdname": fdname });
-        self.execute_inner("getfd", Some(args), &[fd], self.options.command_timeout).map(drop)
-    }
-
-    /// Closes a descriptor that [`QmpClient::getfd`] passed (`closefd`).
-    pub fn closefd(&self, fdname: &str) -> Result<()> {
-        self.execute(&qapi::qmp::closefd { fdname: fdname.into() }).map(drop)
-    }
-
-    /// Adds `fd` to a file descriptor set (`add-fd`); QEMU picks the set when `fdset_id`
-    /// is `None`.
-    pub fn add_fd(
-        &self,
-        fd: BorrowedFd<'_>,
-        fdset_id: Option<i64>,
-        opaque: Option<&str>,
-    ) -> Result<qapi::qmp::AddfdInfo> {
-        let cmd = qapi::qmp::add_fd { fdset_id, opaque: opaque.map(str::to_owned) };
-        let args = serde_json::to_value(&cmd)
-            .map_err(|source| ClientError::Encode { command: "add-fd".into(), source })?;
-        let ret = self.execute_inner("add-fd", Some(args), &[fd], self.options.command_timeout)?;
-        serde_json::from_value(ret)
-            .map_err(|source| ClientError::UnexpectedReply { command: "add-fd".into(), source })
-    }
-
-    fn execute_inner(
         &self,
         command: &str,
         arguments: Option<Value>,
@@ -528,6 +473,51 @@ impl QmpClient {
             }
         };
         reply.map_err(|e| ClientError::Qmp { command: command.into(), class: e.class, desc: e.desc })
+    }
+
+    /// Runs a command of the `qapi` crate's generated schema with the default deadline.
+    pub fn execute<C: qapi::Command>(&self, command: &C) -> Result<C::Ok> {
+        self.execute_timeout(command, self.options.command_timeout)
+    }
+
+    /// Runs a typed command with an explicit deadline.
+    pub fn execute_timeout<C: qapi::Command>(&self, command: &C, timeout: Duration) -> Result<C::Ok> {
+        let args = serde_json::to_value(command)
+            .map_err(|source| ClientError::Encode { command: C::NAME.into(), source })?;
+        let args = match args {
+            Value::Object(m) if m.is_empty() => None,
+            other => Some(other),
+        };
+        let ret = self.execute_raw(C::NAME, args, timeout)?;
+        serde_json::from_value(ret)
+            .map_err(|source| ClientError::UnexpectedReply { command: C::NAME.into(), source })
+    }
+
+    /// Hands `fd` to QEMU under `fdname` (`getfd`), e.g. for `vfio-pci`'s or iommufd's `fd`.
+    pub fn getfd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        let args = serde_json::json!({ "fdname": fdname });
+        self.execute_raw_with_fds("getfd", Some(args), &[fd], self.options.command_timeout).map(drop)
+    }
+
+    /// Closes a descriptor that [`QmpClient::getfd`] passed (`closefd`).
+    pub fn closefd(&self, fdname: &str) -> Result<()> {
+        self.execute(&qapi::qmp::closefd { fdname: fdname.into() }).map(drop)
+    }
+
+    /// Adds `fd` to a file descriptor set (`add-fd`); QEMU picks the set when `fdset_id`
+    /// is `None`.
+    pub fn add_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        fdset_id: Option<i64>,
+        opaque: Option<&str>,
+    ) -> Result<qapi::qmp::AddfdInfo> {
+        let cmd = qapi::qmp::add_fd { fdset_id, opaque: opaque.map(str::to_owned) };
+        let args = serde_json::to_value(&cmd)
+            .map_err(|source| ClientError::Encode { command: "add-fd".into(), source })?;
+        let ret = self.execute_raw_with_fds("add-fd", Some(args), &[fd], self.options.command_timeout)?;
+        serde_json::from_value(ret)
+            .map_err(|source| ClientError::UnexpectedReply { command: "add-fd".into(), source })
     }
 }
 
