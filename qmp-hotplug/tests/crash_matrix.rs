@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gpu_like, single, Hotplug, Qemu};
+use common::{gpu_like, names, single, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineOptions, UnplugOutcome};
 use qmp_hotplug::journal::HookPoint;
 use qmp_hotplug::request::DeviceRequest;
@@ -167,15 +167,6 @@ fn run_child(s: Scenario, q: &Qemu, journal: &Path, kill: Kill, crash_after: u64
         .env("QMP_CRASH_AFTER", crash_after.to_string())
         .output()
         .unwrap()
-}
-
-fn names(c: &QmpClient, path: &str) -> HashSet<String> {
-    c.execute(&qapi::qmp::qom_list { path: path.into() })
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.type_.starts_with("child<"))
-        .map(|p| p.name)
-        .collect()
 }
 
 struct Row {

@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gpu_like, single, Hotplug, Qemu};
+use common::{gpu_like, names, single, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::request::{DeviceRequest, Expectation};
 use qmp_hotplug::state::DeviceState;
@@ -34,15 +33,6 @@ fn opts() -> EngineOptions {
 /// For the paths where no guest answers and the deadline is the point.
 fn short_unplug() -> EngineOptions {
     EngineOptions { unplug_timeout: Duration::from_secs(1), ..Default::default() }
-}
-
-fn names(c: &qmp_hotplug::QmpClient, path: &str) -> HashSet<String> {
-    c.execute(&qapi::qmp::qom_list { path: path.into() })
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.type_.starts_with("child<"))
-        .map(|p| p.name)
-        .collect()
 }
 
 fn states(rec: &qmp_hotplug::DeviceRecord) -> Vec<DeviceState> {

@@ -9,6 +9,7 @@
     clippy::panic
 )]
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -134,6 +135,16 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Names of the QOM children of `path` (e.g. `/machine/peripheral`, `/objects`).
+pub fn names(c: &QmpClient, path: &str) -> HashSet<String> {
+    c.execute(&qapi::qmp::qom_list { path: path.into() })
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.type_.starts_with("child<"))
+        .map(|p| p.name)
+        .collect()
 }
 
 /// A fake QMP peer: a Unix socket whose other end runs `script`.
