@@ -223,18 +223,6 @@ impl GroupDevice {
     }
 }
 
-impl VfioDevice for GroupDevice {
-    fn device_info(&self) -> Result<(u32, u32)> {
-        self.device.device_info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.device.region_info(index)
-    }
-    fn read_region(&self, region: &RegionInfo, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        self.device.read_region(region, offset, buf)
-    }
-}
-
 /// A device opened through its character device and iommufd (Linux 6.6+).
 #[derive(Debug)]
 pub struct CdevDevice {
@@ -253,17 +241,25 @@ impl CdevDevice {
     }
 }
 
-impl VfioDevice for CdevDevice {
-    fn device_info(&self) -> Result<(u32, u32)> {
-        self.device.device_info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo> {
-        self.device.region_info(index)
-    }
-    fn read_region(&self, region: &RegionInfo, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        self.device.read_region(region, offset, buf)
-    }
+/// Both openers answer through the device fd they hold; their other files only keep the
+/// container and group (or the iommufd) alive for as long as the device is open.
+macro_rules! answer_through_device_fd {
+    ($($opener:ty),+) => {$(
+        impl VfioDevice for $opener {
+            fn device_info(&self) -> Result<(u32, u32)> {
+                self.device.device_info()
+            }
+            fn region_info(&self, index: u32) -> Result<RegionInfo> {
+                self.device.region_info(index)
+            }
+            fn read_region(&self, region: &RegionInfo, offset: u64, buf: &mut [u8]) -> Result<usize> {
+                self.device.read_region(region, offset, buf)
+            }
+        }
+    )+};
 }
+
+answer_through_device_fd!(GroupDevice, CdevDevice);
 
 #[cfg(test)]
 mod tests {
