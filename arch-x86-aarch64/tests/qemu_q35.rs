@@ -13,10 +13,9 @@ mod common;
 use std::time::Duration;
 
 use arch_x86_aarch64::Q35;
-use common::{require, PciDev, Qemu};
-use pcie_topology::plan::GuestLocation;
+use common::{assert_windows_hold, find, require, PciDev, Qemu};
+use pcie_topology::plan::{GuestLocation, Port};
 use pcie_topology::request::FunctionRequest;
-use pcie_topology::sim;
 use pcie_topology::units::GIB;
 use pcie_topology::{
     plan, DeviceRequest, HotplugProfile, Mode, Plan, PlanRequest, Platform, QemuId, SpareRequest,
@@ -64,8 +63,24 @@ fn start(plan: &Plan) -> Qemu {
     Qemu::start("qemu-system-x86_64", &args)
 }
 
-fn find<'a>(devs: &'a [PciDev], id: &str) -> &'a PciDev {
-    devs.iter().find(|d| d.id == id).unwrap_or_else(|| panic!("{id} not in query-pci: {devs:#?}"))
+/// Asserts that the bridge `id` sits at `port`'s planned address with its planned bus
+/// numbers; returns its bridge registers.
+fn assert_port_placed(devs: &[PciDev], id: &str, port: &Port) -> common::Bridge {
+    let got = find(devs, id);
+    let b = got.bridge.unwrap();
+    assert_eq!(
+        (got.bus, got.slot, got.function),
+        (port.bdf.bus, port.bdf.devfn.slot, port.bdf.devfn.function),
+        "{}",
+        port.id
+    );
+    assert_eq!(
+        (b.secondary, b.subordinate),
+        (port.secondary_bus, port.subordinate_bus),
+        "{} bus numbers",
+        port.id
+    );
+    b
 }
 
 /// Firmware programmed every port of the plan.
@@ -82,8 +97,8 @@ fn programmed(plan: &Plan) -> impl Fn(&[PciDev]) -> bool + '_ {
 /// `firmware_enables_bars`: SeaBIOS turns on memory decoding of every device, so
 /// `query-pci` shows BAR addresses; OVMF leaves decoding off for devices it has no driver
 /// for, and `query-pci` shows them unmapped until the guest OS enables them.
-fn check_boot_topology(plan: &Plan, qemu: &mut Qemu, timeout: Duration, firmware_enables_bars: bool) {
-    let peripherals = qemu.qmp.peripherals();
+fn check_boot_topology(plan: &Plan, qemu: &Qemu, timeout: Duration, firmware_enables_bars: bool) {
+    let peripherals = qemu.peripherals();
     for id in plan.ids_in_use().filter(|id| {
         !plan.devices.iter().any(|d| !d.cold_plug && d.functions.iter().any(|f| f.device.id.as_str() == *id))
     }) {
@@ -97,44 +112,11 @@ fn check_boot_topology(plan: &Plan, qemu: &mut Qemu, timeout: Duration, firmware
             assert!(peripherals.iter().any(|p| p == id), "{id} not in /machine/peripheral: {peripherals:?}");
         }
     }
-    let devs = qemu.qmp.wait_pci(timeout, programmed(plan));
+    let devs = qemu.wait_pci(timeout, programmed(plan));
     for port in &plan.ports {
         let Some(dev) = &port.device else { continue };
-        let got = find(&devs, dev.id.as_str());
-        let b = got.bridge.unwrap();
-        assert_eq!(
-            (got.bus, got.slot, got.function),
-            (port.bdf.bus, port.bdf.devfn.slot, port.bdf.devfn.function),
-            "{}",
-            port.id
-        );
-        assert_eq!(
-            (b.secondary, b.subordinate),
-            (port.secondary_bus, port.subordinate_bus),
-            "{} bus numbers",
-            port.id
-        );
-        // The firmware's real windows must hold what the port is for, at natural alignment.
-        let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
-        let resources: Vec<_> = match (&port.profile, &port.occupant) {
-            (_, Some(dev)) => plan
-                .device(dev.as_str())
-                .unwrap()
-                .functions
-                .iter()
-                .flat_map(|f| f.bars.iter())
-                .map(|b| pcilibs::requirement::Resource::bar(b.kind, b.prefetchable, b.size))
-                .collect(),
-            (Some(p), None) => p.resources.clone(),
-            (None, None) => continue,
-        };
-        assert!(
-            sim::fits(window(b.mem), window(b.pref), &resources),
-            "{}: firmware windows mem {:#x?} pref {:#x?} cannot hold {resources:?}",
-            port.id,
-            b.mem,
-            b.pref
-        );
+        let b = assert_port_placed(&devs, dev.id.as_str(), port);
+        assert_windows_hold(plan, port, b);
     }
     for d in plan.devices.iter().filter(|d| d.cold_plug) {
         for f in &d.functions {
@@ -153,26 +135,26 @@ fn check_boot_topology(plan: &Plan, qemu: &mut Qemu, timeout: Duration, firmware
     }
 }
 
-fn hotplug_all(plan: &Plan, qemu: &mut Qemu) {
+fn hotplug_all(plan: &Plan, qemu: &Qemu) {
     let mut plugged = Vec::new();
     for action in plan.hotplug_actions().unwrap() {
         if let Some(rm) = &action.remove_placeholder {
             // Without a guest OS the unplug never completes; QEMU must accept the request.
             for id in &rm.device_del {
-                qemu.qmp.ok("device_del", json!({"id": id.as_str()}));
+                qemu.ok("device_del", json!({"id": id.as_str()}));
             }
             continue;
         }
         for o in &action.object_add {
-            qemu.qmp.ok("object-add", Value::Object(o.clone()));
+            qemu.ok("object-add", Value::Object(o.clone()));
         }
         for f in &action.functions {
             for c in &f.companions {
-                qemu.qmp.ok("device_add", Value::Object(c.clone()));
+                qemu.ok("device_add", Value::Object(c.clone()));
             }
-            qemu.qmp.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.clone()));
         }
-        let devs = qemu.qmp.pci_devices();
+        let devs = qemu.pci_devices();
         for f in &action.functions {
             let got = find(&devs, f.id.as_str());
             let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("not PCI") };
@@ -190,7 +172,7 @@ fn hotplug_all(plan: &Plan, qemu: &mut Qemu) {
         }
         plugged.push(action.device.to_string());
     }
-    let peripherals = qemu.qmp.peripherals();
+    let peripherals = qemu.peripherals();
     for id in &plugged {
         assert!(peripherals.iter().any(|p| p == id), "{id} missing after hotplug");
     }
@@ -200,9 +182,9 @@ fn hotplug_all(plan: &Plan, qemu: &mut Qemu) {
 fn seabios_accepts_plan_and_windows_fit() {
     let platform = Q35::seabios();
     let plan = plan(&platform, &mixed_request()).unwrap();
-    let mut qemu = start(&plan);
-    check_boot_topology(&plan, &mut qemu, Duration::from_secs(60), true);
-    hotplug_all(&plan, &mut qemu);
+    let qemu = start(&plan);
+    check_boot_topology(&plan, &qemu, Duration::from_secs(60), true);
+    hotplug_all(&plan, &qemu);
     assert!(qemu.stderr().is_empty() || !qemu.stderr().contains("Error"), "{}", qemu.stderr());
 }
 
@@ -213,9 +195,9 @@ fn ovmf_accepts_plan_and_windows_fit() {
     let plan = plan(&platform, &mixed_request()).unwrap();
     assert_eq!(platform.spec().name, "q35-ovmf");
     assert!(plan.extra.qemu.iter().any(|a| a.starts_with("name=opt/ovmf/X-PciMmio64Mb")), "{:?}", plan.extra);
-    let mut qemu = start(&plan);
-    check_boot_topology(&plan, &mut qemu, Duration::from_secs(240), false);
-    hotplug_all(&plan, &mut qemu);
+    let qemu = start(&plan);
+    check_boot_topology(&plan, &qemu, Duration::from_secs(240), false);
+    hotplug_all(&plan, &qemu);
 }
 
 #[test]
@@ -227,12 +209,11 @@ fn seabios_without_reservations_cannot_fit_a_128g_bar() {
     request.mode = Mode::RootPort;
     request.spares.truncate(1);
     let plan = plan(&Q35::seabios(), &request).unwrap();
-    let mut qemu = start(&plan);
-    let devs = qemu.qmp.wait_pci(Duration::from_secs(60), programmed(&plan));
+    let qemu = start(&plan);
+    let devs = qemu.wait_pci(Duration::from_secs(60), programmed(&plan));
     let spare = plan.ports.iter().find(|p| p.profile.is_some()).unwrap();
     let b = find(&devs, spare.id.as_str()).bridge.unwrap();
-    let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
-    assert!(!sim::fits(window(b.mem), window(b.pref), &HotplugProfile::h100().resources));
+    assert!(!b.fits(&HotplugProfile::h100().resources));
 }
 
 #[test]
@@ -265,7 +246,7 @@ fn numa_expanders(platform: Q35) {
     };
     let plan = plan(&platform, &request).unwrap();
     assert_eq!(plan.host_bridges.len(), 3);
-    let mut qemu = {
+    let qemu = {
         require("qemu-system-x86_64", "qemu-system-x86");
         let mut args = plan.qemu_args();
         args.extend(["-accel", "tcg", "-m", "512", "-smp", "2"].map(String::from));
@@ -280,22 +261,9 @@ fn numa_expanders(platform: Q35) {
         args.extend(["-cpu".into(), format!("max,phys-bits={}", plan.address.phys_bits_needed.max(40))]);
         Qemu::start("qemu-system-x86_64", &args)
     };
-    let devs = qemu.qmp.wait_pci(Duration::from_secs(240), programmed(&plan));
+    let devs = qemu.wait_pci(Duration::from_secs(240), programmed(&plan));
     for port in &plan.ports {
-        let got = find(&devs, port.id.as_str());
-        let b = got.bridge.unwrap();
-        assert_eq!(
-            (got.bus, got.slot, got.function),
-            (port.bdf.bus, port.bdf.devfn.slot, port.bdf.devfn.function),
-            "{}",
-            port.id
-        );
-        assert_eq!(
-            (b.secondary, b.subordinate),
-            (port.secondary_bus, port.subordinate_bus),
-            "{} bus numbers",
-            port.id
-        );
+        assert_port_placed(&devs, port.id.as_str(), port);
     }
     // Expander ports carry their root bus in the path; the cold device sits where predicted.
     let cold = plan.device("n2").unwrap();
@@ -303,5 +271,5 @@ fn numa_expanders(platform: Q35) {
     let got = find(&devs, "n2");
     assert_eq!((got.bus, got.slot), (f.location.bdf().unwrap().bus, 0));
     assert!(f.location.path().unwrap().root_bus.is_some());
-    hotplug_all(&plan, &mut qemu);
+    hotplug_all(&plan, &qemu);
 }

@@ -10,12 +10,12 @@ mod common;
 use std::time::Duration;
 
 use arch_x86_aarch64::{Virt, AAVMF_PATH};
-use common::{require, Qemu};
+use common::{assert_windows_hold, find, require, Qemu};
 use pcie_topology::units::GIB;
 use pcie_topology::{
     plan, AddressSpaceError, DeviceRequest, HotplugProfile, Mode, Plan, PlanError, PlanRequest, SpareRequest,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn request(profile: HotplugProfile, spares: u32) -> PlanRequest {
     PlanRequest {
@@ -33,16 +33,16 @@ fn start(plan: &Plan) -> Qemu {
     Qemu::start("qemu-system-aarch64", &args)
 }
 
-fn hotplug(plan: &Plan, qemu: &mut Qemu) {
+fn hotplug(plan: &Plan, qemu: &Qemu) {
     for action in plan.hotplug_actions().unwrap() {
         for o in &action.object_add {
-            qemu.qmp.ok("object-add", Value::Object(o.clone()));
+            qemu.ok("object-add", Value::Object(o.clone()));
         }
         for f in &action.functions {
-            qemu.qmp.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.clone()));
         }
     }
-    let peripherals = qemu.qmp.peripherals();
+    let peripherals = qemu.peripherals();
     for d in &plan.devices {
         assert!(peripherals.iter().any(|p| p == d.id.as_str()), "{} missing: {peripherals:?}", d.id);
     }
@@ -54,56 +54,36 @@ fn direct_kernel_boot_plan_is_accepted() {
     // Linux sizes the windows: every hotplug bridge gets the largest spare's space.
     assert_eq!(plan.kernel_args().len(), 1);
     assert!(plan.kernel_args()[0].starts_with("pci=hpmmiosize="), "{:?}", plan.kernel_args());
-    let mut qemu = start(&plan);
-    let peripherals = qemu.qmp.peripherals();
+    let qemu = start(&plan);
+    let peripherals = qemu.peripherals();
     for p in &plan.ports {
         assert!(peripherals.iter().any(|x| x == p.id.as_str()), "{} missing: {peripherals:?}", p.id);
     }
     // Every root port is on pcie.0 at its planned slot (bus numbers are the kernel's job).
-    let devs = qemu.qmp.pci_devices();
+    let devs = qemu.pci_devices();
     for p in &plan.ports {
-        let got = devs.iter().find(|d| d.id == p.id.as_str()).unwrap();
+        let got = find(&devs, p.id.as_str());
         assert_eq!((got.slot, got.function), (p.bdf.devfn.slot, p.bdf.devfn.function));
     }
-    hotplug(&plan, &mut qemu);
+    hotplug(&plan, &qemu);
 }
 
 #[test]
 fn uefi_windows_hold_profiles() {
     require(AAVMF_PATH, "qemu-efi-aarch64");
     let plan = plan(&Virt::uefi(), &request(HotplugProfile::h100(), 1)).unwrap();
-    let mut qemu = start(&plan);
-    let devs = qemu.qmp.wait_pci(Duration::from_secs(240), |devs| {
+    let qemu = start(&plan);
+    let devs = qemu.wait_pci(Duration::from_secs(240), |devs| {
         plan.ports
             .iter()
             .all(|p| devs.iter().any(|d| d.id == p.id.as_str() && d.bridge.is_some_and(|b| b.secondary != 0)))
     });
     for p in &plan.ports {
-        let got = devs.iter().find(|d| d.id == p.id.as_str()).unwrap();
-        let b = got.bridge.unwrap();
+        let b = find(&devs, p.id.as_str()).bridge.unwrap();
         assert_eq!((b.secondary, b.subordinate), (p.secondary_bus, p.subordinate_bus), "{}", p.id);
-        let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
-        let resources = match (&p.profile, &p.occupant) {
-            (_, Some(d)) => plan
-                .device(d.as_str())
-                .unwrap()
-                .functions
-                .iter()
-                .flat_map(|f| f.bars.iter())
-                .map(|b| pcilibs::requirement::Resource::bar(b.kind, b.prefetchable, b.size))
-                .collect(),
-            (Some(prof), None) => prof.resources.clone(),
-            _ => continue,
-        };
-        assert!(
-            pcie_topology::sim::fits(window(b.mem), window(b.pref), &resources),
-            "{}: mem {:#x?} pref {:#x?} cannot hold {resources:?}",
-            p.id,
-            b.mem,
-            b.pref
-        );
+        assert_windows_hold(&plan, p, b);
     }
-    hotplug(&plan, &mut qemu);
+    hotplug(&plan, &qemu);
 }
 
 #[test]
@@ -115,7 +95,6 @@ fn direct_kernel_boot_gives_every_hotplug_port_the_same_space() {
         }
         other => panic!("expected an aperture error, got {other:?}"),
     }
-    let _ = json!({});
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! A small QEMU runner and raw-JSON QMP client for acceptance tests: start a real QEMU
-//! with a plan's arguments, talk QMP over its Unix socket with a deadline on every read,
-//! and read back `query-pci` and `qom-list`.
+//! Starts a real QEMU with a plan's arguments, speaks QMP to it over its stdio with
+//! `qmp-hotplug`'s client (a deadline on every reply), and reads back `query-pci` and
+//! `qom-list` in the form the acceptance tests check.
 #![allow(
     dead_code,
     unreachable_pub,
@@ -10,19 +10,22 @@
     clippy::indexing_slicing
 )]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use pcie_topology::plan::Port;
+use pcie_topology::Plan;
+use pcilibs::requirement::Resource;
+use qmp_hotplug::{ClientOptions, QmpClient};
+use serde_json::Value;
 
 /// A running QEMU, killed on drop.
 pub struct Qemu {
     child: Child,
-    dir: tempfile::TempDir,
-    pub qmp: Qmp,
+    stderr: tempfile::NamedTempFile,
+    /// The QMP connection on QEMU's stdin/stdout.
+    pub qmp: QmpClient,
 }
 
 impl Drop for Qemu {
@@ -43,105 +46,56 @@ pub fn require(path: &str, package: &str) {
 }
 
 impl Qemu {
-    /// Starts `binary` with `args` plus a QMP socket, no display, no default devices.
+    /// Starts `binary` with `args` plus QMP on stdio, no display, no default devices. QEMU
+    /// must greet within 20 s and answer every command within 10 s.
     pub fn start(binary: &str, args: &[String]) -> Qemu {
-        let dir = tempfile::tempdir().unwrap();
-        let sock: PathBuf = dir.path().join("qmp.sock");
-        let log = std::fs::File::create(dir.path().join("stderr")).unwrap();
-        let mut cmd = Command::new(binary);
-        cmd.args(["-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new(binary)
+            .args(["-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none", "-qmp", "stdio"])
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let qmp = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let err = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
-                panic!("{binary} exited with {status}: {err}\nargs: {}", args.join(" "));
-            }
-            if let Ok(q) = Qmp::connect(&sock, Duration::from_secs(10)) {
-                break q;
-            }
-            assert!(Instant::now() < deadline, "{binary}: no QMP socket within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        let (to_qemu, from_qemu) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        let options = ClientOptions {
+            handshake_timeout: Duration::from_secs(20),
+            command_timeout: Duration::from_secs(10),
+            ..Default::default()
         };
-        Qemu { child, dir, qmp }
+        match QmpClient::from_pipes(from_qemu, to_qemu, options) {
+            Ok(qmp) => Qemu { child, stderr, qmp },
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait();
+                let log = std::fs::read_to_string(stderr.path()).unwrap_or_default();
+                panic!("{binary}: no QMP session ({e}), exit {status:?}: {log}\nargs: {}", args.join(" "));
+            }
+        }
     }
 
     /// QEMU's stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-}
-
-/// A QMP connection (greeting read, capabilities negotiated).
-pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    pub events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(path: &Path, timeout: Duration) -> std::io::Result<Qmp> {
-        let stream = UnixStream::connect(path)?;
-        stream.set_read_timeout(Some(timeout))?;
-        let writer = stream.try_clone()?;
-        let mut q = Qmp { reader: BufReader::new(stream), writer, events: Vec::new() };
-        let greeting = q.read()?;
-        assert!(greeting.get("QMP").is_some(), "not a QMP greeting: {greeting}");
-        q.execute("qmp_capabilities", json!({})).map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(q)
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
     }
 
-    fn read(&mut self) -> std::io::Result<Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QMP closed"));
-        }
-        serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("bad JSON {line:?}: {e}")))
-    }
-
-    /// Runs a command; `Ok(return)` or `Err(error object)`. Events are kept in `events`.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
-        let mut msg = Map::new();
-        msg.insert("execute".into(), json!(command));
-        if arguments.as_object().is_some_and(|m| !m.is_empty()) {
-            msg.insert("arguments".into(), arguments);
-        }
-        writeln!(self.writer, "{}", Value::Object(msg)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(Instant::now() < deadline, "no reply to {command} within 30 s");
-            let v = self.read().unwrap_or_else(|e| panic!("reading reply to {command}: {e}"));
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(e.clone());
-            }
-            self.events.push(v);
-        }
-    }
-
-    /// `execute` that must succeed.
-    pub fn ok(&mut self, command: &str, arguments: Value) -> Value {
-        self.execute(command, arguments.clone())
-            .unwrap_or_else(|e| panic!("{command} {arguments} failed: {e}"))
+    /// Runs a command (arguments as a JSON object, `{}` for none) that must succeed.
+    pub fn ok(&self, command: &str, arguments: Value) -> Value {
+        let args = arguments.as_object().is_some_and(|m| !m.is_empty()).then(|| arguments.clone());
+        let timeout = self.qmp.options().command_timeout;
+        self.qmp.execute_raw(command, args, timeout).unwrap_or_else(|e| panic!("{command} {arguments}: {e}"))
     }
 
     /// Ids of `/machine/peripheral` children.
-    pub fn peripherals(&mut self) -> Vec<String> {
-        let list = self.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    pub fn peripherals(&self) -> Vec<String> {
+        let list = self.ok("qom-list", serde_json::json!({"path": "/machine/peripheral"}));
         list.as_array().unwrap().iter().filter_map(|p| p["name"].as_str().map(String::from)).collect()
     }
 
     /// Every device of `query-pci`, flattened, bridges included.
-    pub fn pci_devices(&mut self) -> Vec<PciDev> {
-        let r = self.ok("query-pci", json!({}));
+    pub fn pci_devices(&self) -> Vec<PciDev> {
+        let r = self.ok("query-pci", serde_json::json!({}));
         let mut out = Vec::new();
         for bus in r.as_array().unwrap() {
             walk(bus["devices"].as_array().unwrap(), &mut out);
@@ -151,7 +105,7 @@ impl Qmp {
 
     /// Polls `query-pci` until `ready` holds on two polls in a row that agree (firmware
     /// writes bridge registers one at a time), within `timeout`.
-    pub fn wait_pci(&mut self, timeout: Duration, ready: impl Fn(&[PciDev]) -> bool) -> Vec<PciDev> {
+    pub fn wait_pci(&self, timeout: Duration, ready: impl Fn(&[PciDev]) -> bool) -> Vec<PciDev> {
         let deadline = Instant::now() + timeout;
         let mut last: Option<String> = None;
         loop {
@@ -165,6 +119,35 @@ impl Qmp {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// The `query-pci` device with QEMU id `id`.
+pub fn find<'a>(devs: &'a [PciDev], id: &str) -> &'a PciDev {
+    devs.iter().find(|d| d.id == id).unwrap_or_else(|| panic!("{id} not in query-pci: {devs:#?}"))
+}
+
+/// Asserts that the windows the firmware gave `port` hold what the port is for (its
+/// occupant's BARs, or its spare profile) at natural alignment: the planner's guarantee.
+pub fn assert_windows_hold(plan: &Plan, port: &Port, bridge: Bridge) {
+    let resources: Vec<Resource> = match (&port.profile, &port.occupant) {
+        (_, Some(dev)) => plan
+            .device(dev.as_str())
+            .unwrap()
+            .functions
+            .iter()
+            .flat_map(|f| f.bars.iter())
+            .map(|b| Resource::bar(b.kind, b.prefetchable, b.size))
+            .collect(),
+        (Some(p), None) => p.resources.clone(),
+        (None, None) => return,
+    };
+    assert!(
+        bridge.fits(&resources),
+        "{}: firmware windows mem {:#x?} pref {:#x?} cannot hold {resources:?}",
+        port.id,
+        bridge.mem,
+        bridge.pref
+    );
 }
 
 /// One `query-pci` device.
@@ -187,6 +170,14 @@ pub struct Bridge {
     pub subordinate: u8,
     pub mem: (u64, u64),
     pub pref: (u64, u64),
+}
+
+impl Bridge {
+    /// Whether `resources` fit the memory and prefetchable windows (base/limit ranges).
+    pub fn fits(&self, resources: &[Resource]) -> bool {
+        let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
+        pcie_topology::sim::fits(window(self.mem), window(self.pref), resources)
+    }
 }
 
 fn walk(devs: &[Value], out: &mut Vec<PciDev>) {
