@@ -133,6 +133,24 @@ pub enum S390xDevice {
 }
 
 impl S390xDevice {
+    /// A channel device of `driver` (e.g. `virtio-net-ccw`) with no other properties, its
+    /// device number allocated in subchannel set 0.
+    pub fn ccw(id: QemuId, driver: impl Into<String>) -> Self {
+        S390xDevice::Ccw { id, driver: driver.into(), props: BTreeMap::new(), host: None, ssid: 0 }
+    }
+
+    /// A zPCI function of `driver` (e.g. `virtio-net-pci`) with no other properties, no
+    /// host function and no expected BARs.
+    pub fn zpci(id: QemuId, driver: impl Into<String>) -> Self {
+        S390xDevice::Zpci {
+            id,
+            driver: driver.into(),
+            props: BTreeMap::new(),
+            host: None,
+            resources: Vec::new(),
+        }
+    }
+
     fn id(&self) -> &QemuId {
         match self {
             S390xDevice::Ccw { id, .. } | S390xDevice::Zpci { id, .. } | S390xDevice::Ap { id, .. } => id,
@@ -353,13 +371,7 @@ mod tests {
     use super::*;
 
     fn net(id: &str) -> S390xDevice {
-        S390xDevice::Ccw {
-            id: QemuId::new(id).unwrap(),
-            driver: "virtio-net-ccw".into(),
-            props: BTreeMap::new(),
-            host: None,
-            ssid: 0,
-        }
+        S390xDevice::ccw(QemuId::new(id).unwrap(), "virtio-net-ccw")
     }
 
     #[test]
@@ -379,13 +391,7 @@ mod tests {
     #[test]
     fn zpci_gets_uid_fid_and_domain() {
         let p = S390xCcw::default();
-        let d = S390xDevice::Zpci {
-            id: QemuId::new("nic0").unwrap(),
-            driver: "virtio-net-pci".into(),
-            props: BTreeMap::new(),
-            host: None,
-            resources: Vec::new(),
-        };
+        let d = S390xDevice::zpci(QemuId::new("nic0").unwrap(), "virtio-net-pci");
         let mut plan = plan(&p, &[], false).unwrap();
         let a = place(&mut plan, &p, d).unwrap();
         let f = &a.functions[0];
