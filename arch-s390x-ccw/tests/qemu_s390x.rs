@@ -3,73 +3,53 @@
 //! functions their uid/fid and target.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-#[path = "../../arch-x86-aarch64/tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
-
 use arch_s390x_ccw::{place, plan, S390xCcw, S390xDevice};
-use common::{require, Qemu};
+use common::Qemu;
 use pcie_topology::plan::GuestLocation;
 use pcie_topology::QemuId;
 use serde_json::{json, Value};
 
 fn ccw(id: &str) -> S390xDevice {
-    S390xDevice::Ccw {
-        id: QemuId::new(id).unwrap(),
-        driver: "virtio-net-ccw".into(),
-        props: BTreeMap::new(),
-        host: None,
-        ssid: 0,
-    }
+    S390xDevice::ccw(QemuId::new(id).unwrap(), "virtio-net-ccw")
 }
 
 fn zpci(id: &str) -> S390xDevice {
-    S390xDevice::Zpci {
-        id: QemuId::new(id).unwrap(),
-        driver: "virtio-net-pci".into(),
-        props: BTreeMap::new(),
-        host: None,
-        resources: Vec::new(),
-    }
-}
-
-fn qom_get(qemu: &mut Qemu, id: &str, property: &str) -> Value {
-    qemu.qmp.ok("qom-get", json!({"path": format!("/machine/peripheral/{id}"), "property": property}))
+    S390xDevice::zpci(QemuId::new(id).unwrap(), "virtio-net-pci")
 }
 
 #[test]
 fn ccw_and_zpci_plan_is_accepted_and_hotplugs() {
-    require("qemu-system-s390x", "qemu-system-misc");
     let platform = S390xCcw::default();
     let mut plan = plan(&platform, &[ccw("net0"), zpci("nic0")], true).unwrap();
     let mut args = plan.qemu_args();
     args.extend(["-S", "-m", "256", "-accel", "tcg"].map(String::from));
-    let mut qemu = Qemu::start("qemu-system-s390x", &args);
-    let peripherals = qemu.qmp.peripherals();
+    let qemu = Qemu::start(&args);
+    let peripherals = qemu.peripherals();
     for id in ["net0", "nic0", "zpci-nic0"] {
         assert!(peripherals.iter().any(|p| p == id), "{id} missing: {peripherals:?}");
     }
-    assert_eq!(qom_get(&mut qemu, "net0", "devno"), json!("fe.0.0100"));
-    assert_eq!(qom_get(&mut qemu, "zpci-nic0", "uid"), json!(1));
-    assert_eq!(qom_get(&mut qemu, "zpci-nic0", "target"), json!("nic0"));
+    assert_eq!(qemu.qom_get("net0", "devno"), json!("fe.0.0100"));
+    assert_eq!(qemu.qom_get("zpci-nic0", "uid"), json!(1));
+    assert_eq!(qemu.qom_get("zpci-nic0", "target"), json!("nic0"));
 
     for device in [ccw("net1"), zpci("nic1")] {
         let action = place(&mut plan, &platform, device).unwrap();
         for f in &action.functions {
             for c in &f.companions {
-                qemu.qmp.ok("device_add", Value::Object(c.clone()));
+                qemu.ok("device_add", Value::Object(c.clone()));
             }
-            qemu.qmp.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.clone()));
             match &f.guest {
                 GuestLocation::Ccw { busid } => {
                     assert_eq!(busid, "0.0.0101");
-                    assert_eq!(qom_get(&mut qemu, f.id.as_str(), "devno"), json!("fe.0.0101"));
+                    assert_eq!(qemu.qom_get(f.id.as_str(), "devno"), json!("fe.0.0101"));
                 }
                 GuestLocation::Zpci { uid, fid, bdf } => {
                     assert_eq!((*uid, *fid), (2, 1));
                     assert_eq!(bdf.to_string(), "0002:00:00.0");
-                    assert_eq!(qom_get(&mut qemu, &format!("zpci-{}", f.id), "fid"), json!(1));
+                    assert_eq!(qemu.qom_get(&format!("zpci-{}", f.id), "fid"), json!(1));
                 }
                 other => panic!("unexpected location {other:?}"),
             }
@@ -77,5 +57,6 @@ fn ccw_and_zpci_plan_is_accepted_and_hotplugs() {
     }
     // A device number QEMU already holds is refused, so the plan's numbers are the real ones.
     let clash = json!({"driver": "virtio-net-ccw", "id": "dup", "devno": "fe.0.0100"});
-    assert!(qemu.qmp.execute("device_add", clash).is_err());
+    let err = qemu.execute("device_add", clash).unwrap_err();
+    assert!(err.qmp_error().is_some(), "not QEMU's refusal: {err}");
 }
