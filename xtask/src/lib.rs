@@ -22,6 +22,7 @@ pub mod hotplug;
 pub mod initramfs;
 pub mod kernels;
 pub mod lspci;
+pub mod nested;
 pub mod provision;
 pub mod qmp;
 pub mod reporter;

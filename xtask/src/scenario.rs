@@ -68,6 +68,9 @@ pub enum Mode {
     SwitchPort,
     /// s390x: channel devices by CCW device number, PCI devices as zPCI functions.
     Ccw,
+    /// x86_64: the devices are passed through with VFIO into a QEMU running inside the
+    /// guest (see `crate::nested`).
+    NestedVfio,
 }
 
 impl Mode {
@@ -77,6 +80,7 @@ impl Mode {
             Mode::RootPort => "root-port",
             Mode::SwitchPort => "switch-port",
             Mode::Ccw => "ccw",
+            Mode::NestedVfio => "nested-vfio",
         }
     }
 }

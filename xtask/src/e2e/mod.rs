@@ -158,6 +158,7 @@ pub fn run_scenario(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     let begun = Instant::now();
     let mut report = match scenario.mode {
         Mode::RootPort | Mode::SwitchPort | Mode::Ccw => planned::run(scenario, ctx),
+        Mode::NestedVfio => crate::nested::run(scenario, ctx),
     };
     report.wall_ms = begun.elapsed().as_millis();
     report

@@ -1,0 +1,261 @@
+//! Files the outer guest needs beyond the harness's initramfs: the inner QEMU with its
+//! shared libraries, its TCG accelerator module and the firmware files it loads, the
+//! project's program (dynamically linked, so with its libraries too) and the kernel the
+//! inner guest boots.
+//!
+//! Libraries are found with `ldd` and placed at the paths `ldd` names; the dynamic loader
+//! of the outer guest finds them in its default directories (there is no `ld.so.cache`).
+//! The host's Debian QEMU looks for firmware in `/usr/share/seabios` and `/usr/share/qemu`
+//! and for modules in `/usr/lib/x86_64-linux-gnu/qemu`, relative to `/usr/bin`, so every
+//! file keeps its host path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::initramfs::ExtraFile;
+
+type Result<T> = std::result::Result<T, String>;
+
+/// The inner QEMU.
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// QEMU's TCG accelerator, built as a module in Debian's QEMU.
+pub const TCG_MODULE: &str = "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so";
+
+/// Firmware files a q35 guest with SeaBIOS and a `-kernel` loads (`pvh.bin` for an ELF
+/// kernel, `linuxboot_dma.bin` for a bzImage).
+pub const FIRMWARE: [&str; 4] = [
+    "/usr/share/seabios/bios-256k.bin",
+    "/usr/share/qemu/kvmvapic.bin",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/pvh.bin",
+];
+
+/// Where the program goes in the outer guest.
+pub const PROGRAM: &str = "/xt/nested/nested-vfio";
+
+/// Where the inner guest's kernel goes in the outer guest (uncompressed ELF, PVH boot).
+pub const KERNEL: &str = "/xt/nested/vmlinux";
+
+/// Where it goes when only the compressed bzImage could be used.
+pub const KERNEL_BZIMAGE: &str = "/xt/nested/vmlinuz";
+
+/// Where the configuration goes in the outer guest.
+pub const CONFIG: &str = "/xt/nested/config.json";
+
+/// The shared libraries `ldd` lists for `elf` (absolute paths, loader included).
+pub fn libraries(elf: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(elf).output().map_err(|e| format!("ldd {}: {e}", elf.display()))?;
+    if !out.status.success() {
+        return Err(format!("ldd {}: {}", elf.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Paths in `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` and the
+/// loader's own line `/lib64/ld-linux-x86-64.so.2 (0x…)`; `linux-vdso.so.1` has none.
+pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let path = match words.iter().position(|w| *w == "=>") {
+            Some(i) => words.get(i + 1).copied(),
+            None => words.first().copied(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            out.push(PathBuf::from(p));
+        }
+    }
+    out
+}
+
+/// Files by guest path; the first addition of a path wins.
+#[derive(Debug, Default)]
+pub struct Bundle {
+    files: BTreeMap<String, ExtraFile>,
+}
+
+impl Bundle {
+    /// An empty bundle.
+    pub fn new() -> Self {
+        Bundle::default()
+    }
+
+    /// Adds `data` at `guest`.
+    pub fn add_data(&mut self, guest: &str, mode: u32, data: Vec<u8>) {
+        self.files.entry(guest.to_string()).or_insert_with(|| ExtraFile {
+            path: guest.to_string(),
+            mode,
+            data,
+        });
+    }
+
+    /// Adds the host file `host` (symbolic links followed) at `guest`.
+    pub fn add_file(&mut self, host: &Path, guest: &str, mode: u32) -> Result<()> {
+        if self.files.contains_key(guest) {
+            return Ok(());
+        }
+        let data = std::fs::read(host).map_err(|e| format!("reading {}: {e}", host.display()))?;
+        self.add_data(guest, mode, data);
+        Ok(())
+    }
+
+    /// Adds an executable or shared object at its own path with every library it needs.
+    pub fn add_elf(&mut self, elf: &Path, guest: &str) -> Result<()> {
+        self.add_file(elf, guest, 0o755)?;
+        for lib in libraries(elf)? {
+            let path = lib.to_str().ok_or_else(|| format!("library path {} is not UTF-8", lib.display()))?;
+            self.add_file(&lib, path, 0o755)?;
+        }
+        Ok(())
+    }
+
+    /// QEMU for x86_64 guests, its TCG module and firmware, at their host paths.
+    pub fn add_qemu(&mut self) -> Result<()> {
+        for path in [QEMU, TCG_MODULE] {
+            self.add_elf(Path::new(path), path)?;
+        }
+        for path in FIRMWARE {
+            self.add_file(Path::new(path), path, 0o644)?;
+        }
+        Ok(())
+    }
+
+    /// Total bytes.
+    pub fn bytes(&self) -> u64 {
+        self.files.values().map(|f| f.data.len() as u64).sum()
+    }
+
+    /// Number of files.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether the bundle is empty.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The files, for [`crate::initramfs::InitramfsSpec::files`].
+    pub fn into_files(self) -> Vec<ExtraFile> {
+        self.files.into_values().collect()
+    }
+}
+
+/// A copy of `elf` without debug information (`strip --strip-debug`), in `dir`; the
+/// original when `strip` is missing or fails (the guest then needs more memory).
+pub fn stripped(elf: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join(elf.file_name().unwrap_or_default());
+    let ok = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(elf)
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        out
+    } else {
+        elf.to_path_buf()
+    }
+}
+
+/// Start of an xz stream.
+const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
+
+/// The kernel inside a bzImage as a stripped ELF file, cached in `cache_dir`.
+///
+/// QEMU boots such an ELF through its PVH entry point, which skips the decompressor: inside
+/// the outer guest (TCG inside TCG) that saves ~30 s of xz decompression per inner boot.
+/// Debian's amd64 kernels are xz-compressed; the payload is found by its magic and
+/// unpacked with `xz --single-stream` (which ignores the bzImage's trailing bytes).
+pub fn uncompressed_kernel(bzimage: &Path, cache_dir: &Path, key: &str) -> Result<PathBuf> {
+    let out = cache_dir.join(format!("vmlinux-{key}"));
+    if std::fs::metadata(&out).is_ok_and(|m| m.len() > 0) {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
+    let image = std::fs::read(bzimage).map_err(|e| format!("reading {}: {e}", bzimage.display()))?;
+    let at = image
+        .windows(XZ_MAGIC.len())
+        .position(|w| w == XZ_MAGIC)
+        .ok_or_else(|| format!("{}: no xz payload", bzimage.display()))?;
+    let payload = image.get(at..).unwrap_or_default();
+    let raw = cache_dir.join(format!("vmlinux-{key}.unstripped"));
+    let file = std::fs::File::create(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
+    let mut child = Command::new("xz")
+        .args(["-dc", "--single-stream"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(file)
+        .spawn()
+        .map_err(|e| format!("xz (install xz-utils): {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        match stdin.write_all(payload) {
+            // xz stops reading at the end of the stream; the bzImage's tail stays unread.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(format!("xz: {e}")),
+            _ => {}
+        }
+    }
+    let status = child.wait().map_err(|e| format!("xz: {e}"))?;
+    let mut magic = [0u8; 4];
+    let elf =
+        std::fs::File::open(&raw).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+            && &magic == b"\x7fELF";
+    if !status.success() || !elf {
+        return Err(format!("{}: xz payload did not unpack to an ELF file ({status})", bzimage.display()));
+    }
+    let tmp = cache_dir.join(format!("vmlinux-{key}.tmp"));
+    let stripped = Command::new("strip").arg("--strip-all").arg("-o").arg(&tmp).arg(&raw).status();
+    let from = if stripped.is_ok_and(|s| s.success()) { &tmp } else { &raw };
+    std::fs::rename(from, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(&raw);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_lines() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \tlibmissing.so => not found\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+        );
+    }
+
+    #[test]
+    fn kernel_payload_must_be_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("bzImage");
+        std::fs::write(&fake, b"MZ no payload").unwrap();
+        let e = uncompressed_kernel(&fake, dir.path(), "k").unwrap_err();
+        assert!(e.contains("no xz payload"), "{e}");
+    }
+
+    /// The real QEMU of this machine with everything it loads.
+    #[test]
+    fn qemu_bundle_has_libraries_module_and_firmware() {
+        assert!(
+            Path::new(QEMU).exists(),
+            "{QEMU} is missing: install qemu-system-x86 (cargo xtask provision)"
+        );
+        let mut b = Bundle::new();
+        b.add_qemu().unwrap();
+        let paths: Vec<String> = b.files.keys().cloned().collect();
+        for want in [QEMU, TCG_MODULE, "/usr/share/seabios/bios-256k.bin", "/lib64/ld-linux-x86-64.so.2"] {
+            assert!(paths.iter().any(|p| p == want), "{want} missing from {paths:?}");
+        }
+        assert!(paths.iter().any(|p| p.contains("libglib-2.0.so")), "{paths:?}");
+        assert!(b.bytes() > 10 << 20);
+        let n = b.len();
+        b.add_qemu().unwrap();
+        assert_eq!(b.len(), n, "adding twice changes nothing");
+    }
+}

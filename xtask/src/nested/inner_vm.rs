@@ -1,0 +1,694 @@
+//! In the outer guest: plan the inner VM from the passed-through functions' facts, boot
+//! it (SeaBIOS and a Debian kernel with the project's reporter, TCG inside TCG), and drive
+//! its hotplug through `qmp-hotplug`'s engine: every device onto its planned port, checked
+//! in `query-pci` (place and the host's BAR sizes) and in the inner guest (address, every
+//! BAR assigned inside the port's window), unplugged again, and a multi-function group
+//! whose function 0 fails on purpose rolled back without leftovers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arch_x86_aarch64::Q35;
+use pcie_topology::plan::GuestLocation;
+use pcie_topology::{HotplugAction, Plan, PlanOptions, PlanRequest, QemuId};
+use pcilibs::facts::ResourceOptions;
+use qmp_hotplug::journal::{Journal, Record, Step};
+use qmp_hotplug::{
+    BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation,
+    ObjectRequest, PciExpectation, PlaceholderRequest, QmpClient, UnplugOutcome,
+};
+use serde_json::{json, Value};
+
+use super::passthrough::HostFunction;
+use super::wire::{InnerConfig, PassDevice, WireRow};
+use crate::accel::AccelChoice;
+use crate::arch::Arch;
+use crate::guest::{Guest, GuestAssets, GuestSpec};
+use crate::kernels::GuestKernel;
+use crate::reporter::{Bdf, GuestState};
+
+type Result<T> = std::result::Result<T, String>;
+
+fn s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// The ROM file function 0 asks for in the rollback check: it does not exist, so QEMU
+/// fails that function's realize after VFIO opened the device.
+pub const MISSING_ROM: &str = "/nonexistent/nested-vfio-rollback.rom";
+
+/// The passed-through functions of one device, by function number.
+pub fn functions_by_number<'a>(
+    device: &PassDevice,
+    host: &'a [HostFunction],
+) -> BTreeMap<u8, &'a HostFunction> {
+    host.iter().filter(|f| f.device == device.id).map(|f| (f.bdf.function, f)).collect()
+}
+
+/// Plans the inner q35 (SeaBIOS, one root port per device) from the VFIO facts.
+///
+/// Every passed-through function goes on a root port, also one without a PCI Express
+/// capability (ivshmem): `vfio-pci` sits on a PCIe port either way, and Linux takes a
+/// conventional endpoint there. Left conventional, the planner puts it behind a
+/// `pcie-pci-bridge`, which has no `*-reserve` properties in QEMU 7.2: SeaBIOS then gives
+/// the bridge a 2 MiB window and the inner guest fails to assign a 128 GiB BAR 2.
+pub fn plan_inner(devices: &[PassDevice], host: &[HostFunction], memory_mib: u32) -> Result<Plan> {
+    let opts = ResourceOptions { include_rom: true, ..ResourceOptions::default() };
+    let mut requests = Vec::new();
+    for d in devices {
+        let facts: Vec<_> = functions_by_number(d, host).values().map(|f| f.vfio.clone()).collect();
+        if facts.is_empty() {
+            continue;
+        }
+        let id = QemuId::new(d.id.as_str()).map_err(s)?;
+        let mut request = pcie_topology::DeviceRequest::from_facts(id, &facts, &opts).map_err(s)?;
+        for f in &mut request.functions {
+            f.pcie = true;
+        }
+        requests.push(request);
+    }
+    let request = PlanRequest {
+        devices: requests,
+        options: PlanOptions { guest_ram: u64::from(memory_mib) << 20, ..PlanOptions::default() },
+        ..PlanRequest::default()
+    };
+    pcie_topology::plan(&Q35::seabios(), &request).map_err(|e| format!("planning the inner VM: {e}"))
+}
+
+/// The inner guest: same kernel as the outer one, the outer guest's busybox.
+pub fn inner_assets(cfg: &InnerConfig) -> GuestAssets {
+    GuestAssets {
+        kernel: GuestKernel {
+            arch: Arch::X86_64,
+            release: cfg.kernel.release.clone(),
+            package: cfg.kernel.package.clone(),
+            version: cfg.kernel.version.clone(),
+            image: PathBuf::from(&cfg.kernel.image),
+            // No modules go into the inner initramfs.
+            modules_dir: PathBuf::from("/nonexistent"),
+            config: PathBuf::from("/nonexistent"),
+        },
+        busybox: PathBuf::from("/bin/busybox"),
+    }
+}
+
+/// QEMU arguments of the inner VM: the harness's machine, the plan's ports.
+pub fn inner_spec(plan: &Plan, cfg: &InnerConfig) -> GuestSpec {
+    let mut spec = GuestSpec::new(Arch::X86_64);
+    spec.name = "inner".into();
+    spec.accel = AccelChoice::Tcg;
+    spec.memory_mib = cfg.memory_mib;
+    spec.cmdline.extend(cfg.cmdline.iter().cloned());
+    spec.phys_bits = plan.cpu_phys_bits();
+    spec.extra_args.extend(plan.device_args());
+    spec.extra_args.extend(plan.extra.qemu.iter().cloned());
+    spec.boot_timeout = Duration::from_secs(cfg.guest_wait_s.max(60) * 4);
+    spec
+}
+
+/// The BARs the host function has, as `query-pci` numbers them (ROM is 6).
+pub fn host_bars(f: &HostFunction) -> Vec<(u8, u64)> {
+    let mut bars: Vec<(u8, u64)> = f.vfio.bars.iter().filter_map(|b| Some((b.index, b.size?))).collect();
+    if let Some(rom) = f.vfio.rom_size {
+        bars.push((6, rom));
+    }
+    bars
+}
+
+/// The engine's request for a plan action, expecting each function at its planned place
+/// with the host function's BAR sizes. With `iommufd` the devices use an `iommufd` object.
+pub fn engine_request(
+    action: &HotplugAction,
+    host: &BTreeMap<u8, &HostFunction>,
+    iommufd: bool,
+) -> Result<qmp_hotplug::DeviceRequest> {
+    let port = action.port.as_ref().map_or_else(|| action.device.to_string(), ToString::to_string);
+    let mut objects = action
+        .object_add
+        .iter()
+        .map(|o| {
+            ObjectRequest::from_object_add(o)
+                .ok_or_else(|| format!("object-add without qom-type or id: {o:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let iommufd_id = format!("iommufd-{}", action.device);
+    if iommufd {
+        objects.push(ObjectRequest {
+            qom_type: "iommufd".into(),
+            id: iommufd_id.clone(),
+            props: Default::default(),
+        });
+    }
+    let mut functions = Vec::new();
+    for f in &action.functions {
+        let hf = host
+            .get(&f.function)
+            .ok_or_else(|| format!("{}: no host function {}", action.device, f.function))?;
+        let GuestLocation::Pci { bdf, .. } = &f.guest else {
+            return Err(format!("{}: function {} is not planned on PCI", action.device, f.function));
+        };
+        let expect = Expectation::Pci(PciExpectation {
+            bus: Some(bdf.bus),
+            slot: Some(bdf.devfn.slot),
+            function: Some(bdf.devfn.function),
+            bars: host_bars(hf).into_iter().map(|(bar, size)| BarExpectation { bar, size }).collect(),
+        });
+        let mut qdev = f.device_add.clone();
+        if iommufd {
+            qdev.insert("iommufd".into(), Value::String(iommufd_id.clone()));
+        }
+        functions.push(qmp_hotplug::FunctionRequest { qdev, expect });
+    }
+    let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
+        devices: p.device_del.iter().map(ToString::to_string).collect(),
+        objects: p.object_del.iter().map(ToString::to_string).collect(),
+    });
+    Ok(qmp_hotplug::DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+}
+
+/// Planned guest address of each function of an action: (function number, QEMU id, BDF).
+pub fn planned_functions(action: &HotplugAction) -> Vec<(u8, String, Bdf)> {
+    action
+        .functions
+        .iter()
+        .filter_map(|f| match &f.guest {
+            GuestLocation::Pci { bdf, .. } => Some((
+                f.function,
+                f.id.to_string(),
+                Bdf {
+                    domain: u32::from(bdf.segment),
+                    bus: bdf.bus,
+                    device: bdf.devfn.slot,
+                    function: bdf.devfn.function,
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The planned guest path of function 0 (Kata form).
+pub fn planned_path(action: &HotplugAction) -> String {
+    action
+        .functions
+        .iter()
+        .find(|f| f.function == 0)
+        .and_then(|f| f.guest.path())
+        .map_or_else(|| "-".into(), ToString::to_string)
+}
+
+/// `device_add` ids of the port's plug steps in the journal, in the order they were sent.
+pub fn journal_adds(journal: &Path, port: &str) -> Result<Vec<String>> {
+    let (_, records) = Journal::open(journal, None).map_err(s)?;
+    Ok(records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Step { port: p, step: Step::DeviceAdd { id } } if p == port => Some(id.clone()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The running inner VM and its engine.
+pub struct InnerVm<'a> {
+    /// The guest (the harness's `Guest`, run inside the outer guest).
+    pub guest: Guest,
+    /// The hotplug engine on the guest's QMP socket.
+    pub engine: Engine,
+    /// The plan it was booted with.
+    pub plan: Plan,
+    /// Journal of the engine.
+    pub journal: PathBuf,
+    /// The passed-through functions.
+    pub host: &'a [HostFunction],
+    /// Devices use an iommufd object.
+    pub iommufd: bool,
+    /// How long the guest may take to show or drop a device.
+    pub guest_wait: Duration,
+}
+
+/// A device plugged, carried to the unplug.
+pub struct Plugged {
+    /// Its row.
+    pub row: WireRow,
+    /// The engine's port, when the plug succeeded.
+    pub port: Option<String>,
+    /// Where the inner guest showed each function.
+    pub seen: Vec<Bdf>,
+    /// QEMU ids of its functions.
+    pub ids: Vec<String>,
+}
+
+impl InnerVm<'_> {
+    /// Boots the inner VM with `plan` and opens the engine on its QMP socket.
+    pub fn start<'a>(
+        plan: Plan,
+        cfg: &InnerConfig,
+        host: &'a [HostFunction],
+        iommufd: bool,
+        work: &Path,
+    ) -> Result<InnerVm<'a>> {
+        let spec = inner_spec(&plan, cfg);
+        let cache = crate::debs::DebCache::new(work.join("cache"));
+        let guest =
+            Guest::boot(&spec, &inner_assets(cfg), &cache).map_err(|e| format!("inner guest: {e}"))?;
+        let client = QmpClient::connect_unix(
+            guest.qmp_socket(),
+            ClientOptions {
+                connect_timeout: Duration::from_secs(60),
+                handshake_timeout: Duration::from_secs(60),
+                command_timeout: Duration::from_secs(120),
+                ..ClientOptions::default()
+            },
+        )
+        .map_err(|e| format!("inner QMP: {e}"))?;
+        let journal = work.join("hotplug.journal");
+        let guest_wait = Duration::from_secs(cfg.guest_wait_s);
+        let options = EngineOptions {
+            unplug_timeout: Duration::from_millis(cfg.unplug_timeout_ms),
+            visible_timeout: guest_wait,
+            busy_retry: guest_wait,
+            placeholder_timeout: guest_wait,
+            ..EngineOptions::default()
+        };
+        let (engine, _) =
+            Engine::open(Arc::new(client), &journal, options).map_err(|e| format!("engine: {e}"))?;
+        Ok(InnerVm { guest, engine, plan, journal, host, iommufd, guest_wait })
+    }
+
+    fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value> {
+        self.engine
+            .client()
+            .execute_raw(command, args, Duration::from_secs(120))
+            .map_err(|e| format!("{command}: {e}"))
+    }
+
+    /// Ids under `/machine/peripheral`.
+    pub fn peripheral(&self) -> Result<BTreeSet<String>> {
+        let list = self.qmp("qom-list", Some(json!({"path": "/machine/peripheral"})))?;
+        Ok(list
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| {
+                        p.get("type").and_then(Value::as_str).is_some_and(|t| t.starts_with("child<"))
+                    })
+                    .filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Whether QEMU offers an `iommufd` object (QEMU 9.0+).
+    pub fn qemu_has_iommufd(&self) -> Result<bool> {
+        let types = self.qmp("qom-list-types", Some(json!({"implements": "user-creatable"})))?;
+        Ok(types
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t.get("name").and_then(Value::as_str) == Some("iommufd"))))
+    }
+
+    fn device_functions(&self, device: &PassDevice) -> BTreeMap<u8, &HostFunction> {
+        super::inner_vm::functions_by_number(device, self.host)
+    }
+
+    fn wait_guest(&self, what: &str, check: impl FnMut(&GuestState) -> bool) -> Result<GuestState> {
+        self.guest.wait_for(what, Instant::now() + self.guest_wait, check).map_err(s)
+    }
+
+    /// Plugs `device` onto its planned port and checks QEMU and the inner guest.
+    pub fn plug(&self, device: &PassDevice) -> Plugged {
+        let mut row = WireRow::new(device.id.clone());
+        let mut plugged = Plugged { row: WireRow::default(), port: None, seen: Vec::new(), ids: Vec::new() };
+        if let Err(e) = self.plug_checked(device, &mut row, &mut plugged) {
+            row.fail(e);
+        }
+        plugged.row = row;
+        plugged
+    }
+
+    fn plug_checked(&self, device: &PassDevice, row: &mut WireRow, plugged: &mut Plugged) -> Result<()> {
+        let action = self.plan.hotplug_action(&device.id).map_err(s)?;
+        row.planned = planned_path(&action);
+        let host = self.device_functions(device);
+        let request = engine_request(&action, &host, self.iommufd)?;
+        let port = request.port.clone();
+        plugged.ids = request.functions.iter().map(|f| f.id().to_string()).collect();
+        let planned = planned_functions(&action);
+        let started = Instant::now();
+        let rec = self.engine.plug(request).map_err(|e| format!("plug: {e}"))?;
+        plugged.port = Some(port.clone());
+        let engine_ms = started.elapsed().as_millis();
+        row.notes.push(format!(
+            "engine: {} in {engine_ms} ms; query-pci: {}",
+            rec.history.iter().map(|t| format!("{:?}", t.state)).collect::<Vec<_>>().join(" > "),
+            rec.guest
+                .iter()
+                .map(|(id, a)| format!("{id} {:02x}:{:02x}.{:x}", a.bus, a.slot, a.function))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        if rec.state != DeviceState::Visible {
+            row.fail(format!("engine state {:?} after plug", rec.state));
+        }
+        // Function 0 last: the journal has the order the engine sent them in.
+        let adds = journal_adds(&self.journal, &port)?;
+        let f0 = action.functions.iter().find(|f| f.function == 0).map(|f| f.id.to_string());
+        if adds.last() != f0.as_ref() {
+            row.fail(format!("device_add order {adds:?}: function 0 was not last"));
+        }
+        if adds.len() > 1 {
+            row.notes.push(format!("device_add order: {}", adds.join(", ")));
+        }
+        self.wait_guest(&format!("{} in the inner guest", device.id), |s| {
+            planned.iter().all(|(n, _, bdf)| {
+                let want = host.get(n).map(|h| h.vfio.vendor_id);
+                s.pci.get(bdf).is_some_and(|d| Some(d.vendor) == want)
+            })
+        })?;
+        row.hotplug_ms = Some(started.elapsed().as_millis());
+        std::thread::sleep(Duration::from_millis(800)); // BAR messages follow the device
+        let state = self.guest.state();
+        let mut problems = Vec::new();
+        for (n, _, bdf) in &planned {
+            plugged.seen.push(*bdf);
+            let expected: Vec<(u8, u64)> = host
+                .get(n)
+                .map(|h| host_bars(h).into_iter().filter(|(i, _)| *i < 6).collect())
+                .unwrap_or_default();
+            problems.extend(state.bar_problems(*bdf, &expected, Some(started)));
+            if let Some(dev) = state.pci.get(bdf) {
+                let bars: Vec<String> = dev.bars().map(|b| format!("BAR{} {b}", b.index)).collect();
+                row.notes.push(format!("inner guest {bdf}: {}", bars.join(", ")));
+            }
+        }
+        problems.extend(self.window_problems(&state, &action, &planned));
+        row.guest = planned.iter().map(|(_, _, b)| b.to_string()).collect::<Vec<_>>().join(" ");
+        row.bars_ok = Some(problems.is_empty());
+        if let Some(first) = problems.first() {
+            row.fail(first.clone());
+            row.notes.extend(problems.iter().skip(1).cloned());
+        }
+        Ok(())
+    }
+
+    /// The port's windows in the inner guest must be at least what the plan reserved.
+    fn window_problems(
+        &self,
+        state: &GuestState,
+        action: &HotplugAction,
+        planned: &[(u8, String, Bdf)],
+    ) -> Vec<String> {
+        let Some(reservation) = &action.windows else { return Vec::new() };
+        let Some(parent) = planned.first().and_then(|(_, _, b)| state.pci.get(b)).and_then(|d| d.parent())
+        else {
+            return vec!["the device has no parent bridge in the inner guest".into()];
+        };
+        let Some(port) = state.pci.get(&parent) else { return vec![format!("port {parent} missing")] };
+        let mut out = Vec::new();
+        for (what, size, pref) in
+            [("prefetchable", reservation.pref.size, true), ("memory", reservation.mem.size, false)]
+        {
+            if size == 0 {
+                continue;
+            }
+            let window =
+                port.windows().find(|w| w.is_assigned() && w.is_mem() && w.is_prefetchable() == pref);
+            match window {
+                Some(w) if w.size() >= size => {}
+                Some(w) => {
+                    out.push(format!("port {parent} {what} window {w} is smaller than planned {size:#x}"))
+                }
+                None => out.push(format!("port {parent} has no {what} window (planned {size:#x})")),
+            }
+        }
+        out
+    }
+
+    /// Unplugs a plugged device: `device_del` until `DEVICE_DELETED` and the inner guest
+    /// dropped it. With `stopped`, the inner guest's CPUs are stopped first: the unplug must
+    /// end pending at the deadline, and after `cont` the late event must finish it.
+    pub fn unplug(&self, p: &mut Plugged, stopped: bool) {
+        let Some(port) = p.port.clone() else { return };
+        let result = if stopped { self.unplug_stopped(p, &port) } else { self.unplug_normal(p, &port) };
+        if let Err(e) = result {
+            p.row.fail(e);
+        }
+    }
+
+    fn gone_from_guest(&self, seen: &[Bdf]) -> Result<()> {
+        self.wait_guest("the inner guest to drop the device", |s| seen.iter().all(|b| !s.pci.contains_key(b)))
+            .map(|_| ())
+    }
+
+    fn unplug_normal(&self, p: &mut Plugged, port: &str) -> Result<()> {
+        let started = Instant::now();
+        match self.engine.unplug(port).map_err(|e| format!("unplug: {e}"))? {
+            UnplugOutcome::Removed => {}
+            other => return Err(format!("unplug ended {other:?} with the inner guest running")),
+        }
+        let deleted_ms = started.elapsed().as_millis();
+        self.gone_from_guest(&p.seen)?;
+        p.row.unplug_ms = Some(started.elapsed().as_millis());
+        p.row.notes.push(format!("DEVICE_DELETED after {deleted_ms} ms"));
+        p.row.pass(format!(
+            "ok: at planned place with host BAR sizes ({})",
+            if self.iommufd { "iommufd" } else { "container" }
+        ));
+        Ok(())
+    }
+
+    fn unplug_stopped(&self, p: &mut Plugged, port: &str) -> Result<()> {
+        self.qmp("stop", None)?;
+        let started = Instant::now();
+        let outcome = self.engine.unplug(port).map_err(|e| format!("unplug: {e}"));
+        let waited = started.elapsed();
+        let peripheral = self.peripheral()?;
+        let still: Vec<&String> = p.ids.iter().filter(|id| peripheral.contains(*id)).collect();
+        let state = self.engine.device(port).map(|d| d.state);
+        self.qmp("cont", None)?;
+        match outcome? {
+            UnplugOutcome::Pending => {}
+            other => {
+                return Err(format!("unplug with the inner guest stopped ended {other:?}, expected pending"))
+            }
+        }
+        if state != Some(DeviceState::UnplugPending) || still.is_empty() {
+            return Err(format!("after the deadline: state {state:?}, QEMU still has {still:?}"));
+        }
+        p.row.notes.push(format!(
+            "guest stopped: unplug pending after {} ms (deadline), port kept, QEMU still has {still:?}",
+            waited.as_millis()
+        ));
+        let resumed = Instant::now();
+        let deadline = resumed + self.guest_wait;
+        loop {
+            if self.engine.device(port).map(|d| d.state) == Some(DeviceState::Removed) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the late DEVICE_DELETED did not finish the unplug within {:?}",
+                    self.guest_wait
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.gone_from_guest(&p.seen)?;
+        p.row.unplug_ms = Some(started.elapsed().as_millis());
+        p.row.notes.push(format!("after cont: removed in {} ms", resumed.elapsed().as_millis()));
+        p.row.pass(format!(
+            "ok: pending at the {} ms deadline while stopped, late DEVICE_DELETED completed it",
+            waited.as_millis()
+        ));
+        Ok(())
+    }
+
+    /// Plugs the group again with function 0 failing on purpose (a ROM file that does not
+    /// exist): the engine must roll back the functions already added, and neither QEMU
+    /// (`qom-list`, `query-pci`) nor the inner guest may keep anything. Then plugs it
+    /// normally, which proves QEMU gave the VFIO group back, and unplugs it.
+    pub fn rollback(&self, device: &PassDevice) -> WireRow {
+        let mut row = WireRow::new(format!("{} rollback", device.id));
+        if let Err(e) = self.rollback_checked(device, &mut row) {
+            row.fail(e);
+        }
+        row
+    }
+
+    fn rollback_checked(&self, device: &PassDevice, row: &mut WireRow) -> Result<()> {
+        let action = self.plan.hotplug_action(&device.id).map_err(s)?;
+        row.planned = planned_path(&action);
+        let host = self.device_functions(device);
+        let mut request = engine_request(&action, &host, self.iommufd)?;
+        let f0 =
+            action.functions.iter().find(|f| f.function == 0).map(|f| f.id.to_string()).unwrap_or_default();
+        for f in &mut request.functions {
+            if f.id() == f0 {
+                f.qdev.insert("romfile".into(), Value::String(MISSING_ROM.into()));
+            }
+        }
+        let ids: Vec<String> = request.functions.iter().map(|f| f.id().to_string()).collect();
+        let port = request.port.clone();
+        let before = journal_adds(&self.journal, &port)?.len();
+        let started = Instant::now();
+        match self.engine.plug(request) {
+            Err(EngineError::PlugFailed { state: DeviceState::Removed, cause, .. }) => {
+                row.notes.push(format!("function 0 failed as intended: {cause}"));
+            }
+            Err(e) => return Err(format!("plug failed but did not end removed: {e}")),
+            Ok(rec) => return Err(format!("the faulty plug succeeded ({:?})", rec.state)),
+        }
+        row.unplug_ms = Some(started.elapsed().as_millis());
+        let adds = journal_adds(&self.journal, &port)?;
+        let sent: Vec<String> = adds.iter().skip(before).cloned().collect();
+        row.notes.push(format!("sent before the failure: {}", sent.join(", ")));
+        if sent.len() < 2 {
+            row.fail(format!("only {sent:?} was sent: nothing was there to roll back"));
+        }
+        let peripheral = self.peripheral()?;
+        let pci = qmp_hotplug::pci::functions(&self.qmp("query-pci", None)?);
+        let left: Vec<&String> = ids
+            .iter()
+            .filter(|id| peripheral.contains(*id) || pci.iter().any(|f| &f.qdev_id == *id))
+            .collect();
+        if !left.is_empty() {
+            row.fail(format!("left behind in QEMU: {left:?}"));
+        }
+        let planned = planned_functions(&action);
+        std::thread::sleep(Duration::from_millis(1500)); // let the guest settle
+        let state = self.guest.state();
+        let in_guest: Vec<String> = planned
+            .iter()
+            .filter(|(_, _, b)| state.pci.contains_key(b))
+            .map(|(_, _, b)| b.to_string())
+            .collect();
+        if !in_guest.is_empty() {
+            row.fail(format!("left behind in the inner guest: {in_guest:?}"));
+        }
+        if !self.engine.is_port_free(&port) {
+            row.fail(format!("port {port} is not free after the rollback"));
+        }
+        row.guest = "-".into();
+        // The group is usable again: a clean plug and unplug on the same port.
+        let mut again = self.plug(device);
+        self.unplug(&mut again, false);
+        if !again.row.ok {
+            row.fail(format!("plug after the rollback: {}", again.row.result));
+        } else {
+            let ms = again.row.hotplug_ms.map_or_else(|| "-".into(), |m| m.to_string());
+            row.notes.push(format!("plugged again after the rollback ({ms} ms) and unplugged"));
+        }
+        row.pass(format!(
+            "ok: {} rolled back after function 0 failed; nothing left in qom-list, query-pci or the inner guest",
+            sent.first().map_or("nothing", String::as_str)
+        ));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcilibs::bar::BarKind;
+    use pcilibs::bdf::Bdf as HostBdf;
+    use pcilibs::emulated::EmulatedConfigSpace;
+    use pcilibs::facts::FunctionFacts;
+    use pcilibs::sizing::{BarSizes, SizeSource};
+
+    use super::super::passthrough::Caps;
+
+    fn function(device: &str, bdf: &str, bar: u64, rom: Option<u64>) -> HostFunction {
+        let mut e = EmulatedConfigSpace::endpoint(0x8086, 0x10d3, 0x020000, 4096);
+        e.set_bar(0, BarKind::Mem32, false, bar, 0xfe80_0000).unwrap();
+        let mut sizes = BarSizes::empty(SizeSource::Vfio);
+        sizes.bars[0] = Some(bar);
+        sizes.rom = rom;
+        let bdf = HostBdf::parse(bdf).unwrap();
+        let mut facts = FunctionFacts::from_config(bdf, e.bytes(), Some(&sizes)).unwrap();
+        facts.rom_size = rom;
+        facts.iommu_group = Some(4);
+        HostFunction {
+            device: device.into(),
+            bdf,
+            group: 4,
+            sysfs: facts.clone(),
+            vfio: facts,
+            sysfs_caps: Caps::default(),
+            vfio_caps: Caps::default(),
+        }
+    }
+
+    fn devices() -> (Vec<PassDevice>, Vec<HostFunction>) {
+        let d = |id: &str, slot, functions| PassDevice {
+            id: id.into(),
+            kind: "e1000e".into(),
+            port_slot: slot,
+            functions,
+            stopped_unplug: false,
+        };
+        (
+            vec![d("nic0", 1, 1), d("mf0", 2, 2)],
+            vec![
+                function("nic0", "0000:01:00.0", 128 << 10, Some(256 << 10)),
+                function("mf0", "0000:02:00.0", 128 << 10, None),
+                function("mf0", "0000:02:00.1", 64 << 10, None),
+            ],
+        )
+    }
+
+    #[test]
+    fn plan_and_requests_from_host_functions() {
+        let (devs, host) = devices();
+        let plan = plan_inner(&devs, &host, 128).unwrap();
+        let action = plan.hotplug_action("mf0").unwrap();
+        let by_number = functions_by_number(&devs[1], &host);
+        let req = engine_request(&action, &by_number, false).unwrap();
+        assert_eq!(req.port, action.port.as_ref().unwrap().to_string());
+        // Planned highest function first; the expectation carries the host's BAR sizes.
+        assert_eq!(req.functions.len(), 2);
+        assert_eq!(req.functions[0].prop("host"), Some("0000:02:00.1"));
+        let Expectation::Pci(want) = &req.functions[0].expect else { panic!() };
+        assert_eq!(want.bars, [BarExpectation { bar: 0, size: 64 << 10 }]);
+        assert_eq!(want.function, Some(1));
+        let single = engine_request(
+            &plan.hotplug_action("nic0").unwrap(),
+            &functions_by_number(&devs[0], &host),
+            true,
+        )
+        .unwrap();
+        let Expectation::Pci(want) = &single.functions[0].expect else { panic!() };
+        assert!(want.bars.contains(&BarExpectation { bar: 6, size: 256 << 10 }), "ROM as BAR 6");
+        assert_eq!(single.objects[0].qom_type, "iommufd");
+        assert_eq!(single.functions[0].prop("iommufd"), Some(single.objects[0].id.as_str()));
+        let planned = planned_functions(&plan.hotplug_action("mf0").unwrap());
+        assert_eq!(planned.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 0]);
+        assert!(!planned_path(&action).is_empty());
+    }
+
+    #[test]
+    fn inner_spec_uses_the_plan() {
+        let (devs, host) = devices();
+        let plan = plan_inner(&devs, &host, 128).unwrap();
+        let cfg = InnerConfig {
+            devices: devs,
+            kernel: super::super::wire::InnerKernel {
+                image: "/xt/nested/vmlinuz".into(),
+                release: "6.1.0-56-amd64".into(),
+                package: "linux-image-6.1.0-56-amd64".into(),
+                version: "6.1.192-2".into(),
+            },
+            memory_mib: 128,
+            cmdline: vec!["mitigations=off".into()],
+            unplug_timeout_ms: 5000,
+            guest_wait_s: 60,
+        };
+        let spec = inner_spec(&plan, &cfg);
+        let args = spec.extra_args.join(" ");
+        assert!(args.contains("pcie-root-port"), "{args}");
+        assert_eq!(spec.memory_mib, 128);
+        assert!(spec.kernel_cmdline().ends_with("mitigations=off"));
+        assert_eq!(inner_assets(&cfg).kernel.image, PathBuf::from("/xt/nested/vmlinuz"));
+    }
+}
