@@ -308,7 +308,10 @@ impl SysfsDevice {
     /// Facts from `config`, `resource` and the host links.
     ///
     /// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID; the
-    /// kernel's `vendor` and `device` files have the real ones and are used instead.
+    /// kernel's `vendor` and `device` files have the real ones and are used instead. Its BAR
+    /// registers read as zero (the PF's SR-IOV capability describes them), which would
+    /// decode as 32-bit BARs; they are filled in from the `resource` file's addresses and
+    /// flags, as `vfio-pci` does in its config region.
     pub fn facts(&self) -> Result<FunctionFacts> {
         let mut config = self.config()?;
         if config.get(..4) == Some(&[0xff, 0xff, 0xff, 0xff]) {
@@ -316,6 +319,11 @@ impl SysfsDevice {
                 if let Some(ids) = config.get_mut(..4) {
                     ids.copy_from_slice(&[v as u8, (v >> 8) as u8, d as u8, (d >> 8) as u8]);
                 }
+            }
+        }
+        if self.physical_function()?.is_some() {
+            if let Some(resource) = self.resource()? {
+                vf_bar_registers(&mut config, &resource);
             }
         }
         let f = Function::decode(&config).map_err(|source| FactsError::Config { bdf: self.bdf, source })?;
@@ -384,6 +392,43 @@ impl SysfsDevice {
             virtual_functions: self.virtual_functions()?,
             physical_function: self.physical_function()?,
         })
+    }
+}
+
+/// Writes BAR registers for a VF's BARs that read as zero, from the `resource` file: the
+/// address with the I/O, 64-bit and prefetchable bits of the entry's flags (the upper half
+/// of a 64-bit BAR in the next register). Entries without a size stay zero.
+fn vf_bar_registers(config: &mut [u8], resource: &ResourceFile) {
+    const FIRST_BAR: usize = 0x10;
+    let mut write = |index: usize, value: u32| {
+        let at = FIRST_BAR + 4 * index;
+        if let Some(reg) = config.get_mut(at..at + 4) {
+            if reg.iter().all(|b| *b == 0) {
+                reg.copy_from_slice(&value.to_le_bytes());
+            }
+        }
+    };
+    let mut index = 0;
+    while index < 6 {
+        let Some(entry) = resource.entries.get(index).filter(|e| e.size().is_some()) else {
+            index += 1;
+            continue;
+        };
+        let low = entry.start as u32;
+        if entry.flags & IORESOURCE_IO != 0 {
+            write(index, (low & !0x3) | 0x1);
+            index += 1;
+            continue;
+        }
+        let prefetchable = if entry.flags & IORESOURCE_PREFETCH != 0 { 0x8 } else { 0 };
+        if entry.flags & IORESOURCE_MEM_64 != 0 && index < 5 {
+            write(index, (low & !0xf) | 0x4 | prefetchable);
+            write(index + 1, (entry.start >> 32) as u32);
+            index += 2;
+        } else {
+            write(index, (low & !0xf) | prefetchable);
+            index += 1;
+        }
     }
 }
 

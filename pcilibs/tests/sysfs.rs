@@ -381,3 +381,36 @@ fn host_sysfs_agrees_with_lspci() {
         }
     }
 }
+
+/// A VF's BAR registers read as zero; the facts take each BAR's type from the `resource`
+/// file. Seen on a real kernel: an nvme VF (QEMU 7.2, Linux 6.1) has a 64-bit BAR 0 that
+/// `vfio-pci` reports as such, while the zero register decoded as a 32-bit BAR.
+#[test]
+fn a_vf_bar_type_comes_from_the_resource_flags() {
+    let (t, _) = build();
+    let vf = t.root().join("devices/pci0000:00/0000:00:1c.0/0000:02:00.4");
+    let line = |start: u64, size: u64, flags: u64| {
+        format!("0x{start:016x} 0x{:016x} 0x{flags:016x}\n", start + size - 1)
+    };
+    let zero = "0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
+    let mut text = line(0x38_0000_4000, 0x4000, 0x0014_2204); // 64-bit prefetchable BAR 0
+    text += zero; // its upper half
+    text += &line(0xfe60_0000, 0x1000, 0x0004_0200); // 32-bit BAR 2
+    text += &line(0x1000, 0x20, 0x0004_0101); // I/O BAR 3
+    text += &zero.repeat(13);
+    std::fs::write(vf.join("resource"), text).unwrap();
+    let facts = Sysfs::new(t.root()).facts(Bdf::parse("0000:02:00.4").unwrap()).unwrap();
+    let bars: Vec<_> = facts.bars.iter().map(|b| (b.index, b.kind, b.prefetchable, b.size)).collect();
+    assert_eq!(
+        bars,
+        [
+            (0, BarKind::Mem64, true, Some(0x4000)),
+            (2, BarKind::Mem32, false, Some(0x1000)),
+            (3, BarKind::Io, false, Some(0x20)),
+        ]
+    );
+    assert_eq!((facts.vendor_id, facts.device_id), (0x8086, 0x10ed));
+    // A PF keeps what its own registers say.
+    let pf = Sysfs::new(t.root()).facts(Bdf::parse("0000:02:00.0").unwrap()).unwrap();
+    assert!(pf.bars.iter().all(|b| b.size.is_some()));
+}
