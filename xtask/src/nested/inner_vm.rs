@@ -39,35 +39,49 @@ fn s<E: std::fmt::Display>(e: E) -> String {
 /// fails that function's realize after VFIO opened the device.
 pub const MISSING_ROM: &str = "/nonexistent/nested-vfio-rollback.rom";
 
-/// The passed-through functions of one device, by function number.
+/// The passed-through functions of one inner device, by their function number there.
 pub fn functions_by_number<'a>(
     device: &PassDevice,
     host: &'a [HostFunction],
 ) -> BTreeMap<u8, &'a HostFunction> {
-    host.iter().filter(|f| f.device == device.id).map(|f| (f.bdf.function, f)).collect()
+    host.iter().filter(|f| f.device == device.id).map(|f| (f.guest_function, f)).collect()
+}
+
+/// The planner's request for one inner device: each host function as `vfio-pci` with its
+/// VFIO facts, numbered as [`HostFunction::guest_function`] says.
+///
+/// Two things differ from `DeviceRequest::from_facts`. A lone SR-IOV VF (host function 1
+/// or higher) becomes function 0: `from_facts` keeps the host function number of a
+/// single-slot set and the request then fails with "function 0 is missing". And every
+/// function goes on a root port, also one without a PCI Express capability (ivshmem):
+/// `vfio-pci` sits on a PCIe port either way and Linux takes a conventional endpoint there.
+/// Left conventional, the planner puts it behind a `pcie-pci-bridge`, which has no
+/// `*-reserve` properties in QEMU 7.2: SeaBIOS then gives the bridge a 2 MiB window and the
+/// inner guest fails to assign a 128 GiB BAR 2.
+pub fn device_request(device: &PassDevice, host: &[HostFunction]) -> Result<pcie_topology::DeviceRequest> {
+    let opts = ResourceOptions { include_rom: true, ..ResourceOptions::default() };
+    let id = QemuId::new(device.id.as_str()).map_err(s)?;
+    let mut functions = Vec::new();
+    let mut group = None;
+    for (number, f) in functions_by_number(device, host) {
+        let mut request = pcie_topology::FunctionRequest::from_facts(number, &f.vfio, &opts).map_err(s)?;
+        request.pcie = true;
+        functions.push(request);
+        group = group.or(Some(f.group));
+    }
+    let mut request = pcie_topology::DeviceRequest::new(id, functions);
+    request.iommu_group = group;
+    request.validate().map_err(s)?;
+    Ok(request)
 }
 
 /// Plans the inner q35 (SeaBIOS, one root port per device) from the VFIO facts.
-///
-/// Every passed-through function goes on a root port, also one without a PCI Express
-/// capability (ivshmem): `vfio-pci` sits on a PCIe port either way, and Linux takes a
-/// conventional endpoint there. Left conventional, the planner puts it behind a
-/// `pcie-pci-bridge`, which has no `*-reserve` properties in QEMU 7.2: SeaBIOS then gives
-/// the bridge a 2 MiB window and the inner guest fails to assign a 128 GiB BAR 2.
 pub fn plan_inner(devices: &[PassDevice], host: &[HostFunction], memory_mib: u32) -> Result<Plan> {
-    let opts = ResourceOptions { include_rom: true, ..ResourceOptions::default() };
     let mut requests = Vec::new();
     for d in devices {
-        let facts: Vec<_> = functions_by_number(d, host).values().map(|f| f.vfio.clone()).collect();
-        if facts.is_empty() {
-            continue;
+        if host.iter().any(|f| f.device == d.id) {
+            requests.push(device_request(d, host)?);
         }
-        let id = QemuId::new(d.id.as_str()).map_err(s)?;
-        let mut request = pcie_topology::DeviceRequest::from_facts(id, &facts, &opts).map_err(s)?;
-        for f in &mut request.functions {
-            f.pcie = true;
-        }
-        requests.push(request);
     }
     let request = PlanRequest {
         devices: requests,
@@ -496,7 +510,8 @@ impl InnerVm<'_> {
             std::thread::sleep(Duration::from_millis(100));
         }
         self.gone_from_guest(&p.seen)?;
-        p.row.unplug_ms = Some(started.elapsed().as_millis());
+        // As in the other modes' tables: from `cont` to QEMU and the guest agreeing.
+        p.row.unplug_ms = Some(resumed.elapsed().as_millis());
         p.row.notes.push(format!("after cont: removed in {} ms", resumed.elapsed().as_millis()));
         p.row.pass(format!(
             "ok: pending at the {} ms deadline while stopped, late DEVICE_DELETED completed it",
@@ -611,6 +626,7 @@ mod tests {
         facts.iommu_group = Some(4);
         HostFunction {
             device: device.into(),
+            guest_function: bdf.function,
             bdf,
             group: 4,
             sysfs: facts.clone(),
@@ -665,6 +681,33 @@ mod tests {
         let planned = planned_functions(&plan.hotplug_action("mf0").unwrap());
         assert_eq!(planned.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 0]);
         assert!(!planned_path(&action).is_empty());
+    }
+
+    #[test]
+    fn a_lone_vf_becomes_function_0() {
+        let vf = PassDevice {
+            id: "nvme1-vf2".into(),
+            kind: "nvme".into(),
+            port_slot: 3,
+            functions: 1,
+            stopped_unplug: false,
+        };
+        let mut f = function("nvme1-vf2", "0000:03:00.2", 16 << 10, None);
+        f.guest_function = 0;
+        let host = [f];
+        // What the planner's own constructor makes of it: host function number 2 kept.
+        let facts = [host[0].vfio.clone()];
+        let id = QemuId::new("nvme1-vf2").unwrap();
+        let err =
+            pcie_topology::DeviceRequest::from_facts(id, &facts, &ResourceOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("function 0 is missing"), "{err}");
+        let req = device_request(&vf, &host).unwrap();
+        assert_eq!(req.functions[0].function, 0);
+        assert_eq!(req.iommu_group, Some(4));
+        let plan = plan_inner(std::slice::from_ref(&vf), &host, 128).unwrap();
+        let planned = planned_functions(&plan.hotplug_action("nvme1-vf2").unwrap());
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].2.function, 0);
     }
 
     #[test]

@@ -41,10 +41,6 @@ pub const DEFAULT_UNPLUG_TIMEOUT_S: u64 = 10;
 pub const INNER_CMDLINE: [&str; 6] =
     ["mitigations=off", "cryptomgr.notests", "rodata=off", "lsm=lockdown", "audit=0", "tsc=reliable"];
 
-/// nvme SR-IOV settings of the outer device: VFs and the flexible resources QEMU 7.2
-/// requires with them.
-pub const NVME_SRIOV: &str = "sriov_max_vfs=2,sriov_vq_flexible=4,sriov_vi_flexible=2";
-
 /// Checks that the scenario fits this mode and lists its devices with their outer ports.
 pub fn pass_devices(scenario: &Scenario) -> Result<Vec<PassDevice>> {
     if scenario.arch != Arch::X86_64 || scenario.firmware() != Firmware::SeaBios {
@@ -69,8 +65,11 @@ pub fn pass_devices(scenario: &Scenario) -> Result<Vec<PassDevice>> {
                 ))
             }
         };
-        if d.functions > 1 && d.kind != DeviceKind::E1000e {
-            return Err(format!("device `{}`: several functions only for e1000e", d.id));
+        if d.functions > 1 && !matches!(d.kind, DeviceKind::E1000e | DeviceKind::Nvme) {
+            return Err(format!(
+                "device `{}`: several functions only for e1000e (one slot) and nvme (PF and VFs)",
+                d.id
+            ));
         }
         if d.place != Placement::Planned || d.expect != PlugExpect::Visible {
             return Err(format!("device `{}`: nested-vfio devices are planned and must be visible", d.id));
@@ -104,8 +103,15 @@ pub fn outer_devices(scenario: &Scenario, devices: &[PassDevice]) -> (Vec<String
                 devs.push(format!("ivshmem-plain,id={0},memdev={0}-mem,bus={port}", d.id));
             }
             DeviceKind::Nvme => {
+                // QEMU 7.2 wants a subsystem and flexible queue and interrupt resources for
+                // SR-IOV: at least two queues and one interrupt per VF.
+                let vfs = d.vfs().max(2);
                 devs.push(format!("nvme-subsys,id={}-subsys", d.id));
-                devs.push(format!("nvme,id={0},serial={0},subsys={0}-subsys,{NVME_SRIOV},bus={port}", d.id));
+                devs.push(format!(
+                    "nvme,id={0},serial={0},subsys={0}-subsys,sriov_max_vfs={vfs},sriov_vq_flexible={1},sriov_vi_flexible={vfs},bus={port}",
+                    d.id,
+                    2 * u16::from(vfs)
+                ));
             }
             _ => {
                 let mf = if d.functions > 1 { ",multifunction=on" } else { "" };
@@ -153,6 +159,10 @@ pub fn outer_spec(scenario: &Scenario, devices: &[PassDevice], files: Bundle) ->
     spec.devices = devs;
     spec.cmdline.push("intel_iommu=on".into());
     spec.initramfs.modules = vec!["vfio-pci".into(), "vfio_iommu_type1".into()];
+    if devices.iter().any(|d| d.vfs() > 0) {
+        // The PF's own driver creates the VFs.
+        spec.initramfs.modules.push("nvme".into());
+    }
     spec.initramfs.files = files.into_files();
     spec.boot_timeout = Duration::from_secs(300);
     spec
@@ -267,10 +277,14 @@ fn follow_progress(guest: &Guest, ctx: &RunContext, scenario: &Scenario, done: &
     let mut printed: BTreeSet<String> = BTreeSet::new();
     while !done.load(Ordering::Relaxed) {
         for line in guest.state().console_tail {
-            if let Line::Log(text) = wire::parse(line.trim()) {
-                if printed.insert(text.clone()) {
-                    progress(ctx, scenario, &text);
-                }
+            let text = match wire::parse(line.trim()) {
+                Line::Log(text) => text,
+                // The inner guest's boot progress, from the harness running in the outer guest.
+                Line::Other(text) if text.starts_with("[inner]") => text,
+                _ => continue,
+            };
+            if printed.insert(text.clone()) {
+                progress(ctx, scenario, &text);
             }
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -300,32 +314,42 @@ mod tests {
         id = "mf0"
         kind = "e1000e"
         functions = 2
+        [[device]]
+        id = "nvme1"
+        kind = "nvme"
+        functions = 4
     "#;
 
     #[test]
     fn outer_devices_each_on_a_root_port_behind_the_iommu() {
         let s = scenario(DEVICES);
         let devices = pass_devices(&s).unwrap();
-        assert_eq!(devices.iter().map(|d| d.port_slot).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(devices.iter().map(|d| d.port_slot).collect::<Vec<_>>(), [1, 2, 3, 4]);
         assert!(devices[1].stopped_unplug);
+        assert_eq!(devices.iter().map(|d| d.vfs()).collect::<Vec<_>>(), [0, 0, 0, 3]);
         let (objects, devs) = outer_devices(&s, &devices);
         assert_eq!(objects, ["memory-backend-ram,id=gpu0-mem,size=137438953472,reserve=off"]);
         assert_eq!(devs[0], "intel-iommu,intremap=on,caching-mode=on");
         assert!(devs.contains(&"pcie-root-port,id=nrp3,bus=pcie.0,chassis=3,slot=3,addr=03.0".to_string()));
         assert!(devs.iter().any(|d| d.starts_with("nvme,id=nvme0") && d.contains("sriov_max_vfs=2")));
+        assert!(devs.iter().any(|d| d.starts_with("nvme,id=nvme1")
+            && d.contains("sriov_max_vfs=3,sriov_vq_flexible=6,sriov_vi_flexible=3")));
         assert!(devs.contains(&"e1000e,id=mf0,bus=nrp3,addr=0.0,multifunction=on".to_string()));
         assert!(devs.contains(&"e1000e,id=mf0-f1,bus=nrp3,addr=0.1".to_string()));
         let spec = outer_spec(&s, &devices, Bundle::new());
         assert_eq!(spec.machine_opts, ["kernel-irqchip=split"]);
         assert!(spec.cmdline.contains(&"intel_iommu=on".to_string()));
+        assert!(spec.initramfs.modules.contains(&"nvme".to_string()), "the PF driver makes the VFs");
     }
 
     #[test]
     fn what_the_mode_refuses() {
         let e = pass_devices(&scenario("[[device]]\nid = \"v\"\nkind = \"virtio-net\"\n")).unwrap_err();
         assert!(e.contains("virtio-net"), "{e}");
-        let e =
-            pass_devices(&scenario("[[device]]\nid = \"n\"\nkind = \"nvme\"\nfunctions = 2\n")).unwrap_err();
+        let e = pass_devices(&scenario(
+            "[[device]]\nid = \"g\"\nkind = \"ivshmem\"\nbar_size = \"1G\"\nfunctions = 2\n",
+        ))
+        .unwrap_err();
         assert!(e.contains("e1000e"), "{e}");
         assert!(pass_devices(&scenario("")).is_err());
     }

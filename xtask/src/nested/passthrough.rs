@@ -68,8 +68,10 @@ impl KernelVfio {
 /// One passed-through function, read both ways.
 #[derive(Clone, Debug)]
 pub struct HostFunction {
-    /// Scenario id of the device it belongs to.
+    /// Id of the inner device it belongs to.
     pub device: String,
+    /// Its function number in that inner device.
+    pub guest_function: u8,
     /// Address in the outer guest.
     pub bdf: Bdf,
     /// IOMMU group.
@@ -138,8 +140,10 @@ fn group_of(dev: &Path) -> Result<u32> {
         .ok_or_else(|| format!("{}: unreadable IOMMU group link {}", dev.display(), link.display()))
 }
 
-/// The functions below the outer root port in `slot` of bus 0, sorted.
+/// The functions below the outer root port in `slot` of bus 0, sorted: as many as the
+/// device has, or only the physical function when its VFs are what is passed through.
 pub fn functions_of(device: &PassDevice) -> Result<Vec<Bdf>> {
+    let expected = if device.vfs() > 0 { 1 } else { usize::from(device.functions) };
     let port = PathBuf::from(format!("/sys/bus/pci/devices/0000:00:{:02x}.0", device.port_slot));
     let entries = std::fs::read_dir(&port).map_err(|e| format!("{}: {e}", port.display()))?;
     let mut out: Vec<Bdf> = entries
@@ -147,11 +151,10 @@ pub fn functions_of(device: &PassDevice) -> Result<Vec<Bdf>> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| Bdf::parse(n).ok()))
         .collect();
     out.sort();
-    if out.len() != usize::from(device.functions) {
+    if out.len() != expected {
         return Err(format!(
-            "{}: expected {} function(s) below {}, found {:?}",
+            "{}: expected {expected} function(s) below {}, found {:?}",
             device.id,
-            device.functions,
             port.display(),
             out.iter().map(ToString::to_string).collect::<Vec<_>>()
         ));
@@ -192,6 +195,28 @@ pub fn bind_vfio(bdf: Bdf, wait: Duration) -> Result<u32> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Creates `count` SR-IOV VFs of `pf` through its host driver (which must implement
+/// `sriov_configure`, as `nvme` does) and returns them. The VFs are not probed by any
+/// driver (`sriov_drivers_autoprobe` off), so they can go to `vfio-pci` directly. With
+/// the PF on its host driver the VFs need no VF token, which QEMU 7.2 cannot pass.
+pub fn create_vfs(pf: Bdf, driver: &str, count: u8, wait: Duration) -> Result<Vec<Bdf>> {
+    let dev = PathBuf::from(format!("/sys/bus/pci/devices/{pf}"));
+    let deadline = Instant::now() + wait;
+    while driver_of(&dev).as_deref() != Some(driver) {
+        if Instant::now() >= deadline {
+            return Err(format!("{pf}: not bound to {driver} after {wait:?} (driver {:?})", driver_of(&dev)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write_attr(&dev.join("sriov_drivers_autoprobe"), "0")?;
+    write_attr(&dev.join("sriov_numvfs"), &count.to_string())?;
+    let vfs = Sysfs::default().device(pf).virtual_functions().map_err(|e| format!("{pf}: {e}"))?;
+    if vfs.len() != usize::from(count) {
+        return Err(format!("{pf}: asked for {count} VFs, sysfs lists {vfs:?}"));
+    }
+    Ok(vfs)
 }
 
 /// What the kernel offers for the given functions.
@@ -236,15 +261,24 @@ fn read_vfio(backend: &Backend, group: u32, bdf: Bdf) -> Result<(FunctionFacts, 
     }
 }
 
-/// Reads one bound function through sysfs and VFIO.
-pub fn read_function(device: &str, bdf: Bdf, group: u32, backend: &Backend) -> Result<HostFunction> {
+/// Reads one bound function through sysfs and VFIO; it becomes function `guest_function`
+/// of inner device `device`.
+pub fn read_function(
+    device: &str,
+    guest_function: u8,
+    bdf: Bdf,
+    group: u32,
+    backend: &Backend,
+) -> Result<HostFunction> {
     let sysfs = Sysfs::default();
     let sysfs_facts = sysfs.facts(bdf).map_err(|e| format!("{bdf}: sysfs: {e}"))?;
-    let sysfs_config = sysfs.device(bdf).config().map_err(|e| format!("{bdf}: sysfs config: {e}"))?;
+    let mut sysfs_config = sysfs.device(bdf).config().map_err(|e| format!("{bdf}: sysfs config: {e}"))?;
+    with_real_ids(&mut sysfs_config, &sysfs_facts);
     let (mut vfio_facts, vfio_config) = read_vfio(backend, group, bdf)?;
     vfio_facts.iommu_group = Some(group);
     Ok(HostFunction {
         device: device.to_string(),
+        guest_function,
         bdf,
         group,
         sysfs_caps: Caps::of(&sysfs_config)?,
@@ -252,6 +286,16 @@ pub fn read_function(device: &str, bdf: Bdf, group: u32, backend: &Backend) -> R
         sysfs: sysfs_facts,
         vfio: vfio_facts,
     })
+}
+
+/// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID (the PF's SR-IOV
+/// capability holds them); put in the IDs the facts have (sysfs reads them from the kernel's
+/// `vendor` and `device` files), as `vfio-pci` does in its config region.
+fn with_real_ids(config: &mut [u8], facts: &FunctionFacts) {
+    if let Some(ids) = config.get_mut(..4).filter(|ids| *ids == [0xff; 4]) {
+        let (v, d) = (facts.vendor_id.to_le_bytes(), facts.device_id.to_le_bytes());
+        ids.copy_from_slice(&[v[0], v[1], d[0], d[1]]);
+    }
 }
 
 /// A BAR as compared: index, space, prefetchable, size.
@@ -355,6 +399,7 @@ mod tests {
         let (v, vc) = facts(vfio_bar2);
         HostFunction {
             device: "gpu0".into(),
+            guest_function: 0,
             bdf: s.bdf,
             group: 3,
             sysfs_caps: Caps::of(&sc).unwrap(),
@@ -380,6 +425,16 @@ mod tests {
         assert!(d.contains("BAR2 128 GiB") && d.contains("BAR2 64 GiB"), "{d}");
         assert!(d.contains("only in VFIO: MSI-X@50"), "{d}");
         assert!(d.contains("only in sysfs: ") && d.contains("@100"), "{d}");
+    }
+
+    #[test]
+    fn a_vf_config_space_gets_its_ids() {
+        let (facts, mut config) = facts(1 << 20);
+        config[..4].copy_from_slice(&[0xff; 4]);
+        assert!(Caps::of(&config).is_err(), "0xffff reads as no function");
+        with_real_ids(&mut config, &facts);
+        assert_eq!(&config[..4], &[0xf4, 0x1a, 0x10, 0x11]);
+        assert!(Caps::of(&config).is_ok());
     }
 
     #[test]

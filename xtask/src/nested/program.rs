@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use super::inner_vm::{self, InnerVm};
+use pcilibs::bdf::Bdf;
+
 use super::passthrough::{self, Backend, HostFunction};
 use super::wire::{InnerConfig, PassDevice, WireRow, TAG};
 
@@ -82,15 +84,16 @@ fn run(cfg: &InnerConfig, out: &mut Out) {
         out.row(&row);
         return;
     }
-    let (bound, mut failed) = bind_all(cfg, out);
-    let all: Vec<pcilibs::bdf::Bdf> = bound.iter().flat_map(|(_, f)| f.iter().map(|(b, _)| *b)).collect();
+    let (units, mut failed) = bind_all(cfg, out);
+    let all: Vec<Bdf> = units.iter().flat_map(|u| u.functions.iter().map(|f| f.bdf)).collect();
     let kernel = passthrough::kernel_vfio(&all);
     let backend = kernel.backend();
     out.info("kernel-vfio", &format!("{} ({})", backend.name(), kernel.reason()));
     out.log(&format!("reading through sysfs and VFIO ({})", backend.name()));
-    let host = read_all(&bound, &backend, out, &mut failed);
+    let host = read_all(&units, &backend, out, &mut failed);
     judge_groups(&host, out);
-    let devices: Vec<PassDevice> = cfg.devices.iter().filter(|d| !failed.contains(&d.id)).cloned().collect();
+    let devices: Vec<PassDevice> =
+        units.iter().map(|u| u.device.clone()).filter(|d| !failed.contains(&d.id)).collect();
     if devices.is_empty() {
         let mut row = WireRow::new("inner plan");
         row.fail("no device could be passed through");
@@ -112,30 +115,42 @@ fn run(cfg: &InnerConfig, out: &mut Out) {
     inner(cfg, &devices, &host, plan, &backend, &kernel, &work, out);
 }
 
-/// Binds every function of every device; devices that fail get a row and are left out.
-#[allow(clippy::type_complexity)]
-fn bind_all(
-    cfg: &InnerConfig,
-    out: &mut Out,
-) -> (Vec<(String, Vec<(pcilibs::bdf::Bdf, u32)>)>, BTreeSet<String>) {
-    let mut bound = Vec::new();
+/// A bound host function and its number in the inner device.
+struct Bound {
+    bdf: Bdf,
+    group: u32,
+    guest_function: u8,
+}
+
+/// One device of the inner VM: a scenario device, or one SR-IOV VF of it.
+struct Unit {
+    device: PassDevice,
+    functions: Vec<Bound>,
+}
+
+/// Binds every function to `vfio-pci` (creating SR-IOV VFs first where the device asks for
+/// them) and returns the inner VM's devices; what fails gets a row and is left out.
+fn bind_all(cfg: &InnerConfig, out: &mut Out) -> (Vec<Unit>, BTreeSet<String>) {
+    let mut units = Vec::new();
     let mut failed = BTreeSet::new();
     for d in &cfg.devices {
         let started = Instant::now();
-        let result = passthrough::functions_of(d).and_then(|bdfs| {
-            bdfs.into_iter()
-                .map(|b| passthrough::bind_vfio(b, Duration::from_secs(20)).map(|g| (b, g)))
-                .collect::<Result<Vec<_>, String>>()
-        });
+        let result = if d.vfs() > 0 { bind_vfs(d, out) } else { bind_device(d) };
         match result {
-            Ok(functions) => {
-                out.log(&format!(
-                    "{}: {} bound to vfio-pci in {} ms",
-                    d.id,
-                    functions.iter().map(|(b, g)| format!("{b} (group {g})")).collect::<Vec<_>>().join(", "),
-                    started.elapsed().as_millis()
-                ));
-                bound.push((d.id.clone(), functions));
+            Ok(found) => {
+                for u in &found {
+                    out.log(&format!(
+                        "{}: {} bound to vfio-pci in {} ms",
+                        u.device.id,
+                        u.functions
+                            .iter()
+                            .map(|f| format!("{} (group {})", f.bdf, f.group))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        started.elapsed().as_millis()
+                    ));
+                }
+                units.extend(found);
             }
             Err(e) => {
                 let mut row = WireRow::new(format!("{} bind", d.id));
@@ -145,27 +160,82 @@ fn bind_all(
             }
         }
     }
-    (bound, failed)
+    (units, failed)
+}
+
+fn bind(bdf: Bdf) -> Result<u32, String> {
+    passthrough::bind_vfio(bdf, Duration::from_secs(20))
+}
+
+/// Every function of the device's slot, keeping its function number.
+fn bind_device(d: &PassDevice) -> Result<Vec<Unit>, String> {
+    let functions = passthrough::functions_of(d)?
+        .into_iter()
+        .map(|bdf| Ok(Bound { bdf, group: bind(bdf)?, guest_function: bdf.function }))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(vec![Unit { device: d.clone(), functions }])
+}
+
+/// The PF stays on the outer guest's `nvme` driver and creates the VFs; each VF is an inner
+/// device of its own (`<id>-vf<n>`, function 0 there). One row tells what the PF did.
+fn bind_vfs(d: &PassDevice, out: &mut Out) -> Result<Vec<Unit>, String> {
+    let pf = passthrough::functions_of(d)?.into_iter().next().ok_or("no physical function")?;
+    let mut row = WireRow::new(format!("{} sr-iov", d.id));
+    row.planned = format!("PF {pf} on nvme, {} VFs", d.vfs());
+    let started = Instant::now();
+    let vfs = match passthrough::create_vfs(pf, "nvme", d.vfs(), Duration::from_secs(30)) {
+        Ok(v) => v,
+        Err(e) => {
+            row.fail(e.clone());
+            out.row(&row);
+            return Err(e);
+        }
+    };
+    row.hotplug_ms = Some(started.elapsed().as_millis());
+    row.guest = vfs.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ");
+    let mut units = Vec::new();
+    for (n, vf) in (1u8..).zip(&vfs) {
+        let group = bind(*vf)?;
+        let mut device = d.clone();
+        device.id = format!("{}-vf{n}", d.id);
+        device.functions = 1;
+        units.push(Unit { device, functions: vec![Bound { bdf: *vf, group, guest_function: 0 }] });
+    }
+    row.pass(format!(
+        "ok: the PF's nvme driver made {} VFs, each in its own IOMMU group, passed through as {}",
+        vfs.len(),
+        units.iter().map(|u| u.device.id.as_str()).collect::<Vec<_>>().join(", ")
+    ));
+    out.row(&row);
+    Ok(units)
 }
 
 /// Reads every bound function both ways; one row per function.
 fn read_all(
-    bound: &[(String, Vec<(pcilibs::bdf::Bdf, u32)>)],
+    units: &[Unit],
     backend: &Backend,
     out: &mut Out,
     failed: &mut BTreeSet<String>,
 ) -> Vec<HostFunction> {
     let mut host = Vec::new();
-    for (device, functions) in bound {
-        for (bdf, group) in functions {
+    for unit in units {
+        let device = &unit.device.id;
+        for b in &unit.functions {
+            let bdf = b.bdf;
             let mut row = WireRow::new(format!("{device} {bdf} facts"));
             row.planned = "sysfs".into();
             row.guest = format!("vfio {}", backend.name());
-            match passthrough::read_function(device, *bdf, *group, backend) {
+            match passthrough::read_function(device, b.guest_function, bdf, b.group, backend) {
                 Ok(f) => {
                     let diff = passthrough::differences(&f);
                     row.bars_ok = Some(diff.iter().all(|d| !d.starts_with("BARs") && !d.starts_with("ROM")));
-                    row.notes.push(format!("BARs: {}", passthrough::describe_bars(&f.vfio)));
+                    row.notes.push(format!(
+                        "{:04x}:{:04x} class {:06x}; BARs: {}",
+                        f.vfio.vendor_id,
+                        f.vfio.device_id,
+                        f.vfio.class_code,
+                        passthrough::describe_bars(&f.vfio)
+                    ));
                     row.notes.push(format!("capabilities: {}", f.vfio_caps.describe()));
                     if let Some(s) = &f.sysfs.sriov {
                         row.notes.push(format!(

@@ -28,11 +28,24 @@ pub struct PassDevice {
     pub kind: String,
     /// Slot of the outer root port on `pcie.0` that holds the device.
     pub port_slot: u8,
-    /// Number of functions (all in one slot, hence one IOMMU group).
+    /// Number of functions: all in one slot, hence one IOMMU group; for `nvme`, the PF
+    /// and its SR-IOV VFs (more than one: the VFs are passed through, see [`Self::vfs`]).
     pub functions: u8,
     /// Unplug with the inner guest's CPUs stopped: the unplug must end pending at its
     /// deadline, and `cont` must let the late `DEVICE_DELETED` finish it.
     pub stopped_unplug: bool,
+}
+
+impl PassDevice {
+    /// SR-IOV VFs to create and pass through instead of the device itself: an `nvme` with
+    /// more than one function is its PF plus that many VFs.
+    pub fn vfs(&self) -> u8 {
+        if self.kind == "nvme" {
+            self.functions.saturating_sub(1)
+        } else {
+            0
+        }
+    }
 }
 
 /// The inner guest's kernel, as copied into the outer guest.
