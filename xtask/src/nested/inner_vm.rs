@@ -456,10 +456,36 @@ impl InnerVm<'_> {
             .map(|_| ())
     }
 
+    /// Waits until a pending unplug on `port` was finished by its late `DEVICE_DELETED`.
+    fn await_removed(&self, port: &str) -> Result<()> {
+        let deadline = Instant::now() + self.guest_wait;
+        loop {
+            if self.engine.device(port).map(|d| d.state) == Some(DeviceState::Removed) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the late DEVICE_DELETED did not finish the unplug within {:?}",
+                    self.guest_wait
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn unplug_normal(&self, p: &mut Plugged, port: &str) -> Result<()> {
         let started = Instant::now();
         match self.engine.unplug(port).map_err(|e| format!("unplug: {e}"))? {
             UnplugOutcome::Removed => {}
+            // A loaded machine can make the inner guest miss the deadline; the late event
+            // must still finish the job (and the row says so).
+            UnplugOutcome::Pending => {
+                self.await_removed(port)?;
+                p.row.notes.push(format!(
+                    "DEVICE_DELETED came after the deadline; the late event completed the unplug after {} ms",
+                    started.elapsed().as_millis()
+                ));
+            }
             other => return Err(format!("unplug ended {other:?} with the inner guest running")),
         }
         let deleted_ms = started.elapsed().as_millis();
@@ -482,6 +508,7 @@ impl InnerVm<'_> {
         let still: Vec<&String> = p.ids.iter().filter(|id| peripheral.contains(*id)).collect();
         let state = self.engine.device(port).map(|d| d.state);
         self.qmp("cont", None)?;
+        let resumed = Instant::now();
         match outcome? {
             UnplugOutcome::Pending => {}
             other => {
@@ -495,20 +522,7 @@ impl InnerVm<'_> {
             "guest stopped: unplug pending after {} ms (deadline), port kept, QEMU still has {still:?}",
             waited.as_millis()
         ));
-        let resumed = Instant::now();
-        let deadline = resumed + self.guest_wait;
-        loop {
-            if self.engine.device(port).map(|d| d.state) == Some(DeviceState::Removed) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the late DEVICE_DELETED did not finish the unplug within {:?}",
-                    self.guest_wait
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.await_removed(port)?;
         self.gone_from_guest(&p.seen)?;
         // As in the other modes' tables: from `cont` to QEMU and the guest agreeing.
         p.row.unplug_ms = Some(resumed.elapsed().as_millis());
@@ -551,6 +565,11 @@ impl InnerVm<'_> {
         match self.engine.plug(request) {
             Err(EngineError::PlugFailed { state: DeviceState::Removed, cause, .. }) => {
                 row.notes.push(format!("function 0 failed as intended: {cause}"));
+            }
+            Err(EngineError::PlugFailed { state: DeviceState::UnplugPending, cause, .. }) => {
+                row.notes.push(format!("function 0 failed as intended: {cause}"));
+                self.await_removed(&port)?;
+                row.notes.push("the rollback's DEVICE_DELETED came after the deadline".into());
             }
             Err(e) => return Err(format!("plug failed but did not end removed: {e}")),
             Ok(rec) => return Err(format!("the faulty plug succeeded ({:?})", rec.state)),
