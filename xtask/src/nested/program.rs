@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::inner_vm::{self, InnerVm};
 use pcilibs::bdf::Bdf;
 
+use super::inner_vm::{self, InnerVm};
 use super::passthrough::{self, Backend, HostFunction};
 use super::wire::{InnerConfig, PassDevice, WireRow, TAG};
 
