@@ -6,7 +6,8 @@
 //! free sets, sizes each port's windows so that the largest BAR fits *wherever the
 //! platform's firmware places the window* (size and alignment), checks the whole guest
 //! address space, and returns a [`Plan`]: QEMU arguments for boot, `device_add` argument
-//! objects for hotplug, and the guest PCI path and BDF of every function.
+//! objects for hotplug, and the guest PCI path and BDF of every function (with the host
+//! function it passes through, see [`DeviceRequest::from_facts`] for the numbering).
 //!
 //! Machines are described by a [`Platform`] implementation from the `arch-x86-aarch64`
 //! (q35 with SeaBIOS or OVMF, aarch64 `virt`) and `arch-s390x-ccw` crates.

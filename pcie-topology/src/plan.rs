@@ -298,6 +298,13 @@ pub struct PlacedDevice {
     pub need: Requirement,
 }
 
+impl PlacedDevice {
+    /// Host function → guest function number, for every function passed through.
+    pub fn host_functions(&self) -> Vec<(&HostRef, u8)> {
+        self.functions.iter().filter_map(|f| f.host.as_ref().map(|h| (h, f.function))).collect()
+    }
+}
+
 /// Address-space usage the plan was checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AddressReport {

@@ -188,9 +188,16 @@ impl DeviceRequest {
     }
 
     /// One guest device for host functions that must go together (the functions of one
-    /// host device, or the members of one IOMMU group). Functions of one host slot keep
-    /// their function numbers; functions from several slots are numbered 0, 1, … in the
-    /// order given. IOMMU group and NUMA node come from the first function.
+    /// host device, or the members of one IOMMU group).
+    ///
+    /// Guest function numbers ([`guest_function_numbers`]): functions of one host slot
+    /// keep their numbers when host function 0 is among them (a GPU's function 0 and its
+    /// audio function 1 stay 0 and 1); without host function 0 — a lone SR-IOV VF, or VFs
+    /// of one slot — they are numbered 0, 1, … in host function order, because a guest
+    /// device needs a function 0. Functions from several slots are numbered 0, 1, … in the
+    /// order given. Each function keeps its host address in [`FunctionRequest::host`];
+    /// [`DeviceRequest::host_functions`] lists the host → guest mapping. IOMMU group and
+    /// NUMA node come from the first function.
     pub fn from_facts(
         id: QemuId,
         functions: &[FunctionFacts],
@@ -200,12 +207,8 @@ impl DeviceRequest {
             device: id.to_string(),
             why: "no host functions".into(),
         })?;
-        let one_slot = functions.iter().all(|f| {
-            (f.bdf.domain, f.bdf.bus, f.bdf.device) == (first.bdf.domain, first.bdf.bus, first.bdf.device)
-        });
         let mut out = Vec::new();
-        for (n, facts) in functions.iter().enumerate() {
-            let number = if one_slot { facts.bdf.function } else { u8::try_from(n).unwrap_or(u8::MAX) };
+        for (facts, number) in functions.iter().zip(guest_function_numbers(functions)) {
             out.push(FunctionRequest::from_facts(number, facts, opts)?);
         }
         let mut d = DeviceRequest::new(id, out);
@@ -213,6 +216,12 @@ impl DeviceRequest {
         d.numa_node = first.numa_node;
         d.validate()?;
         Ok(d)
+    }
+
+    /// Host function → guest function number, for every function passed through, in
+    /// function order of the request.
+    pub fn host_functions(&self) -> Vec<(&HostRef, u8)> {
+        self.functions.iter().filter_map(|f| f.host.as_ref().map(|h| (h, f.function))).collect()
     }
 
     /// Checks function numbers (0 present, unique, at most 8) and that the resources are valid.
@@ -253,6 +262,32 @@ impl DeviceRequest {
     pub fn is_pcie(&self) -> bool {
         self.functions.iter().all(|f| f.pcie)
     }
+}
+
+/// The guest function number of each host function of one guest device, in the order
+/// given (see [`DeviceRequest::from_facts`]).
+///
+/// One host slot with function 0 among the functions: the host numbers. One slot without
+/// function 0 (SR-IOV VFs passed through alone or together): 0, 1, … in host function
+/// order. Several slots: 0, 1, … in the order given. Numbers above 7 (more than 8
+/// functions) are left for [`DeviceRequest::validate`] to reject.
+pub fn guest_function_numbers(functions: &[FunctionFacts]) -> Vec<u8> {
+    let slot = |f: &FunctionFacts| (f.bdf.domain, f.bdf.bus, f.bdf.device);
+    let one_slot = functions.windows(2).all(|w| w.first().map(slot) == w.last().map(slot));
+    let dense = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
+    if !one_slot {
+        return (0..functions.len()).map(dense).collect();
+    }
+    if functions.iter().any(|f| f.bdf.function == 0) {
+        return functions.iter().map(|f| f.bdf.function).collect();
+    }
+    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function).collect();
+    host.sort_unstable();
+    host.dedup();
+    functions
+        .iter()
+        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function).unwrap_or(usize::MAX)))
+        .collect()
 }
 
 /// What a spare port must be ready to take later: the resources of one device.
@@ -398,5 +433,82 @@ mod tests {
         bad.functions[0].function = 1;
         assert!(bad.validate().is_err());
         assert!(DeviceRequest::ivshmem("0gpu", GIB).is_err());
+    }
+
+    /// An nvme-like function at `bdf` in IOMMU group `group`, with one 16 KiB BAR.
+    fn nvme(bdf: &str, group: u32) -> FunctionFacts {
+        use pcilibs::bar::Bar;
+        use pcilibs::bdf::Bdf;
+        use pcilibs::config::HeaderType;
+        FunctionFacts {
+            bdf: Bdf::parse(bdf).unwrap(),
+            vendor_id: 0x1b36,
+            device_id: 0x0010,
+            subsystem_vendor_id: None,
+            subsystem_id: None,
+            revision: 2,
+            class_code: 0x010802,
+            header_type: HeaderType::Normal,
+            multifunction: false,
+            is_pcie: true,
+            port_type: None,
+            bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }],
+            rom_size: None,
+            sriov: None,
+            rebar: Vec::new(),
+            iommu_group: Some(group),
+            numa_node: None,
+            driver: Some("vfio-pci".into()),
+            size_source: None,
+            problems: Vec::new(),
+        }
+    }
+
+    fn numbers(d: &DeviceRequest) -> Vec<(String, u8)> {
+        d.host_functions()
+            .into_iter()
+            .map(|(h, n)| match h {
+                HostRef::Bdf(b) => (b.clone(), n),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lone_vf_becomes_function_0() {
+        let id = QemuId::new("vf").unwrap();
+        for host in ["0000:03:00.2", "0000:03:00.1", "0000:03:01.7"] {
+            let d = DeviceRequest::from_facts(id.clone(), &[nvme(host, 4)], &ResourceOptions::default())
+                .unwrap_or_else(|e| panic!("{host}: {e}"));
+            assert_eq!(numbers(&d), [(host.to_string(), 0)]);
+            assert_eq!(d.functions[0].props["host"], PropValue::Str(host.into()));
+            assert_eq!(d.iommu_group, Some(4));
+        }
+    }
+
+    #[test]
+    fn functions_of_one_slot_keep_or_close_up_their_numbers() {
+        let id = QemuId::new("dev").unwrap();
+        let opts = ResourceOptions::default();
+        // Host function 0 present: the host numbers stay, gaps included.
+        let d =
+            DeviceRequest::from_facts(id.clone(), &[nvme("0000:02:00.2", 1), nvme("0000:02:00.0", 1)], &opts)
+                .unwrap();
+        assert_eq!(numbers(&d), [("0000:02:00.2".into(), 2), ("0000:02:00.0".into(), 0)]);
+        // Without host function 0 (two VFs of one slot): 0, 1 in host function order,
+        // whatever order they were given in.
+        let d =
+            DeviceRequest::from_facts(id.clone(), &[nvme("0000:02:00.5", 1), nvme("0000:02:00.3", 1)], &opts)
+                .unwrap();
+        assert_eq!(numbers(&d), [("0000:02:00.5".into(), 1), ("0000:02:00.3".into(), 0)]);
+        // Several slots: 0, 1 in the order given.
+        let d =
+            DeviceRequest::from_facts(id.clone(), &[nvme("0000:05:00.1", 1), nvme("0000:04:00.3", 1)], &opts)
+                .unwrap();
+        assert_eq!(numbers(&d), [("0000:05:00.1".into(), 0), ("0000:04:00.3".into(), 1)]);
+        // The same function twice is still an error, not a silent renumbering.
+        let err = DeviceRequest::from_facts(id, &[nvme("0000:02:00.3", 1), nvme("0000:02:00.3", 1)], &opts)
+            .unwrap_err();
+        assert!(err.to_string().contains("same number"), "{err}");
     }
 }
