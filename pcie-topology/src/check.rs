@@ -27,11 +27,19 @@ pub(crate) fn check_address_space(
 ) -> Result<(AddressReport, Totals), PlanError> {
     let spec = &plan.platform;
     let top: Vec<&Port> = plan.ports.iter().filter(|p| p.kind == PortKind::Root).collect();
-    let bridge_windows =
-        plan.bridges.iter().map(|_| Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY });
-    let mem = pack(top.iter().map(|p| p.reservation.mem).chain(bridge_windows))?;
-    let io: u64 = top.iter().map(|p| p.reservation.io.size).sum();
-    let pref = pack(top.iter().map(|p| p.reservation.pref))?;
+    // PCIe-to-PCI bridges sit on pcie.0 next to the root ports, with the windows the
+    // planner worked out for them (at least the 1 MiB granularity for memory).
+    let bridge_mem = plan.bridges.iter().map(|b| {
+        if b.mem.size >= MEM_GRANULARITY {
+            b.mem
+        } else {
+            Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY }
+        }
+    });
+    let mem = pack(top.iter().map(|p| p.reservation.mem).chain(bridge_mem))?;
+    let io: u64 =
+        top.iter().map(|p| p.reservation.io.size).chain(plan.bridges.iter().map(|b| b.io.size)).sum();
+    let pref = pack(top.iter().map(|p| p.reservation.pref).chain(plan.bridges.iter().map(|b| b.pref)))?;
     if mem.size > spec.mmio32.size {
         return Err(AddressSpaceError::Mmio32 { needed: mem.size, available: spec.mmio32.size }.into());
     }

@@ -88,6 +88,18 @@ pub enum PlanError {
         /// Description of what does not fit.
         need: String,
     },
+    /// Devices behind a PCIe-to-PCI bridge need more than the bridge is sure to get.
+    #[error("PCIe-to-PCI bridge `{bridge}` cannot hold {need} for {devices}: pcie-pci-bridge has no *-reserve properties, so with a device hotplugged behind it the firmware gives the bridge only what an empty bridge gets ({available}); plug these devices at boot, or on a PCIe port")]
+    BridgeWindow {
+        /// Bridge id.
+        bridge: String,
+        /// The devices behind it.
+        devices: String,
+        /// What they need (prefetchable BARs counted in the memory window).
+        need: String,
+        /// What an empty bridge gets on this platform.
+        available: String,
+    },
     /// Bus numbers of a segment ran out (256 per segment, expander ranges included).
     #[error("bus numbers: the topology needs {needed} buses but a PCI segment has 256")]
     Buses {

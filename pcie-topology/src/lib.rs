@@ -49,6 +49,18 @@
 //!   device exists (aarch64), a profile with large 32-bit BARs below a switch is an error.
 //! - **I/O** windows are reserved only for what needs I/O ports: only about 16 ports can
 //!   have one.
+//! - **Functions without a PCI Express capability** (`ivshmem-plain`, a conventional host
+//!   function under `vfio-pci`) go on root ports and downstream ports like any other:
+//!   QEMU accepts them there, Linux drives them, and the port's reservation holds their
+//!   BARs. A `pcie-pci-bridge` is planned only for a device that asks for a conventional
+//!   bus ([`Attach::PciBridge`], or [`PlanOptions::conventional_behind_bridge`] for every
+//!   conventional device). In QEMU 7.2 that bridge has no `*-reserve` properties (devices
+//!   are hotplugged into its slots through its SHPC controller); `pci-bridge` has them
+//!   and SHPC too, but on q35 it sits behind a `pcie-pci-bridge`, and no plan uses it.
+//!   Firmware sizes the bridge's windows from the devices present at boot and gives an
+//!   empty one only its minimum (SeaBIOS, OVMF, AAVMF: 2 MiB of memory and 4 KiB of I/O,
+//!   AAVMF no prefetchable window; Linux without firmware: nothing). A plan whose
+//!   hotplugged devices behind the bridge need more is [`PlanError::BridgeWindow`].
 //!
 //! # Example
 //!
@@ -90,7 +102,7 @@ pub use plan::{
 pub use planner::plan;
 pub use platform::{Platform, PlatformSpec, WindowRule};
 pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
-pub use request::{DeviceRequest, FunctionRequest, HostRef, HotplugProfile};
+pub use request::{Attach, DeviceRequest, FunctionRequest, HostRef, HotplugProfile};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -6,7 +6,7 @@
 //! argument objects and what the guest must then show.
 
 use pcilibs::bar::BarKind;
-use pcilibs::requirement::{Requirement, Resource};
+use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -14,7 +14,7 @@ use crate::error::PlanError;
 use crate::path::{GuestBdf, GuestPciPath};
 use crate::platform::{ExtraArgs, PlatformSpec};
 use crate::qemu::{DevFn, QemuDevice, QemuId, QemuObject};
-use crate::request::{DeviceRequest, HostRef, HotplugProfile};
+use crate::request::{Attach, DeviceRequest, HostRef, HotplugProfile, RequestError};
 use crate::reserve::Window;
 use crate::units::{fmt_size, human_size};
 
@@ -62,7 +62,7 @@ pub enum PortKind {
     Root,
     /// A switch downstream port.
     Downstream,
-    /// A slot of a PCIe-to-PCI bridge (conventional devices).
+    /// A slot of a PCIe-to-PCI bridge (devices that need a conventional bus).
     BridgeSlot,
 }
 
@@ -174,7 +174,12 @@ pub struct Switch {
     pub p2p_group: Option<String>,
 }
 
-/// A PCIe-to-PCI bridge for conventional PCI devices.
+/// A PCIe-to-PCI bridge for devices that need a conventional bus ([`Attach::PciBridge`]).
+///
+/// QEMU 7.2's `pcie-pci-bridge` has no `*-reserve` properties: firmware sizes its windows
+/// from the devices plugged at boot, and an empty one gets only the firmware's minimum
+/// (see [`PlanError::BridgeWindow`]). Devices are hotplugged into its slots through its
+/// SHPC controller (or ACPI on q35).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PciBridge {
     /// Bridge id.
@@ -185,6 +190,19 @@ pub struct PciBridge {
     pub bdf: GuestBdf,
     /// Bus of the devices behind it.
     pub secondary_bus: u8,
+    /// Memory window the bridge has for everything behind it. With a hotplugged device
+    /// behind it: the firmware's minimum for an empty bridge, which prefetchable BARs share
+    /// (firmware may open no prefetchable window there). Otherwise: what the boot-time
+    /// devices' non-prefetchable BARs need.
+    #[serde(default)]
+    pub mem: Window,
+    /// Prefetchable window: what the boot-time devices' prefetchable BARs need (empty
+    /// when a device is hotplugged behind the bridge: those BARs count in `mem`).
+    #[serde(default)]
+    pub pref: Window,
+    /// I/O window.
+    #[serde(default)]
+    pub io: Window,
 }
 
 /// Expected BAR of a function in the guest.
@@ -354,9 +372,20 @@ pub struct PlanOptions {
     /// Size reservations from requirements (false: emit no `*-reserve`, the machine's
     /// defaults — used to show that the guest then fails with "no space").
     pub size_reservations: bool,
+    /// Put every device with a function that has no PCI Express capability behind the
+    /// PCIe-to-PCI bridge, as [`Attach::PciBridge`] does for one device. Off by default:
+    /// such devices go on PCIe ports like any other, where their windows can be reserved.
+    #[serde(default)]
+    pub conventional_behind_bridge: bool,
 }
 
 impl PlanOptions {
+    /// Whether `device` goes behind the PCIe-to-PCI bridge: it asks for a conventional bus,
+    /// or it is conventional and [`PlanOptions::conventional_behind_bridge`] is set.
+    pub fn behind_bridge(&self, device: &DeviceRequest) -> bool {
+        device.attach == Attach::PciBridge || (self.conventional_behind_bridge && !device.is_pcie())
+    }
+
     /// These options with `host_phys_bits` read from KVM or /proc/cpuinfo (see
     /// [`crate::physbits::host_phys_bits`]); unchanged when neither tells it.
     pub fn with_host_phys_bits(mut self) -> Self {
@@ -378,6 +407,7 @@ impl Default for PlanOptions {
             switch_placeholders: true,
             first_root_slot: 1,
             size_reservations: true,
+            conventional_behind_bridge: false,
         }
     }
 }
@@ -663,6 +693,18 @@ impl Plan {
             "platform {} ({}), mode {:?}\n",
             self.platform.name, self.platform.machine, self.mode
         ));
+        for b in &self.bridges {
+            out.push_str(&format!(
+                "{} ({} at {}, secondary bus {:02x}): windows mem {}, pref {}, io {:#x} for the devices behind it\n",
+                b.id,
+                b.device.driver,
+                b.bdf,
+                b.secondary_bus,
+                human_size(b.mem.size),
+                human_size(b.pref.size),
+                b.io.size
+            ));
+        }
         for p in &self.ports {
             let driver = p.device.as_ref().map_or("bridge slot", |d| d.driver.as_str());
             out.push_str(&format!(
@@ -728,20 +770,28 @@ impl Plan {
             return Err(PlanError::DuplicateId(request.id.to_string()));
         }
         let need = request.requirement()?;
-        let pcie = request.is_pcie();
+        let behind_bridge = self.options.behind_bridge(&request);
+        let on_bridge = bridge_requirement(request.resources())
+            .map_err(|source| RequestError::Requirement { device: request.id.to_string(), source })?;
         let candidate = self
             .ports
             .iter()
             .enumerate()
             .filter(|(_, p)| p.occupant.is_none())
-            .filter(|(_, p)| (p.kind == PortKind::BridgeSlot) != pcie)
+            .filter(|(_, p)| (p.kind == PortKind::BridgeSlot) == behind_bridge)
             .filter(|(_, p)| {
                 request.numa_node.is_none() || self.mode != Mode::Numa || p.numa_node == request.numa_node
             })
             .filter(|(_, p)| {
                 request.p2p_group.is_none() || p.p2p_group.is_none() || p.p2p_group == request.p2p_group
             })
-            .filter(|(_, p)| p.reservation.holds(&need))
+            .filter(|(_, p)| {
+                if p.kind == PortKind::BridgeSlot {
+                    self.bridge_takes(&p.target_bus, &on_bridge)
+                } else {
+                    p.reservation.holds(&need)
+                }
+            })
             .min_by_key(|(i, p)| (p.reservation.pref.size, p.reservation.mem.size, *i))
             .map(|(i, _)| i);
         let index =
@@ -761,6 +811,39 @@ impl Plan {
             ph.present = false;
         }
         Ok(action)
+    }
+
+    /// Whether PCIe-to-PCI bridge `bridge` has room for one more device needing `extra`
+    /// (a [`bridge_requirement`]) next to the devices already behind it. Only the bridge's
+    /// memory and I/O windows count: a prefetchable window is not sure to exist.
+    fn bridge_takes(&self, bridge: &str, extra: &Requirement) -> bool {
+        let Some(b) = self.bridges.iter().find(|b| b.id.as_str() == bridge) else { return false };
+        let slots: Vec<&QemuId> = self
+            .ports
+            .iter()
+            .filter(|p| p.kind == PortKind::BridgeSlot && p.target_bus == bridge)
+            .map(|p| &p.id)
+            .collect();
+        let bars: Vec<Resource> = self
+            .devices
+            .iter()
+            .filter(|d| d.port.as_ref().is_some_and(|p| slots.contains(&p)))
+            .flat_map(|d| d.functions.iter().flat_map(|f| f.bars.iter()))
+            .filter(|bar| bar.size > 0)
+            .map(|bar| Resource {
+                kind: bar.kind,
+                prefetchable: false,
+                rom: bar.rom,
+                size: bar.size,
+                // The largest power of two dividing the size: a BAR's natural alignment,
+                // or more than an SR-IOV aperture needs (safe side).
+                align: 1u64 << bar.size.trailing_zeros(),
+            })
+            .collect();
+        let Ok(occupied) = Requirement::of(&bars) else { return false };
+        occupied
+            .combine(extra)
+            .is_ok_and(|all| b.mem.holds(&all.mem) && b.io.holds(&all.io) && all.pref.is_empty())
     }
 
     /// Removes a device from the plan and frees its port (call once the device is gone).
@@ -858,6 +941,16 @@ pub(crate) fn place_on_port(
         functions,
         need,
     })
+}
+
+/// What resources need from a PCIe-to-PCI bridge's windows: prefetchable BARs are counted
+/// in the memory window, because an empty bridge may get no prefetchable window (AAVMF).
+pub fn bridge_requirement<'a>(
+    resources: impl IntoIterator<Item = &'a Resource>,
+) -> Result<Requirement, RequirementError> {
+    let folded: Vec<Resource> =
+        resources.into_iter().map(|r| Resource { prefetchable: false, ..*r }).collect();
+    Requirement::of(&folded)
 }
 
 /// A short text for a requirement (`mem 16M, pref 128G+32M @128G`).

@@ -82,7 +82,8 @@ pub struct FunctionRequest {
     pub host: Option<HostRef>,
     /// Address-space resources: BARs, ROM, SR-IOV VF apertures.
     pub resources: Vec<Resource>,
-    /// PCI Express function (false: conventional PCI, goes behind a PCIe-to-PCI bridge).
+    /// The function has a PCI Express capability (false: a conventional PCI function). It
+    /// does not decide where the device goes: see [`DeviceRequest::attach`].
     #[serde(default = "yes")]
     pub pcie: bool,
     /// 24-bit class code, when known (`0x030200` for a 3D controller).
@@ -153,6 +154,30 @@ impl FunctionRequest {
     }
 }
 
+/// What a device is plugged into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Attach {
+    /// A hotpluggable PCIe port — a root port or a switch downstream port — whose windows
+    /// the planner can size, whether or not the functions have a PCI Express capability.
+    /// QEMU accepts a conventional PCI device (`ivshmem-plain`, a conventional host
+    /// function under `vfio-pci`) on such a port and Linux drives it there.
+    #[default]
+    Port,
+    /// A slot of a PCIe-to-PCI bridge, for a legacy device that needs a conventional bus.
+    /// QEMU 7.2's `pcie-pci-bridge` has no `*-reserve` properties; firmware sizes its
+    /// windows from the devices present at boot, so a device hotplugged behind it gets
+    /// only what an empty bridge gets (see `PlanError::BridgeWindow`).
+    PciBridge,
+}
+
+impl Attach {
+    fn is_port(&self) -> bool {
+        *self == Attach::Port
+    }
+}
+
 /// A device to place: every function of it lands on one port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRequest {
@@ -172,12 +197,23 @@ pub struct DeviceRequest {
     /// Plug at boot (`-device`) instead of hotplugging it once the guest runs.
     #[serde(default)]
     pub cold_plug: bool,
+    /// What the device is plugged into: a PCIe port unless it needs a conventional bus.
+    #[serde(default, skip_serializing_if = "Attach::is_port")]
+    pub attach: Attach,
 }
 
 impl DeviceRequest {
     /// A device with the given functions, hotplugged, no group or node.
     pub fn new(id: QemuId, functions: Vec<FunctionRequest>) -> Self {
-        DeviceRequest { id, functions, p2p_group: None, iommu_group: None, numa_node: None, cold_plug: false }
+        DeviceRequest {
+            id,
+            functions,
+            p2p_group: None,
+            iommu_group: None,
+            numa_node: None,
+            cold_plug: false,
+            attach: Attach::Port,
+        }
     }
 
     /// A single-function ivshmem GPU stand-in with one `size`-byte prefetchable BAR.

@@ -14,8 +14,8 @@ use pcie_topology::request::FunctionRequest;
 use pcie_topology::sim;
 use pcie_topology::units::{GIB, KIB};
 use pcie_topology::{
-    plan, AddressSpaceError, DeviceRequest, HotplugProfile, Mode, Plan, PlanError, PlanOptions, PlanRequest,
-    Platform, PortKind, QemuId, SpareRequest,
+    plan, AddressSpaceError, Attach, DeviceRequest, HotplugProfile, Mode, Plan, PlanError, PlanOptions,
+    PlanRequest, Platform, PortKind, QemuId, SpareRequest,
 };
 use pcilibs::bar::BarKind;
 use pcilibs::requirement::{Resource, Window as WindowKind};
@@ -47,8 +47,9 @@ fn device(i: usize) -> impl Strategy<Value = DeviceRequest> {
         prop::option::of(0u32..3),
         any::<bool>(),
         prop::bool::weighted(0.1),
+        prop::bool::weighted(0.01),
     )
-        .prop_map(move |(functions, group, node, cold, conventional)| {
+        .prop_map(move |(functions, group, node, cold, conventional, bridge)| {
             let id = QemuId::new(format!("dev{i}")).unwrap();
             let functions = functions
                 .into_iter()
@@ -64,6 +65,9 @@ fn device(i: usize) -> impl Strategy<Value = DeviceRequest> {
             d.p2p_group = group.map(|g| format!("g{g}"));
             d.numa_node = node;
             d.cold_plug = cold;
+            if bridge {
+                d.attach = Attach::PciBridge;
+            }
             d
         })
 }
@@ -152,10 +156,29 @@ fn check_plan(plan: &Plan) {
     for w in ranges.windows(2) {
         assert!(w[0].1 < w[1].0, "bus ranges overlap: {ranges:?}");
     }
-    // Every device fits its port's guaranteed windows.
+    // Every device fits its port's guaranteed windows; behind a PCIe-to-PCI bridge with a
+    // hotplugged device, everything behind it fits what an empty bridge gets.
     for d in &plan.devices {
         let port = plan.port(d.port.as_ref().unwrap().as_str()).unwrap();
-        assert!(port.reservation.holds(&d.need), "{} does not fit {}: {:?}", d.id, port.id, port.reservation);
+        // A bridge slot's need is the device's as the bridge sees it (see the bridges below).
+        let need = if port.kind == PortKind::BridgeSlot { port.reservation.need } else { d.need };
+        assert!(port.reservation.holds(&need), "{} does not fit {}: {:?}", d.id, port.id, port.reservation);
+    }
+    for b in &plan.bridges {
+        let behind: Vec<_> = plan
+            .devices
+            .iter()
+            .filter(|d| plan.port(d.port.as_ref().unwrap().as_str()).unwrap().target_bus == b.id.as_str())
+            .collect();
+        if behind.iter().any(|d| !d.cold_plug) {
+            let bars: Vec<Resource> = behind
+                .iter()
+                .flat_map(|d| d.functions.iter().flat_map(|f| f.bars.iter()))
+                .map(|bar| Resource::bar(bar.kind, bar.prefetchable, bar.size))
+                .collect();
+            let need = pcie_topology::plan::bridge_requirement(&bars).unwrap();
+            assert!(b.mem.holds(&need.mem) && b.io.holds(&need.io), "{}: {need:?} in {:?}", b.id, b.mem);
+        }
     }
     // Windows of one kind never overlap; downstream windows lie inside their root port's.
     let layout = sim::layout(plan);
@@ -236,6 +259,7 @@ fn check_error(e: &PlanError) {
         PlanError::Alloc(_)
         | PlanError::Buses { .. }
         | PlanError::DownstreamWindow { .. }
+        | PlanError::BridgeWindow { .. }
         | PlanError::Unsupported { .. } => {}
         other => panic!("unexpected error kind: {other:?}"),
     }
@@ -251,6 +275,11 @@ proptest! {
         match plan(platform.as_ref(), &request) {
             Ok(p) => {
                 check_plan(&p);
+                // A bridge slot exactly for the devices that ask for a conventional bus.
+                for d in &request.devices {
+                    let port = p.port(p.device(d.id.as_str()).unwrap().port.as_ref().unwrap().as_str()).unwrap();
+                    prop_assert_eq!(port.kind == PortKind::BridgeSlot, d.attach == Attach::PciBridge, "{}", d.id);
+                }
                 // Deterministic and reloadable.
                 let again = plan(platform.as_ref(), &request).unwrap();
                 let json = p.to_json().unwrap();

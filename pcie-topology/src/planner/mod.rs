@@ -45,7 +45,7 @@ enum Item {
 struct Layout {
     nodes: Vec<u32>,
     items: BTreeMap<usize, Vec<Item>>,
-    conventional: Vec<usize>,
+    behind_bridge: Vec<usize>,
 }
 
 impl Layout {
@@ -62,10 +62,10 @@ impl Layout {
             node.filter(|_| numa).and_then(|n| nodes.iter().position(|x| *x == n)).map_or(0, |i| i + 1)
         };
         let mut items: BTreeMap<usize, Vec<Item>> = (0..=nodes.len()).map(|i| (i, Vec::new())).collect();
-        let mut conventional = Vec::new();
+        let mut behind_bridge = Vec::new();
         for (i, d) in request.devices.iter().enumerate() {
-            if !d.is_pcie() {
-                conventional.push(i);
+            if request.options.behind_bridge(d) {
+                behind_bridge.push(i);
                 continue;
             }
             let spec = PortSpec { device: Some(i), profile: None, p2p_group: d.p2p_group.clone() };
@@ -86,7 +86,7 @@ impl Layout {
                 push_item(list, spec, switches && s.p2p_group.is_some());
             }
         }
-        Layout { nodes, items, conventional }
+        Layout { nodes, items, behind_bridge }
     }
 }
 
@@ -109,8 +109,9 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
         let node = index.checked_sub(1).and_then(|i| layout.nodes.get(i)).copied();
         host_bridges.push(b.add_root_bus(*index, node, items)?);
     }
-    let mut bridges = b.add_conventional(&layout.conventional)?;
+    let mut bridges = b.add_pci_bridge(&layout.behind_bridge)?;
     b.size_windows()?;
+    b.size_bridges(&mut bridges)?;
     buses::number_buses(&mut b, &mut host_bridges, &mut bridges)?;
     let (ports, devices) = b.place_devices()?;
     let mut plan = Plan {
@@ -151,8 +152,8 @@ fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanE
     if request.mode == Mode::Numa && spec.expander.is_none() {
         return Err(unsupported("pxb-pcie expanders (NUMA mode)"));
     }
-    if request.devices.iter().any(|d| !d.is_pcie()) && spec.pci_bridge.is_none() {
-        return Err(unsupported("PCIe-to-PCI bridges for conventional devices"));
+    if request.devices.iter().any(|d| request.options.behind_bridge(d)) && spec.pci_bridge.is_none() {
+        return Err(unsupported("PCIe-to-PCI bridges for devices that need a conventional bus"));
     }
     Ok(())
 }
@@ -346,8 +347,8 @@ impl<'a> Builder<'a> {
         Ok(indices)
     }
 
-    /// Conventional PCI devices go behind one PCIe-to-PCI bridge on `pcie.0`.
-    fn add_conventional(&mut self, devices: &[usize]) -> Result<Vec<PciBridge>, PlanError> {
+    /// Devices that need a conventional bus go behind one PCIe-to-PCI bridge on `pcie.0`.
+    fn add_pci_bridge(&mut self, devices: &[usize]) -> Result<Vec<PciBridge>, PlanError> {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
@@ -361,6 +362,9 @@ impl<'a> Builder<'a> {
             device: dev,
             bdf: GuestBdf { segment: 0, bus: 0, devfn },
             secondary_bus: 0,
+            mem: Window::default(),
+            pref: Window::default(),
+            io: Window::default(),
         };
         let mut slots = FreeSet::new("PCI bridge slot", 1, 31);
         let root = self.spec.root_bus.clone();

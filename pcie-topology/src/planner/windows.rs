@@ -2,17 +2,20 @@
 
 use std::collections::BTreeSet;
 
-use pcilibs::requirement::{Requirement, IO_GRANULARITY, MEM_GRANULARITY};
+use pcilibs::requirement::{Requirement, Resource, IO_GRANULARITY, MEM_GRANULARITY};
 
 use super::Builder;
 use crate::error::{AddressSpaceError, PlanError};
-use crate::plan::{describe_requirement, Placeholder, Port, PortKind, Reservation};
+use crate::plan::{
+    bridge_requirement, describe_requirement, PciBridge, Placeholder, Port, PortKind, Reservation,
+};
 use crate::platform::{BusNumbering, WindowRule};
 use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
+use crate::request::{DeviceRequest, RequestError};
 use crate::reserve::{size_window, Window};
 use crate::units::{human_size, next_pow2, MIB};
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
     fn is_switch_port(&self, port: &Port) -> bool {
         self.switches.iter().any(|s| s.root_port == port.id)
     }
@@ -26,7 +29,8 @@ impl Builder<'_> {
         // Pass 1: ports that hold a device or a profile.
         for i in 0..self.ports.len() {
             let Some(port) = self.ports.get(i) else { continue };
-            if self.is_switch_port(port) {
+            // Switch ports follow from their downstream ports; bridge slots from their bridge.
+            if self.is_switch_port(port) || port.kind == PortKind::BridgeSlot {
                 continue;
             }
             let (need, cold) = match (self.device_of.get(&i), &port.profile) {
@@ -52,7 +56,7 @@ impl Builder<'_> {
                 && sizing
                 && self.opts.switch_placeholders
                 && !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY);
-            let present = cold || placeholder || kind == PortKind::BridgeSlot;
+            let present = cold || placeholder;
             let mut res =
                 self.reservation_for(&need, present, sizing && (can_reserve || kernel || placeholder));
             if placeholder {
@@ -148,6 +152,139 @@ impl Builder<'_> {
         }
         self.write_reserve_props();
         Ok(())
+    }
+
+    /// Windows of each PCIe-to-PCI bridge and of its slots.
+    ///
+    /// QEMU 7.2's `pcie-pci-bridge` has no `*-reserve` properties: firmware sizes its
+    /// windows from the devices present at boot. With only boot-time devices behind it that
+    /// is all they need. With a device hotplugged behind it, the bridge is sure to get only
+    /// what an empty bridge gets ([`Builder::empty_bridge_windows`]), and every device
+    /// behind it must fit there together, prefetchable BARs counted in the memory window;
+    /// anything more is [`PlanError::BridgeWindow`], not a plan that fails in the guest.
+    pub(super) fn size_bridges(&mut self, bridges: &mut [PciBridge]) -> Result<(), PlanError> {
+        for bridge in bridges.iter_mut() {
+            let devices = self.bridge_devices(bridge);
+            let slots = if devices.iter().any(|(_, d)| !d.cold_plug) {
+                self.size_hotplug_bridge(bridge, &devices)?
+            } else {
+                self.size_boot_bridge(bridge, &devices)?
+            };
+            for (i, r) in slots {
+                if let Some(p) = self.ports.get_mut(i) {
+                    p.reservation = Reservation { purpose: std::mem::take(&mut p.reservation.purpose), ..r };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The devices behind `bridge`, with the index of the slot each is on.
+    fn bridge_devices(&self, bridge: &PciBridge) -> Vec<(usize, &'a DeviceRequest)> {
+        let request = self.request;
+        self.ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.kind == PortKind::BridgeSlot && p.target_bus == bridge.id.as_str())
+            .filter_map(|(i, _)| self.device_of.get(&i).and_then(|d| request.devices.get(*d)).map(|d| (i, d)))
+            .collect()
+    }
+
+    /// A bridge with a hotplugged device: everything behind it must fit what an empty
+    /// bridge gets. Returns the slots' reservations.
+    fn size_hotplug_bridge(
+        &self,
+        bridge: &mut PciBridge,
+        devices: &[(usize, &DeviceRequest)],
+    ) -> Result<Vec<(usize, Reservation)>, PlanError> {
+        let (mem, io) = self.empty_bridge_windows();
+        let names: Vec<String> = devices.iter().map(|(_, d)| d.id.to_string()).collect();
+        let names = names.join(", ");
+        let need = bridge_requirement(devices.iter().flat_map(|(_, d)| d.resources()))
+            .map_err(|source| RequestError::Requirement { device: names.clone(), source })?;
+        let available = if mem.size == 0 {
+            "no window at all".to_string()
+        } else {
+            format!("{} of memory, {:#x} of I/O", human_size(mem.size), io.size)
+        };
+        if !(mem.holds(&need.mem) && io.holds(&need.io)) {
+            return Err(PlanError::BridgeWindow {
+                bridge: bridge.id.to_string(),
+                devices: names,
+                need: describe_requirement(&need),
+                available,
+            });
+        }
+        bridge.mem = mem;
+        bridge.pref = Window::default();
+        bridge.io = io;
+        let why = format!(
+            "behind PCIe-to-PCI bridge {} (no *-reserve properties) with a device hotplugged there: the firmware gives the bridge what an empty one gets ({available}), shared by every device behind it, prefetchable BARs included",
+            bridge.id
+        );
+        let mut out = Vec::new();
+        for (i, d) in devices {
+            // The slot's need as the bridge sees it: prefetchable BARs in `mem`.
+            let need = bridge_requirement(d.resources())
+                .map_err(|source| RequestError::Requirement { device: d.id.to_string(), source })?;
+            let r = Reservation {
+                purpose: String::new(),
+                need,
+                mem,
+                pref: Window::default(),
+                io,
+                bus_reserve: 0,
+                why: vec![why.clone()],
+            };
+            out.push((*i, r));
+        }
+        Ok(out)
+    }
+
+    /// A bridge with boot-time devices only: firmware sizes its windows from them (at
+    /// least what an empty bridge gets). Returns the slots' reservations.
+    fn size_boot_bridge(
+        &self,
+        bridge: &mut PciBridge,
+        devices: &[(usize, &DeviceRequest)],
+    ) -> Result<Vec<(usize, Reservation)>, PlanError> {
+        let (floor_mem, floor_io) = self.empty_bridge_windows();
+        let all: Vec<Resource> = devices.iter().flat_map(|(_, d)| d.resources().copied()).collect();
+        let need = Requirement::of(&all)
+            .map_err(|source| RequestError::Requirement { device: bridge.id.to_string(), source })?;
+        let r = self.reservation_for(&need, true, true);
+        let at_least = |w: Window, floor: Window| if w.size >= floor.size { w } else { floor };
+        bridge.mem = at_least(r.mem, floor_mem);
+        bridge.pref = r.pref;
+        bridge.io = at_least(r.io, floor_io);
+        let mut out = Vec::new();
+        for (i, d) in devices {
+            let mut r = self.reservation_for(&d.requirement()?, true, true);
+            r.why.insert(
+                0,
+                format!(
+                    "behind PCIe-to-PCI bridge {}, plugged at boot: the firmware sizes the bridge's windows from the devices present",
+                    bridge.id
+                ),
+            );
+            out.push((*i, r));
+        }
+        Ok(out)
+    }
+
+    /// What firmware gives an empty PCIe-to-PCI bridge (memory, I/O), measured on QEMU 7.2
+    /// with `query-pci`: SeaBIOS, OVMF and AAVMF 2 MiB of memory and 4 KiB of I/O (SeaBIOS
+    /// also a 2 MiB and OVMF a 512 MiB prefetchable window, AAVMF none, so prefetchable
+    /// BARs are counted in the memory window). Linux 6.1 without firmware (aarch64 `virt`
+    /// booted with `-kernel`) gives it no window at all: the `pci=hpmmiosize=` extra space
+    /// goes to PCIe hotplug ports only.
+    pub(super) fn empty_bridge_windows(&self) -> (Window, Window) {
+        match self.spec.window_rule {
+            WindowRule::KernelHotplugSize { .. } | WindowRule::NoWindows => {
+                (Window::default(), Window::default())
+            }
+            _ => (self.min_window(), Window { size: IO_GRANULARITY, align: IO_GRANULARITY }),
+        }
     }
 
     /// Windows for `need` under the platform's rule (or the machine default without sizing).
@@ -337,7 +474,6 @@ impl Builder<'_> {
 /// BAR, 1 MiB VRAM BAR, 8 KiB ROM-register BAR and a 32-port I/O BAR).
 fn placeholder_requirement(ph: &Placeholder) -> Requirement {
     use pcilibs::bar::BarKind;
-    use pcilibs::requirement::Resource;
     let mut res = Vec::new();
     for d in &ph.devices {
         match d.driver.as_str() {

@@ -1,0 +1,268 @@
+//! Where devices go: functions without a PCI Express capability on reservable PCIe ports
+//! like any other, a PCIe-to-PCI bridge only when a device asks for a conventional bus
+//! (and a typed error when what is hotplugged behind it cannot be guaranteed), and host
+//! functions renumbered so that every guest device has a function 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use arch_x86_aarch64::{Virt, Q35};
+use pcie_topology::plan::bridge_requirement;
+use pcie_topology::qemu::PropValue;
+use pcie_topology::request::FunctionRequest;
+use pcie_topology::units::{GIB, KIB, MIB};
+use pcie_topology::{
+    plan, Attach, DeviceRequest, HostRef, Mode, PlanError, PlanOptions, PlanRequest, Platform, PortKind,
+    QemuId,
+};
+use pcilibs::bar::{Bar, BarKind};
+use pcilibs::bdf::Bdf;
+use pcilibs::config::HeaderType;
+use pcilibs::facts::{FunctionFacts, ResourceOptions};
+use pcilibs::requirement::Resource;
+
+fn platforms() -> Vec<Box<dyn Platform>> {
+    vec![
+        Box::new(Q35::seabios()),
+        Box::new(Q35::ovmf()),
+        Box::new(Virt::direct_kernel()),
+        Box::new(Virt::uefi()),
+    ]
+}
+
+/// An `ivshmem-plain` function as QEMU builds it: conventional PCI, no PCIe capability.
+fn conventional_ivshmem(id: &str, size: u64) -> DeviceRequest {
+    let mut d = DeviceRequest::ivshmem(id, size).unwrap();
+    d.functions[0].pcie = false;
+    d
+}
+
+/// A conventional function with one small BAR (a legacy NIC or sound card).
+fn legacy(id: &str, bar: u64) -> DeviceRequest {
+    let mut f = FunctionRequest::new(0, "e1000", vec![Resource::bar(BarKind::Mem32, false, bar)]);
+    f.pcie = false;
+    let mut d = DeviceRequest::new(QemuId::new(id).unwrap(), vec![f]);
+    d.attach = Attach::PciBridge;
+    d
+}
+
+fn request(devices: Vec<DeviceRequest>) -> PlanRequest {
+    PlanRequest { devices, ..Default::default() }
+}
+
+#[test]
+fn functions_without_pcie_capability_go_on_reservable_root_ports() {
+    for platform in platforms() {
+        let name = platform.spec().name;
+        let plan = plan(platform.as_ref(), &request(vec![conventional_ivshmem("gpu0", 32 * GIB)]))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(plan.bridges.is_empty(), "{name}: no PCIe-to-PCI bridge unless asked for");
+        let d = plan.device("gpu0").unwrap();
+        let port = plan.port(d.port.as_ref().unwrap().as_str()).unwrap();
+        assert_eq!(port.kind, PortKind::Root, "{name}");
+        assert!(port.reservation.holds(&d.need), "{name}: {:?}", port.reservation);
+        assert!(port.reservation.pref.size >= 32 * GIB, "{name}: {:?}", port.reservation.pref);
+        let dev = port.device.as_ref().unwrap();
+        if name.starts_with("q35") {
+            let PropValue::Int(pref) = dev.props["pref64-reserve"] else { panic!("{dev:?}") };
+            assert!(pref >= 32 * GIB, "{name}: pref64-reserve {pref:#x}");
+        }
+        let action = plan.hotplug_action("gpu0").unwrap();
+        assert_eq!(action.functions[0].device_add["bus"], port.id.as_str());
+    }
+}
+
+#[test]
+fn functions_without_pcie_capability_go_on_switch_ports_too() {
+    let mut a = conventional_ivshmem("a", 16 * GIB);
+    let mut b = conventional_ivshmem("b", 16 * GIB);
+    a.p2p_group = Some("g".into());
+    b.p2p_group = Some("g".into());
+    let request = PlanRequest { mode: Mode::SwitchPort, devices: vec![a, b], ..Default::default() };
+    let plan = plan(&Q35::seabios(), &request).unwrap();
+    assert!(plan.bridges.is_empty());
+    for id in ["a", "b"] {
+        let d = plan.device(id).unwrap();
+        let port = plan.port(d.port.as_ref().unwrap().as_str()).unwrap();
+        assert_eq!(port.kind, PortKind::Downstream, "{id}");
+        assert!(port.reservation.holds(&d.need), "{id}: {:?}", port.reservation);
+    }
+}
+
+#[test]
+fn a_bridge_is_used_only_when_asked_for() {
+    // Per device: a PCIe device that asks for a conventional bus gets one.
+    let mut asked = DeviceRequest::ivshmem("asked", 64 * KIB).unwrap();
+    asked.attach = Attach::PciBridge;
+    asked.cold_plug = true;
+    let plan =
+        plan(&Q35::seabios(), &request(vec![asked, DeviceRequest::ivshmem("other", GIB).unwrap()])).unwrap();
+    assert_eq!(plan.bridges.len(), 1);
+    assert_eq!(plan.bridges[0].device.driver, "pcie-pci-bridge");
+    let slot = plan.port(plan.device("asked").unwrap().port.as_ref().unwrap().as_str()).unwrap();
+    assert_eq!(slot.kind, PortKind::BridgeSlot);
+    assert_eq!(slot.target_bus, plan.bridges[0].id.as_str());
+    let other = plan.port(plan.device("other").unwrap().port.as_ref().unwrap().as_str()).unwrap();
+    assert_eq!(other.kind, PortKind::Root);
+    // For the whole request: the option puts every conventional device behind the bridge.
+    let mut small = conventional_ivshmem("small", 64 * KIB);
+    small.cold_plug = true;
+    let req = PlanRequest {
+        devices: vec![small, DeviceRequest::ivshmem("pcie", GIB).unwrap()],
+        options: PlanOptions { conventional_behind_bridge: true, ..Default::default() },
+        ..Default::default()
+    };
+    let plan = pcie_topology::plan(&Q35::seabios(), &req).unwrap();
+    let kind = |id: &str| plan.port(plan.device(id).unwrap().port.as_ref().unwrap().as_str()).unwrap().kind;
+    assert_eq!(kind("small"), PortKind::BridgeSlot);
+    assert_eq!(kind("pcie"), PortKind::Root);
+}
+
+#[test]
+fn hotplug_behind_a_bridge_beyond_an_empty_bridge_window_is_a_typed_error() {
+    // The nested-vfio failure: a 128 GiB BAR behind the bridge. With the device hotplugged,
+    // firmware gives the bridge what an empty one gets, and the BAR cannot be assigned.
+    for platform in platforms() {
+        let name = platform.spec().name;
+        let mut gpu = conventional_ivshmem("gpu0", 128 * GIB);
+        gpu.attach = Attach::PciBridge;
+        match plan(platform.as_ref(), &request(vec![gpu])) {
+            Err(PlanError::BridgeWindow { bridge, devices, need, available }) => {
+                assert_eq!(devices, "gpu0", "{name}");
+                assert!(!bridge.is_empty() && !need.is_empty() && !available.is_empty());
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // Boot-time devices that are large leave no room for a hotplugged one.
+    let mut big = legacy("big", 64 * MIB);
+    big.cold_plug = true;
+    let e = plan(&Q35::seabios(), &request(vec![big, legacy("late", 4 * KIB)])).unwrap_err();
+    assert!(matches!(&e, PlanError::BridgeWindow { devices, .. } if devices == "big, late"), "{e:?}");
+    assert!(e.to_string().contains("no *-reserve properties"), "{e}");
+}
+
+#[test]
+fn small_hotplugged_devices_fit_the_empty_bridge_window() {
+    for platform in [Q35::seabios(), Q35::ovmf()] {
+        // 1 MiB of prefetchable and 4 KiB + 256 B of memory BARs: counted together in the
+        // 2 MiB memory window an empty bridge gets.
+        let mut ivshmem = DeviceRequest::ivshmem("ivs", MIB).unwrap();
+        ivshmem.attach = Attach::PciBridge;
+        let plan = plan(&platform, &request(vec![ivshmem, legacy("nic", 4 * KIB)])).unwrap();
+        let bridge = &plan.bridges[0];
+        assert_eq!(bridge.mem.size, 2 * MIB);
+        assert_eq!(bridge.pref.size, 0, "no prefetchable window is sure to exist");
+        let all: Vec<Resource> = ["ivs", "nic"]
+            .iter()
+            .flat_map(|id| plan.device(id).unwrap().functions[0].bars.clone())
+            .map(|b| Resource::bar(b.kind, b.prefetchable, b.size))
+            .collect();
+        assert!(bridge.mem.holds(&bridge_requirement(&all).unwrap().mem));
+        assert!(
+            plan.explain()
+                .contains("pcibr0 (pcie-pci-bridge at 0000:00:01.0, secondary bus 01): windows mem 2 MiB"),
+            "{}",
+            plan.explain()
+        );
+        for id in ["ivs", "nic"] {
+            let port = plan.port(plan.device(id).unwrap().port.as_ref().unwrap().as_str()).unwrap();
+            assert_eq!(port.kind, PortKind::BridgeSlot);
+            assert!(
+                port.reservation.why.iter().any(|w| w.contains("empty one")),
+                "{:?}",
+                port.reservation.why
+            );
+        }
+    }
+    // Linux without firmware gives an empty bridge no window at all.
+    let e = plan(&Virt::direct_kernel(), &request(vec![legacy("nic", 4 * KIB)])).unwrap_err();
+    assert!(
+        matches!(&e, PlanError::BridgeWindow { available, .. } if available == "no window at all"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn boot_time_devices_behind_a_bridge_size_it_and_count_in_the_address_space() {
+    let mut gpu = conventional_ivshmem("gpu0", 64 * GIB);
+    gpu.attach = Attach::PciBridge;
+    gpu.cold_plug = true;
+    for platform in platforms() {
+        let name = platform.spec().name;
+        let plan = pcie_topology::plan(platform.as_ref(), &request(vec![gpu.clone()]))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let bridge = &plan.bridges[0];
+        assert!(bridge.pref.size >= 64 * GIB, "{name}: {:?}", bridge.pref);
+        assert!(plan.address.mmio64_needed >= 64 * GIB, "{name}: {:?}", plan.address);
+        let args = plan.qemu_args().join(" ");
+        assert!(args.contains("-device pcie-pci-bridge,id=pcibr0"), "{name}: {args}");
+    }
+    // What is behind the bridge counts: 64 GiB there does not fit a 36-bit guest.
+    let mut req = request(vec![gpu]);
+    req.options.guest_phys_bits = Some(36);
+    assert!(matches!(plan(&Q35::seabios(), &req), Err(PlanError::AddressSpace(_))));
+}
+
+#[test]
+fn run_time_placement_behind_a_bridge_respects_its_window() {
+    let mut plan = plan(&Q35::seabios(), &request(vec![legacy("a", 4 * KIB), legacy("b", 4 * KIB)])).unwrap();
+    plan.release("b").unwrap();
+    // The freed slot is the only place for a device that asks for a conventional bus...
+    let mut big = DeviceRequest::ivshmem("big", 4 * MIB).unwrap();
+    big.attach = Attach::PciBridge;
+    assert!(matches!(plan.place(big), Err(PlanError::NoFreePort { .. })), "4 MiB does not fit 2 MiB");
+    let action = plan.place(legacy("c", 64 * KIB)).unwrap();
+    assert_eq!(action.functions[0].device_add["bus"], plan.bridges[0].id.as_str());
+    // ...and a device that does not ask never lands there.
+    let free = plan.release("c").unwrap();
+    assert!(free.port.is_some());
+    let e = plan.place(conventional_ivshmem("conv", 64 * KIB)).unwrap_err();
+    assert!(matches!(e, PlanError::NoFreePort { .. }), "{e:?}");
+}
+
+/// An nvme-like host function, as sysfs facts describe it.
+fn host_function(bdf: &str, group: u32) -> FunctionFacts {
+    FunctionFacts {
+        bdf: Bdf::parse(bdf).unwrap(),
+        vendor_id: 0x1b36,
+        device_id: 0x0010,
+        subsystem_vendor_id: None,
+        subsystem_id: None,
+        revision: 2,
+        class_code: 0x010802,
+        header_type: HeaderType::Normal,
+        multifunction: false,
+        is_pcie: true,
+        port_type: None,
+        bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 * KIB) }],
+        rom_size: None,
+        sriov: None,
+        rebar: Vec::new(),
+        iommu_group: Some(group),
+        numa_node: None,
+        driver: Some("vfio-pci".into()),
+        size_source: None,
+        problems: Vec::new(),
+    }
+}
+
+#[test]
+fn a_lone_vf_plans_as_function_0_and_the_plan_keeps_its_host_address() {
+    let opts = ResourceOptions::default();
+    let vf =
+        DeviceRequest::from_facts(QemuId::new("vf").unwrap(), &[host_function("0000:03:00.2", 4)], &opts)
+            .unwrap();
+    let mut no_pcie = host_function("0000:04:00.0", 5);
+    no_pcie.is_pcie = false;
+    let ivs = DeviceRequest::from_facts(QemuId::new("ivs").unwrap(), &[no_pcie], &opts).unwrap();
+    let plan = plan(&Q35::seabios(), &request(vec![vf, ivs])).unwrap();
+    let placed = plan.device("vf").unwrap();
+    assert_eq!(placed.host_functions(), [(&HostRef::Bdf("0000:03:00.2".into()), 0)]);
+    let action = plan.hotplug_action("vf").unwrap();
+    assert_eq!(action.functions.len(), 1);
+    assert_eq!(action.functions[0].function, 0);
+    assert_eq!(action.functions[0].device_add["host"], "0000:03:00.2");
+    assert_eq!(action.iommu_group, Some(4));
+    // The host function without a PCIe capability is on a root port, not behind a bridge.
+    let port = plan.port(plan.device("ivs").unwrap().port.as_ref().unwrap().as_str()).unwrap();
+    assert_eq!(port.kind, PortKind::Root);
+}
