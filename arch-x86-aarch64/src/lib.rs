@@ -47,6 +47,17 @@
 //!   padding behaviour as OVMF (power-of-two reservations). The 64-bit window is the
 //!   machine's high PCIe MMIO region, 512 GiB at 512 GiB.
 //! - 32-bit PCI space 0x1000_0000..0x3eff_0000, I/O 64 KiB.
+//!
+//! # PCIe-to-PCI bridge (all machines)
+//!
+//! Both machines name `pcie-pci-bridge` for devices that ask for a conventional bus. In
+//! QEMU 7.2 it has no `*-reserve` properties (`-device pcie-pci-bridge,help`); devices
+//! are hotplugged into its slots through its SHPC controller. Measured with `query-pci`
+//! on an empty bridge: SeaBIOS gives it 2 MiB of memory, 2 MiB prefetchable and 4 KiB of
+//! I/O; OVMF 2 MiB, 512 MiB prefetchable and 4 KiB; AAVMF 2 MiB, no prefetchable window
+//! and 4 KiB; Linux 6.1 booted directly on `virt` gives it no window at all (the
+//! `pci=hpmmiosize=` space goes to PCIe hotplug ports only). The planner counts on the
+//! 2 MiB memory window alone for everything hotplugged behind a bridge.
 
 use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,

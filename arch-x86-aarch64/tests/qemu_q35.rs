@@ -5,7 +5,9 @@
 //! numbers as predicted, and every spare port's real window able to take its profile's
 //! BARs at their natural alignment — the guarantee the planner makes. Then the plan's
 //! hotplug actions are sent as they are and QEMU must accept them and show each function
-//! at its predicted address with the expected BAR sizes.
+//! at its predicted address with the expected BAR sizes. Functions without a PCI Express
+//! capability go on root ports like any other; a device that asks for a conventional bus
+//! goes behind a `pcie-pci-bridge`, whose real windows must hold what the plan counts on.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
@@ -16,10 +18,12 @@ use arch_x86_aarch64::Q35;
 use common::{assert_windows_hold, find, require, PciDev, Qemu};
 use pcie_topology::plan::{GuestLocation, Port};
 use pcie_topology::request::FunctionRequest;
-use pcie_topology::units::GIB;
+use pcie_topology::units::{GIB, MIB};
 use pcie_topology::{
-    plan, DeviceRequest, HotplugProfile, Mode, Plan, PlanRequest, Platform, QemuId, SpareRequest,
+    plan, Attach, DeviceRequest, HotplugProfile, Mode, Plan, PlanRequest, Platform, PortKind, QemuId,
+    SpareRequest,
 };
+use pcilibs::requirement::Resource;
 use serde_json::{json, Value};
 
 fn mixed_request() -> PlanRequest {
@@ -198,6 +202,71 @@ fn ovmf_accepts_plan_and_windows_fit() {
     let qemu = start(&plan);
     check_boot_topology(&plan, &qemu, Duration::from_secs(240), false);
     hotplug_all(&plan, &qemu);
+}
+
+/// `ivshmem-plain` is conventional PCI (no PCI Express capability), as QEMU builds it.
+fn conventional_ivshmem(id: &str, size: u64) -> DeviceRequest {
+    let mut d = DeviceRequest::ivshmem(id, size).unwrap();
+    d.functions[0].pcie = false;
+    d
+}
+
+/// Conventional devices on root ports (one hotplugged with a 32 GiB BAR, one at boot) and
+/// a small device that asks for a conventional bus, hotplugged behind the bridge.
+fn conventional_request() -> PlanRequest {
+    let mut cold = conventional_ivshmem("conv1", GIB);
+    cold.cold_plug = true;
+    let mut legacy = conventional_ivshmem("legacy0", MIB);
+    legacy.attach = Attach::PciBridge;
+    PlanRequest { devices: vec![conventional_ivshmem("conv0", 32 * GIB), cold, legacy], ..Default::default() }
+}
+
+fn conventional_devices(platform: Q35, timeout: Duration, firmware_enables_bars: bool) {
+    let plan = plan(&platform, &conventional_request()).unwrap();
+    let kind = |id: &str| plan.port(plan.device(id).unwrap().port.as_ref().unwrap().as_str()).unwrap().kind;
+    assert_eq!(
+        (kind("conv0"), kind("conv1"), kind("legacy0")),
+        (PortKind::Root, PortKind::Root, PortKind::BridgeSlot)
+    );
+    let qemu = start(&plan);
+    // Root ports where planned, their windows holding the conventional devices' BARs.
+    check_boot_topology(&plan, &qemu, timeout, firmware_enables_bars);
+    // The bridge where planned, and its real memory window at least what the plan counts
+    // on for everything behind it (prefetchable BARs included: not every firmware opens a
+    // prefetchable window on an empty bridge).
+    let devs = qemu.pci_devices();
+    let br = &plan.bridges[0];
+    let got = find(&devs, br.id.as_str());
+    assert_eq!((got.bus, got.slot, got.function), (br.bdf.bus, br.bdf.devfn.slot, br.bdf.devfn.function));
+    let b = got.bridge.unwrap();
+    assert_eq!(b.secondary, br.secondary_bus);
+    let mem = (b.mem.1 + 1).saturating_sub(b.mem.0);
+    assert!(
+        mem >= br.mem.size,
+        "{}: firmware gave a {mem:#x} memory window, the plan counts on {:?}",
+        br.id,
+        br.mem
+    );
+    let behind: Vec<Resource> = plan.device("legacy0").unwrap().functions[0]
+        .bars
+        .iter()
+        .map(|bar| Resource::bar(bar.kind, false, bar.size))
+        .collect();
+    let no_pref = common::Bridge { pref: (0, 0), ..b };
+    assert!(no_pref.fits(&behind), "{}: {behind:?} does not fit memory window {:#x?}", br.id, b.mem);
+    // QEMU takes each device on its planned port or bridge slot.
+    hotplug_all(&plan, &qemu);
+}
+
+#[test]
+fn seabios_conventional_devices_on_root_ports_and_behind_a_bridge() {
+    conventional_devices(Q35::seabios(), Duration::from_secs(60), true);
+}
+
+#[test]
+fn ovmf_conventional_devices_on_root_ports_and_behind_a_bridge() {
+    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
+    conventional_devices(Q35::ovmf(), Duration::from_secs(240), false);
 }
 
 #[test]
