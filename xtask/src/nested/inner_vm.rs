@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use arch_x86_aarch64::Q35;
 use pcie_topology::plan::GuestLocation;
+use pcie_topology::request::guest_function_numbers;
 use pcie_topology::{HotplugAction, Plan, PlanOptions, PlanRequest, QemuId};
-use pcilibs::facts::ResourceOptions;
+use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
     BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation,
@@ -39,40 +40,26 @@ fn s<E: std::fmt::Display>(e: E) -> String {
 /// fails that function's realize after VFIO opened the device.
 pub const MISSING_ROM: &str = "/nonexistent/nested-vfio-rollback.rom";
 
-/// The passed-through functions of one inner device, by their function number there.
+/// The passed-through functions of one inner device, by their function number there: the
+/// planner's numbering (`guest_function_numbers`), so a lone SR-IOV VF is function 0.
 pub fn functions_by_number<'a>(
     device: &PassDevice,
     host: &'a [HostFunction],
 ) -> BTreeMap<u8, &'a HostFunction> {
-    host.iter().filter(|f| f.device == device.id).map(|f| (f.guest_function, f)).collect()
+    let mine: Vec<&HostFunction> = host.iter().filter(|f| f.device == device.id).collect();
+    let facts: Vec<FunctionFacts> = mine.iter().map(|f| f.vfio.clone()).collect();
+    guest_function_numbers(&facts).into_iter().zip(mine).collect()
 }
 
 /// The planner's request for one inner device: each host function as `vfio-pci` with its
-/// VFIO facts, numbered as [`HostFunction::guest_function`] says.
-///
-/// Two things differ from `DeviceRequest::from_facts`. A lone SR-IOV VF (host function 1
-/// or higher) becomes function 0: `from_facts` keeps the host function number of a
-/// single-slot set and the request then fails with "function 0 is missing". And every
-/// function goes on a root port, also one without a PCI Express capability (ivshmem):
-/// `vfio-pci` sits on a PCIe port either way and Linux takes a conventional endpoint there.
-/// Left conventional, the planner puts it behind a `pcie-pci-bridge`, which has no
-/// `*-reserve` properties in QEMU 7.2: SeaBIOS then gives the bridge a 2 MiB window and the
-/// inner guest fails to assign a 128 GiB BAR 2.
+/// VFIO facts (`DeviceRequest::from_facts`). Functions without a PCI Express capability
+/// (ivshmem) go on a root port like any other.
 pub fn device_request(device: &PassDevice, host: &[HostFunction]) -> Result<pcie_topology::DeviceRequest> {
     let opts = ResourceOptions { include_rom: true, ..ResourceOptions::default() };
     let id = QemuId::new(device.id.as_str()).map_err(s)?;
-    let mut functions = Vec::new();
-    let mut group = None;
-    for (number, f) in functions_by_number(device, host) {
-        let mut request = pcie_topology::FunctionRequest::from_facts(number, &f.vfio, &opts).map_err(s)?;
-        request.pcie = true;
-        functions.push(request);
-        group = group.or(Some(f.group));
-    }
-    let mut request = pcie_topology::DeviceRequest::new(id, functions);
-    request.iommu_group = group;
-    request.validate().map_err(s)?;
-    Ok(request)
+    let facts: Vec<FunctionFacts> =
+        host.iter().filter(|f| f.device == device.id).map(|f| f.vfio.clone()).collect();
+    pcie_topology::DeviceRequest::from_facts(id, &facts, &opts).map_err(s)
 }
 
 /// Plans the inner q35 (SeaBIOS, one root port per device) from the VFIO facts.
@@ -628,7 +615,6 @@ mod tests {
     use pcilibs::bar::BarKind;
     use pcilibs::bdf::Bdf as HostBdf;
     use pcilibs::emulated::EmulatedConfigSpace;
-    use pcilibs::facts::FunctionFacts;
     use pcilibs::sizing::{BarSizes, SizeSource};
 
     use super::super::passthrough::Caps;
@@ -645,7 +631,6 @@ mod tests {
         facts.iommu_group = Some(4);
         HostFunction {
             device: device.into(),
-            guest_function: bdf.function,
             bdf,
             group: 4,
             sysfs: facts.clone(),
@@ -711,15 +696,9 @@ mod tests {
             functions: 1,
             stopped_unplug: false,
         };
-        let mut f = function("nvme1-vf2", "0000:03:00.2", 16 << 10, None);
-        f.guest_function = 0;
-        let host = [f];
-        // What the planner's own constructor makes of it: host function number 2 kept.
-        let facts = [host[0].vfio.clone()];
-        let id = QemuId::new("nvme1-vf2").unwrap();
-        let err =
-            pcie_topology::DeviceRequest::from_facts(id, &facts, &ResourceOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("function 0 is missing"), "{err}");
+        let host = [function("nvme1-vf2", "0000:03:00.2", 16 << 10, None)];
+        let by_number = functions_by_number(&vf, &host);
+        assert_eq!(by_number.keys().copied().collect::<Vec<_>>(), [0]);
         let req = device_request(&vf, &host).unwrap();
         assert_eq!(req.functions[0].function, 0);
         assert_eq!(req.iommu_group, Some(4));
@@ -727,6 +706,25 @@ mod tests {
         let planned = planned_functions(&plan.hotplug_action("nvme1-vf2").unwrap());
         assert_eq!(planned.len(), 1);
         assert_eq!(planned[0].2.function, 0);
+        let placed = plan.device("nvme1-vf2").unwrap();
+        assert_eq!(placed.host_functions(), [(&pcie_topology::HostRef::Bdf("0000:03:00.2".into()), 0)]);
+    }
+
+    #[test]
+    fn a_function_without_pcie_capability_goes_on_a_root_port() {
+        let ivs = PassDevice {
+            id: "ivs0".into(),
+            kind: "ivshmem".into(),
+            port_slot: 1,
+            functions: 1,
+            stopped_unplug: false,
+        };
+        let mut f = function("ivs0", "0000:01:00.0", 16 << 10, None);
+        f.vfio.is_pcie = false;
+        let plan = plan_inner(std::slice::from_ref(&ivs), &[f], 128).unwrap();
+        assert!(plan.bridges.is_empty());
+        let port = plan.port(plan.device("ivs0").unwrap().port.as_ref().unwrap().as_str()).unwrap();
+        assert_eq!(port.kind, pcie_topology::PortKind::Root);
     }
 
     #[test]

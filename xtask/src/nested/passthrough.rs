@@ -70,8 +70,6 @@ impl KernelVfio {
 pub struct HostFunction {
     /// Id of the inner device it belongs to.
     pub device: String,
-    /// Its function number in that inner device.
-    pub guest_function: u8,
     /// Address in the outer guest.
     pub bdf: Bdf,
     /// IOMMU group.
@@ -261,15 +259,9 @@ fn read_vfio(backend: &Backend, group: u32, bdf: Bdf) -> Result<(FunctionFacts, 
     }
 }
 
-/// Reads one bound function through sysfs and VFIO; it becomes function `guest_function`
-/// of inner device `device`.
-pub fn read_function(
-    device: &str,
-    guest_function: u8,
-    bdf: Bdf,
-    group: u32,
-    backend: &Backend,
-) -> Result<HostFunction> {
+/// Reads one bound function through sysfs and VFIO; it becomes a function of inner device
+/// `device` (numbered by the planner).
+pub fn read_function(device: &str, bdf: Bdf, group: u32, backend: &Backend) -> Result<HostFunction> {
     let sysfs = Sysfs::default();
     let sysfs_facts = sysfs.facts(bdf).map_err(|e| format!("{bdf}: sysfs: {e}"))?;
     let mut sysfs_config = sysfs.device(bdf).config().map_err(|e| format!("{bdf}: sysfs config: {e}"))?;
@@ -278,7 +270,6 @@ pub fn read_function(
     vfio_facts.iommu_group = Some(group);
     Ok(HostFunction {
         device: device.to_string(),
-        guest_function,
         bdf,
         group,
         sysfs_caps: Caps::of(&sysfs_config)?,
@@ -399,7 +390,6 @@ mod tests {
         let (v, vc) = facts(vfio_bar2);
         HostFunction {
             device: "gpu0".into(),
-            guest_function: 0,
             bdf: s.bdf,
             group: 3,
             sysfs_caps: Caps::of(&sc).unwrap(),

@@ -115,11 +115,10 @@ fn run(cfg: &InnerConfig, out: &mut Out) {
     inner(cfg, &devices, &host, plan, &backend, &kernel, &work, out);
 }
 
-/// A bound host function and its number in the inner device.
+/// A bound host function (the planner numbers it in the inner device).
 struct Bound {
     bdf: Bdf,
     group: u32,
-    guest_function: u8,
 }
 
 /// One device of the inner VM: a scenario device, or one SR-IOV VF of it.
@@ -167,11 +166,12 @@ fn bind(bdf: Bdf) -> Result<u32, String> {
     passthrough::bind_vfio(bdf, Duration::from_secs(20))
 }
 
-/// Every function of the device's slot, keeping its function number.
+/// Every function of the device's slot (with function 0 among them, the planner keeps
+/// their numbers).
 fn bind_device(d: &PassDevice) -> Result<Vec<Unit>, String> {
     let functions = passthrough::functions_of(d)?
         .into_iter()
-        .map(|bdf| Ok(Bound { bdf, group: bind(bdf)?, guest_function: bdf.function }))
+        .map(|bdf| Ok(Bound { bdf, group: bind(bdf)? }))
         .collect::<Result<Vec<_>, String>>()?;
     Ok(vec![Unit { device: d.clone(), functions }])
 }
@@ -199,7 +199,7 @@ fn bind_vfs(d: &PassDevice, out: &mut Out) -> Result<Vec<Unit>, String> {
         let mut device = d.clone();
         device.id = format!("{}-vf{n}", d.id);
         device.functions = 1;
-        units.push(Unit { device, functions: vec![Bound { bdf: *vf, group, guest_function: 0 }] });
+        units.push(Unit { device, functions: vec![Bound { bdf: *vf, group }] });
     }
     row.pass(format!(
         "ok: the PF's nvme driver made {} VFs, each in its own IOMMU group, passed through as {}",
@@ -225,7 +225,7 @@ fn read_all(
             let mut row = WireRow::new(format!("{device} {bdf} facts"));
             row.planned = "sysfs".into();
             row.guest = format!("vfio {}", backend.name());
-            match passthrough::read_function(device, b.guest_function, bdf, b.group, backend) {
+            match passthrough::read_function(device, bdf, b.group, backend) {
                 Ok(f) => {
                     let diff = passthrough::differences(&f);
                     row.bars_ok = Some(diff.iter().all(|d| !d.starts_with("BARs") && !d.starts_with("ROM")));
@@ -326,7 +326,7 @@ fn plan_row(plan: &pcie_topology::Plan, host: &[HostFunction]) -> WireRow {
     let mut row = WireRow::new("inner plan");
     for f in host.iter().filter(|f| !f.vfio.is_pcie) {
         row.notes.push(format!(
-            "{} {} has no PCI Express capability: planned on a root port all the same (vfio-pci)",
+            "{} {} has no PCI Express capability: planned on a root port like any other",
             f.device, f.bdf
         ));
     }
