@@ -14,28 +14,28 @@
 //!   step so that [`Engine::open`] can finish or roll back whatever a dead process left.
 //! * [`vfio`]: IOMMU-group viability and device checks before a VFIO hotplug.
 //!
+//! A `pcie-topology` plan's hotplug actions become requests with
+//! [`DeviceRequest::from_action`]; any other planner fills the serde-able request in.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use qmp_hotplug::{ClientOptions, DeviceRequest, Engine, EngineOptions, QmpClient, UnplugOutcome};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The plan the VM was booted with (`pcie_topology::plan`, kept as JSON).
+//! let plan: pcie_topology::Plan = serde_json::from_str(&std::fs::read_to_string("/run/vm/plan.json")?)?;
 //! let client = Arc::new(QmpClient::connect_unix("/run/vm/qmp.sock", ClientOptions::default())?);
 //! // Opening the journal recovers whatever a previous process left half done.
 //! let (engine, report) = Engine::open(client, "/run/vm/hotplug.journal", EngineOptions::default())?;
 //! println!("recovery: {report:?}");
 //!
-//! let request: DeviceRequest = serde_json::from_str(r#"{
-//!     "port": "rp3",
-//!     "functions": [{
-//!         "qdev": {"driver": "vfio-pci", "id": "gpu0", "bus": "rp3", "addr": "0.0", "host": "0000:41:00.0"},
-//!         "expect": {"kind": "pci", "bus": 4, "slot": 0, "function": 0,
-//!                    "bars": [{"bar": 0, "size": 16777216}, {"bar": 1, "size": 137438953472}]}
-//!     }]
-//! }"#)?;
+//! let action = plan.hotplug_action("gpu0")?;
+//! let request = DeviceRequest::from_action(&action)?;
+//! let port = request.port.clone();
 //! let record = engine.plug(request)?; // visible where planned, or rolled back
 //! println!("{:?} at {:?}", record.state, record.guest);
 //!
-//! match engine.unplug("rp3")? {
+//! match engine.unplug(&port)? {
 //!     UnplugOutcome::Removed => println!("gone, port free"),
 //!     UnplugOutcome::Pending => println!("guest has not released it yet; port stays taken"),
 //!     _ => {}

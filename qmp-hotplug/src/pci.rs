@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::request::PciExpectation;
+use crate::request::{BarExpectation, PciExpectation};
 use crate::state::GuestAddress;
 
 /// Deepest bridge nesting walked (PCIe allows far fewer levels in practice).
@@ -104,13 +104,33 @@ pub fn check(f: &PciFunction, want: &PciExpectation) -> Result<(), String> {
     if let Some(func) = want.function.filter(|x| *x != a.function) {
         return Err(mismatch("function", a.function, func));
     }
-    for bar in &want.bars {
-        match f.bars.iter().find(|(i, _)| *i == bar.bar) {
-            Some((_, size)) if *size == bar.size => {}
-            Some((_, size)) => {
-                return Err(format!("BAR {} is {size:#x} bytes, planned {:#x}", bar.bar, bar.size))
+    check_bars(&f.bars, &want.bars)
+}
+
+/// BARs named by index must have their size; each BAR expected by size alone must match a
+/// different one of BARs 0–5 that no indexed expectation names. Matching by equal size,
+/// taking the first free BAR of that size is as good as any other choice.
+fn check_bars(have: &[(u8, u64)], want: &[BarExpectation]) -> Result<(), String> {
+    let mut taken: Vec<u8> = Vec::new();
+    for (index, size) in want.iter().filter_map(|b| Some((b.bar?, b.size))) {
+        match have.iter().find(|(i, _)| *i == index) {
+            Some((_, got)) if *got == size => taken.push(index),
+            Some((_, got)) => return Err(format!("BAR {index} is {got:#x} bytes, planned {size:#x}")),
+            None => return Err(format!("BAR {index} is missing, planned {size:#x} bytes")),
+        }
+    }
+    for size in want.iter().filter(|b| b.bar.is_none()).map(|b| b.size) {
+        let free =
+            have.iter().find(|(i, got)| *i < BarExpectation::ROM && *got == size && !taken.contains(i));
+        match free {
+            Some((i, _)) => taken.push(*i),
+            None => {
+                let sizes: Vec<String> = have.iter().map(|(i, got)| format!("{i}: {got:#x}")).collect();
+                return Err(format!(
+                    "no BAR of the planned {size:#x} bytes left (BARs {})",
+                    if sizes.is_empty() { "none".to_owned() } else { sizes.join(", ") }
+                ));
             }
-            None => return Err(format!("BAR {} is missing, planned {:#x} bytes", bar.bar, bar.size)),
         }
     }
     Ok(())
@@ -119,7 +139,6 @@ pub fn check(f: &PciFunction, want: &PciExpectation) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::BarExpectation;
 
     /// Shape of QEMU 7.2's reply with a root port holding one device (trimmed).
     const REPLY: &str = r#"[{"bus": 0, "devices": [
@@ -140,16 +159,44 @@ mod tests {
             bus: Some(1),
             slot: Some(0),
             function: Some(0),
-            bars: vec![BarExpectation { bar: 4, size: 16384 }],
+            bars: vec![BarExpectation::at(4, 16384)],
         };
         assert_eq!(check(n0, &want), Ok(()));
         want.bus = Some(2);
         assert!(check(n0, &want).unwrap_err().contains("bus"));
         want.bus = None;
-        want.bars = vec![BarExpectation { bar: 4, size: 1 << 30 }];
+        want.bars = vec![BarExpectation::at(4, 1 << 30)];
         assert!(check(n0, &want).unwrap_err().contains("BAR 4"));
-        want.bars = vec![BarExpectation { bar: 2, size: 4096 }];
+        want.bars = vec![BarExpectation::at(2, 4096)];
         assert!(check(n0, &want).unwrap_err().contains("missing"));
+    }
+
+    #[test]
+    fn bars_by_size_each_take_a_different_bar() {
+        // e1000e as QEMU 7.2 shows it: two 128 KiB BARs, I/O, 16 KiB, and its ROM.
+        let have = [(0, 128 << 10), (1, 128 << 10), (2, 32), (3, 16 << 10), (6, 256 << 10)];
+        let any = BarExpectation::any;
+        let plan = [any(128 << 10), any(128 << 10), any(32), any(16 << 10)];
+        assert_eq!(check_bars(&have, &plan), Ok(()));
+        // A third 128 KiB BAR is not there, even though two are.
+        let three = [any(128 << 10), any(128 << 10), any(128 << 10)];
+        assert!(check_bars(&have, &three).unwrap_err().contains("0x20000"));
+        // A BAR named by index is not also counted for a size-only expectation.
+        let named = [BarExpectation::at(1, 128 << 10), any(128 << 10), any(128 << 10)];
+        assert!(check_bars(&have, &named).is_err());
+        // The ROM does not stand in for a BAR of its size, and is found by its index.
+        assert!(check_bars(&have, &[any(256 << 10)]).is_err());
+        assert_eq!(check_bars(&have, &[BarExpectation::at(BarExpectation::ROM, 256 << 10)]), Ok(()));
+        assert!(check_bars(&[], &[any(4096)]).unwrap_err().contains("BARs none"));
+    }
+
+    #[test]
+    fn index_is_optional_in_json() {
+        let old: BarExpectation = serde_json::from_str(r#"{"bar": 4, "size": 16384}"#).unwrap();
+        assert_eq!(old, BarExpectation::at(4, 16384));
+        let by_size: BarExpectation = serde_json::from_str(r#"{"size": 16384}"#).unwrap();
+        assert_eq!(by_size, BarExpectation::any(16384));
+        assert_eq!(serde_json::to_string(&by_size).unwrap(), r#"{"size":16384}"#);
     }
 
     #[test]

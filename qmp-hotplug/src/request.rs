@@ -1,12 +1,14 @@
 //! What the engine is asked to plug: a device (all functions of a slot or an IOMMU group,
 //! with the objects and descriptors they need) and what the guest should see afterwards.
 //!
-//! These types are the engine's own, small and serde-able, so that a planner (for example
-//! `pcie-topology`'s plan) maps onto them without this crate depending on it.
+//! These types are the engine's own, small and serde-able, so that any planner can fill
+//! them in; [`DeviceRequest::from_action`] builds one from a `pcie-topology` plan's
+//! [`HotplugAction`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
+use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -51,6 +53,14 @@ pub enum RequestError {
     /// A function of a multi-function slot says `multifunction=off`.
     #[error("device {0} is part of a multi-function slot but sets multifunction=off")]
     MultifunctionOff(String),
+    /// A plan's `object-add` argument object lacks a string `qom-type` or `id`.
+    #[error("device {device}: object-add without a string qom-type and id: {object}")]
+    BadObject {
+        /// The plan's device id.
+        device: String,
+        /// The argument object as given.
+        object: String,
+    },
 }
 
 /// Result alias of this module.
@@ -195,7 +205,7 @@ pub struct PciExpectation {
     /// Function number.
     #[serde(default)]
     pub function: Option<u8>,
-    /// BARs whose size must match exactly.
+    /// BARs whose size must match exactly, each a different BAR of the function.
     #[serde(default)]
     pub bars: Vec<BarExpectation>,
 }
@@ -203,10 +213,57 @@ pub struct PciExpectation {
 /// One BAR's expected size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BarExpectation {
-    /// BAR index as `query-pci` numbers it (0–5, 6 for the ROM).
-    pub bar: u8,
+    /// BAR index as `query-pci` numbers it (0–5, [`BarExpectation::ROM`] for the ROM).
+    /// `None`: any of BARs 0–5 of this size that no other expectation of the function
+    /// holds (a planner knows the sizes of a function's BARs, not always their indices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bar: Option<u8>,
     /// Size in bytes.
     pub size: u64,
+}
+
+impl BarExpectation {
+    /// The index `query-pci` gives the expansion ROM.
+    pub const ROM: u8 = 6;
+
+    /// The BAR at `bar` must have `size` bytes.
+    pub fn at(bar: u8, size: u64) -> BarExpectation {
+        BarExpectation { bar: Some(bar), size }
+    }
+
+    /// Some BAR (0–5) must have `size` bytes.
+    pub fn any(size: u64) -> BarExpectation {
+        BarExpectation { bar: None, size }
+    }
+}
+
+impl From<&ExpectedBar> for BarExpectation {
+    /// A plan's BAR: the ROM at [`BarExpectation::ROM`], any other by its size.
+    fn from(b: &ExpectedBar) -> BarExpectation {
+        if b.rom {
+            BarExpectation::at(BarExpectation::ROM, b.size)
+        } else {
+            BarExpectation::any(b.size)
+        }
+    }
+}
+
+impl Expectation {
+    /// What proves a function planned at `location` with `bars` arrived: a PCI function
+    /// in `query-pci` at its planned bus, slot and function with those BAR sizes; anything
+    /// else (ccw, vfio-ap, and zPCI, whose planned BDF is the guest's view, not QEMU's)
+    /// present in QEMU.
+    pub fn planned(location: &GuestLocation, bars: &[ExpectedBar]) -> Expectation {
+        match location {
+            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
+                bus: Some(bdf.bus),
+                slot: Some(bdf.devfn.slot),
+                function: Some(bdf.devfn.function),
+                bars: bars.iter().map(BarExpectation::from).collect(),
+            }),
+            _ => Expectation::Present,
+        }
+    }
 }
 
 /// A validated request with the order in which its devices are added.
@@ -250,6 +307,55 @@ pub fn parse_addr(v: &Value) -> Option<(u8, u8)> {
 }
 
 impl DeviceRequest {
+    /// The request for one hotplug action of a `pcie-topology` plan
+    /// ([`pcie_topology::Plan::hotplug_actions`], or an action for a device placed later).
+    ///
+    /// - `port`: the action's port; on s390x, which has no ports, the device id.
+    /// - `objects`: the action's `object_add` ([`ObjectRequest::from_object_add`]).
+    /// - `functions`: for each of the action's functions in its order (function 0 last;
+    ///   the engine keeps function 0 of a multi-function slot last in any case), first its
+    ///   companions (the s390x `zpci` device) expected [`Expectation::Present`], then its
+    ///   `device_add` expected as [`Expectation::planned`] says: a PCI function at its
+    ///   planned bus, slot and function with the plan's BAR sizes (the ROM as BAR 6, other
+    ///   BARs by size); ccw, zPCI and vfio-ap functions present.
+    /// - `placeholder`: the action's `remove_placeholder`.
+    ///
+    /// Descriptors (`fds`) are the caller's to add, as are objects and properties the plan
+    /// does not know (an `iommufd` object and each function's `iommufd` property). The
+    /// plan's BAR sizes are what its requests gave the planner: a request that asked for
+    /// room for SR-IOV VF BARs or for resizable BARs at their largest size lists sizes
+    /// that `query-pci` does not show, and its caller replaces those expectations.
+    pub fn from_action(action: &HotplugAction) -> Result<DeviceRequest> {
+        let port = action.port.as_ref().unwrap_or(&action.device).to_string();
+        let objects = action
+            .object_add
+            .iter()
+            .map(|o| {
+                ObjectRequest::from_object_add(o).ok_or_else(|| RequestError::BadObject {
+                    device: action.device.to_string(),
+                    object: Value::Object(o.clone()).to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut functions = Vec::new();
+        for f in &action.functions {
+            functions.extend(
+                f.companions
+                    .iter()
+                    .map(|c| FunctionRequest { qdev: c.clone(), expect: Expectation::Present }),
+            );
+            functions.push(FunctionRequest {
+                qdev: f.device_add.clone(),
+                expect: Expectation::planned(&f.guest, &f.bars),
+            });
+        }
+        let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
+            devices: p.device_del.iter().map(ToString::to_string).collect(),
+            objects: p.object_del.iter().map(ToString::to_string).collect(),
+        });
+        Ok(DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+    }
+
     /// Checks the request and fills in `multifunction=on` where a slot has several
     /// functions. Returns the plug order.
     pub(crate) fn prepare(&mut self) -> Result<Prepared> {
@@ -380,6 +486,9 @@ fn check_id<'a>(id: &'a str, seen: &mut HashSet<&'a str>) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod plan_tests;
 
 #[cfg(test)]
 mod tests {

@@ -328,7 +328,7 @@ fn engine_request(action: &HotplugAction, m: &Model) -> Result<qmp_hotplug::Devi
                 bus: Some(bdf.bus),
                 slot: Some(bdf.devfn.slot),
                 function: Some(bdf.devfn.function),
-                bars: m.bars.iter().map(|b| BarExpectation { bar: b.index, size: b.size }).collect(),
+                bars: m.bars.iter().map(|b| BarExpectation::at(b.index, b.size)).collect(),
             }),
             _ => Expectation::Present,
         };
@@ -772,10 +772,7 @@ mod tests {
             let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("pci") };
             let Expectation::Pci(want) = &r.functions[0].expect else { panic!("pci expectation") };
             assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus), Some(0), Some(0)));
-            assert_eq!(
-                want.bars,
-                vec![BarExpectation { bar: 0, size: 256 }, BarExpectation { bar: 2, size: 32 << 30 }]
-            );
+            assert_eq!(want.bars, vec![BarExpectation::at(0, 256), BarExpectation::at(2, 32 << 30)]);
         }
     }
 

@@ -154,7 +154,7 @@ pub fn engine_request(
             bus: Some(bdf.bus),
             slot: Some(bdf.devfn.slot),
             function: Some(bdf.devfn.function),
-            bars: host_bars(hf).into_iter().map(|(bar, size)| BarExpectation { bar, size }).collect(),
+            bars: host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect(),
         });
         let mut qdev = f.device_add.clone();
         if iommufd {
@@ -670,7 +670,7 @@ mod tests {
         assert_eq!(req.functions.len(), 2);
         assert_eq!(req.functions[0].prop("host"), Some("0000:02:00.1"));
         let Expectation::Pci(want) = &req.functions[0].expect else { panic!() };
-        assert_eq!(want.bars, [BarExpectation { bar: 0, size: 64 << 10 }]);
+        assert_eq!(want.bars, [BarExpectation::at(0, 64 << 10)]);
         assert_eq!(want.function, Some(1));
         let single = engine_request(
             &plan.hotplug_action("nic0").unwrap(),
@@ -679,7 +679,7 @@ mod tests {
         )
         .unwrap();
         let Expectation::Pci(want) = &single.functions[0].expect else { panic!() };
-        assert!(want.bars.contains(&BarExpectation { bar: 6, size: 256 << 10 }), "ROM as BAR 6");
+        assert!(want.bars.contains(&BarExpectation::at(6, 256 << 10)), "ROM as BAR 6");
         assert_eq!(single.objects[0].qom_type, "iommufd");
         assert_eq!(single.functions[0].prop("iommufd"), Some(single.objects[0].id.as_str()));
         let planned = planned_functions(&plan.hotplug_action("mf0").unwrap());
