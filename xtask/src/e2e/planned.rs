@@ -24,8 +24,8 @@ use pcie_topology::{
 };
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
-    BarExpectation, ClientOptions, DeviceState, Engine, EngineOptions, Expectation, ObjectRequest,
-    PciExpectation, PlaceholderRequest, QmpClient, UnplugOutcome,
+    BarExpectation, ClientOptions, DeviceRequest, DeviceState, Engine, EngineOptions, Expectation, QmpClient,
+    UnplugOutcome,
 };
 use serde_json::Value;
 
@@ -307,38 +307,26 @@ fn planned_location(action: &HotplugAction) -> String {
     parts.join(" ")
 }
 
-/// The engine's request for a plan action (mapping described in qmp-hotplug's README).
-fn engine_request(action: &HotplugAction, m: &Model) -> Result<qmp_hotplug::DeviceRequest> {
-    let port = action.port.as_ref().map_or_else(|| action.device.to_string(), |p| p.to_string());
-    let objects = action
-        .object_add
-        .iter()
-        .map(|o| {
-            ObjectRequest::from_object_add(o)
-                .ok_or_else(|| format!("object-add without qom-type or id: {o:?}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut functions = Vec::new();
-    for f in &action.functions {
-        for c in &f.companions {
-            functions.push(qmp_hotplug::FunctionRequest { qdev: c.clone(), expect: Expectation::Present });
+/// The engine's request for a plan action (`DeviceRequest::from_action`), with each PCI
+/// function's BARs pinned to the model's indices. The plan knows a function's BAR sizes
+/// but not their indices (a planner resource has none), so `from_action` expects each size
+/// on some BAR; the model knows where each one is, and `query-pci` must show it there.
+/// A plan whose sizes differ from the model's is an error, not a weaker check.
+fn engine_request(action: &HotplugAction, m: &Model) -> Result<DeviceRequest> {
+    let mut request = DeviceRequest::from_action(action).map_err(s)?;
+    let mut model: Vec<u64> = m.bars.iter().map(|b| b.size).collect();
+    model.sort_unstable();
+    for f in &mut request.functions {
+        let id = f.id().to_owned();
+        let Expectation::Pci(want) = &mut f.expect else { continue };
+        let mut planned: Vec<u64> = want.bars.iter().map(|b| b.size).collect();
+        planned.sort_unstable();
+        if planned != model {
+            return Err(format!("{id}: the plan expects BARs of {planned:?} bytes, the model {model:?}"));
         }
-        let expect = match &f.guest {
-            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
-                bus: Some(bdf.bus),
-                slot: Some(bdf.devfn.slot),
-                function: Some(bdf.devfn.function),
-                bars: m.bars.iter().map(|b| BarExpectation::at(b.index, b.size)).collect(),
-            }),
-            _ => Expectation::Present,
-        };
-        functions.push(qmp_hotplug::FunctionRequest { qdev: f.device_add.clone(), expect });
+        want.bars = m.bars.iter().map(|b| BarExpectation::at(b.index, b.size)).collect();
     }
-    let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
-        devices: p.device_del.iter().map(ToString::to_string).collect(),
-        objects: p.object_del.iter().map(ToString::to_string).collect(),
-    });
-    Ok(qmp_hotplug::DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+    Ok(request)
 }
 
 fn journal_device_adds(journal: &Path) -> Result<usize> {
@@ -772,7 +760,10 @@ mod tests {
             let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("pci") };
             let Expectation::Pci(want) = &r.functions[0].expect else { panic!("pci expectation") };
             assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus), Some(0), Some(0)));
-            assert_eq!(want.bars, vec![BarExpectation::at(0, 256), BarExpectation::at(2, 32 << 30)]);
+            assert_eq!(want.bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 << 30)]);
+            // A model that disagrees with the plan's sizes is refused, not checked loosely.
+            let e = engine_request(&action, &model(DeviceKind::Ivshmem, Some(64 << 30))).unwrap_err();
+            assert!(e.contains("the plan expects BARs of [256, 34359738368] bytes"), "{e}");
         }
     }
 

@@ -18,7 +18,7 @@ use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
     BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation,
-    ObjectRequest, PciExpectation, PlaceholderRequest, QmpClient, UnplugOutcome,
+    ObjectRequest, QmpClient, UnplugOutcome,
 };
 use serde_json::{json, Value};
 
@@ -118,55 +118,36 @@ pub fn host_bars(f: &HostFunction) -> Vec<(u8, u64)> {
     bars
 }
 
-/// The engine's request for a plan action, expecting each function at its planned place
-/// with the host function's BAR sizes. With `iommufd` the devices use an `iommufd` object.
+/// The engine's request for a plan action (`DeviceRequest::from_action`), expecting each
+/// function at its planned place with the host function's BAR sizes at their indices (the
+/// ROM as BAR 6). With `iommufd` the devices use an `iommufd` object.
 pub fn engine_request(
     action: &HotplugAction,
     host: &BTreeMap<u8, &HostFunction>,
     iommufd: bool,
 ) -> Result<qmp_hotplug::DeviceRequest> {
-    let port = action.port.as_ref().map_or_else(|| action.device.to_string(), ToString::to_string);
-    let mut objects = action
-        .object_add
-        .iter()
-        .map(|o| {
-            ObjectRequest::from_object_add(o)
-                .ok_or_else(|| format!("object-add without qom-type or id: {o:?}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut request = qmp_hotplug::DeviceRequest::from_action(action).map_err(s)?;
     let iommufd_id = format!("iommufd-{}", action.device);
     if iommufd {
-        objects.push(ObjectRequest {
+        request.objects.push(ObjectRequest {
             qom_type: "iommufd".into(),
             id: iommufd_id.clone(),
             props: Default::default(),
         });
     }
-    let mut functions = Vec::new();
     for f in &action.functions {
         let hf = host
             .get(&f.function)
             .ok_or_else(|| format!("{}: no host function {}", action.device, f.function))?;
-        let GuestLocation::Pci { bdf, .. } = &f.guest else {
-            return Err(format!("{}: function {} is not planned on PCI", action.device, f.function));
-        };
-        let expect = Expectation::Pci(PciExpectation {
-            bus: Some(bdf.bus),
-            slot: Some(bdf.devfn.slot),
-            function: Some(bdf.devfn.function),
-            bars: host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect(),
-        });
-        let mut qdev = f.device_add.clone();
+        let not_pci = || format!("{}: function {} is not planned on PCI", action.device, f.function);
+        let function = request.functions.iter_mut().find(|r| r.id() == f.id.as_str()).ok_or_else(not_pci)?;
+        let Expectation::Pci(want) = &mut function.expect else { return Err(not_pci()) };
+        want.bars = host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect();
         if iommufd {
-            qdev.insert("iommufd".into(), Value::String(iommufd_id.clone()));
+            function.qdev.insert("iommufd".into(), Value::String(iommufd_id.clone()));
         }
-        functions.push(qmp_hotplug::FunctionRequest { qdev, expect });
     }
-    let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
-        devices: p.device_del.iter().map(ToString::to_string).collect(),
-        objects: p.object_del.iter().map(ToString::to_string).collect(),
-    });
-    Ok(qmp_hotplug::DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+    Ok(request)
 }
 
 /// Planned guest address of each function of an action: (function number, QEMU id, BDF).
