@@ -27,9 +27,10 @@ use pcie_topology::platform::{
 };
 use pcie_topology::qemu::{DevFn, PropValue};
 use pcie_topology::{
-    GuestBdf, HostRef, HotplugAction, Mode, Plan, PlanError, PlanOptions, QemuDevice, QemuId,
+    FunctionResource, GuestBdf, HostRef, HotplugAction, Mode, Plan, PlanError, PlanOptions, QemuDevice,
+    QemuId,
 };
-use pcilibs::requirement::{Requirement, Resource};
+use pcilibs::requirement::Requirement;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -119,9 +120,10 @@ pub enum S390xDevice {
         /// Host function for `vfio-pci`.
         #[serde(default)]
         host: Option<HostRef>,
-        /// BARs, reported back as expected sizes.
+        /// BARs, reported back as the function's expected BARs (with their indices where
+        /// given: [`FunctionResource::bar`], [`FunctionResource::of_facts`]).
         #[serde(default)]
-        resources: Vec<Resource>,
+        resources: Vec<FunctionResource>,
     },
     /// A `vfio-ap` mediated matrix device.
     Ap {
@@ -332,7 +334,7 @@ fn add(plan: &mut Plan, platform: &S390xCcw, device: S390xDevice, cold_plug: boo
                 .prop("fid", u64::from(fid))
                 .prop("target", id.to_string());
             let bdf = GuestBdf { segment: uid, bus: 0, devfn: DevFn::new(0, 0)? };
-            let need = Requirement::of(&resources).unwrap_or_default();
+            let need = Requirement::of(resources.iter().map(|r| &r.resource)).unwrap_or_default();
             let location = GuestLocation::Zpci { uid, fid, bdf };
             let bars = resources.iter().map(ExpectedBar::from).collect();
             (PlacedFunction { function: 0, device: dev, companions: vec![zpci], location, bars, host }, need)

@@ -282,7 +282,8 @@ fn seabios_without_reservations_cannot_fit_a_128g_bar() {
     let devs = qemu.wait_pci(Duration::from_secs(60), programmed(&plan));
     let spare = plan.ports.iter().find(|p| p.profile.is_some()).unwrap();
     let b = find(&devs, spare.id.as_str()).bridge.unwrap();
-    assert!(!b.fits(&HotplugProfile::h100().resources));
+    let h100: Vec<_> = HotplugProfile::h100().resources.iter().map(|r| r.resource).collect();
+    assert!(!b.fits(&h100));
 }
 
 #[test]

@@ -99,7 +99,13 @@ fn kata(mix: &Mix) -> String {
     let sum = |kind: WindowKind| -> u64 {
         gpus.iter()
             .map(|(p, n)| {
-                p.resources.iter().filter(|r| r.window() == kind).map(|r| r.size).sum::<u64>() * u64::from(*n)
+                p.resources
+                    .iter()
+                    .map(|r| r.resource)
+                    .filter(|r| r.window() == kind)
+                    .map(|r| r.size)
+                    .sum::<u64>()
+                    * u64::from(*n)
             })
             .sum()
     };

@@ -118,11 +118,15 @@ pub enum PlanError {
     #[error("device `{0}` is not in the plan")]
     UnknownDevice(String),
     /// A plan file has another format version.
-    #[error("plan format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "plan format version {found} is not supported (this build reads versions {oldest} to {supported})"
+    )]
     Version {
         /// Version in the file.
         found: u32,
-        /// Version this build reads.
+        /// Oldest version this build reads.
+        oldest: u32,
+        /// Newest version this build reads (the one it writes).
         supported: u32,
     },
     /// A plan file is not valid JSON for a plan.

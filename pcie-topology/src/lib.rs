@@ -97,12 +97,14 @@ pub use error::{AddressSpaceError, PlanError};
 pub use path::{GuestBdf, GuestPciPath};
 pub use plan::{
     FunctionAction, HotplugAction, Mode, Placeholder, PlaceholderRemoval, Plan, PlanOptions, PlanRequest,
-    Port, PortKind, SpareRequest, PLAN_VERSION,
+    Port, PortKind, SpareRequest, PLAN_VERSION, PLAN_VERSION_OLDEST,
 };
 pub use planner::plan;
 pub use platform::{Platform, PlatformSpec, WindowRule};
 pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
-pub use request::{Attach, DeviceRequest, FunctionRequest, HostRef, HotplugProfile};
+pub use request::{
+    Attach, DeviceRequest, FunctionRequest, FunctionResource, HostRef, HotplugProfile, ResourceRole,
+};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -14,12 +14,22 @@ use crate::error::PlanError;
 use crate::path::{GuestBdf, GuestPciPath};
 use crate::platform::{ExtraArgs, PlatformSpec};
 use crate::qemu::{DevFn, QemuDevice, QemuId, QemuObject};
-use crate::request::{Attach, DeviceRequest, HostRef, HotplugProfile, RequestError};
+use crate::request::{
+    visible_size, Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, RequestError,
+    ResourceRole,
+};
 use crate::reserve::Window;
 use crate::units::{fmt_size, human_size};
 
 /// Format version of [`Plan`]; bumped on any incompatible change.
-pub const PLAN_VERSION: u32 = 1;
+///
+/// Version 2: every [`ExpectedBar`] carries its BAR index and [`ResourceRole`] (so do the
+/// resources of a spare port's [`HotplugProfile`]).
+pub const PLAN_VERSION: u32 = 2;
+
+/// Oldest format version [`Plan::from_json`] still reads. A version 1 plan reads as one
+/// whose BARs have no index and are all [`ResourceRole::Bar`]: what it said then.
+pub const PLAN_VERSION_OLDEST: u32 = 1;
 
 /// Placement policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -205,7 +215,7 @@ pub struct PciBridge {
     pub io: Window,
 }
 
-/// Expected BAR of a function in the guest.
+/// A resource the plan made room for on a function, and what the guest will show of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ExpectedBar {
     /// Address space.
@@ -214,13 +224,39 @@ pub struct ExpectedBar {
     pub prefetchable: bool,
     /// Expansion ROM.
     pub rom: bool,
-    /// Size in bytes.
+    /// Size in bytes the plan made room for (see [`ExpectedBar::visible_size`] for what
+    /// the guest shows).
     pub size: u64,
+    /// BAR index (0–5, [`FunctionResource::ROM`] for the ROM, the VF BAR's index for a VF
+    /// aperture); `None` when the request did not say (and in version 1 plans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u8>,
+    /// What the entry stands for: a BAR as the guest will show it, an SR-IOV VF aperture,
+    /// or a resizable BAR at its largest size.
+    #[serde(default, skip_serializing_if = "ResourceRole::is_bar")]
+    pub role: ResourceRole,
 }
 
-impl From<&Resource> for ExpectedBar {
-    fn from(r: &Resource) -> Self {
-        ExpectedBar { kind: r.kind, prefetchable: r.prefetchable, rom: r.rom, size: r.size }
+impl From<&FunctionResource> for ExpectedBar {
+    fn from(r: &FunctionResource) -> Self {
+        let FunctionResource { resource: res, index, role } = *r;
+        ExpectedBar {
+            kind: res.kind,
+            prefetchable: res.prefetchable,
+            rom: res.rom,
+            size: res.size,
+            index,
+            role,
+        }
+    }
+}
+
+impl ExpectedBar {
+    /// The size the guest (and QEMU's `query-pci`) shows for this entry once the function
+    /// is plugged: `size` for a BAR or ROM, the current size for a resizable BAR planned at
+    /// its largest, `None` for an SR-IOV VF aperture (not a BAR of the function there).
+    pub fn visible_size(&self) -> Option<u64> {
+        visible_size(self.role, self.size)
     }
 }
 
@@ -236,7 +272,8 @@ pub struct PlacedFunction {
     pub companions: Vec<QemuDevice>,
     /// Where the guest will see it.
     pub location: GuestLocation,
-    /// BARs the guest must show assigned.
+    /// Resources the plan made room for: the BARs the guest must show assigned (at their
+    /// index and [`ExpectedBar::visible_size`]), SR-IOV VF apertures it will not show.
     pub bars: Vec<ExpectedBar>,
     /// Host function, if passed through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -463,7 +500,8 @@ pub struct FunctionAction {
     pub device_add: Map<String, Value>,
     /// Where the guest must then show it.
     pub guest: GuestLocation,
-    /// BARs the guest must show assigned (sizes as `query-pci` reports them).
+    /// The function's planned resources ([`PlacedFunction::bars`]): each BAR the guest must
+    /// show, where [`ExpectedBar::visible_size`] says it shows one.
     pub bars: Vec<ExpectedBar>,
 }
 
@@ -534,17 +572,22 @@ impl Plan {
         Ok(s)
     }
 
-    /// Reads a plan written by [`Plan::to_json`], checking the format version first.
+    /// Reads a plan written by [`Plan::to_json`], checking the format version first. A
+    /// plan of an older version this build still reads ([`PLAN_VERSION_OLDEST`]) comes
+    /// back as the current version, members it lacked at their defaults.
     pub fn from_json(text: &str) -> Result<Plan, PlanError> {
         let v: Value = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
         let found = v.get("version").and_then(Value::as_u64).unwrap_or(0);
-        if found != u64::from(PLAN_VERSION) {
+        if !(u64::from(PLAN_VERSION_OLDEST)..=u64::from(PLAN_VERSION)).contains(&found) {
             return Err(PlanError::Version {
                 found: u32::try_from(found).unwrap_or(u32::MAX),
+                oldest: PLAN_VERSION_OLDEST,
                 supported: PLAN_VERSION,
             });
         }
-        serde_json::from_value(v).map_err(|e| PlanError::Json(e.to_string()))
+        let mut plan: Plan = serde_json::from_value(v).map_err(|e| PlanError::Json(e.to_string()))?;
+        plan.version = PLAN_VERSION;
+        Ok(plan)
     }
 
     /// Guest CPU `phys-bits` to set when the plan needs more than the machine's default.

@@ -3,12 +3,14 @@
 //!
 //! The planner's input is its own small type, so it does not depend on how the facts were
 //! gathered (sysfs, VFIO, an lspci dump or a hand-written profile). Each function carries
-//! its resources as [`pcilibs::requirement::Resource`]s; the window rule that turns them
-//! into a port's needs is [`pcilibs::requirement::Requirement::of`].
+//! its resources as [`FunctionResource`]s: a [`pcilibs::requirement::Resource`] (what the
+//! window rule [`pcilibs::requirement::Requirement::of`] sizes ports from) with the BAR
+//! index it sits at and what it stands for ([`ResourceRole`]), so that the plan can say
+//! which BARs the guest will show, where, and at which size.
 
 use std::collections::BTreeMap;
 
-use pcilibs::bar::BarKind;
+use pcilibs::bar::{Bar, BarKind};
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
@@ -64,6 +66,159 @@ pub enum HostRef {
     Sysfsdev(String),
 }
 
+/// What a [`FunctionResource`] stands for, and so what the guest will show of it.
+///
+/// A planner reserves room for all three; only a [`ResourceRole::Bar`] appears in the
+/// guest (and in QEMU's `query-pci`) at the planned size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ResourceRole {
+    /// A BAR or the expansion ROM at the size the function has now: the guest sees it at
+    /// its index with this size.
+    #[default]
+    Bar,
+    /// Room for the SR-IOV VFs' BAR at the index (VF BAR size times TotalVFs,
+    /// [`ResourceOptions::include_sriov_vfs`]). It belongs to the physical function's SR-IOV
+    /// capability, not to its BARs, and QEMU's `vfio-pci` hides that capability from the
+    /// guest: `query-pci` never shows it.
+    VfAperture,
+    /// A resizable BAR planned at its largest supported size
+    /// ([`ResourceOptions::rebar_max`]). QEMU 7.2's `vfio-pci` does not expose the
+    /// Resizable BAR capability, so the guest sees the BAR at `current` bytes.
+    ResizableMax {
+        /// The BAR's size now (what the guest sees).
+        current: u64,
+    },
+}
+
+impl ResourceRole {
+    /// Whether this is [`ResourceRole::Bar`].
+    pub fn is_bar(&self) -> bool {
+        *self == ResourceRole::Bar
+    }
+}
+
+/// One address-space resource of a function: what the port's windows must hold
+/// ([`Resource`]), the BAR index it sits at and what it stands for.
+///
+/// In JSON the resource's members sit next to `index` and `role`, so a plain
+/// [`Resource`] reads as a BAR of unknown index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FunctionResource {
+    /// Kind, prefetchability, size and alignment, as the window rule needs them.
+    #[serde(flatten)]
+    pub resource: Resource,
+    /// BAR index (0–5; [`FunctionResource::ROM`] for the expansion ROM; for a VF aperture
+    /// the VF BAR's index). `None` when whoever built the request does not know it; the
+    /// guest is then checked for a BAR of that size at any index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u8>,
+    /// What the entry stands for.
+    #[serde(default, skip_serializing_if = "ResourceRole::is_bar")]
+    pub role: ResourceRole,
+}
+
+impl From<Resource> for FunctionResource {
+    /// A BAR of unknown index (the ROM at [`FunctionResource::ROM`]) as the function has it now.
+    fn from(resource: Resource) -> Self {
+        FunctionResource {
+            resource,
+            index: resource.rom.then_some(FunctionResource::ROM),
+            role: ResourceRole::Bar,
+        }
+    }
+}
+
+impl FunctionResource {
+    /// The index PCI gives the expansion ROM (the one after BAR 5).
+    pub const ROM: u8 = 6;
+
+    /// BAR `index` of `size` bytes (a power of two) at its natural alignment.
+    pub fn bar(index: u8, kind: BarKind, prefetchable: bool, size: u64) -> Self {
+        FunctionResource::at(index, Resource::bar(kind, prefetchable, size))
+    }
+
+    /// An expansion ROM of `size` bytes (a power of two).
+    pub fn rom(size: u64) -> Self {
+        FunctionResource::from(Resource { rom: true, ..Resource::bar(BarKind::Mem32, false, size) })
+    }
+
+    /// `resource` as the BAR at `index`, at the size the function has now.
+    pub fn at(index: u8, resource: Resource) -> Self {
+        FunctionResource { resource, index: Some(index), role: ResourceRole::Bar }
+    }
+
+    /// The resources of a host function that `opts` selects, each with its index and role:
+    /// BARs of known size (at their largest resizable size with `rebar_max`, when larger),
+    /// the ROM (`include_rom`), the SR-IOV VF BAR apertures (`include_sriov_vfs`). Same
+    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`].
+    pub fn of_facts(facts: &FunctionFacts, opts: &ResourceOptions) -> Vec<FunctionResource> {
+        let mut out = Vec::with_capacity(facts.bars.len() + 1);
+        for b in &facts.bars {
+            let Some(size) = b.size else { continue };
+            let max = if opts.rebar_max { rebar_max(facts, b).filter(|m| *m > size) } else { None };
+            out.push(match max {
+                Some(max) => FunctionResource {
+                    resource: Resource::bar(b.kind, b.prefetchable, max),
+                    index: Some(b.index),
+                    role: ResourceRole::ResizableMax { current: size },
+                },
+                None => FunctionResource::bar(b.index, b.kind, b.prefetchable, size),
+            });
+        }
+        if opts.include_rom {
+            if let Some(size) = facts.rom_size {
+                out.push(FunctionResource::rom(size));
+            }
+        }
+        if opts.include_sriov_vfs {
+            if let Some(s) = facts.sriov.as_ref().filter(|s| s.total_vfs > 0) {
+                for b in &s.vf_bars {
+                    let Some(size) = b.size else { continue };
+                    let Some(total) = size.checked_mul(u64::from(s.total_vfs)) else { continue };
+                    out.push(FunctionResource {
+                        resource: Resource {
+                            kind: b.kind,
+                            prefetchable: b.prefetchable,
+                            rom: false,
+                            size: total,
+                            align: size,
+                        },
+                        index: Some(b.index),
+                        role: ResourceRole::VfAperture,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The size the guest sees for this entry once the function is plugged (QEMU's
+    /// `query-pci` included): the size for a BAR or ROM, the current size for a resizable
+    /// BAR planned at its maximum, `None` for a VF aperture.
+    pub fn visible_size(&self) -> Option<u64> {
+        visible_size(self.role, self.resource.size)
+    }
+}
+
+/// See [`FunctionResource::visible_size`].
+pub(crate) fn visible_size(role: ResourceRole, size: u64) -> Option<u64> {
+    match role {
+        ResourceRole::Bar => Some(size),
+        ResourceRole::ResizableMax { current } => Some(current),
+        ResourceRole::VfAperture => None,
+    }
+}
+
+/// The largest size a resizable memory BAR supports, as pcilibs sizes it.
+fn rebar_max(facts: &FunctionFacts, b: &Bar) -> Option<u64> {
+    if b.kind == BarKind::Io {
+        return None;
+    }
+    facts.rebar.iter().find(|r| r.bar == b.index).and_then(|r| r.supported_sizes.iter().copied().max())
+}
+
 /// One function of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionRequest {
@@ -80,8 +235,8 @@ pub struct FunctionRequest {
     /// Host function passed through, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostRef>,
-    /// Address-space resources: BARs, ROM, SR-IOV VF apertures.
-    pub resources: Vec<Resource>,
+    /// Address-space resources: BARs, ROM, SR-IOV VF apertures, each with its index and role.
+    pub resources: Vec<FunctionResource>,
     /// The function has a PCI Express capability (false: a conventional PCI function). It
     /// does not decide where the device goes: see [`DeviceRequest::attach`].
     #[serde(default = "yes")]
@@ -97,7 +252,7 @@ fn yes() -> bool {
 
 impl FunctionRequest {
     /// A function with a driver and resources, PCIe, no host reference.
-    pub fn new(function: u8, driver: &str, resources: Vec<Resource>) -> Self {
+    pub fn new(function: u8, driver: &str, resources: Vec<FunctionResource>) -> Self {
         FunctionRequest {
             function,
             driver: driver.to_string(),
@@ -111,7 +266,7 @@ impl FunctionRequest {
     }
 
     /// A `vfio-pci` function for host function `bdf` with the given resources.
-    pub fn vfio(function: u8, bdf: &str, resources: Vec<Resource>) -> Self {
+    pub fn vfio(function: u8, bdf: &str, resources: Vec<FunctionResource>) -> Self {
         let mut f = FunctionRequest::new(function, "vfio-pci", resources);
         f.props.insert("host".into(), PropValue::Str(bdf.to_string()));
         f.host = Some(HostRef::Bdf(bdf.to_string()));
@@ -120,12 +275,16 @@ impl FunctionRequest {
 
     /// An `ivshmem-plain` GPU stand-in: one 64-bit prefetchable BAR of `size` bytes backed
     /// by a RAM backend with `reserve=off` (no host memory used), plus its 256-byte BAR 0.
+    /// `ivshmem-plain` has its registers at BAR 0 and the shared memory at BAR 2.
     pub fn ivshmem(function: u8, device_id: &QemuId, size: u64) -> Result<Self, QemuError> {
         let mem_id = QemuId::new(format!("{device_id}-mem{function}"))?;
         let mut f = FunctionRequest::new(
             function,
             "ivshmem-plain",
-            vec![Resource::bar(BarKind::Mem32, false, 256), Resource::bar(BarKind::Mem64, true, size)],
+            vec![
+                FunctionResource::bar(0, BarKind::Mem32, false, 256),
+                FunctionResource::bar(2, BarKind::Mem64, true, size),
+            ],
         );
         f.props.insert("memdev".into(), PropValue::Str(mem_id.to_string()));
         f.objects.push(QemuObject::unbacked_ram(mem_id, size));
@@ -135,7 +294,8 @@ impl FunctionRequest {
 
 impl FunctionRequest {
     /// A `vfio-pci` function for a host function described by pcilibs, with the resources
-    /// `opts` selects (ROM, SR-IOV VF apertures, largest resizable BAR sizes).
+    /// `opts` selects (ROM, SR-IOV VF apertures, largest resizable BAR sizes), each at the
+    /// index the facts give it ([`FunctionResource::of_facts`]).
     pub fn from_facts(
         function: u8,
         facts: &FunctionFacts,
@@ -147,7 +307,8 @@ impl FunctionRequest {
                 unknown.iter().map(|(i, vf)| format!("{}BAR {i}", if *vf { "VF " } else { "" })).collect();
             return Err(RequestError::UnknownSize { bdf: facts.bdf.to_string(), what: what.join(", ") });
         }
-        let mut f = FunctionRequest::vfio(function, &facts.bdf.to_string(), facts.resources(opts));
+        let mut f =
+            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts));
         f.pcie = facts.is_pcie;
         f.class = Some(facts.class_code);
         Ok(f)
@@ -280,12 +441,15 @@ impl DeviceRequest {
         if !seen[0] {
             return Err(err("function 0 is missing"));
         }
+        for f in &self.functions {
+            check_indices(&f.resources).map_err(|why| err(&format!("function {}: {why}", f.function)))?;
+        }
         self.requirement().map(|_| ())
     }
 
     /// All resources of all functions.
     pub fn resources(&self) -> impl Iterator<Item = &Resource> {
-        self.functions.iter().flat_map(|f| f.resources.iter())
+        self.functions.iter().flat_map(|f| f.resources.iter().map(|r| &r.resource))
     }
 
     /// What a port holding this device must forward.
@@ -298,6 +462,34 @@ impl DeviceRequest {
     pub fn is_pcie(&self) -> bool {
         self.functions.iter().all(|f| f.pcie)
     }
+}
+
+/// Checks the BAR indices of one function's resources: BARs at 0–5 (a 64-bit BAR takes
+/// its register and the next, so it cannot sit at 5), the ROM at [`FunctionResource::ROM`]
+/// and nothing else there, no two resources on one register (the function's own BARs
+/// and its VF BAR apertures counted apart: they are registers of different structures).
+fn check_indices(resources: &[FunctionResource]) -> Result<(), String> {
+    let mut own = [false; 7];
+    let mut vf = [false; 6];
+    for r in resources {
+        let Some(index) = r.index else { continue };
+        let rom = r.resource.rom;
+        if rom != (index == FunctionResource::ROM) {
+            return Err(format!("resource at index {index}: index 6 is the ROM's and only the ROM's"));
+        }
+        let start = usize::from(index);
+        let end = start + if !rom && r.resource.kind == BarKind::Mem64 { 2 } else { 1 };
+        let limit = if rom { own.len() } else { 6 };
+        let registers: &mut [bool] = if r.role == ResourceRole::VfAperture { &mut vf } else { &mut own };
+        let slots = registers.get_mut(start..end).filter(|_| end <= limit).ok_or_else(|| {
+            format!("BAR {index} ({} registers) does not fit BAR registers 0-5", end - start)
+        })?;
+        if slots.iter().any(|taken| *taken) {
+            return Err(format!("BAR {index}: two resources on one BAR register"));
+        }
+        slots.fill(true);
+    }
+    Ok(())
 }
 
 /// The guest function number of each host function of one guest device, in the order
@@ -331,64 +523,67 @@ pub fn guest_function_numbers(functions: &[FunctionFacts]) -> Vec<u8> {
 pub struct HotplugProfile {
     /// Short name shown in plans and explanations (`h100`, `custom`).
     pub name: String,
-    /// Resources of the device the port must fit.
-    pub resources: Vec<Resource>,
+    /// Resources of the device the port must fit (indices where the profile knows them).
+    pub resources: Vec<FunctionResource>,
 }
 
 impl HotplugProfile {
     /// A profile with the given resources.
-    pub fn new(name: &str, resources: Vec<Resource>) -> Self {
+    pub fn new(name: &str, resources: Vec<FunctionResource>) -> Self {
         HotplugProfile { name: name.to_string(), resources }
     }
 
-    /// An H100-class GPU: 16 MiB 32-bit BAR 0, 128 GiB and 32 MiB 64-bit prefetchable BARs.
+    /// An H100-class GPU: 16 MiB 32-bit BAR 0, 128 GiB 64-bit prefetchable BAR 1 and
+    /// 32 MiB 64-bit prefetchable BAR 3.
     pub fn h100() -> Self {
-        HotplugProfile::new(
-            "h100",
-            vec![
-                Resource::bar(BarKind::Mem32, false, 16 * MIB),
-                Resource::bar(BarKind::Mem64, true, 128 * GIB),
-                Resource::bar(BarKind::Mem64, true, 32 * MIB),
-            ],
-        )
+        HotplugProfile::nvidia_gpu("h100", 128 * GIB)
     }
 
-    /// An A100-class GPU: 16 MiB 32-bit, 64 GiB and 32 MiB 64-bit prefetchable BARs.
+    /// An A100-class GPU: 16 MiB 32-bit BAR 0, 64 GiB 64-bit prefetchable BAR 1 and
+    /// 32 MiB 64-bit prefetchable BAR 3.
     pub fn a100() -> Self {
+        HotplugProfile::nvidia_gpu("a100", 64 * GIB)
+    }
+
+    /// The BAR layout NVIDIA data-center GPUs share: registers at BAR 0, the frame buffer
+    /// aperture at BAR 1, a 32 MiB BAR 3.
+    fn nvidia_gpu(name: &str, aperture: u64) -> Self {
         HotplugProfile::new(
-            "a100",
+            name,
             vec![
-                Resource::bar(BarKind::Mem32, false, 16 * MIB),
-                Resource::bar(BarKind::Mem64, true, 64 * GIB),
-                Resource::bar(BarKind::Mem64, true, 32 * MIB),
+                FunctionResource::bar(0, BarKind::Mem32, false, 16 * MIB),
+                FunctionResource::bar(1, BarKind::Mem64, true, aperture),
+                FunctionResource::bar(3, BarKind::Mem64, true, 32 * MIB),
             ],
         )
     }
 
     /// An NVSwitch function (class 0x0680): one 32 MiB 32-bit BAR 0.
     pub fn nvswitch() -> Self {
-        HotplugProfile::new("nvswitch", vec![Resource::bar(BarKind::Mem32, false, 32 * MIB)])
+        HotplugProfile::new("nvswitch", vec![FunctionResource::bar(0, BarKind::Mem32, false, 32 * MIB)])
     }
 
-    /// A typical NIC function: 16 KiB and 64 KiB 64-bit non-prefetchable BARs.
+    /// A typical NIC function: 16 KiB and 64 KiB 64-bit non-prefetchable BARs (no
+    /// particular device, so no indices).
     pub fn nic() -> Self {
         HotplugProfile::new(
             "nic",
             vec![
-                Resource::bar(BarKind::Mem64, false, 64 << 10),
-                Resource::bar(BarKind::Mem64, false, 16 << 10),
+                Resource::bar(BarKind::Mem64, false, 64 << 10).into(),
+                Resource::bar(BarKind::Mem64, false, 16 << 10).into(),
             ],
         )
     }
 
-    /// A profile from the resources of a device.
+    /// A profile from the resources of a device (of all its functions).
     pub fn of_device(device: &DeviceRequest) -> Self {
-        HotplugProfile::new(device.id.as_str(), device.resources().copied().collect())
+        let resources = device.functions.iter().flat_map(|f| f.resources.iter().copied()).collect();
+        HotplugProfile::new(device.id.as_str(), resources)
     }
 
     /// Parses a known name (`h100`, `a100`, `nvswitch`, `nic`) or a list of
     /// `SIZE:KIND` items with KIND one of `mem32`, `pref32`, `mem64`, `pref64`, `io`
-    /// (`16M:mem32,128G:pref64,32M:pref64`).
+    /// (`16M:mem32,128G:pref64,32M:pref64`; such a list has no BAR indices).
     pub fn parse(text: &str) -> Result<Self, RequestError> {
         match text {
             "h100" => return Ok(Self::h100()),
@@ -413,7 +608,7 @@ impl HotplugProfile {
                 "io" => (BarKind::Io, false),
                 _ => return Err(bad()),
             };
-            resources.push(Resource::bar(kind, pref, size));
+            resources.push(Resource::bar(kind, pref, size).into());
         }
         let p = HotplugProfile::new("custom", resources);
         p.requirement()?;
@@ -422,7 +617,7 @@ impl HotplugProfile {
 
     /// What a port reserved for this profile must forward.
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
-        Requirement::of(&self.resources)
+        Requirement::of(self.resources.iter().map(|r| &r.resource))
             .map_err(|source| RequestError::Requirement { device: self.name.clone(), source })
     }
 
@@ -431,6 +626,7 @@ impl HotplugProfile {
         let parts: Vec<String> = self
             .resources
             .iter()
+            .map(|r| &r.resource)
             .map(|r| {
                 let kind = match (r.kind, r.prefetchable) {
                     (BarKind::Io, _) => "io",
@@ -498,6 +694,129 @@ mod tests {
             size_source: None,
             problems: Vec::new(),
         }
+    }
+
+    /// A GPU-like physical function: 16 MiB BAR 0, a resizable 64-bit prefetchable BAR 2
+    /// (256 MiB now, up to 8 GiB), a 128 KiB ROM and 4 VFs, each with a 32-bit 64 KiB VF
+    /// BAR 0 and a 64-bit prefetchable 32 MiB VF BAR 3. `opts` with everything on.
+    fn sriov_rebar_pf() -> (FunctionFacts, ResourceOptions) {
+        use pcilibs::bar::Bar;
+        use pcilibs::facts::{RebarFacts, SriovFacts};
+        let mut f = nvme("0000:07:00.0", 9);
+        let bar = |index, kind, prefetchable, size| Bar { index, kind, prefetchable, size: Some(size) };
+        f.bars = vec![bar(0, BarKind::Mem32, false, 16 * MIB), bar(2, BarKind::Mem64, true, 256 * MIB)];
+        f.rom_size = Some(128 << 10);
+        f.rebar = vec![RebarFacts {
+            bar: 2,
+            supported_sizes: vec![256 * MIB, 512 * MIB, 8 * GIB],
+            current_size: 256 * MIB,
+        }];
+        f.sriov = Some(SriovFacts {
+            total_vfs: 4,
+            num_vfs: 0,
+            initial_vfs: 4,
+            first_vf_offset: 1,
+            vf_stride: 1,
+            vf_device_id: 0x1234,
+            vf_bars: vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)],
+        });
+        let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+        (f, opts)
+    }
+
+    #[test]
+    fn resources_from_facts_keep_the_index_and_say_what_they_stand_for() {
+        let (facts, opts) = sriov_rebar_pf();
+        let r = FunctionResource::of_facts(&facts, &opts);
+        // The same resources pcilibs lists, in its order.
+        let plain: Vec<Resource> = r.iter().map(|r| r.resource).collect();
+        assert_eq!(plain, facts.resources(&opts));
+        let tagged: Vec<(Option<u8>, ResourceRole, u64)> =
+            r.iter().map(|r| (r.index, r.role, r.resource.size)).collect();
+        assert_eq!(
+            tagged,
+            [
+                (Some(0), ResourceRole::Bar, 16 * MIB),
+                (Some(2), ResourceRole::ResizableMax { current: 256 * MIB }, 8 * GIB),
+                (Some(6), ResourceRole::Bar, 128 << 10),
+                (Some(0), ResourceRole::VfAperture, 4 * (64 << 10)),
+                (Some(3), ResourceRole::VfAperture, 4 * 32 * MIB),
+            ]
+        );
+        let visible: Vec<Option<u64>> = r.iter().map(FunctionResource::visible_size).collect();
+        assert_eq!(visible, [Some(16 * MIB), Some(256 * MIB), Some(128 << 10), None, None]);
+        // Without the options: the BARs as they are now, nothing else.
+        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default());
+        let bars_now = [
+            FunctionResource::bar(0, BarKind::Mem32, false, 16 * MIB),
+            FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB),
+        ];
+        assert_eq!(now, bars_now);
+        // A ReBAR maximum no larger than now is just the BAR.
+        let mut small = facts.clone();
+        small.rebar[0].supported_sizes = vec![128 * MIB, 256 * MIB];
+        let r = FunctionResource::of_facts(&small, &opts);
+        assert_eq!(r[1], FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB));
+        // The device request validates (VF BAR 0 and BAR 0 are different registers).
+        let d = DeviceRequest::from_facts(QemuId::new("gpu").unwrap(), &[facts], &opts).unwrap();
+        assert_eq!(d.functions[0].resources.len(), 5);
+    }
+
+    #[test]
+    fn resource_json_is_a_resource_plus_index_and_role() {
+        let (facts, opts) = sriov_rebar_pf();
+        for r in FunctionResource::of_facts(&facts, &opts) {
+            let back: FunctionResource = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            assert_eq!(back, r);
+        }
+        // A plain resource (a request written before indices) reads as a BAR of unknown index.
+        let plain = Resource::bar(BarKind::Mem64, true, GIB);
+        let r: FunctionResource = serde_json::from_str(&serde_json::to_string(&plain).unwrap()).unwrap();
+        assert_eq!(r, FunctionResource { resource: plain, index: None, role: ResourceRole::Bar });
+        let text = serde_json::to_string(&FunctionResource::bar(2, BarKind::Mem64, true, GIB)).unwrap();
+        assert!(text.contains(r#""index":2"#) && !text.contains("role"), "{text}");
+    }
+
+    #[test]
+    fn bad_indices_are_refused() {
+        let id = QemuId::new("dev").unwrap();
+        let device =
+            |resources| DeviceRequest::new(id.clone(), vec![FunctionRequest::new(0, "x", resources)]);
+        let mem32 = |i| FunctionResource::bar(i, BarKind::Mem32, false, 4096);
+        let mem64 = |i| FunctionResource::bar(i, BarKind::Mem64, true, GIB);
+        let ok = [
+            vec![mem32(0), mem64(1), mem32(3), mem64(4), FunctionResource::rom(4096)],
+            vec![mem32(5)],
+            vec![mem64(0), FunctionResource { role: ResourceRole::VfAperture, ..mem64(0) }],
+            vec![Resource::bar(BarKind::Mem32, false, 4096).into(), mem32(0)],
+        ];
+        for r in ok {
+            device(r.clone()).validate().unwrap_or_else(|e| panic!("{r:?}: {e}"));
+        }
+        let bad = [
+            (vec![mem64(5)], "does not fit"),
+            (vec![mem32(6)], "index 6"),
+            (vec![mem32(7)], "does not fit"),
+            (vec![mem64(0), mem32(1)], "two resources"),
+            (vec![mem32(2), mem32(2)], "two resources"),
+            (vec![FunctionResource { index: Some(0), ..FunctionResource::rom(4096) }], "index 6"),
+        ];
+        for (r, why) in bad {
+            let e = device(r.clone()).validate().unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("function 0"), "{r:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn stand_ins_and_profiles_know_their_indices() {
+        let d = DeviceRequest::ivshmem("gpu0", GIB).unwrap();
+        let at: Vec<(Option<u8>, u64)> =
+            d.functions[0].resources.iter().map(|r| (r.index, r.resource.size)).collect();
+        assert_eq!(at, [(Some(0), 256), (Some(2), GIB)]);
+        let h100: Vec<Option<u8>> = HotplugProfile::h100().resources.iter().map(|r| r.index).collect();
+        assert_eq!(h100, [Some(0), Some(1), Some(3)]);
+        assert!(HotplugProfile::parse("16M:mem32").unwrap().resources.iter().all(|r| r.index.is_none()));
+        assert_eq!(HotplugProfile::of_device(&d).resources, d.functions[0].resources);
     }
 
     fn numbers(d: &DeviceRequest) -> Vec<(String, u8)> {

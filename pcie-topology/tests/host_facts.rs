@@ -1,11 +1,12 @@
 //! Devices built from this host's real sysfs through pcilibs plan like any other: every
-//! BAR the kernel reports becomes an expected BAR of the planned function.
+//! BAR the kernel reports becomes an expected BAR of the planned function, at its index.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use arch_x86_aarch64::Q35;
-use pcie_topology::{plan, DeviceRequest, Mode, PlanRequest, QemuId};
+use pcie_topology::{plan, DeviceRequest, Mode, PlanRequest, QemuId, ResourceRole};
 use pcilibs::config::HeaderType;
 use pcilibs::facts::ResourceOptions;
+use pcilibs::requirement::Resource;
 use pcilibs::sysfs::Sysfs;
 
 #[test]
@@ -24,7 +25,14 @@ fn host_functions_plan_with_their_real_bars() {
         }
         let id = QemuId::new(format!("host{}", devices.len())).unwrap();
         let d = DeviceRequest::from_facts(id, std::slice::from_ref(&facts), &opts).unwrap();
-        assert_eq!(d.functions[0].resources, facts.resources(&opts));
+        let resources: Vec<Resource> = d.functions[0].resources.iter().map(|r| r.resource).collect();
+        assert_eq!(resources, facts.resources(&opts));
+        // Every resource sits at the index the facts give its BAR, at the BAR's size.
+        for r in &d.functions[0].resources {
+            assert_eq!(r.role, ResourceRole::Bar, "{}", facts.bdf);
+            let bar = facts.bars.iter().find(|b| Some(b.index) == r.index).unwrap();
+            assert_eq!(bar.size, Some(r.resource.size), "{} BAR {}", facts.bdf, bar.index);
+        }
         assert_eq!(d.iommu_group, facts.iommu_group);
         devices.push((d, facts));
     }
@@ -40,6 +48,11 @@ fn host_functions_plan_with_their_real_bars() {
         let f = &placed.functions[0];
         assert_eq!(f.device.props["host"], facts.bdf.to_string().as_str().into());
         assert_eq!(f.bars.len(), facts.resources(&opts).len());
+        let planned: Vec<(Option<u8>, Option<u64>)> =
+            f.bars.iter().map(|b| (b.index, b.visible_size())).collect();
+        let host: Vec<(Option<u8>, Option<u64>)> =
+            facts.bars.iter().filter(|b| b.size.is_some()).map(|b| (Some(b.index), b.size)).collect();
+        assert_eq!(planned, host, "{}", facts.bdf);
         assert!(plan.port(placed.port.as_ref().unwrap().as_str()).unwrap().reservation.holds(&placed.need));
     }
 }

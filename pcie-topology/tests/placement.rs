@@ -7,7 +7,7 @@
 use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::plan::bridge_requirement;
 use pcie_topology::qemu::PropValue;
-use pcie_topology::request::FunctionRequest;
+use pcie_topology::request::{FunctionRequest, FunctionResource};
 use pcie_topology::units::{GIB, KIB, MIB};
 use pcie_topology::{
     plan, Attach, DeviceRequest, HostRef, Mode, PlanError, PlanOptions, PlanRequest, Platform, PortKind,
@@ -37,7 +37,7 @@ fn conventional_ivshmem(id: &str, size: u64) -> DeviceRequest {
 
 /// A conventional function with one small BAR (a legacy NIC or sound card).
 fn legacy(id: &str, bar: u64) -> DeviceRequest {
-    let mut f = FunctionRequest::new(0, "e1000", vec![Resource::bar(BarKind::Mem32, false, bar)]);
+    let mut f = FunctionRequest::new(0, "e1000", vec![FunctionResource::bar(0, BarKind::Mem32, false, bar)]);
     f.pcie = false;
     let mut d = DeviceRequest::new(QemuId::new(id).unwrap(), vec![f]);
     d.attach = Attach::PciBridge;

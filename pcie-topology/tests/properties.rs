@@ -55,6 +55,8 @@ fn device(i: usize) -> impl Strategy<Value = DeviceRequest> {
                 .into_iter()
                 .enumerate()
                 .map(|(f, resources)| {
+                    // Random BARs: no device layout to take indices from.
+                    let resources = resources.into_iter().map(Into::into).collect();
                     let mut fr = FunctionRequest::new(f as u8, "vfio-pci", resources);
                     fr.props.insert("host".into(), PropValue::Str(format!("0000:{:02x}:00.{f}", i + 1)));
                     fr.pcie = !conventional;
@@ -221,7 +223,7 @@ fn check_plan(plan: &Plan) {
                 .flat_map(|f| f.bars.iter())
                 .map(|b| Resource::bar(b.kind, b.prefetchable, b.size))
                 .collect(),
-            (None, Some(prof)) => prof.resources.clone(),
+            (None, Some(prof)) => prof.resources.iter().map(|r| r.resource).collect(),
             _ => continue,
         };
         let r = &p.reservation;

@@ -215,7 +215,7 @@ pub struct PciExpectation {
 pub struct BarExpectation {
     /// BAR index as `query-pci` numbers it (0–5, [`BarExpectation::ROM`] for the ROM).
     /// `None`: any of BARs 0–5 of this size that no other expectation of the function
-    /// holds (a planner knows the sizes of a function's BARs, not always their indices).
+    /// holds (for a caller that knows a BAR's size but not its index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bar: Option<u8>,
     /// Size in bytes.
@@ -235,31 +235,35 @@ impl BarExpectation {
     pub fn any(size: u64) -> BarExpectation {
         BarExpectation { bar: None, size }
     }
-}
 
-impl From<&ExpectedBar> for BarExpectation {
-    /// A plan's BAR: the ROM at [`BarExpectation::ROM`], any other by its size.
-    fn from(b: &ExpectedBar) -> BarExpectation {
-        if b.rom {
-            BarExpectation::at(BarExpectation::ROM, b.size)
-        } else {
-            BarExpectation::any(b.size)
-        }
+    /// What `query-pci` must show for one of a plan's entries: the size the function shows
+    /// ([`ExpectedBar::visible_size`]: a resizable BAR's current size, not the maximum the
+    /// plan made room for) at the entry's index (the ROM at [`BarExpectation::ROM`]; any
+    /// BAR of that size when the plan does not know the index, as in version 1 plans).
+    /// `None` for an entry `query-pci` never shows: an SR-IOV VF BAR aperture.
+    pub fn planned(b: &ExpectedBar) -> Option<BarExpectation> {
+        let size = b.visible_size()?;
+        Some(match (b.index, b.rom) {
+            (Some(index), _) => BarExpectation::at(index, size),
+            (None, true) => BarExpectation::at(BarExpectation::ROM, size),
+            (None, false) => BarExpectation::any(size),
+        })
     }
 }
 
 impl Expectation {
     /// What proves a function planned at `location` with `bars` arrived: a PCI function
-    /// in `query-pci` at its planned bus, slot and function with those BAR sizes; anything
-    /// else (ccw, vfio-ap, and zPCI, whose planned BDF is the guest's view, not QEMU's)
-    /// present in QEMU.
+    /// in `query-pci` at its planned bus, slot and function, with each BAR `query-pci`
+    /// will show at its index and size ([`BarExpectation::planned`]); anything else (ccw,
+    /// vfio-ap, and zPCI, whose planned BDF is the guest's view, not QEMU's) present in
+    /// QEMU.
     pub fn planned(location: &GuestLocation, bars: &[ExpectedBar]) -> Expectation {
         match location {
             GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
                 bus: Some(bdf.bus),
                 slot: Some(bdf.devfn.slot),
                 function: Some(bdf.devfn.function),
-                bars: bars.iter().map(BarExpectation::from).collect(),
+                bars: bars.iter().filter_map(BarExpectation::planned).collect(),
             }),
             _ => Expectation::Present,
         }
@@ -316,15 +320,15 @@ impl DeviceRequest {
     ///   the engine keeps function 0 of a multi-function slot last in any case), first its
     ///   companions (the s390x `zpci` device) expected [`Expectation::Present`], then its
     ///   `device_add` expected as [`Expectation::planned`] says: a PCI function at its
-    ///   planned bus, slot and function with the plan's BAR sizes (the ROM as BAR 6, other
-    ///   BARs by size); ccw, zPCI and vfio-ap functions present.
+    ///   planned bus, slot and function with each BAR pinned to the plan's index at the
+    ///   size `query-pci` shows (the ROM as BAR 6; SR-IOV VF apertures not expected; a
+    ///   resizable BAR at its current size); ccw, zPCI and vfio-ap functions present.
     /// - `placeholder`: the action's `remove_placeholder`.
     ///
     /// Descriptors (`fds`) are the caller's to add, as are objects and properties the plan
-    /// does not know (an `iommufd` object and each function's `iommufd` property). The
-    /// plan's BAR sizes are what its requests gave the planner: a request that asked for
-    /// room for SR-IOV VF BARs or for resizable BARs at their largest size lists sizes
-    /// that `query-pci` does not show, and its caller replaces those expectations.
+    /// does not know (an `iommufd` object and each function's `iommufd` property). A BAR
+    /// the plan has no index for (a request built from bare sizes, a version 1 plan) is
+    /// expected by size on any BAR 0–5 ([`BarExpectation::any`]).
     pub fn from_action(action: &HotplugAction) -> Result<DeviceRequest> {
         let port = action.port.as_ref().unwrap_or(&action.device).to_string();
         let objects = action

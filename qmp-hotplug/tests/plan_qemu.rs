@@ -14,13 +14,17 @@ use arch_x86_aarch64::Q35;
 use common::{names, Hotplug, Qemu};
 use pcie_topology::plan::GuestLocation;
 use pcie_topology::{
-    DeviceRequest as PlannedDevice, FunctionRequest, Plan, PlanOptions, PlanRequest, QemuId,
+    DeviceRequest as PlannedDevice, FunctionRequest, FunctionResource, Plan, PlanOptions, PlanRequest,
+    QemuId, ResourceRole,
 };
 use pcilibs::bar::BarKind;
-use pcilibs::requirement::Resource;
+use pcilibs::facts::ResourceOptions;
+use pcilibs::sysfs::SysfsDevice;
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::request::DeviceRequest;
+use qmp_hotplug::request::{BarExpectation, Expectation};
 use qmp_hotplug::state::DeviceState;
+use serde_json::Value;
 
 /// QEMU's memory in the helper (`-m 128`).
 const GUEST_RAM: u64 = 128 << 20;
@@ -28,15 +32,15 @@ const GUEST_RAM: u64 = 128 << 20;
 /// An ivshmem with a 4 GiB BAR and a two-function e1000e, each on its own root port.
 fn plan() -> Plan {
     let e1000e = |function| {
-        let bar = |kind, size| Resource::bar(kind, false, size);
+        let bar = |index, kind, size| FunctionResource::bar(index, kind, false, size);
         FunctionRequest::new(
             function,
             "e1000e",
             vec![
-                bar(BarKind::Mem32, 128 << 10),
-                bar(BarKind::Mem32, 128 << 10),
-                bar(BarKind::Io, 32),
-                bar(BarKind::Mem32, 16 << 10),
+                bar(0, BarKind::Mem32, 128 << 10),
+                bar(1, BarKind::Mem32, 128 << 10),
+                bar(2, BarKind::Io, 32),
+                bar(3, BarKind::Mem32, 16 << 10),
             ],
         )
     };
@@ -50,7 +54,12 @@ fn plan() -> Plan {
 }
 
 fn start(plan: &Plan) -> (Qemu, Arc<qmp_hotplug::QmpClient>) {
-    let mut args = plan.device_args();
+    start_with(plan, &[])
+}
+
+fn start_with(plan: &Plan, extra: &[&str]) -> (Qemu, Arc<qmp_hotplug::QmpClient>) {
+    let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    args.extend(plan.device_args());
     args.extend(plan.extra.qemu.iter().cloned());
     if let Some(bits) = plan.cpu_phys_bits() {
         args.extend(["-cpu".into(), format!("max,phys-bits={bits}")]);
@@ -107,7 +116,7 @@ fn a_bar_size_the_device_does_not_have_rolls_the_plug_back() {
     match engine.plug(request) {
         Err(EngineError::PlugFailed { cause, state, .. }) => {
             let cause = cause.to_string();
-            assert!(cause.contains("no BAR of the planned 0x200000000 bytes"), "{cause}");
+            assert!(cause.contains("BAR 2 is 0x100000000 bytes, planned 0x200000000"), "{cause}");
             assert_eq!(state, DeviceState::Removed);
         }
         other => panic!("{other:?}"),
@@ -115,4 +124,61 @@ fn a_bar_size_the_device_does_not_have_rolls_the_plug_back() {
     assert!(!names(&c, "/machine/peripheral").contains("gpu0"));
     assert!(!names(&c, "/objects").contains("gpu0-mem0"));
     assert!(engine.is_port_free(&port));
+}
+
+/// The nvme physical function of pcilibs' QEMU guest fixtures: QEMU 7.2's `nvme` with
+/// `sriov_max_vfs=4` as a Linux 6.1 guest's sysfs shows it, and the `-device` properties
+/// it was made with (the fixture README's command line).
+const NVME_FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../pcilibs/tests/fixtures/qemu-x86_64/0000:06:00.0");
+const NVME_PROPS: [(&str, &str); 7] = [
+    ("serial", "fixtures0"),
+    ("subsys", "nvmesubsys0"),
+    ("sriov_max_vfs", "4"),
+    ("sriov_vq_flexible", "8"),
+    ("sriov_vi_flexible", "4"),
+    ("max_ioqpairs", "10"),
+    ("msix_qsize", "5"),
+];
+
+#[test]
+fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
+    let facts = SysfsDevice::open_dir(NVME_FIXTURE)
+        .and_then(|d| d.facts())
+        .unwrap_or_else(|e| panic!("{NVME_FIXTURE}: {e} (the workspace's pcilibs fixtures are needed)"));
+    let everything = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &everything).unwrap();
+    let request = PlanRequest {
+        devices: vec![nvme],
+        options: PlanOptions { guest_ram: GUEST_RAM, ..PlanOptions::default() },
+        ..PlanRequest::default()
+    };
+    let plan = pcie_topology::plan(&Q35::seabios(), &request).unwrap();
+    let action = plan.hotplug_action("nvme0").unwrap();
+    assert!(
+        action.functions[0].bars.iter().any(|b| b.role == ResourceRole::VfAperture),
+        "the plan makes room for the VFs: {:?}",
+        action.functions[0].bars
+    );
+    let mut request = DeviceRequest::from_action(&action).unwrap();
+    let Expectation::Pci(want) = &request.functions[0].expect else { panic!("nvme0 expected on PCI") };
+    assert_eq!(want.bars, [BarExpectation::at(0, 16 << 10)]);
+    // No VFIO device here: QEMU's own nvme model, the device the facts were read from,
+    // stands in for `vfio-pci,host=`; the expectations stay the plan's.
+    let qdev = &mut request.functions[0].qdev;
+    qdev.remove("host");
+    qdev.insert("driver".into(), Value::String("nvme".into()));
+    for (k, v) in NVME_PROPS {
+        qdev.insert(k.into(), Value::String(v.into()));
+    }
+    let (_q, c) = start_with(&plan, &["-device", "nvme-subsys,id=nvmesubsys0,nqn=fixtures"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
+    let port = request.port.clone();
+    let rec = engine.plug(request).unwrap_or_else(|e| panic!("nvme with SR-IOV as planned: {e}"));
+    assert_eq!(rec.state, DeviceState::Visible);
+    let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("nvme0 not on PCI") };
+    let got = rec.guest.iter().find(|(id, _)| id == "nvme0").unwrap().1;
+    assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+    assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
 }

@@ -138,7 +138,7 @@ pub fn assert_windows_hold(plan: &Plan, port: &Port, bridge: Bridge) {
             .flat_map(|f| f.bars.iter())
             .map(|b| Resource::bar(b.kind, b.prefetchable, b.size))
             .collect(),
-        (Some(p), None) => p.resources.clone(),
+        (Some(p), None) => p.resources.iter().map(|r| r.resource).collect(),
         (None, None) => return,
     };
     assert!(

@@ -419,6 +419,7 @@ impl<'a> Builder<'a> {
             .map(|prof| {
                 prof.resources
                     .iter()
+                    .map(|r| r.resource)
                     .filter(|r| r.window() == pcilibs::requirement::Window::Pref)
                     .map(|r| r.size)
                     .collect()

@@ -2,10 +2,13 @@
 
 use arch_s390x_ccw::{S390xCcw, S390xDevice};
 use arch_x86_aarch64::Q35;
-use pcie_topology::plan::{GuestLocation, HotplugAction, Mode, PlanRequest};
-use pcie_topology::{DeviceRequest as PlannedDevice, FunctionRequest as PlannedFunction, Plan, QemuId};
+use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction, Mode, PlanRequest};
+use pcie_topology::{
+    DeviceRequest as PlannedDevice, FunctionRequest as PlannedFunction, FunctionResource, Plan, QemuId,
+    ResourceRole,
+};
 use pcilibs::bar::BarKind;
-use pcilibs::requirement::Resource;
+use pcilibs::facts::ResourceOptions;
 
 use super::*;
 
@@ -20,17 +23,17 @@ fn action(plan: &Plan, device: &str) -> HotplugAction {
     plan.hotplug_action(device).unwrap()
 }
 
-/// e1000e's BARs (QEMU 7.2): two 128 KiB memory BARs, 32 bytes of I/O, 16 KiB.
+/// e1000e's BARs (QEMU 7.2): two 128 KiB memory BARs, 32 bytes of I/O, 16 KiB, at 0–3.
 fn e1000e(function: u8) -> PlannedFunction {
-    let bar = |kind, size| Resource::bar(kind, false, size);
+    let bar = |index, kind, size| FunctionResource::bar(index, kind, false, size);
     PlannedFunction::new(
         function,
         "e1000e",
         vec![
-            bar(BarKind::Mem32, 128 << 10),
-            bar(BarKind::Mem32, 128 << 10),
-            bar(BarKind::Io, 32),
-            bar(BarKind::Mem32, 16 << 10),
+            bar(0, BarKind::Mem32, 128 << 10),
+            bar(1, BarKind::Mem32, 128 << 10),
+            bar(2, BarKind::Io, 32),
+            bar(3, BarKind::Mem32, 16 << 10),
         ],
     )
 }
@@ -42,7 +45,8 @@ fn pci(f: &FunctionRequest) -> &PciExpectation {
     }
 }
 
-/// Each function's expectation is the plan's place for it, with the plan's BAR sizes.
+/// Each function's expectation is the plan's place for it, with each of the plan's BARs
+/// at its index (these plans know every index).
 fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
     for fa in &action.functions {
         let f = request.functions.iter().find(|f| f.id() == fa.id.as_str()).unwrap();
@@ -55,9 +59,10 @@ fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
             "{}",
             fa.id
         );
-        let sizes: Vec<u64> = fa.bars.iter().map(|b| b.size).collect();
-        assert!(!sizes.is_empty(), "{} has BARs in the plan", fa.id);
-        assert_eq!(want.bars, sizes.iter().map(|s| BarExpectation::any(*s)).collect::<Vec<_>>());
+        assert!(!fa.bars.is_empty(), "{} has BARs in the plan", fa.id);
+        let at: Vec<BarExpectation> =
+            fa.bars.iter().map(|b| BarExpectation::at(b.index.unwrap(), b.size)).collect();
+        assert_eq!(want.bars, at);
     }
 }
 
@@ -70,7 +75,7 @@ fn root_port_device_with_its_memory_backend() {
     assert!(plan.port(&r.port).is_some(), "the port exists in the plan");
     assert_eq!(r.functions.len(), 1);
     assert_pci_as_planned(&r, &a);
-    assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::any(256), BarExpectation::any(32 * GIB)]);
+    assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 * GIB)]);
     // The ivshmem's memory backend, created before the device.
     assert_eq!(r.objects.len(), 1);
     assert_eq!(Some(r.objects[0].arguments()), a.object_add.first().cloned().map(Value::Object));
@@ -119,14 +124,18 @@ fn multi_function_device_plugs_function_zero_last() {
     assert_eq!(plugged.last(), Some(&Some(0)), "engine order {plugged:?}");
     assert!(r.functions.iter().all(|f| f.prop("multifunction") == Some("on")));
     let bars = &pci(&r.functions[0]).bars;
-    let e1000e = [128 << 10, 128 << 10, 32, 16 << 10].map(BarExpectation::any);
+    let e1000e =
+        [(0, 128 << 10), (1, 128 << 10), (2, 32), (3, 16 << 10)].map(|(i, size)| BarExpectation::at(i, size));
     assert_eq!(bars, &e1000e);
 }
 
 #[test]
 fn s390x_ccw_and_zpci_with_companions_first() {
-    let virtio_bars =
-        vec![Resource::bar(BarKind::Mem32, false, 4 << 10), Resource::bar(BarKind::Mem64, true, 16 << 10)];
+    // virtio-net-pci: MSI-X table at BAR 1, the modern interface at BAR 4.
+    let virtio_bars = vec![
+        FunctionResource::bar(1, BarKind::Mem32, false, 4 << 10),
+        FunctionResource::bar(4, BarKind::Mem64, true, 16 << 10),
+    ];
     let devices = [
         S390xDevice::ccw(QemuId::new("net1").unwrap(), "virtio-net-ccw"),
         S390xDevice::Zpci {
@@ -181,9 +190,65 @@ fn object_without_id_is_an_error() {
 }
 
 #[test]
-fn rom_is_expected_at_its_index() {
-    let b =
-        |rom| pcie_topology::plan::ExpectedBar { kind: BarKind::Mem32, prefetchable: false, rom, size: 4096 };
-    assert_eq!(BarExpectation::from(&b(true)), BarExpectation::at(BarExpectation::ROM, 4096));
-    assert_eq!(BarExpectation::from(&b(false)), BarExpectation::any(4096));
+fn each_entry_is_expected_as_query_pci_shows_it() {
+    let b = |index, role| ExpectedBar {
+        kind: BarKind::Mem64,
+        prefetchable: true,
+        rom: false,
+        size: 8 * GIB,
+        index,
+        role,
+    };
+    let planned = BarExpectation::planned;
+    assert_eq!(planned(&b(Some(2), ResourceRole::Bar)), Some(BarExpectation::at(2, 8 * GIB)));
+    // A resizable BAR shows its current size, not the maximum the plan made room for.
+    let rebar = b(Some(2), ResourceRole::ResizableMax { current: 256 << 20 });
+    assert_eq!(planned(&rebar), Some(BarExpectation::at(2, 256 << 20)));
+    // VF apertures are the SR-IOV capability's, which QEMU hides: never expected.
+    assert_eq!(planned(&b(Some(0), ResourceRole::VfAperture)), None);
+    assert_eq!(planned(&b(None, ResourceRole::VfAperture)), None);
+    // Without an index (a version 1 plan, a request of bare sizes): any BAR of the size;
+    // the ROM has its own index in any case.
+    assert_eq!(planned(&b(None, ResourceRole::Bar)), Some(BarExpectation::any(8 * GIB)));
+    let rom = ExpectedBar {
+        kind: BarKind::Mem32,
+        prefetchable: false,
+        rom: true,
+        size: 4096,
+        index: None,
+        role: ResourceRole::Bar,
+    };
+    assert_eq!(planned(&rom), Some(BarExpectation::at(BarExpectation::ROM, 4096)));
+}
+
+/// A plan made from the facts of a real SR-IOV physical function, with room for its VFs'
+/// BARs: QEMU 7.2's `nvme` with `sriov_max_vfs=4`, as a Linux 6.1 guest's sysfs shows it
+/// (pcilibs' fixtures).
+fn sriov_nvme_plan(opts: &ResourceOptions) -> Plan {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../pcilibs/tests/fixtures/qemu-x86_64/0000:06:00.0");
+    let facts = pcilibs::sysfs::SysfsDevice::open_dir(dir)
+        .and_then(|d| d.facts())
+        .unwrap_or_else(|e| panic!("{dir}: {e} (the workspace's pcilibs fixtures are needed)"));
+    assert_eq!(facts.sriov.as_ref().map(|s| s.total_vfs), Some(4));
+    let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], opts).unwrap();
+    let request = PlanRequest { devices: vec![nvme], ..PlanRequest::default() };
+    pcie_topology::plan(&Q35::seabios(), &request).unwrap()
+}
+
+#[test]
+fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
+    let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let plan = sriov_nvme_plan(&opts);
+    let a = action(&plan, "nvme0");
+    // The plan holds room for BAR 0 and for the 4 VFs' BAR 0.
+    let roles: Vec<(Option<u8>, ResourceRole, u64)> =
+        a.functions[0].bars.iter().map(|b| (b.index, b.role, b.size)).collect();
+    assert_eq!(
+        roles,
+        [(Some(0), ResourceRole::Bar, 16 << 10), (Some(0), ResourceRole::VfAperture, 64 << 10)]
+    );
+    // query-pci will show BAR 0 of 16 KiB, nothing else: that is all that is expected.
+    let r = DeviceRequest::from_action(&a).unwrap();
+    assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 16 << 10)]);
+    assert_eq!(r.functions[0].prop("host"), Some("0000:06:00.0"));
 }

@@ -19,13 +19,12 @@ use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::plan::{function_id, GuestLocation, Reservation};
 use pcie_topology::qemu::PropValue;
 use pcie_topology::{
-    FunctionRequest, HotplugAction, HotplugProfile, Plan, PlanOptions, PlanRequest, Platform, QemuId,
-    SpareRequest,
+    FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, PlanOptions, PlanRequest,
+    Platform, QemuId, SpareRequest,
 };
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
-    BarExpectation, ClientOptions, DeviceRequest, DeviceState, Engine, EngineOptions, Expectation, QmpClient,
-    UnplugOutcome,
+    ClientOptions, DeviceRequest, DeviceState, Engine, EngineOptions, Expectation, QmpClient, UnplugOutcome,
 };
 use serde_json::Value;
 
@@ -80,6 +79,11 @@ fn platform(scenario: &Scenario) -> Result<Box<dyn Platform>> {
     })
 }
 
+/// The planner resources of one function of a model: its BARs at their indices.
+fn resources(m: &Model) -> Vec<FunctionResource> {
+    m.bars.iter().map(|b| FunctionResource::at(b.index, b.resource())).collect()
+}
+
 /// The planner request of one scenario device (every function of it).
 fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequest> {
     let id = QemuId::new(d.id.as_str()).map_err(s)?;
@@ -89,7 +93,7 @@ fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequ
         let func = match (d.kind, d.bar_size) {
             (DeviceKind::Ivshmem, Some(size)) => FunctionRequest::ivshmem(f, &id, size.0).map_err(s)?,
             _ => {
-                let mut func = FunctionRequest::new(f, m.driver, m.resources());
+                let mut func = FunctionRequest::new(f, m.driver, resources(m));
                 if m.needs_serial {
                     func.props.insert("serial".into(), PropValue::Str(fid.clone()));
                 }
@@ -128,7 +132,7 @@ fn s390x_device(d: &DeviceSpec, m: &Model) -> Result<S390xDevice> {
     Ok(if d.kind.is_ccw() {
         S390xDevice::Ccw { id, driver: m.driver.into(), props, host: None, ssid: 0 }
     } else {
-        S390xDevice::Zpci { id, driver: m.driver.into(), props, host: None, resources: m.resources() }
+        S390xDevice::Zpci { id, driver: m.driver.into(), props, host: None, resources: resources(m) }
     })
 }
 
@@ -307,24 +311,24 @@ fn planned_location(action: &HotplugAction) -> String {
     parts.join(" ")
 }
 
-/// The engine's request for a plan action (`DeviceRequest::from_action`), with each PCI
-/// function's BARs pinned to the model's indices. The plan knows a function's BAR sizes
-/// but not their indices (a planner resource has none), so `from_action` expects each size
-/// on some BAR; the model knows where each one is, and `query-pci` must show it there.
-/// A plan whose sizes differ from the model's is an error, not a weaker check.
+/// The engine's request for a plan action (`DeviceRequest::from_action`): each PCI
+/// function expected at its planned place with the plan's BARs at their indices, which
+/// `query-pci` must show. The plan's (index, size) pairs must be the model's: a plan that
+/// disagrees is an error, not a weaker check.
 fn engine_request(action: &HotplugAction, m: &Model) -> Result<DeviceRequest> {
-    let mut request = DeviceRequest::from_action(action).map_err(s)?;
-    let mut model: Vec<u64> = m.bars.iter().map(|b| b.size).collect();
+    let request = DeviceRequest::from_action(action).map_err(s)?;
+    let mut model: Vec<(Option<u8>, u64)> = m.bars.iter().map(|b| (Some(b.index), b.size)).collect();
     model.sort_unstable();
-    for f in &mut request.functions {
-        let id = f.id().to_owned();
-        let Expectation::Pci(want) = &mut f.expect else { continue };
-        let mut planned: Vec<u64> = want.bars.iter().map(|b| b.size).collect();
+    for f in &request.functions {
+        let Expectation::Pci(want) = &f.expect else { continue };
+        let mut planned: Vec<(Option<u8>, u64)> = want.bars.iter().map(|b| (b.bar, b.size)).collect();
         planned.sort_unstable();
         if planned != model {
-            return Err(format!("{id}: the plan expects BARs of {planned:?} bytes, the model {model:?}"));
+            return Err(format!(
+                "{}: the plan expects BARs (index, size) {planned:?}, the model {model:?}",
+                f.id()
+            ));
         }
-        want.bars = m.bars.iter().map(|b| BarExpectation::at(b.index, b.size)).collect();
     }
     Ok(request)
 }
@@ -717,6 +721,7 @@ impl Step3<'_> {
 mod tests {
     use super::*;
     use crate::reporter::Resource;
+    use qmp_hotplug::BarExpectation;
 
     fn scenario(text: &str) -> Scenario {
         Scenario::parse(text, Path::new("t.toml")).unwrap()
@@ -763,7 +768,14 @@ mod tests {
             assert_eq!(want.bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 << 30)]);
             // A model that disagrees with the plan's sizes is refused, not checked loosely.
             let e = engine_request(&action, &model(DeviceKind::Ivshmem, Some(64 << 30))).unwrap_err();
-            assert!(e.contains("the plan expects BARs of [256, 34359738368] bytes"), "{e}");
+            assert!(
+                e.contains("the plan expects BARs (index, size) [(Some(0), 256), (Some(2), 34359738368)]"),
+                "{e}"
+            );
+            // So is a model whose BARs sit at other indices.
+            let mut moved = model(DeviceKind::Ivshmem, Some(32 << 30));
+            moved.bars[1].index = 4;
+            assert!(engine_request(&action, &moved).is_err());
         }
     }
 
@@ -805,6 +817,15 @@ mod tests {
         let ids: Vec<&str> = r.functions.iter().map(|f| f.id()).collect();
         assert_eq!(ids, ["mf0-f1", "mf0"], "function 0 last");
         assert!(r.placeholder.is_none());
+        let e1000e: Vec<BarExpectation> = model(DeviceKind::E1000e, None)
+            .bars
+            .iter()
+            .map(|b| BarExpectation::at(b.index, b.size))
+            .collect();
+        for f in &r.functions {
+            let Expectation::Pci(want) = &f.expect else { panic!("{} on PCI", f.id()) };
+            assert_eq!(want.bars, e1000e, "{}: the plan's BARs at the model's indices", f.id());
+        }
 
         let s = scenario(
             r#"

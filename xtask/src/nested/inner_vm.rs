@@ -119,8 +119,10 @@ pub fn host_bars(f: &HostFunction) -> Vec<(u8, u64)> {
 }
 
 /// The engine's request for a plan action (`DeviceRequest::from_action`), expecting each
-/// function at its planned place with the host function's BAR sizes at their indices (the
-/// ROM as BAR 6). With `iommufd` the devices use an `iommufd` object.
+/// function at its planned place with the BARs the plan took from the host function's
+/// VFIO facts, at their indices (the ROM as BAR 6). Those must be the host function's BARs
+/// ([`host_bars`]); a plan that says otherwise is an error, not a weaker check. With
+/// `iommufd` the devices use an `iommufd` object.
 pub fn engine_request(
     action: &HotplugAction,
     host: &BTreeMap<u8, &HostFunction>,
@@ -141,8 +143,15 @@ pub fn engine_request(
             .ok_or_else(|| format!("{}: no host function {}", action.device, f.function))?;
         let not_pci = || format!("{}: function {} is not planned on PCI", action.device, f.function);
         let function = request.functions.iter_mut().find(|r| r.id() == f.id.as_str()).ok_or_else(not_pci)?;
-        let Expectation::Pci(want) = &mut function.expect else { return Err(not_pci()) };
-        want.bars = host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect();
+        let Expectation::Pci(want) = &function.expect else { return Err(not_pci()) };
+        let host: Vec<BarExpectation> =
+            host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect();
+        if want.bars != host {
+            return Err(format!(
+                "{}: the plan expects BARs {:?}, host function {} has {host:?}",
+                f.id, want.bars, hf.bdf
+            ));
+        }
         if iommufd {
             function.qdev.insert("iommufd".into(), Value::String(iommufd_id.clone()));
         }
@@ -663,6 +672,11 @@ mod tests {
         assert!(want.bars.contains(&BarExpectation::at(6, 256 << 10)), "ROM as BAR 6");
         assert_eq!(single.objects[0].qom_type, "iommufd");
         assert_eq!(single.functions[0].prop("iommufd"), Some(single.objects[0].id.as_str()));
+        // A plan whose BARs are not the host function's is refused.
+        let mut wrong = plan.hotplug_action("mf0").unwrap();
+        wrong.functions[0].bars[0].index = Some(2);
+        let e = engine_request(&wrong, &by_number, false).unwrap_err();
+        assert!(e.contains("host function 0000:02:00.1 has"), "{e}");
         let planned = planned_functions(&plan.hotplug_action("mf0").unwrap());
         assert_eq!(planned.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 0]);
         assert!(!planned_path(&action).is_empty());
