@@ -176,6 +176,12 @@ pub enum UnplugMode {
     /// pending state at its deadline, and `cont` must let the late `DEVICE_DELETED`
     /// complete it.
     GuestStopped,
+    /// The guest kernel is crashed first (sysrq `c`, its panic timeout set to 0 so it
+    /// never reboots) while QEMU keeps running: nobody will ever answer the slot. The
+    /// unplug must end pending at its deadline, stay pending (no `DEVICE_DELETED` in a
+    /// second deadline), the port held and QEMU still holding the device. The guest is
+    /// dead afterwards, so such a device is the scenario's last.
+    GuestHung,
 }
 
 /// A byte size written as in QEMU (`128G`, `16M`, `4096`).
@@ -380,6 +386,13 @@ impl Scenario {
             if d.expect == PlugExpect::NoFit && d.unplug != UnplugMode::Normal {
                 return bad(format!("device `{}`: a device that must not fit is never unplugged", d.id));
             }
+            let last = self.devices.last().is_some_and(|l| std::ptr::eq(l, d));
+            if d.unplug == UnplugMode::GuestHung && !last {
+                return bad(format!(
+                    "device `{}`: unplug = \"guest-hung\" leaves a dead guest, so it must be the last device",
+                    d.id
+                ));
+            }
         }
         Ok(())
     }
@@ -442,6 +455,17 @@ mod tests {
         assert_eq!(s.devices[1].functions, 1);
         assert_eq!(s.devices[1].group.as_deref(), Some("p2p0"));
         assert_eq!(s.reservations, Reservations::Planned);
+    }
+
+    #[test]
+    fn a_hung_guest_unplug_must_come_last() {
+        let hung_first =
+            GPU.replacen("bar_size = \"128G\"", "bar_size = \"128G\"\n        unplug = \"guest-hung\"", 1);
+        let e = parse(&hung_first).unwrap_err().to_string();
+        assert!(e.contains("gpu0") && e.contains("last device"), "{e}");
+        let hung_last = format!("{GPU}        unplug = \"guest-hung\"\n");
+        let s = parse(&hung_last).unwrap();
+        assert_eq!(s.devices[1].unplug, UnplugMode::GuestHung);
     }
 
     #[test]

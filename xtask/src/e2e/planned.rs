@@ -642,6 +642,7 @@ impl Step3<'_> {
         let result = match p.spec.unplug {
             UnplugMode::Normal => self.unplug_normal(p, port),
             UnplugMode::GuestStopped => self.unplug_guest_stopped(p, port),
+            UnplugMode::GuestHung => self.unplug_guest_hung(p, port),
         };
         if let Err(e) = result {
             p.row.fail(format!("unplug: {e}"));
@@ -712,6 +713,54 @@ impl Step3<'_> {
             waited.as_millis(),
             qemu.as_millis(),
             guest.as_millis()
+        ));
+        Ok(())
+    }
+    /// Crashes the guest kernel while QEMU runs on, so nothing ever answers the slot:
+    /// the unplug must end pending at its deadline, and stay so for a second deadline
+    /// (no late `DEVICE_DELETED`), with the port held and QEMU still holding the device.
+    fn unplug_guest_hung(&self, p: &mut Plugged<'_>, port: &str) -> Result<()> {
+        // Panic timeout 0: the crashed kernel spins instead of rebooting (the harness
+        // boots with panic=-1). The crash comes after the command has answered.
+        self.guest
+            .exec(
+                "echo 0 > /proc/sys/kernel/panic; (sleep 1; echo c > /proc/sysrq-trigger) >/dev/null 2>&1 &",
+                Instant::now() + Duration::from_secs(30),
+            )
+            .map_err(s)?;
+        let panic = self
+            .guest
+            .wait_map("the guest kernel to panic", Instant::now() + GUEST_WAIT, |st| st.panic.clone())
+            .map_err(s)?;
+        let status =
+            self.engine.client().execute_raw("query-status", None, Duration::from_secs(30)).map_err(s)?;
+        let running = status.get("status").and_then(Value::as_str).map(str::to_owned);
+        if running.as_deref() != Some("running") {
+            return Err(format!("QEMU should run on with the guest dead, its status is {running:?}"));
+        }
+        let t0 = Instant::now();
+        let outcome = self.engine.unplug(port).map_err(s)?;
+        let waited = t0.elapsed();
+        if outcome != UnplugOutcome::Pending {
+            return Err(format!("ended {outcome:?} although the guest kernel is dead"));
+        }
+        // A second deadline: a dead guest never sends the event late either.
+        std::thread::sleep(unplug_timeout(self.scenario));
+        let state = self.engine.device(port).map(|d| d.state);
+        let held = !self.engine.is_port_free(port);
+        let in_qemu = self.peripheral()?.iter().any(|id| id.starts_with(p.spec.id.as_str()));
+        if state != Some(DeviceState::UnplugPending) || !held || !in_qemu {
+            return Err(format!(
+                "with the guest dead the device is {state:?}, port held: {held}, still in QEMU: {in_qemu}"
+            ));
+        }
+        p.row.unplug_ms = Some(waited.as_millis());
+        p.row.result = "ok: pending, guest dead".into();
+        p.row.notes.push(format!("guest crashed on purpose ({panic}); QEMU status running"));
+        p.row.notes.push(format!(
+            "unplug-pending after {} ms (deadline) and still after another {} ms; port held, QEMU still has the device",
+            waited.as_millis(),
+            unplug_timeout(self.scenario).as_millis()
         ));
         Ok(())
     }

@@ -71,6 +71,12 @@ pub fn pass_devices(scenario: &Scenario) -> Result<Vec<PassDevice>> {
                 d.id
             ));
         }
+        if d.unplug == UnplugMode::GuestHung {
+            return Err(format!(
+                "device `{}`: nested-vfio has no guest-hung unplug (guest-stopped is its pending case)",
+                d.id
+            ));
+        }
         if d.place != Placement::Planned || d.expect != PlugExpect::Visible {
             return Err(format!("device `{}`: nested-vfio devices are planned and must be visible", d.id));
         }
