@@ -432,7 +432,9 @@ impl DeviceRequest {
         if off {
             return Err(RequestError::MultifunctionOff(f.id().to_owned()));
         }
-        f.qdev.insert("multifunction".into(), Value::String("on".into()));
+        // A JSON boolean: QEMU 10 rejects the string "on" here ("Invalid parameter type
+        // for 'multifunction', expected: boolean"); 7.2 takes both.
+        f.qdev.insert("multifunction".into(), Value::Bool(true));
         Ok(())
     }
 
@@ -525,7 +527,7 @@ mod tests {
         };
         let p = r.prepare().unwrap();
         assert_eq!(p.order, vec![1, 2, 0]);
-        assert!(r.functions.iter().all(|f| f.prop("multifunction") == Some("on")));
+        assert!(r.functions.iter().all(|f| f.qdev.get("multifunction") == Some(&Value::Bool(true))));
     }
 
     #[test]

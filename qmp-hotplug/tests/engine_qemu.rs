@@ -52,7 +52,11 @@ fn multifunction_plug_visible_then_unplug_removed() {
     );
     let gpu = rec.guest.iter().find(|(id, _)| id == "gpu0").unwrap().1;
     assert_eq!((gpu.bus, gpu.slot, gpu.function), (1, 0, 0));
-    assert!(rec.request.functions.iter().all(|f| f.prop("multifunction") == Some("on")));
+    assert!(rec
+        .request
+        .functions
+        .iter()
+        .all(|f| f.qdev.get("multifunction") == Some(&serde_json::Value::Bool(true))));
     assert!(names(&c, "/machine/peripheral")
         .is_superset(&["gpu0", "nic0"].iter().map(|s| s.to_string()).collect()));
     assert!(!engine.is_port_free("rp0"));

@@ -88,6 +88,54 @@ pub struct Unpacked {
 #[derive(Clone, Debug)]
 pub struct DebCache {
     root: PathBuf,
+    source: Option<AptSource>,
+}
+
+/// A package repository the host's apt set-up does not name (Debian backports, Ubuntu),
+/// used through its own sources list, package lists and apt cache under
+/// `<cache>/apt/<name>/`, so the host's apt configuration stays untouched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AptSource {
+    /// Folder name under `<cache>/apt/`, also separating this source's resolutions.
+    pub name: &'static str,
+    /// The `sources.list` lines (one-line format, each with `[arch=… signed-by=…]`).
+    pub lines: String,
+}
+
+impl AptSource {
+    fn dir(&self, root: &Path) -> PathBuf {
+        root.join("apt").join(self.name)
+    }
+
+    /// The apt options that point apt at this source only.
+    fn options(&self, root: &Path) -> Vec<String> {
+        let d = self.dir(root);
+        [
+            ("Dir::Etc::SourceList", d.join("sources.list")),
+            ("Dir::Etc::SourceParts", d.join("sources.list.d")),
+            ("Dir::State::Lists", d.join("lists")),
+            ("Dir::Cache", d.join("cache")),
+            // An empty dpkg status: the host's installed versions must not count as
+            // candidates of this source.
+            ("Dir::State::status", d.join("status")),
+        ]
+        .iter()
+        .flat_map(|(k, v)| ["-o".to_string(), format!("{k}={}", v.display())])
+        .collect()
+    }
+
+    /// Writes the sources list and creates the folders apt expects.
+    fn prepare(&self, root: &Path) -> Result<()> {
+        let d = self.dir(root);
+        for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
+            let path = d.join(sub);
+            std::fs::create_dir_all(&path).map_err(io_err("creating", &path))?;
+        }
+        let status = d.join("status");
+        std::fs::write(&status, "").map_err(io_err("writing", &status))?;
+        let list = d.join("sources.list");
+        std::fs::write(&list, &self.lines).map_err(io_err("writing", &list))
+    }
 }
 
 /// The apt options that make every guest architecture known for one call.
@@ -102,10 +150,6 @@ pub fn apt_arch_options() -> Vec<String> {
         }
     }
     archs.iter().flat_map(|a| ["-o".to_string(), format!("APT::Architectures::={a}")]).collect()
-}
-
-fn apt_update_fix() -> FixCommand {
-    FixCommand(format!("apt-get {} update", apt_arch_options().join(" ")))
 }
 
 /// The first dependency in `apt-cache depends` output whose name starts with `prefix`,
@@ -127,7 +171,33 @@ pub fn parse_version(show_output: &str) -> Option<String> {
 impl DebCache {
     /// A cache rooted at `root` (created on first use).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        DebCache { root: root.into() }
+        DebCache { root: root.into(), source: None }
+    }
+
+    /// The same cache, resolving and downloading from `source` instead of the host's
+    /// repositories (unpacked folders are shared; resolutions are kept per source).
+    pub fn with_source(&self, source: AptSource) -> Self {
+        DebCache { root: self.root.clone(), source: Some(source) }
+    }
+
+    /// Apt options for every call: all guest architectures, and the source if any.
+    fn apt_options(&self) -> Vec<String> {
+        let mut opts = apt_arch_options();
+        if let Some(src) = &self.source {
+            opts.extend(src.options(&self.root));
+        }
+        opts
+    }
+
+    fn apt_update_fix(&self) -> FixCommand {
+        FixCommand(format!("apt-get {} update", self.apt_options().join(" ")))
+    }
+
+    fn lists_dir(&self) -> PathBuf {
+        match &self.source {
+            Some(src) => src.dir(&self.root).join("lists"),
+            None => PathBuf::from(APT_LISTS),
+        }
     }
 
     /// The cache's root folder.
@@ -139,12 +209,21 @@ impl DebCache {
         self.root.join("debs")
     }
 
+    /// Where resolutions and "current version" pointers live: per source, since a name
+    /// (`linux-image-amd64`) means another package in another repository.
+    fn state_dir(&self) -> PathBuf {
+        match &self.source {
+            Some(src) => self.debs_dir().join(format!("@{}", src.name)),
+            None => self.debs_dir(),
+        }
+    }
+
     fn folder(&self, package: &str, version: &str, arch: Arch) -> PathBuf {
         self.debs_dir().join(format!("{package}_{}_{}", version.replace(':', "%3a"), arch.deb_arch()))
     }
 
     fn current_file(&self, name: &str, arch: Arch) -> PathBuf {
-        self.debs_dir().join(format!("{name}_{}.current", arch.deb_arch()))
+        self.state_dir().join(format!("{name}_{}.current", arch.deb_arch()))
     }
 
     /// The package `name` for `arch`, unpacked; downloads and unpacks it when the
@@ -182,11 +261,13 @@ impl DebCache {
 
     fn remember(&self, name: &str, arch: Arch, package: &str, version: &str) -> Result<()> {
         let path = self.current_file(name, arch);
+        let dir = self.state_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         std::fs::write(&path, format!("{package} {version}\n")).map_err(io_err("writing", &path))
     }
 
     fn apt_cache(&self, args: &[&str]) -> std::result::Result<String, CommandError> {
-        command::output(Command::new("apt-cache").args(apt_arch_options()).args(args))
+        command::output(Command::new("apt-cache").args(self.apt_options()).args(args))
     }
 
     fn resolve_once(
@@ -212,7 +293,7 @@ impl DebCache {
     }
 
     fn memo_file(&self, name: &str, arch: Arch) -> PathBuf {
-        self.debs_dir().join(format!("{name}_{}.resolved", arch.deb_arch()))
+        self.state_dir().join(format!("{name}_{}.resolved", arch.deb_arch()))
     }
 
     /// Resolves with the local package lists; when they lack the architecture, updates
@@ -221,19 +302,25 @@ impl DebCache {
     /// until the lists change.
     fn resolve(&self, name: &str, arch: Arch, resolve: Resolve) -> Result<(String, String)> {
         let memo = self.memo_file(name, arch);
-        let lists = lists_fingerprint();
+        let lists = lists_fingerprint(&self.lists_dir());
         if let Some(found) = std::fs::read_to_string(&memo).ok().and_then(|t| parse_memo(&t, &lists)) {
             return Ok(found);
         }
         let found = self.resolve_uncached(name, arch, resolve)?;
         // The memo only saves time; failing to write it changes nothing else.
-        let _ = std::fs::create_dir_all(self.debs_dir()).and_then(|()| {
-            std::fs::write(&memo, format!("{}\n{} {}\n", lists_fingerprint(), found.0, found.1))
+        let _ = std::fs::create_dir_all(self.state_dir()).and_then(|()| {
+            std::fs::write(
+                &memo,
+                format!("{}\n{} {}\n", lists_fingerprint(&self.lists_dir()), found.0, found.1),
+            )
         });
         Ok(found)
     }
 
     fn resolve_uncached(&self, name: &str, arch: Arch, resolve: Resolve) -> Result<(String, String)> {
+        if let Some(src) = &self.source {
+            src.prepare(&self.root)?;
+        }
         let first = self.resolve_once(name, arch, resolve);
         let reason = match first {
             Ok(found) => return Ok(found),
@@ -243,13 +330,16 @@ impl DebCache {
             package: name.to_string(),
             arch: arch.deb_arch(),
             reason,
-            fix: apt_update_fix(),
+            fix: self.apt_update_fix(),
         };
         if !is_root() {
             return Err(unresolved(reason));
         }
-        eprintln!("debs: updating apt lists for {}", arch.deb_arch());
-        command::run_visible(Command::new("apt-get").args(apt_arch_options()).arg("update"))
+        match &self.source {
+            Some(src) => eprintln!("debs: updating apt lists of {}", src.name),
+            None => eprintln!("debs: updating apt lists for {}", arch.deb_arch()),
+        }
+        command::run_visible(Command::new("apt-get").args(self.apt_options()).arg("update"))
             .map_err(|e| unresolved(format!("{reason}; {e}")))?;
         self.resolve_once(name, arch, resolve).map_err(unresolved)
     }
@@ -266,7 +356,7 @@ impl DebCache {
         let fetch_err =
             |source| DebError::Fetch { package: package.to_string(), arch: arch.deb_arch(), source };
         let mut download = Command::new("apt-get");
-        download.current_dir(work.path()).args(apt_arch_options());
+        download.current_dir(work.path()).args(self.apt_options());
         if is_root() {
             // apt drops to the `_apt` user for downloads, which cannot write here.
             download.args(["-o", "APT::Sandbox::User=root"]);
@@ -287,11 +377,11 @@ impl DebCache {
 /// Where apt keeps its package lists.
 const APT_LISTS: &str = "/var/lib/apt/lists";
 
-/// A summary of apt's package lists (count, total size, newest change) that changes
-/// whenever `apt-get update` brings new lists.
-pub fn lists_fingerprint() -> String {
+/// A summary of the package lists in `lists` (count, total size, newest change) that
+/// changes whenever `apt-get update` brings new lists.
+pub fn lists_fingerprint(lists: &Path) -> String {
     let (mut count, mut size, mut newest) = (0u64, 0u64, 0u64);
-    if let Ok(entries) = std::fs::read_dir(APT_LISTS) {
+    if let Ok(entries) = std::fs::read_dir(lists) {
         for entry in entries.flatten() {
             if !entry.file_name().to_string_lossy().contains("Packages") {
                 continue;

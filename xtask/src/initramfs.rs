@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::cpio::CpioWriter;
-use crate::kernels::{GuestKernel, KernelError};
+use crate::kernels::{self, GuestKernel, KernelError};
 
 /// The guest's `/init`.
 pub const INIT_SCRIPT: &str = include_str!("../guest/init.sh");
@@ -107,9 +107,10 @@ pub fn build(kernel: &GuestKernel, busybox: &Path, spec: &InitramfsSpec) -> Resu
         let mut list = String::new();
         for module in index.load_order(&names)? {
             let rel = module.strip_prefix(index.root()).unwrap_or(&module);
-            let guest = format!("lib/modules/{}/{}", kernel.release, rel.display());
+            let guest =
+                format!("lib/modules/{}/{}", kernel.release, kernels::guest_module_path(rel).display());
             list.push_str(&format!("/{guest}\n"));
-            files.push((guest, 0o644, read(&module)?));
+            files.push((guest, 0o644, kernels::read_module(&module)?));
         }
         files.push(("xt/modules".into(), 0o644, list.into_bytes()));
     }

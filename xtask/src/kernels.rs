@@ -59,6 +59,49 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| KernelError::Io { path: path.to_path_buf(), source })
 }
 
+/// Suffixes of module files: plain (Debian's 6.1 kernels), zstd (Ubuntu's) and xz.
+const MODULE_SUFFIXES: [&str; 3] = [".ko", ".ko.zst", ".ko.xz"];
+
+/// The module name of a module file name (`vfio-pci.ko.zst` → `vfio-pci`).
+pub fn module_file_stem(file_name: &str) -> Option<&str> {
+    MODULE_SUFFIXES.iter().rev().find_map(|suffix| file_name.strip_suffix(suffix))
+}
+
+/// A module file's ELF bytes, decompressed when it is `.ko.zst` or `.ko.xz`: busybox's
+/// `insmod` loads plain ELF only, so compressed modules are unpacked on the host.
+pub fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let data = read(path)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let bad = |reason: String| KernelError::BadModule { path: path.to_path_buf(), reason };
+    if name.ends_with(".zst") {
+        let mut decoder = ruzstd::decoding::StreamingDecoder::new(data.as_slice())
+            .map_err(|e| bad(format!("zstd: {e}")))?;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut decoder, &mut out).map_err(|e| bad(format!("zstd: {e}")))?;
+        Ok(out)
+    } else if name.ends_with(".xz") {
+        let mut child = std::process::Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .map_err(|e| bad(format!("xz (install xz-utils): {e}")))?;
+        if !child.status.success() {
+            return Err(bad(format!("xz: {}", String::from_utf8_lossy(&child.stderr).trim())));
+        }
+        Ok(std::mem::take(&mut child.stdout))
+    } else {
+        Ok(data)
+    }
+}
+
+/// Where a module file goes in the guest, relative to `lib/modules/<release>`: its path
+/// with any compression suffix dropped, since the guest gets it decompressed.
+pub fn guest_module_path(rel: &Path) -> PathBuf {
+    let text = rel.to_string_lossy();
+    let plain = text.strip_suffix(".zst").or_else(|| text.strip_suffix(".xz")).unwrap_or(&text);
+    PathBuf::from(plain)
+}
+
 /// An unpacked Debian guest kernel.
 #[derive(Clone, Debug)]
 pub struct GuestKernel {
@@ -201,7 +244,7 @@ impl ModuleIndex {
                 if file_type.is_dir() {
                     stack.push(path);
                 } else if let Some(name) =
-                    path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko"))
+                    path.file_name().and_then(|n| n.to_str()).and_then(module_file_stem)
                 {
                     files.insert(module_key(name), path.clone());
                 }
@@ -254,8 +297,8 @@ impl ModuleIndex {
             release: self.release.clone(),
             name: key.to_string(),
         })?;
-        let info =
-            modinfo(&read(path)?).map_err(|reason| KernelError::BadModule { path: path.clone(), reason })?;
+        let info = modinfo(&read_module(path)?)
+            .map_err(|reason| KernelError::BadModule { path: path.clone(), reason })?;
         let depends = info.get("depends").map(String::as_str).unwrap_or("");
         for dep in depends.split(',').filter(|d| !d.is_empty()) {
             self.visit(&module_key(dep), done, order)?;

@@ -27,6 +27,7 @@ pub mod provision;
 pub mod qmp;
 pub mod reporter;
 pub mod scenario;
+pub mod stacks;
 pub mod table;
 pub mod tasks;
 

@@ -184,6 +184,21 @@ pub enum UnplugMode {
     GuestHung,
 }
 
+/// The VFIO interface a nested-vfio scenario runs with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum VfioBackend {
+    /// Debian bookworm's kernel and QEMU 7.2: iommufd if they had it, else (as they are)
+    /// the legacy container.
+    #[default]
+    Auto,
+    /// iommufd and the VFIO device cdev, required: the outer guest boots Ubuntu's kernel
+    /// and the inner QEMU is bookworm-backports' QEMU 10 (see `crate::stacks`); anything
+    /// else running is a failure.
+    Iommufd,
+}
+
 /// A byte size written as in QEMU (`128G`, `16M`, `4096`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Size(pub u64);
@@ -278,6 +293,9 @@ pub struct Scenario {
     /// 10 on x86_64 with ACPI hotplug and on s390x, 20 with pciehp, which takes 5–6 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unplug_timeout_s: Option<u64>,
+    /// nested-vfio: which VFIO interface must run (default: whatever the stack offers).
+    #[serde(default)]
+    pub vfio_backend: VfioBackend,
     /// The devices, in plug order.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceSpec>,
@@ -345,6 +363,9 @@ impl Scenario {
         }
         if ccw_arch && (self.spare_ports > 0 || self.reservations != Reservations::Planned) {
             return bad("s390x has no ports: `spare_ports` and `reservations` do not apply".into());
+        }
+        if self.vfio_backend != VfioBackend::Auto && self.mode != Mode::NestedVfio {
+            return bad("`vfio_backend` applies to mode `nested-vfio` only".into());
         }
         let mut ids = std::collections::BTreeSet::new();
         for d in &self.devices {

@@ -122,7 +122,7 @@ fn multi_function_device_plugs_function_zero_last() {
     let order = r.prepare().unwrap().order;
     let plugged: Vec<Option<u8>> = order.iter().map(|&i| pci(&r.functions[i]).function).collect();
     assert_eq!(plugged.last(), Some(&Some(0)), "engine order {plugged:?}");
-    assert!(r.functions.iter().all(|f| f.prop("multifunction") == Some("on")));
+    assert!(r.functions.iter().all(|f| f.qdev.get("multifunction") == Some(&serde_json::Value::Bool(true))));
     let bars = &pci(&r.functions[0]).bars;
     let e1000e =
         [(0, 128 << 10), (1, 128 << 10), (2, 32), (3, 16 << 10)].map(|(i, size)| BarExpectation::at(i, size));

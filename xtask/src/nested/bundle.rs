@@ -50,7 +50,11 @@ pub fn libraries(elf: &Path) -> Result<Vec<PathBuf>> {
     if !out.status.success() {
         return Err(format!("ldd {}: {}", elf.display(), String::from_utf8_lossy(&out.stderr).trim()));
     }
-    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
+        return Err(format!("ldd {}: a library is missing on this host: {}", elf.display(), missing.trim()));
+    }
+    Ok(parse_ldd(&text))
 }
 
 /// Paths in `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` and the
@@ -118,6 +122,21 @@ impl Bundle {
         }
         for path in FIRMWARE {
             self.add_file(Path::new(path), path, 0o644)?;
+        }
+        Ok(())
+    }
+
+    /// An unpacked QEMU (bookworm-backports) at the host QEMU's paths, with its
+    /// libraries (from this host, which has them: same Debian release) and firmware.
+    /// Its accelerators are built in, so there is no module to add.
+    pub fn add_qemu_from(&mut self, qemu: &crate::stacks::BackportsQemu) -> Result<()> {
+        self.add_file(&qemu.binary, QEMU, 0o755)?;
+        for lib in libraries(&qemu.binary)? {
+            let path = lib.to_str().ok_or_else(|| format!("library path {} is not UTF-8", lib.display()))?;
+            self.add_file(&lib, path, 0o755)?;
+        }
+        for (guest, host) in &qemu.firmware {
+            self.add_file(host, guest, 0o644)?;
         }
         Ok(())
     }

@@ -292,6 +292,39 @@ impl InnerVm<'_> {
             .unwrap_or_default())
     }
 
+    /// Ids of the `iommufd` objects QEMU holds (`qom-list /objects`).
+    fn iommufd_objects(&self) -> Result<BTreeSet<String>> {
+        let list = self.qmp("qom-list", Some(json!({"path": "/objects"})))?;
+        Ok(list
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| p.get("type").and_then(Value::as_str) == Some("child<iommufd>"))
+                    .filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// With iommufd, the unplug must take the device's `iommufd` object away too: `before`
+    /// is the list from before the unplug.
+    fn check_objects_released(&self, p: &mut Plugged, before: &BTreeSet<String>) -> Result<()> {
+        if !self.iommufd {
+            return Ok(());
+        }
+        let after = self.iommufd_objects()?;
+        let released: Vec<&String> = before.difference(&after).collect();
+        if released.is_empty() {
+            return Err(format!(
+                "no iommufd object was released with the device (before {before:?}, after {after:?})"
+            ));
+        }
+        p.row
+            .notes
+            .push(format!("iommufd object(s) {released:?} removed with the device (qom-list /objects)"));
+        Ok(())
+    }
+
     /// Whether QEMU offers an `iommufd` object (QEMU 9.0+).
     pub fn qemu_has_iommufd(&self) -> Result<bool> {
         let types = self.qmp("qom-list-types", Some(json!({"implements": "user-creatable"})))?;
@@ -451,6 +484,7 @@ impl InnerVm<'_> {
     }
 
     fn unplug_normal(&self, p: &mut Plugged, port: &str) -> Result<()> {
+        let objects = if self.iommufd { self.iommufd_objects()? } else { BTreeSet::new() };
         let started = Instant::now();
         match self.engine.unplug(port).map_err(|e| format!("unplug: {e}"))? {
             UnplugOutcome::Removed => {}
@@ -469,6 +503,7 @@ impl InnerVm<'_> {
         self.gone_from_guest(&p.seen)?;
         p.row.unplug_ms = Some(started.elapsed().as_millis());
         p.row.notes.push(format!("DEVICE_DELETED after {deleted_ms} ms"));
+        self.check_objects_released(p, &objects)?;
         p.row.pass(format!(
             "ok: at planned place with host BAR sizes ({})",
             if self.iommufd { "iommufd" } else { "container" }
@@ -477,6 +512,7 @@ impl InnerVm<'_> {
     }
 
     fn unplug_stopped(&self, p: &mut Plugged, port: &str) -> Result<()> {
+        let objects = if self.iommufd { self.iommufd_objects()? } else { BTreeSet::new() };
         self.qmp("stop", None)?;
         let started = Instant::now();
         let outcome = self.engine.unplug(port).map_err(|e| format!("unplug: {e}"));
@@ -504,6 +540,7 @@ impl InnerVm<'_> {
         // As in the other modes' tables: from `cont` to QEMU and the guest agreeing.
         p.row.unplug_ms = Some(resumed.elapsed().as_millis());
         p.row.notes.push(format!("after cont: removed in {} ms", resumed.elapsed().as_millis()));
+        self.check_objects_released(p, &objects)?;
         p.row.pass(format!(
             "ok: pending at the {} ms deadline while stopped, late DEVICE_DELETED completed it",
             waited.as_millis()
@@ -538,6 +575,7 @@ impl InnerVm<'_> {
         let ids: Vec<String> = request.functions.iter().map(|f| f.id().to_string()).collect();
         let port = request.port.clone();
         let before = journal_adds(&self.journal, &port)?.len();
+        let objects_before = if self.iommufd { self.iommufd_objects()? } else { BTreeSet::new() };
         let started = Instant::now();
         match self.engine.plug(request) {
             Err(EngineError::PlugFailed { state: DeviceState::Removed, cause, .. }) => {
@@ -566,6 +604,17 @@ impl InnerVm<'_> {
             .collect();
         if !left.is_empty() {
             row.fail(format!("left behind in QEMU: {left:?}"));
+        }
+        if self.iommufd {
+            let objects = self.iommufd_objects()?;
+            if objects != objects_before {
+                row.fail(format!(
+                    "iommufd objects before {objects_before:?}, after the rollback {objects:?}"
+                ));
+            } else {
+                row.notes
+                    .push("the rollback removed the group's iommufd object too (qom-list /objects)".into());
+            }
         }
         let planned = planned_functions(&action);
         std::thread::sleep(Duration::from_millis(1500)); // let the guest settle

@@ -13,7 +13,8 @@ use super::wire::{self, InnerConfig, InnerKernel, Line, PassDevice};
 use crate::arch::Arch;
 use crate::e2e::{Row, RunContext, ScenarioReport};
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::scenario::{DeviceKind, Placement, PlugExpect, Reservations, Scenario, UnplugMode};
+use crate::scenario::{DeviceKind, Placement, PlugExpect, Reservations, Scenario, UnplugMode, VfioBackend};
+use crate::stacks;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -169,6 +170,10 @@ pub fn outer_spec(scenario: &Scenario, devices: &[PassDevice], files: Bundle) ->
         // The PF's own driver creates the VFs.
         spec.initramfs.modules.push("nvme".into());
     }
+    if scenario.vfio_backend == VfioBackend::Iommufd {
+        // /dev/iommu; vfio's cdev nodes need it too.
+        spec.initramfs.modules.push("iommufd".into());
+    }
     spec.initramfs.files = files.into_files();
     spec.boot_timeout = Duration::from_secs(300);
     spec
@@ -194,7 +199,23 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
     let program = bundle::stripped(&build_program()?, &dir);
     let assets = GuestAssets::ensure(&ctx.cache, Arch::X86_64).map_err(|e| e.to_string())?;
-    report.kernel = assets.kernel.release.clone();
+    let iommufd = scenario.vfio_backend == VfioBackend::Iommufd;
+    // The inner guest always boots Debian's kernel; the outer one needs iommufd for
+    // `vfio_backend = "iommufd"` (see crate::stacks).
+    let outer_assets = if iommufd {
+        progress(
+            ctx,
+            scenario,
+            "iommufd stack: Ubuntu's kernel for the outer guest, QEMU from bookworm-backports inside",
+        );
+        GuestAssets {
+            kernel: stacks::ubuntu_kernel(&ctx.cache).map_err(|e| e.to_string())?,
+            ..assets.clone()
+        }
+    } else {
+        assets.clone()
+    };
+    report.kernel = outer_assets.kernel.release.clone();
     let key = format!("{}-{}", assets.kernel.release, assets.kernel.version);
     let cache_dir = crate::e2e_dir().join("cache").join("nested");
     let (kernel_file, kernel_path) = match bundle::uncompressed_kernel(&assets.kernel.image, &cache_dir, &key)
@@ -217,9 +238,16 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
         cmdline: INNER_CMDLINE.iter().map(|w| w.to_string()).collect(),
         unplug_timeout_ms: scenario.unplug_timeout_s.unwrap_or(DEFAULT_UNPLUG_TIMEOUT_S) * 1000,
         guest_wait_s: GUEST_WAIT_S,
+        require_iommufd: iommufd,
     };
     let mut files = Bundle::new();
-    files.add_qemu()?;
+    if iommufd {
+        let qemu = stacks::backports_qemu(&ctx.cache).map_err(|e| e.to_string())?;
+        progress(ctx, scenario, &format!("inner QEMU {} (bookworm-backports)", qemu.version));
+        files.add_qemu_from(&qemu)?;
+    } else {
+        files.add_qemu()?;
+    }
     files.add_elf(&program, bundle::PROGRAM)?;
     files.add_file(&kernel_file, kernel_path, 0o644)?;
     files.add_data(bundle::CONFIG, 0o644, serde_json::to_vec_pretty(&cfg).map_err(|e| e.to_string())?);
@@ -229,7 +257,7 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
         &format!("outer initramfs: {} extra files, {} MiB", files.len(), files.bytes() >> 20),
     );
     let spec = outer_spec(scenario, &devices, files);
-    let guest = Guest::boot(&spec, &assets, &ctx.cache).map_err(|e| e.to_string())?;
+    let guest = Guest::boot(&spec, &outer_assets, &ctx.cache).map_err(|e| e.to_string())?;
     report.qemu = guest.command_line();
     report.accel = format!("{} (inner tcg)", guest.accel().qemu_name());
     report.boot_ms = guest.boot_time().map(|d| d.as_millis());

@@ -411,6 +411,10 @@ fn inner(
             if iommufd && !q {
                 backend_row.fail("the kernel offers iommufd but this QEMU has no iommufd object");
             }
+            if cfg.require_iommufd && !iommufd {
+                backend_row
+                    .fail(format!("the scenario asks for iommufd, the stack offers {}", kernel.reason()));
+            }
         }
         Err(e) => backend_row.fail(e),
     }

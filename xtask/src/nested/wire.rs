@@ -77,6 +77,9 @@ pub struct InnerConfig {
     pub unplug_timeout_ms: u64,
     /// How long the inner guest may take to boot, or to show or drop a device.
     pub guest_wait_s: u64,
+    /// The scenario asks for iommufd: the legacy container running is a failure.
+    #[serde(default)]
+    pub require_iommufd: bool,
 }
 
 /// A table row as it travels over the console (the same columns as [`Row`]).
