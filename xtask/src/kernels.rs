@@ -465,4 +465,44 @@ mod tests {
         assert!(matches!(index.load_order(&["nope"]), Err(KernelError::UnknownModule { .. })));
         assert!(index.is_builtin("pciehp"));
     }
+
+    /// Ubuntu ships `.ko.zst`: indexed under the module name, its dependencies read from
+    /// the decompressed ELF, and placed in the guest without the suffix.
+    #[test]
+    fn zstd_modules_are_indexed_and_unpacked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("kernel/drivers/vfio")).unwrap();
+        std::fs::write(root.join("modules.builtin"), "").unwrap();
+        let pack = |name: &str, deps: &str| {
+            let plain = elf(false, format!("depends={deps}\0name={name}\0").as_bytes());
+            let packed = ruzstd::encoding::compress_to_vec(
+                plain.as_slice(),
+                ruzstd::encoding::CompressionLevel::Fastest,
+            );
+            let path = root.join(format!("kernel/drivers/vfio/{name}.ko.zst"));
+            std::fs::write(&path, packed).unwrap();
+            (path, plain)
+        };
+        let (vfio_path, vfio_plain) = pack("vfio", "iommufd");
+        pack("iommufd", "");
+        let index = ModuleIndex::load("test", root).unwrap();
+        let order = index.load_order(&["vfio"]).unwrap();
+        let names: Vec<&str> = order
+            .iter()
+            .map(|p| module_file_stem(p.file_name().unwrap().to_str().unwrap()).unwrap())
+            .collect();
+        assert_eq!(names, ["iommufd", "vfio"]);
+        assert_eq!(read_module(&vfio_path).unwrap(), vfio_plain);
+        assert_eq!(
+            guest_module_path(Path::new("kernel/drivers/vfio/vfio.ko.zst")),
+            PathBuf::from("kernel/drivers/vfio/vfio.ko")
+        );
+        assert_eq!(guest_module_path(Path::new("kernel/x.ko")), PathBuf::from("kernel/x.ko"));
+        assert_eq!(module_file_stem("a.ko.xz"), Some("a"));
+        assert_eq!(module_file_stem("a.ko.gz"), None);
+        // A corrupt compressed module is a typed error, not a panic.
+        std::fs::write(&vfio_path, b"\x28\xb5\x2f\xfd garbage").unwrap();
+        assert!(matches!(read_module(&vfio_path), Err(KernelError::BadModule { .. })));
+    }
 }

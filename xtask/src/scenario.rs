@@ -530,4 +530,14 @@ mod tests {
             Scenario::load(&f).unwrap();
         }
     }
+
+    #[test]
+    fn iommufd_backend_only_for_nested_vfio() {
+        let e = parse(&format!("vfio_backend = \"iommufd\"\n{GPU}")).unwrap_err().to_string();
+        assert!(e.contains("vfio_backend") && e.contains("nested-vfio"), "{e}");
+        let s = Scenario::load(&default_dir().join("iommufd/nested-vfio-iommufd.toml")).unwrap();
+        assert_eq!((s.mode, s.vfio_backend), (Mode::NestedVfio, VfioBackend::Iommufd));
+        let legacy = Scenario::load(&default_dir().join("nested-vfio.toml")).unwrap();
+        assert_eq!(legacy.vfio_backend, VfioBackend::Auto);
+    }
 }

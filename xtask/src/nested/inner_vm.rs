@@ -787,6 +787,7 @@ mod tests {
             cmdline: vec!["mitigations=off".into()],
             unplug_timeout_ms: 5000,
             guest_wait_s: 60,
+            require_iommufd: false,
         };
         let spec = inner_spec(&plan, &cfg);
         let args = spec.extra_args.join(" ");
