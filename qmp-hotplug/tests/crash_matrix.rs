@@ -23,7 +23,7 @@ use std::time::Duration;
 use common::{gpu_like, names, single, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineOptions, UnplugOutcome};
 use qmp_hotplug::journal::HookPoint;
-use qmp_hotplug::request::DeviceRequest;
+use qmp_hotplug::request::{DeviceRequest, PlaceholderRequest};
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::QmpClient;
 use serde_json::json;
@@ -38,14 +38,22 @@ enum Scenario {
     UnplugTimeout,
     /// Plug a device whose function 0 QEMU refuses; the engine rolls back.
     FailedPlugRollback,
+    /// Plug a two-function device onto a port that holds a placeholder (`ph0` with its
+    /// backend `ph0-mem`): the engine removes both first (native hotplug).
+    PlaceholderSwap,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 5] = [
     Scenario::PlugMultifunction,
     Scenario::PlugUnplug,
     Scenario::UnplugTimeout,
     Scenario::FailedPlugRollback,
+    Scenario::PlaceholderSwap,
 ];
+
+/// The placeholder of [`Scenario::PlaceholderSwap`].
+const PLACEHOLDER: &str = "ph0";
+const PLACEHOLDER_MEM: &str = "ph0-mem";
 
 impl Scenario {
     fn name(self) -> &'static str {
@@ -54,6 +62,7 @@ impl Scenario {
             Scenario::PlugUnplug => "plug-then-unplug",
             Scenario::UnplugTimeout => "unplug-timeout",
             Scenario::FailedPlugRollback => "failed-plug-rollback",
+            Scenario::PlaceholderSwap => "placeholder-swap",
         }
     }
 
@@ -77,6 +86,36 @@ impl Scenario {
                 r.functions[0].qdev.insert("driver".into(), json!("no-such-device-model"));
                 r
             }
+            Scenario::PlaceholderSwap => {
+                let mut r = gpu_like(0, 16);
+                r.placeholder = Some(PlaceholderRequest {
+                    devices: vec![PLACEHOLDER.into()],
+                    objects: vec![PLACEHOLDER_MEM.into()],
+                });
+                r
+            }
+        }
+    }
+
+    /// What QEMU holds before the engine starts. The placeholder is `device_add`ed, not
+    /// given on the command line: its slot then stays powered off (no guest powers it
+    /// on), so its `device_del` completes at once, as a guest's would. A slot populated at
+    /// boot is powered on and, with no guest OS, would never let it go.
+    fn setup(self, c: &QmpClient) {
+        if let Scenario::PlaceholderSwap = self {
+            let t = Duration::from_secs(30);
+            c.execute_raw(
+                "object-add",
+                Some(json!({"qom-type": "memory-backend-ram", "id": PLACEHOLDER_MEM, "size": 1 << 20, "reserve": false})),
+                t,
+            )
+            .unwrap();
+            c.execute_raw(
+                "device_add",
+                Some(json!({"driver": "ivshmem-plain", "id": PLACEHOLDER, "memdev": PLACEHOLDER_MEM, "bus": "rp0", "addr": "0.0"})),
+                t,
+            )
+            .unwrap();
         }
     }
 
@@ -96,6 +135,9 @@ impl Scenario {
             }
             Scenario::FailedPlugRollback => {
                 assert!(engine.plug(self.request()).is_err());
+            }
+            Scenario::PlaceholderSwap => {
+                engine.plug(self.request()).unwrap();
             }
         }
     }
@@ -210,11 +252,24 @@ fn check_converged(s: Scenario, c: &Arc<QmpClient>, engine: &Engine) -> Result<D
         qmp_hotplug::pci::functions(&c.execute_raw("query-pci", None, Duration::from_secs(30)).unwrap());
     let on_bus: Vec<&str> = pci.iter().filter(|f| f.address.bus == 1).map(|f| f.qdev_id.as_str()).collect();
     let distinct: HashSet<&str> = on_bus.iter().copied().collect();
-    if distinct.len() != on_bus.len() || on_bus.iter().any(|id| !fids.contains(id)) {
+    let ours = |id: &&str| fids.contains(id) || *id == PLACEHOLDER;
+    if distinct.len() != on_bus.len() || !on_bus.iter().all(ours) {
         return Err(format!("bus 1 holds {on_bus:?}"));
+    }
+    // A placeholder and a device never share the port, and a placeholder that left took
+    // its backend along.
+    let placeholder_here = peripherals.contains(PLACEHOLDER);
+    if placeholder_here && here > 0 {
+        return Err(format!("placeholder and {here} function(s) on the port at once"));
+    }
+    if !placeholder_here && objects.contains(PLACEHOLDER_MEM) && state == DeviceState::Visible {
+        return Err("placeholder gone but its backend left behind".into());
     }
     match state {
         DeviceState::Visible => {
+            if placeholder_here || (req.placeholder.is_some() && objects.contains(PLACEHOLDER_MEM)) {
+                return Err("visible but the placeholder (or its backend) is still there".into());
+            }
             if here != fids.len() {
                 return Err(format!("visible but only {here} of {} functions in QEMU", fids.len()));
             }
@@ -266,6 +321,7 @@ fn case(s: Scenario, kill: Kill, k: u64) -> Row {
     let q = Qemu::q35(1, s.hotplug());
     let c = Arc::new(q.connect());
     q.wait_firmware(&c, 1);
+    s.setup(&c);
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("journal");
     // The child needs the QMP socket to itself.
@@ -339,6 +395,7 @@ fn main() {
         let q = Qemu::q35(1, s.hotplug());
         let c = q.connect();
         q.wait_firmware(&c, 1);
+        s.setup(&c);
         drop(c);
         let dir = tempfile::tempdir().unwrap();
         let out = run_child(s, &q, &dir.path().join("journal"), Kill::AfterDurable, 0);
