@@ -12,7 +12,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -140,6 +140,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Longest message accepted from QEMU; a longer one closes the connection.
     pub max_message_bytes: usize,
+    /// Events one [`EventStream`] holds while nobody reads it; more are dropped and
+    /// counted ([`EventStream::dropped`]), so a forgotten stream costs bounded memory.
+    pub event_queue_capacity: usize,
 }
 
 impl Default for ClientOptions {
@@ -149,6 +152,7 @@ impl Default for ClientOptions {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             max_message_bytes: 8 * 1024 * 1024,
+            event_queue_capacity: 4096,
         }
     }
 }
@@ -227,11 +231,40 @@ struct ErrorBody {
 
 type Reply = std::result::Result<Value, ErrorBody>;
 
+/// Setting up a writer fails only with an OS error.
+fn setup_error(e: TransportError) -> ClientError {
+    match e {
+        TransportError::Io(io) => ClientError::Setup(io),
+        other => ClientError::Setup(std::io::Error::other(other.to_string())),
+    }
+}
+
+/// One event stream's sending side and its count of events dropped on a full queue.
+#[derive(Debug)]
+struct Subscriber {
+    tx: SyncSender<Event>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Subscriber {
+    /// Queues `ev`; `false` once the stream is gone.
+    fn offer(&self, ev: &Event) -> bool {
+        match self.tx.try_send(ev.clone()) {
+            Ok(()) => true,
+            Err(mpsc::TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
 /// What the reader thread and the callers share.
 #[derive(Debug, Default)]
 struct Conn {
     pending: HashMap<u64, SyncSender<Reply>>,
-    subscribers: Vec<Sender<Event>>,
+    subscribers: Vec<Subscriber>,
     closed: Option<CloseReason>,
     stray_replies: u64,
 }
@@ -258,9 +291,17 @@ impl Shared {
 pub struct EventStream {
     rx: Receiver<Event>,
     shared: Arc<Shared>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl EventStream {
+    /// Events this stream missed because its queue was full
+    /// ([`ClientOptions::event_queue_capacity`]) while nobody read it. A waiter that may
+    /// have missed its event asks QEMU for the state instead (the engine does).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// The next event, waiting at most `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Event> {
         match self.rx.recv_timeout(timeout) {
@@ -338,9 +379,9 @@ impl QmpClient {
     /// Speaks QMP over an already connected Unix socket.
     pub fn from_stream(stream: UnixStream, options: ClientOptions) -> Result<Self> {
         // A send that QEMU never drains must not block forever.
-        stream.set_write_timeout(Some(options.command_timeout)).map_err(ClientError::Setup)?;
         let read = stream.try_clone().map_err(ClientError::Setup)?;
-        Self::start(OwnedFd::from(read), LineWriter::Socket(stream), options)
+        let writer = LineWriter::socket(stream, options.command_timeout).map_err(setup_error)?;
+        Self::start(OwnedFd::from(read), writer, options)
     }
 
     /// Speaks QMP over a pair of pipes, e.g. the stdout and stdin of a QEMU started with
@@ -350,7 +391,8 @@ impl QmpClient {
         to_qemu: impl Into<OwnedFd>,
         options: ClientOptions,
     ) -> Result<Self> {
-        let writer = LineWriter::Pipe(std::fs::File::from(to_qemu.into()));
+        // Non-blocking with a deadline: a QEMU that stops reading stdin must not block us.
+        let writer = LineWriter::pipe(to_qemu.into(), options.command_timeout).map_err(setup_error)?;
         Self::start(from_qemu.into(), writer, options)
     }
 
@@ -406,13 +448,14 @@ impl QmpClient {
 
     /// A new event stream that sees every event from now on.
     pub fn subscribe(&self) -> EventStream {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(self.options.event_queue_capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
         let mut conn = self.shared.lock();
         if conn.closed.is_none() {
-            conn.subscribers.push(tx);
+            conn.subscribers.push(Subscriber { tx, dropped: Arc::clone(&dropped) });
         }
         drop(conn);
-        EventStream { rx, shared: Arc::clone(&self.shared) }
+        EventStream { rx, shared: Arc::clone(&self.shared), dropped }
     }
 
     /// Runs a command given by name with raw JSON arguments and returns the raw `return`
@@ -634,7 +677,7 @@ fn reader_loop(mut reader: LineReader, shared: &Shared, stop: &AtomicBool) {
             }
             Ok(Incoming::Event(ev)) => {
                 let mut conn = shared.lock();
-                conn.subscribers.retain(|tx| tx.send(ev.clone()).is_ok());
+                conn.subscribers.retain(|sub| sub.offer(&ev));
             }
             Ok(Incoming::Other) => {}
             Err(reason) => break reason,

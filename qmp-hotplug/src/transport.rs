@@ -6,7 +6,7 @@
 //! sends a newline) costs bounded memory and ends in [`TransportError::LineTooLong`].
 
 use std::fs::File;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -40,6 +40,9 @@ pub enum TransportError {
     /// No complete line arrived before the deadline.
     #[error("no message within {0:?}")]
     Timeout(Duration),
+    /// QEMU did not take a message we sent before the write deadline (it stopped reading).
+    #[error("QEMU did not take the message within {0:?}")]
+    WriteTimeout(Duration),
     /// The reader was asked to stop.
     #[error("reader stopped")]
     Stopped,
@@ -159,35 +162,58 @@ fn wait_readable(fd: BorrowedFd<'_>, wait: Duration) -> Result<bool> {
     }
 }
 
-/// The writing half of a connection.
+/// The writing half of a connection. Every write has a deadline (`timeout`): a QEMU
+/// that stops reading fills the socket or pipe buffer, and the write must not block
+/// forever then.
 #[derive(Debug)]
 pub(crate) enum LineWriter {
-    /// A connected Unix socket (can pass descriptors).
-    Socket(UnixStream),
-    /// The write end of a pipe (`-qmp stdio`).
-    Pipe(File),
+    /// A connected Unix socket (can pass descriptors); `SO_SNDTIMEO` holds the deadline.
+    Socket {
+        /// The socket.
+        stream: UnixStream,
+        /// Its write timeout.
+        timeout: Duration,
+    },
+    /// The write end of a pipe (`-qmp stdio`), non-blocking, written with `poll(2)`.
+    Pipe {
+        /// The pipe.
+        file: File,
+        /// How long one message may take to go out.
+        timeout: Duration,
+    },
 }
 
 impl LineWriter {
+    /// A socket writer whose sends give up after `timeout`.
+    pub(crate) fn socket(stream: UnixStream, timeout: Duration) -> Result<Self> {
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(LineWriter::Socket { stream, timeout })
+    }
+
+    /// A pipe writer whose writes give up after `timeout`; the pipe is made non-blocking.
+    pub(crate) fn pipe(fd: OwnedFd, timeout: Duration) -> Result<Self> {
+        let flags = rustix::fs::fcntl_getfl(&fd).map_err(io::Error::from)?;
+        rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK).map_err(io::Error::from)?;
+        Ok(LineWriter::Pipe { file: File::from(fd), timeout })
+    }
+
     /// Writes one message followed by a newline.
     pub(crate) fn write_line(&mut self, line: &[u8]) -> Result<()> {
         let mut msg = Vec::with_capacity(line.len() + 1);
         msg.extend_from_slice(line);
         msg.push(b'\n');
         match self {
-            LineWriter::Socket(s) => send_all(s.as_fd(), &msg),
-            LineWriter::Pipe(f) => {
-                f.write_all(&msg)?;
-                Ok(())
-            }
+            LineWriter::Socket { stream, timeout } => send_all(stream.as_fd(), &msg, *timeout),
+            LineWriter::Pipe { file, timeout } => write_pipe(file.as_fd(), &msg, *timeout),
         }
     }
 
     /// Writes one message with `fds` attached to its first byte(s) as `SCM_RIGHTS`.
     pub(crate) fn write_line_with_fds(&mut self, line: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
-        let LineWriter::Socket(sock) = self else {
+        let LineWriter::Socket { stream: sock, timeout } = self else {
             return Err(TransportError::FdPassingUnsupported);
         };
+        let timeout = *timeout;
         if fds.len() > MAX_FDS_PER_MESSAGE {
             return Err(TransportError::TooManyFds(fds.len()));
         }
@@ -205,16 +231,17 @@ impl LineWriter {
             {
                 Ok(n) => break n,
                 Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Err(TransportError::WriteTimeout(timeout)),
                 Err(e) => return Err(TransportError::Io(e.into())),
             }
         };
         // The descriptors travelled with the first bytes; the rest is plain data.
-        send_all(sock.as_fd(), msg.get(sent..).unwrap_or_default())
+        send_all(sock.as_fd(), msg.get(sent..).unwrap_or_default(), timeout)
     }
 
     /// Shuts a socket down so that a blocked reader on it wakes up with EOF.
     pub(crate) fn shutdown(&self) {
-        if let LineWriter::Socket(s) = self {
+        if let LineWriter::Socket { stream: s, .. } = self {
             // Already closed by the peer is fine: nothing left to wake.
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -222,12 +249,46 @@ impl LineWriter {
 }
 
 /// `send(2)` in a loop without raising `SIGPIPE`.
-fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<()> {
+/// A send that `SO_SNDTIMEO` (`timeout`) ended without progress is a [`TransportError::WriteTimeout`].
+fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], timeout: Duration) -> Result<()> {
     while !data.is_empty() {
         match rustix::net::send(fd, data, SendFlags::NOSIGNAL) {
             Ok(0) => return Err(TransportError::Eof),
             Ok(n) => data = data.get(n..).unwrap_or_default(),
             Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Err(TransportError::WriteTimeout(timeout)),
+            Err(e) => return Err(TransportError::Io(e.into())),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` to a non-blocking pipe, waiting for room with `poll(2)` until
+/// `timeout` has passed since the start. A closed reader is [`TransportError::Eof`]
+/// (`EPIPE`; Rust programs ignore `SIGPIPE`).
+fn write_pipe(fd: BorrowedFd<'_>, mut data: &[u8], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !data.is_empty() {
+        match rustix::io::write(fd, data) {
+            Ok(0) => return Err(TransportError::Eof),
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::PIPE) => return Err(TransportError::Eof),
+            Err(rustix::io::Errno::AGAIN) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(TransportError::WriteTimeout(timeout));
+                }
+                let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+                let wait = Timespec {
+                    tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                };
+                match rustix::event::poll(&mut fds, Some(&wait)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(TransportError::Io(e.into())),
+                }
+            }
             Err(e) => return Err(TransportError::Io(e.into())),
         }
     }
@@ -237,6 +298,28 @@ fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// Nobody reads the other end: the buffer fills, and the write gives up at its
+    /// deadline instead of blocking.
+    #[test]
+    fn writes_to_a_peer_that_stops_reading_time_out() {
+        let big = vec![b'x'; 4 << 20];
+        let (a, _keep_open) = UnixStream::pair().unwrap();
+        let mut w = LineWriter::socket(a, Duration::from_millis(200)).unwrap();
+        let t = Instant::now();
+        assert!(matches!(w.write_line(&big), Err(TransportError::WriteTimeout(_))));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+        let (r, wfd) = rustix::pipe::pipe().unwrap();
+        let mut w = LineWriter::pipe(wfd, Duration::from_millis(200)).unwrap();
+        let t = Instant::now();
+        assert!(matches!(w.write_line(&big), Err(TransportError::WriteTimeout(_))));
+        assert!(t.elapsed() >= Duration::from_millis(200) && t.elapsed() < Duration::from_secs(5));
+        // A closed reader is the end of the connection, not a signal or a hang.
+        drop(r);
+        assert!(matches!(w.write_line(b"{}"), Err(TransportError::Eof)));
+    }
 
     fn pair(max: usize) -> (UnixStream, LineReader) {
         let (a, b) = UnixStream::pair().unwrap();
@@ -289,7 +372,7 @@ mod tests {
     #[test]
     fn pipes_cannot_pass_fds() {
         let (_r, w) = rustix::pipe::pipe().unwrap();
-        let mut w = LineWriter::Pipe(File::from(w));
+        let mut w = LineWriter::pipe(w, Duration::from_secs(5)).unwrap();
         let null = File::open("/dev/null").unwrap();
         let err = w.write_line_with_fds(b"{}", &[null.as_fd()]).unwrap_err();
         assert!(matches!(err, TransportError::FdPassingUnsupported));

@@ -217,3 +217,35 @@ fn peer_closing_with_unread_data_is_end_of_stream() {
     let err = events.recv_timeout(DEADLINE).unwrap_err();
     assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
 }
+
+/// A stream nobody reads holds at most `event_queue_capacity` events and counts the rest;
+/// once read, it has room again; the connection stays up throughout.
+#[test]
+fn an_unread_event_stream_is_bounded() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let (_, id, _) = p.recv().unwrap();
+        for n in 0..25 {
+            p.send(&format!(
+                r#"{{"event": "X_TICK", "data": {{"n": {n}}}, "timestamp": {{"seconds": 1, "microseconds": 0}}}}"#
+            ));
+        }
+        p.reply(&id, json!({}));
+        let (_, id, _) = p.recv().unwrap();
+        p.send(r#"{"event": "X_LATE", "data": {}, "timestamp": {"seconds": 2, "microseconds": 0}}"#);
+        p.reply(&id, json!({}));
+        let _ = p.recv();
+    });
+    let opts = qmp_hotplug::ClientOptions { event_queue_capacity: 10, ..FakePeer::options(DEADLINE) };
+    let c = QmpClient::connect_unix(&peer.path, opts).unwrap();
+    let idle = c.subscribe();
+    c.execute_raw("query-status", None, DEADLINE).unwrap();
+    let queued: Vec<u64> =
+        std::iter::from_fn(|| idle.try_recv()).map(|e| e.data["n"].as_u64().unwrap()).collect();
+    assert_eq!(queued, (0..10).collect::<Vec<u64>>(), "the first 10 are kept");
+    assert_eq!(idle.dropped(), 15);
+    c.execute_raw("query-status", None, DEADLINE).unwrap();
+    assert_eq!(idle.recv_timeout(DEADLINE).unwrap().name, "X_LATE");
+    assert_eq!(idle.dropped(), 15);
+    assert!(c.closed().is_none());
+}
