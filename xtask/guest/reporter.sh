@@ -11,6 +11,7 @@
 #   LINK path                  sysfs device path, e.g. ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
 #   DRV bdf driver
 #   ZPCI bdf uid function_id   s390x zPCI functions
+#   NUMA bdf node              the function's NUMA node, when the kernel knows one
 #   CCW busid cutype devtype online
 #   CDRV busid driver
 #   END seq
@@ -66,6 +67,9 @@ snapshot() {
         done < "$d/resource"
         if [ -r "$d/uid" ] && read -r u < "$d/uid" && read -r fid < "$d/function_id"; then
             echo "$P ZPCI $b $u $fid"
+        fi
+        if [ -r "$d/numa_node" ] && read -r nn < "$d/numa_node" && [ "$nn" != -1 ]; then
+            echo "$P NUMA $b $nn"
         fi
     done
     ls -iLd /sys/bus/pci/devices/* 2>/dev/null | while read -r ino path; do

@@ -211,6 +211,8 @@ pub struct PciDevice {
     /// Inode of its sysfs directory: changes whenever the function is removed and added
     /// again, even at the same address with the same ids.
     pub node: Option<u64>,
+    /// NUMA node from sysfs `numa_node`, when the guest has NUMA and knows it (not -1).
+    pub numa_node: Option<u32>,
 }
 
 impl PciDevice {
@@ -304,6 +306,13 @@ pub enum GuestEvent {
         bdf: Bdf,
         /// Identifiers.
         zpci: Zpci,
+    },
+    /// A PCI function's NUMA node.
+    Numa {
+        /// Address.
+        bdf: Bdf,
+        /// Node number.
+        node: u32,
     },
     /// A channel device of the snapshot.
     Ccw(CcwDevice),
@@ -411,6 +420,7 @@ fn parse_fields(body: &str) -> Result<GuestEvent, String> {
             GuestEvent::Link { chain }
         }
         "INO" => GuestEvent::Node { bdf: bdf(f.next())?, inode: num(f.next(), "inode")? },
+        "NUMA" => GuestEvent::Numa { bdf: bdf(f.next())?, node: num(f.next(), "NUMA node")? },
         "DRV" => GuestEvent::Driver { bdf: bdf(f.next())?, driver: word(f.next(), "driver")? },
         "ZPCI" => {
             let bdf = bdf(f.next())?;
@@ -564,6 +574,7 @@ impl GuestState {
                         upstream: Vec::new(),
                         zpci: None,
                         node: None,
+                        numa_node: None,
                     },
                 );
             }
@@ -592,6 +603,11 @@ impl GuestState {
             GuestEvent::Zpci { bdf, zpci } => {
                 if let Some(d) = p.pci.get_mut(&bdf) {
                     d.zpci = Some(zpci);
+                }
+            }
+            GuestEvent::Numa { bdf, node } => {
+                if let Some(d) = p.pci.get_mut(&bdf) {
+                    d.numa_node = Some(node);
                 }
             }
             GuestEvent::Ccw(dev) => {

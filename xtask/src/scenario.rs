@@ -66,6 +66,9 @@ pub enum Mode {
     /// Devices of one `group` behind one switch, a boot-time placeholder behind each of
     /// its downstream ports (x86_64, aarch64).
     SwitchPort,
+    /// x86_64: a `pxb-pcie` expander per guest NUMA node other than 0 (`numa_nodes`),
+    /// each device on a root port of its `numa_node`'s expander (node 0: `pcie.0`).
+    Numa,
     /// s390x: channel devices by CCW device number, PCI devices as zPCI functions.
     Ccw,
     /// x86_64: the devices are passed through with VFIO into a QEMU running inside the
@@ -79,6 +82,7 @@ impl Mode {
         match self {
             Mode::RootPort => "root-port",
             Mode::SwitchPort => "switch-port",
+            Mode::Numa => "numa",
             Mode::Ccw => "ccw",
             Mode::NestedVfio => "nested-vfio",
         }
@@ -245,6 +249,9 @@ pub struct DeviceSpec {
     /// multi-function slot, function 0 last.
     #[serde(default = "one")]
     pub functions: u8,
+    /// Guest NUMA node the device belongs to (mode `numa`; default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
     /// Peer-to-peer group: devices of one group share a switch in switch-port mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
@@ -293,6 +300,9 @@ pub struct Scenario {
     /// 10 on x86_64 with ACPI hotplug and on s390x, 20 with pciehp, which takes 5–6 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unplug_timeout_s: Option<u64>,
+    /// Mode `numa`: guest NUMA nodes (2–8); the guest's memory is split evenly.
+    #[serde(default)]
+    pub numa_nodes: u32,
     /// nested-vfio: which VFIO interface must run (default: whatever the stack offers).
     #[serde(default)]
     pub vfio_backend: VfioBackend,
@@ -363,6 +373,22 @@ impl Scenario {
         }
         if ccw_arch && (self.spare_ports > 0 || self.reservations != Reservations::Planned) {
             return bad("s390x has no ports: `spare_ports` and `reservations` do not apply".into());
+        }
+        if self.mode == Mode::Numa {
+            if self.arch != Arch::X86_64 {
+                return bad("mode `numa` runs on x86_64 (q35 with pxb-pcie expanders)".into());
+            }
+            if !(2..=8).contains(&self.numa_nodes) {
+                return bad("mode `numa` needs numa_nodes = 2 to 8".into());
+            }
+        } else if self.numa_nodes != 0 || self.devices.iter().any(|d| d.numa_node.is_some()) {
+            return bad("`numa_nodes` and a device's `numa_node` apply to mode `numa` only".into());
+        }
+        if let Some(d) = self.devices.iter().find(|d| d.numa_node.is_some_and(|n| n >= self.numa_nodes)) {
+            return bad(format!(
+                "device `{}`: numa_node must be below numa_nodes = {}",
+                d.id, self.numa_nodes
+            ));
         }
         if self.vfio_backend != VfioBackend::Auto && self.mode != Mode::NestedVfio {
             return bad("`vfio_backend` applies to mode `nested-vfio` only".into());
@@ -529,6 +555,23 @@ mod tests {
         for f in files {
             Scenario::load(&f).unwrap();
         }
+    }
+
+    #[test]
+    fn numa_keys_go_with_numa_mode() {
+        let e = parse(&GPU.replace("kind = \"virtio-net\"", "kind = \"virtio-net\"\n        numa_node = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("numa_node"), "{e}");
+        let numa = GPU.replace("mode = \"root-port\"", "mode = \"numa\"\n        numa_nodes = 2");
+        let s = parse(&numa).unwrap();
+        assert_eq!((s.mode, s.numa_nodes), (Mode::Numa, 2));
+        let e = parse(&numa.replace("kind = \"virtio-net\"", "kind = \"virtio-net\"\n        numa_node = 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("below numa_nodes"), "{e}");
+        let e = parse(&numa.replace("numa_nodes = 2", "numa_nodes = 1")).unwrap_err().to_string();
+        assert!(e.contains("2 to 8"), "{e}");
     }
 
     #[test]

@@ -157,7 +157,7 @@ impl Default for RunContext {
 pub fn run_scenario(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     let begun = Instant::now();
     let mut report = match scenario.mode {
-        Mode::RootPort | Mode::SwitchPort | Mode::Ccw => planned::run(scenario, ctx),
+        Mode::RootPort | Mode::SwitchPort | Mode::Numa | Mode::Ccw => planned::run(scenario, ctx),
         Mode::NestedVfio => crate::nested::run(scenario, ctx),
     };
     report.wall_ms = begun.elapsed().as_millis();

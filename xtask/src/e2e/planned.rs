@@ -107,6 +107,7 @@ fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequ
     }
     let mut r = pcie_topology::DeviceRequest::new(id, functions);
     r.p2p_group = d.group.clone();
+    r.numa_node = d.numa_node;
     Ok(r)
 }
 
@@ -169,6 +170,7 @@ fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
     }
     let mode = match scenario.mode {
         Mode::SwitchPort => pcie_topology::Mode::SwitchPort,
+        Mode::Numa => pcie_topology::Mode::Numa,
         _ => pcie_topology::Mode::RootPort,
     };
     let request = PlanRequest { mode, devices: planned_devices, spares, options };
@@ -186,6 +188,7 @@ fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
     for b in &planned.blockdevs {
         spec.extra_args.extend(["-blockdev".to_string(), b.clone()]);
     }
+    spec.extra_args.extend(numa_args(scenario.numa_nodes, spec.memory_mib));
     if scenario.native_hotplug && scenario.arch == Arch::X86_64 {
         spec.extra_args
             .extend(["-global".into(), "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".into()]);
@@ -197,12 +200,34 @@ fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
     spec
 }
 
+/// `-object`/`-numa` arguments for `nodes` guest NUMA nodes sharing `memory_mib` evenly
+/// (node 0 gets the rest); the one vCPU sits on node 0, the other nodes hold memory only.
+fn numa_args(nodes: u32, memory_mib: u32) -> Vec<String> {
+    if nodes == 0 {
+        return Vec::new();
+    }
+    let each = memory_mib / nodes;
+    let mut args = Vec::new();
+    for n in 0..nodes {
+        let size = if n == 0 { memory_mib - each * (nodes - 1) } else { each };
+        let cpus = if n == 0 { ",cpus=0" } else { "" };
+        args.extend([
+            "-object".to_string(),
+            format!("memory-backend-ram,id=numa{n},size={size}M"),
+            "-numa".to_string(),
+            format!("node,nodeid={n}{cpus},memdev=numa{n}"),
+        ]);
+    }
+    args
+}
+
 /// The unplug deadline: the scenario's, else long enough for the platform's hotplug.
 fn unplug_timeout(scenario: &Scenario) -> Duration {
     let secs = scenario.unplug_timeout_s.unwrap_or(match scenario.arch {
         // ACPI hotplug completes in ~0.1 s (10 s leaves room for a loaded machine);
-        // pciehp needs its 5 s attention-button window on top.
-        Arch::X86_64 if !scenario.native_hotplug => 10,
+        // pciehp needs its 5 s attention-button window on top. Ports on pxb-pcie
+        // expanders take 6.1–6.3 s to unplug, the pciehp pattern, also under ACPI hotplug.
+        Arch::X86_64 if !scenario.native_hotplug && scenario.mode != Mode::Numa => 10,
         Arch::S390x => 10,
         _ => 20,
     });
@@ -338,18 +363,19 @@ fn journal_device_adds(journal: &Path) -> Result<usize> {
     Ok(records.iter().filter(|r| matches!(r, Record::Step { step: Step::DeviceAdd { .. }, .. })).count())
 }
 
-/// The guest path of a function from the chain of bridges the guest reported.
+/// The guest path of a function from the chain of bridges the guest reported; behind an
+/// expander's root bus it starts with that bus number, as the plan writes it (`20/01/00`).
 fn guest_path(dev: &PciDevice) -> String {
-    dev.upstream
-        .iter()
-        .chain(std::iter::once(&dev.bdf))
-        .map(|b| {
+    let root_bus = dev.upstream.first().unwrap_or(&dev.bdf).bus;
+    let root = (root_bus != 0).then(|| format!("{root_bus:02x}"));
+    root.into_iter()
+        .chain(dev.upstream.iter().chain(std::iter::once(&dev.bdf)).map(|b| {
             if b.function == 0 {
                 format!("{:02x}", b.device)
             } else {
                 format!("{:02x}.{:x}", b.device, b.function)
             }
-        })
+        }))
         .collect::<Vec<_>>()
         .join("/")
 }
@@ -468,6 +494,14 @@ impl Step3<'_> {
             Ok(seen) => p.seen = seen,
             Err(e) => p.row.fail(e),
         }
+        if self.scenario.mode == Mode::Numa {
+            let planned_node = action
+                .port
+                .as_ref()
+                .and_then(|id| planned.plan.ports.iter().find(|x| &x.id == id))
+                .and_then(|x| x.numa_node);
+            self.check_numa(&p.seen, planned_node, &mut p.row);
+        }
         if p.row.result.is_empty() {
             p.row.ok = true;
             p.row.result = "ok".into();
@@ -545,7 +579,7 @@ impl Step3<'_> {
                             seen.push(Seen::Pci(want));
                             if let GuestLocation::Pci { path, .. } = &f.guest {
                                 let got = guest_path(&dev);
-                                if path.root_bus.is_none() && got != path.to_string() {
+                                if got != path.to_string() {
                                     row.fail(format!("{} is at guest path {got}, planned {path}", f.id));
                                 }
                             }
@@ -622,6 +656,27 @@ impl Step3<'_> {
             row.fail(p);
         }
         Ok(seen)
+    }
+
+    /// Every function on an expander must sit on the expander's NUMA node in the guest
+    /// (`numa_node` in sysfs, from the expander's ACPI proximity domain). `pcie.0` has no
+    /// node of its own (`planned` is `None`): what the guest says is only noted.
+    fn check_numa(&self, seen: &[Seen], planned: Option<u32>, row: &mut Row) {
+        let state = self.guest.state();
+        for x in seen {
+            let Seen::Pci(bdf) = x else { continue };
+            let got = state.pci.get(bdf).and_then(|d| d.numa_node);
+            match (planned, got) {
+                (Some(want), Some(node)) if node == want => {
+                    row.notes.push(format!("{bdf} on NUMA node {node} as planned"))
+                }
+                (Some(want), Some(node)) => row.fail(format!("{bdf} is on NUMA node {node}, planned {want}")),
+                (Some(want), None) => {
+                    row.fail(format!("{bdf}: the guest reports no NUMA node, planned {want}"))
+                }
+                (None, got) => row.notes.push(format!("{bdf} on pcie.0, guest NUMA node {got:?}")),
+            }
+        }
     }
 
     /// Waits until the guest shows none of `seen`; returns when (the snapshot's time).
@@ -915,7 +970,42 @@ mod tests {
             upstream: upstream.iter().map(|u| u.parse().unwrap()).collect(),
             zpci: None,
             node: Some(1),
+            numa_node: None,
         }
+    }
+
+    #[test]
+    fn expander_paths_start_with_the_root_bus_and_numa_memory_adds_up() {
+        let behind_pxb = dev("0000:81:00.0", &["0000:80:00.0"], Vec::new());
+        assert_eq!(guest_path(&behind_pxb), "80/00/00");
+        let on_pxb_root = dev("0000:80:03.0", &[], Vec::new());
+        assert_eq!(guest_path(&on_pxb_root), "80/03");
+        let args = numa_args(3, 256).join(" ");
+        assert!(args.contains("id=numa0,size=86M") && args.contains("id=numa2,size=85M"), "{args}");
+        assert!(
+            args.contains("node,nodeid=0,cpus=0,memdev=numa0") && args.contains("node,nodeid=1,memdev=numa1")
+        );
+        assert!(numa_args(0, 256).is_empty());
+    }
+
+    #[test]
+    fn numa_scenario_plans_an_expander_for_node_1() {
+        let s = Scenario::load(&crate::scenario::default_dir().join("x86-numa-expanders.toml")).unwrap();
+        let planned = make_plan(&s, 256).unwrap();
+        let gpu = planned.plan.hotplug_action("gpu1").unwrap();
+        let GuestLocation::Pci { path, .. } = &gpu.functions[0].guest else { panic!("pci") };
+        let root = path.root_bus.expect("node 1 is behind an expander");
+        let node_of = |id: &str| {
+            let a = planned.plan.hotplug_action(id).unwrap();
+            let GuestLocation::Pci { path, .. } = &a.functions[0].guest else { panic!("pci") };
+            let port = planned.plan.ports.iter().find(|p| Some(&p.id) == a.port.as_ref()).unwrap();
+            (path.root_bus, port.numa_node)
+        };
+        assert_eq!(node_of("gpu1"), (Some(root), Some(1)));
+        let (node0_root, node0) = node_of("nic0");
+        assert!(node0_root.is_some_and(|r| r != root) && node0 == Some(0), "node 0 has an expander too");
+        assert_eq!(node_of("nic9"), (None, None), "a device without a node stays on pcie.0");
+        assert!(guest_spec(&s, &planned).extra_args.iter().any(|a| a.contains(&format!("bus_nr={root}"))));
     }
 
     #[test]
