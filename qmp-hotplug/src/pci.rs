@@ -1,10 +1,25 @@
-//! Reading `query-pci` leniently and checking a function against its expectation.
+//! Reading `query-pci` leniently, checking a function against its expectation, and
+//! checking whether a device's BARs fit the windows a bridge forwards right now.
 //!
 //! The engine reads the reply as raw JSON with only the members it needs, so that QEMU
 //! versions whose `query-pci` differs from the `qapi` crate's schema still work.
+//!
+//! # Live windows
+//!
+//! For every bridge `query-pci` gives the windows as QEMU decodes them from the bridge's
+//! registers, that is as the guest's firmware or OS programmed them ([`bridges`]).
+//! [`window_shortfalls`] places a device's BARs into them the way a guest does: each BAR
+//! at its natural alignment, largest alignment first (optimal for power-of-two BARs),
+//! 64-bit prefetchable BARs in the prefetchable window (in the memory window when the
+//! bridge has none), other memory BARs and ROMs in the memory window, I/O BARs in the I/O
+//! window. When a window cannot hold them it says by how much. A guest that resizes
+//! windows at hotplug (Linux with `pci=realloc`, or booted without firmware) may still
+//! make room; under firmware that keeps its windows (SeaBIOS, OVMF) the verdict is final.
 
 use serde::Deserialize;
 use serde_json::Value;
+
+use pcilibs::requirement::{Resource, Window};
 
 use crate::request::{BarExpectation, PciExpectation};
 use crate::state::GuestAddress;
@@ -59,6 +74,175 @@ struct Region {
 struct Bridge {
     #[serde(default)]
     devices: Vec<Device>,
+    #[serde(default)]
+    bus: Option<BusInfo>,
+}
+
+#[derive(Deserialize)]
+struct BusInfo {
+    #[serde(default)]
+    secondary: i64,
+    #[serde(default)]
+    subordinate: i64,
+    #[serde(default)]
+    io_range: Option<Range>,
+    #[serde(default)]
+    memory_range: Option<Range>,
+    #[serde(default)]
+    prefetchable_range: Option<Range>,
+}
+
+#[derive(Deserialize)]
+struct Range {
+    #[serde(default)]
+    base: i64,
+    #[serde(default)]
+    limit: i64,
+}
+
+impl Range {
+    /// The window, or `None` when it is closed (limit below base, as QEMU reports a
+    /// disabled window).
+    fn window(&self) -> Option<BridgeWindow> {
+        let (base, limit) = (u64::try_from(self.base).ok()?, u64::try_from(self.limit).ok()?);
+        (limit >= base).then_some(BridgeWindow { base, limit })
+    }
+}
+
+/// An address range a bridge forwards: `base..=limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgeWindow {
+    /// First address.
+    pub base: u64,
+    /// Last address.
+    pub limit: u64,
+}
+
+impl BridgeWindow {
+    /// Bytes in the window.
+    pub fn size(&self) -> u64 {
+        self.limit.saturating_sub(self.base).saturating_add(1)
+    }
+}
+
+/// A PCI bridge (root port, switch port, PCI bridge, expander) as `query-pci` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciBridge {
+    /// The bridge's QEMU id (empty for bridges without one).
+    pub qdev_id: String,
+    /// Where the guest sees the bridge itself.
+    pub address: GuestAddress,
+    /// Its secondary bus number.
+    pub secondary: u8,
+    /// Its subordinate bus number.
+    pub subordinate: u8,
+    /// I/O window, `None` when closed.
+    pub io: Option<BridgeWindow>,
+    /// Memory window (non-prefetchable, below 4 GiB), `None` when closed.
+    pub mem: Option<BridgeWindow>,
+    /// Prefetchable memory window, `None` when closed.
+    pub pref: Option<BridgeWindow>,
+    /// Ids of the devices directly on its secondary bus (empty strings for devices
+    /// without an id).
+    pub children: Vec<String>,
+}
+
+/// Every bridge in a `query-pci` reply. Unreadable parts are skipped.
+pub fn bridges(reply: &Value) -> Vec<PciBridge> {
+    let buses: Vec<Bus> = serde_json::from_value(reply.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for b in &buses {
+        walk_bridges(&b.devices, 0, &mut out);
+    }
+    out
+}
+
+fn walk_bridges(devices: &[Device], depth: usize, out: &mut Vec<PciBridge>) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    for d in devices {
+        let Some(br) = &d.pci_bridge else { continue };
+        if out.len() >= MAX_FUNCTIONS {
+            return;
+        }
+        let byte = |v: i64| u8::try_from(v).unwrap_or(u8::MAX);
+        let info = br.bus.as_ref();
+        let window = |r: Option<&Range>| r.and_then(Range::window);
+        out.push(PciBridge {
+            qdev_id: d.qdev_id.clone(),
+            address: GuestAddress { bus: byte(d.bus), slot: byte(d.slot), function: byte(d.function) },
+            secondary: info.map_or(0, |i| byte(i.secondary)),
+            subordinate: info.map_or(0, |i| byte(i.subordinate)),
+            io: window(info.and_then(|i| i.io_range.as_ref())),
+            mem: window(info.and_then(|i| i.memory_range.as_ref())),
+            pref: window(info.and_then(|i| i.prefetchable_range.as_ref())),
+            children: br.devices.iter().map(|c| c.qdev_id.clone()).collect(),
+        });
+        walk_bridges(&br.devices, depth + 1, out);
+    }
+}
+
+/// What keeps `need` (a device's BARs and ROM, all functions) out of `bridge`'s live
+/// windows, one line per window that cannot hold its share; empty when everything fits.
+/// The placement rule is in the module docs.
+pub fn window_shortfalls(bridge: &PciBridge, need: &[Resource]) -> Vec<String> {
+    let mut out = Vec::new();
+    let pref_home = if bridge.pref.is_some() { Window::Pref } else { Window::Mem };
+    for (window, name, live) in
+        [(Window::Io, "io", bridge.io), (Window::Mem, "mem", bridge.mem), (Window::Pref, "pref", bridge.pref)]
+    {
+        let share: Vec<&Resource> = need
+            .iter()
+            .filter(|r| match r.window() {
+                Window::Pref => pref_home == window,
+                w => w == window,
+            })
+            .collect();
+        if share.is_empty() {
+            continue;
+        }
+        let total: u64 = share.iter().map(|r| r.size).sum();
+        let Some(live) = live else {
+            out.push(format!("{name}: the window is closed, the device needs {}", bytes(total)));
+            continue;
+        };
+        if let Some(short) = pack(live, &share) {
+            out.push(format!(
+                "{name}: the window is {} at {:#x}; the device's {} BAR(s) of {} at natural alignment end {} past it",
+                bytes(live.size()),
+                live.base,
+                share.len(),
+                bytes(total),
+                bytes(short)
+            ));
+        }
+    }
+    out
+}
+
+/// Places `share` into `window` largest alignment first; `None` when it fits, else how
+/// many bytes past the window's end the last BAR would reach.
+fn pack(window: BridgeWindow, share: &[&Resource]) -> Option<u64> {
+    let mut sorted: Vec<&&Resource> = share.iter().collect();
+    sorted.sort_by(|a, b| b.align.max(1).cmp(&a.align.max(1)).then(b.size.cmp(&a.size)));
+    let mut next = u128::from(window.base);
+    for r in sorted {
+        let align = u128::from(r.align.max(1));
+        next = next.div_ceil(align) * align + u128::from(r.size);
+    }
+    let end = u128::from(window.limit) + 1;
+    (next > end).then(|| u64::try_from(next - end).unwrap_or(u64::MAX))
+}
+
+/// `128 GiB`, `2 MiB`, `256 B`: the largest binary unit that divides the value.
+fn bytes(n: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} B")
 }
 
 /// Flattens a `query-pci` reply into its functions. Unreadable parts are skipped.
@@ -138,6 +322,59 @@ fn check_bars(have: &[(u8, u64)], want: &[BarExpectation]) -> Result<(), String>
 
 #[cfg(test)]
 mod tests {
+    use pcilibs::bar::BarKind;
+
+    fn bridge_reply(pref: (i64, i64)) -> Value {
+        serde_json::json!([{"bus": 0, "devices": [{
+            "bus": 0, "slot": 2, "function": 0, "qdev_id": "rp0", "regions": [],
+            "pci_bridge": {
+                "bus": {"number": 0, "secondary": 1, "subordinate": 1,
+                        "io_range": {"base": 4096, "limit": 4095},
+                        "memory_range": {"base": 0xfe00_0000_i64, "limit": 0xfe1f_ffff_i64},
+                        "prefetchable_range": {"base": pref.0, "limit": pref.1}},
+                "devices": [{"bus": 1, "slot": 0, "function": 0, "qdev_id": "nic0", "regions": []}]
+            }
+        }]}])
+    }
+
+    #[test]
+    fn bridges_read_windows_and_children() {
+        let b = &bridges(&bridge_reply((0x40_0000_0000, 0x7f_ffff_ffff)))[0];
+        assert_eq!((b.qdev_id.as_str(), b.secondary, b.subordinate), ("rp0", 1, 1));
+        assert_eq!(b.io, None, "limit below base is a closed window");
+        assert_eq!(b.mem.map(|w| w.size()), Some(2 << 20));
+        assert_eq!(b.pref.map(|w| w.size()), Some(256 << 30));
+        assert_eq!(b.children, ["nic0"]);
+        assert!(bridges(&serde_json::json!({"not": "a list"})).is_empty());
+        assert!(bridges(&serde_json::json!([{"devices": [{"pci_bridge": {}}]}])).len() == 1);
+    }
+
+    #[test]
+    fn shortfalls_follow_natural_alignment() {
+        // 256 GiB window starting 2 MiB past a 128 GiB boundary: one 128 GiB BAR fits
+        // (at the next boundary), two do not.
+        let base = (128_i64 << 30) + (2 << 20);
+        let b = &bridges(&bridge_reply((base, base + (256 << 30) - 1)))[0];
+        let big = Resource::bar(BarKind::Mem64, true, 128 << 30);
+        assert!(window_shortfalls(b, &[big]).is_empty());
+        let why = window_shortfalls(b, &[big, big]);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].starts_with("pref:") && why[0].contains("end 131070 MiB past it"), "{why:?}");
+        // No prefetchable window: 64-bit prefetchable BARs go to the memory window.
+        let closed = &bridges(&bridge_reply((1, 0)))[0];
+        let small = Resource::bar(BarKind::Mem64, true, 1 << 20);
+        assert!(window_shortfalls(closed, &[small, small]).is_empty());
+        let why = window_shortfalls(closed, &[small, small, small]);
+        assert!(why.len() == 1 && why[0].starts_with("mem:"), "{why:?}");
+        // An I/O BAR with the I/O window closed.
+        let io = Resource::bar(BarKind::Io, false, 32);
+        assert_eq!(window_shortfalls(closed, &[io]), ["io: the window is closed, the device needs 32 B"]);
+        // A bogus window from a caller never panics.
+        let odd = PciBridge { mem: Some(BridgeWindow { base: 10, limit: 5 }), ..closed.clone() };
+        assert_eq!(odd.mem.map(|w| w.size()), Some(1));
+        let _ = window_shortfalls(&odd, &[small]);
+    }
+
     use super::*;
 
     /// Shape of QEMU 7.2's reply with a root port holding one device (trimmed).
