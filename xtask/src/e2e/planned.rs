@@ -480,6 +480,7 @@ impl Step3<'_> {
         let port = request.port.clone();
         let first = if request.placeholder.is_some() { ", placeholder removed first" } else { "" };
         self.progress(&format!("plugging {} onto {port} (planned {}){first}", d.id, p.row.planned));
+        let predicted = self.live_fit(&port, &m, d.functions);
         let before = self.guest.state();
         let sent = Instant::now();
         match self.engine.plug(request) {
@@ -493,6 +494,9 @@ impl Step3<'_> {
         match self.check_guest(&action, &m, sent, &before, &mut p.row) {
             Ok(seen) => p.seen = seen,
             Err(e) => p.row.fail(e),
+        }
+        if let (Some(why), Some(bars_ok)) = (&predicted, p.row.bars_ok) {
+            self.compare_fit(why, bars_ok, &mut p.row);
         }
         if self.scenario.mode == Mode::Numa {
             let planned_node = action
@@ -656,6 +660,42 @@ impl Step3<'_> {
             row.fail(p);
         }
         Ok(seen)
+    }
+
+    /// What the port's live windows (`query-pci`: as the firmware or the guest programmed
+    /// them) say about the device's BARs before it is plugged (`pci::window_shortfalls`):
+    /// `None` where there is no such port (s390x).
+    fn live_fit(&self, port: &str, m: &Model, functions: u8) -> Option<Vec<String>> {
+        if self.scenario.arch == Arch::S390x {
+            return None;
+        }
+        let reply = self.engine.client().execute_raw("query-pci", None, Duration::from_secs(30)).ok()?;
+        let bridge = qmp_hotplug::pci::bridges(&reply).into_iter().find(|b| b.qdev_id == port)?;
+        let need: Vec<_> = (0..functions).flat_map(|_| m.resources()).collect();
+        Some(qmp_hotplug::pci::window_shortfalls(&bridge, &need))
+    }
+
+    /// The live-window prediction must match what the guest did where firmware windows
+    /// are final (SeaBIOS, OVMF); where the guest kernel resizes windows at hotplug
+    /// (aarch64) a mismatch is only noted.
+    fn compare_fit(&self, why: &[String], bars_ok: bool, row: &mut Row) {
+        let predicted = why.is_empty();
+        row.notes.push(if predicted {
+            "live windows before the plug: the BARs fit (pci::window_shortfalls)".to_string()
+        } else {
+            format!("live windows before the plug: {}", why.join("; "))
+        });
+        if predicted == bars_ok {
+            return;
+        }
+        let said = if predicted { "a fit" } else { "no fit" };
+        let did = if bars_ok { "assigned every BAR" } else { "did not" };
+        let msg = format!("the live-window check predicted {said}, the guest {did}");
+        if matches!(self.scenario.firmware(), Firmware::SeaBios | Firmware::Ovmf) {
+            row.fail(msg);
+        } else {
+            row.notes.push(format!("{msg} (this guest resizes windows at hotplug)"));
+        }
     }
 
     /// Every function on an expander must sit on the expander's NUMA node in the guest
