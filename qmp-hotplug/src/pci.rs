@@ -149,38 +149,25 @@ pub struct PciBridge {
 
 /// Every bridge in a `query-pci` reply. Unreadable parts are skipped.
 pub fn bridges(reply: &Value) -> Vec<PciBridge> {
-    let buses: Vec<Bus> = serde_json::from_value(reply.clone()).unwrap_or_default();
     let mut out = Vec::new();
-    for b in &buses {
-        walk_bridges(&b.devices, 0, &mut out);
-    }
-    out
-}
-
-fn walk_bridges(devices: &[Device], depth: usize, out: &mut Vec<PciBridge>) {
-    if depth > MAX_DEPTH {
-        return;
-    }
-    for d in devices {
-        let Some(br) = &d.pci_bridge else { continue };
-        if out.len() >= MAX_FUNCTIONS {
-            return;
+    visit(reply, &mut |d| {
+        if let Some(br) = &d.pci_bridge {
+            let info = br.bus.as_ref();
+            let window = |r: Option<&Range>| r.and_then(Range::window);
+            out.push(PciBridge {
+                qdev_id: d.qdev_id.clone(),
+                address: d.address(),
+                secondary: info.map_or(0, |i| byte(i.secondary)),
+                subordinate: info.map_or(0, |i| byte(i.subordinate)),
+                io: window(info.and_then(|i| i.io_range.as_ref())),
+                mem: window(info.and_then(|i| i.memory_range.as_ref())),
+                pref: window(info.and_then(|i| i.prefetchable_range.as_ref())),
+                children: br.devices.iter().map(|c| c.qdev_id.clone()).collect(),
+            });
         }
-        let byte = |v: i64| u8::try_from(v).unwrap_or(u8::MAX);
-        let info = br.bus.as_ref();
-        let window = |r: Option<&Range>| r.and_then(Range::window);
-        out.push(PciBridge {
-            qdev_id: d.qdev_id.clone(),
-            address: GuestAddress { bus: byte(d.bus), slot: byte(d.slot), function: byte(d.function) },
-            secondary: info.map_or(0, |i| byte(i.secondary)),
-            subordinate: info.map_or(0, |i| byte(i.subordinate)),
-            io: window(info.and_then(|i| i.io_range.as_ref())),
-            mem: window(info.and_then(|i| i.memory_range.as_ref())),
-            pref: window(info.and_then(|i| i.prefetchable_range.as_ref())),
-            children: br.devices.iter().map(|c| c.qdev_id.clone()).collect(),
-        });
-        walk_bridges(&br.devices, depth + 1, out);
-    }
+        out.len() < MAX_FUNCTIONS
+    });
+    out
 }
 
 /// What keeps `need` (a device's BARs and ROM, all functions) out of `bridge`'s live
@@ -247,32 +234,55 @@ fn bytes(n: u64) -> String {
 
 /// Flattens a `query-pci` reply into its functions. Unreadable parts are skipped.
 pub fn functions(reply: &Value) -> Vec<PciFunction> {
-    let buses: Vec<Bus> = serde_json::from_value(reply.clone()).unwrap_or_default();
     let mut out = Vec::new();
-    for b in &buses {
-        walk(&b.devices, 0, &mut out);
-    }
+    visit(reply, &mut |d| {
+        out.push(PciFunction {
+            qdev_id: d.qdev_id.clone(),
+            address: d.address(),
+            bars: d.regions.iter().map(|r| (byte(r.bar), u64::try_from(r.size).unwrap_or(0))).collect(),
+        });
+        out.len() < MAX_FUNCTIONS
+    });
     out
 }
 
-fn walk(devices: &[Device], depth: usize, out: &mut Vec<PciFunction>) {
-    if depth > MAX_DEPTH {
-        return;
+/// A `query-pci` number as a byte; out-of-range values become 0xff.
+fn byte(v: i64) -> u8 {
+    u8::try_from(v).unwrap_or(u8::MAX)
+}
+
+impl Device {
+    fn address(&self) -> GuestAddress {
+        GuestAddress { bus: byte(self.bus), slot: byte(self.slot), function: byte(self.function) }
     }
-    for d in devices {
-        if out.len() >= MAX_FUNCTIONS {
+}
+
+/// Calls `f` on every device of the reply, depth first, at most [`MAX_DEPTH`] bridges deep,
+/// until `f` returns `false`.
+fn visit(reply: &Value, f: &mut dyn FnMut(&Device) -> bool) {
+    let buses: Vec<Bus> = serde_json::from_value(reply.clone()).unwrap_or_default();
+    for b in &buses {
+        if !visit_devices(&b.devices, 0, f) {
             return;
         }
-        let byte = |v: i64| u8::try_from(v).unwrap_or(u8::MAX);
-        out.push(PciFunction {
-            qdev_id: d.qdev_id.clone(),
-            address: GuestAddress { bus: byte(d.bus), slot: byte(d.slot), function: byte(d.function) },
-            bars: d.regions.iter().map(|r| (byte(r.bar), u64::try_from(r.size).unwrap_or(0))).collect(),
-        });
+    }
+}
+
+fn visit_devices(devices: &[Device], depth: usize, f: &mut dyn FnMut(&Device) -> bool) -> bool {
+    if depth > MAX_DEPTH {
+        return true;
+    }
+    for d in devices {
+        if !f(d) {
+            return false;
+        }
         if let Some(br) = &d.pci_bridge {
-            walk(&br.devices, depth + 1, out);
+            if !visit_devices(&br.devices, depth + 1, f) {
+                return false;
+            }
         }
     }
+    true
 }
 
 /// Checks one function against its expectation; `Err` says what differs.
