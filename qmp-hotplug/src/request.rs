@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction};
+use pcilibs::requirement::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -161,6 +162,10 @@ pub struct FunctionRequest {
     /// What proves the device arrived.
     #[serde(default)]
     pub expect: Expectation,
+    /// The BARs (and ROM) the guest must place in the port's windows when the function
+    /// arrives, for [`crate::EngineOptions::check_live_windows`]; empty: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<Resource>,
 }
 
 impl FunctionRequest {
@@ -310,6 +315,17 @@ pub fn parse_addr(v: &Value) -> Option<(u8, u8)> {
     }
 }
 
+/// What the guest places in the port's windows when the function arrives: each BAR at the
+/// size the guest shows, not the SR-IOV VF apertures (VFs come later, in the guest).
+fn visible_needs(bars: &[pcie_topology::plan::ExpectedBar]) -> Vec<Resource> {
+    bars.iter()
+        .filter_map(|b| {
+            let size = b.visible_size()?;
+            Some(Resource { kind: b.kind, prefetchable: b.prefetchable, rom: b.rom, size, align: size })
+        })
+        .collect()
+}
+
 impl DeviceRequest {
     /// The request for one hotplug action of a `pcie-topology` plan
     /// ([`pcie_topology::Plan::hotplug_actions`], or an action for a device placed later).
@@ -324,6 +340,8 @@ impl DeviceRequest {
     ///   size `query-pci` shows (the ROM as BAR 6; SR-IOV VF apertures not expected; a
     ///   resizable BAR at its current size); ccw, zPCI and vfio-ap functions present.
     /// - `placeholder`: the action's `remove_placeholder`.
+    /// - each function's `needs`: its BARs as the guest will show them, for the engine's
+    ///   optional live-window check.
     ///
     /// Descriptors (`fds`) are the caller's to add, as are objects and properties the plan
     /// does not know (an `iommufd` object and each function's `iommufd` property). A BAR
@@ -346,11 +364,12 @@ impl DeviceRequest {
             functions.extend(
                 f.companions
                     .iter()
-                    .map(|c| FunctionRequest { qdev: c.clone(), expect: Expectation::Present }),
+                    .map(|c| FunctionRequest { qdev: c.clone(), expect: Expectation::Present, needs: Vec::new() }),
             );
             functions.push(FunctionRequest {
                 qdev: f.device_add.clone(),
                 expect: Expectation::planned(&f.guest, &f.bars),
+                needs: visible_needs(&f.bars),
             });
         }
         let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
@@ -503,7 +522,7 @@ mod tests {
 
     fn func(id: &str, addr: &str) -> FunctionRequest {
         let qdev = json!({"driver": "vfio-pci", "id": id, "bus": "rp0", "addr": addr});
-        FunctionRequest { qdev: qdev.as_object().unwrap().clone(), expect: Expectation::Present }
+        FunctionRequest { qdev: qdev.as_object().unwrap().clone(), expect: Expectation::Present, needs: vec![] }
     }
 
     #[test]

@@ -289,3 +289,36 @@ fn passed_descriptor_is_closed_on_unplug() {
     let err = c.closefd("extra").unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
 }
+
+/// `check_live_windows`: a device whose BARs the port's windows (as SeaBIOS programmed
+/// them: 2 MiB prefetchable on a default root port) cannot hold is refused before
+/// anything is sent; one that fits is plugged as usual.
+#[test]
+fn live_window_check_refuses_before_anything_is_sent() {
+    use pcilibs::bar::BarKind;
+    use pcilibs::requirement::Resource;
+    let (_q, c, dir) = setup(1, Hotplug::Native);
+    let options = EngineOptions { check_live_windows: true, ..opts() };
+    let journal = dir.path().join("journal");
+    let (engine, _) = Engine::open(Arc::clone(&c), &journal, options).unwrap();
+    let mut big = gpu_like(0, 64);
+    big.functions[0].needs = vec![Resource::bar(BarKind::Mem64, true, 64 << 20)];
+    match engine.plug(big) {
+        Err(EngineError::WontFit { port, shortfalls }) => {
+            assert_eq!(port, "rp0");
+            assert!(shortfalls.len() == 1 && shortfalls[0].starts_with("pref:"), "{shortfalls:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(engine.device("rp0").is_none(), "nothing admitted");
+    let journal_text = std::fs::read_to_string(&journal).unwrap_or_default();
+    assert!(!journal_text.contains("device-add"), "{journal_text}");
+    let ids = names(&c, "/machine/peripheral");
+    assert!(!ids.contains("gpu0") && !ids.contains("nic0"), "{ids:?}");
+    assert!(!names(&c, "/objects").contains("mem0"));
+
+    let mut small = gpu_like(0, 1);
+    small.functions[0].needs = vec![Resource::bar(BarKind::Mem64, true, 1 << 20)];
+    let rec = engine.plug(small).unwrap();
+    assert_eq!(rec.state, DeviceState::Visible);
+}

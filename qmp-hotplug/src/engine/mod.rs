@@ -90,6 +90,15 @@ pub enum EngineError {
         /// `Removed` (port free again) or `UnplugPending` (waiting for the guest).
         state: DeviceState,
     },
+    /// The port's live windows cannot hold the device's BARs
+    /// ([`EngineOptions::check_live_windows`]); nothing was sent.
+    #[error("the device does not fit port {port}'s live windows: {}; nothing was sent", shortfalls.join("; "))]
+    WontFit {
+        /// The port.
+        port: String,
+        /// One line per window that falls short, with by how much.
+        shortfalls: Vec<String>,
+    },
     /// A boot-time placeholder on the port was not removed in time: the guest has not
     /// released the slot. Nothing of the request was added.
     #[error("placeholder {devices:?} on port {port} still present after {waited:?}: the guest has not released the slot; nothing was added")]
@@ -154,6 +163,12 @@ pub struct EngineOptions {
     pub sysfs: Sysfs,
     /// Called after each journal record is durable (observability, fault injection).
     pub journal_hook: Option<JournalHook>,
+    /// Before anything is sent, check the functions' `needs` against the port's live
+    /// windows (`query-pci`, [`crate::pci::window_shortfalls`]) and refuse a device that
+    /// cannot fit with [`EngineError::WontFit`]. Right where the firmware's windows are
+    /// final (x86 SeaBIOS and OVMF with a Linux guest); off by default, because a guest
+    /// that resizes windows at hotplug (aarch64) can still make room.
+    pub check_live_windows: bool,
 }
 
 impl Default for EngineOptions {
@@ -165,6 +180,7 @@ impl Default for EngineOptions {
             busy_retry: Duration::from_secs(10),
             sysfs: Sysfs::default(),
             journal_hook: None,
+            check_live_windows: false,
         }
     }
 }
@@ -178,6 +194,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("busy_retry", &self.busy_retry)
             .field("sysfs", &self.sysfs)
             .field("journal_hook", &self.journal_hook.is_some())
+            .field("check_live_windows", &self.check_live_windows)
             .finish()
     }
 }
@@ -406,10 +423,33 @@ impl Inner {
         let port = request.port.clone();
         let port_lock = self.port_lock(&port);
         let _g = lock(&port_lock);
+        if self.options.check_live_windows {
+            self.check_live_windows(&request)?;
+        }
         self.admit(&request)?;
         let result =
             self.add_all(&request, &prepared, &HashSet::new()).and_then(|()| self.await_visible(&request));
         self.settle_plug(&request, &prepared, result)
+    }
+
+    /// [`EngineOptions::check_live_windows`]: the functions' `needs` against the live
+    /// windows of the port's bridge. A port that `query-pci` shows as no bridge (s390x
+    /// device ids, `pcie.0`) has nothing to check.
+    fn check_live_windows(&self, request: &DeviceRequest) -> Result<()> {
+        let needs: Vec<_> = request.functions.iter().flat_map(|f| f.needs.iter().copied()).collect();
+        if needs.is_empty() {
+            return Ok(());
+        }
+        let reply = self.client.execute_raw("query-pci", None, self.client.options().command_timeout)?;
+        let Some(bridge) = crate::pci::bridges(&reply).into_iter().find(|b| b.qdev_id == request.port) else {
+            return Ok(());
+        };
+        let shortfalls = crate::pci::window_shortfalls(&bridge, &needs);
+        if shortfalls.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::WontFit { port: request.port.clone(), shortfalls })
+        }
     }
 
     /// Records the plug's outcome: visible, or failed and rolled back.

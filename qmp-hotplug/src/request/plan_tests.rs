@@ -76,6 +76,9 @@ fn root_port_device_with_its_memory_backend() {
     assert_eq!(r.functions.len(), 1);
     assert_pci_as_planned(&r, &a);
     assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 * GIB)]);
+    // What the live-window check places: the two BARs with their kinds.
+    let needs: Vec<(bool, u64)> = r.functions[0].needs.iter().map(|n| (n.prefetchable, n.size)).collect();
+    assert_eq!(needs, [(false, 256), (true, 32 * GIB)]);
     // The ivshmem's memory backend, created before the device.
     assert_eq!(r.objects.len(), 1);
     assert_eq!(Some(r.objects[0].arguments()), a.object_add.first().cloned().map(Value::Object));
@@ -251,4 +254,7 @@ fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
     let r = DeviceRequest::from_action(&a).unwrap();
     assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 16 << 10)]);
     assert_eq!(r.functions[0].prop("host"), Some("0000:06:00.0"));
+    // Nor does the live-window check count the VF aperture: VFs come later, in the guest.
+    let needs: Vec<u64> = r.functions[0].needs.iter().map(|n| n.size).collect();
+    assert_eq!(needs, [16 << 10]);
 }

@@ -279,6 +279,11 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
         unplug_timeout: unplug_timeout(scenario),
         visible_timeout: Duration::from_secs(30),
         placeholder_timeout: Duration::from_secs(30),
+        // Where firmware windows are final, the engine refuses what cannot fit before
+        // sending anything; not with QEMU's default reservations, whose guest-side
+        // failure the must-fail scenario is there to reproduce.
+        check_live_windows: matches!(scenario.firmware(), Firmware::SeaBios | Firmware::Ovmf)
+            && scenario.reservations == Reservations::Planned,
         ..EngineOptions::default()
     };
     let (engine, _) =
