@@ -361,11 +361,11 @@ impl DeviceRequest {
             .collect::<Result<Vec<_>>>()?;
         let mut functions = Vec::new();
         for f in &action.functions {
-            functions.extend(
-                f.companions
-                    .iter()
-                    .map(|c| FunctionRequest { qdev: c.clone(), expect: Expectation::Present, needs: Vec::new() }),
-            );
+            functions.extend(f.companions.iter().map(|c| FunctionRequest {
+                qdev: c.clone(),
+                expect: Expectation::Present,
+                needs: Vec::new(),
+            }));
             functions.push(FunctionRequest {
                 qdev: f.device_add.clone(),
                 expect: Expectation::planned(&f.guest, &f.bars),
@@ -522,7 +522,11 @@ mod tests {
 
     fn func(id: &str, addr: &str) -> FunctionRequest {
         let qdev = json!({"driver": "vfio-pci", "id": id, "bus": "rp0", "addr": addr});
-        FunctionRequest { qdev: qdev.as_object().unwrap().clone(), expect: Expectation::Present, needs: vec![] }
+        FunctionRequest {
+            qdev: qdev.as_object().unwrap().clone(),
+            expect: Expectation::Present,
+            needs: vec![],
+        }
     }
 
     #[test]
