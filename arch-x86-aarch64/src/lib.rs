@@ -43,9 +43,18 @@
 //!   guest kernel arguments sized for the largest spare port, with the same alignment
 //!   slack as SeaBIOS ([`WindowRule::KernelHotplugSize`]). Expander buses are not
 //!   described to the kernel in this mode, so NUMA mode is unsupported there.
-//! - With UEFI (AAVMF) the firmware assigns resources; this crate assumes the same
-//!   padding behaviour as OVMF (power-of-two reservations). The 64-bit window is the
-//!   machine's high PCIe MMIO region, 512 GiB at 512 GiB.
+//! - With UEFI (AAVMF) a Linux guest boots with ACPI and assigns resources itself too:
+//!   QEMU's DSDT does not ask it to keep the firmware's assignment, so the port
+//!   properties do not count there either. Measured with Debian's 6.1 kernel: a root
+//!   port with `pref64-reserve=64G` had a 2 MiB prefetchable window after boot; with
+//!   `pci=hpmmioprefsize=64G,hpmmiosize=32M` it had 64 GiB and 32 MiB. So the plan for
+//!   UEFI follows the kernel's rule and emits the same kernel arguments as direct boot,
+//!   and no `*-reserve` properties. (Earlier versions planned AAVMF's power-of-two
+//!   reservations, which the guest then threw away: it failed a 64 GiB BAR at hotplug and
+//!   only assigned it after moving the port's window on its own.) A guest OS that keeps
+//!   the firmware's windows is not what this platform plans for. Bus numbers stay the
+//!   firmware's depth-first ones, which Linux keeps.
+//! - The 64-bit window is the machine's high PCIe MMIO region, 512 GiB at 512 GiB.
 //! - 32-bit PCI space 0x1000_0000..0x3eff_0000, I/O 64 KiB.
 //!
 //! # PCIe-to-PCI bridge (all machines)
@@ -217,11 +226,8 @@ impl Platform for Virt {
             expander: uefi.then(|| "pxb-pcie".to_string()),
             pci_bridge: Some("pcie-pci-bridge".to_string()),
             reserved_root_slots: vec![0],
-            window_rule: if uefi {
-                WindowRule::ReservePowerOfTwo
-            } else {
-                WindowRule::KernelHotplugSize { start_align: MIB }
-            },
+            // Linux assigns windows itself under UEFI too (see the module docs).
+            window_rule: WindowRule::KernelHotplugSize { start_align: MIB },
             bus_numbering: if uefi {
                 BusNumbering::FirmwareDepthFirst
             } else {
@@ -238,7 +244,7 @@ impl Platform for Virt {
 
     fn extra_args(&self, totals: &Totals) -> ExtraArgs {
         let mut extra = ExtraArgs::default();
-        if self.firmware == ArmFirmware::None {
+        {
             let mut opts = Vec::new();
             if totals.hotplug_mem > 0 {
                 opts.push(format!("hpmmiosize={}", fmt_size(totals.hotplug_mem)));
