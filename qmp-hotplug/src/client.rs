@@ -692,6 +692,55 @@ fn reader_loop(mut reader: LineReader, shared: &Shared, stop: &AtomicBool) {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    /// Arbitrary JSON, nested a few levels, with QMP's member names likely.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[a-z_ ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_string()),
+                        Just("return".to_string()),
+                        Just("error".to_string()),
+                        Just("event".to_string()),
+                        Just("data".to_string()),
+                        Just("timestamp".to_string()),
+                        Just("class".to_string()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever QEMU sends, a line is classified or reported as malformed: no panic.
+        #[test]
+        fn any_line_is_classified_or_rejected(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = classify(&bytes);
+        }
+
+        #[test]
+        fn any_json_is_classified(v in json()) {
+            let line = serde_json::to_vec(&v).unwrap();
+            let r = classify(&line);
+            // Only objects are messages.
+            prop_assert_eq!(r.is_ok(), v.is_object());
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -309,6 +309,25 @@ pub fn fold(records: &[Record]) -> BTreeMap<String, PortLog> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+        /// A journal file of any content opens or is a typed error: never a panic.
+        #[test]
+        fn any_journal_file_opens_or_errs(bytes in proptest::collection::vec(any::<u8>(), 0..2048), lines in proptest::collection::vec("[ -~]{0,80}", 0..6)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal");
+            let mut content = bytes;
+            for l in lines {
+                content.extend_from_slice(l.as_bytes());
+                content.push(b'\n');
+            }
+            std::fs::write(&path, &content).unwrap();
+            let _ = Journal::open(&path, None);
+        }
+    }
+
     use super::*;
     use crate::state::now_ms;
 

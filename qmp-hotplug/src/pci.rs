@@ -332,6 +332,68 @@ fn check_bars(have: &[(u8, u64)], want: &[BarExpectation]) -> Result<(), String>
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    /// `query-pci`-shaped JSON with arbitrary numbers, nested bridges and missing or
+    /// mistyped members.
+    fn device() -> impl Strategy<Value = Value> {
+        let num = prop_oneof![any::<i64>().prop_map(Value::from), Just(Value::Null), Just(Value::from("x"))];
+        let range = (num.clone(), num.clone()).prop_map(|(b, l)| serde_json::json!({"base": b, "limit": l}));
+        let leaf = (num.clone(), num.clone(), num.clone(), "[a-z0-9]{0,4}", proptest::collection::vec((num.clone(), num.clone()), 0..4))
+            .prop_map(|(bus, slot, function, id, regions)| {
+                let regions: Vec<Value> = regions.into_iter().map(|(bar, size)| serde_json::json!({"bar": bar, "size": size})).collect();
+                serde_json::json!({"bus": bus, "slot": slot, "function": function, "qdev_id": id, "regions": regions})
+            });
+        leaf.prop_recursive(40, 80, 3, move |inner| {
+            (inner.clone(), proptest::collection::vec(inner, 0..3), range.clone(), range.clone(), range.clone(), num.clone())
+                .prop_map(|(mut d, children, io, mem, pref, secondary)| {
+                    d["pci_bridge"] = serde_json::json!({
+                        "bus": {"secondary": secondary, "subordinate": 1, "io_range": io, "memory_range": mem, "prefetchable_range": pref},
+                        "devices": children,
+                    });
+                    d
+                })
+        })
+    }
+
+    fn resource() -> impl Strategy<Value = Resource> {
+        (0u8..3, any::<bool>(), any::<bool>(), 0u32..64).prop_map(|(k, prefetchable, rom, shift)| Resource {
+            kind: [BarKind::Io, BarKind::Mem32, BarKind::Mem64][usize::from(k)],
+            prefetchable,
+            rom,
+            size: 1u64 << shift,
+            align: 1u64 << shift,
+        })
+    }
+
+    /// A chain of 100 nested bridges is read down to the depth bound and no further.
+    #[test]
+    fn nesting_is_bounded() {
+        let mut d = serde_json::json!({"bus": 0, "slot": 0, "function": 0, "qdev_id": "leaf"});
+        for n in 0..100 {
+            d = serde_json::json!({"bus": 0, "slot": 1, "function": 0, "qdev_id": format!("b{n}"),
+                                   "pci_bridge": {"bus": {"secondary": 1}, "devices": [d]}});
+        }
+        let reply = serde_json::json!([{"bus": 0, "devices": [d]}]);
+        assert_eq!(functions(&reply).len(), MAX_DEPTH + 1);
+        assert_eq!(bridges(&reply).len(), MAX_DEPTH + 1);
+    }
+
+    proptest! {
+        /// Any reply shape reads without a panic, bounded in depth; every bridge found is
+        /// checked against any device without a panic either.
+        #[test]
+        fn any_reply_reads_and_checks(devices in proptest::collection::vec(device(), 0..4), need in proptest::collection::vec(resource(), 0..6)) {
+            let reply = serde_json::json!([{"bus": 0, "devices": devices}]);
+            let fs = functions(&reply);
+            let bs = bridges(&reply);
+            prop_assert!(bs.len() <= fs.len());
+            for b in &bs {
+                let _ = window_shortfalls(b, &need);
+            }
+        }
+    }
+
     use pcilibs::bar::BarKind;
 
     fn bridge_reply(pref: (i64, i64)) -> Value {
