@@ -226,7 +226,8 @@ fn unplug_timeout(scenario: &Scenario) -> Duration {
     let secs = scenario.unplug_timeout_s.unwrap_or(match scenario.arch {
         // ACPI hotplug completes in ~0.1 s (10 s leaves room for a loaded machine);
         // pciehp needs its 5 s attention-button window on top. Ports on pxb-pcie
-        // expanders take 6.1–6.3 s to unplug, the pciehp pattern, also under ACPI hotplug.
+        // expanders always use pciehp: QEMU 7.2's _OSC keeps PCIe hotplug for pcie.0 only
+        // (ACPI hotplug) and grants it to the OS on expander root bridges.
         Arch::X86_64 if !scenario.native_hotplug && scenario.mode != Mode::Numa => 10,
         Arch::S390x => 10,
         _ => 20,
