@@ -44,6 +44,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "tokio")]
+pub mod async_engine;
 pub mod client;
 pub mod engine;
 pub mod journal;

@@ -44,9 +44,10 @@ pub fn test(cache: &DebCache) -> Result<(), String> {
     let begun = Instant::now();
     provision_all(cache)?;
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(&["test", "--workspace", "--all-targets"])?;
-    cargo(&["test", "--workspace", "--doc"])?;
+    // Every feature on (qmp-hotplug's `tokio`), so its code and tests are checked too.
+    cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace", "--all-targets", "--all-features"])?;
+    cargo(&["test", "--workspace", "--doc", "--all-features"])?;
     let tests_done = begun.elapsed();
     e2e(cache, &[], &[], None, 2)?;
     eprintln!(
