@@ -19,7 +19,6 @@ use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::request::DeviceRequest;
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::QmpClient;
-use serde_json::json;
 
 const PORTS: usize = 3;
 
@@ -41,19 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// e1000e functions (BAR 0: 128 KiB) on `rp{port}`, with a memory backend object when
 /// `object`.
 fn request(port: usize, functions: usize, object: bool) -> DeviceRequest {
-    let funcs: Vec<_> = (0..functions)
-        .map(|f| json!({
-            "qdev": {"driver": "e1000e", "id": format!("p{port}f{f}"), "bus": format!("rp{port}"), "addr": format!("0.{f}")},
-            "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": f, "bars": [{"bar": 0, "size": 131072}]}
-        }))
-        .collect();
-    let objects = if object {
-        json!([{"qom_type": "memory-backend-ram", "id": format!("m{port}"), "props": {"size": 1048576}}])
-    } else {
-        json!([])
-    };
-    serde_json::from_value(json!({"port": format!("rp{port}"), "objects": objects, "functions": funcs}))
-        .unwrap()
+    common::e1000e_slot(port, functions, object, 131072)
 }
 
 fn open(client: &Arc<QmpClient>, journal: &std::path::Path) -> Engine {

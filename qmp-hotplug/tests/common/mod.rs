@@ -250,3 +250,29 @@ pub fn single(port: usize, id: &str, driver: &str) -> DeviceRequest {
     }))
     .unwrap()
 }
+
+/// `functions` e1000e functions in one slot of `rp{port}` (ids `p{port}f{f}`), each
+/// expected with a BAR 0 of `bar0` bytes, with a memory backend object `m{port}` when
+/// `object`: the request of the model-based tests.
+pub fn e1000e_slot(
+    port: usize,
+    functions: usize,
+    object: bool,
+    bar0: u64,
+) -> qmp_hotplug::request::DeviceRequest {
+    let funcs: Vec<_> = (0..functions)
+        .map(|f| serde_json::json!({
+            "qdev": {"driver": "e1000e", "id": format!("p{port}f{f}"), "bus": format!("rp{port}"), "addr": format!("0.{f}")},
+            "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": f, "bars": [{"bar": 0, "size": bar0}]}
+        }))
+        .collect();
+    let objects = if object {
+        serde_json::json!([{"qom_type": "memory-backend-ram", "id": format!("m{port}"), "props": {"size": 1048576}}])
+    } else {
+        serde_json::json!([])
+    };
+    serde_json::from_value(
+        serde_json::json!({"port": format!("rp{port}"), "objects": objects, "functions": funcs}),
+    )
+    .unwrap()
+}
