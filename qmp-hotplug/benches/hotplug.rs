@@ -35,7 +35,7 @@ impl Drop for Qemu {
 fn qemu(ports: usize) -> (Qemu, Arc<QmpClient>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qmp.sock");
-    let mut cmd = Command::new("/usr/bin/qemu-system-x86_64");
+    let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-nodefaults", "-display", "none", "-machine", "q35,accel=tcg", "-m", "128", "-smp", "1"])
         .args(["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"])
         .arg("-qmp")

@@ -16,7 +16,7 @@ use qmp_hotplug::vfio::Sysfs;
 use qmp_hotplug::{ClientOptions, QmpClient};
 use serde_json::json;
 
-const QEMU_S390X: &str = "/usr/bin/qemu-system-s390x";
+const QEMU_S390X: &str = "qemu-system-s390x";
 
 struct S390 {
     child: Child,

@@ -23,7 +23,8 @@ use serde_json::json;
 
 pub mod fake_qemu;
 
-pub const QEMU_X86: &str = "/usr/bin/qemu-system-x86_64";
+/// Found on `PATH` (`cargo xtask test` puts the provisioned QEMU there).
+pub const QEMU_X86: &str = "qemu-system-x86_64";
 
 /// How root ports take hotplug requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +45,14 @@ pub struct Qemu {
     pub qmp: PathBuf,
 }
 
+/// Fails with what to do when a QEMU binary (looked up on `PATH`) or a file is missing.
 pub fn require(path: &str, package: &str) {
-    assert!(Path::new(path).exists(), "{path} is missing: install it with `apt-get install {package}`");
+    let found = if path.contains('/') {
+        Path::new(path).exists()
+    } else {
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(path).exists()))
+    };
+    assert!(found, "{path} is missing: run `cargo xtask provision` ({package}) and put its QEMU on PATH");
 }
 
 impl Qemu {
