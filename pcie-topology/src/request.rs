@@ -152,8 +152,13 @@ impl FunctionResource {
     /// The resources of a host function that `opts` selects, each with its index and role:
     /// BARs of known size (at their largest resizable size with `rebar_max`, when larger),
     /// the ROM (`include_rom`), the SR-IOV VF BAR apertures (`include_sriov_vfs`). Same
-    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`].
-    pub fn of_facts(facts: &FunctionFacts, opts: &ResourceOptions) -> Vec<FunctionResource> {
+    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`]; a VF
+    /// aperture whose size does not fit 64 bits is [`RequestError::Requirement`] with
+    /// [`RequirementError::Overflow`].
+    pub fn of_facts(
+        facts: &FunctionFacts,
+        opts: &ResourceOptions,
+    ) -> Result<Vec<FunctionResource>, RequestError> {
         let mut out = Vec::with_capacity(facts.bars.len() + 1);
         for b in &facts.bars {
             let Some(size) = b.size else { continue };
@@ -176,7 +181,12 @@ impl FunctionResource {
             if let Some(s) = facts.sriov.as_ref().filter(|s| s.total_vfs > 0) {
                 for b in &s.vf_bars {
                     let Some(size) = b.size else { continue };
-                    let Some(total) = size.checked_mul(u64::from(s.total_vfs)) else { continue };
+                    let total = size.checked_mul(u64::from(s.total_vfs)).ok_or_else(|| {
+                        RequestError::Requirement {
+                            device: facts.bdf.to_string(),
+                            source: RequirementError::Overflow,
+                        }
+                    })?;
                     out.push(FunctionResource {
                         resource: Resource {
                             kind: b.kind,
@@ -191,7 +201,7 @@ impl FunctionResource {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The size the guest sees for this entry once the function is plugged (QEMU's
@@ -308,7 +318,7 @@ impl FunctionRequest {
             return Err(RequestError::UnknownSize { bdf: facts.bdf.to_string(), what: what.join(", ") });
         }
         let mut f =
-            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts));
+            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts)?);
         f.pcie = facts.is_pcie;
         f.class = Some(facts.class_code);
         Ok(f)
@@ -500,21 +510,21 @@ fn check_indices(resources: &[FunctionResource]) -> Result<(), String> {
 /// order. Several slots: 0, 1, … in the order given. Numbers above 7 (more than 8
 /// functions) are left for [`DeviceRequest::validate`] to reject.
 pub fn guest_function_numbers(functions: &[FunctionFacts]) -> Vec<u8> {
-    let slot = |f: &FunctionFacts| (f.bdf.domain, f.bdf.bus, f.bdf.device);
+    let slot = |f: &FunctionFacts| (f.bdf.domain(), f.bdf.bus(), f.bdf.device());
     let one_slot = functions.windows(2).all(|w| w.first().map(slot) == w.last().map(slot));
     let dense = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
     if !one_slot {
         return (0..functions.len()).map(dense).collect();
     }
-    if functions.iter().any(|f| f.bdf.function == 0) {
-        return functions.iter().map(|f| f.bdf.function).collect();
+    if functions.iter().any(|f| f.bdf.function() == 0) {
+        return functions.iter().map(|f| f.bdf.function()).collect();
     }
-    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function).collect();
+    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function()).collect();
     host.sort_unstable();
     host.dedup();
     functions
         .iter()
-        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function).unwrap_or(usize::MAX)))
+        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function()).unwrap_or(usize::MAX)))
         .collect()
 }
 
@@ -727,10 +737,10 @@ mod tests {
     #[test]
     fn resources_from_facts_keep_the_index_and_say_what_they_stand_for() {
         let (facts, opts) = sriov_rebar_pf();
-        let r = FunctionResource::of_facts(&facts, &opts);
+        let r = FunctionResource::of_facts(&facts, &opts).unwrap();
         // The same resources pcilibs lists, in its order.
         let plain: Vec<Resource> = r.iter().map(|r| r.resource).collect();
-        assert_eq!(plain, facts.resources(&opts));
+        assert_eq!(plain, facts.resources(&opts).unwrap());
         let tagged: Vec<(Option<u8>, ResourceRole, u64)> =
             r.iter().map(|r| (r.index, r.role, r.resource.size)).collect();
         assert_eq!(
@@ -746,7 +756,7 @@ mod tests {
         let visible: Vec<Option<u64>> = r.iter().map(FunctionResource::visible_size).collect();
         assert_eq!(visible, [Some(16 * MIB), Some(256 * MIB), Some(128 << 10), None, None]);
         // Without the options: the BARs as they are now, nothing else.
-        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default());
+        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default()).unwrap();
         let bars_now = [
             FunctionResource::bar(0, BarKind::Mem32, false, 16 * MIB),
             FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB),
@@ -755,7 +765,7 @@ mod tests {
         // A ReBAR maximum no larger than now is just the BAR.
         let mut small = facts.clone();
         small.rebar[0].supported_sizes = vec![128 * MIB, 256 * MIB];
-        let r = FunctionResource::of_facts(&small, &opts);
+        let r = FunctionResource::of_facts(&small, &opts).unwrap();
         assert_eq!(r[1], FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB));
         // The device request validates (VF BAR 0 and BAR 0 are different registers).
         let d = DeviceRequest::from_facts(QemuId::new("gpu").unwrap(), &[facts], &opts).unwrap();
@@ -765,7 +775,7 @@ mod tests {
     #[test]
     fn resource_json_is_a_resource_plus_index_and_role() {
         let (facts, opts) = sriov_rebar_pf();
-        for r in FunctionResource::of_facts(&facts, &opts) {
+        for r in FunctionResource::of_facts(&facts, &opts).unwrap() {
             let back: FunctionResource = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
             assert_eq!(back, r);
         }

@@ -215,8 +215,9 @@ impl FunctionFacts {
 
     /// The address-space resources this function needs under `opts`; BARs of unknown size
     /// are left out (see [`FunctionFacts::unknown_sizes`] and [`requirement_of`], which
-    /// refuses them).
-    pub fn resources(&self, opts: &ResourceOptions) -> Vec<Resource> {
+    /// refuses them). An SR-IOV VF BAR aperture (per-VF size × TotalVFs) that does not
+    /// fit 64 bits is [`RequirementError::Overflow`], not left out.
+    pub fn resources(&self, opts: &ResourceOptions) -> Result<Vec<Resource>> {
         let mut out = Vec::with_capacity(self.bars.len() + 1);
         for b in &self.bars {
             let Some(size) = b.size else { continue };
@@ -232,7 +233,7 @@ impl FunctionFacts {
             if let Some(s) = self.sriov.as_ref().filter(|s| s.total_vfs > 0) {
                 for b in &s.vf_bars {
                     let Some(size) = b.size else { continue };
-                    let Some(total) = size.checked_mul(u64::from(s.total_vfs)) else { continue };
+                    let total = size.checked_mul(u64::from(s.total_vfs)).ok_or(RequirementError::Overflow)?;
                     out.push(Resource {
                         kind: b.kind,
                         prefetchable: b.prefetchable,
@@ -243,7 +244,7 @@ impl FunctionFacts {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// BARs (and, with `include_sriov_vfs`, VF BARs) that `opts` needs but whose size is
@@ -320,7 +321,7 @@ where
         if let Some(&(index, vf)) = f.unknown_sizes(opts).first() {
             return Err(FactsError::SizeUnknown { bdf: f.bdf, index, vf });
         }
-        all.extend(f.resources(opts));
+        all.extend(f.resources(opts)?);
     }
     Ok(Requirement::of(&all)?)
 }
@@ -380,13 +381,25 @@ mod tests {
     #[test]
     fn options_select_resources() {
         let g = gpu();
-        let plain = g.resources(&ResourceOptions::default());
+        let plain = g.resources(&ResourceOptions::default()).unwrap();
         assert_eq!(plain.len(), 2);
         let all = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
         let r = g.requirement(&all).unwrap();
         assert_eq!(r.mem.size, 17 * MIB);
         assert_eq!(r.pref.size, (8 << 30) + 128 * MIB);
         assert_eq!(r.pref.align, 8 << 30);
+    }
+
+    /// A VF BAR of 2^63 bytes times 4 VFs does not fit 64 bits: an error, where the
+    /// aperture used to be left out of the requirement without a word.
+    #[test]
+    fn a_vf_aperture_beyond_64_bits_is_refused() {
+        let mut g = gpu();
+        g.sriov.as_mut().unwrap().vf_bars[0].size = Some(1 << 63);
+        let opts = ResourceOptions { include_sriov_vfs: true, ..ResourceOptions::default() };
+        assert_eq!(g.resources(&opts), Err(FactsError::Requirement(RequirementError::Overflow)));
+        assert_eq!(g.requirement(&opts), Err(FactsError::Requirement(RequirementError::Overflow)));
+        assert!(g.requirement(&ResourceOptions::default()).is_ok());
     }
 
     #[test]

@@ -8,9 +8,16 @@
 //! A [`SysfsDevice`] can also be opened on any directory laid out like a sysfs function
 //! (`config`, optional `resource`, `sriov_totalvfs`, `driver`, `iommu_group`, …); fixtures
 //! saved from guests use that.
+//!
+//! Nothing read from the tree can hang this module or make it use unbounded memory: every
+//! file must be a regular file (a FIFO, a device, a socket is [`SysfsError::NotRegularFile`],
+//! refused before it is read), every read stops one byte past a limit
+//! ([`SysfsError::TooLarge`]: [`CONFIG_LIMIT`] for `config`, [`ATTRIBUTE_LIMIT`] for text
+//! attributes), and a directory listing stops past [`ENTRY_LIMIT`] entries. Nothing is
+//! skipped without a word either: a `bus/pci/devices` or `iommu_group/devices` entry whose
+//! name is not a PCI address is [`SysfsError::Bdf`], not left out of the list.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::bar::{Bar, BarKind};
@@ -60,7 +67,44 @@ pub enum SysfsError {
     /// The configuration space does not decode.
     #[error(transparent)]
     Facts(#[from] FactsError),
+    /// A file that must be a regular file is something else; it was not read.
+    #[error("{path} is {kind}, not a regular file; not reading it")]
+    NotRegularFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is (`a FIFO`, `a character device`, …).
+        kind: &'static str,
+    },
+    /// A file is longer than any the kernel writes under its name.
+    #[error("{path} is longer than {limit} bytes, which no sysfs file of that name is")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The most bytes read from it.
+        limit: usize,
+    },
+    /// A directory has more entries than any sysfs directory this module lists.
+    #[error("{path} has more than {limit} entries")]
+    TooManyEntries {
+        /// The directory.
+        path: PathBuf,
+        /// The most entries read.
+        limit: usize,
+    },
 }
+
+/// Most bytes of a `config` file: the 4096 bytes of PCI Express configuration space.
+pub const CONFIG_LIMIT: usize = 4096;
+/// Most bytes of a sysfs text attribute: one page (the kernel's `sysfs_emit` limit with
+/// 4 KiB pages; the attributes read here are far shorter, a `resource` file about 1 KiB).
+pub const ATTRIBUTE_LIMIT: usize = 4096;
+/// Most entries of a listed directory (`bus/pci/devices`, a function's directory): 2^20,
+/// more than the PCI functions of sixteen fully populated segments.
+pub const ENTRY_LIMIT: usize = 1 << 20;
+
+mod files;
+
+pub use files::read_regular_prefix;
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, SysfsError>;
@@ -97,8 +141,10 @@ impl Sysfs {
         self.root.join("bus/pci/devices")
     }
 
-    /// Every function, sorted. Entries whose names are not PCI addresses are skipped
-    /// (sysfs has none; anything else is not a PCI function).
+    /// Every function, sorted. Names may have domains above `ffff` (`10000:e1:00.0`
+    /// behind an Intel VMD controller). An entry whose name is not a PCI address is
+    /// [`SysfsError::Bdf`]: sysfs has none, and a list that left one out would hide a
+    /// function whose name this crate cannot read.
     pub fn functions(&self) -> Result<Vec<Bdf>> {
         bdf_entries(&self.devices_dir())
     }
@@ -119,17 +165,30 @@ impl Sysfs {
     }
 }
 
-/// Sorted PCI addresses among the entry names of `dir`.
+/// The entry names of `dir` as sorted PCI addresses; a name that is not one is
+/// [`SysfsError::Bdf`], more than [`ENTRY_LIMIT`] entries [`SysfsError::TooManyEntries`].
 fn bdf_entries(dir: &Path) -> Result<Vec<Bdf>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io(dir))? {
-        let entry = entry.map_err(io(dir))?;
-        if let Some(bdf) = entry.file_name().to_str().and_then(|n| Bdf::parse(n).ok()) {
-            out.push(bdf);
-        }
+    for entry in bounded_read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
+        let bdf = Bdf::parse(&text).map_err(|source| SysfsError::Bdf { path: entry.path(), source })?;
+        out.push(bdf);
     }
     out.sort();
     Ok(out)
+}
+
+/// The entries of `dir`, at most [`ENTRY_LIMIT`] of them (one more is an error).
+fn bounded_read_dir(dir: &Path) -> Result<impl Iterator<Item = Result<fs::DirEntry>> + '_> {
+    let entries = fs::read_dir(dir).map_err(io(dir))?;
+    Ok(entries.enumerate().map(move |(n, entry)| {
+        if n >= ENTRY_LIMIT {
+            return Err(SysfsError::TooManyEntries { path: dir.to_path_buf(), limit: ENTRY_LIMIT });
+        }
+        entry.map_err(io(dir))
+    }))
 }
 
 /// A function's sysfs directory, together with the neighbours sysfs links to.
@@ -175,13 +234,12 @@ impl SysfsDevice {
         &self.path
     }
 
-    /// Configuration space bytes (the kernel gives 64 bytes to non-root readers).
+    /// Configuration space bytes (the kernel gives 64 bytes to non-root readers), at most
+    /// [`CONFIG_LIMIT`].
     pub fn config(&self) -> Result<Vec<u8>> {
         let p = self.path.join("config");
-        let f = fs::File::open(&p).map_err(io(&p))?;
-        let mut buf = Vec::with_capacity(4096);
-        f.take(4096).read_to_end(&mut buf).map_err(io(&p))?;
-        Ok(buf)
+        files::read_optional_bytes(&p, CONFIG_LIMIT)?
+            .ok_or_else(|| io(&p)(std::io::Error::new(std::io::ErrorKind::NotFound, "no config file")))
     }
 
     /// The parsed `resource` file, `None` when the file does not exist.
@@ -266,12 +324,8 @@ impl SysfsDevice {
     /// The VFs (`virtfnN` links), in VF order.
     pub fn virtual_functions(&self) -> Result<Vec<Bdf>> {
         let mut found: Vec<(u32, Bdf)> = Vec::new();
-        let rd = match fs::read_dir(&self.path) {
-            Ok(rd) => rd,
-            Err(e) => return Err(io(&self.path)(e)),
-        };
-        for entry in rd {
-            let entry = entry.map_err(io(&self.path))?;
+        for entry in bounded_read_dir(&self.path)? {
+            let entry = entry?;
             let name = entry.file_name();
             let Some(n) = name.to_str().and_then(|n| n.strip_prefix("virtfn")).and_then(parse_decimal) else {
                 continue;
@@ -410,7 +464,7 @@ fn vf_bar_registers(config: &mut [u8], resource: &ResourceFile) {
     };
     let mut index = 0;
     while index < 6 {
-        let Some(entry) = resource.entries.get(index).filter(|e| e.size().is_some()) else {
+        let Some(entry) = resource.entries.get(index).filter(|e| matches!(e.size(index), Ok(Some(_)))) else {
             index += 1;
             continue;
         };
@@ -432,13 +486,9 @@ fn vf_bar_registers(config: &mut [u8], resource: &ResourceFile) {
     }
 }
 
-/// File content, `None` when the file does not exist.
+/// A text attribute of at most [`ATTRIBUTE_LIMIT`] bytes, `None` when it does not exist.
 fn read_optional(p: &Path) -> Result<Option<String>> {
-    match fs::read_to_string(p) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(p)(e)),
-    }
+    files::read_optional_text(p, ATTRIBUTE_LIMIT)
 }
 
 /// Last component of a symlink's target, `None` when the link does not exist.

@@ -188,9 +188,6 @@ fn build() -> (Tree, Vec<(Bdf, BarSizes)>) {
 #[test]
 fn enumerates_a_kernel_like_tree() {
     let (t, sized) = build();
-    // Names that are not strict addresses are ignored.
-    std::fs::create_dir(t.root().join("bus/pci/devices/0000:00:1c.0x")).unwrap();
-    std::fs::create_dir(t.root().join("bus/pci/devices/..hidden")).unwrap();
     let sys = Sysfs::new(t.root());
     let list: Vec<String> = sys.functions().unwrap().iter().map(Bdf::to_string).collect();
     assert_eq!(
@@ -413,4 +410,169 @@ fn a_vf_bar_type_comes_from_the_resource_flags() {
     // A PF keeps what its own registers say.
     let pf = Sysfs::new(t.root()).facts(Bdf::parse("0000:02:00.0").unwrap()).unwrap();
     assert!(pf.bars.iter().all(|b| b.size.is_some()));
+}
+
+/// Runs `f` on a thread and gives its result, or fails the test when it has not finished
+/// within `seconds` (a read that blocks for good would otherwise hang the test run).
+fn within<T: Send + 'static>(seconds: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(seconds))
+        .unwrap_or_else(|_| panic!("did not finish within {seconds} s"))
+}
+
+fn mkfifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let st = Command::new("mkfifo").arg(path).status().expect("mkfifo (coreutils)");
+    assert!(st.success());
+}
+
+/// A `config` that is a FIFO: opening it for reading blocked until a writer came, for
+/// good. It is refused before it is read.
+#[test]
+fn a_fifo_config_is_refused_not_waited_on() {
+    let (t, _) = build();
+    let dev = t.root().join("devices/pci0000:00/0000:00:1c.0/0000:02:00.1");
+    mkfifo(&dev.join("config"));
+    let root = t.root().to_path_buf();
+    let got = within(10, move || Sysfs::new(root).facts(Bdf::parse("0000:02:00.1").unwrap()).map(|_| ()));
+    let e = got.expect_err("a FIFO is not configuration space");
+    assert!(e.to_string().contains("FIFO"), "{e}");
+}
+
+/// The same for `resource`, read for the BAR sizes.
+#[test]
+fn a_fifo_resource_is_refused_not_waited_on() {
+    let (t, _) = build();
+    let dev = t.root().join("devices/pci0000:00/0000:00:1c.0/0000:02:00.1");
+    mkfifo(&dev.join("resource"));
+    let root = t.root().to_path_buf();
+    let got = within(10, move || Sysfs::new(root).facts(Bdf::parse("0000:02:00.1").unwrap()).map(|_| ()));
+    let e = got.expect_err("a FIFO is not a resource file");
+    assert!(e.to_string().contains("FIFO"), "{e}");
+}
+
+/// `numa_node` linked to `/dev/zero`: it was read until memory ran out. A character
+/// device is refused before it is read.
+#[test]
+fn numa_node_linked_to_dev_zero_is_refused() {
+    let (t, _) = build();
+    let dev = t.root().join("devices/pci0000:00/0000:00:1c.0/0000:02:00.1");
+    std::fs::remove_file(dev.join("numa_node")).unwrap();
+    symlink("/dev/zero", dev.join("numa_node")).unwrap();
+    let root = t.root().to_path_buf();
+    let got = within(10, move || Sysfs::new(root).facts(Bdf::parse("0000:02:00.1").unwrap()).map(|_| ()));
+    let e = got.expect_err("/dev/zero is not a sysfs attribute");
+    assert!(e.to_string().contains("character device"), "{e}");
+}
+
+/// A 1 GiB sparse `resource` file: it was read whole (1 GiB of memory, a minute). The
+/// read stops one byte past the limit of a sysfs attribute.
+#[test]
+fn a_huge_resource_file_is_refused_after_a_bounded_read() {
+    let (t, _) = build();
+    let dev = t.root().join("devices/pci0000:00/0000:00:1c.0/0000:02:00.1");
+    let f = std::fs::OpenOptions::new().write(true).truncate(true).open(dev.join("resource")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    drop(f);
+    let root = t.root().to_path_buf();
+    let start = std::time::Instant::now();
+    let got = within(20, move || Sysfs::new(root).facts(Bdf::parse("0000:02:00.1").unwrap()).map(|_| ()));
+    let e = got.expect_err("no resource file is 1 GiB");
+    assert!(e.to_string().contains("longer than"), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "took {:?}", start.elapsed());
+}
+
+/// The typed errors behind the messages above, and a `config` longer than 4096 bytes.
+#[test]
+fn special_and_oversized_files_are_typed_errors() {
+    let (t, _) = build();
+    let sys = Sysfs::new(t.root());
+    let dev = sys.device(Bdf::parse("0000:02:00.1").unwrap());
+    mkfifo(&dev.path().join("sriov_numvfs"));
+    assert!(matches!(
+        dev.sriov_numvfs(),
+        Err(SysfsError::NotRegularFile { kind: "a FIFO", ref path }) if path.ends_with("sriov_numvfs")
+    ));
+    std::fs::create_dir(dev.path().join("sriov_totalvfs")).unwrap();
+    assert!(matches!(dev.sriov_totalvfs(), Err(SysfsError::NotRegularFile { kind: "a directory", .. })));
+    let mut big = dev.config().unwrap();
+    big.resize(4097, 0);
+    std::fs::write(dev.path().join("config"), &big).unwrap();
+    assert!(matches!(dev.config(), Err(SysfsError::TooLarge { limit: 4096, .. })));
+    big.truncate(4096);
+    std::fs::write(dev.path().join("config"), &big).unwrap();
+    assert_eq!(dev.config().unwrap().len(), 4096);
+    // What sysfs holds for real is read as before: regular files through symlinks.
+    let cpuinfo = pcilibs::sysfs::read_regular_prefix(Path::new("/proc/cpuinfo"), 100).unwrap();
+    assert!(!cpuinfo.is_empty() && cpuinfo.len() <= 100);
+    assert!(matches!(
+        pcilibs::sysfs::read_regular_prefix(Path::new("/dev/null"), 100),
+        Err(SysfsError::NotRegularFile { kind: "a character device", .. })
+    ));
+}
+
+/// A sysfs `resource` line covering all 2^64 addresses with a memory BAR's flags:
+/// `Sysfs::facts` panicked "attempt to add with overflow" (debug builds) or dropped the
+/// BAR (release builds). It is a typed error naming the file.
+#[test]
+fn a_resource_line_of_all_addresses_is_a_typed_error() {
+    let (t, _) = build();
+    let dev = t.root().join("devices/pci0000:00/0000:00:1c.0/0000:02:00.1");
+    let mut text = String::from("0x0 0xffffffffffffffff 0x40200\n");
+    text += &"0x0 0x0 0x0\n".repeat(16);
+    std::fs::write(dev.join("resource"), text).unwrap();
+    let root = t.root().to_path_buf();
+    let got =
+        std::thread::spawn(move || Sysfs::new(root).facts(Bdf::parse("0000:02:00.1").unwrap()).map(|_| ()))
+            .join()
+            .expect("no panic");
+    let e = got.expect_err("a BAR of 2^64 bytes does not exist");
+    assert!(e.to_string().contains("resource"), "{e}");
+    let sys = Sysfs::new(t.root());
+    let sized = sys.device(Bdf::parse("0000:02:00.1").unwrap()).sizes(None);
+    assert!(matches!(sized, Err(SysfsError::Sizing { .. })), "{sized:?}");
+}
+
+/// An Intel VMD controller's functions live in domains from 0x10000, named with five
+/// digits (`10000:e1:00.0`, below `pci10000:e0`): `Sysfs::functions` dropped them
+/// without a word. They are listed and read like any other.
+#[test]
+fn functions_behind_vmd_are_listed() {
+    let (t, _) = build();
+    let cfg = config_of("cap-pcie-2", "01:00.0");
+    let bridge_cfg = config_of("bridge-ctl-vga16", "00:1c.0");
+    let vmd = t.add(&[], "0000:00:0e.0", &cfg, None);
+    let _port = t.add(&["0000:00:0e.0", "pci10000:e0"], "10000:e0:06.0", &bridge_cfg, None);
+    let nvme = t.add(&["0000:00:0e.0", "pci10000:e0", "10000:e0:06.0"], "10000:e1:00.0", &cfg, None);
+    assert!(vmd.is_dir() && nvme.is_dir());
+    let sys = Sysfs::new(t.root());
+    let list: Vec<String> = sys.functions().unwrap().iter().map(Bdf::to_string).collect();
+    assert!(list.contains(&"10000:e1:00.0".to_string()), "{list:?}");
+    assert_eq!(list.last().map(String::as_str), Some("10000:e1:00.0"), "sorted by domain first");
+    let bdf = Bdf::parse("10000:e1:00.0").unwrap();
+    let host = sys.host_device(bdf).unwrap();
+    assert_eq!(host.facts.bdf, bdf);
+    assert_eq!(host.upstream_bridges, [Bdf::parse("10000:e0:06.0").unwrap()]);
+    assert_eq!(serde_json::to_value(&host.facts).unwrap()["bdf"], "10000:e1:00.0");
+}
+
+/// Nothing is left out of a listing without a word: an entry of `bus/pci/devices` (or of
+/// an IOMMU group) whose name is not a PCI address is an error naming it.
+#[test]
+fn names_that_are_not_addresses_are_errors_not_skipped() {
+    for odd in ["0000:00:1c.0x", "..hidden", "01000:00:00.0", "pci0000:00"] {
+        let (t, _) = build();
+        std::fs::create_dir(t.root().join("bus/pci/devices").join(odd)).unwrap();
+        let e = Sysfs::new(t.root()).functions().unwrap_err();
+        assert!(matches!(&e, SysfsError::Bdf { path, .. } if path.ends_with(odd)), "{odd}: {e}");
+        assert!(e.to_string().contains(odd), "{e}");
+    }
+    let (t, _) = build();
+    std::fs::create_dir(t.root().join("kernel/iommu_groups/7/devices/ff100000.dma")).unwrap();
+    let sys = Sysfs::new(t.root());
+    let members = sys.device(Bdf::parse("0000:02:00.0").unwrap()).iommu_group_members();
+    assert!(matches!(members, Err(SysfsError::Bdf { .. })), "{members:?}");
 }

@@ -77,7 +77,7 @@ fn need(args: &Args) -> Result<(String, Vec<Resource>), String> {
     for text in &args.host {
         let bdf: Bdf = text.parse().map_err(|e| format!("{text}: {e}"))?;
         let facts = sysfs.facts(bdf).map_err(|e| format!("{bdf}: {e}"))?;
-        out.extend(facts.resources(&opts));
+        out.extend(facts.resources(&opts).map_err(|e| format!("{bdf}: {e}"))?);
     }
     Ok((args.host.join(" + "), out))
 }

@@ -88,10 +88,10 @@ impl Sriov {
         if n >= self.total_vfs {
             return None;
         }
-        let pf_rid = (u64::from(pf.bus) << 8) | u64::from(pf.devfn());
+        let pf_rid = (u64::from(pf.bus()) << 8) | u64::from(pf.devfn());
         let rid = pf_rid + u64::from(self.first_vf_offset) + u64::from(n) * u64::from(self.vf_stride);
         let bus = u8::try_from(rid >> 8).ok()?;
-        Bdf::new(pf.domain, bus, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8).ok()
+        Bdf::new(pf.domain(), bus, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8).ok()
     }
 
     pub(crate) fn decode(r: &Regs<'_>) -> Result<Self> {
