@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::qemu::{PropValue, QemuError, QemuId, QemuObject};
-use crate::units::{fmt_size, parse_size, GIB, MIB};
+use crate::units::{fmt_size, parse_size, GIB, MAX_IO_SIZE, MAX_PHYS_BITS, MIB};
 
 /// Errors in a request or a profile.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -49,6 +49,18 @@ pub enum RequestError {
         bdf: String,
         /// Which BARs (`BAR 0, VF BAR 2`).
         what: String,
+    },
+    /// A resource is larger than any platform can address: memory beyond
+    /// `1 << MAX_PHYS_BITS` bytes ([`crate::units::MAX_PHYS_BITS`]), I/O beyond
+    /// [`crate::units::MAX_IO_SIZE`].
+    #[error("device `{device}`: a resource of {} ({size:#x} bytes) is larger than any platform addresses ({limit:#x} bytes)", fmt_size(*.size))]
+    TooLarge {
+        /// Device id (or profile name).
+        device: String,
+        /// Size (or alignment) of the resource.
+        size: u64,
+        /// The most a resource of its kind can have.
+        limit: u64,
     },
     /// A profile text could not be read.
     #[error("profile `{0}`: expected a known name (h100, a100, nvswitch, nic) or a list like `16M:mem32,128G:pref64`")]
@@ -462,8 +474,10 @@ impl DeviceRequest {
         self.functions.iter().flat_map(|f| f.resources.iter().map(|r| &r.resource))
     }
 
-    /// What a port holding this device must forward.
+    /// What a port holding this device must forward; a resource larger than any platform
+    /// addresses is [`RequestError::TooLarge`].
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        check_sizes(self.id.as_str(), self.resources())?;
         Requirement::of(self.resources())
             .map_err(|source| RequestError::Requirement { device: self.id.to_string(), source })
     }
@@ -472,6 +486,23 @@ impl DeviceRequest {
     pub fn is_pcie(&self) -> bool {
         self.functions.iter().all(|f| f.pcie)
     }
+}
+
+/// Refuses resources larger than any platform addresses (sizes and alignments beyond
+/// `1 << MAX_PHYS_BITS` bytes of memory or [`MAX_IO_SIZE`] of I/O): no window can hold them,
+/// and refusing them here keeps every sum the planner makes far from 2^64.
+pub(crate) fn check_sizes<'a>(
+    name: &str,
+    resources: impl IntoIterator<Item = &'a Resource>,
+) -> Result<(), RequestError> {
+    for r in resources {
+        let limit = if r.kind == BarKind::Io { MAX_IO_SIZE } else { 1u64 << MAX_PHYS_BITS };
+        let size = r.size.max(r.align);
+        if size > limit {
+            return Err(RequestError::TooLarge { device: name.to_string(), size, limit });
+        }
+    }
+    Ok(())
 }
 
 /// Checks the BAR indices of one function's resources: BARs at 0–5 (a 64-bit BAR takes
@@ -625,8 +656,10 @@ impl HotplugProfile {
         Ok(p)
     }
 
-    /// What a port reserved for this profile must forward.
+    /// What a port reserved for this profile must forward; a resource larger than any
+    /// platform addresses is [`RequestError::TooLarge`].
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        check_sizes(&self.name, self.resources.iter().map(|r| &r.resource))?;
         Requirement::of(self.resources.iter().map(|r| &r.resource))
             .map_err(|source| RequestError::Requirement { device: self.name.clone(), source })
     }
