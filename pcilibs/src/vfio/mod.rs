@@ -124,11 +124,13 @@ pub fn config(dev: &impl VfioDevice) -> Result<Vec<u8>> {
     let mut done = 0;
     while done < len {
         let Some(rest) = buf.get_mut(done..) else { break };
+        let asked = rest.len();
         let n = dev.read_region(&region, done as u64, rest)?;
         if n == 0 {
             break;
         }
-        done += n;
+        // A device that claims more than it was asked for read only what fits.
+        done += n.min(asked);
     }
     buf.truncate(done);
     Ok(buf)
@@ -180,8 +182,9 @@ impl DeviceFd {
         let left = region.size.saturating_sub(offset);
         let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let Some(buf) = buf.get_mut(..n) else { return Ok(0) };
-        self.0
-            .read_at(buf, region.offset.saturating_add(offset))
+        let past = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "region offset past 2^64");
+        let at = region.offset.checked_add(offset).ok_or_else(past);
+        at.and_then(|at| self.0.read_at(buf, at))
             .map_err(|source| VfioError::Read { index: region.index, source })
     }
 }
@@ -302,6 +305,27 @@ mod tests {
         assert_eq!(sizes, [(0, Some(16 << 20)), (1, Some(64 << 30))]);
         assert_eq!(f.rom_size, Some(0x8_0000));
         assert_eq!(config(&dev).unwrap().len(), 256, "short reads are continued");
+    }
+
+    /// A device that says it read more than it was asked for.
+    struct Boastful;
+
+    impl VfioDevice for Boastful {
+        fn device_info(&self) -> Result<(u32, u32)> {
+            Ok((VFIO_DEVICE_FLAGS_PCI, 9))
+        }
+        fn region_info(&self, index: u32) -> Result<RegionInfo> {
+            Ok(RegionInfo { index, flags: 3, size: u64::MAX, offset: u64::MAX })
+        }
+        fn read_region(&self, _: &RegionInfo, offset: u64, _: &mut [u8]) -> Result<usize> {
+            // A plausible first read, then a count that overflowed the running total.
+            Ok(if offset == 0 { 100 } else { usize::MAX })
+        }
+    }
+
+    #[test]
+    fn a_device_that_claims_too_much_gives_at_most_the_config_space() {
+        assert_eq!(config(&Boastful).unwrap().len(), PCIE_CONFIG_SIZE);
     }
 
     #[test]
