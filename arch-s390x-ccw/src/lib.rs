@@ -19,17 +19,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use pcie_topology::alloc::FreeSet;
-use pcie_topology::plan::{
-    AddressReport, ExpectedBar, GuestLocation, PlacedDevice, PlacedFunction, PLAN_VERSION,
-};
+use pcie_topology::plan::{AddressReport, ExpectedBar, GuestLocation, PlacedDevice, PlacedFunction};
 use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };
 use pcie_topology::qemu::{DevFn, PropValue};
 use pcie_topology::request::RequestError;
 use pcie_topology::{
-    FunctionResource, GuestBdf, HostRef, HotplugAction, Mode, Plan, PlanError, PlanOptions, QemuDevice,
-    QemuId,
+    FunctionResource, HostRef, HotplugAction, Mode, Plan, PlanError, PlanOptions, QemuDevice, QemuId,
+    PLAN_VERSION,
 };
 use pcilibs::requirement::Requirement;
 use serde::{Deserialize, Serialize};
@@ -339,14 +337,14 @@ fn add(
             let fid = numbers.fids.alloc()?;
             let mut dev = QemuDevice::new(driver, id.clone());
             dev.props = props;
-            if let Some(HostRef::Bdf(bdf)) = &host {
-                dev = dev.prop("host", bdf.clone());
+            if let Some(HostRef::Pci(bdf)) = &host {
+                dev = dev.prop("host", bdf.to_string());
             }
             let zpci = QemuDevice::new("zpci", QemuId::new(format!("zpci-{id}"))?)
                 .prop("uid", u64::from(uid))
                 .prop("fid", u64::from(fid))
                 .prop("target", id.to_string());
-            let bdf = GuestBdf { segment: uid, bus: 0, devfn: DevFn::new(0, 0)? };
+            let bdf = DevFn::default().on_bus(u32::from(uid), 0);
             let need = Requirement::of(resources.iter().map(|r| &r.resource))
                 .map_err(|source| RequestError::Requirement { device: id.to_string(), source })?;
             let location = GuestLocation::Zpci { uid, fid, bdf };

@@ -74,7 +74,7 @@ fn assert_port_placed(devs: &[PciDev], id: &str, port: &Port) -> common::Bridge 
     let b = got.bridge.unwrap();
     assert_eq!(
         (got.bus, got.slot, got.function),
-        (port.bdf.bus, port.bdf.devfn.slot, port.bdf.devfn.function),
+        (port.bdf.bus(), port.bdf.device(), port.bdf.function()),
         "{}",
         port.id
     );
@@ -126,7 +126,7 @@ fn check_boot_topology(plan: &Plan, qemu: &Qemu, timeout: Duration, firmware_ena
         for f in &d.functions {
             let got = find(&devs, f.device.id.as_str());
             let bdf = f.location.bdf().unwrap();
-            assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+            assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
             if firmware_enables_bars {
                 assert!(
                     got.regions.iter().all(|r| r.1 >= 0),
@@ -164,7 +164,7 @@ fn hotplug_all(plan: &Plan, qemu: &Qemu) {
             let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("not PCI") };
             assert_eq!(
                 (got.bus, got.slot, got.function),
-                (bdf.bus, bdf.devfn.slot, bdf.devfn.function),
+                (bdf.bus(), bdf.device(), bdf.function()),
                 "{}",
                 f.id
             );
@@ -237,7 +237,7 @@ fn conventional_devices(platform: Q35, timeout: Duration, firmware_enables_bars:
     let devs = qemu.pci_devices();
     let br = &plan.bridges[0];
     let got = find(&devs, br.id.as_str());
-    assert_eq!((got.bus, got.slot, got.function), (br.bdf.bus, br.bdf.devfn.slot, br.bdf.devfn.function));
+    assert_eq!((got.bus, got.slot, got.function), (br.bdf.bus(), br.bdf.device(), br.bdf.function()));
     let b = got.bridge.unwrap();
     assert_eq!(b.secondary, br.secondary_bus);
     let mem = (b.mem.1 + 1).saturating_sub(b.mem.0);
@@ -339,7 +339,7 @@ fn numa_expanders(platform: Q35) {
     let cold = plan.device("n2").unwrap();
     let f = &cold.functions[0];
     let got = find(&devs, "n2");
-    assert_eq!((got.bus, got.slot), (f.location.bdf().unwrap().bus, 0));
+    assert_eq!((got.bus, got.slot), (f.location.bdf().unwrap().bus(), 0));
     assert!(f.location.path().unwrap().root_bus.is_some());
     hotplug_all(&plan, &qemu);
 }

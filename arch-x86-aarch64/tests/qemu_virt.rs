@@ -63,7 +63,7 @@ fn direct_kernel_boot_plan_is_accepted() {
     let devs = qemu.pci_devices();
     for p in &plan.ports {
         let got = find(&devs, p.id.as_str());
-        assert_eq!((got.slot, got.function), (p.bdf.devfn.slot, p.bdf.devfn.function));
+        assert_eq!((got.slot, got.function), (p.bdf.device(), p.bdf.function()));
     }
     hotplug(&plan, &qemu);
 }

@@ -186,7 +186,7 @@ fn s390x_plan(args: &Args) -> Result<Plan, String> {
             id: QemuId::new(format!("hostdev{n}")).map_err(|e| e.to_string())?,
             driver: "vfio-pci".into(),
             props: BTreeMap::new(),
-            host: Some(pcie_topology::HostRef::Bdf(bdf.clone())),
+            host: Some(pcie_topology::HostRef::Pci(Bdf::parse_any(bdf).map_err(|e| e.to_string())?)),
             resources: Vec::new(),
         });
     }

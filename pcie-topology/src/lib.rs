@@ -82,6 +82,7 @@
 pub mod alloc;
 mod check;
 pub mod error;
+mod format;
 pub mod path;
 pub mod physbits;
 pub mod plan;
@@ -94,10 +95,11 @@ pub mod sim;
 pub mod units;
 
 pub use error::{AddressSpaceError, PlanError};
-pub use path::{GuestBdf, GuestPciPath};
+pub use format::{PLAN_VERSION, PLAN_VERSION_OLDEST};
+pub use path::GuestPciPath;
 pub use plan::{
     FunctionAction, HotplugAction, Mode, Placeholder, PlaceholderRemoval, Plan, PlanOptions, PlanRequest,
-    Port, PortKind, SpareRequest, PLAN_VERSION, PLAN_VERSION_OLDEST,
+    Port, PortKind, SpareRequest,
 };
 pub use planner::plan;
 pub use platform::{Platform, PlatformSpec, WindowRule};

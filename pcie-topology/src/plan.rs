@@ -6,12 +6,14 @@
 //! argument objects and what the guest must then show.
 
 use pcilibs::bar::BarKind;
+use pcilibs::bdf::Bdf;
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::PlanError;
-use crate::path::{GuestBdf, GuestPciPath};
+use crate::format::{upgrade, PLAN_VERSION, PLAN_VERSION_OLDEST};
+use crate::path::GuestPciPath;
 use crate::platform::{ExtraArgs, PlatformSpec};
 use crate::qemu::{DevFn, QemuDevice, QemuId, QemuObject};
 use crate::request::{
@@ -20,16 +22,6 @@ use crate::request::{
 };
 use crate::reserve::Window;
 use crate::units::{fmt_size, human_size};
-
-/// Format version of [`Plan`]; bumped on any incompatible change.
-///
-/// Version 2: every [`ExpectedBar`] carries its BAR index and [`ResourceRole`] (so do the
-/// resources of a spare port's [`HotplugProfile`]).
-pub const PLAN_VERSION: u32 = 2;
-
-/// Oldest format version [`Plan::from_json`] still reads. A version 1 plan reads as one
-/// whose BARs have no index and are all [`ResourceRole::Bar`]: what it said then.
-pub const PLAN_VERSION_OLDEST: u32 = 1;
 
 /// Placement policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -139,8 +131,8 @@ pub struct Port {
     /// Switch upstream port above, for downstream ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<QemuId>,
-    /// Guest BDF of the port itself (for a bridge slot: the bridge's).
-    pub bdf: GuestBdf,
+    /// Guest address of the port itself (for a bridge slot: the bridge's).
+    pub bdf: Bdf,
     /// Guest path of the port itself.
     pub path: GuestPciPath,
     /// Bus a device plugged here is on.
@@ -196,8 +188,8 @@ pub struct PciBridge {
     pub id: QemuId,
     /// Its `-device`.
     pub device: QemuDevice,
-    /// Its guest BDF.
-    pub bdf: GuestBdf,
+    /// Its guest address.
+    pub bdf: Bdf,
     /// Bus of the devices behind it.
     pub secondary_bus: u8,
     /// Memory window the bridge has for everything behind it. With a hotplugged device
@@ -287,8 +279,8 @@ pub struct PlacedFunction {
 pub enum GuestLocation {
     /// A PCI function: predicted BDF and path.
     Pci {
-        /// Predicted guest BDF (`query-pci` reports bus/slot/function).
-        bdf: GuestBdf,
+        /// Predicted guest address (`query-pci` reports bus/slot/function).
+        bdf: Bdf,
         /// Guest path (Kata agent form under `pcie.0`).
         path: GuestPciPath,
     },
@@ -303,16 +295,16 @@ pub enum GuestLocation {
         uid: u16,
         /// zPCI function id.
         fid: u32,
-        /// Guest BDF.
-        bdf: GuestBdf,
+        /// Guest address (domain = uid).
+        bdf: Bdf,
     },
     /// An adjunct-processor queue device (vfio-ap): no address in the guest's PCI or ccw bus.
     Ap,
 }
 
 impl GuestLocation {
-    /// The guest BDF of a PCI or zPCI function.
-    pub fn bdf(&self) -> Option<GuestBdf> {
+    /// The guest address of a PCI or zPCI function.
+    pub fn bdf(&self) -> Option<Bdf> {
         match self {
             GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => Some(*bdf),
             _ => None,
@@ -576,7 +568,7 @@ impl Plan {
     /// plan of an older version this build still reads ([`PLAN_VERSION_OLDEST`]) comes
     /// back as the current version, members it lacked at their defaults.
     pub fn from_json(text: &str) -> Result<Plan, PlanError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
+        let mut v: Value = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
         let found = v.get("version").and_then(Value::as_u64).unwrap_or(0);
         if !(u64::from(PLAN_VERSION_OLDEST)..=u64::from(PLAN_VERSION)).contains(&found) {
             return Err(PlanError::Version {
@@ -584,6 +576,10 @@ impl Plan {
                 oldest: PLAN_VERSION_OLDEST,
                 supported: PLAN_VERSION,
             });
+        }
+        if found < u64::from(PLAN_VERSION) {
+            // `found` is within the u32 versions checked above.
+            upgrade(&mut v, u32::try_from(found).unwrap_or(PLAN_VERSION))?;
         }
         let mut plan: Plan = serde_json::from_value(v).map_err(|e| PlanError::Json(e.to_string()))?;
         plan.version = PLAN_VERSION;
@@ -682,7 +678,7 @@ impl Plan {
                 device_del: ph
                     .devices
                     .iter()
-                    .filter(|x| x.addr.is_some_and(|a| a.function == 0))
+                    .filter(|x| x.addr.is_some_and(|a| a.function() == 0))
                     .map(|x| x.id.clone())
                     .collect(),
                 object_del: ph.objects.iter().map(|o| o.id.clone()).collect(),
@@ -967,7 +963,7 @@ pub(crate) fn place_on_port(
             device,
             companions: Vec::new(),
             location: GuestLocation::Pci {
-                bdf: GuestBdf { segment: port.bdf.segment, bus: port.secondary_bus, devfn },
+                bdf: devfn.on_bus(port.bdf.domain(), port.secondary_bus),
                 path: port.path.join(devfn),
             },
             bars: f.resources.iter().map(ExpectedBar::from).collect(),

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use pcilibs::bdf::Bdf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -71,15 +72,13 @@ impl fmt::Display for QemuId {
     }
 }
 
-/// A device/function number on one bus (`addr=0x2.0x1`). Read from JSON through
-/// [`DevFn::new`], so a plan file cannot hold slot 40 or function 9.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A device/function number on one bus (`addr=0x2.0x1`). Built by [`DevFn::new`] only
+/// (JSON included), so no `DevFn` holds slot 40 or function 9.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "DevFnFields")]
 pub struct DevFn {
-    /// Slot (device number), 0..=31.
-    pub slot: u8,
-    /// Function, 0..=7.
-    pub function: u8,
+    slot: u8,
+    function: u8,
 }
 
 /// A [`DevFn`] as JSON has it, before [`DevFn::new`] checks it.
@@ -96,6 +95,13 @@ impl TryFrom<DevFnFields> for DevFn {
     }
 }
 
+impl From<Bdf> for DevFn {
+    /// The slot and function of a PCI address.
+    fn from(bdf: Bdf) -> Self {
+        DevFn { slot: bdf.device(), function: bdf.function() }
+    }
+}
+
 impl DevFn {
     /// A checked slot/function pair.
     pub fn new(slot: u8, function: u8) -> Result<Self, QemuError> {
@@ -103,6 +109,22 @@ impl DevFn {
             return Err(QemuError::BadDevFn { slot, function });
         }
         Ok(DevFn { slot, function })
+    }
+
+    /// Slot (device number), 0..=0x1f.
+    pub fn slot(self) -> u8 {
+        self.slot
+    }
+
+    /// Function, 0..=7.
+    pub fn function(self) -> u8 {
+        self.function
+    }
+
+    /// The function at this slot and function on bus `bus` of PCI domain `domain`.
+    pub fn on_bus(self, domain: u32, bus: u8) -> Bdf {
+        // Both ranges were checked by `DevFn::new`, which checks what `Bdf::new` does.
+        Bdf::new(domain, bus, self.slot, self.function).unwrap_or_default()
     }
 
     /// The 8-bit devfn (`slot << 3 | function`).

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use pcilibs::bar::{Bar, BarKind};
+use pcilibs::bdf::Bdf;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
@@ -46,7 +47,7 @@ pub enum RequestError {
     #[error("host function {bdf}: size of {what} unknown (read it from sysfs or VFIO)")]
     UnknownSize {
         /// Host function.
-        bdf: String,
+        bdf: Bdf,
         /// Which BARs (`BAR 0, VF BAR 2`).
         what: String,
     },
@@ -68,12 +69,15 @@ pub enum RequestError {
 }
 
 /// Where a function comes from on the host.
+///
+/// In JSON: `{"pci": "0000:01:00.0"}` (the address in its sysfs text form) or
+/// `{"sysfsdev": "/sys/bus/mdev/devices/…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum HostRef {
-    /// A host PCI address (`0000:01:00.0`), passed as `vfio-pci,host=`.
-    Bdf(String),
+    /// A host PCI function, passed as `vfio-pci,host=`.
+    Pci(Bdf),
     /// A sysfs device path, passed as `sysfsdev=` (vfio-pci, vfio-ccw, mdev, vfio-ap).
     Sysfsdev(String),
 }
@@ -287,11 +291,12 @@ impl FunctionRequest {
         }
     }
 
-    /// A `vfio-pci` function for host function `bdf` with the given resources.
-    pub fn vfio(function: u8, bdf: &str, resources: Vec<FunctionResource>) -> Self {
+    /// A `vfio-pci` function for host function `bdf` with the given resources (`host=`
+    /// names it in the `-device`/`device_add` arguments).
+    pub fn vfio(function: u8, bdf: Bdf, resources: Vec<FunctionResource>) -> Self {
         let mut f = FunctionRequest::new(function, "vfio-pci", resources);
         f.props.insert("host".into(), PropValue::Str(bdf.to_string()));
-        f.host = Some(HostRef::Bdf(bdf.to_string()));
+        f.host = Some(HostRef::Pci(bdf));
         f
     }
 
@@ -327,10 +332,9 @@ impl FunctionRequest {
         if !unknown.is_empty() {
             let what: Vec<String> =
                 unknown.iter().map(|(i, vf)| format!("{}BAR {i}", if *vf { "VF " } else { "" })).collect();
-            return Err(RequestError::UnknownSize { bdf: facts.bdf.to_string(), what: what.join(", ") });
+            return Err(RequestError::UnknownSize { bdf: facts.bdf, what: what.join(", ") });
         }
-        let mut f =
-            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts)?);
+        let mut f = FunctionRequest::vfio(function, facts.bdf, FunctionResource::of_facts(facts, opts)?);
         f.pcie = facts.is_pcie;
         f.class = Some(facts.class_code);
         Ok(f)
@@ -364,7 +368,8 @@ impl Attach {
 /// A device to place: every function of it lands on one port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRequest {
-    /// QEMU id of function 0; other functions get `<id>.f<n>`.
+    /// QEMU id of function 0; function `n` of the device gets `<id>-f<n>`
+    /// ([`crate::plan::function_id`]).
     pub id: QemuId,
     /// All functions (function 0 included).
     pub functions: Vec<FunctionRequest>,
@@ -713,7 +718,6 @@ mod tests {
     /// An nvme-like function at `bdf` in IOMMU group `group`, with one 16 KiB BAR.
     fn nvme(bdf: &str, group: u32) -> FunctionFacts {
         use pcilibs::bar::Bar;
-        use pcilibs::bdf::Bdf;
         use pcilibs::config::HeaderType;
         FunctionFacts {
             bdf: Bdf::parse(bdf).unwrap(),
@@ -866,7 +870,7 @@ mod tests {
         d.host_functions()
             .into_iter()
             .map(|(h, n)| match h {
-                HostRef::Bdf(b) => (b.clone(), n),
+                HostRef::Pci(b) => (b.to_string(), n),
                 other => panic!("{other:?}"),
             })
             .collect()

@@ -256,7 +256,7 @@ fn a_lone_vf_plans_as_function_0_and_the_plan_keeps_its_host_address() {
     let ivs = DeviceRequest::from_facts(QemuId::new("ivs").unwrap(), &[no_pcie], &opts).unwrap();
     let plan = plan(&Q35::seabios(), &request(vec![vf, ivs])).unwrap();
     let placed = plan.device("vf").unwrap();
-    assert_eq!(placed.host_functions(), [(&HostRef::Bdf("0000:03:00.2".into()), 0)]);
+    assert_eq!(placed.host_functions(), [(&HostRef::Pci("0000:03:00.2".parse().unwrap()), 0)]);
     let action = plan.hotplug_action("vf").unwrap();
     assert_eq!(action.functions.len(), 1);
     assert_eq!(action.functions[0].function, 0);

@@ -119,30 +119,30 @@ fn check_plan(plan: &Plan) {
     }
     let mut addresses = BTreeSet::new();
     for p in plan.ports.iter().filter(|p| p.kind != PortKind::BridgeSlot) {
-        assert!(addresses.insert((p.bdf.bus, p.bdf.devfn)), "two ports at {}", p.bdf);
+        assert!(addresses.insert(p.bdf), "two ports at {}", p.bdf);
     }
     for b in &plan.bridges {
-        assert!(addresses.insert((b.bdf.bus, b.bdf.devfn)), "bridge {} shares {}", b.id, b.bdf);
+        assert!(addresses.insert(b.bdf), "bridge {} shares {}", b.id, b.bdf);
     }
     for hb in &plan.host_bridges {
         if let Some(addr) = hb.device.as_ref().and_then(|d| d.addr) {
-            assert!(addresses.insert((0, addr)), "expander {} shares slot {addr:?}", hb.id);
+            assert!(addresses.insert(addr.on_bus(0, 0)), "expander {} shares slot {addr:?}", hb.id);
         }
     }
     for d in &plan.devices {
         for f in &d.functions {
             let GuestLocation::Pci { bdf, .. } = &f.location else { panic!("not PCI") };
-            assert!(addresses.insert((bdf.bus, bdf.devfn)), "two functions at {bdf}");
+            assert!(addresses.insert(*bdf), "two functions at {bdf}");
         }
     }
     let mut secondaries = BTreeSet::new();
     for p in plan.ports.iter().filter(|p| p.kind != PortKind::BridgeSlot) {
         assert!(
-            p.secondary_bus > p.bdf.bus,
+            p.secondary_bus > p.bdf.bus(),
             "{}: secondary {} not below bus {}",
             p.id,
             p.secondary_bus,
-            p.bdf.bus
+            p.bdf.bus()
         );
         assert!(p.subordinate_bus >= p.secondary_bus);
         assert!(secondaries.insert(p.secondary_bus), "bus {} twice", p.secondary_bus);

@@ -265,9 +265,9 @@ impl Expectation {
     pub fn planned(location: &GuestLocation, bars: &[ExpectedBar]) -> Expectation {
         match location {
             GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
-                bus: Some(bdf.bus),
-                slot: Some(bdf.devfn.slot),
-                function: Some(bdf.devfn.function),
+                bus: Some(bdf.bus()),
+                slot: Some(bdf.device()),
+                function: Some(bdf.function()),
                 bars: bars.iter().filter_map(BarExpectation::planned).collect(),
             }),
             _ => Expectation::Present,

@@ -92,7 +92,7 @@ fn every_action_is_visible_where_planned_and_leaves_again() {
         for f in &action.functions {
             let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("{} not on PCI", f.id) };
             let got = rec.guest.iter().find(|(id, _)| id == f.id.as_str()).unwrap().1;
-            assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+            assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
         }
         assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
         let left = names(&c, "/machine/peripheral");
@@ -179,6 +179,6 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
     assert_eq!(rec.state, DeviceState::Visible);
     let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("nvme0 not on PCI") };
     let got = rec.guest.iter().find(|(id, _)| id == "nvme0").unwrap().1;
-    assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+    assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
     assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
 }

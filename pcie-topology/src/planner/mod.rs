@@ -16,10 +16,11 @@ use pcilibs::requirement::Requirement;
 use crate::alloc::{FreeSet, IdAllocator};
 use crate::check::check_address_space;
 use crate::error::PlanError;
-use crate::path::{GuestBdf, GuestPciPath};
+use crate::format::PLAN_VERSION;
+use crate::path::GuestPciPath;
 use crate::plan::{
     place_on_port, request_ids, AddressReport, HostBridge, Mode, PciBridge, PlacedDevice, Plan, PlanOptions,
-    PlanRequest, Port, PortKind, Reservation, Switch, PLAN_VERSION,
+    PlanRequest, Port, PortKind, Reservation, Switch,
 };
 use crate::platform::{Platform, PlatformSpec, Totals};
 use crate::qemu::{DevFn, QemuDevice, QemuId};
@@ -391,7 +392,7 @@ impl<'a> Builder<'a> {
         let bridge = PciBridge {
             id: br_id.clone(),
             device: dev,
-            bdf: GuestBdf { segment: 0, bus: 0, devfn },
+            bdf: devfn.on_bus(0, 0),
             secondary_bus: 0,
             mem: Window::default(),
             pref: Window::default(),
@@ -450,7 +451,7 @@ impl<'a> Builder<'a> {
             target_slot: 0,
             host_bridge: hb.to_string(),
             switch: None,
-            bdf: GuestBdf { segment: 0, bus: 0, devfn },
+            bdf: devfn.on_bus(0, 0),
             path: GuestPciPath { root_bus: None, hops: vec![devfn] },
             secondary_bus: 0,
             subordinate_bus: 0,

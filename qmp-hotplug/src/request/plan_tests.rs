@@ -55,7 +55,7 @@ fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
         let want = pci(f);
         assert_eq!(
             (want.bus, want.slot, want.function),
-            (Some(bdf.bus), Some(bdf.devfn.slot), Some(bdf.devfn.function)),
+            (Some(bdf.bus()), Some(bdf.device()), Some(bdf.function())),
             "{}",
             fa.id
         );

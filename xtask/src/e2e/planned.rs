@@ -914,7 +914,7 @@ mod tests {
             assert_eq!(r.objects[0].qom_type, "memory-backend-ram");
             let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("pci") };
             let Expectation::Pci(want) = &r.functions[0].expect else { panic!("pci expectation") };
-            assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus), Some(0), Some(0)));
+            assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus()), Some(0), Some(0)));
             assert_eq!(want.bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 << 30)]);
             // A model that disagrees with the plan's sizes is refused, not checked loosely.
             let e = engine_request(&action, &model(DeviceKind::Ivshmem, Some(64 << 30))).unwrap_err();

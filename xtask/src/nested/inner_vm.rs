@@ -168,12 +168,7 @@ pub fn planned_functions(action: &HotplugAction) -> Vec<(u8, String, Bdf)> {
             GuestLocation::Pci { bdf, .. } => Some((
                 f.function,
                 f.id.to_string(),
-                Bdf {
-                    domain: u32::from(bdf.segment),
-                    bus: bdf.bus,
-                    device: bdf.devfn.slot,
-                    function: bdf.devfn.function,
-                },
+                Bdf { domain: bdf.domain(), bus: bdf.bus(), device: bdf.device(), function: bdf.function() },
             )),
             _ => None,
         })
@@ -751,7 +746,10 @@ mod tests {
         assert_eq!(planned.len(), 1);
         assert_eq!(planned[0].2.function, 0);
         let placed = plan.device("nvme1-vf2").unwrap();
-        assert_eq!(placed.host_functions(), [(&pcie_topology::HostRef::Bdf("0000:03:00.2".into()), 0)]);
+        assert_eq!(
+            placed.host_functions(),
+            [(&pcie_topology::HostRef::Pci("0000:03:00.2".parse().unwrap()), 0)]
+        );
     }
 
     #[test]
