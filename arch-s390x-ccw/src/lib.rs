@@ -400,7 +400,7 @@ mod tests {
         assert_eq!(devno(&plan, "n1"), PropValue::Str("fe.0.0101".into()));
         plan.release("n1").unwrap();
         let a = place(&mut plan, &p, net("n3")).unwrap();
-        assert_eq!(a.functions[0].device_add["devno"], "fe.0.0101");
+        assert_eq!(a.functions[0].device_add.props["devno"], PropValue::Str("fe.0.0101".into()));
         assert_eq!(a.functions[0].guest, GuestLocation::Ccw { busid: "0.0.0101".into() });
         assert!(matches!(place(&mut plan, &p, net("n3")), Err(PlanError::DuplicateId(_))));
     }
@@ -412,9 +412,10 @@ mod tests {
         let mut plan = plan(&p, &[], false).unwrap();
         let a = place(&mut plan, &p, d).unwrap();
         let f = &a.functions[0];
-        assert_eq!(f.companions[0]["driver"], "zpci");
-        assert_eq!(f.companions[0]["uid"], 1);
-        assert_eq!(f.companions[0]["target"], "nic0");
+        let zpci = f.companions[0].to_qmp();
+        assert_eq!(zpci["driver"], "zpci");
+        assert_eq!(zpci["uid"], 1);
+        assert_eq!(zpci["target"], "nic0");
         assert_eq!(f.guest.bdf().unwrap().to_string(), "0001:00:00.0");
         assert_eq!(a.unplug.iter().map(QemuId::as_str).collect::<Vec<_>>(), ["nic0", "zpci-nic0"]);
     }

@@ -38,18 +38,18 @@ fn ccw_and_zpci_plan_is_accepted_and_hotplugs() {
         let action = place(&mut plan, &platform, device).unwrap();
         for f in &action.functions {
             for c in &f.companions {
-                qemu.ok("device_add", Value::Object(c.clone()));
+                qemu.ok("device_add", Value::Object(c.to_qmp()));
             }
-            qemu.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.to_qmp()));
             match &f.guest {
                 GuestLocation::Ccw { busid } => {
                     assert_eq!(busid, "0.0.0101");
-                    assert_eq!(qemu.qom_get(f.id.as_str(), "devno"), json!("fe.0.0101"));
+                    assert_eq!(qemu.qom_get(f.id().as_str(), "devno"), json!("fe.0.0101"));
                 }
                 GuestLocation::Zpci { uid, fid, bdf } => {
                     assert_eq!((*uid, *fid), (2, 1));
                     assert_eq!(bdf.to_string(), "0002:00:00.0");
-                    assert_eq!(qemu.qom_get(&format!("zpci-{}", f.id), "fid"), json!(1));
+                    assert_eq!(qemu.qom_get(&format!("zpci-{}", f.id()), "fid"), json!(1));
                 }
                 other => panic!("unexpected location {other:?}"),
             }

@@ -150,29 +150,29 @@ fn hotplug_all(plan: &Plan, qemu: &Qemu) {
             continue;
         }
         for o in &action.object_add {
-            qemu.ok("object-add", Value::Object(o.clone()));
+            qemu.ok("object-add", Value::Object(o.to_qmp()));
         }
         for f in &action.functions {
             for c in &f.companions {
-                qemu.ok("device_add", Value::Object(c.clone()));
+                qemu.ok("device_add", Value::Object(c.to_qmp()));
             }
-            qemu.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.to_qmp()));
         }
         let devs = qemu.pci_devices();
         for f in &action.functions {
-            let got = find(&devs, f.id.as_str());
+            let got = find(&devs, f.id().as_str());
             let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("not PCI") };
             assert_eq!(
                 (got.bus, got.slot, got.function),
                 (bdf.bus(), bdf.device(), bdf.function()),
                 "{}",
-                f.id
+                f.id()
             );
             let mut want: Vec<u64> = f.bars.iter().map(|b| b.size).collect();
             let mut have: Vec<u64> = got.regions.iter().map(|r| r.2).collect();
             want.sort_unstable();
             have.sort_unstable();
-            assert_eq!(want, have, "{} BAR sizes", f.id);
+            assert_eq!(want, have, "{} BAR sizes", f.id());
         }
         plugged.push(action.device.to_string());
     }

@@ -36,10 +36,10 @@ fn start(plan: &Plan) -> Qemu {
 fn hotplug(plan: &Plan, qemu: &Qemu) {
     for action in plan.hotplug_actions().unwrap() {
         for o in &action.object_add {
-            qemu.ok("object-add", Value::Object(o.clone()));
+            qemu.ok("object-add", Value::Object(o.to_qmp()));
         }
         for f in &action.functions {
-            qemu.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.to_qmp()));
         }
     }
     let peripherals = qemu.peripherals();

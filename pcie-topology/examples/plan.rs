@@ -242,7 +242,7 @@ fn run(args: &Args) -> Result<(), String> {
                 (Some(bdf), None) => format!("guest {bdf}"),
                 _ => format!("guest {:?}", f.guest),
             };
-            println!("  device_add {}  -> {guest}", serde_json::Value::Object(f.device_add.clone()));
+            println!("  device_add {}  -> {guest}", serde_json::Value::Object(f.device_add.to_qmp()));
         }
     }
     let json = plan.to_json().map_err(|e| e.to_string())?;

@@ -9,13 +9,13 @@ use pcilibs::bar::BarKind;
 use pcilibs::bdf::Bdf;
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::PlanError;
 use crate::format::{upgrade, PLAN_VERSION, PLAN_VERSION_OLDEST};
 use crate::path::GuestPciPath;
 use crate::platform::{ExtraArgs, PlatformSpec};
-use crate::qemu::{DevFn, QemuDevice, QemuId, QemuObject};
+use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
 use crate::request::{
     visible_size, Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, RequestError,
     ResourceRole,
@@ -481,15 +481,13 @@ pub struct PlaceholderRemoval {
 /// One function to `device_add`, with what the guest must show afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionAction {
-    /// QEMU id of the function.
-    pub id: QemuId,
     /// Function number.
     pub function: u8,
     /// `device_add` these first (the s390x `zpci` device of a PCI function).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub companions: Vec<Map<String, Value>>,
-    /// The QMP `device_add` argument object, sent as is.
-    pub device_add: Map<String, Value>,
+    pub companions: Vec<QemuDevice>,
+    /// The device to `device_add` ([`QemuDevice::to_qmp`] gives the QMP arguments).
+    pub device_add: QemuDevice,
     /// Where the guest must then show it.
     pub guest: GuestLocation,
     /// The function's planned resources ([`PlacedFunction::bars`]): each BAR the guest must
@@ -497,11 +495,22 @@ pub struct FunctionAction {
     pub bars: Vec<ExpectedBar>,
 }
 
+impl FunctionAction {
+    /// QEMU id of the function (its `device_add`'s).
+    pub fn id(&self) -> &QemuId {
+        &self.device_add.id
+    }
+}
+
 /// Everything the hotplug engine needs to plug one device (all its functions) and to
 /// unplug it again.
+///
+/// Everything in it is typed ([`QemuDevice`], [`QemuObject`], [`QemuId`]); the engine
+/// turns it into QMP arguments when it sends them ([`QemuDevice::to_qmp`],
+/// [`QemuObject::to_qmp`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HotplugAction {
-    /// Device id.
+    /// Device id: what [`Plan::release`] takes, and what the engine unplugs by.
     pub device: QemuId,
     /// Port it goes on (`None` on s390x).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -512,9 +521,9 @@ pub struct HotplugAction {
     /// Placeholder to remove first, when the port has one still plugged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_placeholder: Option<PlaceholderRemoval>,
-    /// QMP `object-add` argument objects, before any function.
+    /// Objects to `object-add` before any function.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub object_add: Vec<Map<String, Value>>,
+    pub object_add: Vec<QemuObject>,
     /// Functions in plug order: highest function first, function 0 last (the guest scans
     /// the slot when function 0 appears).
     pub functions: Vec<FunctionAction>,
@@ -527,6 +536,33 @@ pub struct HotplugAction {
     /// The port's windows, to check that every BAR landed inside them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<Reservation>,
+}
+
+impl HotplugAction {
+    /// The id the engine keeps the device under: the port it goes on, or the device
+    /// itself where the platform has no ports (s390x). One device per port, so the
+    /// device id ([`HotplugAction::device`], what [`Plan::release`] takes) finds it too.
+    pub fn port_or_device(&self) -> &QemuId {
+        self.port.as_ref().unwrap_or(&self.device)
+    }
+
+    /// The action with its `vfio-pci` functions on the iommufd VFIO interface (QEMU 9.0
+    /// and Linux 6.6 on) instead of a VFIO container: an `iommufd` object `id` is created
+    /// before the functions and deleted after them, and each `vfio-pci` function gets
+    /// `iommufd=<id>`. With `fd`, QEMU takes `/dev/iommu` as the descriptor passed under
+    /// that name (`getfd`) instead of opening it itself.
+    pub fn with_iommufd(mut self, id: QemuId, fd: Option<&str>) -> Self {
+        let mut object = QemuObject::new("iommufd", id.clone());
+        if let Some(fd) = fd {
+            object = object.prop("fd", fd);
+        }
+        self.object_add.insert(0, object);
+        self.object_del.push(id.clone());
+        for f in self.functions.iter_mut().filter(|f| f.device_add.driver == "vfio-pci") {
+            f.device_add.props.insert("iommufd".into(), PropValue::Str(id.to_string()));
+        }
+        self
+    }
 }
 
 /// The whole plan.
@@ -687,10 +723,9 @@ impl Plan {
             .functions
             .iter()
             .map(|f| FunctionAction {
-                id: f.device.id.clone(),
                 function: f.function,
-                companions: f.companions.iter().map(QemuDevice::to_qmp).collect(),
-                device_add: f.device.to_qmp(),
+                companions: f.companions.clone(),
+                device_add: f.device.clone(),
                 guest: f.location.clone(),
                 bars: f.bars.clone(),
             })
@@ -706,7 +741,7 @@ impl Plan {
             port: d.port.clone(),
             iommu_group: d.iommu_group,
             remove_placeholder,
-            object_add: d.objects.iter().map(QemuObject::to_qmp).collect(),
+            object_add: d.objects.clone(),
             functions,
             unplug,
             object_del: d.objects.iter().map(|o| o.id.clone()).collect(),

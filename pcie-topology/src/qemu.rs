@@ -161,7 +161,8 @@ impl PropValue {
         }
     }
 
-    fn json(&self) -> Value {
+    /// The value in QMP arguments.
+    pub fn to_qmp(&self) -> Value {
         match self {
             PropValue::Bool(b) => Value::Bool(*b),
             PropValue::Int(n) => Value::from(*n),
@@ -264,7 +265,7 @@ impl QemuDevice {
             m.insert("multifunction".into(), Value::Bool(true));
         }
         for (k, v) in &self.props {
-            m.insert(k.clone(), v.json());
+            m.insert(k.clone(), v.to_qmp());
         }
         m
     }
@@ -314,7 +315,7 @@ impl QemuObject {
         m.insert("qom-type".into(), Value::String(self.qom_type.clone()));
         m.insert("id".into(), Value::String(self.id.to_string()));
         for (k, v) in &self.props {
-            m.insert(k.clone(), v.json());
+            m.insert(k.clone(), v.to_qmp());
         }
         m
     }

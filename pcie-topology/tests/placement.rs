@@ -66,7 +66,7 @@ fn functions_without_pcie_capability_go_on_reservable_root_ports() {
             assert!(pref >= 32 * GIB, "{name}: pref64-reserve {pref:#x}");
         }
         let action = plan.hotplug_action("gpu0").unwrap();
-        assert_eq!(action.functions[0].device_add["bus"], port.id.as_str());
+        assert_eq!(action.functions[0].device_add.bus.as_deref(), Some(port.id.as_str()));
     }
 }
 
@@ -211,7 +211,7 @@ fn run_time_placement_behind_a_bridge_respects_its_window() {
     big.attach = Attach::PciBridge;
     assert!(matches!(plan.place(big), Err(PlanError::NoFreePort { .. })), "4 MiB does not fit 2 MiB");
     let action = plan.place(legacy("c", 64 * KIB)).unwrap();
-    assert_eq!(action.functions[0].device_add["bus"], plan.bridges[0].id.as_str());
+    assert_eq!(action.functions[0].device_add.bus.as_deref(), Some(plan.bridges[0].id.as_str()));
     // ...and a device that does not ask never lands there.
     let free = plan.release("c").unwrap();
     assert!(free.port.is_some());
@@ -260,7 +260,7 @@ fn a_lone_vf_plans_as_function_0_and_the_plan_keeps_its_host_address() {
     let action = plan.hotplug_action("vf").unwrap();
     assert_eq!(action.functions.len(), 1);
     assert_eq!(action.functions[0].function, 0);
-    assert_eq!(action.functions[0].device_add["host"], "0000:03:00.2");
+    assert_eq!(action.functions[0].device_add.props["host"], PropValue::Str("0000:03:00.2".into()));
     assert_eq!(action.iommu_group, Some(4));
     // The host function without a PCIe capability is on a root port, not behind a bridge.
     let port = plan.port(plan.device("ivs").unwrap().port.as_ref().unwrap().as_str()).unwrap();

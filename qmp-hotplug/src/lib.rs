@@ -23,14 +23,14 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // The plan the VM was booted with (`pcie_topology::plan`, kept as JSON).
-//! let plan: pcie_topology::Plan = serde_json::from_str(&std::fs::read_to_string("/run/vm/plan.json")?)?;
+//! let plan = pcie_topology::Plan::from_json(&std::fs::read_to_string("/run/vm/plan.json")?)?;
 //! let client = Arc::new(QmpClient::connect_unix("/run/vm/qmp.sock", ClientOptions::default())?);
 //! // Opening the journal recovers whatever a previous process left half done.
 //! let (engine, report) = Engine::open(client, "/run/vm/hotplug.journal", EngineOptions::default())?;
 //! println!("recovery: {report:?}");
 //!
 //! let action = plan.hotplug_action("gpu0")?;
-//! let request = DeviceRequest::from_action(&action)?;
+//! let request = DeviceRequest::from_action(&action);
 //! let port = request.port.clone();
 //! let record = engine.plug(request)?; // visible where planned, or rolled back
 //! println!("{:?} at {:?}", record.state, record.guest);

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction};
+use pcie_topology::QemuObject;
 use pcilibs::requirement::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -54,14 +55,6 @@ pub enum RequestError {
     /// A function of a multi-function slot says `multifunction=off`.
     #[error("device {0} is part of a multi-function slot but sets multifunction=off")]
     MultifunctionOff(String),
-    /// A plan's `object-add` argument object lacks a string `qom-type` or `id`.
-    #[error("device {device}: object-add without a string qom-type and id: {object}")]
-    BadObject {
-        /// The plan's device id.
-        device: String,
-        /// The argument object as given.
-        object: String,
-    },
 }
 
 /// Result alias of this module.
@@ -326,12 +319,22 @@ fn visible_needs(bars: &[pcie_topology::plan::ExpectedBar]) -> Vec<Resource> {
         .collect()
 }
 
+/// A plan's object as the engine's: its type, id and properties as QMP has them.
+fn object_request(o: &QemuObject) -> ObjectRequest {
+    ObjectRequest {
+        qom_type: o.qom_type.clone(),
+        id: o.id.to_string(),
+        props: o.props.iter().map(|(k, v)| (k.clone(), v.to_qmp())).collect(),
+    }
+}
+
 impl DeviceRequest {
     /// The request for one hotplug action of a `pcie-topology` plan
     /// ([`pcie_topology::Plan::hotplug_actions`], or an action for a device placed later).
     ///
-    /// - `port`: the action's port; on s390x, which has no ports, the device id.
-    /// - `objects`: the action's `object_add` ([`ObjectRequest::from_object_add`]).
+    /// - `port`: the action's port; on s390x, which has no ports, the device id
+    ///   ([`HotplugAction::port_or_device`]).
+    /// - `objects`: the action's `object_add`.
     /// - `functions`: for each of the action's functions in its order (function 0 last;
     ///   the engine keeps function 0 of a multi-function slot last in any case), first its
     ///   companions (the s390x `zpci` device) expected [`Expectation::Present`], then its
@@ -343,31 +346,23 @@ impl DeviceRequest {
     /// - each function's `needs`: its BARs as the guest will show them, for the engine's
     ///   optional live-window check.
     ///
-    /// Descriptors (`fds`) are the caller's to add, as are objects and properties the plan
-    /// does not know (an `iommufd` object and each function's `iommufd` property). A BAR
-    /// the plan has no index for (a request built from bare sizes, a version 1 plan) is
-    /// expected by size on any BAR 0–5 ([`BarExpectation::any`]).
-    pub fn from_action(action: &HotplugAction) -> Result<DeviceRequest> {
-        let port = action.port.as_ref().unwrap_or(&action.device).to_string();
-        let objects = action
-            .object_add
-            .iter()
-            .map(|o| {
-                ObjectRequest::from_object_add(o).ok_or_else(|| RequestError::BadObject {
-                    device: action.device.to_string(),
-                    object: Value::Object(o.clone()).to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// The action's devices and objects are typed values whose ids and addresses were
+    /// checked when they were made; they become QMP arguments here
+    /// ([`pcie_topology::QemuDevice::to_qmp`]) and are not read back. An `iommufd` object
+    /// and each function's `iommufd` property come with the action
+    /// ([`HotplugAction::with_iommufd`]); descriptors (`fds`) are the caller's to add. A
+    /// BAR the plan has no index for (a request built from bare sizes, a version 1 plan)
+    /// is expected by size on any BAR 0–5 ([`BarExpectation::any`]).
+    pub fn from_action(action: &HotplugAction) -> DeviceRequest {
         let mut functions = Vec::new();
         for f in &action.functions {
             functions.extend(f.companions.iter().map(|c| FunctionRequest {
-                qdev: c.clone(),
+                qdev: c.to_qmp(),
                 expect: Expectation::Present,
                 needs: Vec::new(),
             }));
             functions.push(FunctionRequest {
-                qdev: f.device_add.clone(),
+                qdev: f.device_add.to_qmp(),
                 expect: Expectation::planned(&f.guest, &f.bars),
                 needs: visible_needs(&f.bars),
             });
@@ -376,7 +371,13 @@ impl DeviceRequest {
             devices: p.device_del.iter().map(ToString::to_string).collect(),
             objects: p.object_del.iter().map(ToString::to_string).collect(),
         });
-        Ok(DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+        DeviceRequest {
+            port: action.port_or_device().to_string(),
+            objects: action.object_add.iter().map(object_request).collect(),
+            fds: Vec::new(),
+            functions,
+            placeholder,
+        }
     }
 
     /// Checks the request and fills in `multifunction=on` where a slot has several

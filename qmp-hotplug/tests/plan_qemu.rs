@@ -85,18 +85,18 @@ fn every_action_is_visible_where_planned_and_leaves_again() {
     let actions = plan.hotplug_actions().unwrap();
     assert_eq!(actions.len(), 2);
     for action in &actions {
-        let request = DeviceRequest::from_action(action).unwrap();
+        let request = DeviceRequest::from_action(action);
         let port = request.port.clone();
         let rec = engine.plug(request).unwrap();
         assert_eq!(rec.state, DeviceState::Visible, "{}", action.device);
         for f in &action.functions {
-            let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("{} not on PCI", f.id) };
-            let got = rec.guest.iter().find(|(id, _)| id == f.id.as_str()).unwrap().1;
+            let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("{} not on PCI", f.id()) };
+            let got = rec.guest.iter().find(|(id, _)| id == f.id().as_str()).unwrap().1;
             assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
         }
         assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
         let left = names(&c, "/machine/peripheral");
-        assert!(action.functions.iter().all(|f| !left.contains(f.id.as_str())), "{left:?}");
+        assert!(action.functions.iter().all(|f| !left.contains(f.id().as_str())), "{left:?}");
         assert!(engine.is_port_free(&port));
     }
 }
@@ -111,7 +111,7 @@ fn a_bar_size_the_device_does_not_have_rolls_the_plug_back() {
     // The plan promises 8 GiB where QEMU gives the device 4 GiB.
     let big = action.functions[0].bars.iter_mut().find(|b| b.size == 4 << 30).unwrap();
     big.size = 8 << 30;
-    let request = DeviceRequest::from_action(&action).unwrap();
+    let request = DeviceRequest::from_action(&action);
     let port = request.port.clone();
     match engine.plug(request) {
         Err(EngineError::PlugFailed { cause, state, .. }) => {
@@ -160,7 +160,7 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
         "the plan makes room for the VFs: {:?}",
         action.functions[0].bars
     );
-    let mut request = DeviceRequest::from_action(&action).unwrap();
+    let mut request = DeviceRequest::from_action(&action);
     let Expectation::Pci(want) = &request.functions[0].expect else { panic!("nvme0 expected on PCI") };
     assert_eq!(want.bars, [BarExpectation::at(0, 16 << 10)]);
     // No VFIO device here: QEMU's own nvme model, the device the facts were read from,

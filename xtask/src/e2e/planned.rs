@@ -347,7 +347,7 @@ fn planned_location(action: &HotplugAction) -> String {
 /// `query-pci` must show. The plan's (index, size) pairs must be the model's: a plan that
 /// disagrees is an error, not a weaker check.
 fn engine_request(action: &HotplugAction, m: &Model) -> Result<DeviceRequest> {
-    let request = DeviceRequest::from_action(action).map_err(s)?;
+    let request = DeviceRequest::from_action(action);
     let mut model: Vec<(Option<u8>, u64)> = m.bars.iter().map(|b| (Some(b.index), b.size)).collect();
     model.sort_unstable();
     for f in &request.functions {
@@ -564,7 +564,7 @@ impl Step3<'_> {
                     let want: Bdf = bdf.to_string().parse()?;
                     let device_id =
                         if matches!(f.guest, GuestLocation::Zpci { .. }) { m.zpci_device } else { m.device };
-                    let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id, m.vendor);
+                    let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id(), m.vendor);
                     let found = self.guest.wait_map(&what, deadline, |st| {
                         let at = st.snapshot_at.unwrap_or_else(Instant::now);
                         let is_new =
@@ -590,7 +590,7 @@ impl Step3<'_> {
                             if let GuestLocation::Pci { path, .. } = &f.guest {
                                 let got = guest_path(&dev);
                                 if got != path.to_string() {
-                                    row.fail(format!("{} is at guest path {got}, planned {path}", f.id));
+                                    row.fail(format!("{} is at guest path {got}, planned {path}", f.id()));
                                 }
                             }
                             if let (GuestLocation::Zpci { uid, fid, .. }, Some(z)) = (&f.guest, &dev.zpci) {
@@ -600,7 +600,9 @@ impl Step3<'_> {
                                 {
                                     row.fail(format!(
                                         "{}: zPCI uid {} fid {}, planned {uid} {fid}",
-                                        f.id, z.uid, z.fid
+                                        f.id(),
+                                        z.uid,
+                                        z.fid
                                     ));
                                 }
                             }
@@ -608,12 +610,12 @@ impl Step3<'_> {
                         Err(elsewhere) => {
                             guest_col.push(elsewhere.to_string());
                             seen.push(Seen::Pci(elsewhere));
-                            row.fail(format!("{} appeared at {elsewhere}, planned {want}", f.id));
+                            row.fail(format!("{} appeared at {elsewhere}, planned {want}", f.id()));
                         }
                     }
                 }
                 GuestLocation::Ccw { busid } => {
-                    let what = format!("{} as ccw {busid}", f.id);
+                    let what = format!("{} as ccw {busid}", f.id());
                     let (dev, at) = self
                         .guest
                         .wait_map(&what, deadline, |st| {
@@ -629,7 +631,7 @@ impl Step3<'_> {
                         row.fail(format!("{busid} has control unit {}, expected {:?}", dev.cutype, m.cutype));
                     }
                 }
-                other => return Err(format!("{}: guest location {other:?} cannot be checked here", f.id)),
+                other => return Err(format!("{}: guest location {other:?} cannot be checked here", f.id())),
             }
         }
         row.hotplug_ms = Some(last_seen.saturating_duration_since(sent).as_millis());

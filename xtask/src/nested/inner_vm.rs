@@ -17,8 +17,8 @@ use pcie_topology::{HotplugAction, Plan, PlanOptions, PlanRequest, QemuId};
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
-    BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation,
-    ObjectRequest, QmpClient, UnplugOutcome,
+    BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation, QmpClient,
+    UnplugOutcome,
 };
 use serde_json::{json, Value};
 
@@ -122,38 +122,36 @@ pub fn host_bars(f: &HostFunction) -> Vec<(u8, u64)> {
 /// function at its planned place with the BARs the plan took from the host function's
 /// VFIO facts, at their indices (the ROM as BAR 6). Those must be the host function's BARs
 /// ([`host_bars`]); a plan that says otherwise is an error, not a weaker check. With
-/// `iommufd` the devices use an `iommufd` object.
+/// `iommufd` the devices use an `iommufd` object (`HotplugAction::with_iommufd`).
 pub fn engine_request(
     action: &HotplugAction,
     host: &BTreeMap<u8, &HostFunction>,
     iommufd: bool,
 ) -> Result<qmp_hotplug::DeviceRequest> {
-    let mut request = qmp_hotplug::DeviceRequest::from_action(action).map_err(s)?;
-    let iommufd_id = format!("iommufd-{}", action.device);
-    if iommufd {
-        request.objects.push(ObjectRequest {
-            qom_type: "iommufd".into(),
-            id: iommufd_id.clone(),
-            props: Default::default(),
-        });
-    }
+    let action = if iommufd {
+        let id = QemuId::new(format!("iommufd-{}", action.device)).map_err(s)?;
+        action.clone().with_iommufd(id, None)
+    } else {
+        action.clone()
+    };
+    let mut request = qmp_hotplug::DeviceRequest::from_action(&action);
     for f in &action.functions {
         let hf = host
             .get(&f.function)
             .ok_or_else(|| format!("{}: no host function {}", action.device, f.function))?;
         let not_pci = || format!("{}: function {} is not planned on PCI", action.device, f.function);
-        let function = request.functions.iter_mut().find(|r| r.id() == f.id.as_str()).ok_or_else(not_pci)?;
+        let function =
+            request.functions.iter_mut().find(|r| r.id() == f.id().as_str()).ok_or_else(not_pci)?;
         let Expectation::Pci(want) = &function.expect else { return Err(not_pci()) };
         let host: Vec<BarExpectation> =
             host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect();
         if want.bars != host {
             return Err(format!(
                 "{}: the plan expects BARs {:?}, host function {} has {host:?}",
-                f.id, want.bars, hf.bdf
+                f.id(),
+                want.bars,
+                hf.bdf
             ));
-        }
-        if iommufd {
-            function.qdev.insert("iommufd".into(), Value::String(iommufd_id.clone()));
         }
     }
     Ok(request)
@@ -167,7 +165,7 @@ pub fn planned_functions(action: &HotplugAction) -> Vec<(u8, String, Bdf)> {
         .filter_map(|f| match &f.guest {
             GuestLocation::Pci { bdf, .. } => Some((
                 f.function,
-                f.id.to_string(),
+                f.id().to_string(),
                 Bdf { domain: bdf.domain(), bus: bdf.bus(), device: bdf.device(), function: bdf.function() },
             )),
             _ => None,
@@ -373,7 +371,7 @@ impl InnerVm<'_> {
         }
         // Function 0 last: the journal has the order the engine sent them in.
         let adds = journal_adds(&self.journal, &port)?;
-        let f0 = action.functions.iter().find(|f| f.function == 0).map(|f| f.id.to_string());
+        let f0 = action.functions.iter().find(|f| f.function == 0).map(|f| f.id().to_string());
         if adds.last() != f0.as_ref() {
             row.fail(format!("device_add order {adds:?}: function 0 was not last"));
         }
@@ -561,7 +559,7 @@ impl InnerVm<'_> {
         let host = self.device_functions(device);
         let mut request = engine_request(&action, &host, self.iommufd)?;
         let f0 =
-            action.functions.iter().find(|f| f.function == 0).map(|f| f.id.to_string()).unwrap_or_default();
+            action.functions.iter().find(|f| f.function == 0).map(|f| f.id().to_string()).unwrap_or_default();
         for f in &mut request.functions {
             if f.id() == f0 {
                 f.qdev.insert("romfile".into(), Value::String(MISSING_ROM.into()));
