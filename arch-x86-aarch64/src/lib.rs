@@ -69,7 +69,8 @@
 //! 2 MiB memory window alone for everything hotplugged behind a bridge.
 
 use pcie_topology::platform::{
-    Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
+    Addressing, Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals,
+    WindowRule,
 };
 use pcie_topology::units::{fmt_size, GIB, MIB};
 
@@ -156,6 +157,7 @@ impl Platform for Q35 {
             mem32_placeholder: Some("qxl".to_string()),
             default_phys_bits: 40,
             low_ram_limit: 2 * GIB,
+            addressing: Addressing::PciePorts,
         }
     }
 
@@ -239,6 +241,7 @@ impl Platform for Virt {
             mem32_placeholder: None,
             default_phys_bits: 40,
             low_ram_limit: 3 * GIB,
+            addressing: Addressing::PciePorts,
         }
     }
 

@@ -14,16 +14,15 @@
 //! Spare ports take a profile name or list (`--spare h100:2`, `--spare 16M:mem32,64G:pref64`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::{Virt, Q35};
 use clap::Parser;
 use pcie_topology::physbits::host_phys_bits;
 use pcie_topology::units::parse_size;
 use pcie_topology::{
-    plan, DeviceRequest, HotplugProfile, Mode, Plan, PlanOptions, PlanRequest, Platform, QemuId, SpareRequest,
+    plan, DeviceRequest, HotplugProfile, Mode, PlanOptions, PlanRequest, Platform, QemuId, SpareRequest,
 };
 use pcilibs::bdf::Bdf;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
@@ -168,35 +167,8 @@ fn spares(args: &Args) -> Result<Vec<SpareRequest>, String> {
         .collect()
 }
 
-fn s390x_plan(args: &Args) -> Result<Plan, String> {
-    let p = S390xCcw::default();
-    let mut list = Vec::new();
-    for spec in &args.ivshmem {
-        let (id, _) = spec.split_once(':').unwrap_or((spec, ""));
-        list.push(S390xDevice::Ccw {
-            id: QemuId::new(id).map_err(|e| e.to_string())?,
-            driver: "virtio-net-ccw".into(),
-            props: BTreeMap::new(),
-            host: None,
-            ssid: 0,
-        });
-    }
-    for (n, bdf) in args.host.iter().enumerate() {
-        list.push(S390xDevice::Zpci {
-            id: QemuId::new(format!("hostdev{n}")).map_err(|e| e.to_string())?,
-            driver: "vfio-pci".into(),
-            props: BTreeMap::new(),
-            host: Some(pcie_topology::HostRef::Pci(Bdf::parse_any(bdf).map_err(|e| e.to_string())?)),
-            resources: Vec::new(),
-        });
-    }
-    arch_s390x_ccw::plan(&p, &list, args.cold).map_err(|e| e.to_string())
-}
-
 fn run(args: &Args) -> Result<(), String> {
-    let plan = if args.platform == "s390x" {
-        s390x_plan(args)?
-    } else {
+    let plan = {
         let mode = match args.mode.as_str() {
             "root-port" => Mode::RootPort,
             "switch-port" => Mode::SwitchPort,

@@ -9,8 +9,10 @@
 //!   (`"bdf": "0000:02:00.0"`, where version 2 wrote
 //!   `{"segment": 0, "bus": 2, "devfn": {"slot": 0, "function": 0}}`), and a host
 //!   function is `{"pci": "0000:01:00.0"}` (version 2: `{"bdf": "0000:01:00.0"}`, any
-//!   text). [`upgrade`] rewrites those members of an older file; everything else reads as
-//!   it is.
+//!   text). The platform says how devices get their addresses (`addressing`); an s390x
+//!   plan of an older version gets the zPCI addressing the s390x crate used (first device
+//!   number 0x100), any other the PCIe ports it had. [`upgrade`] rewrites those members
+//!   of an older file; everything else reads as it is.
 
 use pcilibs::bdf::Bdf;
 use serde_json::{Map, Value};
@@ -29,8 +31,18 @@ pub const PLAN_VERSION_OLDEST: u32 = 1;
 pub(crate) fn upgrade(plan: &mut Value, found: u32) -> Result<(), PlanError> {
     if found < 3 {
         addresses_as_text(plan)?;
+        s390x_addressing(plan);
     }
     Ok(())
+}
+
+/// Version 3: the platform says how devices get addresses; before, an s390x plan was
+/// made by the s390x crate's own planner, with its first device number 0x100.
+fn s390x_addressing(plan: &mut Value) {
+    let Some(spec) = plan.get_mut("platform").and_then(Value::as_object_mut) else { return };
+    if spec.get("arch").and_then(Value::as_str) == Some("s390x") && !spec.contains_key("addressing") {
+        spec.insert("addressing".into(), serde_json::json!({"kind": "zpci", "first_devno": 0x100}));
+    }
 }
 
 /// Version 3: guest addresses and host functions as `pcilibs` address text.

@@ -102,7 +102,7 @@ pub use plan::{
     Port, PortKind, SpareRequest,
 };
 pub use planner::plan;
-pub use platform::{Platform, PlatformSpec, WindowRule};
+pub use platform::{Addressing, Platform, PlatformSpec, WindowRule};
 pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
 pub use request::{
     Attach, DeviceRequest, FunctionRequest, FunctionResource, HostRef, HotplugProfile, ResourceRole,

@@ -14,7 +14,8 @@ use serde_json::Value;
 use crate::error::PlanError;
 use crate::format::{upgrade, PLAN_VERSION, PLAN_VERSION_OLDEST};
 use crate::path::GuestPciPath;
-use crate::platform::{ExtraArgs, PlatformSpec};
+use crate::planner::{check_attach, zpci};
+use crate::platform::{Addressing, ExtraArgs, PlatformSpec};
 use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
 use crate::request::{
     visible_size, Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, RequestError,
@@ -837,9 +838,16 @@ impl Plan {
     /// Places a device at run time on the best free port that holds it (the smallest
     /// fitting window; NUMA node and peer-to-peer group respected when given) and returns
     /// its hotplug action. The plan records the device; a placeholder on the port is marked
-    /// removed, because the action removes it.
+    /// removed, because the action removes it. On a platform without ports
+    /// ([`Addressing::Zpci`], s390x) the device gets the lowest free device number or zPCI
+    /// uid and fid instead, numbers freed by [`Plan::release`] included.
     pub fn place(&mut self, request: DeviceRequest) -> Result<HotplugAction, PlanError> {
+        if let Addressing::Zpci { first_devno } = self.platform.addressing {
+            zpci::place(self, &request, first_devno)?;
+            return self.hotplug_action(request.id.as_str());
+        }
         request.validate()?;
+        check_attach(&self.platform, &request)?;
         if self.ids_in_use().any(|id| request_ids(&request).any(|r| r == id)) {
             return Err(PlanError::DuplicateId(request.id.to_string()));
         }

@@ -122,6 +122,26 @@ pub enum BusNumbering {
     None,
 }
 
+/// How devices get their guest addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[non_exhaustive]
+pub enum Addressing {
+    /// On PCIe ports the planner creates and sizes: root ports, switches, `pxb-pcie`
+    /// expanders and a PCIe-to-PCI bridge (q35, aarch64 `virt`).
+    #[default]
+    PciePorts,
+    /// No PCI topology (s390x `s390-ccw-virtio`): each PCI function is a zPCI function
+    /// with its own uid and fid (the guest's PCI domain is the uid); channel devices
+    /// ([`crate::Attach::Channel`]) get CCW device numbers `fe.<ssid>.<devno>`, from
+    /// `first_devno` up; vfio-ap devices ([`crate::Attach::Ap`]) get no address.
+    Zpci {
+        /// Lowest device number handed out (lower ones are left to devices QEMU numbers
+        /// itself, such as a boot disk without `devno`).
+        first_devno: u16,
+    },
+}
+
 /// A machine and firmware combination, as data that a plan stores and a reader can check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformSpec {
@@ -167,6 +187,10 @@ pub struct PlatformSpec {
     pub default_phys_bits: u8,
     /// Guest RAM that sits below 4 GiB at most (q35: 2 GiB once RAM exceeds 2.75 GiB).
     pub low_ram_limit: u64,
+    /// How devices get their guest addresses: on PCIe ports, or as zPCI and channel
+    /// devices (s390x).
+    #[serde(default)]
+    pub addressing: Addressing,
 }
 
 impl PlatformSpec {

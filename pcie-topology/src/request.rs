@@ -63,6 +63,14 @@ pub enum RequestError {
         /// The most a resource of its kind can have.
         limit: u64,
     },
+    /// A channel device asks for a subchannel set other than 0–3.
+    #[error("device `{device}`: subchannel set {ssid} does not exist (0-3)")]
+    Ssid {
+        /// Device id.
+        device: String,
+        /// The subchannel set asked for.
+        ssid: u8,
+    },
     /// A profile text could not be read.
     #[error("profile `{0}`: expected a known name (h100, a100, nvswitch, nic) or a list like `16M:mem32,128G:pref64`")]
     Profile(String),
@@ -300,6 +308,14 @@ impl FunctionRequest {
         f
     }
 
+    /// This function passing through the host device at `sysfsdev` (a sysfs path: a
+    /// mediated device, a `vfio-ccw` subchannel), passed as `sysfsdev=`.
+    pub fn with_sysfsdev(mut self, sysfsdev: &str) -> Self {
+        self.props.insert("sysfsdev".into(), PropValue::Str(sysfsdev.to_string()));
+        self.host = Some(HostRef::Sysfsdev(sysfsdev.to_string()));
+        self
+    }
+
     /// An `ivshmem-plain` GPU stand-in: one 64-bit prefetchable BAR of `size` bytes backed
     /// by a RAM backend with `reserve=off` (no host memory used), plus its 256-byte BAR 0.
     /// `ivshmem-plain` has its registers at BAR 0 and the shared memory at BAR 2.
@@ -349,7 +365,9 @@ pub enum Attach {
     /// A hotpluggable PCIe port — a root port or a switch downstream port — whose windows
     /// the planner can size, whether or not the functions have a PCI Express capability.
     /// QEMU accepts a conventional PCI device (`ivshmem-plain`, a conventional host
-    /// function under `vfio-pci`) on such a port and Linux drives it there.
+    /// function under `vfio-pci`) on such a port and Linux drives it there. On a platform
+    /// without ports ([`Addressing::Zpci`](crate::platform::Addressing::Zpci), s390x) the
+    /// device is a zPCI function of its own.
     #[default]
     Port,
     /// A slot of a PCIe-to-PCI bridge, for a legacy device that needs a conventional bus.
@@ -357,6 +375,15 @@ pub enum Attach {
     /// windows from the devices present at boot, so a device hotplugged behind it gets
     /// only what an empty bridge gets (see `PlanError::BridgeWindow`).
     PciBridge,
+    /// The channel subsystem (s390x): a `virtio-*-ccw` or `vfio-ccw` device, which gets a
+    /// device number in subchannel set `ssid` (0–3). Only on a platform with
+    /// [`Addressing::Zpci`](crate::platform::Addressing::Zpci).
+    Channel {
+        /// Subchannel set.
+        ssid: u8,
+    },
+    /// The adjunct-processor bus (s390x `vfio-ap`): no guest address.
+    Ap,
 }
 
 impl Attach {
@@ -402,6 +429,23 @@ impl DeviceRequest {
             cold_plug: false,
             attach: Attach::Port,
         }
+    }
+
+    /// A channel device (s390x) of `driver` (`virtio-net-ccw`, `vfio-ccw`, …) with no other
+    /// properties, its device number allocated in subchannel set `ssid` (0–3).
+    pub fn channel(id: QemuId, driver: &str, ssid: u8) -> Self {
+        let mut d = DeviceRequest::new(id, vec![FunctionRequest::new(0, driver, Vec::new())]);
+        d.attach = Attach::Channel { ssid };
+        d
+    }
+
+    /// A `vfio-ap` matrix device (s390x): its mediated device's sysfs path
+    /// (`/sys/devices/vfio_ap/matrix/<uuid>`), passed as `sysfsdev=`.
+    pub fn vfio_ap(id: QemuId, sysfsdev: &str) -> Self {
+        let f = FunctionRequest::new(0, "vfio-ap", Vec::new()).with_sysfsdev(sysfsdev);
+        let mut d = DeviceRequest::new(id, vec![f]);
+        d.attach = Attach::Ap;
+        d
     }
 
     /// A single-function ivshmem GPU stand-in with one `size`-byte prefetchable BAR.

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::qemu::PropValue;
 use pcie_topology::request::{FunctionRequest, FunctionResource, RequestError};
@@ -215,20 +215,18 @@ fn many_small_p2p_groups_still_plan() {
 #[test]
 fn s390x_refuses_overflowing_bars_and_plans_many_devices_quickly() {
     let huge = FunctionResource::from(Resource::bar(BarKind::Mem64, true, 1 << 63));
-    let zpci = S390xDevice::Zpci {
-        id: QemuId::new("gpu0").unwrap(),
-        driver: "vfio-pci".into(),
-        props: Default::default(),
-        host: None,
-        resources: vec![huge, huge],
-    };
-    let e = arch_s390x_ccw::plan(&S390xCcw::default(), &[zpci], false).unwrap_err();
+    let zpci = DeviceRequest::new(
+        QemuId::new("gpu0").unwrap(),
+        vec![FunctionRequest::new(0, "vfio-pci", vec![huge, huge])],
+    );
+    let e =
+        plan(&S390xCcw::default(), &PlanRequest { devices: vec![zpci], ..Default::default() }).unwrap_err();
     assert!(matches!(e, PlanError::Request(_)), "{e}");
-    let many: Vec<S390xDevice> = (0..20_000)
-        .map(|i| S390xDevice::ccw(QemuId::new(format!("n{i}")).unwrap(), "virtio-net-ccw"))
+    let many: Vec<DeviceRequest> = (0..20_000)
+        .map(|i| DeviceRequest::channel(QemuId::new(format!("n{i}")).unwrap(), "virtio-net-ccw", 0))
         .collect();
     let start = Instant::now();
-    let p = arch_s390x_ccw::plan(&S390xCcw::default(), &many, false).unwrap();
+    let p = plan(&S390xCcw::default(), &PlanRequest { devices: many, ..Default::default() }).unwrap();
     assert_eq!(p.devices.len(), 20_000);
     assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
 }

@@ -266,3 +266,19 @@ fn a_lone_vf_plans_as_function_0_and_the_plan_keeps_its_host_address() {
     let port = plan.port(plan.device("ivs").unwrap().port.as_ref().unwrap().as_str()).unwrap();
     assert_eq!(port.kind, PortKind::Root);
 }
+
+/// Channel and vfio-ap devices exist on s390x only: a machine with PCIe ports refuses
+/// them when planning and when placing, instead of putting them on a port.
+#[test]
+fn channel_and_ap_devices_are_refused_where_there_are_ports() {
+    let id = || QemuId::new("d0").unwrap();
+    let path = "/sys/devices/vfio_ap/matrix/11111111-2222-3333-4444-555555555555";
+    for platform in platforms() {
+        for d in [DeviceRequest::channel(id(), "virtio-net-ccw", 0), DeviceRequest::vfio_ap(id(), path)] {
+            let e = plan(platform.as_ref(), &request(vec![d.clone()])).unwrap_err();
+            assert!(matches!(e, PlanError::Unsupported { .. }), "{e}");
+            let mut empty = plan(platform.as_ref(), &request(vec![])).unwrap();
+            assert!(matches!(empty.place(d), Err(PlanError::Unsupported { .. })));
+        }
+    }
+}

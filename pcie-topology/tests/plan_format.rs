@@ -3,13 +3,14 @@
 //! planner makes from the same request, and versions this build does not know are refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::Q35;
 use pcie_topology::plan::GuestLocation;
 use pcie_topology::request::{FunctionRequest, FunctionResource};
 use pcie_topology::units::{GIB, MIB};
 use pcie_topology::{
-    plan, Attach, DeviceRequest, HostRef, HotplugProfile, Mode, Plan, PlanError, PlanOptions, PlanRequest,
-    QemuId, ResourceRole, SpareRequest, PLAN_VERSION, PLAN_VERSION_OLDEST,
+    plan, Addressing, Attach, DeviceRequest, HostRef, HotplugProfile, Mode, Plan, PlanError, PlanOptions,
+    PlanRequest, QemuId, ResourceRole, SpareRequest, PLAN_VERSION, PLAN_VERSION_OLDEST,
 };
 use pcilibs::bar::BarKind;
 use pcilibs::bdf::Bdf;
@@ -98,7 +99,7 @@ fn ovmf_numa() -> Plan {
 
 #[test]
 fn plans_read_back_as_themselves() {
-    for p in [seabios_switch(), ovmf_numa()] {
+    for p in [seabios_switch(), ovmf_numa(), s390x()] {
         assert_eq!(p.version, PLAN_VERSION);
         let json = p.to_json().unwrap();
         assert_eq!(Plan::from_json(&json).unwrap(), p);
@@ -131,15 +132,51 @@ fn version_2_plans_read_as_todays_plans() {
     assert_eq!(old.hotplug_action("hostgpu").unwrap().functions[1].guest.bdf(), f[0].location.bdf());
 }
 
+/// What `plan-v2-s390x.json` was planned from (by the s390x crate's own planner then): a
+/// channel device, a host function as zPCI function and a vfio-ap device at boot; then a
+/// zPCI and a channel device placed at run time.
+fn s390x() -> Plan {
+    let bar = FunctionResource::bar(0, BarKind::Mem64, false, 16 << 10);
+    let devices = [
+        DeviceRequest::channel(QemuId::new("net0").unwrap(), "virtio-net-ccw", 0),
+        DeviceRequest::new(
+            QemuId::new("nvme0").unwrap(),
+            vec![FunctionRequest::vfio(0, bdf("0000:00:00.0"), vec![bar])],
+        ),
+        DeviceRequest::vfio_ap(
+            QemuId::new("ap0").unwrap(),
+            "/sys/devices/vfio_ap/matrix/11111111-2222-3333-4444-555555555555",
+        ),
+    ]
+    .map(|mut d| {
+        d.cold_plug = true;
+        d
+    });
+    let request = PlanRequest { devices: devices.to_vec(), ..PlanRequest::default() };
+    let mut p = plan(&S390xCcw::default(), &request).unwrap();
+    let nic = DeviceRequest::new(
+        QemuId::new("nic1").unwrap(),
+        vec![FunctionRequest::new(0, "virtio-net-pci", vec![])],
+    );
+    p.place(nic).unwrap();
+    p.place(DeviceRequest::channel(QemuId::new("blk1").unwrap(), "virtio-blk-ccw", 0)).unwrap();
+    p
+}
+
 #[test]
-fn version_2_s390x_plans_read() {
+fn version_2_s390x_plans_read_as_todays_plans() {
     let old = Plan::from_json(&fixture("plan-v2-s390x.json")).unwrap();
-    assert_eq!(old.version, PLAN_VERSION);
+    assert_eq!(old, s390x());
+    assert_eq!(old.platform.addressing, Addressing::Zpci { first_devno: 0x100 });
     let nvme = &old.device("nvme0").unwrap().functions[0];
     assert_eq!(nvme.host, Some(HostRef::Pci(bdf("0000:00:00.0"))));
     let GuestLocation::Zpci { uid, bdf: at, .. } = nvme.location else { panic!("{:?}", nvme.location) };
     assert_eq!(at, bdf(&format!("{uid:04x}:00:00.0")));
     assert_eq!(old.device("nic1").unwrap().functions[0].location.bdf(), Some(bdf("0002:00:00.0")));
+    // The numbers of the old plan are taken: the next device gets the next free ones.
+    let mut old = old;
+    let a = old.place(DeviceRequest::channel(QemuId::new("net2").unwrap(), "virtio-net-ccw", 0)).unwrap();
+    assert_eq!(a.functions[0].guest, GuestLocation::Ccw { busid: "0.0.0102".into() });
 }
 
 /// `json` with `version` set and, in every object that has them, the members `drop` removed.

@@ -8,6 +8,7 @@
 
 mod buses;
 mod windows;
+pub(crate) mod zpci;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,9 +23,9 @@ use crate::plan::{
     place_on_port, request_ids, AddressReport, HostBridge, Mode, PciBridge, PlacedDevice, Plan, PlanOptions,
     PlanRequest, Port, PortKind, Reservation, Switch,
 };
-use crate::platform::{Platform, PlatformSpec, Totals};
+use crate::platform::{Addressing, Platform, PlatformSpec, Totals};
 use crate::qemu::{DevFn, QemuDevice, QemuId};
-use crate::request::HotplugProfile;
+use crate::request::{Attach, DeviceRequest, HotplugProfile};
 use crate::reserve::Window;
 
 /// What one port is for, before it has a name.
@@ -92,8 +93,11 @@ impl Layout {
 
 /// Plans `request` for `platform`.
 pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, PlanError> {
-    check_capacity(request)?;
     let spec = platform.spec();
+    if let Addressing::Zpci { first_devno } = spec.addressing {
+        return zpci::plan(spec, request, first_devno);
+    }
+    check_capacity(request)?;
     check_request(&spec, request)?;
     let mut taken: BTreeSet<String> = BTreeSet::new();
     for d in &request.devices {
@@ -159,10 +163,11 @@ fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanE
     let unsupported =
         |what: &str| PlanError::Unsupported { platform: spec.name.clone(), what: what.to_string() };
     if spec.root_port.is_none() {
-        return Err(unsupported("PCIe root ports (use the platform's own planner)"));
+        return Err(unsupported("PCIe root ports"));
     }
     for d in &request.devices {
         d.validate()?;
+        check_attach(spec, d)?;
     }
     let switches = matches!(request.mode, Mode::SwitchPort | Mode::Numa)
         && (request.devices.iter().any(|d| d.p2p_group.is_some())
@@ -177,6 +182,16 @@ fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanE
         return Err(unsupported("PCIe-to-PCI bridges for devices that need a conventional bus"));
     }
     Ok(())
+}
+
+/// Refuses a device that goes on a bus a PCIe-port platform does not have.
+pub(crate) fn check_attach(spec: &PlatformSpec, device: &DeviceRequest) -> Result<(), PlanError> {
+    let what = match device.attach {
+        Attach::Channel { .. } => "channel (CCW) devices",
+        Attach::Ap => "vfio-ap devices",
+        _ => return Ok(()),
+    };
+    Err(PlanError::Unsupported { platform: spec.name.clone(), what: what.to_string() })
 }
 
 /// Items per root bus, with the switch of each peer-to-peer group found by a map lookup

@@ -1,6 +1,6 @@
 //! `DeviceRequest::from_action` on actions of real plans (q35 with SeaBIOS, s390x).
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::Q35;
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction, Mode, PlanRequest};
 use pcie_topology::{
@@ -139,17 +139,15 @@ fn s390x_ccw_and_zpci_with_companions_first() {
         FunctionResource::bar(1, BarKind::Mem32, false, 4 << 10),
         FunctionResource::bar(4, BarKind::Mem64, true, 16 << 10),
     ];
-    let devices = [
-        S390xDevice::ccw(QemuId::new("net1").unwrap(), "virtio-net-ccw"),
-        S390xDevice::Zpci {
-            id: QemuId::new("nic1").unwrap(),
-            driver: "virtio-net-pci".into(),
-            props: Default::default(),
-            host: None,
-            resources: virtio_bars,
-        },
+    let devices = vec![
+        PlannedDevice::channel(QemuId::new("net1").unwrap(), "virtio-net-ccw", 0),
+        PlannedDevice::new(
+            QemuId::new("nic1").unwrap(),
+            vec![PlannedFunction::new(0, "virtio-net-pci", virtio_bars)],
+        ),
     ];
-    let plan = arch_s390x_ccw::plan(&S390xCcw::default(), &devices, false).unwrap();
+    let request = PlanRequest { devices, ..PlanRequest::default() };
+    let plan = pcie_topology::plan(&S390xCcw::default(), &request).unwrap();
 
     let a = action(&plan, "net1");
     assert!(a.port.is_none());

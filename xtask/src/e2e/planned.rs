@@ -9,12 +9,11 @@
 //! are checked side by side. QEMU serves one QMP client at a time: the engine's client is
 //! the only one, and the `stop`/`cont` of the unfriendly unplug go through it too.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::plan::{function_id, GuestLocation, Reservation};
 use pcie_topology::qemu::PropValue;
@@ -58,13 +57,9 @@ pub fn run(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     report
 }
 
-/// The plan and what it was built from.
+/// The plan and the block devices it needs.
 struct Planned {
     plan: Plan,
-    /// The s390x platform (placing more devices at run time needs it).
-    s390x: Option<S390xCcw>,
-    /// The platform, for x86_64 and aarch64.
-    platform: Option<Box<dyn Platform>>,
     /// Block devices (`null-co`) the devices need, created at boot.
     blockdevs: Vec<String>,
 }
@@ -75,6 +70,7 @@ fn platform(scenario: &Scenario) -> Result<Box<dyn Platform>> {
         (Arch::X86_64, Firmware::Ovmf) => Box::new(Q35::ovmf()),
         (Arch::Aarch64, Firmware::None) => Box::new(Virt::direct_kernel()),
         (Arch::Aarch64, Firmware::Uefi) => Box::new(Virt::uefi()),
+        (Arch::S390x, Firmware::None) => Box::new(S390xCcw::default()),
         (arch, fw) => return Err(format!("no planner platform for {arch} with firmware {}", fw.name())),
     })
 }
@@ -84,9 +80,17 @@ fn resources(m: &Model) -> Vec<FunctionResource> {
     m.bars.iter().map(|b| FunctionResource::at(b.index, b.resource())).collect()
 }
 
-/// The planner request of one scenario device (every function of it).
+/// The planner request of one scenario device (every function of it; a channel device
+/// on s390x).
 fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequest> {
     let id = QemuId::new(d.id.as_str()).map_err(s)?;
+    if d.kind.is_ccw() {
+        let mut r = pcie_topology::DeviceRequest::channel(id, m.driver, 0);
+        if m.needs_drive {
+            r.functions[0].props.insert("drive".into(), PropValue::Str(format!("{}-disk", d.id)));
+        }
+        return Ok(r);
+    }
     let mut functions = Vec::new();
     for f in 0..d.functions {
         let fid = function_id(&id, f);
@@ -124,31 +128,8 @@ fn blockdevs(scenario: &Scenario) -> Vec<String> {
     out
 }
 
-fn s390x_device(d: &DeviceSpec, m: &Model) -> Result<S390xDevice> {
-    let id = QemuId::new(d.id.as_str()).map_err(s)?;
-    let mut props = BTreeMap::new();
-    if m.needs_drive {
-        props.insert("drive".to_string(), PropValue::Str(format!("{id}-disk")));
-    }
-    Ok(if d.kind.is_ccw() {
-        S390xDevice::Ccw { id, driver: m.driver.into(), props, host: None, ssid: 0 }
-    } else {
-        S390xDevice::Zpci { id, driver: m.driver.into(), props, host: None, resources: resources(m) }
-    })
-}
-
 fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
     let blockdevs = blockdevs(scenario);
-    if scenario.mode == Mode::Ccw {
-        let platform = S390xCcw::default();
-        let devices: Vec<S390xDevice> = scenario
-            .devices
-            .iter()
-            .map(|d| s390x_device(d, &model(d.kind, d.bar_size.map(|b| b.0))))
-            .collect::<Result<_>>()?;
-        let plan = arch_s390x_ccw::plan(&platform, &devices, false).map_err(s)?;
-        return Ok(Planned { plan, s390x: Some(platform), platform: None, blockdevs });
-    }
     let platform = platform(scenario)?;
     let planned_devices: Vec<pcie_topology::DeviceRequest> = scenario
         .devices
@@ -175,7 +156,7 @@ fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
     };
     let request = PlanRequest { mode, devices: planned_devices, spares, options };
     let plan = pcie_topology::plan(platform.as_ref(), &request).map_err(|e| format!("planning: {e}"))?;
-    Ok(Planned { plan, s390x: None, platform: Some(platform), blockdevs })
+    Ok(Planned { plan, blockdevs })
 }
 
 fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
@@ -316,12 +297,7 @@ fn action_for(planned: &mut Planned, d: &DeviceSpec) -> Result<HotplugAction> {
         return planned.plan.hotplug_action(d.id.as_str()).map_err(s);
     }
     let m = model(d.kind, d.bar_size.map(|b| b.0));
-    match (&planned.s390x, &planned.platform) {
-        (Some(platform), _) => {
-            arch_s390x_ccw::place(&mut planned.plan, platform, s390x_device(d, &m)?).map_err(s)
-        }
-        _ => planned.plan.place(device_request(d, &m)?).map_err(s),
-    }
+    planned.plan.place(device_request(d, &m)?).map_err(s)
 }
 
 /// `planned` column: the guest path of function 0 (ccw: bus id; zPCI: address, uid, fid),
