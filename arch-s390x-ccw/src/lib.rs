@@ -19,10 +19,7 @@
 //!   ([`DeviceRequest::vfio_ap`](pcie_topology::DeviceRequest::vfio_ap)) have no guest
 //!   address.
 
-use pcie_topology::platform::{
-    Addressing, Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals,
-    WindowRule,
-};
+use pcie_topology::platform::{Addressing, Arch, ExtraArgs, Platform, PlatformSpec, Totals};
 use serde::{Deserialize, Serialize};
 
 /// Options of the s390x machine's address allocation.
@@ -64,29 +61,11 @@ impl S390xCcw {
 
 impl Platform for S390xCcw {
     fn spec(&self) -> PlatformSpec {
-        PlatformSpec {
-            name: "s390x-ccw".to_string(),
-            arch: Arch::S390x,
-            machine: "s390-ccw-virtio".to_string(),
-            firmware_args: Vec::new(),
-            root_bus: String::new(),
-            root_port: None,
-            switch_upstream: None,
-            switch_downstream: None,
-            downstream_reserve: false,
-            expander: None,
-            pci_bridge: None,
-            reserved_root_slots: Vec::new(),
-            window_rule: WindowRule::NoWindows,
-            bus_numbering: BusNumbering::None,
-            mmio32: Range::default(),
-            io: Range::default(),
-            mmio64: Mmio64Aperture::None,
-            mem32_placeholder: None,
-            default_phys_bits: 64,
-            low_ram_limit: u64::MAX,
-            addressing: Addressing::Zpci { first_devno: self.options.first_devno },
-        }
+        // No PCI ports, bridges or windows: PlatformSpec::new's empty machine.
+        let mut spec = PlatformSpec::new("s390x-ccw", Arch::S390x, "s390-ccw-virtio");
+        spec.default_phys_bits = 64;
+        spec.addressing = Addressing::Zpci { first_devno: self.options.first_devno };
+        spec
     }
 
     fn extra_args(&self, _totals: &Totals) -> ExtraArgs {
@@ -114,7 +93,7 @@ mod tests {
     }
 
     fn request(devices: Vec<DeviceRequest>) -> PlanRequest {
-        PlanRequest { devices, ..PlanRequest::default() }
+        PlanRequest::default().with_devices(devices)
     }
 
     #[test]
@@ -177,16 +156,8 @@ mod tests {
     #[test]
     fn what_needs_ports_is_refused() {
         let p = S390xCcw::default();
-        let spares = PlanRequest {
-            spares: vec![SpareRequest {
-                profile: HotplugProfile::nic(),
-                count: 1,
-                numa_node: None,
-                p2p_group: None,
-            }],
-            ..PlanRequest::default()
-        };
-        let numa = PlanRequest { mode: Mode::Numa, ..PlanRequest::default() };
+        let spares = PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::nic(), 1)]);
+        let numa = PlanRequest::default().with_mode(Mode::Numa);
         for r in [spares, numa] {
             assert!(matches!(plan(&p, &r), Err(PlanError::Unsupported { .. })), "{r:?}");
         }

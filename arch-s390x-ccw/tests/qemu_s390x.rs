@@ -26,8 +26,7 @@ fn ccw_and_zpci_plan_is_accepted_and_hotplugs() {
         d.cold_plug = true;
         d
     });
-    let mut plan =
-        plan(&platform, &PlanRequest { devices: devices.to_vec(), ..PlanRequest::default() }).unwrap();
+    let mut plan = plan(&platform, &PlanRequest::default().with_devices(devices.to_vec())).unwrap();
     let mut args = plan.qemu_args();
     args.extend(["-S", "-m", "256", "-accel", "tcg"].map(String::from));
     let qemu = Qemu::start(&args);

@@ -42,20 +42,12 @@ fn mixed_request() -> PlanRequest {
     let mut p0b = DeviceRequest::ivshmem("p0b", 16 * GIB).unwrap();
     p0b.p2p_group = Some("g0".into());
     p0b.cold_plug = true;
-    PlanRequest {
-        mode: Mode::SwitchPort,
-        devices: vec![gpu, mf, p0a, p0b],
-        spares: vec![
-            SpareRequest { profile: HotplugProfile::h100(), count: 2, numa_node: None, p2p_group: None },
-            SpareRequest {
-                profile: HotplugProfile::h100(),
-                count: 1,
-                numa_node: None,
-                p2p_group: Some("g0".into()),
-            },
+    PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(vec![gpu, mf, p0a, p0b]).with_spares(
+        vec![
+            SpareRequest::new(HotplugProfile::h100(), 2),
+            SpareRequest::new(HotplugProfile::h100(), 1).with_p2p_group("g0"),
         ],
-        options: Default::default(),
-    }
+    )
 }
 
 fn start(plan: &Plan) -> Qemu {
@@ -218,7 +210,7 @@ fn conventional_request() -> PlanRequest {
     cold.cold_plug = true;
     let mut legacy = conventional_ivshmem("legacy0", MIB);
     legacy.attach = Attach::PciBridge;
-    PlanRequest { devices: vec![conventional_ivshmem("conv0", 32 * GIB), cold, legacy], ..Default::default() }
+    PlanRequest::default().with_devices(vec![conventional_ivshmem("conv0", 32 * GIB), cold, legacy])
 }
 
 fn conventional_devices(platform: Q35, timeout: Duration, firmware_enables_bars: bool) {
@@ -305,15 +297,11 @@ fn numa_expanders(platform: Q35) {
         d.cold_plug = i == 2;
         devices.push(d);
     }
-    let request = PlanRequest {
-        mode: Mode::Numa,
-        devices,
-        spares: vec![
-            SpareRequest { profile: HotplugProfile::a100(), count: 1, numa_node: Some(0), p2p_group: None },
-            SpareRequest { profile: HotplugProfile::nic(), count: 2, numa_node: None, p2p_group: None },
-        ],
-        options: pcie_topology::PlanOptions { spare_bus_reserve: 2, ..Default::default() },
-    };
+    let mut request = PlanRequest::default().with_mode(Mode::Numa).with_devices(devices).with_spares(vec![
+        SpareRequest::new(HotplugProfile::a100(), 1).with_numa_node(0),
+        SpareRequest::new(HotplugProfile::nic(), 2),
+    ]);
+    request.options.spare_bus_reserve = 2;
     let plan = plan(&platform, &request).unwrap();
     assert_eq!(plan.host_bridges.len(), 3);
     let qemu = {

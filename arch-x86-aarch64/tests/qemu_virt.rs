@@ -18,12 +18,10 @@ use pcie_topology::{
 use serde_json::Value;
 
 fn request(profile: HotplugProfile, spares: u32) -> PlanRequest {
-    PlanRequest {
-        mode: Mode::RootPort,
-        devices: vec![DeviceRequest::ivshmem("gpu0", 64 * GIB).unwrap()],
-        spares: vec![SpareRequest { profile, count: spares, numa_node: None, p2p_group: None }],
-        options: Default::default(),
-    }
+    PlanRequest::default()
+        .with_mode(Mode::RootPort)
+        .with_devices(vec![DeviceRequest::ivshmem("gpu0", 64 * GIB).unwrap()])
+        .with_spares(vec![SpareRequest::new(profile, spares)])
 }
 
 fn start(plan: &Plan) -> Qemu {

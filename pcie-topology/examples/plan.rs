@@ -162,7 +162,9 @@ fn spares(args: &Args) -> Result<Vec<SpareRequest>, String> {
                 _ => (rest, 1),
             };
             let profile = HotplugProfile::parse(profile).map_err(|e| e.to_string())?;
-            Ok(SpareRequest { profile, count, numa_node: None, p2p_group: group })
+            let mut spare = SpareRequest::new(profile, count);
+            spare.p2p_group = group;
+            Ok(spare)
         })
         .collect()
 }
@@ -182,19 +184,19 @@ fn run(args: &Args) -> Result<(), String> {
         } else {
             None
         };
-        let request = PlanRequest {
-            mode,
-            devices: devices(args)?,
-            spares: spares(args)?,
-            options: PlanOptions {
-                guest_ram: parse_size(&args.ram).map_err(|e| e.to_string())?,
-                guest_phys_bits: args.phys_bits,
-                host_phys_bits: host_bits,
-                pack_root_ports: args.pack,
-                size_reservations: !args.no_reservations,
-                ..Default::default()
-            },
-        };
+        let request = PlanRequest::default()
+            .with_mode(mode)
+            .with_devices(devices(args)?)
+            .with_spares(spares(args)?)
+            .with_options({
+                let mut o = PlanOptions::default();
+                o.guest_ram = parse_size(&args.ram).map_err(|e| e.to_string())?;
+                o.guest_phys_bits = args.phys_bits;
+                o.host_phys_bits = host_bits;
+                o.pack_root_ports = args.pack;
+                o.size_reservations = !args.no_reservations;
+                o
+            });
         plan(platform(&args.platform)?.as_ref(), &request).map_err(|e| e.to_string())?
     };
     println!("{}", plan.explain());

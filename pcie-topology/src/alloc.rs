@@ -44,7 +44,7 @@ pub enum AllocError {
 /// free value, a run of free values, or a given one costs a few map lookups however many
 /// values are taken (allocating n values one after another is n log n, not n²).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FreeSet {
+pub(crate) struct FreeSet {
     what: String,
     lo: u32,
     hi: u32,
@@ -56,7 +56,7 @@ pub struct FreeSet {
 
 impl FreeSet {
     /// All of `lo..=hi` free; `what` names the values in errors ("chassis", "bus number").
-    pub fn new(what: &str, lo: u32, hi: u32) -> Self {
+    pub(crate) fn new(what: &str, lo: u32, hi: u32) -> Self {
         FreeSet { what: what.to_string(), lo, hi, runs: BTreeMap::new(), count: 0 }
     }
 
@@ -80,17 +80,17 @@ impl FreeSet {
     }
 
     /// Takes the lowest free value.
-    pub fn alloc(&mut self) -> Result<u32, AllocError> {
+    pub(crate) fn alloc(&mut self) -> Result<u32, AllocError> {
         self.alloc_from(self.lo)
     }
 
     /// Takes the lowest free value `>= start`.
-    pub fn alloc_from(&mut self, start: u32) -> Result<u32, AllocError> {
+    pub(crate) fn alloc_from(&mut self, start: u32) -> Result<u32, AllocError> {
         self.alloc_run(start, 1)
     }
 
     /// Takes a run of `count` consecutive free values, the lowest such run `>= start`.
-    pub fn alloc_run(&mut self, start: u32, count: u32) -> Result<u32, AllocError> {
+    pub(crate) fn alloc_run(&mut self, start: u32, count: u32) -> Result<u32, AllocError> {
         let count = count.max(1);
         let mut first = start.max(self.lo);
         loop {
@@ -113,7 +113,7 @@ impl FreeSet {
     }
 
     /// Takes exactly `value`.
-    pub fn take(&mut self, value: u32) -> Result<(), AllocError> {
+    pub(crate) fn take(&mut self, value: u32) -> Result<(), AllocError> {
         if value < self.lo || value > self.hi || self.is_used(value) {
             return Err(AllocError::Unavailable { what: self.what.clone(), value, lo: self.lo, hi: self.hi });
         }
@@ -121,8 +121,11 @@ impl FreeSet {
         Ok(())
     }
 
-    /// Returns `value` to the set; true if it was taken.
-    pub fn release(&mut self, value: u32) -> bool {
+    /// Returns `value` to the set; true if it was taken. (Only the tests free values one
+    /// by one: the planner rebuilds its free sets from the plan, so a released device's
+    /// numbers are free again there.)
+    #[cfg(test)]
+    pub(crate) fn release(&mut self, value: u32) -> bool {
         let Some((first, last)) = self.run_of(value) else { return false };
         self.runs.remove(&first);
         if let Some(end) = value.checked_sub(1).filter(|e| *e >= first) {
@@ -136,12 +139,13 @@ impl FreeSet {
     }
 
     /// Whether `value` is taken.
-    pub fn is_used(&self, value: u32) -> bool {
+    pub(crate) fn is_used(&self, value: u32) -> bool {
         self.run_of(value).is_some()
     }
 
     /// Number of values taken.
-    pub fn used_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn used_count(&self) -> usize {
         usize::try_from(self.count).unwrap_or(usize::MAX)
     }
 
@@ -152,14 +156,14 @@ impl FreeSet {
 
 /// Ids `<prefix><n>` with `n` from a free set, skipping ids already taken elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdAllocator {
+pub(crate) struct IdAllocator {
     prefix: String,
     numbers: FreeSet,
 }
 
 impl IdAllocator {
     /// Ids `prefix0`, `prefix1`, … (the prefix must start with a letter).
-    pub fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str) -> Self {
         IdAllocator {
             prefix: prefix.to_string(),
             numbers: FreeSet::new(&format!("{prefix} id"), 0, u32::MAX - 1),
@@ -167,7 +171,7 @@ impl IdAllocator {
     }
 
     /// The next free id for which `taken` says no.
-    pub fn alloc(&mut self, taken: impl Fn(&str) -> bool) -> Result<String, AllocError> {
+    pub(crate) fn alloc(&mut self, taken: impl Fn(&str) -> bool) -> Result<String, AllocError> {
         loop {
             let n = self.numbers.alloc()?;
             let id = format!("{}{}", self.prefix, n);
@@ -178,7 +182,8 @@ impl IdAllocator {
     }
 
     /// Frees the number of an id made by this allocator (other ids are ignored).
-    pub fn release(&mut self, id: &str) {
+    #[cfg(test)]
+    pub(crate) fn release(&mut self, id: &str) {
         if let Some(n) = id.strip_prefix(&self.prefix).and_then(|s| s.parse::<u32>().ok()) {
             self.numbers.release(n);
         }

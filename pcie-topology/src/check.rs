@@ -11,12 +11,12 @@ use pcilibs::requirement::{WindowRequirement, MEM_GRANULARITY};
 use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{AddressReport, Plan, Port, PortKind};
 use crate::platform::{Mmio64Aperture, Totals};
-use crate::reserve::Window;
+use crate::reserve::WindowReservation;
 use crate::units::{bits_for_end, MAX_PHYS_BITS};
 
 /// Packs windows largest alignment first (the order firmware places them in).
-fn pack(windows: impl Iterator<Item = Window>) -> Result<WindowRequirement, AddressSpaceError> {
-    let mut list: Vec<Window> = windows.filter(|w| w.size > 0).collect();
+fn pack(windows: impl Iterator<Item = WindowReservation>) -> Result<WindowRequirement, AddressSpaceError> {
+    let mut list: Vec<WindowReservation> = windows.filter(|w| w.size > 0).collect();
     list.sort_by_key(|w| std::cmp::Reverse((w.align, w.size)));
     let mut total = WindowRequirement::default();
     for w in list {
@@ -38,7 +38,7 @@ pub(crate) fn check_address_space(
         if b.mem.size >= MEM_GRANULARITY {
             b.mem
         } else {
-            Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY }
+            WindowReservation { size: MEM_GRANULARITY, align: MEM_GRANULARITY }
         }
     });
     let mem = pack(top.iter().map(|p| p.reservation.mem).chain(bridge_mem))?;

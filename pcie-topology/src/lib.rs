@@ -68,33 +68,31 @@
 //! use arch_x86_aarch64::Q35;
 //! use pcie_topology::{plan, HotplugProfile, Mode, PlanRequest, SpareRequest};
 //!
-//! let request = PlanRequest {
-//!     mode: Mode::RootPort,
-//!     spares: vec![SpareRequest { profile: HotplugProfile::h100(), count: 2, numa_node: None, p2p_group: None }],
-//!     ..Default::default()
-//! };
+//! let request = PlanRequest::default()
+//!     .with_mode(Mode::RootPort)
+//!     .with_spares(vec![SpareRequest::new(HotplugProfile::h100(), 2)]);
 //! let plan = plan(&Q35::seabios(), &request)?;
 //! assert_eq!(plan.ports.len(), 2);
 //! println!("{}", plan.qemu_args().join(" "));
 //! # Ok::<(), pcie_topology::PlanError>(())
 //! ```
 
-pub mod alloc;
+mod alloc;
 mod check;
 pub mod error;
 mod format;
 pub mod path;
 pub mod physbits;
 pub mod plan;
-pub mod planner;
+mod planner;
 pub mod platform;
 pub mod qemu;
 pub mod request;
-pub mod reserve;
-pub mod sim;
+mod reserve;
+mod sim;
 pub mod units;
 
-pub use error::{AddressSpaceError, PlanError};
+pub use error::{AddressSpaceError, AllocError, PlanError};
 pub use format::{PLAN_VERSION, PLAN_VERSION_OLDEST};
 pub use path::GuestPciPath;
 pub use plan::{
@@ -107,6 +105,8 @@ pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
 pub use request::{
     Attach, DeviceRequest, FunctionRequest, FunctionResource, HostRef, HotplugProfile, ResourceRole,
 };
+pub use reserve::WindowReservation;
+pub use sim::{bars_fit, PlacedWindow};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -41,6 +41,7 @@ pub enum PathError {
 /// A guest PCI path: optional expander root bus, then one slot/function per bus hop.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[non_exhaustive]
 pub struct GuestPciPath {
     /// Root bus number when the path starts at an expander's root bus; `None` for bus 0.
     pub root_bus: Option<u8>,

@@ -11,7 +11,7 @@ use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::PlanError;
+use crate::error::{AddressSpaceError, PlanError};
 use crate::format::{upgrade, PLAN_VERSION, PLAN_VERSION_OLDEST};
 use crate::path::GuestPciPath;
 use crate::planner::{check_attach, zpci};
@@ -21,7 +21,8 @@ use crate::request::{
     visible_size, Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, RequestError,
     ResourceRole,
 };
-use crate::reserve::Window;
+use crate::reserve::WindowReservation;
+use crate::sim::PlacedWindow;
 use crate::units::{fmt_size, human_size};
 
 /// Placement policy.
@@ -41,6 +42,7 @@ pub enum Mode {
 
 /// A root bus: `pcie.0` or a `pxb-pcie` expander.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HostBridge {
     /// Bus id (`pcie.0`, or the expander's id).
     pub id: String,
@@ -70,18 +72,19 @@ pub enum PortKind {
 }
 
 /// The windows a port reserves and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Reservation {
     /// What the port is for (`device gpu0`, `spare: h100 (16M mem32 + 128G pref64 + 32M pref64)`).
     pub purpose: String,
     /// What must fit (pcilibs requirement of the device, profile or switch below).
     pub need: Requirement,
     /// 32-bit non-prefetchable window the guest gets.
-    pub mem: Window,
+    pub mem: WindowReservation,
     /// 64-bit prefetchable window the guest gets.
-    pub pref: Window,
+    pub pref: WindowReservation,
     /// I/O window the guest gets.
-    pub io: Window,
+    pub io: WindowReservation,
     /// Extra bus numbers below the port.
     pub bus_reserve: u8,
     /// One explanation per window and property.
@@ -104,6 +107,7 @@ impl Reservation {
 /// 32-bit BARs — is plugged at boot and removed before the first hotplug on the port; the
 /// window the firmware gave it stays assigned to the port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Placeholder {
     /// Memory backends of the placeholder functions.
     pub objects: Vec<QemuObject>,
@@ -115,6 +119,7 @@ pub struct Placeholder {
 
 /// A place for one device: a root port, a downstream port or a bridge slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Port {
     /// Id of the port device (for a bridge slot: `<bridge id>` plus the slot).
     pub id: QemuId,
@@ -161,6 +166,7 @@ pub struct Port {
 
 /// A switch: upstream port on a root port, downstream ports below.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Switch {
     /// Upstream port id.
     pub id: QemuId,
@@ -184,6 +190,7 @@ pub struct Switch {
 /// (see [`PlanError::BridgeWindow`]). Devices are hotplugged into its slots through its
 /// SHPC controller (or ACPI on q35).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PciBridge {
     /// Bridge id.
     pub id: QemuId,
@@ -198,18 +205,19 @@ pub struct PciBridge {
     /// (firmware may open no prefetchable window there). Otherwise: what the boot-time
     /// devices' non-prefetchable BARs need.
     #[serde(default)]
-    pub mem: Window,
+    pub mem: WindowReservation,
     /// Prefetchable window: what the boot-time devices' prefetchable BARs need (empty
     /// when a device is hotplugged behind the bridge: those BARs count in `mem`).
     #[serde(default)]
-    pub pref: Window,
+    pub pref: WindowReservation,
     /// I/O window.
     #[serde(default)]
-    pub io: Window,
+    pub io: WindowReservation,
 }
 
 /// A resource the plan made room for on a function, and what the guest will show of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ExpectedBar {
     /// Address space.
     pub kind: BarKind,
@@ -255,6 +263,7 @@ impl ExpectedBar {
 
 /// One function of a placed device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlacedFunction {
     /// Function number.
     pub function: u8,
@@ -323,6 +332,7 @@ impl GuestLocation {
 
 /// A device in the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlacedDevice {
     /// Id (function 0's QEMU id).
     pub id: QemuId,
@@ -355,6 +365,7 @@ impl PlacedDevice {
 
 /// Address-space usage the plan was checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct AddressReport {
     /// 32-bit MMIO the windows need (packed).
     pub mmio32_needed: u64,
@@ -380,6 +391,7 @@ pub struct AddressReport {
 
 /// Options of the planner that are kept with the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlanOptions {
     /// Guest RAM in bytes (decides how much RAM sits above 4 GiB).
     pub guest_ram: u64,
@@ -444,6 +456,7 @@ impl Default for PlanOptions {
 
 /// Spare ports for later hotplug.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SpareRequest {
     /// What each spare port must be able to take.
     pub profile: HotplugProfile,
@@ -457,8 +470,40 @@ pub struct SpareRequest {
     pub p2p_group: Option<String>,
 }
 
+impl SpareRequest {
+    /// `count` spare ports for `profile`, on no particular NUMA node or switch.
+    pub fn new(profile: HotplugProfile, count: u32) -> Self {
+        SpareRequest { profile, count, numa_node: None, p2p_group: None }
+    }
+
+    /// These spares on NUMA node `node`'s expander (NUMA mode).
+    pub fn with_numa_node(mut self, node: u32) -> Self {
+        self.numa_node = Some(node);
+        self
+    }
+
+    /// These spares on the switch of peer-to-peer group `group` (switch-port and NUMA
+    /// modes).
+    pub fn with_p2p_group(mut self, group: impl Into<String>) -> Self {
+        self.p2p_group = Some(group.into());
+        self
+    }
+}
+
 /// Everything the planner is asked.
+///
+/// ```
+/// use pcie_topology::{DeviceRequest, HotplugProfile, Mode, PlanRequest, SpareRequest};
+///
+/// let mut request = PlanRequest::default()
+///     .with_mode(Mode::SwitchPort)
+///     .with_devices(vec![DeviceRequest::ivshmem("gpu0", 1 << 30)?])
+///     .with_spares(vec![SpareRequest::new(HotplugProfile::h100(), 2).with_p2p_group("g0")]);
+/// request.options.guest_ram = 8 << 30;
+/// # Ok::<(), pcie_topology::request::RequestError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[non_exhaustive]
 pub struct PlanRequest {
     /// Placement policy.
     pub mode: Mode,
@@ -470,8 +515,35 @@ pub struct PlanRequest {
     pub options: PlanOptions,
 }
 
+impl PlanRequest {
+    /// This request with placement policy `mode`.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// This request with `devices` to place.
+    pub fn with_devices(mut self, devices: Vec<DeviceRequest>) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// This request with `spares`.
+    pub fn with_spares(mut self, spares: Vec<SpareRequest>) -> Self {
+        self.spares = spares;
+        self
+    }
+
+    /// This request with `options`.
+    pub fn with_options(mut self, options: PlanOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
 /// Steps that must happen before the first hotplug onto a port with a placeholder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlaceholderRemoval {
     /// `device_del` these (function 0 removes the slot; wait for `DEVICE_DELETED` of each).
     pub device_del: Vec<QemuId>,
@@ -481,6 +553,7 @@ pub struct PlaceholderRemoval {
 
 /// One function to `device_add`, with what the guest must show afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionAction {
     /// Function number.
     pub function: u8,
@@ -510,6 +583,7 @@ impl FunctionAction {
 /// turns it into QMP arguments when it sends them ([`QemuDevice::to_qmp`],
 /// [`QemuObject::to_qmp`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HotplugAction {
     /// Device id: what [`Plan::release`] takes, and what the engine unplugs by.
     pub device: QemuId,
@@ -568,6 +642,7 @@ impl HotplugAction {
 
 /// The whole plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Plan {
     /// Format version ([`PLAN_VERSION`]).
     pub version: u32,
@@ -689,6 +764,17 @@ impl Plan {
         args.extend(self.device_args());
         args.extend(self.extra.qemu.iter().cloned());
         args
+    }
+
+    /// Where the firmware will put each port's memory and prefetchable windows, as this
+    /// crate simulates it: root ports' windows one after another from the base of the
+    /// 32-bit hole and of the 64-bit aperture, largest guaranteed alignment first (then
+    /// size), downstream ports' windows the same way inside their root port's. With
+    /// [`crate::bars_fit`] it checks that a device's BARs fit where its windows land.
+    /// [`AddressSpaceError::Overflow`] when a window would end past 2^64 (a plan file can
+    /// say anything).
+    pub fn window_layout(&self) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
+        crate::sim::layout(self)
     }
 
     /// Guest kernel arguments the platform needs (empty where firmware sizes windows).

@@ -95,6 +95,11 @@ pub struct Range {
 }
 
 impl Range {
+    /// `[base, base + size)`.
+    pub const fn new(base: u64, size: u64) -> Self {
+        Range { base, size }
+    }
+
     /// One past the last address (saturating; see [`Range::checked_end`]).
     pub fn end(&self) -> u64 {
         self.base.saturating_add(self.size)
@@ -144,6 +149,7 @@ pub enum Addressing {
 
 /// A machine and firmware combination, as data that a plan stores and a reader can check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlatformSpec {
     /// Short name (`q35-seabios`, `q35-ovmf`, `virt`, `virt-uefi`, `s390x-ccw`).
     pub name: String,
@@ -194,6 +200,37 @@ pub struct PlatformSpec {
 }
 
 impl PlatformSpec {
+    /// Machine `machine` (the `-machine` value) of `arch`, called `name`, with nothing
+    /// yet: no firmware arguments, no PCI ports or bridges, no windows
+    /// ([`WindowRule::NoWindows`], [`BusNumbering::None`]), no address space for PCI, a
+    /// default of 40 physical address bits, all RAM below 4 GiB, devices on PCIe ports
+    /// ([`Addressing::PciePorts`]). A platform sets what its machine has.
+    pub fn new(name: &str, arch: Arch, machine: &str) -> Self {
+        PlatformSpec {
+            name: name.to_string(),
+            arch,
+            machine: machine.to_string(),
+            firmware_args: Vec::new(),
+            root_bus: String::new(),
+            root_port: None,
+            switch_upstream: None,
+            switch_downstream: None,
+            downstream_reserve: false,
+            expander: None,
+            pci_bridge: None,
+            reserved_root_slots: Vec::new(),
+            window_rule: WindowRule::NoWindows,
+            bus_numbering: BusNumbering::None,
+            mmio32: Range::default(),
+            io: Range::default(),
+            mmio64: Mmio64Aperture::None,
+            mem32_placeholder: None,
+            default_phys_bits: 40,
+            low_ram_limit: u64::MAX,
+            addressing: Addressing::PciePorts,
+        }
+    }
+
     /// Bytes of guest RAM placed above 4 GiB for `ram` bytes of RAM.
     pub fn ram_above_4g(&self, ram: u64) -> u64 {
         ram.saturating_sub(self.low_ram_limit)
@@ -241,6 +278,7 @@ impl PlatformSpec {
 
 /// Extra arguments a platform derives from a finished plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ExtraArgs {
     /// QEMU command-line arguments (`-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=…`).
     pub qemu: Vec<String>,
@@ -250,6 +288,7 @@ pub struct ExtraArgs {
 
 /// What a finished plan needs from the machine, for [`Platform::extra_args`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Totals {
     /// Bytes of 64-bit aperture the windows need (packed, rounded to 1 GiB).
     pub mmio64_needed: u64,

@@ -194,6 +194,7 @@ impl From<bool> for PropValue {
 
 /// One `-device` / `device_add`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuDevice {
     /// QEMU driver (`pcie-root-port`, `vfio-pci`, …).
     pub driver: String,
@@ -273,6 +274,7 @@ impl QemuDevice {
 
 /// One `-object` / `object-add` (memory backends for stand-in and placeholder devices, iommufd).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuObject {
     /// QOM type (`memory-backend-ram`, `iommufd`).
     pub qom_type: String,

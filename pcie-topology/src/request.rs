@@ -129,6 +129,7 @@ impl ResourceRole {
 /// In JSON the resource's members sit next to `index` and `role`, so a plain
 /// [`Resource`] reads as a BAR of unknown index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionResource {
     /// Kind, prefetchability, size and alignment, as the window rule needs them.
     #[serde(flatten)]
@@ -255,6 +256,7 @@ fn rebar_max(facts: &FunctionFacts, b: &Bar) -> Option<u64> {
 
 /// One function of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionRequest {
     /// Function number on the device (0..=7); function 0 must exist.
     pub function: u8,
@@ -394,6 +396,7 @@ impl Attach {
 
 /// A device to place: every function of it lands on one port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeviceRequest {
     /// QEMU id of function 0; function `n` of the device gets `<id>-f<n>`
     /// ([`crate::plan::function_id`]).
@@ -610,6 +613,7 @@ pub fn guest_function_numbers(functions: &[FunctionFacts]) -> Vec<u8> {
 
 /// What a spare port must be ready to take later: the resources of one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HotplugProfile {
     /// Short name shown in plans and explanations (`h100`, `custom`).
     pub name: String,

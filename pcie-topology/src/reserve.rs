@@ -2,10 +2,10 @@
 //!
 //! The input is a [`WindowRequirement`] from pcilibs (size of the packed resources and the
 //! largest alignment among them). The output is the value of the port's `*-reserve`
-//! property (if the rule reads one) and the [`Window`] the guest will really get: its size
+//! property (if the rule reads one) and the [`WindowReservation`] the guest will really get: its size
 //! and the start alignment the firmware guarantees. A resource set fits a window when
 //! packing it from the worst start the guarantee allows still ends inside the window, see
-//! [`Window::holds`].
+//! [`WindowReservation::holds`].
 
 use pcilibs::requirement::WindowRequirement;
 use serde::{Deserialize, Serialize};
@@ -16,14 +16,14 @@ use crate::units::{align_up, human_size, next_pow2};
 
 /// A bridge window as the guest will get it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Window {
+pub struct WindowReservation {
     /// Size in bytes (0: no window).
     pub size: u64,
     /// Alignment of the window start the platform guarantees (0 when `size` is 0).
     pub align: u64,
 }
 
-impl Window {
+impl WindowReservation {
     /// Whether `need` fits wherever the window starts, given only its guaranteed alignment.
     ///
     /// The worst start for a requirement of alignment `A` inside a window aligned to `g < A`
@@ -49,13 +49,13 @@ impl Window {
 
 /// How one window of one port is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sized {
+pub(crate) struct Sized {
     /// Value for the port's `*-reserve` property, when the rule reads one.
-    pub reserve: Option<u64>,
+    pub(crate) reserve: Option<u64>,
     /// The window the guest gets.
-    pub window: Window,
+    pub(crate) window: WindowReservation,
     /// Why this size, in one sentence.
-    pub why: String,
+    pub(crate) why: String,
 }
 
 /// Sizes one window holding `need`; [`AddressSpaceError::Overflow`] when the window's size
@@ -66,7 +66,7 @@ pub struct Sized {
 /// device, a switch, a placeholder): the firmware then aligns the window to its largest
 /// child, so no slack is needed, and the window stays when the child is unplugged.
 /// `granularity` is 1 MiB for memory windows and 4 KiB for I/O.
-pub fn size_window(
+pub(crate) fn size_window(
     rule: WindowRule,
     need: &WindowRequirement,
     granularity: u64,
@@ -88,13 +88,15 @@ pub fn size_window(
         return Ok(match rule {
             WindowRule::ReservePowerOfTwo => Sized {
                 reserve: Some(0),
-                window: Window::default(),
+                window: WindowReservation::default(),
                 why: "nothing needs this window; reservation 0 disables the firmware's default".into(),
             },
-            WindowRule::NoWindows => Sized { reserve: None, window: Window::default(), why: String::new() },
+            WindowRule::NoWindows => {
+                Sized { reserve: None, window: WindowReservation::default(), why: String::new() }
+            }
             _ => Sized {
                 reserve: Some(0),
-                window: Window { size: gran, align: gran },
+                window: WindowReservation { size: gran, align: gran },
                 why: format!(
                     "nothing needs this window; the firmware keeps its minimum of {}",
                     human_size(gran)
@@ -107,7 +109,7 @@ pub fn size_window(
         // to that alignment.
         let align = need.align.max(gran);
         let size = align_up(need_size, align).ok_or_else(overflow)?;
-        let window = Window { size, align };
+        let window = WindowReservation { size, align };
         let reserve = match rule {
             WindowRule::ReserveUnaligned { .. } => Some(need_size),
             WindowRule::ReservePowerOfTwo => Some(0),
@@ -149,13 +151,13 @@ pub fn size_window(
                 )
             };
             let reserve = matches!(rule, WindowRule::ReserveUnaligned { .. }).then_some(size);
-            Sized { reserve, window: Window { size, align: start }, why }
+            Sized { reserve, window: WindowReservation { size, align: start }, why }
         }
         WindowRule::ReservePowerOfTwo => {
             let size = next_pow2(need_size.max(need.align)).ok_or_else(overflow)?;
             Sized {
                 reserve: Some(size),
-                window: Window { size, align: size },
+                window: WindowReservation { size, align: size },
                 why: format!(
                     "{} needed, rounded up to a power of two ({}) as the firmware does; it aligns the window to that size",
                     human_size(need_size),
@@ -163,7 +165,9 @@ pub fn size_window(
                 ),
             }
         }
-        WindowRule::NoWindows => Sized { reserve: None, window: Window::default(), why: String::new() },
+        WindowRule::NoWindows => {
+            Sized { reserve: None, window: WindowReservation::default(), why: String::new() }
+        }
     })
 }
 
@@ -181,10 +185,10 @@ mod tests {
         assert_eq!(s.reserve, Some(256 * GIB + 30 * MIB));
         assert!(s.window.holds(&H100_PREF));
         // The reservation DESIGN.md saw fail: 128 GiB at 1 MiB alignment cannot hold 128 GiB.
-        let plain = Window { size: 128 * GIB, align: MIB };
+        let plain = WindowReservation { size: 128 * GIB, align: MIB };
         assert!(!plain.holds(&WindowRequirement { size: 128 * GIB, align: 128 * GIB }));
         // 256 GiB, the size that worked in the guest, does.
-        assert!(Window { size: 256 * GIB, align: MIB }
+        assert!(WindowReservation { size: 256 * GIB, align: MIB }
             .holds(&WindowRequirement { size: 128 * GIB, align: 128 * GIB }));
     }
 
@@ -192,7 +196,7 @@ mod tests {
     fn ovmf_rounds_to_power_of_two() {
         let s = size_window(WindowRule::ReservePowerOfTwo, &H100_PREF, MIB, false).unwrap();
         assert_eq!(s.reserve, Some(256 * GIB));
-        assert_eq!(s.window, Window { size: 256 * GIB, align: 256 * GIB });
+        assert_eq!(s.window, WindowReservation { size: 256 * GIB, align: 256 * GIB });
         let single = WindowRequirement { size: 128 * GIB, align: 128 * GIB };
         assert_eq!(
             size_window(WindowRule::ReservePowerOfTwo, &single, MIB, false).unwrap().reserve,
@@ -205,7 +209,7 @@ mod tests {
         let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, true)
             .unwrap();
         // As SeaBIOS showed behind a switch port: 128 GiB + 32 MiB rounds up to 256 GiB.
-        assert_eq!(s.window, Window { size: 256 * GIB, align: 128 * GIB });
+        assert_eq!(s.window, WindowReservation { size: 256 * GIB, align: 128 * GIB });
         assert!(s.window.holds(&H100_PREF));
     }
 
@@ -231,6 +235,6 @@ mod tests {
         // 2^63 at its own alignment, present at boot, is still a 64-bit number.
         let huge = WindowRequirement { size: 1 << 63, align: 1 << 63 };
         let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &huge, MIB, true).unwrap();
-        assert_eq!(s.window, Window { size: 1 << 63, align: 1 << 63 });
+        assert_eq!(s.window, WindowReservation { size: 1 << 63, align: 1 << 63 });
     }
 }

@@ -85,17 +85,17 @@ pub fn human_size(size: u64) -> String {
 }
 
 /// Rounds `v` up to a multiple of `align` (a power of two, or 0/1 for none); `None` on overflow.
-pub fn align_up(v: u64, align: u64) -> Option<u64> {
+pub(crate) fn align_up(v: u64, align: u64) -> Option<u64> {
     pcilibs::requirement::align_up(v, align)
 }
 
 /// The smallest power of two `>= v` (1 for 0); `None` above 2^63.
-pub fn next_pow2(v: u64) -> Option<u64> {
+pub(crate) fn next_pow2(v: u64) -> Option<u64> {
     v.max(1).checked_next_power_of_two()
 }
 
 /// Number of address bits needed to address `[0, end)`: the bit width of `end - 1`.
-pub fn bits_for_end(end: u64) -> u8 {
+pub(crate) fn bits_for_end(end: u64) -> u8 {
     if end <= 1 {
         return 0;
     }

@@ -25,7 +25,7 @@ fn nvme_pf() -> FunctionFacts {
 }
 
 fn one_device(d: DeviceRequest) -> Plan {
-    plan(&Q35::seabios(), &PlanRequest { devices: vec![d], ..PlanRequest::default() }).unwrap()
+    plan(&Q35::seabios(), &PlanRequest::default().with_devices(vec![d])).unwrap()
 }
 
 #[test]

@@ -37,11 +37,9 @@ fn host_functions_plan_with_their_real_bars() {
         devices.push((d, facts));
     }
     assert!(!devices.is_empty(), "this host shows no PCI endpoint with sized BARs in /sys/bus/pci/devices");
-    let request = PlanRequest {
-        mode: Mode::RootPort,
-        devices: devices.iter().map(|(d, _)| d.clone()).collect(),
-        ..Default::default()
-    };
+    let request = PlanRequest::default()
+        .with_mode(Mode::RootPort)
+        .with_devices(devices.iter().map(|(d, _)| d.clone()).collect());
     let plan = plan(&Q35::seabios(), &request).unwrap();
     for (d, facts) in &devices {
         let placed = plan.device(d.id.as_str()).unwrap();

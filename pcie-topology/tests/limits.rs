@@ -86,13 +86,10 @@ fn check_bounded(p: &Plan) {
 /// (a panic in debug builds; in release builds a plan with `io_needed = 0`).
 #[test]
 fn two_io_bars_of_2_pow_63_bytes_are_refused() {
-    let request = PlanRequest {
-        devices: vec![
-            device("io0", vec![Resource::bar(BarKind::Io, false, 1 << 63)], true),
-            device("io1", vec![Resource::bar(BarKind::Io, false, 1 << 63)], true),
-        ],
-        ..Default::default()
-    };
+    let request = PlanRequest::default().with_devices(vec![
+        device("io0", vec![Resource::bar(BarKind::Io, false, 1 << 63)], true),
+        device("io1", vec![Resource::bar(BarKind::Io, false, 1 << 63)], true),
+    ]);
     let e = plan_within(30, Box::new(Q35::seabios()), request).expect_err("2^64 I/O ports do not exist");
     assert!(!e.to_string().is_empty());
 }
@@ -103,10 +100,11 @@ fn two_io_bars_of_2_pow_63_bytes_are_refused() {
 fn a_bar_of_2_pow_63_bytes_is_refused() {
     for platform in [Q35::seabios(), Q35::ovmf()] {
         for cold in [false, true] {
-            let request = PlanRequest {
-                devices: vec![device("gpu0", vec![Resource::bar(BarKind::Mem64, true, 1 << 63)], cold)],
-                ..Default::default()
-            };
+            let request = PlanRequest::default().with_devices(vec![device(
+                "gpu0",
+                vec![Resource::bar(BarKind::Mem64, true, 1 << 63)],
+                cold,
+            )]);
             let got = plan_within(30, Box::new(platform.clone()), request);
             let e = got.map(|p| p.explain()).expect_err("no platform addresses 2^63 bytes of MMIO");
             assert!(!e.to_string().is_empty());
@@ -119,10 +117,11 @@ fn a_bar_of_2_pow_63_bytes_is_refused() {
 #[test]
 fn sizes_past_the_widest_address_space_are_request_errors() {
     let too_big = 1u64 << (MAX_PHYS_BITS + 1);
-    let request = PlanRequest {
-        devices: vec![device("gpu0", vec![Resource::bar(BarKind::Mem64, true, too_big)], false)],
-        ..Default::default()
-    };
+    let request = PlanRequest::default().with_devices(vec![device(
+        "gpu0",
+        vec![Resource::bar(BarKind::Mem64, true, too_big)],
+        false,
+    )]);
     match plan(&Q35::seabios(), &request) {
         Err(PlanError::Request(RequestError::TooLarge { device, size, limit })) => {
             assert_eq!((device.as_str(), size, limit), ("gpu0", too_big, 1 << MAX_PHYS_BITS));
@@ -131,10 +130,11 @@ fn sizes_past_the_widest_address_space_are_request_errors() {
     }
     let profile = HotplugProfile::parse("8192T:pref64").unwrap_err();
     assert!(profile.to_string().contains("8192T"), "{profile}");
-    let request = PlanRequest {
-        devices: vec![device("gpu0", vec![Resource::bar(BarKind::Mem64, true, 256 * GIB)], false)],
-        ..Default::default()
-    };
+    let request = PlanRequest::default().with_devices(vec![device(
+        "gpu0",
+        vec![Resource::bar(BarKind::Mem64, true, 256 * GIB)],
+        false,
+    )]);
     let p = plan(&Q35::seabios(), &request).unwrap();
     check_bounded(&p);
 }
@@ -146,24 +146,14 @@ fn sizes_past_the_widest_address_space_are_request_errors() {
 fn u32_max_spares_are_refused_before_allocating() {
     for mode in [Mode::RootPort, Mode::SwitchPort, Mode::Numa] {
         for p2p_group in [None, Some("g".to_string())] {
-            let request = PlanRequest {
-                mode,
-                spares: vec![
-                    SpareRequest {
-                        profile: HotplugProfile::nic(),
-                        count: u32::MAX,
-                        numa_node: None,
-                        p2p_group: None,
-                    },
-                    SpareRequest {
-                        profile: HotplugProfile::nic(),
-                        count: u32::MAX,
-                        numa_node: Some(1),
-                        p2p_group,
-                    },
-                ],
-                ..Default::default()
-            };
+            let request = PlanRequest::default().with_mode(mode).with_spares(vec![
+                SpareRequest::new(HotplugProfile::nic(), u32::MAX),
+                SpareRequest::new(HotplugProfile::nic(), u32::MAX).with_numa_node(1),
+            ]);
+            let mut request = request;
+            if let Some(last) = request.spares.last_mut() {
+                last.p2p_group = p2p_group;
+            }
             let start = Instant::now();
             let e = plan_within(30, Box::new(Q35::seabios()), request).expect_err("2^33 ports do not fit");
             assert!(matches!(e, PlanError::Buses { .. }), "{e}");
@@ -185,7 +175,7 @@ fn a_hundred_thousand_p2p_groups_are_refused_quickly() {
         })
         .collect();
     for mode in [Mode::SwitchPort, Mode::RootPort] {
-        let request = PlanRequest { mode, devices: devices.clone(), ..Default::default() };
+        let request = PlanRequest::default().with_mode(mode).with_devices(devices.clone());
         let start = Instant::now();
         let e = plan_within(60, Box::new(Q35::seabios()), request).expect_err("10^5 ports do not fit");
         assert!(matches!(e, PlanError::Buses { .. }), "{e}");
@@ -203,7 +193,7 @@ fn many_small_p2p_groups_still_plan() {
             d
         })
         .collect();
-    let request = PlanRequest { mode: Mode::SwitchPort, devices, ..Default::default() };
+    let request = PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(devices);
     let p = plan(&Q35::seabios(), &request).unwrap();
     assert_eq!(p.switches.len(), 16);
     check_bounded(&p);
@@ -219,14 +209,13 @@ fn s390x_refuses_overflowing_bars_and_plans_many_devices_quickly() {
         QemuId::new("gpu0").unwrap(),
         vec![FunctionRequest::new(0, "vfio-pci", vec![huge, huge])],
     );
-    let e =
-        plan(&S390xCcw::default(), &PlanRequest { devices: vec![zpci], ..Default::default() }).unwrap_err();
+    let e = plan(&S390xCcw::default(), &PlanRequest::default().with_devices(vec![zpci])).unwrap_err();
     assert!(matches!(e, PlanError::Request(_)), "{e}");
     let many: Vec<DeviceRequest> = (0..20_000)
         .map(|i| DeviceRequest::channel(QemuId::new(format!("n{i}")).unwrap(), "virtio-net-ccw", 0))
         .collect();
     let start = Instant::now();
-    let p = plan(&S390xCcw::default(), &PlanRequest { devices: many, ..Default::default() }).unwrap();
+    let p = plan(&S390xCcw::default(), &PlanRequest::default().with_devices(many)).unwrap();
     assert_eq!(p.devices.len(), 20_000);
     assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
 }
@@ -272,22 +261,20 @@ fn huge_request() -> impl Strategy<Value = (usize, PlanRequest)> {
                 .collect();
             let spares = spares
                 .into_iter()
-                .map(|(resources, count)| SpareRequest {
-                    profile: HotplugProfile::new(
-                        "huge",
-                        resources.into_iter().map(|((k, p), s)| Resource::bar(k, p, s).into()).collect(),
-                    ),
-                    count,
-                    numa_node: None,
-                    p2p_group: None,
+                .map(|(resources, count)| {
+                    SpareRequest::new(
+                        HotplugProfile::new(
+                            "huge",
+                            resources.into_iter().map(|((k, p), s)| Resource::bar(k, p, s).into()).collect(),
+                        ),
+                        count,
+                    )
                 })
                 .collect();
-            let mut request = PlanRequest {
-                mode: [Mode::RootPort, Mode::SwitchPort, Mode::Numa][usize::from(mode)],
-                devices,
-                spares,
-                ..Default::default()
-            };
+            let mut request = PlanRequest::default()
+                .with_mode([Mode::RootPort, Mode::SwitchPort, Mode::Numa][usize::from(mode)])
+                .with_devices(devices)
+                .with_spares(spares);
             if let Some(ram) = ram {
                 request.options.guest_ram = ram;
             }
@@ -316,10 +303,7 @@ proptest! {
     #[test]
     fn huge_devices_place_or_fail_typed(resources in prop::collection::vec((kind(), size()), 1..4), platform in 0usize..4) {
         let platforms = platforms();
-        let request = PlanRequest {
-            spares: vec![SpareRequest { profile: HotplugProfile::h100(), count: 1, numa_node: None, p2p_group: None }],
-            ..Default::default()
-        };
+        let request = PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::h100(), 1)]);
         let mut p = plan(platforms[platform].as_ref(), &request).unwrap();
         let d = device("late", resources.into_iter().map(|((k, pf), s)| Resource::bar(k, pf, s)).collect(), false);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || p.place(d).map(|_| p)));
@@ -334,16 +318,8 @@ proptest! {
 /// naming the architecture, not a saturated sum.
 #[test]
 fn ram_past_the_bound_is_a_phys_bits_error() {
-    let request = PlanRequest {
-        spares: vec![SpareRequest {
-            profile: HotplugProfile::nic(),
-            count: 1,
-            numa_node: None,
-            p2p_group: None,
-        }],
-        options: pcie_topology::PlanOptions { guest_ram: u64::MAX, ..Default::default() },
-        ..Default::default()
-    };
+    let mut request = PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::nic(), 1)]);
+    request.options.guest_ram = u64::MAX;
     for platform in platforms() {
         let e = plan(platform.as_ref(), &request).unwrap_err();
         assert!(

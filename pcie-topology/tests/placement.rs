@@ -45,7 +45,7 @@ fn legacy(id: &str, bar: u64) -> DeviceRequest {
 }
 
 fn request(devices: Vec<DeviceRequest>) -> PlanRequest {
-    PlanRequest { devices, ..Default::default() }
+    PlanRequest::default().with_devices(devices)
 }
 
 #[test]
@@ -76,7 +76,7 @@ fn functions_without_pcie_capability_go_on_switch_ports_too() {
     let mut b = conventional_ivshmem("b", 16 * GIB);
     a.p2p_group = Some("g".into());
     b.p2p_group = Some("g".into());
-    let request = PlanRequest { mode: Mode::SwitchPort, devices: vec![a, b], ..Default::default() };
+    let request = PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(vec![a, b]);
     let plan = plan(&Q35::seabios(), &request).unwrap();
     assert!(plan.bridges.is_empty());
     for id in ["a", "b"] {
@@ -105,11 +105,13 @@ fn a_bridge_is_used_only_when_asked_for() {
     // For the whole request: the option puts every conventional device behind the bridge.
     let mut small = conventional_ivshmem("small", 64 * KIB);
     small.cold_plug = true;
-    let req = PlanRequest {
-        devices: vec![small, DeviceRequest::ivshmem("pcie", GIB).unwrap()],
-        options: PlanOptions { conventional_behind_bridge: true, ..Default::default() },
-        ..Default::default()
-    };
+    let req = PlanRequest::default()
+        .with_devices(vec![small, DeviceRequest::ivshmem("pcie", GIB).unwrap()])
+        .with_options({
+            let mut o = PlanOptions::default();
+            o.conventional_behind_bridge = true;
+            o
+        });
     let plan = pcie_topology::plan(&Q35::seabios(), &req).unwrap();
     let kind = |id: &str| plan.port(plan.device(id).unwrap().port.as_ref().unwrap().as_str()).unwrap().kind;
     assert_eq!(kind("small"), PortKind::BridgeSlot);

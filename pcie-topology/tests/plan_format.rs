@@ -25,10 +25,6 @@ fn bdf(text: &str) -> Bdf {
     Bdf::parse(text).unwrap()
 }
 
-fn spare(profile: HotplugProfile, count: u32, group: Option<&str>) -> SpareRequest {
-    SpareRequest { profile, count, numa_node: None, p2p_group: group.map(Into::into) }
-}
-
 /// What `plan-v2-q35-seabios-switch.json` was planned from: a two-function host device
 /// and a stand-in behind a switch, a conventional NIC behind the PCIe-to-PCI bridge, a
 /// device plugged at boot, spares on the switch and on root ports; then a stand-in placed
@@ -70,12 +66,18 @@ fn seabios_switch() -> Plan {
     nic.cold_plug = true;
     let mut boot = DeviceRequest::ivshmem("boot0", GIB).unwrap();
     boot.cold_plug = true;
-    let request = PlanRequest {
-        mode: Mode::SwitchPort,
-        devices: vec![host, gpu0, nic, boot],
-        spares: vec![spare(HotplugProfile::h100(), 1, Some("g")), spare(HotplugProfile::a100(), 2, None)],
-        options: PlanOptions { spare_bus_reserve: 2, ..PlanOptions::default() },
-    };
+    let request = PlanRequest::default()
+        .with_mode(Mode::SwitchPort)
+        .with_devices(vec![host, gpu0, nic, boot])
+        .with_spares(vec![
+            SpareRequest::new(HotplugProfile::h100(), 1).with_p2p_group("g"),
+            SpareRequest::new(HotplugProfile::a100(), 2),
+        ])
+        .with_options({
+            let mut o = PlanOptions::default();
+            o.spare_bus_reserve = 2;
+            o
+        });
     let mut p = plan(&Q35::seabios(), &request).unwrap();
     let mut late = DeviceRequest::ivshmem("late0", 64 * GIB).unwrap();
     late.p2p_group = Some("g".into());
@@ -90,10 +92,10 @@ fn ovmf_numa() -> Plan {
     a.numa_node = Some(0);
     let mut b = DeviceRequest::ivshmem("b", 16 * GIB).unwrap();
     b.numa_node = Some(1);
-    let mut h100 = spare(HotplugProfile::h100(), 1, None);
+    let mut h100 = SpareRequest::new(HotplugProfile::h100(), 1);
     h100.numa_node = Some(1);
     let request =
-        PlanRequest { mode: Mode::Numa, devices: vec![a, b], spares: vec![h100], ..Default::default() };
+        PlanRequest::default().with_mode(Mode::Numa).with_devices(vec![a, b]).with_spares(vec![h100]);
     plan(&Q35::ovmf(), &request).unwrap()
 }
 
@@ -152,7 +154,7 @@ fn s390x() -> Plan {
         d.cold_plug = true;
         d
     });
-    let request = PlanRequest { devices: devices.to_vec(), ..PlanRequest::default() };
+    let request = PlanRequest::default().with_devices(devices.to_vec());
     let mut p = plan(&S390xCcw::default(), &request).unwrap();
     let nic = DeviceRequest::new(
         QemuId::new("nic1").unwrap(),

@@ -45,11 +45,13 @@ fn plan() -> Plan {
         )
     };
     let nic = PlannedDevice::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1)]);
-    let request = PlanRequest {
-        devices: vec![PlannedDevice::ivshmem("gpu0", 4 << 30).unwrap(), nic],
-        options: PlanOptions { guest_ram: GUEST_RAM, ..PlanOptions::default() },
-        ..PlanRequest::default()
-    };
+    let request = PlanRequest::default()
+        .with_devices(vec![PlannedDevice::ivshmem("gpu0", 4 << 30).unwrap(), nic])
+        .with_options({
+            let mut o = PlanOptions::default();
+            o.guest_ram = GUEST_RAM;
+            o
+        });
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
 
@@ -148,11 +150,11 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
         .unwrap_or_else(|e| panic!("{NVME_FIXTURE}: {e} (the workspace's pcilibs fixtures are needed)"));
     let everything = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
     let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &everything).unwrap();
-    let request = PlanRequest {
-        devices: vec![nvme],
-        options: PlanOptions { guest_ram: GUEST_RAM, ..PlanOptions::default() },
-        ..PlanRequest::default()
-    };
+    let request = PlanRequest::default().with_devices(vec![nvme]).with_options({
+        let mut o = PlanOptions::default();
+        o.guest_ram = GUEST_RAM;
+        o
+    });
     let plan = pcie_topology::plan(&Q35::seabios(), &request).unwrap();
     let action = plan.hotplug_action("nvme0").unwrap();
     assert!(

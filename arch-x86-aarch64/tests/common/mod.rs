@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pcie_topology::plan::Port;
+use pcie_topology::platform::Range;
 use pcie_topology::Plan;
 use pcilibs::requirement::Resource;
 use qmp_hotplug::{ClientOptions, QmpClient};
@@ -175,8 +176,8 @@ pub struct Bridge {
 impl Bridge {
     /// Whether `resources` fit the memory and prefetchable windows (base/limit ranges).
     pub fn fits(&self, resources: &[Resource]) -> bool {
-        let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
-        pcie_topology::sim::fits(window(self.mem), window(self.pref), resources)
+        let window = |r: (u64, u64)| Range::new(r.0, r.1 + 1 - r.0);
+        pcie_topology::bars_fit(window(self.mem), window(self.pref), resources)
     }
 }
 

@@ -26,7 +26,7 @@ use crate::plan::{
 use crate::platform::{Addressing, Platform, PlatformSpec, Totals};
 use crate::qemu::{DevFn, QemuDevice, QemuId};
 use crate::request::{Attach, DeviceRequest, HotplugProfile};
-use crate::reserve::Window;
+use crate::reserve::WindowReservation;
 
 /// What one port is for, before it has a name.
 #[derive(Debug, Clone)]
@@ -409,9 +409,9 @@ impl<'a> Builder<'a> {
             device: dev,
             bdf: devfn.on_bus(0, 0),
             secondary_bus: 0,
-            mem: Window::default(),
-            pref: Window::default(),
-            io: Window::default(),
+            mem: WindowReservation::default(),
+            pref: WindowReservation::default(),
+            io: WindowReservation::default(),
         };
         let mut slots = FreeSet::new("PCI bridge slot", 1, 31);
         let root = self.spec.root_bus.clone();
@@ -473,9 +473,9 @@ impl<'a> Builder<'a> {
             reservation: Reservation {
                 purpose,
                 need: Requirement::default(),
-                mem: Window::default(),
-                pref: Window::default(),
-                io: Window::default(),
+                mem: WindowReservation::default(),
+                pref: WindowReservation::default(),
+                io: WindowReservation::default(),
                 bus_reserve: 0,
                 why: Vec::new(),
             },

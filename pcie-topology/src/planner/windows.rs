@@ -12,7 +12,7 @@ use crate::plan::{
 use crate::platform::{BusNumbering, WindowRule};
 use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
 use crate::request::{DeviceRequest, RequestError};
-use crate::reserve::{size_window, Window};
+use crate::reserve::{size_window, WindowReservation};
 use crate::units::{human_size, next_pow2, MIB};
 
 impl<'a> Builder<'a> {
@@ -217,7 +217,7 @@ impl<'a> Builder<'a> {
             });
         }
         bridge.mem = mem;
-        bridge.pref = Window::default();
+        bridge.pref = WindowReservation::default();
         bridge.io = io;
         let why = format!(
             "behind PCIe-to-PCI bridge {} (no *-reserve properties) with a device hotplugged there: the firmware gives the bridge what an empty one gets ({available}), shared by every device behind it, prefetchable BARs included",
@@ -232,7 +232,7 @@ impl<'a> Builder<'a> {
                 purpose: String::new(),
                 need,
                 mem,
-                pref: Window::default(),
+                pref: WindowReservation::default(),
                 io,
                 bus_reserve: 0,
                 why: vec![why.clone()],
@@ -254,7 +254,8 @@ impl<'a> Builder<'a> {
         let need = Requirement::of(&all)
             .map_err(|source| RequestError::Requirement { device: bridge.id.to_string(), source })?;
         let r = self.reservation_for(&need, true, true)?;
-        let at_least = |w: Window, floor: Window| if w.size >= floor.size { w } else { floor };
+        let at_least =
+            |w: WindowReservation, floor: WindowReservation| if w.size >= floor.size { w } else { floor };
         bridge.mem = at_least(r.mem, floor_mem);
         bridge.pref = r.pref;
         bridge.io = at_least(r.io, floor_io);
@@ -279,12 +280,12 @@ impl<'a> Builder<'a> {
     /// BARs are counted in the memory window). Linux 6.1 without firmware (aarch64 `virt`
     /// booted with `-kernel`) gives it no window at all: the `pci=hpmmiosize=` extra space
     /// goes to PCIe hotplug ports only.
-    pub(super) fn empty_bridge_windows(&self) -> (Window, Window) {
+    pub(super) fn empty_bridge_windows(&self) -> (WindowReservation, WindowReservation) {
         match self.spec.window_rule {
             WindowRule::KernelHotplugSize { .. } | WindowRule::NoWindows => {
-                (Window::default(), Window::default())
+                (WindowReservation::default(), WindowReservation::default())
             }
-            _ => (self.min_window(), Window { size: IO_GRANULARITY, align: IO_GRANULARITY }),
+            _ => (self.min_window(), WindowReservation { size: IO_GRANULARITY, align: IO_GRANULARITY }),
         }
     }
 
@@ -303,7 +304,7 @@ impl<'a> Builder<'a> {
                 need: *need,
                 mem: min,
                 pref: min,
-                io: Window::default(),
+                io: WindowReservation::default(),
                 bus_reserve: 0,
                 why: vec![format!(
                     "no reservation: the firmware gives an empty port its default minimum windows ({})",
@@ -327,21 +328,21 @@ impl<'a> Builder<'a> {
             need: *need,
             mem: mem.window,
             pref: pref.window,
-            io: if need.io.is_empty() { Window::default() } else { io.window },
+            io: if need.io.is_empty() { WindowReservation::default() } else { io.window },
             bus_reserve: 0,
             why,
         })
     }
 
     /// The windows firmware gives an empty hotplug port by default.
-    fn min_window(&self) -> Window {
+    fn min_window(&self) -> WindowReservation {
         let size = match self.spec.window_rule {
             WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
                 start_align.max(MEM_GRANULARITY)
             }
             _ => 2 * MIB,
         };
-        Window { size, align: size }
+        WindowReservation { size, align: size }
     }
 
     /// Kernel rule: every hotplug bridge gets the largest spare need as extra space.
@@ -372,9 +373,9 @@ impl<'a> Builder<'a> {
         {
             // The kernel gives the port max(what is below, the extra size), aligned only
             // to its minimum when it is the extra size that counts.
-            let grow = |w: &mut Window, hp: u64| {
+            let grow = |w: &mut WindowReservation, hp: u64| {
                 if hp > w.size {
-                    *w = Window { size: hp, align: start };
+                    *w = WindowReservation { size: hp, align: start };
                 }
             };
             grow(&mut p.reservation.mem, hp_mem);

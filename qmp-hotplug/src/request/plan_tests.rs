@@ -15,7 +15,7 @@ use super::*;
 const GIB: u64 = 1 << 30;
 
 fn plan_q35(mode: Mode, devices: Vec<PlannedDevice>) -> Plan {
-    let request = PlanRequest { mode, devices, ..PlanRequest::default() };
+    let request = PlanRequest::default().with_mode(mode).with_devices(devices);
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
 
@@ -146,7 +146,7 @@ fn s390x_ccw_and_zpci_with_companions_first() {
             vec![PlannedFunction::new(0, "virtio-net-pci", virtio_bars)],
         ),
     ];
-    let request = PlanRequest { devices, ..PlanRequest::default() };
+    let request = PlanRequest::default().with_devices(devices);
     let plan = pcie_topology::plan(&S390xCcw::default(), &request).unwrap();
 
     let a = action(&plan, "net1");
@@ -209,13 +209,10 @@ fn iommufd_object_and_property_come_with_the_action() {
 
 #[test]
 fn each_entry_is_expected_as_query_pci_shows_it() {
-    let b = |index, role| ExpectedBar {
-        kind: BarKind::Mem64,
-        prefetchable: true,
-        rom: false,
-        size: 8 * GIB,
-        index,
-        role,
+    let b = |index, role| {
+        let mut r = FunctionResource::bar(2, BarKind::Mem64, true, 8 * GIB);
+        (r.index, r.role) = (index, role);
+        ExpectedBar::from(&r)
     };
     let planned = BarExpectation::planned;
     assert_eq!(planned(&b(Some(2), ResourceRole::Bar)), Some(BarExpectation::at(2, 8 * GIB)));
@@ -228,14 +225,9 @@ fn each_entry_is_expected_as_query_pci_shows_it() {
     // Without an index (a version 1 plan, a request of bare sizes): any BAR of the size;
     // the ROM has its own index in any case.
     assert_eq!(planned(&b(None, ResourceRole::Bar)), Some(BarExpectation::any(8 * GIB)));
-    let rom = ExpectedBar {
-        kind: BarKind::Mem32,
-        prefetchable: false,
-        rom: true,
-        size: 4096,
-        index: None,
-        role: ResourceRole::Bar,
-    };
+    let mut rom = FunctionResource::rom(4096);
+    rom.index = None;
+    let rom = ExpectedBar::from(&rom);
     assert_eq!(planned(&rom), Some(BarExpectation::at(BarExpectation::ROM, 4096)));
 }
 
@@ -249,7 +241,7 @@ fn sriov_nvme_plan(opts: &ResourceOptions) -> Plan {
         .unwrap_or_else(|e| panic!("{dir}: {e} (the workspace's pcilibs fixtures are needed)"));
     assert_eq!(facts.sriov.as_ref().map(|s| s.total_vfs), Some(4));
     let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], opts).unwrap();
-    let request = PlanRequest { devices: vec![nvme], ..PlanRequest::default() };
+    let request = PlanRequest::default().with_devices(vec![nvme]);
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
 

@@ -18,8 +18,8 @@ use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::plan::{function_id, GuestLocation, Reservation};
 use pcie_topology::qemu::PropValue;
 use pcie_topology::{
-    FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, PlanOptions, PlanRequest,
-    Platform, QemuId, SpareRequest,
+    FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, PlanRequest, Platform, QemuId,
+    SpareRequest,
 };
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
@@ -137,24 +137,22 @@ fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
         .filter(|d| d.place == Placement::Planned)
         .map(|d| device_request(d, &model(d.kind, d.bar_size.map(|b| b.0))))
         .collect::<Result<_>>()?;
-    let sized = scenario.reservations == Reservations::Planned;
-    let options = PlanOptions {
-        guest_ram: u64::from(memory_mib) << 20,
-        size_reservations: sized,
-        switch_placeholders: sized,
-        ..PlanOptions::default()
-    };
     let mut spares = Vec::new();
     if scenario.spare_ports > 0 {
         let profile = HotplugProfile::parse(scenario.spare_profile.as_deref().unwrap_or("nic")).map_err(s)?;
-        spares.push(SpareRequest { profile, count: scenario.spare_ports, numa_node: None, p2p_group: None });
+        spares.push(SpareRequest::new(profile, scenario.spare_ports));
     }
     let mode = match scenario.mode {
         Mode::SwitchPort => pcie_topology::Mode::SwitchPort,
         Mode::Numa => pcie_topology::Mode::Numa,
         _ => pcie_topology::Mode::RootPort,
     };
-    let request = PlanRequest { mode, devices: planned_devices, spares, options };
+    let mut request =
+        PlanRequest::default().with_mode(mode).with_devices(planned_devices).with_spares(spares);
+    let sized = scenario.reservations == Reservations::Planned;
+    request.options.guest_ram = u64::from(memory_mib) << 20;
+    request.options.size_reservations = sized;
+    request.options.switch_placeholders = sized;
     let plan = pcie_topology::plan(platform.as_ref(), &request).map_err(|e| format!("planning: {e}"))?;
     Ok(Planned { plan, blockdevs })
 }
@@ -1047,14 +1045,10 @@ mod tests {
         let mut state = GuestState::default();
         let port = dev("0000:02:01.0", &["0000:00:01.0", "0000:01:00.0"], vec![pref(32 << 30)]);
         state.pci.insert(port.bdf, port);
-        let planned = |size: u64| Reservation {
-            purpose: String::new(),
-            need: Default::default(),
-            mem: Default::default(),
-            pref: pcie_topology::reserve::Window { size, align: size },
-            io: Default::default(),
-            bus_reserve: 0,
-            why: Vec::new(),
+        let planned = |size: u64| {
+            let mut r = Reservation::default();
+            r.pref = pcie_topology::WindowReservation { size, align: size };
+            r
         };
         assert!(window_problems(&state, &d, &planned(32 << 30)).is_empty());
         let p = window_problems(&state, &d, &planned(64 << 30));

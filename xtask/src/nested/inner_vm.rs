@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use arch_x86_aarch64::Q35;
 use pcie_topology::plan::GuestLocation;
 use pcie_topology::request::guest_function_numbers;
-use pcie_topology::{HotplugAction, Plan, PlanOptions, PlanRequest, QemuId};
+use pcie_topology::{HotplugAction, Plan, PlanRequest, QemuId};
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
@@ -70,11 +70,8 @@ pub fn plan_inner(devices: &[PassDevice], host: &[HostFunction], memory_mib: u32
             requests.push(device_request(d, host)?);
         }
     }
-    let request = PlanRequest {
-        devices: requests,
-        options: PlanOptions { guest_ram: u64::from(memory_mib) << 20, ..PlanOptions::default() },
-        ..PlanRequest::default()
-    };
+    let mut request = PlanRequest::default().with_devices(requests);
+    request.options.guest_ram = u64::from(memory_mib) << 20;
     pcie_topology::plan(&Q35::seabios(), &request).map_err(|e| format!("planning the inner VM: {e}"))
 }
 
