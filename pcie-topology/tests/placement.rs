@@ -284,3 +284,33 @@ fn channel_and_ap_devices_are_refused_where_there_are_ports() {
         }
     }
 }
+
+/// Under the guest kernel's rule every hotplug bridge gets the largest spare size; a port
+/// holding a boot-time device whose window is smaller grows to it, and Linux still aligns
+/// that window to the device's largest BAR. The plan lowered the alignment to 1 MiB, so the
+/// 32 GiB BAR it was sized for no longer fit its own window (found by the property tests).
+#[test]
+fn a_boot_time_device_keeps_its_alignment_under_the_kernel_rule() {
+    let mut cold = DeviceRequest::ivshmem("boot0", 32 * GIB).unwrap();
+    cold.cold_plug = true;
+    let gpu = DeviceRequest::new(
+        QemuId::new("gpu0").unwrap(),
+        vec![FunctionRequest::new(
+            0,
+            "vfio-pci",
+            vec![
+                FunctionResource::bar(0, BarKind::Mem64, true, 2 * MIB),
+                FunctionResource::bar(2, BarKind::Mem64, true, 16 * GIB),
+            ],
+        )],
+    );
+    for platform in [Virt::direct_kernel(), Virt::uefi()] {
+        let p = plan(&platform, &request(vec![cold.clone(), gpu.clone()])).unwrap();
+        let d = p.device("boot0").unwrap();
+        let port = p.port(d.port.as_ref().unwrap().as_str()).unwrap();
+        let pref = port.reservation.pref;
+        assert!(pref.size > 32 * GIB, "grown to the kernel's hotplug size: {pref:?}");
+        assert_eq!(pref.align, 32 * GIB, "still aligned to the boot-time BAR");
+        assert!(port.reservation.holds(&d.need), "{:?}", port.reservation);
+    }
+}

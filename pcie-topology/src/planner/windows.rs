@@ -371,11 +371,14 @@ impl<'a> Builder<'a> {
             .iter_mut()
             .filter(|p| p.kind != PortKind::BridgeSlot && !switch_ports.contains(p.id.as_str()))
         {
-            // The kernel gives the port max(what is below, the extra size), aligned only
-            // to its minimum when it is the extra size that counts.
+            // The kernel gives the port max(what is below, the extra size). It aligns the
+            // window to the largest BAR below it: an empty port's window only to the
+            // minimum, a window holding a boot-time device still to that device's BAR
+            // (the extra size does not lower it, and a window aligned only to the minimum
+            // could not hold the BAR it was sized for).
             let grow = |w: &mut WindowReservation, hp: u64| {
                 if hp > w.size {
-                    *w = WindowReservation { size: hp, align: start };
+                    *w = WindowReservation { size: hp, align: w.align.max(start) };
                 }
             };
             grow(&mut p.reservation.mem, hp_mem);
