@@ -1122,7 +1122,7 @@ pub fn bridge_requirement<'a>(
 }
 
 /// A short text for a requirement (`mem 16M, pref 128G+32M @128G`).
-pub fn describe_requirement(r: &Requirement) -> String {
+pub(crate) fn describe_requirement(r: &Requirement) -> String {
     let mut parts = Vec::new();
     if !r.mem.is_empty() {
         parts.push(format!("mem {} @{}", fmt_size(r.mem.size), fmt_size(r.mem.align)));

@@ -15,7 +15,7 @@ use pcie_topology::request::FunctionRequest;
 use pcie_topology::units::{GIB, KIB};
 use pcie_topology::{
     bars_fit, plan, AddressSpaceError, Attach, DeviceRequest, HotplugProfile, Mode, Plan, PlanError,
-    PlanOptions, PlanRequest, Platform, PortKind, QemuId, SpareRequest,
+    PlanRequest, Platform, PortKind, QemuId, SpareRequest,
 };
 use pcilibs::bar::BarKind;
 use pcilibs::requirement::{Resource, Window as WindowKind};
@@ -92,20 +92,11 @@ fn request() -> impl Strategy<Value = (usize, PlanRequest)> {
                 SpareRequest::new(profile.clone(), spares),
                 SpareRequest::new(profile, spares.min(1)).with_numa_node(0).with_p2p_group("g0"),
             ];
-            let options = {
-                let mut o = PlanOptions::default();
-                o.pack_root_ports = pack;
-                o.spare_bus_reserve = bus_reserve;
-                o
-            };
-            (
-                platform,
-                PlanRequest::default()
-                    .with_mode(mode)
-                    .with_devices(devices)
-                    .with_spares(spares)
-                    .with_options(options),
-            )
+            let mut request =
+                PlanRequest::default().with_mode(mode).with_devices(devices).with_spares(spares);
+            request.options.pack_root_ports = pack;
+            request.options.spare_bus_reserve = bus_reserve;
+            (platform, request)
         })
 }
 
