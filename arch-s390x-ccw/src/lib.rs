@@ -3,7 +3,7 @@
 //! s390x guests have no PCIe ports, so nothing sizes windows. What must not collide is
 //! addresses, and [`S390xCcw`] says how they are handed out
 //! ([`Addressing::Zpci`]); the planner is the same as on every other machine:
-//! [`pcie_topology::plan`] and [`pcie_topology::Plan::place`] /
+//! [`pcie_topology::plan()`] and [`pcie_topology::Plan::place`] /
 //! [`pcie_topology::Plan::release`].
 //!
 //! - **CCW device numbers** `fe.<ssid>.<devno>` (subchannel set 0–3, device number

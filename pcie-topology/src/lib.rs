@@ -5,12 +5,16 @@
 //! buses exist at boot, hands out ids, chassis/slot pairs, devfns and bus numbers from
 //! free sets, sizes each port's windows so that the largest BAR fits *wherever the
 //! platform's firmware places the window* (size and alignment), checks the whole guest
-//! address space, and returns a [`Plan`]: QEMU arguments for boot, `device_add` argument
-//! objects for hotplug, and the guest PCI path and BDF of every function (with the host
-//! function it passes through, see [`DeviceRequest::from_facts`] for the numbering).
+//! address space, and returns a [`Plan`]: QEMU arguments for boot, typed hotplug actions
+//! ([`HotplugAction`]: the [`QemuDevice`]s and [`QemuObject`]s an engine turns into
+//! `device_add` / `object-add`), and the guest PCI path and address of every function
+//! (a [`pcilibs::bdf::Bdf`], with the host function it passes through, see
+//! [`DeviceRequest::from_facts`] for the numbering).
 //!
 //! Machines are described by a [`Platform`] implementation from the `arch-x86-aarch64`
-//! (q35 with SeaBIOS or OVMF, aarch64 `virt`) and `arch-s390x-ccw` crates.
+//! (q35 with SeaBIOS or OVMF, aarch64 `virt`) and `arch-s390x-ccw` crates; every one is
+//! planned through [`plan()`], [`Plan::place`] and [`Plan::release`] (s390x, which has no
+//! PCIe ports, hands out CCW device numbers and zPCI ids instead: [`Addressing`]).
 //!
 //! # Why reservations look the way they do
 //!

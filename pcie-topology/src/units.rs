@@ -16,7 +16,7 @@ pub const TIB: u64 = 1 << 40;
 /// physical addresses of at most 52 bits (FEAT_LPA / LPA2); s390x zPCI has no bridge
 /// windows. A plan that ends above `1 << MAX_PHYS_BITS` is refused
 /// ([`crate::AddressSpaceError::PhysBits`]), and so is a memory resource larger than that
-/// ([`crate::RequestError::TooLarge`]), before any size is added up: with every input
+/// ([`crate::request::RequestError::TooLarge`]), before any size is added up: with every input
 /// below 2^52, the sums and round-ups of a plan stay far from 2^64, and every one of them
 /// is checked as well.
 pub const MAX_PHYS_BITS: u8 = 52;
