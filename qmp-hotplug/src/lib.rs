@@ -47,7 +47,10 @@
 #[cfg(feature = "tokio")]
 pub mod async_engine;
 pub mod client;
+mod deadline;
 pub mod engine;
+mod event_queue;
+pub mod files;
 pub mod journal;
 pub mod pci;
 pub mod request;

@@ -185,9 +185,11 @@ fn driver_allowed(driver: &str) -> bool {
 }
 
 /// PCI-to-PCI bridges (class 0x0604) may stay on their driver.
+/// Read as a regular file of at most 64 bytes: a FIFO or device planted in a sysfs tree
+/// is no bridge, and never blocks or fills memory.
 fn is_bridge(dev: &Path) -> bool {
-    std::fs::read_to_string(dev.join("class"))
-        .ok()
+    crate::files::read_small(&dev.join("class"), 64)
+        .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
         .is_some_and(|c| c >> 8 == 0x0604)
 }
@@ -248,6 +250,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A member whose `class` is a FIFO (or `/dev/zero`) is read as no bridge at once.
+    #[test]
+    fn special_class_file_does_not_block() {
+        let t = tree(&[
+            ("0000:01:00.0", "7", Some("vfio-pci"), "0x030200"),
+            ("0000:00:01.0", "7", Some("pcieport"), "0x060400"),
+        ]);
+        let class = t.path().join("devices/pci0000:00/0000:00:01.0/class");
+        std::fs::remove_file(&class).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &class,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let s = Sysfs::new(t.path());
+        let started = std::time::Instant::now();
+        let err = s.run(&VfioCheck::PciHost("0000:01:00.0".into())).unwrap_err();
+        assert!(matches!(err, VfioError::GroupNotViable { .. }), "{err:?}");
+        std::fs::remove_file(&class).unwrap();
+        symlink("/dev/zero", &class).unwrap();
+        assert!(matches!(
+            s.run(&VfioCheck::PciHost("0000:01:00.0".into())),
+            Err(VfioError::GroupNotViable { .. })
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
