@@ -743,6 +743,24 @@ enum Incoming {
     Other,
 }
 
+/// Reads one line as the client's reader thread does (for fuzzing QMP input): what kind
+/// of message it is (`"reply"`, `"event"` or `"other"`), or why it ends the connection.
+/// Events are parsed as their receiver would parse them.
+#[doc(hidden)]
+pub fn classify_line(line: &[u8]) -> std::result::Result<&'static str, CloseReason> {
+    Ok(match classify(line)? {
+        Incoming::Reply(..) => "reply",
+        Incoming::Event => {
+            // A line sorted as an event must read as one.
+            Event::from_line(line).map(|_| "event").ok_or_else(|| CloseReason::MalformedJson {
+                message: "an event that does not read back".into(),
+                preview: preview(line),
+            })?
+        }
+        Incoming::Other => "other",
+    })
+}
+
 /// Sorts a line without building its JSON tree: only the members QMP dispatches on are
 /// read, the rest stays raw text (a reply's `return` is parsed for its caller).
 fn classify(line: &[u8]) -> std::result::Result<Incoming, CloseReason> {
@@ -780,7 +798,7 @@ fn reader_loop(mut reader: LineReader, shared: &Shared, stop: &AtomicBool) {
                 match id.and_then(|id| conn.pending.remove(&id)) {
                     // The waiter may have given up in the meantime; nothing to do then.
                     Some(tx) => drop(tx.try_send(reply)),
-                    None => conn.stray_replies += 1,
+                    None => conn.stray_replies = conn.stray_replies.saturating_add(1),
                 }
             }
             Ok(Incoming::Event) => {
@@ -854,8 +872,8 @@ mod tests {
         #[test]
         fn any_json_is_classified(v in json()) {
             let line = serde_json::to_vec(&v).unwrap();
-            let r = classify(&line);
-            // Only objects are messages.
+            let r = classify_line(&line);
+            // Only objects are messages; every event reads back as one.
             prop_assert_eq!(r.is_ok(), v.is_object());
         }
     }

@@ -31,6 +31,9 @@ use crate::vfio::{self, Sysfs, VfioError};
 
 pub use recovery::{RecoveryAction, RecoveryReport};
 
+/// Port locks kept before those nobody holds are dropped.
+const MAX_IDLE_PORT_LOCKS: usize = 1024;
+
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -401,7 +404,13 @@ enum Removal {
 
 impl Inner {
     fn port_lock(&self, port: &str) -> Arc<Mutex<()>> {
-        Arc::clone(lock(&self.port_locks).entry(port.to_owned()).or_default())
+        let mut locks = lock(&self.port_locks);
+        // Requests naming ever new ports (most of them refused) must not leave a lock
+        // behind each: one nobody holds can go, and is made again when needed.
+        if locks.len() >= MAX_IDLE_PORT_LOCKS {
+            locks.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        Arc::clone(locks.entry(port.to_owned()).or_default())
     }
 
     fn step(&self, port: &str, step: Step) -> Result<()> {
