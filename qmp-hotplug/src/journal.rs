@@ -656,7 +656,7 @@ impl Journal {
 
     /// True when the file holds no record (only its header).
     pub fn is_empty(&self) -> bool {
-        self.ports.is_empty() && self.len <= offset(HEADER.len())
+        self.len <= offset(HEADER.len())
     }
 
     /// Compactions this process has made.

@@ -183,7 +183,9 @@ impl ObjectRequest {
 }
 
 /// A file the engine opens and passes to QEMU under a name (`getfd`), e.g. `/dev/iommu`
-/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`.
+/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`. Regular
+/// files, character and block devices are passed; a FIFO, socket or directory is refused
+/// (`EngineError::SpecialFile`) before the plug takes the port or journals anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdRequest {
     /// The name QEMU knows the descriptor by.

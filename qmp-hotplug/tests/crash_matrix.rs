@@ -376,7 +376,11 @@ fn tear(journal: &Path, fault: Fault, k: u64) -> Result<String, String> {
     let check = |b: &[u8], what: &str| -> Result<(), String> {
         let back = qmp_hotplug::journal::read_bytes(b).map_err(|e| format!("{what}: {e}"))?;
         if back.records != before || back.valid_len != start as u64 {
-            return Err(format!("{what}: read back {} records, valid to {}", back.records.len(), back.valid_len));
+            return Err(format!(
+                "{what}: read back {} records, valid to {}",
+                back.records.len(),
+                back.valid_len
+            ));
         }
         Ok(())
     };
