@@ -19,6 +19,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::bar::{Bar, BarKind};
 use crate::bdf::{Bdf, BdfError};
@@ -91,6 +92,61 @@ pub enum SysfsError {
         /// The most entries read.
         limit: usize,
     },
+    /// The device is not in the tree.
+    #[error("{path} does not exist: no such device on this host")]
+    NoDevice {
+        /// Where it would be.
+        path: PathBuf,
+    },
+    /// The device has no IOMMU group: the host has no IOMMU, or it is off.
+    #[error("{path} has no iommu_group: is the IOMMU on (intel_iommu=on or amd_iommu=on on the kernel command line)?")]
+    NoIommuGroup {
+        /// The device's directory.
+        path: PathBuf,
+    },
+    /// A member of an IOMMU group is on a driver that keeps VFIO from taking the group.
+    #[error(
+        "IOMMU group {group} is not viable: {member} is bound to {driver}; bind it to vfio-pci or unbind it"
+    )]
+    GroupNotViable {
+        /// The group.
+        group: u32,
+        /// The member.
+        member: MemberName,
+        /// Its driver.
+        driver: String,
+    },
+    /// The kernel refused a value written to an attribute (or the attribute is missing).
+    #[error("writing {value:?} to {path}: {source}")]
+    Write {
+        /// The attribute.
+        path: PathBuf,
+        /// What was written.
+        value: String,
+        /// The error the write returned.
+        source: std::io::Error,
+    },
+    /// The kernel did not show the result of a change before the deadline.
+    #[error("{bdf}: {waiting_for} not done after {waited:?} ({state})")]
+    Timeout {
+        /// The function.
+        bdf: Bdf,
+        /// What was waited for.
+        waiting_for: &'static str,
+        /// How long.
+        waited: Duration,
+        /// What was seen last.
+        state: String,
+    },
+    /// A path handed in is not one of the kind asked for (a sysfs path outside `/sys`, a
+    /// VFIO node outside `/dev/vfio`).
+    #[error("{path} is not {expected}")]
+    NotInTree {
+        /// The path.
+        path: PathBuf,
+        /// What it should have been.
+        expected: &'static str,
+    },
 }
 
 /// Most bytes of a `config` file: the 4096 bytes of PCI Express configuration space.
@@ -102,9 +158,13 @@ pub const ATTRIBUTE_LIMIT: usize = 4096;
 /// more than the PCI functions of sixteen fully populated segments.
 pub const ENTRY_LIMIT: usize = 1 << 20;
 
+mod bind;
+mod cdev;
 mod files;
+mod groups;
 
 pub use files::read_regular_prefix;
+pub use groups::{GroupMember, IommuGroup, MemberName};
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, SysfsError>;
@@ -113,10 +173,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SysfsError + '_ {
     move |source| SysfsError::Io { path: path.to_path_buf(), source }
 }
 
-/// A sysfs tree.
+/// A host's PCI functions as sysfs shows them, and the device nodes VFIO makes for them.
+///
+/// [`Sysfs::default`] is the host's own (`/sys` and `/dev`); tests and tools that read a
+/// captured tree root it elsewhere ([`Sysfs::new`], [`Sysfs::with_dev`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sysfs {
     root: PathBuf,
+    dev: PathBuf,
 }
 
 impl Default for Sysfs {
@@ -126,14 +190,26 @@ impl Default for Sysfs {
 }
 
 impl Sysfs {
-    /// A tree rooted at `root` (the directory that holds `bus/pci/devices`).
+    /// A tree rooted at `root` (the directory that holds `bus/pci/devices`), with device
+    /// nodes in `/dev`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Sysfs { root: root.into() }
+        Sysfs { root: root.into(), dev: PathBuf::from("/dev") }
+    }
+
+    /// The same tree with device nodes (`vfio/<group>`, `vfio/devices/vfio<N>`, `iommu`)
+    /// in `dev` instead of `/dev`.
+    pub fn with_dev(self, dev: impl Into<PathBuf>) -> Self {
+        Sysfs { dev: dev.into(), ..self }
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The directory of device nodes.
+    pub fn dev(&self) -> &Path {
+        &self.dev
     }
 
     /// `bus/pci/devices` below the root.
@@ -346,6 +422,19 @@ impl SysfsDevice {
         Bdf::parse(&name).map(Some).map_err(|source| SysfsError::Bdf { path: p, source })
     }
 
+    /// The functions directly below this bridge (on its secondary bus), sorted: the
+    /// entries of its directory named by PCI addresses, as the kernel nests them.
+    pub fn downstream_functions(&self) -> Result<Vec<Bdf>> {
+        let mut out = Vec::new();
+        for entry in bounded_read_dir(&self.path)? {
+            if let Ok(bdf) = Bdf::parse(&entry?.file_name().to_string_lossy()) {
+                out.push(bdf);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Bridges above the function, root first (from the resolved directory path:
     /// `/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0` gives `[0000:00:01.0]`).
     pub fn upstream_bridges(&self) -> Result<Vec<Bdf>> {
@@ -359,19 +448,18 @@ impl SysfsDevice {
         Ok(chain)
     }
 
-    /// Facts from `config`, `resource` and the host links.
-    ///
-    /// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID; the
-    /// kernel's `vendor` and `device` files have the real ones and are used instead. Its BAR
-    /// registers read as zero (the PF's SR-IOV capability describes them), which would
-    /// decode as 32-bit BARs; they are filled in from the `resource` file's addresses and
-    /// flags, as `vfio-pci` does in its config region.
-    pub fn facts(&self) -> Result<FunctionFacts> {
+    /// Configuration space ([`SysfsDevice::config`]) with what an SR-IOV VF's registers
+    /// leave out filled in from the kernel's other files, as `vfio-pci` presents it in its
+    /// config region: the vendor and device ID (a VF reads 0xffff; the `vendor` and
+    /// `device` files have them) and the BAR registers (zero in a VF; from the `resource`
+    /// file's addresses and flags). Other functions' bytes are returned as read.
+    pub fn completed_config(&self) -> Result<Vec<u8>> {
         let mut config = self.config()?;
         if config.get(..4) == Some(&[0xff, 0xff, 0xff, 0xff]) {
             if let (Some(v), Some(d)) = (self.id_file("vendor")?, self.id_file("device")?) {
                 if let Some(ids) = config.get_mut(..4) {
-                    ids.copy_from_slice(&[v as u8, (v >> 8) as u8, d as u8, (d >> 8) as u8]);
+                    let (v, d) = (v.to_le_bytes(), d.to_le_bytes());
+                    ids.copy_from_slice(&[v[0], v[1], d[0], d[1]]);
                 }
             }
         }
@@ -380,6 +468,18 @@ impl SysfsDevice {
                 vf_bar_registers(&mut config, &resource);
             }
         }
+        Ok(config)
+    }
+
+    /// Facts from `config`, `resource` and the host links.
+    ///
+    /// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID; the
+    /// kernel's `vendor` and `device` files have the real ones and are used instead. Its BAR
+    /// registers read as zero (the PF's SR-IOV capability describes them), which would
+    /// decode as 32-bit BARs; they are filled in from the `resource` file's addresses and
+    /// flags, as `vfio-pci` does in its config region.
+    pub fn facts(&self) -> Result<FunctionFacts> {
+        let config = self.completed_config()?;
         let f = Function::decode(&config).map_err(|source| FactsError::Config { bdf: self.bdf, source })?;
         let total_vfs = match f.sriov() {
             Some(s) => Some(s.total_vfs),
