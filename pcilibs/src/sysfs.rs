@@ -1,6 +1,19 @@
-//! Host PCI functions from a sysfs tree (`/sys` on a host, any directory in tests).
+//! The host layer: PCI functions from a sysfs tree (`/sys` on a host, any directory in
+//! tests) and what a VMM needs to hand them to a guest with VFIO.
+//!
+//! - Enumeration and facts: [`Sysfs::functions`], [`Sysfs::facts`], [`SysfsDevice`].
+//! - IOMMU groups and whether VFIO can take them: [`Sysfs::iommu_group`],
+//!   [`Sysfs::viable_group`], and the checks a runtime makes before it hot-plugs a
+//!   function ([`Sysfs::check_vfio_function`]) or a device named by its sysfs path
+//!   ([`Sysfs::check_vfio_device`], QEMU's `sysfsdev=`).
+//! - Binding to `vfio-pci` and creating SR-IOV VFs, each with one deadline
+//!   ([`Sysfs::bind_vfio`], [`Sysfs::create_vfs`]).
+//! - VFIO device nodes: `/dev/vfio/<group>` to its functions ([`Sysfs::group_of_node`]),
+//!   a function to its iommufd character device and back ([`Sysfs::vfio_cdev`],
+//!   [`Sysfs::function_of_cdev`]), `/dev/iommu` ([`Sysfs::iommufd_node`]).
 //!
 //! [`Sysfs`] is rooted at a sysfs mount point; functions live in `bus/pci/devices/<bdf>`.
+//! Device nodes are looked up below `/dev`, or another directory ([`Sysfs::with_dev`]).
 //! Every name taken from the tree (directory entries, link targets) must parse as a strict
 //! [`Bdf`] (or a decimal number for IOMMU groups) before it is used in a path, so nothing
 //! read from the tree can make this module open a file outside it.

@@ -174,13 +174,6 @@ pub(crate) fn read_bounded(file: &mut File, limit: u64) -> Result<Vec<u8>, ReadE
     Ok(out)
 }
 
-/// A small regular file (a sysfs attribute): its bytes, or `None` when it is missing,
-/// not a regular file, unreadable or longer than `limit`.
-pub(crate) fn read_small(path: &Path, limit: u64) -> Option<Vec<u8>> {
-    let mut file = open(path, Access::READ, &[FileKind::Regular]).ok()?;
-    read_bounded(&mut file, limit).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,7 +211,6 @@ mod tests {
         let f = open(Path::new("/dev/null"), Access::READ, &[FileKind::CharDevice]).unwrap();
         let fl = rustix::fs::fcntl_getfl(&f).unwrap();
         assert!(!fl.contains(OFlags::NONBLOCK));
-        assert_eq!(read_small(&p, 16), None);
     }
 
     #[test]
@@ -230,7 +222,5 @@ mod tests {
         assert!(matches!(read_bounded(&mut f, 99), Err(ReadError::TooLarge)));
         let mut f = open(&p, Access::READ, &[FileKind::Regular]).unwrap();
         assert_eq!(read_bounded(&mut f, 100).unwrap().len(), 100);
-        assert_eq!(read_small(&p, 10), None);
-        assert_eq!(read_small(&p, 100).map(|v| v.len()), Some(100));
     }
 }

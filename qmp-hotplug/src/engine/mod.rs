@@ -27,7 +27,9 @@ use crate::journal::{self, Journal, JournalError, JournalHook, OpKind, Record, S
 use crate::pci;
 use crate::request::{DeviceRequest, Expectation, Prepared, RequestError};
 use crate::state::{bounded_note, now_ms, DeviceRecord, DeviceState, GuestAddress, Transition};
-use crate::vfio::{self, Sysfs, VfioError};
+use crate::vfio;
+use pcilibs::bdf::BdfError;
+use pcilibs::sysfs::{Sysfs, SysfsError};
 
 pub use recovery::{RecoveryAction, RecoveryReport};
 
@@ -41,9 +43,18 @@ pub enum EngineError {
     /// The request is invalid; nothing was sent.
     #[error(transparent)]
     Request(#[from] RequestError),
-    /// A VFIO pre-check failed; nothing was sent.
+    /// A VFIO pre-check failed (the host device is missing, has no IOMMU group, or its
+    /// group is not viable); nothing was sent.
     #[error(transparent)]
-    Vfio(#[from] VfioError),
+    Vfio(#[from] SysfsError),
+    /// A VFIO device's `host=` is not a PCI address; nothing was sent.
+    #[error("device {id}: host= is not a PCI address: {source}")]
+    HostAddress {
+        /// The device id.
+        id: String,
+        /// Why.
+        source: BdfError,
+    },
     /// The journal could not be written or read.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -173,7 +184,7 @@ pub struct EngineOptions {
     pub placeholder_timeout: Duration,
     /// How long `device_del` is retried while the guest is busy with the slot.
     pub busy_retry: Duration,
-    /// Where sysfs is read for the VFIO checks.
+    /// Where sysfs is read for the VFIO checks (`pcilibs`'s host layer).
     pub sysfs: Sysfs,
     /// Called after each journal record is durable (observability, fault injection).
     pub journal_hook: Option<JournalHook>,
@@ -450,8 +461,8 @@ impl Inner {
 
     fn plug(&self, mut request: DeviceRequest) -> Result<DeviceRecord> {
         let prepared = request.prepare()?;
-        for check in vfio::checks_for(&request) {
-            self.options.sysfs.run(&check)?;
+        for check in vfio::checks_for(&request)? {
+            check.run(&self.options.sysfs)?;
         }
         // Before the port lock and the journal: a file that cannot be passed is refused
         // with nothing held, nothing journaled.
