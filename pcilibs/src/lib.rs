@@ -16,5 +16,5 @@ pub mod requirement;
 pub mod sizing;
 #[cfg(feature = "std")]
 pub mod sysfs;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(all(feature = "vfio", target_os = "linux"))]
 pub mod vfio;
