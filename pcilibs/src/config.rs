@@ -397,6 +397,7 @@ impl AddressRange {
 
 /// Bus numbers and forwarding windows of a type-1 header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BridgeInfo {
     /// Bus number on the upstream side.
     pub primary_bus: u8,
@@ -469,6 +470,7 @@ fn range(base: u64, limit: u64) -> Option<AddressRange> {
 
 /// The decoded common header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Header {
     /// Vendor ID.
     pub vendor_id: u16,

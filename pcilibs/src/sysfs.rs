@@ -282,6 +282,7 @@ fn bounded_read_dir(dir: &Path) -> Result<impl Iterator<Item = Result<fs::DirEnt
 
 /// A function's sysfs directory, together with the neighbours sysfs links to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct HostDevice {
     /// The function's own facts.
     pub facts: FunctionFacts,

@@ -272,7 +272,7 @@ fn group_companions_and_requirement() {
     assert_eq!(kept, ["0000:02:00.0", "0000:02:00.1", "0000:02:00.2"], "the root port goes, 0x0680 stays");
     let chosen: Vec<_> = passthrough_functions(&facts).into_iter().cloned().collect();
     let plain = requirement_of(&chosen, &ResourceOptions::default()).unwrap();
-    let all = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let all = ResourceOptions::all();
     let full = requirement_of(&chosen, &all).unwrap();
     assert!(full.pref.size > plain.pref.size, "VF BARs and ReBAR maxima add to the 64-bit window");
     // cap-rebar's BAR 0 can grow to 4 GiB; the 64-bit window must align to it.

@@ -117,6 +117,7 @@ pub type Result<T> = core::result::Result<T, CapError>;
 
 /// One entry of the standard list: its ID and offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct CapEntry {
     /// Capability ID.
     pub id: u8,
@@ -192,6 +193,7 @@ impl Iterator for CapIter<'_> {
 
 /// The entries of the standard list and the error that ended the walk, if any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CapWalk {
     /// Entries in list order.
     pub entries: Vec<CapEntry>,
@@ -246,6 +248,7 @@ pub enum Capability {
 
 /// One capability: where it is and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Cap {
     /// Capability ID.
     pub id: u8,

@@ -41,6 +41,7 @@ pub enum VendorSpecific {
 /// QEMU's bridge resource reservation (set with `bus-reserve`, `io-reserve`, `mem-reserve`,
 /// `pref32-reserve`, `pref64-reserve`). `None` means the property was not set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuResourceReserve {
     /// Minimum number of buses to reserve below the bridge.
     pub bus: Option<u32>,
@@ -56,6 +57,7 @@ pub struct QemuResourceReserve {
 
 /// virtio PCI capability: where one register block lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct VirtioCap {
     /// Block type (1 common, 2 notify, 3 ISR, 4 device, 5 PCI config access, 8 shared memory).
     pub cfg_type: u8,

@@ -152,6 +152,7 @@ pub type Result<T> = core::result::Result<T, EcapError>;
 
 /// One entry of the extended list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct ExtCapEntry {
     /// Capability ID.
     pub id: u16,
@@ -225,6 +226,7 @@ impl Iterator for ExtCapIter<'_> {
 
 /// The entries of the extended list and the error that ended the walk, if any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtCapWalk {
     /// Entries in list order.
     pub entries: Vec<ExtCapEntry>,
@@ -294,6 +296,7 @@ pub enum ExtCapability {
 
 /// One extended capability: where it is and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtCap {
     /// Capability ID.
     pub id: u16,

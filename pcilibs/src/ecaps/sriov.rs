@@ -46,6 +46,7 @@ pub mod reg {
 
 /// Decoded SR-IOV capability.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Sriov {
     /// SR-IOV capabilities register.
     pub capabilities: u32,

@@ -75,6 +75,7 @@ pub type Result<T> = core::result::Result<T, SizingError>;
 /// upper half of a 64-bit BAR). `vf_bars` holds *per-VF* sizes and is `None` when the
 /// source says nothing about VF BARs (VFIO does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarSizes {
     /// Where the sizes came from.
     pub source: SizeSource,
@@ -136,6 +137,7 @@ const FIRST_IOV_LINE: usize = 7;
 
 /// One line of a sysfs `resource` file: `start end flags`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceEntry {
     /// First address (0 when unassigned).
     pub start: u64,
@@ -179,6 +181,7 @@ impl ResourceEntry {
 /// lines when it was built with `CONFIG_PCI_IOV`, then four bridge windows for bridges,
 /// so 0, 4, 6 or 10 lines follow the ROM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceFile {
     /// The lines in order.
     pub entries: alloc::vec::Vec<ResourceEntry>,
