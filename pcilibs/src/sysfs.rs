@@ -314,6 +314,21 @@ impl SysfsDevice {
         Ok(SysfsDevice { bdf, path })
     }
 
+    /// Every function directory in `dir`, sorted: its entries named by PCI addresses, as
+    /// in `bus/pci/devices` or a folder of captured functions. Other entries (a README
+    /// next to captured functions) are not functions and are passed over.
+    pub fn all_in(dir: &Path) -> Result<Vec<Self>> {
+        let mut out = Vec::new();
+        for entry in bounded_read_dir(dir)? {
+            let entry = entry?;
+            if let Ok(bdf) = Bdf::parse(&entry.file_name().to_string_lossy()) {
+                out.push(SysfsDevice { bdf, path: entry.path() });
+            }
+        }
+        out.sort_by_key(|d| d.bdf);
+        Ok(out)
+    }
+
     /// The function's address.
     pub fn bdf(&self) -> Bdf {
         self.bdf

@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 use super::{Regs, Result};
 
 /// PCI vendor ID of Red Hat, used by QEMU's own PCI devices.
-pub const VENDOR_REDHAT: u16 = 0x1b36;
+pub(crate) const VENDOR_REDHAT: u16 = 0x1b36;
 /// PCI vendor ID of virtio devices.
-pub const VENDOR_VIRTIO: u16 = 0x1af4;
+pub(crate) const VENDOR_VIRTIO: u16 = 0x1af4;
 /// Type byte of QEMU's resource reservation capability.
-pub const QEMU_RESOURCE_RESERVE: u8 = 1;
+pub(crate) const QEMU_RESOURCE_RESERVE: u8 = 1;
 /// Length of QEMU's resource reservation capability.
-pub const QEMU_RESOURCE_RESERVE_LEN: u8 = 32;
+pub(crate) const QEMU_RESOURCE_RESERVE_LEN: u8 = 32;
 
 /// A decoded vendor-specific capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -117,13 +117,11 @@ impl BarSizes {
 }
 
 /// Kernel resource flag: I/O space.
-pub const IORESOURCE_IO: u64 = 0x100;
-/// Kernel resource flag: memory space.
-pub const IORESOURCE_MEM: u64 = 0x200;
+pub(crate) const IORESOURCE_IO: u64 = 0x100;
 /// Kernel resource flag: prefetchable.
-pub const IORESOURCE_PREFETCH: u64 = 0x2000;
+pub(crate) const IORESOURCE_PREFETCH: u64 = 0x2000;
 /// Kernel resource flag: 64-bit memory.
-pub const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+pub(crate) const IORESOURCE_MEM_64: u64 = 0x0010_0000;
 /// Kernel resource flag: disabled (Linux 6.15 and later write a disabled bridge window,
 /// and a BAR the kernel cannot handle, as the empty range `0..=u64::MAX`).
 const IORESOURCE_DISABLED: u64 = 0x1000_0000;
@@ -143,7 +141,8 @@ pub struct ResourceEntry {
     pub start: u64,
     /// Last address.
     pub end: u64,
-    /// Kernel `IORESOURCE_*` flags.
+    /// Kernel `IORESOURCE_*` flags (`include/linux/ioport.h`): 0x100 I/O, 0x200 memory,
+    /// 0x2000 prefetchable, 0x10_0000 64-bit, 0x1000_0000 disabled, 0x2000_0000 unset.
     pub flags: u64,
 }
 
