@@ -16,6 +16,8 @@
 //! [`pcie_topology::Plan::release`] add and remove devices at run time, rebuilding the
 //! free sets from the plan, so a number freed in the middle is handed out again.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use pcie_topology::alloc::FreeSet;

@@ -26,6 +26,7 @@ use crate::config::PCIE_CONFIG_SIZE;
 use crate::facts::{FactsError, FunctionFacts};
 use crate::sizing::{BarSizes, SizeSource};
 
+#[allow(unsafe_code)]
 mod sys;
 
 /// Errors of VFIO access.

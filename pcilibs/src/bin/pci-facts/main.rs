@@ -8,6 +8,8 @@
 //! Problems are reported per function; the other functions still print. The exit status is
 //! 1 when a PATH could not be read at all or no function was found, 2 for a bad command line.
 
+#![forbid(unsafe_code)]
+
 mod human;
 mod json;
 
