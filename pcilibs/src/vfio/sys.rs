@@ -181,6 +181,8 @@ mod tests {
     }
 
     #[test]
+    // `c_ulong` is `u64` here but `u32` on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
     fn ioctl_numbers_equal_vmm_sys_util_encoding() {
         let theirs = [
             VFIO_GET_API_VERSION(),
