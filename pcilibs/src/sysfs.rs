@@ -38,9 +38,7 @@ use crate::bar::{Bar, BarKind};
 use crate::bdf::{Bdf, BdfError};
 use crate::decode::Function;
 use crate::facts::{FactsError, FunctionFacts, SriovFacts};
-use crate::sizing::{
-    BarSizes, ResourceFile, SizingError, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
-};
+use crate::sizing::{BarSizes, ResourceFile, SizingError};
 
 /// Errors reading sysfs.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +159,13 @@ pub enum SysfsError {
         expected: &'static str,
     },
 }
+
+/// Kernel resource flag of a `resource` line: I/O space.
+const IORESOURCE_IO: u64 = 0x100;
+/// Kernel resource flag: prefetchable.
+const IORESOURCE_PREFETCH: u64 = 0x2000;
+/// Kernel resource flag: 64-bit memory.
+const IORESOURCE_MEM_64: u64 = 0x0010_0000;
 
 /// Most bytes of a `config` file: the 4096 bytes of PCI Express configuration space.
 pub const CONFIG_LIMIT: usize = 4096;

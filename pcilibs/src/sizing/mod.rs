@@ -116,12 +116,6 @@ impl BarSizes {
     }
 }
 
-/// Kernel resource flag: I/O space.
-pub(crate) const IORESOURCE_IO: u64 = 0x100;
-/// Kernel resource flag: prefetchable.
-pub(crate) const IORESOURCE_PREFETCH: u64 = 0x2000;
-/// Kernel resource flag: 64-bit memory.
-pub(crate) const IORESOURCE_MEM_64: u64 = 0x0010_0000;
 /// Kernel resource flag: disabled (Linux 6.15 and later write a disabled bridge window,
 /// and a BAR the kernel cannot handle, as the empty range `0..=u64::MAX`).
 const IORESOURCE_DISABLED: u64 = 0x1000_0000;
