@@ -309,7 +309,7 @@ fn subsystem_id(r: &Regs<'_>) -> Result<Capability> {
 
 /// Registers of one capability, read relative to its offset; missing bytes are errors.
 #[derive(Debug, Clone, Copy)]
-pub struct Regs<'a> {
+pub(crate) struct Regs<'a> {
     cs: ConfigSpace<'a>,
     id: u8,
     offset: u8,
@@ -326,22 +326,22 @@ impl Regs<'_> {
     }
 
     /// Byte at `rel` past the capability start.
-    pub fn u8(&self, rel: usize) -> Result<u8> {
+    pub(crate) fn u8(&self, rel: usize) -> Result<u8> {
         self.cs.u8(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 1))
     }
 
     /// 16-bit register at `rel`.
-    pub fn u16(&self, rel: usize) -> Result<u16> {
+    pub(crate) fn u16(&self, rel: usize) -> Result<u16> {
         self.cs.u16(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 2))
     }
 
     /// 32-bit register at `rel`.
-    pub fn u32(&self, rel: usize) -> Result<u32> {
+    pub(crate) fn u32(&self, rel: usize) -> Result<u32> {
         self.cs.u32(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 4))
     }
 
     /// 64-bit register at `rel`.
-    pub fn u64(&self, rel: usize) -> Result<u64> {
+    pub(crate) fn u64(&self, rel: usize) -> Result<u64> {
         self.cs.u64(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 8))
     }
 }
