@@ -19,6 +19,8 @@
 //!   ([`DeviceRequest::vfio_ap`](pcie_topology::DeviceRequest::vfio_ap)) have no guest
 //!   address.
 
+#![forbid(unsafe_code)]
+
 use pcie_topology::platform::{Addressing, Arch, ExtraArgs, Platform, PlatformSpec, Totals};
 use serde::{Deserialize, Serialize};
 

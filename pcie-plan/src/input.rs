@@ -28,7 +28,7 @@ pub(crate) fn devices(args: &Args) -> Result<Vec<DeviceRequest>, String> {
             });
         }
         let id = QemuId::new(format!("hostdev{n}")).map_err(|e| e.to_string())?;
-        let opts = ResourceOptions { include_rom: true, ..ResourceOptions::default() };
+        let opts = ResourceOptions::default().with_rom(true);
         let mut d = DeviceRequest::from_facts(id, &functions, &opts).map_err(|e| match e {
             RequestError::UnknownSize { bdf, what } => format!(
                 "host function {bdf}: the size of {what} is unknown; a dump has no BAR sizes: give each with --bar-size {bdf}:INDEX=SIZE"

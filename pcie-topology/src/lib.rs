@@ -81,6 +81,8 @@
 //! # Ok::<(), pcie_topology::PlanError>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod alloc;
 mod check;
 pub mod error;

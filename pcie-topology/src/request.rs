@@ -766,29 +766,13 @@ mod tests {
     /// An nvme-like function at `bdf` in IOMMU group `group`, with one 16 KiB BAR.
     fn nvme(bdf: &str, group: u32) -> FunctionFacts {
         use pcilibs::bar::Bar;
-        use pcilibs::config::HeaderType;
-        FunctionFacts {
-            bdf: Bdf::parse(bdf).unwrap(),
-            vendor_id: 0x1b36,
-            device_id: 0x0010,
-            subsystem_vendor_id: None,
-            subsystem_id: None,
-            revision: 2,
-            class_code: 0x010802,
-            header_type: HeaderType::Normal,
-            multifunction: false,
-            is_pcie: true,
-            port_type: None,
-            bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }],
-            rom_size: None,
-            sriov: None,
-            rebar: Vec::new(),
-            iommu_group: Some(group),
-            numa_node: None,
-            driver: Some("vfio-pci".into()),
-            size_source: None,
-            problems: Vec::new(),
-        }
+        let mut f = FunctionFacts::new(Bdf::parse(bdf).unwrap(), 0x1b36, 0x0010, 0x010802);
+        f.revision = 2;
+        f.is_pcie = true;
+        f.bars = vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }];
+        f.iommu_group = Some(group);
+        f.driver = Some("vfio-pci".into());
+        f
     }
 
     /// A GPU-like physical function: 16 MiB BAR 0, a resizable 64-bit prefetchable BAR 2
@@ -801,21 +785,10 @@ mod tests {
         let bar = |index, kind, prefetchable, size| Bar { index, kind, prefetchable, size: Some(size) };
         f.bars = vec![bar(0, BarKind::Mem32, false, 16 * MIB), bar(2, BarKind::Mem64, true, 256 * MIB)];
         f.rom_size = Some(128 << 10);
-        f.rebar = vec![RebarFacts {
-            bar: 2,
-            supported_sizes: vec![256 * MIB, 512 * MIB, 8 * GIB],
-            current_size: 256 * MIB,
-        }];
-        f.sriov = Some(SriovFacts {
-            total_vfs: 4,
-            num_vfs: 0,
-            initial_vfs: 4,
-            first_vf_offset: 1,
-            vf_stride: 1,
-            vf_device_id: 0x1234,
-            vf_bars: vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)],
-        });
-        let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+        f.rebar = vec![RebarFacts::new(2, vec![256 * MIB, 512 * MIB, 8 * GIB], 256 * MIB)];
+        let vf_bars = vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)];
+        f.sriov = Some(SriovFacts::new(4, 1, 1, 0x1234, vf_bars));
+        let opts = ResourceOptions::all();
         (f, opts)
     }
 

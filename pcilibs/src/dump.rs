@@ -58,6 +58,7 @@ pub enum DumpError {
 
 /// One device of a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DumpDevice {
     /// Address (domain 0 when the dump used the short form).
     pub bdf: Bdf,
@@ -71,6 +72,7 @@ pub struct DumpDevice {
 
 /// A parsed dump.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Dump {
     /// Devices in file order.
     pub devices: Vec<DumpDevice>,

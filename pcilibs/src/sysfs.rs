@@ -1,6 +1,19 @@
-//! Host PCI functions from a sysfs tree (`/sys` on a host, any directory in tests).
+//! The host layer: PCI functions from a sysfs tree (`/sys` on a host, any directory in
+//! tests) and what a VMM needs to hand them to a guest with VFIO.
+//!
+//! - Enumeration and facts: [`Sysfs::functions`], [`Sysfs::facts`], [`SysfsDevice`].
+//! - IOMMU groups and whether VFIO can take them: [`Sysfs::iommu_group`],
+//!   [`Sysfs::viable_group`], and the checks a runtime makes before it hot-plugs a
+//!   function ([`Sysfs::check_vfio_function`]) or a device named by its sysfs path
+//!   ([`Sysfs::check_vfio_device`], QEMU's `sysfsdev=`).
+//! - Binding to `vfio-pci` and creating SR-IOV VFs, each with one deadline
+//!   ([`Sysfs::bind_vfio`], [`Sysfs::create_vfs`]).
+//! - VFIO device nodes: `/dev/vfio/<group>` to its functions ([`Sysfs::group_of_node`]),
+//!   a function to its iommufd character device and back ([`Sysfs::vfio_cdev`],
+//!   [`Sysfs::function_of_cdev`]), `/dev/iommu` ([`Sysfs::iommufd_node`]).
 //!
 //! [`Sysfs`] is rooted at a sysfs mount point; functions live in `bus/pci/devices/<bdf>`.
+//! Device nodes are looked up below `/dev`, or another directory ([`Sysfs::with_dev`]).
 //! Every name taken from the tree (directory entries, link targets) must parse as a strict
 //! [`Bdf`] (or a decimal number for IOMMU groups) before it is used in a path, so nothing
 //! read from the tree can make this module open a file outside it.
@@ -19,14 +32,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::bar::{Bar, BarKind};
 use crate::bdf::{Bdf, BdfError};
 use crate::decode::Function;
 use crate::facts::{FactsError, FunctionFacts, SriovFacts};
-use crate::sizing::{
-    BarSizes, ResourceFile, SizingError, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
-};
+use crate::sizing::{BarSizes, ResourceFile, SizingError};
 
 /// Errors reading sysfs.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +103,69 @@ pub enum SysfsError {
         /// The most entries read.
         limit: usize,
     },
+    /// The device is not in the tree.
+    #[error("{path} does not exist: no such device on this host")]
+    NoDevice {
+        /// Where it would be.
+        path: PathBuf,
+    },
+    /// The device has no IOMMU group: the host has no IOMMU, or it is off.
+    #[error("{path} has no iommu_group: is the IOMMU on (intel_iommu=on or amd_iommu=on on the kernel command line)?")]
+    NoIommuGroup {
+        /// The device's directory.
+        path: PathBuf,
+    },
+    /// A member of an IOMMU group is on a driver that keeps VFIO from taking the group.
+    #[error(
+        "IOMMU group {group} is not viable: {member} is bound to {driver}; bind it to vfio-pci or unbind it"
+    )]
+    GroupNotViable {
+        /// The group.
+        group: u32,
+        /// The member.
+        member: MemberName,
+        /// Its driver.
+        driver: String,
+    },
+    /// The kernel refused a value written to an attribute (or the attribute is missing).
+    #[error("writing {value:?} to {path}: {source}")]
+    Write {
+        /// The attribute.
+        path: PathBuf,
+        /// What was written.
+        value: String,
+        /// The error the write returned.
+        source: std::io::Error,
+    },
+    /// The kernel did not show the result of a change before the deadline.
+    #[error("{bdf}: {waiting_for} not done after {waited:?} ({state})")]
+    Timeout {
+        /// The function.
+        bdf: Bdf,
+        /// What was waited for.
+        waiting_for: &'static str,
+        /// How long.
+        waited: Duration,
+        /// What was seen last.
+        state: String,
+    },
+    /// A path handed in is not one of the kind asked for (a sysfs path outside `/sys`, a
+    /// VFIO node outside `/dev/vfio`).
+    #[error("{path} is not {expected}")]
+    NotInTree {
+        /// The path.
+        path: PathBuf,
+        /// What it should have been.
+        expected: &'static str,
+    },
 }
+
+/// Kernel resource flag of a `resource` line: I/O space.
+const IORESOURCE_IO: u64 = 0x100;
+/// Kernel resource flag: prefetchable.
+const IORESOURCE_PREFETCH: u64 = 0x2000;
+/// Kernel resource flag: 64-bit memory.
+const IORESOURCE_MEM_64: u64 = 0x0010_0000;
 
 /// Most bytes of a `config` file: the 4096 bytes of PCI Express configuration space.
 pub const CONFIG_LIMIT: usize = 4096;
@@ -102,9 +176,13 @@ pub const ATTRIBUTE_LIMIT: usize = 4096;
 /// more than the PCI functions of sixteen fully populated segments.
 pub const ENTRY_LIMIT: usize = 1 << 20;
 
+mod bind;
+mod cdev;
 mod files;
+mod groups;
 
 pub use files::read_regular_prefix;
+pub use groups::{GroupMember, IommuGroup, MemberName};
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, SysfsError>;
@@ -113,10 +191,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SysfsError + '_ {
     move |source| SysfsError::Io { path: path.to_path_buf(), source }
 }
 
-/// A sysfs tree.
+/// A host's PCI functions as sysfs shows them, and the device nodes VFIO makes for them.
+///
+/// [`Sysfs::default`] is the host's own (`/sys` and `/dev`); tests and tools that read a
+/// captured tree root it elsewhere ([`Sysfs::new`], [`Sysfs::with_dev`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sysfs {
     root: PathBuf,
+    dev: PathBuf,
 }
 
 impl Default for Sysfs {
@@ -126,14 +208,26 @@ impl Default for Sysfs {
 }
 
 impl Sysfs {
-    /// A tree rooted at `root` (the directory that holds `bus/pci/devices`).
+    /// A tree rooted at `root` (the directory that holds `bus/pci/devices`), with device
+    /// nodes in `/dev`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Sysfs { root: root.into() }
+        Sysfs { root: root.into(), dev: PathBuf::from("/dev") }
+    }
+
+    /// The same tree with device nodes (`vfio/<group>`, `vfio/devices/vfio<N>`, `iommu`)
+    /// in `dev` instead of `/dev`.
+    pub fn with_dev(self, dev: impl Into<PathBuf>) -> Self {
+        Sysfs { dev: dev.into(), ..self }
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The directory of device nodes.
+    pub fn dev(&self) -> &Path {
+        &self.dev
     }
 
     /// `bus/pci/devices` below the root.
@@ -193,6 +287,7 @@ fn bounded_read_dir(dir: &Path) -> Result<impl Iterator<Item = Result<fs::DirEnt
 
 /// A function's sysfs directory, together with the neighbours sysfs links to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct HostDevice {
     /// The function's own facts.
     pub facts: FunctionFacts,
@@ -222,6 +317,21 @@ impl SysfsDevice {
         let name = canonical.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let bdf = Bdf::parse(name).map_err(|source| SysfsError::Bdf { path: path.clone(), source })?;
         Ok(SysfsDevice { bdf, path })
+    }
+
+    /// Every function directory in `dir`, sorted: its entries named by PCI addresses, as
+    /// in `bus/pci/devices` or a folder of captured functions. Other entries (a README
+    /// next to captured functions) are not functions and are passed over.
+    pub fn all_in(dir: &Path) -> Result<Vec<Self>> {
+        let mut out = Vec::new();
+        for entry in bounded_read_dir(dir)? {
+            let entry = entry?;
+            if let Ok(bdf) = Bdf::parse(&entry.file_name().to_string_lossy()) {
+                out.push(SysfsDevice { bdf, path: entry.path() });
+            }
+        }
+        out.sort_by_key(|d| d.bdf);
+        Ok(out)
     }
 
     /// The function's address.
@@ -346,6 +456,19 @@ impl SysfsDevice {
         Bdf::parse(&name).map(Some).map_err(|source| SysfsError::Bdf { path: p, source })
     }
 
+    /// The functions directly below this bridge (on its secondary bus), sorted: the
+    /// entries of its directory named by PCI addresses, as the kernel nests them.
+    pub fn downstream_functions(&self) -> Result<Vec<Bdf>> {
+        let mut out = Vec::new();
+        for entry in bounded_read_dir(&self.path)? {
+            if let Ok(bdf) = Bdf::parse(&entry?.file_name().to_string_lossy()) {
+                out.push(bdf);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Bridges above the function, root first (from the resolved directory path:
     /// `/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0` gives `[0000:00:01.0]`).
     pub fn upstream_bridges(&self) -> Result<Vec<Bdf>> {
@@ -359,19 +482,18 @@ impl SysfsDevice {
         Ok(chain)
     }
 
-    /// Facts from `config`, `resource` and the host links.
-    ///
-    /// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID; the
-    /// kernel's `vendor` and `device` files have the real ones and are used instead. Its BAR
-    /// registers read as zero (the PF's SR-IOV capability describes them), which would
-    /// decode as 32-bit BARs; they are filled in from the `resource` file's addresses and
-    /// flags, as `vfio-pci` does in its config region.
-    pub fn facts(&self) -> Result<FunctionFacts> {
+    /// Configuration space ([`SysfsDevice::config`]) with what an SR-IOV VF's registers
+    /// leave out filled in from the kernel's other files, as `vfio-pci` presents it in its
+    /// config region: the vendor and device ID (a VF reads 0xffff; the `vendor` and
+    /// `device` files have them) and the BAR registers (zero in a VF; from the `resource`
+    /// file's addresses and flags). Other functions' bytes are returned as read.
+    pub fn completed_config(&self) -> Result<Vec<u8>> {
         let mut config = self.config()?;
         if config.get(..4) == Some(&[0xff, 0xff, 0xff, 0xff]) {
             if let (Some(v), Some(d)) = (self.id_file("vendor")?, self.id_file("device")?) {
                 if let Some(ids) = config.get_mut(..4) {
-                    ids.copy_from_slice(&[v as u8, (v >> 8) as u8, d as u8, (d >> 8) as u8]);
+                    let (v, d) = (v.to_le_bytes(), d.to_le_bytes());
+                    ids.copy_from_slice(&[v[0], v[1], d[0], d[1]]);
                 }
             }
         }
@@ -380,6 +502,18 @@ impl SysfsDevice {
                 vf_bar_registers(&mut config, &resource);
             }
         }
+        Ok(config)
+    }
+
+    /// Facts from `config`, `resource` and the host links.
+    ///
+    /// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID; the
+    /// kernel's `vendor` and `device` files have the real ones and are used instead. Its BAR
+    /// registers read as zero (the PF's SR-IOV capability describes them), which would
+    /// decode as 32-bit BARs; they are filled in from the `resource` file's addresses and
+    /// flags, as `vfio-pci` does in its config region.
+    pub fn facts(&self) -> Result<FunctionFacts> {
+        let config = self.completed_config()?;
         let f = Function::decode(&config).map_err(|source| FactsError::Config { bdf: self.bdf, source })?;
         let total_vfs = match f.sriov() {
             Some(s) => Some(s.total_vfs),

@@ -71,8 +71,7 @@ fn need(args: &Args) -> Result<(String, Vec<Resource>), String> {
         return Err("name the device: --host BDF (repeatable) or --need PROFILE".into());
     }
     let sysfs = Sysfs::new(&args.sysfs_root);
-    let opts =
-        ResourceOptions { include_sriov_vfs: args.with_vfs, include_rom: true, ..ResourceOptions::default() };
+    let opts = ResourceOptions::default().with_sriov_vfs(args.with_vfs).with_rom(true);
     let mut out = Vec::new();
     for text in &args.host {
         let bdf: Bdf = text.parse().map_err(|e| format!("{text}: {e}"))?;

@@ -19,6 +19,7 @@ const SIZE_ENCODINGS: u32 = 44;
 
 /// One resizable BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RebarEntry {
     /// BAR index this entry controls.
     pub bar: u8,
@@ -43,6 +44,7 @@ impl RebarEntry {
 
 /// Decoded Resizable BAR capability.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Rebar {
     /// One entry per resizable BAR.
     pub entries: Vec<RebarEntry>,

@@ -75,6 +75,7 @@ pub type Result<T> = core::result::Result<T, SizingError>;
 /// upper half of a 64-bit BAR). `vf_bars` holds *per-VF* sizes and is `None` when the
 /// source says nothing about VF BARs (VFIO does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarSizes {
     /// Where the sizes came from.
     pub source: SizeSource,
@@ -115,14 +116,6 @@ impl BarSizes {
     }
 }
 
-/// Kernel resource flag: I/O space.
-pub const IORESOURCE_IO: u64 = 0x100;
-/// Kernel resource flag: memory space.
-pub const IORESOURCE_MEM: u64 = 0x200;
-/// Kernel resource flag: prefetchable.
-pub const IORESOURCE_PREFETCH: u64 = 0x2000;
-/// Kernel resource flag: 64-bit memory.
-pub const IORESOURCE_MEM_64: u64 = 0x0010_0000;
 /// Kernel resource flag: disabled (Linux 6.15 and later write a disabled bridge window,
 /// and a BAR the kernel cannot handle, as the empty range `0..=u64::MAX`).
 const IORESOURCE_DISABLED: u64 = 0x1000_0000;
@@ -136,12 +129,14 @@ const FIRST_IOV_LINE: usize = 7;
 
 /// One line of a sysfs `resource` file: `start end flags`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceEntry {
     /// First address (0 when unassigned).
     pub start: u64,
     /// Last address.
     pub end: u64,
-    /// Kernel `IORESOURCE_*` flags.
+    /// Kernel `IORESOURCE_*` flags (`include/linux/ioport.h`): 0x100 I/O, 0x200 memory,
+    /// 0x2000 prefetchable, 0x10_0000 64-bit, 0x1000_0000 disabled, 0x2000_0000 unset.
     pub flags: u64,
 }
 
@@ -179,6 +174,7 @@ impl ResourceEntry {
 /// lines when it was built with `CONFIG_PCI_IOV`, then four bridge windows for bridges,
 /// so 0, 4, 6 or 10 lines follow the ROM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceFile {
     /// The lines in order.
     pub entries: alloc::vec::Vec<ResourceEntry>,

@@ -12,7 +12,7 @@
 //! file is an error after a bounded read.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use super::{io, Result, SysfsError};
@@ -55,10 +55,16 @@ fn check_regular(path: &Path, file_type: fs::FileType) -> Result<()> {
 /// anything else is [`SysfsError::NotRegularFile`], a missing file the `NotFound` I/O
 /// error (which callers of optional files look for).
 fn open_regular(path: &Path) -> std::result::Result<File, OpenError> {
-    let before = fs::metadata(path).map_err(OpenError::Io)?;
-    check_regular(path, before.file_type()).map_err(OpenError::Sysfs)?;
     let mut options = OpenOptions::new();
     options.read(true);
+    open_checked(path, options)
+}
+
+/// Opens `path` with `options` (plus `O_NONBLOCK | O_NOCTTY`) when it is a regular file,
+/// checked before and after the open as [`open_regular`] describes.
+fn open_checked(path: &Path, mut options: OpenOptions) -> std::result::Result<File, OpenError> {
+    let before = fs::metadata(path).map_err(OpenError::Io)?;
+    check_regular(path, before.file_type()).map_err(OpenError::Sysfs)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -131,4 +137,29 @@ pub(super) fn read_optional_text(path: &Path, limit: usize) -> Result<Option<Str
 pub fn read_regular_prefix(path: &Path, limit: usize) -> Result<Vec<u8>> {
     read_bounded(path, limit, Longer::Cut)?
         .ok_or_else(|| io(path)(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")))
+}
+
+/// Writes `value` to the sysfs attribute at `path` in one `write`, as `echo value > path`
+/// does. The attribute must exist and be a regular file (sysfs attributes are; a FIFO,
+/// a device or a directory is [`SysfsError::NotRegularFile`], refused before it is
+/// opened, so a planted FIFO cannot block the write); nothing is created. A kernel that
+/// refuses the value answers the write with an error, which is [`SysfsError::Write`].
+pub(super) fn write_attribute(path: &Path, value: &str) -> Result<()> {
+    let failed = |source| SysfsError::Write { path: path.to_path_buf(), value: value.to_owned(), source };
+    let mut options = OpenOptions::new();
+    options.write(true).truncate(true);
+    let mut file = match open_checked(path, options) {
+        Ok(f) => f,
+        Err(OpenError::Io(e)) => return Err(failed(e)),
+        Err(OpenError::Sysfs(e)) => return Err(e),
+    };
+    // One write: the kernel takes an attribute's value from a single write call.
+    let written = file.write(value.as_bytes()).map_err(failed)?;
+    if written != value.len() {
+        return Err(failed(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("{written} of {} bytes written", value.len()),
+        )));
+    }
+    Ok(())
 }

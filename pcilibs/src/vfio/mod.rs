@@ -26,6 +26,7 @@ use crate::config::PCIE_CONFIG_SIZE;
 use crate::facts::{FactsError, FunctionFacts};
 use crate::sizing::{BarSizes, SizeSource};
 
+#[allow(unsafe_code)]
 mod sys;
 
 /// Errors of VFIO access.
@@ -78,6 +79,7 @@ pub type Result<T> = std::result::Result<T, VfioError>;
 
 /// What `VFIO_DEVICE_GET_REGION_INFO` says about one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct RegionInfo {
     /// Region index.
     pub index: u32,
@@ -87,6 +89,14 @@ pub struct RegionInfo {
     pub size: u64,
     /// Offset of the region in the device file.
     pub offset: u64,
+}
+
+impl RegionInfo {
+    /// Region `index` as `VFIO_DEVICE_GET_REGION_INFO` describes it: for implementations
+    /// of [`VfioDevice`] outside this crate.
+    pub const fn new(index: u32, flags: u32, size: u64, offset: u64) -> Self {
+        RegionInfo { index, flags, size, offset }
+    }
 }
 
 /// A VFIO device: region info plus reads at a region offset.
