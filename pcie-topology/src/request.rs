@@ -84,7 +84,9 @@ pub enum RequestError {
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum HostRef {
-    /// A host PCI function, passed as `vfio-pci,host=`.
+    /// A host PCI function, passed as `vfio-pci,host=`. (Requests written before it was
+    /// typed said `{"bdf": "0000:01:00.0"}`; that still reads.)
+    #[serde(alias = "bdf")]
     Pci(Bdf),
     /// A sysfs device path, passed as `sysfsdev=` (vfio-pci, vfio-ccw, mdev, vfio-ap).
     Sysfsdev(String),
@@ -843,6 +845,20 @@ mod tests {
         assert_eq!(r, FunctionResource { resource: plain, index: None, role: ResourceRole::Bar });
         let text = serde_json::to_string(&FunctionResource::bar(2, BarKind::Mem64, true, GIB)).unwrap();
         assert!(text.contains(r#""index":2"#) && !text.contains("role"), "{text}");
+    }
+
+    /// A host function is written `{"pci": address}`; `{"bdf": address}`, as requests said
+    /// before, still reads. Text that is not an address is refused.
+    #[test]
+    fn host_functions_in_json() {
+        let pci = HostRef::Pci(Bdf::parse("0000:01:00.1").unwrap());
+        assert_eq!(serde_json::to_string(&pci).unwrap(), r#"{"pci":"0000:01:00.1"}"#);
+        for text in [r#"{"pci":"0000:01:00.1"}"#, r#"{"bdf":"0000:01:00.1"}"#] {
+            assert_eq!(serde_json::from_str::<HostRef>(text).unwrap(), pci, "{text}");
+        }
+        assert!(serde_json::from_str::<HostRef>(r#"{"pci":"../../etc"}"#).is_err());
+        let vmd = HostRef::Pci(Bdf::parse("10000:e1:00.0").unwrap());
+        assert_eq!(serde_json::to_string(&vmd).unwrap(), r#"{"pci":"10000:e1:00.0"}"#);
     }
 
     #[test]
