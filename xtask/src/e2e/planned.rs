@@ -261,9 +261,9 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
     let spec = guest_spec(scenario, &planned);
-    let assets = GuestAssets::ensure(&ctx.cache, scenario.arch).map_err(s)?;
-    report.kernel = assets.kernel.release.clone();
-    let guest = Guest::boot(&spec, &assets, &ctx.cache).map_err(s)?;
+    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(s)?;
+    report.set_versions(scenario, &assets);
+    let guest = Guest::boot(&spec, &assets).map_err(s)?;
     report.qemu = guest.command_line();
     report.accel = guest.accel().qemu_name().into();
     report.boot_ms = guest.boot_time().map(|d| d.as_millis());

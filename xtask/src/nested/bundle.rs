@@ -1,30 +1,38 @@
 //! Files the outer guest needs beyond the harness's initramfs: the inner QEMU with its
-//! shared libraries, its TCG accelerator module and the firmware files it loads, the
-//! project's program (dynamically linked, so with its libraries too) and the kernel the
-//! inner guest boots.
+//! shared libraries, dynamic loader, TCG accelerator module and the firmware files it
+//! loads, the project's program (dynamically linked, so with its libraries too) and the
+//! kernel the inner guest boots.
 //!
-//! Libraries are found with `ldd` and placed at the paths `ldd` names; the dynamic loader
-//! of the outer guest finds them in its default directories (there is no `ld.so.cache`).
-//! The host's Debian QEMU looks for firmware in `/usr/share/seabios` and `/usr/share/qemu`
-//! and for modules in `/usr/lib/x86_64-linux-gnu/qemu`, relative to `/usr/bin`, so every
-//! file keeps its host path.
+//! The inner QEMU is the stack's: its files keep their paths inside the stack's root,
+//! under [`STACK_PREFIX`] in the outer guest, and it runs there through the root's own
+//! loader as on the host ([`Launcher::relocated`]), so its libraries never mix with the
+//! program's. The program's libraries are the host's (it is built here), found with
+//! `ldd` and placed at the paths `ldd` names; the outer guest's default loader finds them
+//! in its default directories (there is no `ld.so.cache`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::arch::Arch;
 use crate::initramfs::ExtraFile;
+use crate::launcher::Launcher;
+use crate::stacks::StackRoot;
 
 type Result<T> = std::result::Result<T, String>;
 
-/// The inner QEMU.
+/// Where the stack's root goes in the outer guest.
+pub const STACK_PREFIX: &str = "/stack";
+
+/// The inner QEMU, inside the root.
 pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
-/// QEMU's TCG accelerator, built as a module in Debian's QEMU.
-pub const TCG_MODULE: &str = "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so";
+/// QEMU's TCG accelerator for x86 guests, a module in Debian's QEMU (7.2); built in
+/// where the root has no such file.
+pub const TCG_MODULE: &str = "accel-tcg-x86_64.so";
 
 /// Firmware files a q35 guest with SeaBIOS and a `-kernel` loads (`pvh.bin` for an ELF
-/// kernel, `linuxboot_dma.bin` for a bzImage).
+/// kernel, `linuxboot_dma.bin` for a bzImage), inside the root.
 pub const FIRMWARE: [&str; 4] = [
     "/usr/share/seabios/bios-256k.bin",
     "/usr/share/qemu/kvmvapic.bin",
@@ -115,30 +123,43 @@ impl Bundle {
         Ok(())
     }
 
-    /// QEMU for x86_64 guests, its TCG module and firmware, at their host paths.
-    pub fn add_qemu(&mut self) -> Result<()> {
-        for path in [QEMU, TCG_MODULE] {
-            self.add_elf(Path::new(path), path)?;
+    /// The stack's QEMU for x86_64 guests with its loader, libraries, TCG module (where
+    /// it is one) and firmware, under [`STACK_PREFIX`]; returns the launcher that runs it
+    /// there.
+    pub fn add_stack_qemu(&mut self, stack: &StackRoot) -> Result<Launcher> {
+        let root = &stack.root;
+        let launcher = &stack.launcher;
+        let guest_path = |host: &Path| -> Result<String> {
+            let rel = host
+                .strip_prefix(root)
+                .map_err(|_| format!("{} is not inside {}", host.display(), root.display()))?;
+            Ok(Path::new(STACK_PREFIX).join(rel).display().to_string())
+        };
+        let loader = launcher.loader.clone().ok_or("the stack has no loader")?;
+        self.add_file(&loader, &guest_path(&loader)?, 0o755)?;
+        let binary = launcher.program(Arch::X86_64.qemu_binary());
+        let mut elves = vec![binary];
+        if let Some(module) =
+            launcher.qemu_module_dir.as_ref().map(|d| d.join(TCG_MODULE)).filter(|m| m.is_file())
+        {
+            elves.push(module);
+        }
+        for elf in elves {
+            self.add_file(&elf, &guest_path(&elf)?, 0o755)?;
+            for lib in launcher.libraries(&elf, root)? {
+                self.add_file(&lib, &guest_path(&lib)?, 0o755)?;
+            }
         }
         for path in FIRMWARE {
-            self.add_file(Path::new(path), path, 0o644)?;
+            let file = stack.file(path);
+            // The guest path is the installed one: QEMU's `-L` folders are searched by name.
+            self.add_file(
+                &file,
+                &Path::new(STACK_PREFIX).join(path.trim_start_matches('/')).display().to_string(),
+                0o644,
+            )?;
         }
-        Ok(())
-    }
-
-    /// An unpacked QEMU (bookworm-backports) at the host QEMU's paths, with its
-    /// libraries (from this host, which has them: same Debian release) and firmware.
-    /// Its accelerators are built in, so there is no module to add.
-    pub fn add_qemu_from(&mut self, qemu: &crate::stacks::BackportsQemu) -> Result<()> {
-        self.add_file(&qemu.binary, QEMU, 0o755)?;
-        for lib in libraries(&qemu.binary)? {
-            let path = lib.to_str().ok_or_else(|| format!("library path {} is not UTF-8", lib.display()))?;
-            self.add_file(&lib, path, 0o755)?;
-        }
-        for (guest, host) in &qemu.firmware {
-            self.add_file(host, guest, 0o644)?;
-        }
-        Ok(())
+        Ok(launcher.relocated(root, Path::new(STACK_PREFIX)))
     }
 
     /// Total bytes.
@@ -258,23 +279,32 @@ mod tests {
         assert!(e.contains("no xz payload"), "{e}");
     }
 
-    /// The real QEMU of this machine with everything it loads.
+    /// The default stack's QEMU with everything it loads, and a launcher that runs it
+    /// from the guest paths.
     #[test]
-    fn qemu_bundle_has_libraries_module_and_firmware() {
-        assert!(
-            Path::new(QEMU).exists(),
-            "{QEMU} is missing: install qemu-system-x86 (cargo xtask provision)"
-        );
+    fn stack_qemu_bundle_has_loader_libraries_and_firmware() {
+        let stack = crate::default_stack().unwrap();
+        let root = stack.root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"));
         let mut b = Bundle::new();
-        b.add_qemu().unwrap();
+        let launcher = b.add_stack_qemu(&root).unwrap();
         let paths: Vec<String> = b.files.keys().cloned().collect();
-        for want in [QEMU, TCG_MODULE, "/usr/share/seabios/bios-256k.bin", "/lib64/ld-linux-x86-64.so.2"] {
+        let loader = launcher.loader.clone().unwrap();
+        assert!(loader.starts_with(STACK_PREFIX), "{loader:?}");
+        assert!(paths.iter().any(|p| Path::new(p) == loader), "{loader:?} missing from {paths:?}");
+        for want in [
+            "/stack/usr/bin/qemu-system-x86_64",
+            "/stack/usr/share/seabios/bios-256k.bin",
+            "/stack/usr/share/qemu/pvh.bin",
+        ] {
             assert!(paths.iter().any(|p| p == want), "{want} missing from {paths:?}");
         }
         assert!(paths.iter().any(|p| p.contains("libglib-2.0.so")), "{paths:?}");
+        assert!(paths.iter().all(|p| p.starts_with("/stack/")), "{paths:?}");
+        assert_eq!(launcher.bin_dir.as_deref(), Some(Path::new("/stack/usr/bin")));
+        assert!(launcher.qemu_data_dirs.iter().all(|d| d.starts_with(STACK_PREFIX)), "{launcher:?}");
         assert!(b.bytes() > 10 << 20);
         let n = b.len();
-        b.add_qemu().unwrap();
+        b.add_stack_qemu(&root).unwrap();
         assert_eq!(b.len(), n, "adding twice changes nothing");
     }
 }
