@@ -169,6 +169,42 @@ pub struct AptSource {
     pub preferences: String,
 }
 
+/// Settings of the host's apt configuration that a private set-up keeps: how to reach
+/// the network (proxies, retries) and whether a Release file's dates are checked (a
+/// machine fed from an archive snapshot turns that off). Signatures are checked either way.
+pub const HOST_ACQUIRE_KEYS: [&str; 5] = [
+    "Acquire::http::Proxy",
+    "Acquire::https::Proxy",
+    "Acquire::Retries",
+    "Acquire::Check-Valid-Until",
+    "Acquire::Check-Date",
+];
+
+/// The lines of `apt-config dump` output that set one of [`HOST_ACQUIRE_KEYS`] (or a
+/// per-host variant of a proxy key).
+pub fn acquire_settings(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|l| {
+            let key = l.split_whitespace().next().unwrap_or("");
+            HOST_ACQUIRE_KEYS
+                .iter()
+                .any(|k| key == *k || (k.ends_with("Proxy") && key.starts_with(&format!("{k}::"))))
+        })
+        .filter(|l| l.trim_end().ends_with("\";"))
+        .map(String::from)
+        .collect()
+}
+
+/// [`acquire_settings`] of the host's apt configuration, read once.
+fn host_acquire_settings() -> &'static [String] {
+    static SETTINGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SETTINGS.get_or_init(|| {
+        command::output(Command::new("apt-config").arg("dump"))
+            .map(|d| acquire_settings(&d))
+            .unwrap_or_default()
+    })
+}
+
 /// The Debian architecture of this host, which `all` packages are fetched as.
 pub fn native_arch() -> &'static str {
     Arch::host().map_or("amd64", Arch::deb_arch)
@@ -233,6 +269,10 @@ impl AptSource {
         if is_root() {
             // apt drops to the `_apt` user for downloads, which cannot write here.
             text.push_str("APT::Sandbox::User \"root\";\n");
+        }
+        for line in host_acquire_settings() {
+            text.push_str(line);
+            text.push('\n');
         }
         text
     }
@@ -322,6 +362,15 @@ pub fn parse_depends(show_output: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// Each stanza of `apt-cache show` output (one per version), in order: its version and
+/// its `Depends:` (see [`parse_depends`]).
+pub fn parse_stanzas(show_output: &str) -> Vec<(String, Vec<(String, Option<String>)>)> {
+    show_output
+        .split("\n\n")
+        .filter_map(|stanza| Some((parse_version(stanza)?, parse_depends(stanza))))
+        .collect()
+}
+
 /// The packages `apt-get -s install` would unpack: its `Inst NAME (VERSION SUITES [ARCH])`
 /// lines.
 pub fn parse_simulated_installs(output: &str) -> Vec<DebRef> {
@@ -407,11 +456,16 @@ impl DebCache {
         self.state_dir().join(format!("{name}_{}.current", arch.deb_arch()))
     }
 
-    /// Whether this source has package lists yet.
+    /// Where a successful `apt-get update` records the sources it fetched lists for.
+    fn lists_marker(&self) -> PathBuf {
+        self.source.dir(&self.root).join("lists.sources")
+    }
+
+    /// Whether this source has complete package lists for its current sources: an
+    /// update that failed half-way (one suite unreachable) or a changed sources list
+    /// does not count.
     pub fn has_lists(&self) -> bool {
-        std::fs::read_dir(self.lists_dir()).is_ok_and(|entries| {
-            entries.flatten().any(|e| e.file_name().to_string_lossy().contains("Packages"))
-        })
+        std::fs::read_to_string(self.lists_marker()).is_ok_and(|t| t == self.source.lines)
     }
 
     /// Fetches the source's package lists (`apt-get update`).
@@ -429,7 +483,8 @@ impl DebCache {
             }
         })?;
         UPDATED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(self.source.name.into());
-        Ok(())
+        let marker = self.lists_marker();
+        std::fs::write(&marker, &self.source.lines).map_err(io_err("writing", &marker))
     }
 
     /// Updates the lists unless this process did so already; whether it ran now.
@@ -612,6 +667,32 @@ impl DebCache {
             "--no-all-versions",
             &format!("{package}:{}", arch.deb_arch()),
         ]))
+    }
+
+    /// `apt-cache show` of every version of `package` for `arch` the lists know, in
+    /// apt's order (newest first).
+    pub fn show_all(&self, package: &str, arch: Arch) -> std::result::Result<String, CommandError> {
+        let _apt = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        command::output(
+            self.source
+                .command(&self.root, "apt-cache")
+                .args(["show", &format!("{package}:{}", arch.deb_arch())]),
+        )
+    }
+
+    /// `apt-cache show` of `package` at `version` for `arch`.
+    pub fn show_version(
+        &self,
+        package: &str,
+        version: &str,
+        arch: Arch,
+    ) -> std::result::Result<String, CommandError> {
+        let _apt = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        command::output(
+            self.source
+                .command(&self.root, "apt-cache")
+                .args(["show", &format!("{package}:{}={version}", arch.deb_arch())]),
+        )
     }
 
     /// The last version of `name` that was unpacked for `arch`, if it is still there.
@@ -899,6 +980,24 @@ mod tests {
         for arch in Arch::ALL {
             assert!(text.contains(&format!("\"{}\";", arch.deb_arch())), "{text}");
         }
+    }
+
+    #[test]
+    fn network_and_date_settings_follow_the_host() {
+        let dump = "APT::Architecture \"amd64\";\n\
+                    Acquire::Check-Valid-Until \"false\";\n\
+                    Acquire::http::Proxy \"http://proxy:3128\";\n\
+                    Acquire::http::Proxy::deb.debian.org \"DIRECT\";\n\
+                    Acquire::IndexTargets::deb::DEP-11::MetaKey \"x\";\n\
+                    DPkg::Post-Invoke:: \"rm -f /var/cache/apt/archives/*.deb\";\n";
+        assert_eq!(
+            acquire_settings(dump),
+            [
+                "Acquire::Check-Valid-Until \"false\";",
+                "Acquire::http::Proxy \"http://proxy:3128\";",
+                "Acquire::http::Proxy::deb.debian.org \"DIRECT\";"
+            ]
+        );
     }
 
     #[test]

@@ -186,11 +186,89 @@ pub fn locate_kernel(dir: &Path, release: &str) -> Result<(PathBuf, PathBuf, Pat
     Ok((image, config, modules_dir))
 }
 
+/// The kernel series of a Debian kernel version (`6.12.118-1` → `6.12`).
+pub fn kernel_series(version: &str) -> Option<String> {
+    let mut parts = version.split(['.', '-', '+', '~']);
+    let (major, minor) = (parts.next()?, parts.next()?);
+    (major.chars().all(|c| c.is_ascii_digit()) && minor.chars().all(|c| c.is_ascii_digit()))
+        .then(|| format!("{major}.{minor}"))
+}
+
+/// The kernels of the metapackage's other versions (`apt-cache show` stanzas, newest
+/// first) of the same series as `failed_version`: each one's image package and version.
+pub fn same_series_images(
+    stanzas: &[(String, Vec<(String, Option<String>)>)],
+    failed_version: &str,
+) -> Vec<(String, String)> {
+    let Some(series) = kernel_series(failed_version) else { return Vec::new() };
+    stanzas
+        .iter()
+        .filter(|(version, _)| {
+            version != failed_version && kernel_series(version).as_deref() == Some(&series)
+        })
+        .filter_map(|(version, depends)| {
+            let (image, pinned) = depends.iter().find(|(n, _)| n.starts_with("linux-image-"))?;
+            Some((image.clone(), pinned.clone().unwrap_or_else(|| version.clone())))
+        })
+        .collect()
+}
+
+/// The packages of `image` at `version` (the image first, then its split parts).
+fn image_packages(cache: &DebCache, arch: Arch, image: &str, version: &str) -> debs::Result<Vec<DebRef>> {
+    let release = image.trim_start_matches("linux-image-");
+    let show = cache.show_version(image, version, arch).map_err(|source| debs::DebError::Fetch {
+        package: image.to_string(),
+        arch: arch.deb_arch(),
+        version: version.to_string(),
+        source_name: cache.source().name.into(),
+        source,
+    })?;
+    let mut refs = vec![DebRef {
+        package: image.to_string(),
+        version: version.to_string(),
+        arch: arch.deb_arch().into(),
+    }];
+    refs.extend(split_parts(&debs::parse_depends(&show), release, version, arch));
+    Ok(refs)
+}
+
+/// When the archive does not serve the candidate kernel of `arch` (404: a new version
+/// listed before its files reached the mirror), the newest other version of the same
+/// series that it does serve; the error of the candidate when there is none.
+fn same_series_fallback(cache: &DebCache, arch: Arch, failed: debs::DebError) -> Result<debs::Unpacked> {
+    let meta = format!("linux-image-{}", arch.deb_arch());
+    let failed_version = match &failed {
+        debs::DebError::Fetch { version, .. } => version.clone(),
+        _ => return Err(failed.into()),
+    };
+    let Ok(all) = cache.show_all(&meta, arch) else { return Err(failed.into()) };
+    for (image, version) in same_series_images(&debs::parse_stanzas(&all), &failed_version) {
+        let key = format!("{meta}.fallback");
+        match cache.ensure_set(&key, arch, |c| image_packages(c, arch, &image, &version)) {
+            Ok(found) => {
+                eprintln!(
+                    "kernels: {arch}: the archive does not serve kernel {failed_version} (404); using {} {} of the same series",
+                    found.package, found.version
+                );
+                return Ok(found);
+            }
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(failed.into())
+}
+
 /// The kernel for `arch`, resolved from Debian's `linux-image-<debarch>` metapackage, all
-/// its packages unpacked into one folder.
+/// its packages unpacked into one folder. When the archive does not serve the candidate
+/// (404), the newest served version of the same kernel series is used.
 pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
     let meta = format!("linux-image-{}", arch.deb_arch());
-    let unpacked = cache.ensure_set(&meta, arch, |c| kernel_packages(c, arch))?;
+    let unpacked = match cache.ensure_set(&meta, arch, |c| kernel_packages(c, arch)) {
+        Ok(found) => found,
+        Err(e) if e.is_not_found() => same_series_fallback(cache, arch, e)?,
+        Err(e) => return Err(e.into()),
+    };
     let release = unpacked.package.trim_start_matches("linux-image-").to_string();
     let (image, config, modules_dir) = locate_kernel(&unpacked.dir, &release)?;
     Ok(GuestKernel {
@@ -468,6 +546,25 @@ mod tests {
         assert!(e.contains("kernel image") && e.contains("usr/lib/modules/7.3.4+deb13-amd64/vmlinuz"), "{e}");
         let e = locate_kernel(tmp.path(), "6.1.0-1-amd64").unwrap_err().to_string();
         assert!(e.contains("modules"), "{e}");
+    }
+
+    #[test]
+    fn fallback_stays_in_the_kernel_series() {
+        assert_eq!(kernel_series("6.12.118-1").as_deref(), Some("6.12"));
+        assert_eq!(kernel_series("7.3.4-1~bpo13+1").as_deref(), Some("7.3"));
+        assert_eq!(kernel_series("1:2"), None);
+        let show = "Package: linux-image-s390x\nVersion: 7.3.4-1~bpo13+1\nDepends: linux-image-7.3.4+deb13-s390x (= 7.3.4-1~bpo13+1)\n\n\
+                    Package: linux-image-s390x\nVersion: 6.12.118-1\nDepends: linux-image-6.12.118+deb13-s390x (= 6.12.118-1)\n\n\
+                    Package: linux-image-s390x\nVersion: 6.12.117-1\nDepends: linux-image-6.12.117+deb13-s390x (= 6.12.117-1)\n";
+        let stanzas = debs::parse_stanzas(show);
+        assert_eq!(stanzas.len(), 3);
+        // trixie's 6.12.118 missing: 6.12.117, not the 7.3 of another generation.
+        assert_eq!(
+            same_series_images(&stanzas, "6.12.118-1"),
+            [("linux-image-6.12.117+deb13-s390x".to_string(), "6.12.117-1".to_string())]
+        );
+        // current's 7.3.4 missing: nothing else of 7.3, so no fallback at all.
+        assert!(same_series_images(&stanzas, "7.3.4-1~bpo13+1").is_empty());
     }
 
     #[test]

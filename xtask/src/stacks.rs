@@ -143,6 +143,8 @@ pub struct StackDef {
     pub suites: &'static [Suite],
     /// Pins that pick suites per package.
     pub pins: &'static [Pin],
+    /// Packages the root needs beyond [`ROOT_PACKAGES`] in this generation.
+    pub extra_packages: &'static [&'static str],
 }
 
 const fn suite(uri: &'static str, suite: &'static str) -> Suite {
@@ -160,6 +162,7 @@ pub const STACKS: [StackDef; 3] = [
             suite(DEBIAN_SECURITY, "bookworm-security"),
         ],
         pins: &[],
+        extra_packages: &[],
     },
     StackDef {
         name: "trixie",
@@ -170,6 +173,9 @@ pub const STACKS: [StackDef; 3] = [
             suite(DEBIAN_SECURITY, "trixie-security"),
         ],
         pins: &[],
+        // Debian 13 packages the s390x emulator on its own (`qemu-system-misc` still
+        // depends on it in 10.0, no longer in 11).
+        extra_packages: &["qemu-system-s390x"],
     },
     StackDef {
         name: "current",
@@ -189,6 +195,7 @@ pub const STACKS: [StackDef; 3] = [
             // ...and nothing else unless asked for by name.
             Pin { packages: "*", suite: "sid", priority: 1 },
         ],
+        extra_packages: &["qemu-system-s390x"],
     },
 ];
 
@@ -304,6 +311,9 @@ pub struct StackRoot {
     pub launcher: Launcher,
     /// First line of `qemu-system-x86_64 --version`.
     pub qemu_version: String,
+    /// [`set_hash`]-style hash of the source (lines and pins) the root was resolved from:
+    /// a changed definition provisions a new root.
+    pub source_hash: String,
 }
 
 /// The first line of `--version` output without QEMU's prefix.
@@ -312,16 +322,25 @@ pub fn parse_qemu_version(output: &str) -> String {
     first.strip_prefix("QEMU emulator version ").unwrap_or(first).to_string()
 }
 
-/// A short hash of a package set, naming its root folder (FNV-1a, stable across builds).
-pub fn set_hash(refs: &[DebRef]) -> String {
+/// FNV-1a of `text` (stable across builds and platforms), as 16 hex digits.
+fn fnv(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for r in refs {
-        for b in format!("{} {} {}\n", r.package, r.version, r.arch).bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// A short hash of a package set, naming its root folder.
+pub fn set_hash(refs: &[DebRef]) -> String {
+    let text: String = refs.iter().map(|r| format!("{} {} {}\n", r.package, r.version, r.arch)).collect();
+    fnv(&text)
+}
+
+/// A short hash of a source's lines and pins.
+pub fn source_hash(source: &AptSource) -> String {
+    fnv(&format!("{}\n--\n{}", source.lines, source.preferences))
 }
 
 impl StackRoot {
@@ -482,12 +501,16 @@ impl Stack {
     fn cached_root(&self) -> Option<StackRoot> {
         let text = std::fs::read(self.manifest()).ok()?;
         let root: StackRoot = serde_json::from_slice(&text).ok()?;
-        (root.root.is_dir() && root.launcher.loader.as_ref().is_some_and(|l| l.exists())).then_some(root)
+        let usable = root.source_hash == source_hash(&self.def.source())
+            && root.root.is_dir()
+            && root.launcher.loader.as_ref().is_some_and(|l| l.exists());
+        usable.then_some(root)
     }
 
     fn provision_root(&self) -> Result<StackRoot> {
         let debs = self.debs();
-        let wanted: Vec<String> = ROOT_PACKAGES.iter().map(|p| p.to_string()).collect();
+        let wanted: Vec<String> =
+            ROOT_PACKAGES.iter().chain(self.def.extra_packages).map(|p| p.to_string()).collect();
         let refs = debs.solve(&wanted).map_err(self.deb_err())?;
         let dir = self.dir().join(format!("root-{}", set_hash(&refs)));
         if !dir.is_dir() {
@@ -552,9 +575,16 @@ impl Stack {
             packages: refs,
             launcher,
             qemu_version: String::new(),
+            source_hash: source_hash(&self.def.source()),
         };
         if !root.busybox().is_file() {
             return Err(missing("/bin/busybox or /usr/bin/busybox"));
+        }
+        // Every library from the root: the loader would quietly take a missing one from
+        // the host.
+        let programs = Arch::ALL.iter().map(|a| a.qemu_binary()).chain(["lspci"]);
+        for program in programs {
+            root.launcher.libraries(&root.launcher.program(program), dir).map_err(|what| missing(&what))?;
         }
         let out = command::output(root.launcher.qemu(Arch::X86_64).arg("--version"))
             .map_err(|source| StackError::Qemu { stack, source })?;

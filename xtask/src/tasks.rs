@@ -24,10 +24,19 @@ pub fn provision_stack(stack: &Stack, arches: &[Arch], update: bool) -> Result<P
     Ok(done)
 }
 
-/// `cargo xtask provision`: the stack's root and every architecture's guest assets;
-/// fails when any of them failed.
+/// `cargo xtask provision`: the stack's root and every architecture's guest assets, and
+/// wrapper scripts for its QEMU, `lspci` and `busybox` (printed with the environment that
+/// makes tests find them); fails when any piece failed.
 pub fn provision_all(stack: &Stack, update: bool) -> Result<(), String> {
     let done = provision_stack(stack, &Arch::ALL, update)?;
+    let (root, bin) = stack.write_wrappers().map_err(|e| e.to_string())?;
+    eprintln!(
+        "provision: to run the crates' tests on stack {} without xtask:\n    export PATH={}:$PATH {}={}",
+        stack.name(),
+        bin.display(),
+        stacks::FIRMWARE_ROOT_ENV,
+        root.root.display()
+    );
     let failed = done.failed();
     if failed.is_empty() {
         Ok(())
