@@ -115,6 +115,7 @@ pub enum Resolve {
 
 /// One package version of one architecture, as apt names it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct DebRef {
     /// Package name, without an architecture qualifier.
     pub package: String,

@@ -14,6 +14,7 @@ use crate::arch::Arch;
 
 /// How to start the programs of one root (or of the host, see [`Launcher::system`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct Launcher {
     /// The root's dynamic loader; `None` starts programs directly.
     pub loader: Option<PathBuf>,

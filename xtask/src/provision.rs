@@ -53,6 +53,7 @@ pub fn is_root() -> bool {
 
 /// What provisioning one stack gave.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Provisioned {
     /// The stack's root.
     pub root: StackRoot,

@@ -271,6 +271,7 @@ impl StackDef {
 
 /// The versions a stack runs, for reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct Versions {
     /// Stack name.
     pub stack: String,
@@ -300,6 +301,7 @@ impl Versions {
 
 /// A stack's unpacked root: where it is, what it holds, how to run its programs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct StackRoot {
     /// Stack name.
     pub stack: String,
