@@ -76,6 +76,11 @@ impl Launcher {
     /// emulator, [`Launcher::qemu`]) does, passing its own arguments on: placed first on
     /// `PATH`, it stands in for an installed program.
     pub fn wrapper_script(&self, name: &str, qemu: bool) -> String {
+        self.wrapper_script_with(name, qemu, &[])
+    }
+
+    /// Like [`Launcher::wrapper_script`], with `extra` arguments before the caller's.
+    pub fn wrapper_script_with(&self, name: &str, qemu: bool, extra: &[String]) -> String {
         let q = |p: &Path| shell_quote(&p.display().to_string());
         let mut line = String::new();
         if qemu {
@@ -96,6 +101,10 @@ impl Launcher {
             for dir in &self.qemu_data_dirs {
                 line.push_str(&format!(" -L {}", q(dir)));
             }
+        }
+        for arg in extra {
+            line.push(' ');
+            line.push_str(&shell_quote(arg));
         }
         line.push_str(" \"$@\"");
         format!("#!/bin/sh\n# {name} from an unpacked root, through its own dynamic loader.\n{line}\n")
@@ -193,6 +202,8 @@ mod tests {
         assert!(s.trim_end().ends_with("-L /r/usr/share/qemu -L /r/usr/share/seabios \"$@\""), "{s}");
         let s = stack().wrapper_script("lspci", false);
         assert!(!s.contains("-L ") && !s.contains("QEMU_MODULE_DIR"), "{s}");
+        let s = stack().wrapper_script_with("lspci", false, &["-i".into(), "/r/pci ids".into()]);
+        assert!(s.trim_end().ends_with("/r/usr/bin/lspci -i '/r/pci ids' \"$@\""), "{s}");
         assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
         assert_eq!(shell_quote("/plain/path"), "/plain/path");
     }

@@ -384,7 +384,11 @@ impl StackRoot {
             .iter()
             .map(|a| (a.qemu_binary().to_string(), self.launcher.wrapper_script(a.qemu_binary(), true)))
             .collect();
-        out.push(("lspci".into(), self.launcher.wrapper_script("lspci", false)));
+        // The root's device names (pciutils looks for them at the installed path).
+        let ids = self.file("/usr/share/misc/pci.ids");
+        let extra =
+            if ids.is_file() { vec!["-i".to_string(), ids.display().to_string()] } else { Vec::new() };
+        out.push(("lspci".into(), self.launcher.wrapper_script_with("lspci", false, &extra)));
         let busybox = crate::launcher::shell_quote(&self.busybox().display().to_string());
         out.push(("busybox".into(), format!("#!/bin/sh\nexec {busybox} \"$@\"\n")));
         out

@@ -116,6 +116,17 @@ impl ScenarioReport {
         }
     }
 
+    /// Fills in the stack, QEMU and firmware versions from the stack's root (before the
+    /// guest's kernel is provisioned, so a run whose kernel fails still names them).
+    pub fn set_stack(&mut self, scenario: &Scenario, stack: &Stack) {
+        self.stack = stack.name().into();
+        if let Ok(root) = stack.root() {
+            let versions = root.versions();
+            self.qemu_version = versions.qemu.clone();
+            self.firmware_version = versions.firmware(scenario.firmware(), scenario.arch);
+        }
+    }
+
     /// Fills in the stack, QEMU, firmware and kernel versions from the guest's assets.
     pub fn set_versions(&mut self, scenario: &Scenario, assets: &GuestAssets) {
         self.stack = assets.versions.stack.clone();
@@ -173,6 +184,9 @@ pub fn run_scenario(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
         Mode::RootPort | Mode::SwitchPort | Mode::Numa | Mode::Ccw => planned::run(scenario, ctx),
         Mode::NestedVfio => crate::nested::run(scenario, ctx),
     };
+    if report.qemu_version.is_empty() {
+        report.set_stack(scenario, &ctx.stack);
+    }
     report.wall_ms = begun.elapsed().as_millis();
     report
 }

@@ -204,12 +204,59 @@ pub fn stripped(elf: &Path, dir: &Path) -> PathBuf {
 /// Start of an xz stream.
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
 
+/// Start of a zstd frame.
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// The payload of a bzImage unpacked: xz (Debian's 6.1 kernels) with `xz
+/// --single-stream`, zstd (6.12 and 7.x) with `ruzstd`, one frame; both ignore the
+/// bzImage's trailing bytes.
+fn unpack_payload(image: &[u8], bzimage: &Path) -> Result<Vec<u8>> {
+    let find = |magic: &[u8]| image.windows(magic.len()).position(|w| w == magic);
+    if let Some(at) = find(XZ_MAGIC) {
+        return unxz(image.get(at..).unwrap_or_default());
+    }
+    if let Some(at) = find(ZSTD_MAGIC) {
+        let mut decoder = ruzstd::decoding::StreamingDecoder::new(image.get(at..).unwrap_or_default())
+            .map_err(|e| format!("{}: zstd: {e}", bzimage.display()))?;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut decoder, &mut out)
+            .map_err(|e| format!("{}: zstd: {e}", bzimage.display()))?;
+        return Ok(out);
+    }
+    Err(format!("{}: no xz or zstd payload", bzimage.display()))
+}
+
+fn unxz(payload: &[u8]) -> Result<Vec<u8>> {
+    let mut child = Command::new("xz")
+        .args(["-dc", "--single-stream"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("xz (install xz-utils): {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("xz: no stdin")?;
+    let payload = payload.to_vec();
+    // Writing and reading at once: xz's output would fill the pipe otherwise.
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        match stdin.write_all(&payload) {
+            // xz stops reading at the end of the stream; the bzImage's tail stays unread.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("xz: {e}")),
+            _ => Ok(()),
+        }
+    });
+    let out = child.wait_with_output().map_err(|e| format!("xz: {e}"))?;
+    writer.join().map_err(|_| "xz: the writer thread panicked".to_string())??;
+    if !out.status.success() {
+        return Err(format!("xz: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(out.stdout)
+}
+
 /// The kernel inside a bzImage as a stripped ELF file, cached in `cache_dir`.
 ///
 /// QEMU boots such an ELF through its PVH entry point, which skips the decompressor: inside
-/// the outer guest (TCG inside TCG) that saves ~30 s of xz decompression per inner boot.
-/// Debian's amd64 kernels are xz-compressed; the payload is found by its magic and
-/// unpacked with `xz --single-stream` (which ignores the bzImage's trailing bytes).
+/// the outer guest (TCG inside TCG) that saves ~30 s of decompression per inner boot.
+/// The payload is found by its magic ([`unpack_payload`]).
 pub fn uncompressed_kernel(bzimage: &Path, cache_dir: &Path, key: &str) -> Result<PathBuf> {
     let out = cache_dir.join(format!("vmlinux-{key}"));
     if std::fs::metadata(&out).is_ok_and(|m| m.len() > 0) {
@@ -217,35 +264,12 @@ pub fn uncompressed_kernel(bzimage: &Path, cache_dir: &Path, key: &str) -> Resul
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
     let image = std::fs::read(bzimage).map_err(|e| format!("reading {}: {e}", bzimage.display()))?;
-    let at = image
-        .windows(XZ_MAGIC.len())
-        .position(|w| w == XZ_MAGIC)
-        .ok_or_else(|| format!("{}: no xz payload", bzimage.display()))?;
-    let payload = image.get(at..).unwrap_or_default();
+    let elf = unpack_payload(&image, bzimage)?;
+    if elf.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err(format!("{}: the payload did not unpack to an ELF file", bzimage.display()));
+    }
     let raw = cache_dir.join(format!("vmlinux-{key}.unstripped"));
-    let file = std::fs::File::create(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
-    let mut child = Command::new("xz")
-        .args(["-dc", "--single-stream"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(file)
-        .spawn()
-        .map_err(|e| format!("xz (install xz-utils): {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        match stdin.write_all(payload) {
-            // xz stops reading at the end of the stream; the bzImage's tail stays unread.
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(format!("xz: {e}")),
-            _ => {}
-        }
-    }
-    let status = child.wait().map_err(|e| format!("xz: {e}"))?;
-    let mut magic = [0u8; 4];
-    let elf =
-        std::fs::File::open(&raw).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
-            && &magic == b"\x7fELF";
-    if !status.success() || !elf {
-        return Err(format!("{}: xz payload did not unpack to an ELF file ({status})", bzimage.display()));
-    }
+    std::fs::write(&raw, &elf).map_err(|e| format!("{}: {e}", raw.display()))?;
     let tmp = cache_dir.join(format!("vmlinux-{key}.tmp"));
     let stripped = Command::new("strip").arg("--strip-all").arg("-o").arg(&tmp).arg(&raw).status();
     let from = if stripped.is_ok_and(|s| s.success()) { &tmp } else { &raw };
@@ -276,7 +300,16 @@ mod tests {
         let fake = dir.path().join("bzImage");
         std::fs::write(&fake, b"MZ no payload").unwrap();
         let e = uncompressed_kernel(&fake, dir.path(), "k").unwrap_err();
-        assert!(e.contains("no xz payload"), "{e}");
+        assert!(e.contains("no xz or zstd payload"), "{e}");
+        // A zstd payload after a header, with trailing bytes, unpacks to what was packed.
+        let elf = b"\x7fELF rest of a kernel".repeat(100);
+        let mut image = b"MZ header bytes".to_vec();
+        image.extend(ruzstd::encoding::compress_to_vec(
+            elf.as_slice(),
+            ruzstd::encoding::CompressionLevel::Fastest,
+        ));
+        image.extend(b"trailing");
+        assert_eq!(unpack_payload(&image, &fake).unwrap(), elf);
     }
 
     /// The default stack's QEMU with everything it loads, and a launcher that runs it
