@@ -58,7 +58,7 @@ pub enum DebError {
         /// The source asked.
         source_name: String,
         /// The failing command.
-        source: CommandError,
+        source: Box<CommandError>,
     },
     /// `apt-get` could not compute the packages a set of packages needs.
     #[error("apt cannot resolve {} from {source_name}: {source}", packages.join(" "))]
@@ -68,7 +68,7 @@ pub enum DebError {
         /// The source asked.
         source_name: String,
         /// The failing command.
-        source: CommandError,
+        source: Box<CommandError>,
     },
     /// Unpacking failed.
     #[error(transparent)]
@@ -89,7 +89,10 @@ impl DebError {
     /// Whether the archive answered that a file does not exist (HTTP 404).
     pub fn is_not_found(&self) -> bool {
         match self {
-            DebError::Fetch { source: CommandError::Failed { stderr, .. }, .. } => stderr.contains("404"),
+            DebError::Fetch { source, .. } => match source.as_ref() {
+                CommandError::Failed { stderr, .. } => stderr.contains("404"),
+                CommandError::Spawn { .. } => false,
+            },
             _ => false,
         }
     }
@@ -336,9 +339,12 @@ pub fn parse_version(show_output: &str) -> Option<String> {
     show_output.lines().find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_string()))
 }
 
+/// A dependency: package name and the exact version it pins (`(= 1.0-1)`), if any.
+pub type Dependency = (String, Option<String>);
+
 /// The `Depends:` field of `apt-cache show` output (its first stanza): each entry's first
 /// alternative as name and exact version (`(= 7.3.4-1)`), when one is given.
-pub fn parse_depends(show_output: &str) -> Vec<(String, Option<String>)> {
+pub fn parse_depends(show_output: &str) -> Vec<Dependency> {
     let Some(field) = show_output
         .split("\n\n")
         .next()
@@ -365,7 +371,7 @@ pub fn parse_depends(show_output: &str) -> Vec<(String, Option<String>)> {
 
 /// Each stanza of `apt-cache show` output (one per version), in order: its version and
 /// its `Depends:` (see [`parse_depends`]).
-pub fn parse_stanzas(show_output: &str) -> Vec<(String, Vec<(String, Option<String>)>)> {
+pub fn parse_stanzas(show_output: &str) -> Vec<(String, Vec<Dependency>)> {
     show_output
         .split("\n\n")
         .filter_map(|stanza| Some((parse_version(stanza)?, parse_depends(stanza))))
@@ -624,7 +630,7 @@ impl DebCache {
                     package: failed.package,
                     version: failed.version,
                     source_name: self.source.name.into(),
-                    source,
+                    source: Box::new(source),
                 });
             }
             for r in &missing {
@@ -652,7 +658,7 @@ impl DebCache {
         .map_err(|source| DebError::Solve {
             packages: packages.to_vec(),
             source_name: self.source.name.into(),
-            source,
+            source: Box::new(source),
         })?;
         let mut refs = parse_simulated_installs(&out);
         refs.sort();
@@ -1021,11 +1027,11 @@ mod tests {
             arch: "s390x",
             version: "7.3.4-1~bpo13+1".into(),
             source_name: "current".into(),
-            source: CommandError::Failed {
+            source: Box::new(CommandError::Failed {
                 line: "apt-get download".into(),
                 status: "exit status: 100".into(),
                 stderr: "E: Failed to fetch http://deb.debian.org/x.deb  404  Not Found".into(),
-            },
+            }),
         };
         assert!(e.is_not_found());
         assert!(e.to_string().contains("linux-binary-7.3.4+deb13-s390x:s390x 7.3.4-1~bpo13+1"), "{e}");

@@ -31,10 +31,10 @@ pub enum GuestError {
     BadSpec(String),
     /// The kernel or busybox could not be provisioned.
     #[error(transparent)]
-    Kernel(#[from] kernels::KernelError),
+    Kernel(Box<kernels::KernelError>),
     /// The stack's QEMU and firmware could not be provisioned.
     #[error(transparent)]
-    Stack(#[from] StackError),
+    Stack(Box<StackError>),
     /// The guest kernel or busybox of one architecture could not be provisioned: only
     /// that architecture's guests fail.
     #[error("the {arch} guest kernel or busybox of stack `{stack}` cannot be provisioned: {source}\n{hint}")]
@@ -44,7 +44,7 @@ pub enum GuestError {
         /// The guest architecture.
         arch: Arch,
         /// What failed.
-        source: kernels::KernelError,
+        source: Box<kernels::KernelError>,
         /// What to do about it.
         hint: String,
     },
@@ -92,6 +92,18 @@ pub enum GuestError {
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),
+}
+
+impl From<kernels::KernelError> for GuestError {
+    fn from(e: kernels::KernelError) -> Self {
+        GuestError::Kernel(Box::new(e))
+    }
+}
+
+impl From<StackError> for GuestError {
+    fn from(e: StackError) -> Self {
+        GuestError::Stack(Box::new(e))
+    }
 }
 
 fn details(diagnostics: &str) -> String {
@@ -359,7 +371,7 @@ impl GuestAssets {
             stack: stack.name().into(),
             arch,
             hint: asset_hint(stack.name(), arch, &source),
-            source,
+            source: Box::new(source),
         };
         Ok(GuestAssets {
             kernel: stack.kernel(arch).map_err(assets_err)?,

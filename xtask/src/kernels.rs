@@ -139,7 +139,7 @@ pub fn kernel_packages(cache: &DebCache, arch: Arch) -> debs::Result<Vec<DebRef>
         arch: arch.deb_arch(),
         version: version.clone(),
         source_name: cache.source().name.into(),
-        source,
+        source: Box::new(source),
     })?;
     let mut refs = vec![DebRef { package: image, version: version.clone(), arch: arch.deb_arch().into() }];
     refs.extend(split_parts(&debs::parse_depends(&show), &release, &version, arch));
@@ -149,7 +149,7 @@ pub fn kernel_packages(cache: &DebCache, arch: Arch) -> debs::Result<Vec<DebRef>
 /// The split parts among `depends` (the image package's dependencies): the packages
 /// named `<part><release>`, at the version the dependency pins (the image's otherwise).
 pub fn split_parts(
-    depends: &[(String, Option<String>)],
+    depends: &[debs::Dependency],
     release: &str,
     image_version: &str,
     arch: Arch,
@@ -197,7 +197,7 @@ pub fn kernel_series(version: &str) -> Option<String> {
 /// The kernels of the metapackage's other versions (`apt-cache show` stanzas, newest
 /// first) of the same series as `failed_version`: each one's image package and version.
 pub fn same_series_images(
-    stanzas: &[(String, Vec<(String, Option<String>)>)],
+    stanzas: &[(String, Vec<debs::Dependency>)],
     failed_version: &str,
 ) -> Vec<(String, String)> {
     let Some(series) = kernel_series(failed_version) else { return Vec::new() };
@@ -221,7 +221,7 @@ fn image_packages(cache: &DebCache, arch: Arch, image: &str, version: &str) -> d
         arch: arch.deb_arch(),
         version: version.to_string(),
         source_name: cache.source().name.into(),
-        source,
+        source: Box::new(source),
     })?;
     let mut refs = vec![DebRef {
         package: image.to_string(),

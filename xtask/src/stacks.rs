@@ -49,7 +49,7 @@ pub enum StackError {
         /// The stack.
         stack: &'static str,
         /// What apt or the cache said.
-        source: DebError,
+        source: Box<DebError>,
     },
     /// The unpacked root could not be read.
     #[error("stack {stack}: {source}")]
@@ -474,7 +474,7 @@ impl Stack {
 
     fn deb_err(&self) -> impl FnOnce(DebError) -> StackError {
         let stack = self.def.name;
-        move |source| StackError::Deb { stack, source }
+        move |source| StackError::Deb { stack, source: Box::new(source) }
     }
 
     fn io_err<'a>(
@@ -662,8 +662,10 @@ mod tests {
         );
         let a = DebRef { package: "a".into(), version: "1".into(), arch: "amd64".into() };
         let b = DebRef { version: "2".into(), ..a.clone() };
-        assert_eq!(set_hash(&[a.clone()]), set_hash(&[a.clone()]));
-        assert_ne!(set_hash(&[a.clone()]), set_hash(&[b]));
+        let one = std::slice::from_ref(&a);
+        let same = DebRef { package: "a".into(), version: "1".into(), arch: "amd64".into() };
+        assert_eq!(set_hash(one), set_hash(&[same]));
+        assert_ne!(set_hash(one), set_hash(&[b]));
         assert_eq!(set_hash(&[a]).len(), 16);
         let v = Versions {
             seabios: "1.16.2-1".into(),

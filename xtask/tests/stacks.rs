@@ -158,7 +158,8 @@ fn an_architecture_the_archive_cannot_serve_fails_alone() {
     assert!(matches!(err, KernelError::Deb(_)), "{err}");
     assert!(err.to_string().contains("linux-image-s390x:s390x"), "{err}");
     let hint = asset_hint(stack.name(), Arch::S390x, &err);
-    let wrapped = GuestError::Assets { stack: stack.name().into(), arch: Arch::S390x, source: err, hint };
+    let wrapped =
+        GuestError::Assets { stack: stack.name().into(), arch: Arch::S390x, source: Box::new(err), hint };
     let text = wrapped.to_string();
     for want in
         ["s390x guest kernel", "other architectures are not affected", "cargo xtask provision --stack"]
