@@ -177,6 +177,16 @@ impl std::str::FromStr for Firmware {
     }
 }
 
+/// Guest memory in MiB a lean guest gets with `firmware`: 256, and 512 under aarch64
+/// UEFI, where Linux 7.3's EFI stub cannot place itself in 256 MiB under edk2 2026.08
+/// ("EFI stub: ERROR: Failed to relocate kernel"; 6.1 and 6.12 boot in 256).
+pub fn default_memory_mib(firmware: Firmware) -> u32 {
+    match firmware {
+        Firmware::Uefi => 512,
+        Firmware::SeaBios | Firmware::Ovmf | Firmware::None => 256,
+    }
+}
+
 /// What to boot.
 #[derive(Clone, Debug)]
 pub struct GuestSpec {
@@ -224,7 +234,7 @@ impl GuestSpec {
             machine_opts: Vec::new(),
             cpu: None,
             phys_bits: None,
-            memory_mib: 256,
+            memory_mib: default_memory_mib(Firmware::default_for(arch)),
             objects: Vec::new(),
             devices: Vec::new(),
             extra_args: Vec::new(),
@@ -247,8 +257,12 @@ impl GuestSpec {
         self
     }
 
-    /// Sets the firmware.
+    /// Sets the firmware (and the memory to that firmware's default, unless it was
+    /// changed).
     pub fn firmware(mut self, firmware: Firmware) -> Self {
+        if self.memory_mib == default_memory_mib(self.firmware) {
+            self.memory_mib = default_memory_mib(firmware);
+        }
         self.firmware = firmware;
         self
     }
@@ -804,6 +818,7 @@ mod tests {
     #[test]
     fn other_arch_args() {
         let a = args(&GuestSpec::new(Arch::Aarch64).firmware(Firmware::Uefi), Accel::Tcg);
+        assert!(a.contains("-m 512 "), "{a}");
         assert!(a.contains("-machine virt,gic-version=3 -accel tcg -cpu cortex-a57"), "{a}");
         assert!(a.contains("-bios /fw/QEMU_EFI.fd"), "{a}");
         let a = args(&GuestSpec::new(Arch::S390x), Accel::Tcg);

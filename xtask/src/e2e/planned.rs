@@ -256,7 +256,7 @@ enum Seen {
 
 fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
-    let memory_mib = GuestSpec::new(scenario.arch).memory_mib;
+    let memory_mib = GuestSpec::new(scenario.arch).firmware(scenario.firmware()).memory_mib;
     let mut planned = make_plan(scenario, memory_mib)?;
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
