@@ -16,7 +16,9 @@
 //! [`pcie_topology::Plan::release`] add and remove devices at run time, rebuilding the
 //! free sets from the plan, so a number freed in the middle is handed out again.
 
-use std::collections::BTreeMap;
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use pcie_topology::alloc::FreeSet;
 use pcie_topology::plan::{
@@ -26,6 +28,7 @@ use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };
 use pcie_topology::qemu::{DevFn, PropValue};
+use pcie_topology::request::RequestError;
 use pcie_topology::{
     FunctionResource, GuestBdf, HostRef, HotplugAction, Mode, Plan, PlanError, PlanOptions, QemuDevice,
     QemuId,
@@ -212,11 +215,15 @@ impl Platform for S390xCcw {
     }
 }
 
-/// Free sets rebuilt from a plan: device numbers per subchannel set, zPCI uids and fids.
+/// Free sets rebuilt from a plan: device numbers per subchannel set, zPCI uids and fids;
+/// and the QEMU ids the plan uses. Built once per [`plan`] or [`place`] call and kept up
+/// to date while devices are added (rebuilding it per device made planning n devices
+/// quadratic).
 struct Numbers {
     devnos: Vec<FreeSet>,
     uids: FreeSet,
     fids: FreeSet,
+    ids: BTreeSet<String>,
 }
 
 impl Numbers {
@@ -227,6 +234,7 @@ impl Numbers {
                 .collect(),
             uids: FreeSet::new("zPCI uid", 1, 0xffff),
             fids: FreeSet::new("zPCI fid", 0, u32::MAX - 1),
+            ids: plan.ids_in_use().map(str::to_string).collect(),
         };
         for d in &plan.devices {
             for f in &d.functions {
@@ -272,8 +280,9 @@ pub fn empty_plan(platform: &S390xCcw) -> Plan {
 /// Plans `devices` (all plugged at boot when `cold_plug`, else kept for hotplug).
 pub fn plan(platform: &S390xCcw, devices: &[S390xDevice], cold_plug: bool) -> Result<Plan, PlanError> {
     let mut plan = empty_plan(platform);
+    let mut numbers = Numbers::of(&plan, &platform.options)?;
     for d in devices {
-        add(&mut plan, platform, d.clone(), cold_plug)?;
+        add(&mut plan, platform, &mut numbers, d.clone(), cold_plug)?;
     }
     Ok(plan)
 }
@@ -281,15 +290,21 @@ pub fn plan(platform: &S390xCcw, devices: &[S390xDevice], cold_plug: bool) -> Re
 /// Adds a device to a plan at run time and returns its hotplug action.
 pub fn place(plan: &mut Plan, platform: &S390xCcw, device: S390xDevice) -> Result<HotplugAction, PlanError> {
     let id = device.id().to_string();
-    add(plan, platform, device, false)?;
+    let mut numbers = Numbers::of(plan, &platform.options)?;
+    add(plan, platform, &mut numbers, device, false)?;
     plan.hotplug_action(&id)
 }
 
-fn add(plan: &mut Plan, platform: &S390xCcw, device: S390xDevice, cold_plug: bool) -> Result<(), PlanError> {
-    let mut numbers = Numbers::of(plan, &platform.options)?;
+fn add(
+    plan: &mut Plan,
+    platform: &S390xCcw,
+    numbers: &mut Numbers,
+    device: S390xDevice,
+    cold_plug: bool,
+) -> Result<(), PlanError> {
     let id = device.id().clone();
     let zpci_id = format!("zpci-{id}");
-    if plan.ids_in_use().any(|t| t == id.as_str() || t == zpci_id) {
+    if numbers.ids.contains(id.as_str()) || numbers.ids.contains(&zpci_id) {
         return Err(PlanError::DuplicateId(id.to_string()));
     }
     let (function, need) = match device {
@@ -334,7 +349,8 @@ fn add(plan: &mut Plan, platform: &S390xCcw, device: S390xDevice, cold_plug: boo
                 .prop("fid", u64::from(fid))
                 .prop("target", id.to_string());
             let bdf = GuestBdf { segment: uid, bus: 0, devfn: DevFn::new(0, 0)? };
-            let need = Requirement::of(resources.iter().map(|r| &r.resource)).unwrap_or_default();
+            let need = Requirement::of(resources.iter().map(|r| &r.resource))
+                .map_err(|source| RequestError::Requirement { device: id.to_string(), source })?;
             let location = GuestLocation::Zpci { uid, fid, bdf };
             let bars = resources.iter().map(ExpectedBar::from).collect();
             (PlacedFunction { function: 0, device: dev, companions: vec![zpci], location, bars, host }, need)
@@ -355,6 +371,9 @@ fn add(plan: &mut Plan, platform: &S390xCcw, device: S390xDevice, cold_plug: boo
             )
         }
     };
+    numbers.ids.extend(
+        std::iter::once(&function.device).chain(function.companions.iter()).map(|d| d.id.to_string()),
+    );
     plan.devices.push(PlacedDevice {
         id,
         port: None,

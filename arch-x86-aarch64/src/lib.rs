@@ -68,6 +68,8 @@
 //! `pci=hpmmiosize=` space goes to PCIe hotplug ports only). The planner counts on the
 //! 2 MiB memory window alone for everything hotplugged behind a bridge.
 
+#![forbid(unsafe_code)]
+
 use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };

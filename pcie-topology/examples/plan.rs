@@ -135,7 +135,7 @@ fn devices(args: &Args) -> Result<Vec<DeviceRequest>, String> {
             functions.push(facts(args, Bdf::parse_any(b).map_err(|e| format!("{b}: {e}"))?)?);
         }
         let id = QemuId::new(format!("hostdev{n}")).map_err(|e| e.to_string())?;
-        let opts = ResourceOptions { include_rom: true, ..Default::default() };
+        let opts = ResourceOptions::default().with_rom(true);
         let mut d = DeviceRequest::from_facts(id, &functions, &opts).map_err(|e| e.to_string())?;
         d.p2p_group = group;
         d.cold_plug = args.cold;

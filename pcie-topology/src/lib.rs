@@ -79,6 +79,8 @@
 //! # Ok::<(), pcie_topology::PlanError>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod alloc;
 mod check;
 pub mod error;

@@ -80,6 +80,9 @@ pub fn host_phys_bits() -> Result<HostPhysBits, PhysBitsError> {
     host_phys_bits_with(kvm_phys_bits, Path::new("/proc/cpuinfo"))
 }
 
+/// How much of `/proc/cpuinfo` is read for the `address sizes` line.
+const CPUINFO_PREFIX: usize = 64 << 10;
+
 /// [`host_phys_bits`] with the KVM query and the cpuinfo path supplied (for tests and for
 /// hosts where /proc is elsewhere).
 pub fn host_phys_bits_with(
@@ -89,9 +92,11 @@ pub fn host_phys_bits_with(
     if let Some(bits) = kvm() {
         return Ok(HostPhysBits { bits, source: PhysBitsSource::Kvm });
     }
-    std::fs::read_to_string(cpuinfo)
+    // The first processor's block has the line; the file of a large host is megabytes. A
+    // FIFO or device in its place is refused, not read.
+    pcilibs::sysfs::read_regular_prefix(cpuinfo, CPUINFO_PREFIX)
         .ok()
-        .and_then(|t| parse_cpuinfo(&t))
+        .and_then(|bytes| parse_cpuinfo(&String::from_utf8_lossy(&bytes)))
         .map(|bits| HostPhysBits { bits, source: PhysBitsSource::CpuInfo })
         .ok_or_else(|| PhysBitsError::Unknown(cpuinfo.display().to_string()))
 }
@@ -118,6 +123,11 @@ mod tests {
         let kvm = host_phys_bits_with(|| Some(52), &f).unwrap();
         assert_eq!(kvm.source, PhysBitsSource::Kvm);
         assert!(host_phys_bits_with(|| None, &dir.join("missing")).is_err());
+        // A FIFO or a device in its place is not read (a FIFO would block for good).
+        assert!(host_phys_bits_with(|| None, Path::new("/dev/zero")).is_err());
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(host_phys_bits_with(|| None, &fifo).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::AddressSpaceError;
 use crate::units::{align_up, GIB};
 
 /// Guest CPU architecture.
@@ -94,9 +95,14 @@ pub struct Range {
 }
 
 impl Range {
-    /// One past the last address (saturating).
+    /// One past the last address (saturating; see [`Range::checked_end`]).
     pub fn end(&self) -> u64 {
         self.base.saturating_add(self.size)
+    }
+
+    /// One past the last address, `None` when that is past 2^64.
+    pub fn checked_end(&self) -> Option<u64> {
+        self.base.checked_add(self.size)
     }
 }
 
@@ -169,25 +175,43 @@ impl PlatformSpec {
         ram.saturating_sub(self.low_ram_limit)
     }
 
+    /// One past the last byte of `ram` bytes of guest RAM (RAM above 4 GiB starts there);
+    /// [`AddressSpaceError::Overflow`] past 2^64.
+    pub fn ram_end(&self, ram: u64) -> Result<u64, AddressSpaceError> {
+        (4 * GIB).checked_add(self.ram_above_4g(ram)).ok_or(AddressSpaceError::Overflow)
+    }
+
     /// The 64-bit aperture for windows needing `packed` bytes with largest alignment
-    /// `align`, given `ram` bytes of guest RAM: `None` when there is no aperture.
-    pub fn mmio64_range(&self, ram: u64, packed: u64, align: u64) -> Option<Range> {
-        let ram_end = (4 * GIB).saturating_add(self.ram_above_4g(ram));
-        match self.mmio64 {
+    /// `align`, given `ram` bytes of guest RAM: `None` when there is no aperture,
+    /// [`AddressSpaceError::Overflow`] when it would end past 2^64. (An overflow used to
+    /// read as "no aperture", and a plan needing 2^63 bytes passed as needing none.)
+    pub fn mmio64_range(
+        &self,
+        ram: u64,
+        packed: u64,
+        align: u64,
+    ) -> Result<Option<Range>, AddressSpaceError> {
+        let overflow = || AddressSpaceError::Overflow;
+        let ram_end = self.ram_end(ram)?;
+        let range = match self.mmio64 {
             Mmio64Aperture::GrowsAfterRam => {
-                let base = align_up(align_up(ram_end, align.max(1))?, GIB)?;
-                let end = align_up(base.checked_add(packed)?, GIB)?;
-                Some(Range { base, size: end - base })
+                let base =
+                    align_up(ram_end, align.max(1)).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
+                let end = base.checked_add(packed).and_then(|e| align_up(e, GIB)).ok_or_else(overflow)?;
+                Range { base, size: end.checked_sub(base).ok_or_else(overflow)? }
             }
             Mmio64Aperture::FwCfgSized { default_size } => {
-                let size = align_up(packed, GIB)?.max(default_size);
+                let size = align_up(packed, GIB).ok_or_else(overflow)?.max(default_size);
                 let floor_pow2 = 1u64 << (63 - size.leading_zeros().min(63));
-                let base = align_up(align_up(ram_end, GIB)?, floor_pow2)?;
-                Some(Range { base, size })
+                let base =
+                    align_up(ram_end, GIB).and_then(|b| align_up(b, floor_pow2)).ok_or_else(overflow)?;
+                Range { base, size }
             }
-            Mmio64Aperture::Fixed { base, size } => Some(Range { base, size }),
-            Mmio64Aperture::None => None,
-        }
+            Mmio64Aperture::Fixed { base, size } => Range { base, size },
+            Mmio64Aperture::None => return Ok(None),
+        };
+        range.checked_end().ok_or_else(overflow)?;
+        Ok(Some(range))
     }
 }
 

@@ -71,13 +71,29 @@ impl fmt::Display for QemuId {
     }
 }
 
-/// A device/function number on one bus (`addr=0x2.0x1`).
+/// A device/function number on one bus (`addr=0x2.0x1`). Read from JSON through
+/// [`DevFn::new`], so a plan file cannot hold slot 40 or function 9.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "DevFnFields")]
 pub struct DevFn {
     /// Slot (device number), 0..=31.
     pub slot: u8,
     /// Function, 0..=7.
     pub function: u8,
+}
+
+/// A [`DevFn`] as JSON has it, before [`DevFn::new`] checks it.
+#[derive(Deserialize)]
+struct DevFnFields {
+    slot: u8,
+    function: u8,
+}
+
+impl TryFrom<DevFnFields> for DevFn {
+    type Error = QemuError;
+    fn try_from(f: DevFnFields) -> Result<Self, QemuError> {
+        DevFn::new(f.slot, f.function)
+    }
 }
 
 impl DevFn {
@@ -314,5 +330,18 @@ mod tests {
         assert_eq!(q["multifunction"], true);
         assert_eq!(q["chassis"], 1);
         assert!(DevFn::new(32, 0).is_err());
+    }
+
+    /// A plan file's devfn is checked when read: `raw()` of slot 40 shifted bits out.
+    #[test]
+    fn devfns_read_from_json_are_checked() {
+        let ok: DevFn = serde_json::from_str(r#"{"slot":31,"function":7}"#).unwrap();
+        assert_eq!(ok.raw(), 0xff);
+        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"slot":31,"function":7}"#);
+        for bad in
+            [r#"{"slot":32,"function":0}"#, r#"{"slot":0,"function":8}"#, r#"{"slot":255,"function":255}"#]
+        {
+            assert!(serde_json::from_str::<DevFn>(bad).is_err(), "{bad}");
+        }
     }
 }

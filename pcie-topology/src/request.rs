@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::qemu::{PropValue, QemuError, QemuId, QemuObject};
-use crate::units::{fmt_size, parse_size, GIB, MIB};
+use crate::units::{fmt_size, parse_size, GIB, MAX_IO_SIZE, MAX_PHYS_BITS, MIB};
 
 /// Errors in a request or a profile.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -49,6 +49,18 @@ pub enum RequestError {
         bdf: String,
         /// Which BARs (`BAR 0, VF BAR 2`).
         what: String,
+    },
+    /// A resource is larger than any platform can address: memory beyond
+    /// `1 << MAX_PHYS_BITS` bytes ([`crate::units::MAX_PHYS_BITS`]), I/O beyond
+    /// [`crate::units::MAX_IO_SIZE`].
+    #[error("device `{device}`: a resource of {} ({size:#x} bytes) is larger than any platform addresses ({limit:#x} bytes)", fmt_size(*.size))]
+    TooLarge {
+        /// Device id (or profile name).
+        device: String,
+        /// Size (or alignment) of the resource.
+        size: u64,
+        /// The most a resource of its kind can have.
+        limit: u64,
     },
     /// A profile text could not be read.
     #[error("profile `{0}`: expected a known name (h100, a100, nvswitch, nic) or a list like `16M:mem32,128G:pref64`")]
@@ -152,8 +164,13 @@ impl FunctionResource {
     /// The resources of a host function that `opts` selects, each with its index and role:
     /// BARs of known size (at their largest resizable size with `rebar_max`, when larger),
     /// the ROM (`include_rom`), the SR-IOV VF BAR apertures (`include_sriov_vfs`). Same
-    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`].
-    pub fn of_facts(facts: &FunctionFacts, opts: &ResourceOptions) -> Vec<FunctionResource> {
+    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`]; a VF
+    /// aperture whose size does not fit 64 bits is [`RequestError::Requirement`] with
+    /// [`RequirementError::Overflow`].
+    pub fn of_facts(
+        facts: &FunctionFacts,
+        opts: &ResourceOptions,
+    ) -> Result<Vec<FunctionResource>, RequestError> {
         let mut out = Vec::with_capacity(facts.bars.len() + 1);
         for b in &facts.bars {
             let Some(size) = b.size else { continue };
@@ -176,7 +193,12 @@ impl FunctionResource {
             if let Some(s) = facts.sriov.as_ref().filter(|s| s.total_vfs > 0) {
                 for b in &s.vf_bars {
                     let Some(size) = b.size else { continue };
-                    let Some(total) = size.checked_mul(u64::from(s.total_vfs)) else { continue };
+                    let total = size.checked_mul(u64::from(s.total_vfs)).ok_or_else(|| {
+                        RequestError::Requirement {
+                            device: facts.bdf.to_string(),
+                            source: RequirementError::Overflow,
+                        }
+                    })?;
                     out.push(FunctionResource {
                         resource: Resource {
                             kind: b.kind,
@@ -191,7 +213,7 @@ impl FunctionResource {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The size the guest sees for this entry once the function is plugged (QEMU's
@@ -308,7 +330,7 @@ impl FunctionRequest {
             return Err(RequestError::UnknownSize { bdf: facts.bdf.to_string(), what: what.join(", ") });
         }
         let mut f =
-            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts));
+            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts)?);
         f.pcie = facts.is_pcie;
         f.class = Some(facts.class_code);
         Ok(f)
@@ -452,8 +474,10 @@ impl DeviceRequest {
         self.functions.iter().flat_map(|f| f.resources.iter().map(|r| &r.resource))
     }
 
-    /// What a port holding this device must forward.
+    /// What a port holding this device must forward; a resource larger than any platform
+    /// addresses is [`RequestError::TooLarge`].
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        check_sizes(self.id.as_str(), self.resources())?;
         Requirement::of(self.resources())
             .map_err(|source| RequestError::Requirement { device: self.id.to_string(), source })
     }
@@ -462,6 +486,23 @@ impl DeviceRequest {
     pub fn is_pcie(&self) -> bool {
         self.functions.iter().all(|f| f.pcie)
     }
+}
+
+/// Refuses resources larger than any platform addresses (sizes and alignments beyond
+/// `1 << MAX_PHYS_BITS` bytes of memory or [`MAX_IO_SIZE`] of I/O): no window can hold them,
+/// and refusing them here keeps every sum the planner makes far from 2^64.
+pub(crate) fn check_sizes<'a>(
+    name: &str,
+    resources: impl IntoIterator<Item = &'a Resource>,
+) -> Result<(), RequestError> {
+    for r in resources {
+        let limit = if r.kind == BarKind::Io { MAX_IO_SIZE } else { 1u64 << MAX_PHYS_BITS };
+        let size = r.size.max(r.align);
+        if size > limit {
+            return Err(RequestError::TooLarge { device: name.to_string(), size, limit });
+        }
+    }
+    Ok(())
 }
 
 /// Checks the BAR indices of one function's resources: BARs at 0–5 (a 64-bit BAR takes
@@ -500,21 +541,21 @@ fn check_indices(resources: &[FunctionResource]) -> Result<(), String> {
 /// order. Several slots: 0, 1, … in the order given. Numbers above 7 (more than 8
 /// functions) are left for [`DeviceRequest::validate`] to reject.
 pub fn guest_function_numbers(functions: &[FunctionFacts]) -> Vec<u8> {
-    let slot = |f: &FunctionFacts| (f.bdf.domain, f.bdf.bus, f.bdf.device);
+    let slot = |f: &FunctionFacts| (f.bdf.domain(), f.bdf.bus(), f.bdf.device());
     let one_slot = functions.windows(2).all(|w| w.first().map(slot) == w.last().map(slot));
     let dense = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
     if !one_slot {
         return (0..functions.len()).map(dense).collect();
     }
-    if functions.iter().any(|f| f.bdf.function == 0) {
-        return functions.iter().map(|f| f.bdf.function).collect();
+    if functions.iter().any(|f| f.bdf.function() == 0) {
+        return functions.iter().map(|f| f.bdf.function()).collect();
     }
-    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function).collect();
+    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function()).collect();
     host.sort_unstable();
     host.dedup();
     functions
         .iter()
-        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function).unwrap_or(usize::MAX)))
+        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function()).unwrap_or(usize::MAX)))
         .collect()
 }
 
@@ -615,8 +656,10 @@ impl HotplugProfile {
         Ok(p)
     }
 
-    /// What a port reserved for this profile must forward.
+    /// What a port reserved for this profile must forward; a resource larger than any
+    /// platform addresses is [`RequestError::TooLarge`].
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        check_sizes(&self.name, self.resources.iter().map(|r| &r.resource))?;
         Requirement::of(self.resources.iter().map(|r| &r.resource))
             .map_err(|source| RequestError::Requirement { device: self.name.clone(), source })
     }
@@ -671,29 +714,13 @@ mod tests {
     fn nvme(bdf: &str, group: u32) -> FunctionFacts {
         use pcilibs::bar::Bar;
         use pcilibs::bdf::Bdf;
-        use pcilibs::config::HeaderType;
-        FunctionFacts {
-            bdf: Bdf::parse(bdf).unwrap(),
-            vendor_id: 0x1b36,
-            device_id: 0x0010,
-            subsystem_vendor_id: None,
-            subsystem_id: None,
-            revision: 2,
-            class_code: 0x010802,
-            header_type: HeaderType::Normal,
-            multifunction: false,
-            is_pcie: true,
-            port_type: None,
-            bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }],
-            rom_size: None,
-            sriov: None,
-            rebar: Vec::new(),
-            iommu_group: Some(group),
-            numa_node: None,
-            driver: Some("vfio-pci".into()),
-            size_source: None,
-            problems: Vec::new(),
-        }
+        let mut f = FunctionFacts::new(Bdf::parse(bdf).unwrap(), 0x1b36, 0x0010, 0x010802);
+        f.revision = 2;
+        f.is_pcie = true;
+        f.bars = vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }];
+        f.iommu_group = Some(group);
+        f.driver = Some("vfio-pci".into());
+        f
     }
 
     /// A GPU-like physical function: 16 MiB BAR 0, a resizable 64-bit prefetchable BAR 2
@@ -706,31 +733,20 @@ mod tests {
         let bar = |index, kind, prefetchable, size| Bar { index, kind, prefetchable, size: Some(size) };
         f.bars = vec![bar(0, BarKind::Mem32, false, 16 * MIB), bar(2, BarKind::Mem64, true, 256 * MIB)];
         f.rom_size = Some(128 << 10);
-        f.rebar = vec![RebarFacts {
-            bar: 2,
-            supported_sizes: vec![256 * MIB, 512 * MIB, 8 * GIB],
-            current_size: 256 * MIB,
-        }];
-        f.sriov = Some(SriovFacts {
-            total_vfs: 4,
-            num_vfs: 0,
-            initial_vfs: 4,
-            first_vf_offset: 1,
-            vf_stride: 1,
-            vf_device_id: 0x1234,
-            vf_bars: vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)],
-        });
-        let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+        f.rebar = vec![RebarFacts::new(2, vec![256 * MIB, 512 * MIB, 8 * GIB], 256 * MIB)];
+        let vf_bars = vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)];
+        f.sriov = Some(SriovFacts::new(4, 1, 1, 0x1234, vf_bars));
+        let opts = ResourceOptions::all();
         (f, opts)
     }
 
     #[test]
     fn resources_from_facts_keep_the_index_and_say_what_they_stand_for() {
         let (facts, opts) = sriov_rebar_pf();
-        let r = FunctionResource::of_facts(&facts, &opts);
+        let r = FunctionResource::of_facts(&facts, &opts).unwrap();
         // The same resources pcilibs lists, in its order.
         let plain: Vec<Resource> = r.iter().map(|r| r.resource).collect();
-        assert_eq!(plain, facts.resources(&opts));
+        assert_eq!(plain, facts.resources(&opts).unwrap());
         let tagged: Vec<(Option<u8>, ResourceRole, u64)> =
             r.iter().map(|r| (r.index, r.role, r.resource.size)).collect();
         assert_eq!(
@@ -746,7 +762,7 @@ mod tests {
         let visible: Vec<Option<u64>> = r.iter().map(FunctionResource::visible_size).collect();
         assert_eq!(visible, [Some(16 * MIB), Some(256 * MIB), Some(128 << 10), None, None]);
         // Without the options: the BARs as they are now, nothing else.
-        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default());
+        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default()).unwrap();
         let bars_now = [
             FunctionResource::bar(0, BarKind::Mem32, false, 16 * MIB),
             FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB),
@@ -755,7 +771,7 @@ mod tests {
         // A ReBAR maximum no larger than now is just the BAR.
         let mut small = facts.clone();
         small.rebar[0].supported_sizes = vec![128 * MIB, 256 * MIB];
-        let r = FunctionResource::of_facts(&small, &opts);
+        let r = FunctionResource::of_facts(&small, &opts).unwrap();
         assert_eq!(r[1], FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB));
         // The device request validates (VF BAR 0 and BAR 0 are different registers).
         let d = DeviceRequest::from_facts(QemuId::new("gpu").unwrap(), &[facts], &opts).unwrap();
@@ -765,7 +781,7 @@ mod tests {
     #[test]
     fn resource_json_is_a_resource_plus_index_and_role() {
         let (facts, opts) = sriov_rebar_pf();
-        for r in FunctionResource::of_facts(&facts, &opts) {
+        for r in FunctionResource::of_facts(&facts, &opts).unwrap() {
             let back: FunctionResource = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
             assert_eq!(back, r);
         }

@@ -12,6 +12,7 @@
 use pcilibs::requirement::{Resource, Window as WindowKind};
 use serde::{Deserialize, Serialize};
 
+use crate::error::AddressSpaceError;
 use crate::plan::{Plan, PortKind};
 use crate::reserve::Window;
 use crate::units::align_up;
@@ -56,23 +57,30 @@ pub fn assign_bars(base: u64, size: u64, resources: &[Resource]) -> Option<Vec<(
     Some(out)
 }
 
-/// Places windows of one kind sequentially from `base` in firmware order.
-fn place_sequence(base: u64, windows: &[(String, Window)], kind: WindowKind) -> Vec<PlacedWindow> {
+/// Places windows of one kind sequentially from `base` in firmware order;
+/// [`AddressSpaceError::Overflow`] when one would end past 2^64.
+fn place_sequence(
+    base: u64,
+    windows: &[(String, Window)],
+    kind: WindowKind,
+) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
     let mut list: Vec<&(String, Window)> = windows.iter().filter(|(_, w)| w.size > 0).collect();
     list.sort_by_key(|w| std::cmp::Reverse((w.1.align, w.1.size)));
     let mut cursor = base;
     let mut out = Vec::new();
     for (port, w) in list {
-        let at = align_up(cursor, w.align.max(1)).unwrap_or(u64::MAX);
+        let at = align_up(cursor, w.align.max(1)).ok_or(AddressSpaceError::Overflow)?;
         out.push(PlacedWindow { port: port.clone(), kind, base: at, size: w.size });
-        cursor = at.saturating_add(w.size);
+        cursor = at.checked_add(w.size).ok_or(AddressSpaceError::Overflow)?;
     }
-    out
+    Ok(out)
 }
 
 /// Lays out every port's memory and prefetchable windows: root-level windows in the
 /// 32-bit hole and the 64-bit aperture, downstream windows inside their root port's.
-pub fn layout(plan: &Plan) -> Vec<PlacedWindow> {
+/// [`AddressSpaceError::Overflow`] when a window would end past 2^64 (a plan file can
+/// say anything).
+pub fn layout(plan: &Plan) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
     let mut out = Vec::new();
     let roots: Vec<_> = plan.ports.iter().filter(|p| p.kind == PortKind::Root).collect();
     let pref_base = plan.address.mmio64_aperture.map_or(plan.platform.mmio32.base, |a| a.base);
@@ -80,7 +88,7 @@ pub fn layout(plan: &Plan) -> Vec<PlacedWindow> {
         let pick = |w: &crate::plan::Reservation| if kind == WindowKind::Mem { w.mem } else { w.pref };
         let top: Vec<(String, Window)> =
             roots.iter().map(|p| (p.id.to_string(), pick(&p.reservation))).collect();
-        let placed = place_sequence(base, &top, kind);
+        let placed = place_sequence(base, &top, kind)?;
         for sw in &plan.switches {
             let Some(parent) = placed.iter().find(|w| w.port == sw.root_port.as_str()) else { continue };
             let below: Vec<(String, Window)> = plan
@@ -89,11 +97,11 @@ pub fn layout(plan: &Plan) -> Vec<PlacedWindow> {
                 .filter(|p| p.switch.as_ref() == Some(&sw.id))
                 .map(|p| (p.id.to_string(), pick(&p.reservation)))
                 .collect();
-            out.extend(place_sequence(parent.base, &below, kind));
+            out.extend(place_sequence(parent.base, &below, kind)?);
         }
         out.extend(placed);
     }
-    out
+    Ok(out)
 }
 
 /// Whether `resources` fit a port's windows when they start at `mem_base` / `pref_base`.

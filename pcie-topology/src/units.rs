@@ -11,6 +11,20 @@ pub const GIB: u64 = 1 << 30;
 /// One tebibyte.
 pub const TIB: u64 = 1 << 40;
 
+/// The widest guest physical address any platform here has, in bits: x86-64 defines
+/// physical addresses of at most 52 bits (CPUID `MAXPHYADDR`), aarch64 intermediate
+/// physical addresses of at most 52 bits (FEAT_LPA / LPA2); s390x zPCI has no bridge
+/// windows. A plan that ends above `1 << MAX_PHYS_BITS` is refused
+/// ([`crate::AddressSpaceError::PhysBits`]), and so is a memory resource larger than that
+/// ([`crate::RequestError::TooLarge`]), before any size is added up: with every input
+/// below 2^52, the sums and round-ups of a plan stay far from 2^64, and every one of them
+/// is checked as well.
+pub const MAX_PHYS_BITS: u8 = 52;
+
+/// The largest I/O resource any platform could hold: PCI's I/O address space is at most
+/// 32 bits wide (x86 and aarch64 `virt` have 64 KiB of it).
+pub const MAX_IO_SIZE: u64 = 1 << 32;
+
 /// Errors parsing a size.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]

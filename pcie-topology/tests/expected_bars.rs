@@ -36,7 +36,7 @@ fn sriov_apertures_are_planned_at_the_vf_bar_index_and_not_expected_in_the_guest
     let facts = nvme_pf();
     let sriov = facts.sriov.as_ref().expect("the fixture's nvme has SR-IOV");
     assert_eq!(sriov.total_vfs, 4);
-    let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let opts = ResourceOptions::all();
     let d = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), std::slice::from_ref(&facts), &opts)
         .unwrap();
     let p = one_device(d);
@@ -61,12 +61,8 @@ fn sriov_apertures_are_planned_at_the_vf_bar_index_and_not_expected_in_the_guest
 fn a_resizable_bar_is_planned_at_its_largest_and_expected_at_its_current_size() {
     let mut facts = nvme_pf();
     facts.sriov = None;
-    facts.rebar = vec![pcilibs::facts::RebarFacts {
-        bar: 0,
-        supported_sizes: vec![16 << 10, 64 << 20],
-        current_size: 16 << 10,
-    }];
-    let opts = ResourceOptions { rebar_max: true, ..ResourceOptions::default() };
+    facts.rebar = vec![pcilibs::facts::RebarFacts::new(0, vec![16 << 10, 64 << 20], 16 << 10)];
+    let opts = ResourceOptions::default().with_rebar_max(true);
     let d = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &opts).unwrap();
     let p = one_device(d);
     let bar = p.device("nvme0").unwrap().functions[0].bars[0];
@@ -110,7 +106,7 @@ fn rewrite(json: &str, version: u64, drop: &[&str]) -> String {
 #[test]
 fn version_1_plans_still_read_others_are_refused() {
     let facts = nvme_pf();
-    let opts = ResourceOptions { include_sriov_vfs: true, ..ResourceOptions::default() };
+    let opts = ResourceOptions::default().with_sriov_vfs(true);
     let d = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &opts).unwrap();
     let p = one_device(d);
     assert_eq!(p.version, PLAN_VERSION);

@@ -15,7 +15,6 @@ use pcie_topology::{
 };
 use pcilibs::bar::{Bar, BarKind};
 use pcilibs::bdf::Bdf;
-use pcilibs::config::HeaderType;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::Resource;
 
@@ -221,28 +220,13 @@ fn run_time_placement_behind_a_bridge_respects_its_window() {
 
 /// An nvme-like host function, as sysfs facts describe it.
 fn host_function(bdf: &str, group: u32) -> FunctionFacts {
-    FunctionFacts {
-        bdf: Bdf::parse(bdf).unwrap(),
-        vendor_id: 0x1b36,
-        device_id: 0x0010,
-        subsystem_vendor_id: None,
-        subsystem_id: None,
-        revision: 2,
-        class_code: 0x010802,
-        header_type: HeaderType::Normal,
-        multifunction: false,
-        is_pcie: true,
-        port_type: None,
-        bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 * KIB) }],
-        rom_size: None,
-        sriov: None,
-        rebar: Vec::new(),
-        iommu_group: Some(group),
-        numa_node: None,
-        driver: Some("vfio-pci".into()),
-        size_source: None,
-        problems: Vec::new(),
-    }
+    let mut f = FunctionFacts::new(Bdf::parse(bdf).unwrap(), 0x1b36, 0x0010, 0x010802);
+    f.revision = 2;
+    f.is_pcie = true;
+    f.bars = vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 * KIB) }];
+    f.iommu_group = Some(group);
+    f.driver = Some("vfio-pci".into());
+    f
 }
 
 #[test]

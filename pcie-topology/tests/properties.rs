@@ -183,7 +183,7 @@ fn check_plan(plan: &Plan) {
         }
     }
     // Windows of one kind never overlap; downstream windows lie inside their root port's.
-    let layout = sim::layout(plan);
+    let layout = sim::layout(plan).unwrap();
     for kind in [WindowKind::Mem, WindowKind::Pref] {
         let mut top: Vec<_> = layout
             .iter()

@@ -12,7 +12,11 @@
 //!   (`unplug-pending` on timeout, finished by a late `DEVICE_DELETED`), takes a boot-time
 //!   placeholder off the port before a plug ([`request::PlaceholderRequest`]), and journals every
 //!   step so that [`Engine::open`] can finish or roll back whatever a dead process left.
+//! * [`journal`]: the crash-safe journal (framed, checksummed records; compaction while
+//!   running); [`journal::read_bytes`] reads one from bytes.
 //! * [`vfio`]: IOMMU-group viability and device checks before a VFIO hotplug.
+//! * [`files`]: files named by callers are opened without blocking and read with a bound;
+//!   special files are refused.
 //!
 //! A `pcie-topology` plan's hotplug actions become requests with
 //! [`DeviceRequest::from_action`]; any other planner fills the serde-able request in.
@@ -44,10 +48,15 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "tokio")]
 pub mod async_engine;
 pub mod client;
+mod deadline;
 pub mod engine;
+mod event_queue;
+pub mod files;
 pub mod journal;
 pub mod pci;
 pub mod request;

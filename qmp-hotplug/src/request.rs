@@ -54,6 +54,20 @@ pub enum RequestError {
     /// A function of a multi-function slot says `multifunction=off`.
     #[error("device {0} is part of a multi-function slot but sets multifunction=off")]
     MultifunctionOff(String),
+    /// A `qdev` or object property nests deeper than [`MAX_NESTING`] levels. QEMU may take
+    /// it, but the journal could not read its record back, so it is refused before
+    /// anything is journaled or sent.
+    #[error("{id}: arguments nested deeper than {MAX_NESTING} levels")]
+    TooDeep {
+        /// The device or object id.
+        id: String,
+    },
+    /// The request, as JSON, is larger than [`MAX_REQUEST_BYTES`].
+    #[error("the request is {bytes} bytes as JSON, more than {MAX_REQUEST_BYTES}")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+    },
     /// A plan's `object-add` argument object lacks a string `qom-type` or `id`.
     #[error("device {device}: object-add without a string qom-type and id: {object}")]
     BadObject {
@@ -66,6 +80,34 @@ pub enum RequestError {
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, RequestError>;
+
+/// Deepest nesting of a device's `qdev` arguments or an object's properties, counting
+/// the argument object itself as 1. Journal records are read back with JSON's usual
+/// recursion limit (128), and a request sits a few levels down in them; real arguments
+/// are one or two levels deep.
+pub const MAX_NESTING: usize = 32;
+
+/// Largest request, as JSON (every journal record carrying it must stay below
+/// [`crate::journal::MAX_RECORD_BYTES`]).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// True when `v` nests containers deeper than `limit` (the outermost counts as 1).
+/// Iterative, so that a value of any depth is measured without deep recursion.
+fn deeper_than(v: &Value, limit: usize) -> bool {
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(m) => Box::new(m.values()),
+            _ => continue,
+        };
+        if depth > limit {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, depth.saturating_add(1))));
+    }
+    false
+}
 
 /// One device to hotplug onto one port: every function (or every member of an IOMMU
 /// group), the QOM objects and descriptors they need, and the checks to run.
@@ -141,7 +183,9 @@ impl ObjectRequest {
 }
 
 /// A file the engine opens and passes to QEMU under a name (`getfd`), e.g. `/dev/iommu`
-/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`.
+/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`. Regular
+/// files, character and block devices are passed; a FIFO, socket or directory is refused
+/// (`EngineError::SpecialFile`) before the plug takes the port or journals anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdRequest {
     /// The name QEMU knows the descriptor by.
@@ -385,6 +429,7 @@ impl DeviceRequest {
         if self.port.is_empty() {
             return Err(RequestError::NoPort);
         }
+        self.check_shape()?;
         if self.functions.is_empty() {
             return Err(RequestError::NoFunctions(self.port.clone()));
         }
@@ -435,6 +480,26 @@ impl DeviceRequest {
         let mut order: Vec<usize> = (0..self.functions.len()).collect();
         order.sort_by_key(|i| multi_zero.contains(i));
         Ok(Prepared { order, pci })
+    }
+
+    /// Nesting and size within what the journal writes and reads back.
+    fn check_shape(&self) -> Result<()> {
+        let args = self
+            .functions
+            .iter()
+            .map(|f| (f.id(), &f.qdev))
+            .chain(self.objects.iter().map(|o| (o.id.as_str(), &o.props)));
+        for (id, map) in args {
+            // The map itself is level 1; its values start at level 2.
+            if map.values().any(|v| deeper_than(v, MAX_NESTING.saturating_sub(1))) {
+                return Err(RequestError::TooDeep { id: id.to_owned() });
+            }
+        }
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if bytes > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge { bytes });
+        }
+        Ok(())
     }
 
     fn id_at(&self, i: usize) -> String {
@@ -597,6 +662,44 @@ mod tests {
             placeholder: None,
         };
         assert_eq!(r.prepare(), Err(RequestError::NoPort));
+    }
+
+    /// A `qdev` property nested 130 levels deep (QEMU takes it) is refused before
+    /// anything is sent: the journal could not read its record back. So is a huge one.
+    #[test]
+    fn deep_or_huge_arguments_are_refused() {
+        let nested = |levels: usize| {
+            let mut v = json!("leaf");
+            for _ in 0..levels {
+                v = json!({ "x": v });
+            }
+            v
+        };
+        let mut f = func("a", "0.0");
+        f.qdev.insert("deep".into(), nested(130));
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            placeholder: None,
+            functions: vec![f],
+        };
+        assert_eq!(r.prepare(), Err(RequestError::TooDeep { id: "a".into() }));
+        // Up to the limit is fine: the map plus MAX_NESTING - 1 levels below it.
+        r.functions[0].qdev.insert("deep".into(), nested(MAX_NESTING - 1));
+        r.prepare().unwrap();
+        r.functions[0].qdev.insert("deep".into(), nested(MAX_NESTING));
+        assert!(matches!(r.prepare(), Err(RequestError::TooDeep { .. })));
+        r.functions[0].qdev.insert("deep".into(), json!([[1]]));
+        r.objects.push(ObjectRequest {
+            qom_type: "memory-backend-ram".into(),
+            id: "m".into(),
+            props: nested(200).as_object().unwrap().clone(),
+        });
+        assert_eq!(r.prepare(), Err(RequestError::TooDeep { id: "m".into() }));
+        r.objects.clear();
+        r.functions[0].qdev.insert("big".into(), json!("x".repeat(MAX_REQUEST_BYTES)));
+        assert!(matches!(r.prepare(), Err(RequestError::TooLarge { .. })));
     }
 
     #[test]

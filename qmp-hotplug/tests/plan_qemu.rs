@@ -146,7 +146,7 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
     let facts = SysfsDevice::open_dir(NVME_FIXTURE)
         .and_then(|d| d.facts())
         .unwrap_or_else(|e| panic!("{NVME_FIXTURE}: {e} (the workspace's pcilibs fixtures are needed)"));
-    let everything = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let everything = ResourceOptions::all();
     let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &everything).unwrap();
     let request = PlanRequest {
         devices: vec![nvme],

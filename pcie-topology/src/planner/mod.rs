@@ -61,7 +61,10 @@ impl Layout {
         let root_of = |node: Option<u32>| {
             node.filter(|_| numa).and_then(|n| nodes.iter().position(|x| *x == n)).map_or(0, |i| i + 1)
         };
-        let mut items: BTreeMap<usize, Vec<Item>> = (0..=nodes.len()).map(|i| (i, Vec::new())).collect();
+        let mut items = Items::default();
+        for i in 0..=nodes.len() {
+            items.lists.insert(i, Vec::new());
+        }
         let mut behind_bridge = Vec::new();
         for (i, d) in request.devices.iter().enumerate() {
             if request.options.behind_bridge(d) {
@@ -69,29 +72,26 @@ impl Layout {
                 continue;
             }
             let spec = PortSpec { device: Some(i), profile: None, p2p_group: d.p2p_group.clone() };
-            push_item(
-                items.entry(root_of(d.numa_node)).or_default(),
-                spec,
-                switches && d.p2p_group.is_some(),
-            );
+            items.push(root_of(d.numa_node), spec, switches && d.p2p_group.is_some());
         }
         for s in &request.spares {
-            let list = items.entry(root_of(s.numa_node)).or_default();
+            // `check_capacity` bounded the counts: this loop runs at most 255 times in all.
             for _ in 0..s.count {
                 let spec = PortSpec {
                     device: None,
                     profile: Some(s.profile.clone()),
                     p2p_group: s.p2p_group.clone(),
                 };
-                push_item(list, spec, switches && s.p2p_group.is_some());
+                items.push(root_of(s.numa_node), spec, switches && s.p2p_group.is_some());
             }
         }
-        Layout { nodes, items, behind_bridge }
+        Layout { nodes, items: items.lists, behind_bridge }
     }
 }
 
 /// Plans `request` for `platform`.
 pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, PlanError> {
+    check_capacity(request)?;
     let spec = platform.spec();
     check_request(&spec, request)?;
     let mut taken: BTreeSet<String> = BTreeSet::new();
@@ -133,6 +133,26 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
     Ok(plan)
 }
 
+/// Bus numbers of one PCI segment: every root bus and every port takes one.
+const SEGMENT_BUSES: u64 = 256;
+
+/// Refuses a request for more ports than a PCI segment has bus numbers, before anything
+/// is built or allocated: every root port and downstream port (one per device on a port,
+/// one per spare) takes a bus number of its own, and bus 0 is the root bus. Root buses of
+/// expanders, switch buses and reserved buses only add to that, so this is a lower bound
+/// and never refuses a plan that fits. (Spares used to be expanded one entry each first:
+/// `count = u32::MAX` aborted on allocation.)
+fn check_capacity(request: &PlanRequest) -> Result<(), PlanError> {
+    let on_ports = request.devices.iter().filter(|d| !request.options.behind_bridge(d)).count();
+    // Saturating: any sum that saturates is far above the 256 it is compared with.
+    let spares = request.spares.iter().fold(0u64, |n, s| n.saturating_add(u64::from(s.count)));
+    let needed = u64::try_from(on_ports).unwrap_or(u64::MAX).saturating_add(spares).saturating_add(1);
+    if needed > SEGMENT_BUSES {
+        return Err(PlanError::Buses { needed: u32::try_from(needed).unwrap_or(u32::MAX) });
+    }
+    Ok(())
+}
+
 /// Checks what the platform cannot do before anything is built.
 fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanError> {
     let unsupported =
@@ -158,19 +178,30 @@ fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanE
     Ok(())
 }
 
-fn push_item(list: &mut Vec<Item>, spec: PortSpec, behind_switch: bool) {
-    if behind_switch {
-        for item in list.iter_mut() {
-            if let Item::Switch { group, downstream } = item {
-                if *group == spec.p2p_group {
-                    downstream.push(spec);
-                    return;
-                }
-            }
+/// Items per root bus, with the switch of each peer-to-peer group found by a map lookup
+/// (a scan of the list per device was quadratic in the number of groups).
+#[derive(Default)]
+struct Items {
+    lists: BTreeMap<usize, Vec<Item>>,
+    /// (root bus, group) → index of the group's switch in that root bus's list.
+    switch_of: BTreeMap<(usize, Option<String>), usize>,
+}
+
+impl Items {
+    fn push(&mut self, root: usize, spec: PortSpec, behind_switch: bool) {
+        let list = self.lists.entry(root).or_default();
+        if !behind_switch {
+            list.push(Item::Port(spec));
+            return;
         }
+        let key = (root, spec.p2p_group.clone());
+        if let Some(Item::Switch { downstream, .. }) = self.switch_of.get(&key).and_then(|i| list.get_mut(*i))
+        {
+            downstream.push(spec);
+            return;
+        }
+        self.switch_of.insert(key, list.len());
         list.push(Item::Switch { group: spec.p2p_group.clone(), downstream: vec![spec] });
-    } else {
-        list.push(Item::Port(spec));
     }
 }
 

@@ -58,11 +58,11 @@ impl<'a> Builder<'a> {
                 && !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY);
             let present = cold || placeholder;
             let mut res =
-                self.reservation_for(&need, present, sizing && (can_reserve || kernel || placeholder));
+                self.reservation_for(&need, present, sizing && (can_reserve || kernel || placeholder))?;
             if placeholder {
                 let ph = self.placeholder_for(&port_id, &need)?;
-                let ph_need = placeholder_requirement(&ph);
-                res = self.reservation_for(&ph_need, true, true);
+                let ph_need = placeholder_requirement(&ph)?;
+                res = self.reservation_for(&ph_need, true, true)?;
                 res.need = need;
                 if !res.holds(&need) {
                     let hint = if self.spec.mem32_placeholder.is_none() && !res.mem.holds(&need.mem) {
@@ -129,7 +129,7 @@ impl<'a> Builder<'a> {
                 };
                 need = need.combine(&windows).map_err(|_| AddressSpaceError::Overflow)?;
             }
-            let mut res = self.reservation_for(&need, true, sizing);
+            let mut res = self.reservation_for(&need, true, sizing)?;
             res.why.insert(0, format!("covers the windows of switch {}'s downstream ports", sw.id));
             if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
                 p.reservation.purpose = format!("switch {}", sw.id);
@@ -145,8 +145,9 @@ impl<'a> Builder<'a> {
             let (hp_mem, hp_pref) = (self.hotplug_totals.hotplug_mem, self.hotplug_totals.hotplug_pref);
             for sw in &switches {
                 if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
-                    p.reservation.mem.size = p.reservation.mem.size.saturating_add(hp_mem);
-                    p.reservation.pref.size = p.reservation.pref.size.saturating_add(hp_pref);
+                    let r = &mut p.reservation;
+                    r.mem.size = r.mem.size.checked_add(hp_mem).ok_or(AddressSpaceError::Overflow)?;
+                    r.pref.size = r.pref.size.checked_add(hp_pref).ok_or(AddressSpaceError::Overflow)?;
                 }
             }
         }
@@ -252,14 +253,14 @@ impl<'a> Builder<'a> {
         let all: Vec<Resource> = devices.iter().flat_map(|(_, d)| d.resources().copied()).collect();
         let need = Requirement::of(&all)
             .map_err(|source| RequestError::Requirement { device: bridge.id.to_string(), source })?;
-        let r = self.reservation_for(&need, true, true);
+        let r = self.reservation_for(&need, true, true)?;
         let at_least = |w: Window, floor: Window| if w.size >= floor.size { w } else { floor };
         bridge.mem = at_least(r.mem, floor_mem);
         bridge.pref = r.pref;
         bridge.io = at_least(r.io, floor_io);
         let mut out = Vec::new();
         for (i, d) in devices {
-            let mut r = self.reservation_for(&d.requirement()?, true, true);
+            let mut r = self.reservation_for(&d.requirement()?, true, true)?;
             r.why.insert(
                 0,
                 format!(
@@ -288,11 +289,16 @@ impl<'a> Builder<'a> {
     }
 
     /// Windows for `need` under the platform's rule (or the machine default without sizing).
-    fn reservation_for(&self, need: &Requirement, present: bool, sizing: bool) -> Reservation {
+    fn reservation_for(
+        &self,
+        need: &Requirement,
+        present: bool,
+        sizing: bool,
+    ) -> Result<Reservation, PlanError> {
         let rule = self.spec.window_rule;
         if !sizing && !present {
             let min = self.min_window();
-            return Reservation {
+            return Ok(Reservation {
                 purpose: String::new(),
                 need: *need,
                 mem: min,
@@ -303,11 +309,11 @@ impl<'a> Builder<'a> {
                     "no reservation: the firmware gives an empty port its default minimum windows ({})",
                     human_size(min.size)
                 )],
-            };
+            });
         }
-        let mem = size_window(rule, &need.mem, MEM_GRANULARITY, present);
-        let pref = size_window(rule, &need.pref, MEM_GRANULARITY, present);
-        let io = size_window(rule, &need.io, IO_GRANULARITY, present);
+        let mem = size_window(rule, &need.mem, MEM_GRANULARITY, present)?;
+        let pref = size_window(rule, &need.pref, MEM_GRANULARITY, present)?;
+        let io = size_window(rule, &need.io, IO_GRANULARITY, present)?;
         let mut why = Vec::new();
         why.push(format!("32-bit window {}: {}", human_size(mem.window.size), mem.why));
         why.push(format!("64-bit prefetchable window {}: {}", human_size(pref.window.size), pref.why));
@@ -316,7 +322,7 @@ impl<'a> Builder<'a> {
         } else {
             why.push(format!("I/O window {:#x}: {}", io.window.size, io.why));
         }
-        Reservation {
+        Ok(Reservation {
             purpose: String::new(),
             need: *need,
             mem: mem.window,
@@ -324,7 +330,7 @@ impl<'a> Builder<'a> {
             io: if need.io.is_empty() { Window::default() } else { io.window },
             bus_reserve: 0,
             why,
-        }
+        })
     }
 
     /// The windows firmware gives an empty hotplug port by default.
@@ -425,17 +431,19 @@ impl<'a> Builder<'a> {
                     .collect()
             })
             .unwrap_or_default();
+        let overflow = || PlanError::from(AddressSpaceError::Overflow);
         if sizes.is_empty() && !need.pref.is_empty() {
-            sizes.push(next_pow2(need.pref.size).unwrap_or(need.pref.size));
+            sizes.push(next_pow2(need.pref.size).ok_or_else(overflow)?);
         }
         if sizes.is_empty() {
             sizes.push(MIB);
         }
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         if sizes.len() > 8 {
-            let total: u64 = sizes.iter().skip(7).sum();
+            // Functions 7 and up share one BAR of the next power of two above their sum.
+            let total = sizes.iter().skip(7).try_fold(0u64, |a, b| a.checked_add(*b)).ok_or_else(overflow)?;
             sizes.truncate(7);
-            sizes.push(next_pow2(total).unwrap_or(total));
+            sizes.push(next_pow2(total).ok_or_else(overflow)?);
         }
         let base = self.id("ph")?.to_string();
         let mem32 = self.spec.mem32_placeholder.clone().filter(|_| need.mem.size > MEM_GRANULARITY);
@@ -457,7 +465,7 @@ impl<'a> Builder<'a> {
             // qxl's RAM BAR (BAR 0) is 32-bit non-prefetchable and `ram_size_mb` large
             // (16 MiB at least); its VRAM BAR is kept at 1 MiB and its ROM BAR off.
             let f = sizes.len();
-            let ram_mb = (next_pow2(need.mem.size).unwrap_or(need.mem.size) / MIB).max(16);
+            let ram_mb = (next_pow2(need.mem.size).ok_or_else(overflow)? / MIB).max(16);
             let mut d = QemuDevice::new(driver, fn_id(f)?)
                 .prop("ram_size_mb", ram_mb)
                 .prop("vram_size_mb", 1u64)
@@ -473,7 +481,7 @@ impl<'a> Builder<'a> {
 
 /// What the placeholder's BARs need (ivshmem: 256 B BAR 0 and the memory BAR; qxl: RAM
 /// BAR, 1 MiB VRAM BAR, 8 KiB ROM-register BAR and a 32-port I/O BAR).
-fn placeholder_requirement(ph: &Placeholder) -> Requirement {
+fn placeholder_requirement(ph: &Placeholder) -> Result<Requirement, PlanError> {
     use pcilibs::bar::BarKind;
     let mut res = Vec::new();
     for d in &ph.devices {
@@ -491,7 +499,8 @@ fn placeholder_requirement(ph: &Placeholder) -> Requirement {
             }
             _ => {
                 if let Some(PropValue::Int(mb)) = d.props.get("ram_size_mb") {
-                    res.push(Resource::bar(BarKind::Mem32, false, mb.saturating_mul(MIB)));
+                    let bytes = mb.checked_mul(MIB).ok_or(AddressSpaceError::Overflow)?;
+                    res.push(Resource::bar(BarKind::Mem32, false, bytes));
                 }
                 res.push(Resource::bar(BarKind::Mem32, false, MIB));
                 res.push(Resource::bar(BarKind::Mem32, false, 8 << 10));
@@ -499,5 +508,7 @@ fn placeholder_requirement(ph: &Placeholder) -> Requirement {
             }
         }
     }
-    Requirement::of(&res).unwrap_or_default()
+    Requirement::of(&res).map_err(|source| {
+        RequestError::Requirement { device: "switch port placeholder".into(), source }.into()
+    })
 }

@@ -240,7 +240,7 @@ fn sriov_nvme_plan(opts: &ResourceOptions) -> Plan {
 
 #[test]
 fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
-    let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let opts = ResourceOptions::all();
     let plan = sriov_nvme_plan(&opts);
     let a = action(&plan, "nvme0");
     // The plan holds room for BAR 0 and for the 4 VFs' BAR 0.

@@ -55,7 +55,7 @@ pub fn functions_by_number<'a>(
 /// VFIO facts (`DeviceRequest::from_facts`). Functions without a PCI Express capability
 /// (ivshmem) go on a root port like any other.
 pub fn device_request(device: &PassDevice, host: &[HostFunction]) -> Result<pcie_topology::DeviceRequest> {
-    let opts = ResourceOptions { include_rom: true, ..ResourceOptions::default() };
+    let opts = ResourceOptions::default().with_rom(true);
     let id = QemuId::new(device.id.as_str()).map_err(s)?;
     let facts: Vec<FunctionFacts> =
         host.iter().filter(|f| f.device == device.id).map(|f| f.vfio.clone()).collect();

@@ -3,8 +3,7 @@
 //! VFIO (region info and the config region) — to check that both tell the same story.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pcilibs::bdf::Bdf;
 use pcilibs::decode::Function;
@@ -120,79 +119,26 @@ impl Caps {
     }
 }
 
-/// Writes `value` to a sysfs attribute.
-fn write_attr(path: &Path, value: &str) -> Result<()> {
-    std::fs::write(path, value).map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
-}
-
-fn driver_of(dev: &Path) -> Option<String> {
-    std::fs::read_link(dev.join("driver")).ok()?.file_name().map(|n| n.to_string_lossy().into_owned())
-}
-
-fn group_of(dev: &Path) -> Result<u32> {
-    let link = std::fs::read_link(dev.join("iommu_group"))
-        .map_err(|e| format!("{}: no IOMMU group ({e}); is intel_iommu=on in effect?", dev.display()))?;
-    link.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("{}: unreadable IOMMU group link {}", dev.display(), link.display()))
-}
-
 /// The functions below the outer root port in `slot` of bus 0, sorted: as many as the
 /// device has, or only the physical function when its VFs are what is passed through.
 pub fn functions_of(device: &PassDevice) -> Result<Vec<Bdf>> {
     let expected = if device.vfs() > 0 { 1 } else { usize::from(device.functions) };
-    let port = PathBuf::from(format!("/sys/bus/pci/devices/0000:00:{:02x}.0", device.port_slot));
-    let entries = std::fs::read_dir(&port).map_err(|e| format!("{}: {e}", port.display()))?;
-    let mut out: Vec<Bdf> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| Bdf::parse(n).ok()))
-        .collect();
-    out.sort();
+    let port = Bdf::new(0, 0, device.port_slot, 0).map_err(|e| format!("{}: port slot: {e}", device.id))?;
+    let out = Sysfs::default().device(port).downstream_functions().map_err(|e| format!("{port}: {e}"))?;
     if out.len() != expected {
         return Err(format!(
-            "{}: expected {expected} function(s) below {}, found {:?}",
+            "{}: expected {expected} function(s) below {port}, found {:?}",
             device.id,
-            port.display(),
             out.iter().map(ToString::to_string).collect::<Vec<_>>()
         ));
     }
     Ok(out)
 }
 
-/// Binds `bdf` to `vfio-pci` through `driver_override` and waits (up to `wait`) for its
-/// group's `/dev/vfio/<group>`. Returns the group.
+/// Binds `bdf` to `vfio-pci` and waits (up to `wait`) for its group's `/dev/vfio/<group>`.
+/// Returns the group.
 pub fn bind_vfio(bdf: Bdf, wait: Duration) -> Result<u32> {
-    let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
-    let group = group_of(&dev)?;
-    match driver_of(&dev).as_deref() {
-        Some("vfio-pci") => {}
-        other => {
-            if let Some(driver) = other {
-                write_attr(&dev.join("driver/unbind"), &bdf.to_string())
-                    .map_err(|e| format!("unbinding {bdf} from {driver}: {e}"))?;
-            }
-            write_attr(&dev.join("driver_override"), "vfio-pci")?;
-            write_attr(Path::new("/sys/bus/pci/drivers_probe"), &bdf.to_string())?;
-        }
-    }
-    let node = PathBuf::from(format!("/dev/vfio/{group}"));
-    let deadline = Instant::now() + wait;
-    loop {
-        let bound = driver_of(&dev).as_deref() == Some("vfio-pci");
-        if bound && node.exists() {
-            return Ok(group);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "{bdf}: after {wait:?} driver is {:?} and {} {}",
-                driver_of(&dev),
-                node.display(),
-                if node.exists() { "exists" } else { "is missing" }
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Sysfs::default().bind_vfio(bdf, wait).map_err(|e| e.to_string())
 }
 
 /// Creates `count` SR-IOV VFs of `pf` through its host driver (which must implement
@@ -200,41 +146,18 @@ pub fn bind_vfio(bdf: Bdf, wait: Duration) -> Result<u32> {
 /// driver (`sriov_drivers_autoprobe` off), so they can go to `vfio-pci` directly. With
 /// the PF on its host driver the VFs need no VF token, which QEMU 7.2 cannot pass.
 pub fn create_vfs(pf: Bdf, driver: &str, count: u8, wait: Duration) -> Result<Vec<Bdf>> {
-    let dev = PathBuf::from(format!("/sys/bus/pci/devices/{pf}"));
-    let deadline = Instant::now() + wait;
-    while driver_of(&dev).as_deref() != Some(driver) {
-        if Instant::now() >= deadline {
-            return Err(format!("{pf}: not bound to {driver} after {wait:?} (driver {:?})", driver_of(&dev)));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    write_attr(&dev.join("sriov_drivers_autoprobe"), "0")?;
-    write_attr(&dev.join("sriov_numvfs"), &count.to_string())?;
-    let vfs = Sysfs::default().device(pf).virtual_functions().map_err(|e| format!("{pf}: {e}"))?;
-    if vfs.len() != usize::from(count) {
-        return Err(format!("{pf}: asked for {count} VFs, sysfs lists {vfs:?}"));
-    }
-    Ok(vfs)
+    Sysfs::default().create_vfs(pf, driver, u16::from(count), wait).map_err(|e| e.to_string())
 }
 
-/// What the kernel offers for the given functions.
+/// What the kernel offers for the given functions: `/dev/iommu`, and a
+/// `/dev/vfio/devices/vfioN` for every function (Linux 6.1 lists `vfio-dev/vfioN` in sysfs
+/// but makes the node only from 6.6 on).
 pub fn kernel_vfio(functions: &[Bdf]) -> KernelVfio {
+    let sys = Sysfs::default();
     KernelVfio {
-        iommu_dev: Path::new("/dev/iommu").exists(),
-        cdevs: !functions.is_empty() && functions.iter().all(|b| cdev_of(*b).is_some()),
+        iommu_dev: sys.iommufd_node().is_some(),
+        cdevs: !functions.is_empty() && functions.iter().all(|b| matches!(sys.vfio_cdev(*b), Ok(Some(_)))),
     }
-}
-
-/// `/dev/vfio/devices/vfioN` of a function, when the kernel made one. Linux 6.1 already
-/// lists `vfio-dev/vfioN` in sysfs but creates the character device only from 6.6 on, so
-/// the node itself must exist.
-fn cdev_of(bdf: Bdf) -> Option<PathBuf> {
-    let dir = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}/vfio-dev"));
-    let name = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).find_map(|e| {
-        let n = e.file_name().to_string_lossy().into_owned();
-        n.starts_with("vfio").then_some(n)
-    })?;
-    Some(PathBuf::from("/dev/vfio/devices").join(name)).filter(|p| p.exists())
 }
 
 /// Facts and config bytes of one function through VFIO. The device is closed again on
@@ -251,8 +174,11 @@ fn read_vfio(backend: &Backend, group: u32, bdf: Bdf) -> Result<(FunctionFacts, 
             read(&dev, bdf)
         }
         Backend::Iommufd => {
-            let cdev = cdev_of(bdf).ok_or_else(|| format!("{bdf}: no vfio-dev character device"))?;
-            let dev = CdevDevice::open(&cdev, Path::new("/dev/iommu"))
+            let sys = Sysfs::default();
+            let cdev = sys.vfio_cdev(bdf).map_err(|e| format!("{bdf}: {e}"))?;
+            let cdev = cdev.ok_or_else(|| format!("{bdf}: no vfio-dev character device"))?;
+            let iommu = sys.iommufd_node().ok_or_else(|| format!("{bdf}: no /dev/iommu"))?;
+            let dev = CdevDevice::open(&cdev, &iommu)
                 .map_err(|e| format!("{bdf}: VFIO cdev {}: {e}", cdev.display()))?;
             read(&dev, bdf)
         }
@@ -264,8 +190,9 @@ fn read_vfio(backend: &Backend, group: u32, bdf: Bdf) -> Result<(FunctionFacts, 
 pub fn read_function(device: &str, bdf: Bdf, group: u32, backend: &Backend) -> Result<HostFunction> {
     let sysfs = Sysfs::default();
     let sysfs_facts = sysfs.facts(bdf).map_err(|e| format!("{bdf}: sysfs: {e}"))?;
-    let mut sysfs_config = sysfs.device(bdf).config().map_err(|e| format!("{bdf}: sysfs config: {e}"))?;
-    with_real_ids(&mut sysfs_config, &sysfs_facts);
+    // A VF's own registers read 0xffff as its IDs; completed, they decode as VFIO shows them.
+    let sysfs_config =
+        sysfs.device(bdf).completed_config().map_err(|e| format!("{bdf}: sysfs config: {e}"))?;
     let (mut vfio_facts, vfio_config) = read_vfio(backend, group, bdf)?;
     vfio_facts.iommu_group = Some(group);
     Ok(HostFunction {
@@ -277,16 +204,6 @@ pub fn read_function(device: &str, bdf: Bdf, group: u32, backend: &Backend) -> R
         sysfs: sysfs_facts,
         vfio: vfio_facts,
     })
-}
-
-/// An SR-IOV VF's configuration space reads 0xffff as vendor and device ID (the PF's SR-IOV
-/// capability holds them); put in the IDs the facts have (sysfs reads them from the kernel's
-/// `vendor` and `device` files), as `vfio-pci` does in its config region.
-fn with_real_ids(config: &mut [u8], facts: &FunctionFacts) {
-    if let Some(ids) = config.get_mut(..4).filter(|ids| *ids == [0xff; 4]) {
-        let (v, d) = (facts.vendor_id.to_le_bytes(), facts.device_id.to_le_bytes());
-        ids.copy_from_slice(&[v[0], v[1], d[0], d[1]]);
-    }
 }
 
 /// A BAR as compared: index, space, prefetchable, size.
@@ -415,16 +332,6 @@ mod tests {
         assert!(d.contains("BAR2 128 GiB") && d.contains("BAR2 64 GiB"), "{d}");
         assert!(d.contains("only in VFIO: MSI-X@50"), "{d}");
         assert!(d.contains("only in sysfs: ") && d.contains("@100"), "{d}");
-    }
-
-    #[test]
-    fn a_vf_config_space_gets_its_ids() {
-        let (facts, mut config) = facts(1 << 20);
-        config[..4].copy_from_slice(&[0xff; 4]);
-        assert!(Caps::of(&config).is_err(), "0xffff reads as no function");
-        with_real_ids(&mut config, &facts);
-        assert_eq!(&config[..4], &[0xf4, 0x1a, 0x10, 0x11]);
-        assert!(Caps::of(&config).is_ok());
     }
 
     #[test]

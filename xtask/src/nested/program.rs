@@ -286,18 +286,12 @@ fn judge_groups(host: &[HostFunction], out: &mut Out) {
     for (group, functions) in groups {
         let devices: BTreeSet<&str> = functions.iter().map(|f| f.device.as_str()).collect();
         let mut row = WireRow::new(format!("group {group}"));
-        let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
-        let members: Vec<String> = match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                let mut m: Vec<String> = entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect();
-                m.sort();
-                m
-            }
+        let sys = pcilibs::sysfs::Sysfs::default();
+        let read = sys.iommu_group(group);
+        let members: Vec<String> = match &read {
+            Ok(g) => g.members.iter().map(|m| m.name.to_string()).collect(),
             Err(e) => {
-                row.fail(format!("{dir}: {e}"));
+                row.fail(e.to_string());
                 Vec::new()
             }
         };
@@ -307,8 +301,8 @@ fn judge_groups(host: &[HostFunction], out: &mut Out) {
         if !foreign.is_empty() {
             row.notes.push(format!("members not passed through: {foreign:?}"));
         }
-        match qmp_hotplug::vfio::Sysfs::default().check_group(&group.to_string()) {
-            Ok(()) => {
+        match sys.viable_group(group) {
+            Ok(_) => {
                 row.guest = "viable".into();
                 row.pass(format!(
                     "ok: {} member(s) of {}, all on vfio-pci; VFIO reported the group viable when opened",
