@@ -2,14 +2,14 @@
 //!
 //! KVM can exist and still hang a Linux guest (nested virtualisation), so "known to work"
 //! means: a probe guest booted with KVM reached READY within [`PROBE_TIMEOUT`]. The verdict
-//! is cached per host kernel, QEMU binary and guest kernel, so the probe runs once.
+//! is cached per host kernel, QEMU version and guest kernel, so the probe runs once per
+//! stack.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::arch::Arch;
-use crate::debs::DebCache;
 use crate::guest::{Guest, GuestAssets, GuestError, GuestSpec};
 
 /// The accelerator a guest runs on.
@@ -62,45 +62,40 @@ pub struct KvmVerdict {
 
 static VERDICT: Mutex<Option<KvmVerdict>> = Mutex::new(None);
 
-fn verdict_file(cache: &DebCache) -> PathBuf {
-    cache.root().join("kvm-probe.json")
+fn verdict_file(assets: &GuestAssets) -> PathBuf {
+    assets.state_dir.join("kvm-probe.json")
 }
 
 fn host_key(assets: &GuestAssets) -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let qemu = std::process::Command::new(Arch::X86_64.qemu_binary())
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
-        .unwrap_or_default();
-    format!("host {} / {qemu} / guest {}", release.trim(), assets.kernel.release)
+    format!("host {} / QEMU {} / guest {}", release.trim(), assets.versions.qemu, assets.kernel.release)
 }
 
-/// The accelerator for a guest of `arch` that asked for `choice`.
-pub fn resolve(choice: AccelChoice, arch: Arch, cache: &DebCache) -> Result<Accel, GuestError> {
+/// The accelerator for a guest of `arch` that asked for `choice`, booting `assets`.
+pub fn resolve(choice: AccelChoice, arch: Arch, assets: &GuestAssets) -> Result<Accel, GuestError> {
     match choice {
         AccelChoice::Tcg => Ok(Accel::Tcg),
         AccelChoice::Kvm => Ok(Accel::Kvm),
         AccelChoice::Auto if Arch::host() != Some(arch) => Ok(Accel::Tcg),
         AccelChoice::Auto => {
-            let verdict = kvm_verdict(cache, arch)?;
+            let verdict = kvm_verdict(assets);
             Ok(if verdict.usable { Accel::Kvm } else { Accel::Tcg })
         }
     }
 }
 
-/// Whether KVM works for guests of the host architecture `arch`: cached, or probed now.
-pub fn kvm_verdict(cache: &DebCache, arch: Arch) -> Result<KvmVerdict, GuestError> {
+/// Whether KVM works for guests of the host architecture with `assets`' QEMU and kernel:
+/// remembered, cached, or probed now.
+pub fn kvm_verdict(assets: &GuestAssets) -> KvmVerdict {
     let mut memo = VERDICT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(v) = memo.as_ref() {
-        return Ok(v.clone());
+    let key = host_key(assets);
+    if let Some(v) = memo.as_ref().filter(|v| v.key == key || v.key.is_empty()) {
+        return v.clone();
     }
     let verdict = if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         KvmVerdict { key: String::new(), usable: false, detail: "/dev/kvm cannot be opened".into() }
     } else {
-        let assets = GuestAssets::ensure(cache, arch)?;
-        let key = host_key(&assets);
-        let file = verdict_file(cache);
+        let file = verdict_file(assets);
         let cached = std::fs::read(&file)
             .ok()
             .and_then(|b| serde_json::from_slice::<KvmVerdict>(&b).ok())
@@ -108,9 +103,9 @@ pub fn kvm_verdict(cache: &DebCache, arch: Arch) -> Result<KvmVerdict, GuestErro
         match cached {
             Some(v) => v,
             None => {
-                let v = probe(&assets, key);
+                let v = probe(assets, key);
                 if let Ok(json) = serde_json::to_vec_pretty(&v) {
-                    let _ = std::fs::create_dir_all(cache.root());
+                    let _ = std::fs::create_dir_all(&assets.state_dir);
                     let _ = std::fs::write(&file, json);
                 }
                 v
@@ -123,7 +118,7 @@ pub fn kvm_verdict(cache: &DebCache, arch: Arch) -> Result<KvmVerdict, GuestErro
         verdict.detail
     );
     *memo = Some(verdict.clone());
-    Ok(verdict)
+    verdict
 }
 
 fn probe(assets: &GuestAssets, key: String) -> KvmVerdict {

@@ -7,10 +7,10 @@ use serde_json::json;
 
 use crate::arch::Arch;
 use crate::deadline;
-use crate::debs::DebCache;
 use crate::guest::{Guest, GuestAssets, GuestSpec};
 use crate::hotplug::{self, Expect};
 use crate::reporter::GuestState;
+use crate::stacks::Stack;
 use crate::table::Table;
 
 /// The result for one architecture.
@@ -20,6 +20,14 @@ pub struct BootCheck {
     pub arch: String,
     /// Firmware.
     pub firmware: String,
+    /// The stack.
+    pub stack: String,
+    /// QEMU's version.
+    pub qemu_version: String,
+    /// The firmware with its version.
+    pub firmware_version: String,
+    /// Guest kernel package and version.
+    pub kernel_version: String,
     /// Accelerator (tcg or kvm).
     pub accel: String,
     /// Guest kernel release.
@@ -125,13 +133,20 @@ fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
 }
 
 /// Boots and checks one architecture.
-pub fn check(arch: Arch, cache: &DebCache) -> BootCheck {
+pub fn check(arch: Arch, stack: &Stack) -> BootCheck {
     let spec = spec(arch);
-    let mut row =
-        BootCheck { arch: arch.to_string(), firmware: spec.firmware.name().into(), ..BootCheck::default() };
-    let result = GuestAssets::ensure(cache, arch).map_err(|e| e.to_string()).and_then(|assets| {
+    let mut row = BootCheck {
+        arch: arch.to_string(),
+        firmware: spec.firmware.name().into(),
+        stack: stack.name().into(),
+        ..BootCheck::default()
+    };
+    let result = GuestAssets::ensure(stack, arch).map_err(|e| e.to_string()).and_then(|assets| {
         row.kernel = assets.kernel.release.clone();
-        let guest = Guest::boot(&spec, &assets, cache).map_err(|e| e.to_string())?;
+        row.kernel_version = format!("{} {}", assets.kernel.package, assets.kernel.version);
+        row.qemu_version = assets.versions.qemu.clone();
+        row.firmware_version = assets.versions.firmware(spec.firmware, arch);
+        let guest = Guest::boot(&spec, &assets).map_err(|e| e.to_string())?;
         row.accel = guest.accel().qemu_name().into();
         row.boot_ms = guest.boot_time().map(|d| d.as_millis());
         let state = guest.state();
@@ -151,9 +166,9 @@ pub fn check(arch: Arch, cache: &DebCache) -> BootCheck {
 }
 
 /// Runs the boot check for `arches` in parallel.
-pub fn run(arches: &[Arch], cache: &DebCache) -> Vec<BootCheck> {
+pub fn run(arches: &[Arch], stack: &Stack) -> Vec<BootCheck> {
     std::thread::scope(|scope| {
-        let handles: Vec<_> = arches.iter().map(|&arch| scope.spawn(move || check(arch, cache))).collect();
+        let handles: Vec<_> = arches.iter().map(|&arch| scope.spawn(move || check(arch, stack))).collect();
         handles
             .into_iter()
             .zip(arches)
@@ -176,6 +191,8 @@ fn opt_ms(v: Option<u128>) -> String {
 pub fn render(rows: &[BootCheck]) -> String {
     let mut summary = Table::new([
         "arch",
+        "stack",
+        "QEMU",
         "firmware",
         "accel",
         "kernel",
@@ -197,7 +214,9 @@ pub fn render(rows: &[BootCheck]) -> String {
             let once = |v: String| if i == 0 { v } else { String::new() };
             summary.row([
                 r.arch.clone(),
-                once(r.firmware.clone()),
+                once(r.stack.clone()),
+                once(r.qemu_version.clone()),
+                once(r.firmware_version.clone()),
                 once(r.accel.clone()),
                 once(r.kernel.clone()),
                 once(opt_ms(r.boot_ms)),

@@ -9,11 +9,11 @@ use serde_json::{json, Value};
 
 use crate::arch::Arch;
 use crate::deadline;
-use crate::debs::DebCache;
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::hotplug::{self, Expect, Plugged};
 use crate::qmp::Qmp;
 use crate::reporter::{Bdf, GuestState};
+use crate::stacks::Stack;
 
 /// `ivshmem-plain` (Red Hat Inter-VM shared memory) with a 256-byte register BAR 0 and
 /// its memory backend as BAR 2, of `size` bytes.
@@ -78,9 +78,18 @@ fn print_plugged(p: &Plugged) {
     }
 }
 
-fn boot(spec: &GuestSpec, cache: &DebCache) -> Result<Guest> {
-    let assets = GuestAssets::ensure(cache, spec.arch).map_err(s)?;
-    let guest = Guest::boot(spec, &assets, cache).map_err(s)?;
+fn boot(spec: &GuestSpec, stack: &Stack) -> Result<Guest> {
+    let assets = GuestAssets::ensure(stack, spec.arch).map_err(s)?;
+    let guest = Guest::boot(spec, &assets).map_err(s)?;
+    println!(
+        "stack {}: QEMU {}, {}, kernel {} ({} {})",
+        assets.versions.stack,
+        assets.versions.qemu,
+        assets.versions.firmware(spec.firmware, spec.arch),
+        assets.kernel.release,
+        assets.kernel.package,
+        assets.kernel.version
+    );
     println!("$ {}", guest.command_line());
     println!(
         "  booted ({}) in {:.1} s",
@@ -115,7 +124,7 @@ fn plug_gpu0(guest: &Guest, qmp: &mut Qmp, gib: u64) -> Result<bool> {
 
 /// (a) A 128 GiB BAR hotplugged onto a root port that reserves 256 GiB of 64-bit
 /// prefetchable space.
-pub fn root_port_128g(cache: &DebCache, firmware: Firmware, opts: Options) -> Result<bool> {
+pub fn root_port_128g(stack: &Stack, firmware: Firmware, opts: Options) -> Result<bool> {
     let gib = opts.bar_gib.unwrap_or(128);
     let mut spec = GuestSpec::new(Arch::X86_64).firmware(firmware);
     spec.name = format!("root-port-{gib}g-{}", firmware.name());
@@ -128,7 +137,7 @@ pub fn root_port_128g(cache: &DebCache, firmware: Firmware, opts: Options) -> Re
         // OVMF's 64-bit aperture must hold the reservation (value in MiB).
         spec.extra_args.extend(["-fw_cfg".into(), "name=opt/ovmf/X-PciMmio64Mb,string=524288".into()]);
     }
-    let guest = boot(&spec, cache)?;
+    let guest = boot(&spec, stack)?;
     let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
     plug_gpu0(&guest, &mut qmp, gib)
 }
@@ -137,7 +146,7 @@ pub fn root_port_128g(cache: &DebCache, firmware: Firmware, opts: Options) -> Re
 /// ivshmem of the needed size; the guest's kernel keeps the window after the placeholder
 /// leaves, and the real device is plugged into it.
 pub fn switch_placeholder(
-    cache: &DebCache,
+    stack: &Stack,
     firmware: Firmware,
     placeholder: bool,
     opts: Options,
@@ -164,7 +173,7 @@ pub fn switch_placeholder(
         let mib = 8 * gib * 1024;
         spec.extra_args.extend(["-fw_cfg".into(), format!("name=opt/ovmf/X-PciMmio64Mb,string={mib}")]);
     }
-    let guest = boot(&spec, cache)?;
+    let guest = boot(&spec, stack)?;
     let state = guest.state();
     // TI XIO3130 downstream ports.
     let ports: Vec<Bdf> =
@@ -209,7 +218,7 @@ pub fn switch_placeholder(
 /// (c) aarch64 `virt`, two root ports, a small device on the second, then a large BAR
 /// onto the first. Without firmware Linux sizes the windows itself, told by
 /// `pci=hpmmioprefsize=`; with UEFI the ports carry `pref64-reserve` instead.
-pub fn aarch64_hpmmioprefsize(cache: &DebCache, opts: Options) -> Result<bool> {
+pub fn aarch64_hpmmioprefsize(stack: &Stack, opts: Options) -> Result<bool> {
     let gib = opts.bar_gib.unwrap_or(128);
     let reserve = opts.reserve_gib.unwrap_or(2 * gib);
     let firmware = opts.firmware.unwrap_or(Firmware::None);
@@ -225,7 +234,7 @@ pub fn aarch64_hpmmioprefsize(cache: &DebCache, opts: Options) -> Result<bool> {
     for i in 1..=2 {
         spec.devices.push(format!("pcie-root-port,id=rp{i},bus=pcie.0,chassis={i},slot={i}{port_extra}"));
     }
-    let guest = boot(&spec, cache)?;
+    let guest = boot(&spec, stack)?;
     let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
     let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp2"});
     println!("  device_add {args}");
@@ -237,10 +246,10 @@ pub fn aarch64_hpmmioprefsize(cache: &DebCache, opts: Options) -> Result<bool> {
 
 /// (c) s390x: a virtio-net-ccw device number shows on the ccw bus; virtio-net-pci becomes
 /// a zPCI function.
-pub fn s390x_ccw_zpci(cache: &DebCache) -> Result<bool> {
+pub fn s390x_ccw_zpci(stack: &Stack) -> Result<bool> {
     let mut spec = GuestSpec::new(Arch::S390x);
     spec.name = "s390x-ccw-zpci".into();
-    let guest = boot(&spec, cache)?;
+    let guest = boot(&spec, stack)?;
     let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
     let args = json!({"driver": "virtio-net-ccw", "id": "net0", "devno": "fe.0.0042"});
     println!("  device_add {args}");
@@ -303,14 +312,14 @@ impl Options {
 }
 
 /// Runs the experiment `name`.
-pub fn run(name: &str, opts: Options, cache: &DebCache) -> Result<bool> {
+pub fn run(name: &str, opts: Options, stack: &Stack) -> Result<bool> {
     let fw = opts.firmware.unwrap_or(Firmware::SeaBios);
     match name {
-        "root-port-128g" => root_port_128g(cache, fw, opts),
-        "switch-placeholder" => switch_placeholder(cache, fw, true, opts),
-        "switch-no-placeholder" => switch_placeholder(cache, fw, false, opts),
-        "aarch64-hpmmioprefsize" => aarch64_hpmmioprefsize(cache, opts),
-        "s390x-ccw-zpci" => s390x_ccw_zpci(cache),
+        "root-port-128g" => root_port_128g(stack, fw, opts),
+        "switch-placeholder" => switch_placeholder(stack, fw, true, opts),
+        "switch-no-placeholder" => switch_placeholder(stack, fw, false, opts),
+        "aarch64-hpmmioprefsize" => aarch64_hpmmioprefsize(stack, opts),
+        "s390x-ccw-zpci" => s390x_ccw_zpci(stack),
         other => Err(format!("unknown experiment {other:?}; known: {}", NAMES.join(", "))),
     }
 }

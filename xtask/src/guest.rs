@@ -8,18 +8,19 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::accel::{self, Accel, AccelChoice};
 use crate::arch::Arch;
-use crate::debs::DebCache;
 use crate::initramfs::{self, InitramfsSpec};
 use crate::kernels::{self, GuestKernel};
+use crate::launcher::Launcher;
 use crate::qmp::{self, Qmp};
 use crate::reporter::{CommandOutput, GuestState};
+use crate::stacks::{self, Stack, StackError, Versions};
 
 /// Starting or following a guest failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,23 @@ pub enum GuestError {
     BadSpec(String),
     /// The kernel or busybox could not be provisioned.
     #[error(transparent)]
-    Kernel(#[from] kernels::KernelError),
+    Kernel(Box<kernels::KernelError>),
+    /// The stack's QEMU and firmware could not be provisioned.
+    #[error(transparent)]
+    Stack(Box<StackError>),
+    /// The guest kernel or busybox of one architecture could not be provisioned: only
+    /// that architecture's guests fail.
+    #[error("the {arch} guest kernel or busybox of stack `{stack}` cannot be provisioned: {source}\n{hint}")]
+    Assets {
+        /// The stack.
+        stack: String,
+        /// The guest architecture.
+        arch: Arch,
+        /// What failed.
+        source: Box<kernels::KernelError>,
+        /// What to do about it.
+        hint: String,
+    },
     /// The initramfs could not be built.
     #[error(transparent)]
     Initramfs(#[from] initramfs::InitramfsError),
@@ -75,6 +92,18 @@ pub enum GuestError {
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),
+}
+
+impl From<kernels::KernelError> for GuestError {
+    fn from(e: kernels::KernelError) -> Self {
+        GuestError::Kernel(Box::new(e))
+    }
+}
+
+impl From<StackError> for GuestError {
+    fn from(e: StackError) -> Self {
+        GuestError::Stack(Box::new(e))
+    }
 }
 
 fn details(diagnostics: &str) -> String {
@@ -148,10 +177,15 @@ impl std::str::FromStr for Firmware {
     }
 }
 
-/// Firmware image for x86_64 OVMF.
-pub const OVMF_IMAGE: &str = "/usr/share/ovmf/OVMF.fd";
-/// Firmware image for aarch64 UEFI.
-pub const AARCH64_UEFI_IMAGE: &str = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd";
+/// Guest memory in MiB a lean guest gets with `firmware`: 256, and 512 under aarch64
+/// UEFI, where Linux 7.3's EFI stub cannot place itself in 256 MiB under edk2 2026.08
+/// ("EFI stub: ERROR: Failed to relocate kernel"; 6.1 and 6.12 boot in 256).
+pub fn default_memory_mib(firmware: Firmware) -> u32 {
+    match firmware {
+        Firmware::Uefi => 512,
+        Firmware::SeaBios | Firmware::Ovmf | Firmware::None => 256,
+    }
+}
 
 /// What to boot.
 #[derive(Clone, Debug)]
@@ -200,7 +234,7 @@ impl GuestSpec {
             machine_opts: Vec::new(),
             cpu: None,
             phys_bits: None,
-            memory_mib: 256,
+            memory_mib: default_memory_mib(Firmware::default_for(arch)),
             objects: Vec::new(),
             devices: Vec::new(),
             extra_args: Vec::new(),
@@ -223,8 +257,12 @@ impl GuestSpec {
         self
     }
 
-    /// Sets the firmware.
+    /// Sets the firmware (and the memory to that firmware's default, unless it was
+    /// changed).
     pub fn firmware(mut self, firmware: Firmware) -> Self {
+        if self.memory_mib == default_memory_mib(self.firmware) {
+            self.memory_mib = default_memory_mib(firmware);
+        }
         self.firmware = firmware;
         self
     }
@@ -262,9 +300,11 @@ impl GuestSpec {
         words.join(" ")
     }
 
-    /// The QEMU arguments (without the binary) for this spec.
+    /// The QEMU arguments (without the binary) for this spec; `firmware_image` is the
+    /// `-bios` image of OVMF or aarch64 UEFI ([`GuestAssets::firmware_image`]).
     pub fn qemu_args(
         &self,
+        firmware_image: Option<&Path>,
         kernel: &Path,
         initrd: &Path,
         qmp_socket: &Path,
@@ -293,10 +333,12 @@ impl GuestSpec {
             push(&["-cpu", &cpu]);
         }
         push(&["-m", &self.memory_mib.to_string(), "-smp", "1"]);
-        match self.firmware {
-            Firmware::Ovmf => push(&["-bios", OVMF_IMAGE]),
-            Firmware::Uefi => push(&["-bios", AARCH64_UEFI_IMAGE]),
-            Firmware::SeaBios | Firmware::None => {}
+        match (self.firmware, firmware_image) {
+            (Firmware::Ovmf | Firmware::Uefi, Some(image)) => push(&["-bios", &image.display().to_string()]),
+            (Firmware::Ovmf | Firmware::Uefi, None) => {
+                return Err(GuestError::BadSpec(format!("no image for firmware {}", self.firmware.name())))
+            }
+            (Firmware::SeaBios | Firmware::None, _) => {}
         }
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
         push(&["-qmp", &format!("unix:{},server=on,wait=off", qmp_socket.display())]);
@@ -313,22 +355,75 @@ impl GuestSpec {
     }
 }
 
-/// The provisioned kernel and busybox for one architecture.
+/// Everything a guest of one architecture boots with, from one stack: kernel, busybox,
+/// the QEMU to run and its firmware images.
 #[derive(Clone, Debug)]
 pub struct GuestAssets {
     /// Guest kernel.
     pub kernel: GuestKernel,
     /// Statically linked busybox of the guest architecture.
     pub busybox: PathBuf,
+    /// How to start QEMU.
+    pub qemu: Launcher,
+    /// The OVMF image (`-bios`, x86_64 UEFI).
+    pub ovmf: PathBuf,
+    /// The aarch64 UEFI image (`-bios`, edk2's `QEMU_EFI.fd`).
+    pub aarch64_uefi: PathBuf,
+    /// What the stack runs, for reports.
+    pub versions: Versions,
+    /// Where the KVM verdict is kept ([`crate::accel`]).
+    pub state_dir: PathBuf,
 }
 
 impl GuestAssets {
-    /// Downloads (or finds in the cache) the kernel and busybox for `arch`.
-    pub fn ensure(cache: &DebCache, arch: Arch) -> Result<Self> {
+    /// The stack's QEMU and firmware (provisioned first when missing) with the kernel and
+    /// busybox of `arch` from the stack's archive. A failure of the kernel or busybox is
+    /// [`GuestError::Assets`], which says what to do.
+    pub fn ensure(stack: &Stack, arch: Arch) -> Result<Self> {
+        let root = stack.root()?;
+        let assets_err = |source: kernels::KernelError| GuestError::Assets {
+            stack: stack.name().into(),
+            arch,
+            hint: asset_hint(stack.name(), arch, &source),
+            source: Box::new(source),
+        };
         Ok(GuestAssets {
-            kernel: kernels::ensure_kernel(cache, arch)?,
-            busybox: kernels::ensure_busybox(cache, arch)?,
+            kernel: stack.kernel(arch).map_err(assets_err)?,
+            busybox: stack.busybox(arch).map_err(assets_err)?,
+            qemu: root.launcher.clone(),
+            ovmf: root.file(stacks::OVMF_FD),
+            aarch64_uefi: root.file(stacks::AARCH64_UEFI_FD),
+            versions: root.versions(),
+            state_dir: stack.dir(),
         })
+    }
+
+    /// The `-bios` image `firmware` boots from, if it takes one.
+    pub fn firmware_image(&self, firmware: Firmware) -> Option<&Path> {
+        match firmware {
+            Firmware::Ovmf => Some(&self.ovmf),
+            Firmware::Uefi => Some(&self.aarch64_uefi),
+            Firmware::SeaBios | Firmware::None => None,
+        }
+    }
+}
+
+/// What to do when the kernel or busybox of `arch` cannot be provisioned.
+pub fn asset_hint(stack: &str, arch: Arch, error: &kernels::KernelError) -> String {
+    let not_found = matches!(error, kernels::KernelError::Deb(e) if e.is_not_found());
+    if not_found {
+        format!(
+            "Debian's archive has no such file for {arch} at the moment (a new version may still be building or \
+             syncing to the mirror), so {arch} guests cannot run on stack `{stack}` now; the other architectures are \
+             not affected. Try again later with `cargo xtask provision --stack {stack} --update`, or run the {arch} \
+             scenarios on another stack (`--stack NAME`)."
+        )
+    } else {
+        format!(
+            "{arch} guests cannot run on stack `{stack}` until this is fixed; the other architectures are not \
+             affected. Check that deb.debian.org is reachable and run `cargo xtask provision --stack {stack} \
+             --update`."
+        )
     }
 }
 
@@ -378,8 +473,8 @@ pub struct Guest {
 impl Guest {
     /// Boots `spec`: resolves the accelerator (probing KVM once when asked to), starts
     /// QEMU and waits for READY within `spec.boot_timeout`, printing progress.
-    pub fn boot(spec: &GuestSpec, assets: &GuestAssets, cache: &DebCache) -> Result<Guest> {
-        let accel = accel::resolve(spec.accel, spec.arch, cache)?;
+    pub fn boot(spec: &GuestSpec, assets: &GuestAssets) -> Result<Guest> {
+        let accel = accel::resolve(spec.accel, spec.arch, assets)?;
         let guest = Guest::start(spec, assets, accel)?;
         if spec.progress {
             eprintln!(
@@ -434,9 +529,17 @@ impl Guest {
         let initrd = dir.path().join("initramfs.cpio");
         std::fs::write(&initrd, initramfs::build(&assets.kernel, &assets.busybox, &spec.initramfs)?)?;
         let qmp_socket = dir.path().join("qmp.sock");
-        let args = spec.qemu_args(&assets.kernel.image, &initrd, &qmp_socket, accel)?;
+        let args = spec.qemu_args(
+            assets.firmware_image(spec.firmware),
+            &assets.kernel.image,
+            &initrd,
+            &qmp_socket,
+            accel,
+        )?;
         let program = spec.arch.qemu_binary();
-        let mut child = Command::new(program)
+        let mut child = assets
+            .qemu
+            .qemu(spec.arch)
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -686,7 +789,12 @@ mod tests {
     use super::*;
 
     fn args(spec: &GuestSpec, accel: Accel) -> String {
-        spec.qemu_args(Path::new("/k"), Path::new("/i"), Path::new("/s"), accel).unwrap().join(" ")
+        let fw = match spec.firmware {
+            Firmware::Ovmf => Some(Path::new("/fw/OVMF.fd")),
+            Firmware::Uefi => Some(Path::new("/fw/QEMU_EFI.fd")),
+            _ => None,
+        };
+        spec.qemu_args(fw, Path::new("/k"), Path::new("/i"), Path::new("/s"), accel).unwrap().join(" ")
     }
 
     #[test]
@@ -701,7 +809,7 @@ mod tests {
             a.contains("-machine q35,kernel-irqchip=split -accel tcg -cpu qemu64,+pdpe1gb,phys-bits=46"),
             "{a}"
         );
-        assert!(a.contains(&format!("-bios {OVMF_IMAGE}")), "{a}");
+        assert!(a.contains("-bios /fw/OVMF.fd"), "{a}");
         assert!(a.contains("-append console=ttyS0 panic=-1 loglevel=1 pci=realloc"), "{a}");
         assert!(a.ends_with("-device pcie-root-port,id=rp1,chassis=1"), "{a}");
         assert!(args(&GuestSpec::new(Arch::X86_64), Accel::Kvm).contains("-accel kvm -cpu host"));
@@ -710,8 +818,9 @@ mod tests {
     #[test]
     fn other_arch_args() {
         let a = args(&GuestSpec::new(Arch::Aarch64).firmware(Firmware::Uefi), Accel::Tcg);
+        assert!(a.contains("-m 512 "), "{a}");
         assert!(a.contains("-machine virt,gic-version=3 -accel tcg -cpu cortex-a57"), "{a}");
-        assert!(a.contains(AARCH64_UEFI_IMAGE), "{a}");
+        assert!(a.contains("-bios /fw/QEMU_EFI.fd"), "{a}");
         let a = args(&GuestSpec::new(Arch::S390x), Accel::Tcg);
         assert!(a.contains("-machine s390-ccw-virtio -accel tcg -m 256"), "{a}");
         assert!(a.contains("console=ttysclp0"), "{a}");
@@ -721,7 +830,19 @@ mod tests {
     fn firmware_must_fit_the_arch() {
         let spec = GuestSpec::new(Arch::Aarch64).firmware(Firmware::Ovmf);
         assert!(matches!(
-            spec.qemu_args(Path::new("/k"), Path::new("/i"), Path::new("/s"), Accel::Tcg),
+            spec.qemu_args(
+                Some(Path::new("/fw")),
+                Path::new("/k"),
+                Path::new("/i"),
+                Path::new("/s"),
+                Accel::Tcg
+            ),
+            Err(GuestError::BadSpec(_))
+        ));
+        // UEFI without an image is refused, not started without firmware.
+        let spec = GuestSpec::new(Arch::X86_64).firmware(Firmware::Ovmf);
+        assert!(matches!(
+            spec.qemu_args(None, Path::new("/k"), Path::new("/i"), Path::new("/s"), Accel::Tcg),
             Err(GuestError::BadSpec(_))
         ));
         for fw in ["seabios", "ovmf", "none", "uefi"] {

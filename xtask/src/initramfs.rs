@@ -160,14 +160,14 @@ mod tests {
         }
     }
 
-    /// The guest scripts are valid shell (checked by the host's busybox sh).
+    /// The guest scripts are valid shell (checked by the default stack's busybox sh).
     #[test]
     fn scripts_parse() {
+        let root =
+            crate::default_stack().unwrap().root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"));
         for (name, script) in [("init", INIT_SCRIPT), ("reporter", REPORTER_SCRIPT)] {
-            let out = std::process::Command::new("busybox")
-                .args(["sh", "-n", "-c", script])
-                .output()
-                .expect("busybox not found: install busybox-static (cargo xtask provision)");
+            let out =
+                std::process::Command::new(root.busybox()).args(["sh", "-n", "-c", script]).output().unwrap();
             assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }

@@ -1,10 +1,11 @@
-//! Project automation for the pcie-hotplug workspace: host provisioning, guest kernels
-//! and initramfs, booting QEMU guests that report their PCI devices, the test suite, the
-//! end-to-end runs and the fixture generator.
+//! Project automation for the pcie-hotplug workspace: software stacks (QEMU, firmware and
+//! guest kernels from Debian's archive, unpacked into the cache, never installed on the
+//! host), guest initramfs, booting QEMU guests that report their PCI devices, the test
+//! suite, the end-to-end runs and the fixture generator.
 //!
 //! The pieces the end-to-end runs build on:
-//! - [`provision::ensure_host_packages`], [`kernels::ensure_kernel`],
-//!   [`kernels::ensure_busybox`]: what a fresh machine needs, cached.
+//! - [`stacks::Stack`] and [`provision::provision`]: what a fresh machine needs, per
+//!   stack, cached under `target/e2e/cache`.
 //! - [`guest::GuestSpec`] → [`guest::Guest::boot`]: a QEMU guest with the reporter.
 //! - [`reporter::GuestState`]: what the guest reported; [`guest::Guest::wait_for`].
 
@@ -13,6 +14,7 @@ pub mod arch;
 pub mod bootcheck;
 pub mod command;
 pub mod cpio;
+pub mod debroot;
 pub mod debs;
 pub mod e2e;
 pub mod experiments;
@@ -21,6 +23,7 @@ pub mod guest;
 pub mod hotplug;
 pub mod initramfs;
 pub mod kernels;
+pub mod launcher;
 pub mod lspci;
 pub mod nested;
 pub mod provision;
@@ -30,6 +33,7 @@ pub mod scenario;
 pub mod stacks;
 pub mod table;
 pub mod tasks;
+pub mod ubuntu;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,7 +54,19 @@ pub fn e2e_dir() -> PathBuf {
     workspace_root().join("target").join("e2e")
 }
 
-/// The download cache of guest kernels and busybox: `<workspace>/target/e2e/cache`.
-pub fn cache() -> debs::DebCache {
-    debs::DebCache::new(e2e_dir().join("cache"))
+/// Where downloads, unpacked packages and stack roots are kept:
+/// `<workspace>/target/e2e/cache`.
+pub fn cache_dir() -> PathBuf {
+    e2e_dir().join("cache")
+}
+
+/// The stack called `name`, in the project's cache.
+pub fn stack(name: &str) -> Result<stacks::Stack, stacks::StackError> {
+    stacks::Stack::named(name, cache_dir())
+}
+
+/// The stack to use when none is named: `$XTASK_STACK` (which `cargo xtask test` sets
+/// for the tests it runs), else [`stacks::DEFAULT_STACK`].
+pub fn default_stack() -> Result<stacks::Stack, stacks::StackError> {
+    stack(&stacks::Stack::default_name())
 }

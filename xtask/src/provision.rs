@@ -1,126 +1,48 @@
-//! Host packages the guest runs need: QEMU for three architectures, firmware, pciutils.
+//! Provisioning a stack into the cache: its root (QEMU for the three guest architectures,
+//! SeaBIOS, OVMF, AAVMF, iPXE ROMs, busybox, pciutils, with their libraries) and the
+//! guest kernel and busybox of each architecture. Nothing is installed on the host: the
+//! host's package list is the same before and after.
 //!
-//! Checks files first, so a provisioned machine returns at once; installs with apt only
-//! what is missing. Debian bookworm machines may carry `qemu-utils` from backports, which
-//! breaks `qemu-system-common` from bookworm; the install therefore pins `qemu-utils` to
-//! the release's own version (a downgrade that apt must be allowed to make).
+//! The root is needed by every guest, so a failure there fails the whole run. A guest
+//! architecture's kernel or busybox failing (the archive answering 404 for an s390x
+//! kernel) is reported with what to do and fails only that architecture's guests.
 
-use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use crate::command::{self, CommandError, FixCommand};
+use crate::arch::Arch;
+use crate::guest::{GuestAssets, GuestError};
+use crate::stacks::{Stack, StackError, StackRoot};
 
-/// A file on the host and the Debian package that provides it.
-#[derive(Clone, Copy, Debug)]
-pub struct HostRequirement {
-    /// The file whose presence shows the package is installed.
-    pub path: &'static str,
-    /// The Debian package that installs it.
+/// Host programs provisioning uses (Debian's own tools, present on every Debian system),
+/// with the package that has them.
+pub const HOST_TOOLS: [(&str, &str); 4] =
+    [("apt-get", "apt"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg"), ("xz", "xz-utils")];
+
+/// A host program provisioning needs is missing (it installs nothing itself).
+#[derive(Debug, thiserror::Error)]
+#[error("`{program}` is missing on this host (Debian package {package}); provisioning uses it and installs nothing on the host")]
+pub struct MissingTool {
+    /// The program.
+    pub program: &'static str,
+    /// The Debian package that has it.
     pub package: &'static str,
 }
 
-/// Everything the project's guest runs and QEMU-based tests use.
-pub const HOST_REQUIREMENTS: &[HostRequirement] = &[
-    HostRequirement { path: "/usr/bin/qemu-system-x86_64", package: "qemu-system-x86" },
-    HostRequirement { path: "/usr/bin/qemu-system-aarch64", package: "qemu-system-arm" },
-    HostRequirement { path: "/usr/bin/qemu-system-s390x", package: "qemu-system-misc" },
-    HostRequirement { path: "/usr/share/qemu/s390-ccw.img", package: "qemu-system-misc" },
-    HostRequirement { path: "/usr/share/ovmf/OVMF.fd", package: "ovmf" },
-    HostRequirement { path: "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", package: "qemu-efi-aarch64" },
-    HostRequirement { path: "/usr/lib/ipxe/qemu/efi-virtio.rom", package: "ipxe-qemu" },
-    HostRequirement { path: "/usr/bin/busybox", package: "busybox-static" },
-    HostRequirement { path: "/usr/bin/lspci", package: "pciutils" },
-    HostRequirement { path: "/usr/bin/qemu-img", package: "qemu-utils" },
-    HostRequirement { path: "/usr/bin/dpkg-deb", package: "dpkg" },
-    HostRequirement { path: "/usr/bin/apt-get", package: "apt" },
-];
-
-/// Host provisioning failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProvisionError {
-    /// Packages are missing and this process cannot install them (not root).
-    #[error("missing host packages: {}; install them as root with:\n{fix}", packages.join(" "))]
-    NotRoot {
-        /// The missing packages.
-        packages: Vec<String>,
-        /// The command that installs them.
-        fix: FixCommand,
-    },
-    /// apt ran and failed (offline, broken sources, conflicts).
-    #[error("installing {} failed: {source}\nto fix, run as root:\n{fix}", packages.join(" "))]
-    Apt {
-        /// The packages that were being installed.
-        packages: Vec<String>,
-        /// The apt failure.
-        source: CommandError,
-        /// The command that would install them.
-        fix: FixCommand,
-    },
-    /// apt succeeded but files are still missing.
-    #[error("after installing, still missing: {}", paths.join(", "))]
-    StillMissing {
-        /// The files that are still absent.
-        paths: Vec<String>,
-    },
-}
-
-/// Result alias for this module.
-pub type Result<T> = std::result::Result<T, ProvisionError>;
-
-/// What [`ensure_host_packages`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum HostPackages {
-    /// Everything was present; nothing ran.
-    Present,
-    /// These packages were installed.
-    Installed(Vec<String>),
-}
-
-/// The packages whose files are missing, each once, in requirement order.
-pub fn missing_packages(requirements: &[HostRequirement]) -> Vec<String> {
-    let mut missing: Vec<String> = Vec::new();
-    for req in requirements {
-        if !Path::new(req.path).exists() && !missing.iter().any(|p| p == req.package) {
-            missing.push(req.package.to_string());
+/// Checks that every [`HOST_TOOLS`] program runs.
+pub fn check_host_tools() -> Result<(), MissingTool> {
+    for (program, package) in HOST_TOOLS {
+        let runs = Command::new(program)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok();
+        if !runs {
+            return Err(MissingTool { program, package });
         }
     }
-    missing
-}
-
-/// The release codename from `/etc/os-release` (`bookworm`), if there is one.
-pub fn release_codename() -> Option<String> {
-    let text = std::fs::read_to_string("/etc/os-release").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
-        .map(|v| v.trim_matches('"').to_string())
-        .filter(|v| !v.is_empty())
-}
-
-/// The apt-get arguments that install `packages`.
-///
-/// Whenever a QEMU system package is installed, `qemu-utils` is pinned to the release
-/// (`qemu-utils/bookworm`): a newer `qemu-utils` from backports declares Breaks on the
-/// release's `qemu-system-common`, and apt would otherwise refuse the whole install.
-pub fn apt_install_args(packages: &[String], codename: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> = ["install", "-y", "--allow-downgrades"].map(String::from).to_vec();
-    let needs_pin = packages.iter().any(|p| p.starts_with("qemu-system") || p == "qemu-utils");
-    for p in packages {
-        if p == "qemu-utils" && needs_pin && codename.is_some() {
-            continue;
-        }
-        args.push(p.clone());
-    }
-    if let (true, Some(codename)) = (needs_pin, codename) {
-        args.push(format!("qemu-utils/{codename}"));
-    }
-    args
-}
-
-fn fix_command(packages: &[String], codename: Option<&str>) -> FixCommand {
-    let install = apt_install_args(packages, codename).join(" ");
-    FixCommand(format!("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get {install}"))
+    Ok(())
 }
 
 /// Whether this process runs as root.
@@ -129,40 +51,58 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Installs the host packages the guest runs need, when some are missing.
-///
-/// Returns at once when every file of [`HOST_REQUIREMENTS`] exists. Otherwise, as root,
-/// runs `apt-get update` and installs the missing packages; not as root, or when apt
-/// fails, the error carries the exact command that fixes it.
-pub fn ensure_host_packages() -> Result<HostPackages> {
-    let packages = missing_packages(HOST_REQUIREMENTS);
-    if packages.is_empty() {
-        return Ok(HostPackages::Present);
+/// What provisioning one stack gave.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Provisioned {
+    /// The stack's root.
+    pub root: StackRoot,
+    /// Per guest architecture: its assets, or why they could not be provisioned.
+    pub arches: Vec<(Arch, Result<GuestAssets, GuestError>)>,
+    /// How long it took.
+    pub took: Duration,
+}
+
+impl Provisioned {
+    /// The architectures that failed, with their errors.
+    pub fn failed(&self) -> Vec<(Arch, String)> {
+        self.arches.iter().filter_map(|(a, r)| r.as_ref().err().map(|e| (*a, e.to_string()))).collect()
     }
-    let codename = release_codename();
-    let fix = fix_command(&packages, codename.as_deref());
-    if !is_root() {
-        return Err(ProvisionError::NotRoot { packages, fix });
+
+    /// One line per piece: the root's versions, then each architecture's kernel.
+    pub fn summary(&self) -> Vec<String> {
+        let v = self.root.versions();
+        let mut out = vec![format!(
+            "stack {}: QEMU {}, SeaBIOS {}, OVMF {}, AAVMF {} ({} packages in {})",
+            v.stack,
+            v.qemu,
+            v.seabios,
+            v.ovmf,
+            v.aavmf,
+            self.root.packages.len(),
+            self.root.root.display()
+        )];
+        for (arch, r) in &self.arches {
+            out.push(match r {
+                Ok(a) => format!(
+                    "stack {}: {arch}: kernel {} ({} {})",
+                    v.stack, a.kernel.release, a.kernel.package, a.kernel.version
+                ),
+                Err(e) => format!("stack {}: {arch}: FAILED: {e}", v.stack),
+            });
+        }
+        out
     }
-    eprintln!("provision: installing {}", packages.join(" "));
-    let apt = |args: &[String]| {
-        command::run_visible(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"))
-    };
-    let result =
-        apt(&["update".to_string()]).and_then(|()| apt(&apt_install_args(&packages, codename.as_deref())));
-    if let Err(source) = result {
-        return Err(ProvisionError::Apt { packages, source, fix });
-    }
-    let still: Vec<String> = HOST_REQUIREMENTS
-        .iter()
-        .filter(|r| !Path::new(r.path).exists())
-        .map(|r| r.path.to_string())
-        .collect();
-    if still.is_empty() {
-        Ok(HostPackages::Installed(packages))
-    } else {
-        Err(ProvisionError::StillMissing { paths: still })
-    }
+}
+
+/// Provisions `stack`'s root (fetching its package lists again first when `update`) and
+/// the guest assets of `arches`. Fails only when the root fails; per-architecture
+/// failures are in [`Provisioned::arches`].
+pub fn provision(stack: &Stack, arches: &[Arch], update: bool) -> Result<Provisioned, StackError> {
+    let begun = Instant::now();
+    let root = if update { stack.update()? } else { stack.root()? };
+    let arches = arches.iter().map(|&arch| (arch, GuestAssets::ensure(stack, arch))).collect();
+    Ok(Provisioned { root, arches, took: begun.elapsed() })
 }
 
 #[cfg(test)]
@@ -170,35 +110,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn qemu_install_pins_qemu_utils_to_the_release() {
-        let args = apt_install_args(&["qemu-system-x86".into(), "qemu-utils".into()], Some("bookworm"));
-        assert!(args.contains(&"--allow-downgrades".to_string()));
-        assert!(args.contains(&"qemu-system-x86".to_string()));
-        assert!(args.contains(&"qemu-utils/bookworm".to_string()));
-        assert!(!args.contains(&"qemu-utils".to_string()));
-    }
-
-    #[test]
-    fn other_packages_are_not_pinned() {
-        let args = apt_install_args(&["pciutils".into()], Some("bookworm"));
-        assert_eq!(args.last().unwrap(), "pciutils");
-        assert!(!args.iter().any(|a| a.starts_with("qemu-utils")));
-    }
-
-    #[test]
-    fn missing_packages_are_listed_once() {
-        let reqs = [
-            HostRequirement { path: "/nonexistent/a", package: "p1" },
-            HostRequirement { path: "/nonexistent/b", package: "p1" },
-            HostRequirement { path: "/", package: "present" },
-        ];
-        assert_eq!(missing_packages(&reqs), vec!["p1".to_string()]);
-    }
-
-    #[test]
-    fn fix_command_is_a_complete_line() {
-        let fix = fix_command(&["qemu-system-arm".into()], Some("bookworm"));
-        assert!(fix.0.starts_with("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y"));
-        assert!(fix.0.ends_with("qemu-system-arm qemu-utils/bookworm"));
+    fn host_tools_are_found() {
+        check_host_tools().unwrap();
+        let e = MissingTool { program: "dpkg-deb", package: "dpkg" }.to_string();
+        assert!(e.contains("installs nothing"), "{e}");
     }
 }

@@ -235,14 +235,14 @@ enum Seen {
 
 fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
-    let memory_mib = GuestSpec::new(scenario.arch).memory_mib;
+    let memory_mib = GuestSpec::new(scenario.arch).firmware(scenario.firmware()).memory_mib;
     let mut planned = make_plan(scenario, memory_mib)?;
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
     let spec = guest_spec(scenario, &planned);
-    let assets = GuestAssets::ensure(&ctx.cache, scenario.arch).map_err(s)?;
-    report.kernel = assets.kernel.release.clone();
-    let guest = Guest::boot(&spec, &assets, &ctx.cache).map_err(s)?;
+    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(s)?;
+    report.set_versions(scenario, &assets);
+    let guest = Guest::boot(&spec, &assets).map_err(s)?;
     report.qemu = guest.command_line();
     report.accel = guest.accel().qemu_name().into();
     report.boot_ms = guest.boot_time().map(|d| d.as_millis());

@@ -1,30 +1,38 @@
 //! Files the outer guest needs beyond the harness's initramfs: the inner QEMU with its
-//! shared libraries, its TCG accelerator module and the firmware files it loads, the
-//! project's program (dynamically linked, so with its libraries too) and the kernel the
-//! inner guest boots.
+//! shared libraries, dynamic loader, TCG accelerator module and the firmware files it
+//! loads, the project's program (dynamically linked, so with its libraries too) and the
+//! kernel the inner guest boots.
 //!
-//! Libraries are found with `ldd` and placed at the paths `ldd` names; the dynamic loader
-//! of the outer guest finds them in its default directories (there is no `ld.so.cache`).
-//! The host's Debian QEMU looks for firmware in `/usr/share/seabios` and `/usr/share/qemu`
-//! and for modules in `/usr/lib/x86_64-linux-gnu/qemu`, relative to `/usr/bin`, so every
-//! file keeps its host path.
+//! The inner QEMU is the stack's: its files keep their paths inside the stack's root,
+//! under [`STACK_PREFIX`] in the outer guest, and it runs there through the root's own
+//! loader as on the host ([`Launcher::relocated`]), so its libraries never mix with the
+//! program's. The program's libraries are the host's (it is built here), found with
+//! `ldd` and placed at the paths `ldd` names; the outer guest's default loader finds them
+//! in its default directories (there is no `ld.so.cache`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::arch::Arch;
 use crate::initramfs::ExtraFile;
+use crate::launcher::Launcher;
+use crate::stacks::StackRoot;
 
 type Result<T> = std::result::Result<T, String>;
 
-/// The inner QEMU.
+/// Where the stack's root goes in the outer guest.
+pub const STACK_PREFIX: &str = "/stack";
+
+/// The inner QEMU, inside the root.
 pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
-/// QEMU's TCG accelerator, built as a module in Debian's QEMU.
-pub const TCG_MODULE: &str = "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so";
+/// QEMU's TCG accelerator for x86 guests, a module in Debian's QEMU (7.2); built in
+/// where the root has no such file.
+pub const TCG_MODULE: &str = "accel-tcg-x86_64.so";
 
 /// Firmware files a q35 guest with SeaBIOS and a `-kernel` loads (`pvh.bin` for an ELF
-/// kernel, `linuxboot_dma.bin` for a bzImage).
+/// kernel, `linuxboot_dma.bin` for a bzImage), inside the root.
 pub const FIRMWARE: [&str; 4] = [
     "/usr/share/seabios/bios-256k.bin",
     "/usr/share/qemu/kvmvapic.bin",
@@ -115,30 +123,43 @@ impl Bundle {
         Ok(())
     }
 
-    /// QEMU for x86_64 guests, its TCG module and firmware, at their host paths.
-    pub fn add_qemu(&mut self) -> Result<()> {
-        for path in [QEMU, TCG_MODULE] {
-            self.add_elf(Path::new(path), path)?;
+    /// The stack's QEMU for x86_64 guests with its loader, libraries, TCG module (where
+    /// it is one) and firmware, under [`STACK_PREFIX`]; returns the launcher that runs it
+    /// there.
+    pub fn add_stack_qemu(&mut self, stack: &StackRoot) -> Result<Launcher> {
+        let root = &stack.root;
+        let launcher = &stack.launcher;
+        let guest_path = |host: &Path| -> Result<String> {
+            let rel = host
+                .strip_prefix(root)
+                .map_err(|_| format!("{} is not inside {}", host.display(), root.display()))?;
+            Ok(Path::new(STACK_PREFIX).join(rel).display().to_string())
+        };
+        let loader = launcher.loader.clone().ok_or("the stack has no loader")?;
+        self.add_file(&loader, &guest_path(&loader)?, 0o755)?;
+        let binary = launcher.program(Arch::X86_64.qemu_binary());
+        let mut elves = vec![binary];
+        if let Some(module) =
+            launcher.qemu_module_dir.as_ref().map(|d| d.join(TCG_MODULE)).filter(|m| m.is_file())
+        {
+            elves.push(module);
+        }
+        for elf in elves {
+            self.add_file(&elf, &guest_path(&elf)?, 0o755)?;
+            for lib in launcher.libraries(&elf, root)? {
+                self.add_file(&lib, &guest_path(&lib)?, 0o755)?;
+            }
         }
         for path in FIRMWARE {
-            self.add_file(Path::new(path), path, 0o644)?;
+            let file = stack.file(path);
+            // The guest path is the installed one: QEMU's `-L` folders are searched by name.
+            self.add_file(
+                &file,
+                &Path::new(STACK_PREFIX).join(path.trim_start_matches('/')).display().to_string(),
+                0o644,
+            )?;
         }
-        Ok(())
-    }
-
-    /// An unpacked QEMU (bookworm-backports) at the host QEMU's paths, with its
-    /// libraries (from this host, which has them: same Debian release) and firmware.
-    /// Its accelerators are built in, so there is no module to add.
-    pub fn add_qemu_from(&mut self, qemu: &crate::stacks::BackportsQemu) -> Result<()> {
-        self.add_file(&qemu.binary, QEMU, 0o755)?;
-        for lib in libraries(&qemu.binary)? {
-            let path = lib.to_str().ok_or_else(|| format!("library path {} is not UTF-8", lib.display()))?;
-            self.add_file(&lib, path, 0o755)?;
-        }
-        for (guest, host) in &qemu.firmware {
-            self.add_file(host, guest, 0o644)?;
-        }
-        Ok(())
+        Ok(launcher.relocated(root, Path::new(STACK_PREFIX)))
     }
 
     /// Total bytes.
@@ -183,12 +204,59 @@ pub fn stripped(elf: &Path, dir: &Path) -> PathBuf {
 /// Start of an xz stream.
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
 
+/// Start of a zstd frame.
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// The payload of a bzImage unpacked: xz (Debian's 6.1 kernels) with `xz
+/// --single-stream`, zstd (6.12 and 7.x) with `ruzstd`, one frame; both ignore the
+/// bzImage's trailing bytes.
+fn unpack_payload(image: &[u8], bzimage: &Path) -> Result<Vec<u8>> {
+    let find = |magic: &[u8]| image.windows(magic.len()).position(|w| w == magic);
+    if let Some(at) = find(XZ_MAGIC) {
+        return unxz(image.get(at..).unwrap_or_default());
+    }
+    if let Some(at) = find(ZSTD_MAGIC) {
+        let mut decoder = ruzstd::decoding::StreamingDecoder::new(image.get(at..).unwrap_or_default())
+            .map_err(|e| format!("{}: zstd: {e}", bzimage.display()))?;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut decoder, &mut out)
+            .map_err(|e| format!("{}: zstd: {e}", bzimage.display()))?;
+        return Ok(out);
+    }
+    Err(format!("{}: no xz or zstd payload", bzimage.display()))
+}
+
+fn unxz(payload: &[u8]) -> Result<Vec<u8>> {
+    let mut child = Command::new("xz")
+        .args(["-dc", "--single-stream"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("xz (install xz-utils): {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("xz: no stdin")?;
+    let payload = payload.to_vec();
+    // Writing and reading at once: xz's output would fill the pipe otherwise.
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        match stdin.write_all(&payload) {
+            // xz stops reading at the end of the stream; the bzImage's tail stays unread.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("xz: {e}")),
+            _ => Ok(()),
+        }
+    });
+    let out = child.wait_with_output().map_err(|e| format!("xz: {e}"))?;
+    writer.join().map_err(|_| "xz: the writer thread panicked".to_string())??;
+    if !out.status.success() {
+        return Err(format!("xz: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(out.stdout)
+}
+
 /// The kernel inside a bzImage as a stripped ELF file, cached in `cache_dir`.
 ///
 /// QEMU boots such an ELF through its PVH entry point, which skips the decompressor: inside
-/// the outer guest (TCG inside TCG) that saves ~30 s of xz decompression per inner boot.
-/// Debian's amd64 kernels are xz-compressed; the payload is found by its magic and
-/// unpacked with `xz --single-stream` (which ignores the bzImage's trailing bytes).
+/// the outer guest (TCG inside TCG) that saves ~30 s of decompression per inner boot.
+/// The payload is found by its magic ([`unpack_payload`]).
 pub fn uncompressed_kernel(bzimage: &Path, cache_dir: &Path, key: &str) -> Result<PathBuf> {
     let out = cache_dir.join(format!("vmlinux-{key}"));
     if std::fs::metadata(&out).is_ok_and(|m| m.len() > 0) {
@@ -196,35 +264,12 @@ pub fn uncompressed_kernel(bzimage: &Path, cache_dir: &Path, key: &str) -> Resul
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
     let image = std::fs::read(bzimage).map_err(|e| format!("reading {}: {e}", bzimage.display()))?;
-    let at = image
-        .windows(XZ_MAGIC.len())
-        .position(|w| w == XZ_MAGIC)
-        .ok_or_else(|| format!("{}: no xz payload", bzimage.display()))?;
-    let payload = image.get(at..).unwrap_or_default();
+    let elf = unpack_payload(&image, bzimage)?;
+    if elf.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err(format!("{}: the payload did not unpack to an ELF file", bzimage.display()));
+    }
     let raw = cache_dir.join(format!("vmlinux-{key}.unstripped"));
-    let file = std::fs::File::create(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
-    let mut child = Command::new("xz")
-        .args(["-dc", "--single-stream"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(file)
-        .spawn()
-        .map_err(|e| format!("xz (install xz-utils): {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        match stdin.write_all(payload) {
-            // xz stops reading at the end of the stream; the bzImage's tail stays unread.
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(format!("xz: {e}")),
-            _ => {}
-        }
-    }
-    let status = child.wait().map_err(|e| format!("xz: {e}"))?;
-    let mut magic = [0u8; 4];
-    let elf =
-        std::fs::File::open(&raw).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
-            && &magic == b"\x7fELF";
-    if !status.success() || !elf {
-        return Err(format!("{}: xz payload did not unpack to an ELF file ({status})", bzimage.display()));
-    }
+    std::fs::write(&raw, &elf).map_err(|e| format!("{}: {e}", raw.display()))?;
     let tmp = cache_dir.join(format!("vmlinux-{key}.tmp"));
     let stripped = Command::new("strip").arg("--strip-all").arg("-o").arg(&tmp).arg(&raw).status();
     let from = if stripped.is_ok_and(|s| s.success()) { &tmp } else { &raw };
@@ -255,26 +300,44 @@ mod tests {
         let fake = dir.path().join("bzImage");
         std::fs::write(&fake, b"MZ no payload").unwrap();
         let e = uncompressed_kernel(&fake, dir.path(), "k").unwrap_err();
-        assert!(e.contains("no xz payload"), "{e}");
+        assert!(e.contains("no xz or zstd payload"), "{e}");
+        // A zstd payload after a header, with trailing bytes, unpacks to what was packed.
+        let elf = b"\x7fELF rest of a kernel".repeat(100);
+        let mut image = b"MZ header bytes".to_vec();
+        image.extend(ruzstd::encoding::compress_to_vec(
+            elf.as_slice(),
+            ruzstd::encoding::CompressionLevel::Fastest,
+        ));
+        image.extend(b"trailing");
+        assert_eq!(unpack_payload(&image, &fake).unwrap(), elf);
     }
 
-    /// The real QEMU of this machine with everything it loads.
+    /// The default stack's QEMU with everything it loads, and a launcher that runs it
+    /// from the guest paths.
     #[test]
-    fn qemu_bundle_has_libraries_module_and_firmware() {
-        assert!(
-            Path::new(QEMU).exists(),
-            "{QEMU} is missing: install qemu-system-x86 (cargo xtask provision)"
-        );
+    fn stack_qemu_bundle_has_loader_libraries_and_firmware() {
+        let stack = crate::default_stack().unwrap();
+        let root = stack.root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"));
         let mut b = Bundle::new();
-        b.add_qemu().unwrap();
+        let launcher = b.add_stack_qemu(&root).unwrap();
         let paths: Vec<String> = b.files.keys().cloned().collect();
-        for want in [QEMU, TCG_MODULE, "/usr/share/seabios/bios-256k.bin", "/lib64/ld-linux-x86-64.so.2"] {
+        let loader = launcher.loader.clone().unwrap();
+        assert!(loader.starts_with(STACK_PREFIX), "{loader:?}");
+        assert!(paths.iter().any(|p| Path::new(p) == loader), "{loader:?} missing from {paths:?}");
+        for want in [
+            "/stack/usr/bin/qemu-system-x86_64",
+            "/stack/usr/share/seabios/bios-256k.bin",
+            "/stack/usr/share/qemu/pvh.bin",
+        ] {
             assert!(paths.iter().any(|p| p == want), "{want} missing from {paths:?}");
         }
         assert!(paths.iter().any(|p| p.contains("libglib-2.0.so")), "{paths:?}");
+        assert!(paths.iter().all(|p| p.starts_with("/stack/")), "{paths:?}");
+        assert_eq!(launcher.bin_dir.as_deref(), Some(Path::new("/stack/usr/bin")));
+        assert!(launcher.qemu_data_dirs.iter().all(|d| d.starts_with(STACK_PREFIX)), "{launcher:?}");
         assert!(b.bytes() > 10 << 20);
         let n = b.len();
-        b.add_qemu().unwrap();
+        b.add_stack_qemu(&root).unwrap();
         assert_eq!(b.len(), n, "adding twice changes nothing");
     }
 }

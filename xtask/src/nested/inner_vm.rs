@@ -89,6 +89,12 @@ pub fn inner_assets(cfg: &InnerConfig) -> GuestAssets {
             config: PathBuf::from("/nonexistent"),
         },
         busybox: PathBuf::from("/bin/busybox"),
+        qemu: cfg.qemu.clone(),
+        // The inner guest boots SeaBIOS (from the launcher's firmware folders).
+        ovmf: PathBuf::from("/nonexistent"),
+        aarch64_uefi: PathBuf::from("/nonexistent"),
+        versions: cfg.versions.clone(),
+        state_dir: std::env::temp_dir(),
     }
 }
 
@@ -232,9 +238,7 @@ impl InnerVm<'_> {
         work: &Path,
     ) -> Result<InnerVm<'a>> {
         let spec = inner_spec(&plan, cfg);
-        let cache = crate::debs::DebCache::new(work.join("cache"));
-        let guest =
-            Guest::boot(&spec, &inner_assets(cfg), &cache).map_err(|e| format!("inner guest: {e}"))?;
+        let guest = Guest::boot(&spec, &inner_assets(cfg)).map_err(|e| format!("inner guest: {e}"))?;
         let client = QmpClient::connect_unix(
             guest.qmp_socket(),
             ClientOptions {
@@ -781,6 +785,8 @@ mod tests {
             unplug_timeout_ms: 5000,
             guest_wait_s: 60,
             require_iommufd: false,
+            qemu: crate::launcher::Launcher::system(),
+            versions: crate::stacks::Versions::default(),
         };
         let spec = inner_spec(&plan, &cfg);
         let args = spec.extra_args.join(" ");
