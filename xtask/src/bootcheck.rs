@@ -5,13 +5,13 @@
 
 use serde_json::json;
 
-use crate::arch::Arch;
-use crate::deadline;
-use crate::guest::{Guest, GuestAssets, GuestSpec};
-use crate::hotplug::{self, Expect};
-use crate::reporter::GuestState;
-use crate::stacks::Stack;
-use crate::table::Table;
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::hotplug::{self, Expect};
+use guest_harness::reporter::GuestState;
+use guest_harness::stacks::Stack;
+use guest_harness::table::Table;
 
 /// The result for one architecture.
 #[derive(Clone, Debug, Default, serde::Serialize)]

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::arch::Arch;
-use crate::deadline;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::hotplug::{self, Expect, Plugged};
-use crate::qmp::Qmp;
-use crate::reporter::{Bdf, GuestState};
-use crate::stacks::Stack;
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::hotplug::{self, Expect, Plugged};
+use guest_harness::qmp::Qmp;
+use guest_harness::reporter::{Bdf, GuestState};
+use guest_harness::stacks::Stack;
 
 /// `ivshmem-plain` (Red Hat Inter-VM shared memory) with a 256-byte register BAR 0 and
 /// its memory backend as BAR 2, of `size` bytes.

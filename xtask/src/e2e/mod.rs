@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::guest::GuestAssets;
 use crate::scenario::{Mode, Scenario};
-use crate::stacks::Stack;
-use crate::table::Table;
+use guest_harness::guest::GuestAssets;
+use guest_harness::stacks::Stack;
+use guest_harness::table::Table;
 
 /// One device (or one check) of a scenario: a row of the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -157,7 +157,7 @@ pub struct RunContext {
 impl RunContext {
     /// A context for `stack`, keeping files in `target/e2e/run/<stack>`, with progress.
     pub fn new(stack: Stack) -> Self {
-        let run_dir = crate::e2e_dir().join("run").join(stack.name());
+        let run_dir = guest_harness::e2e_dir().join("run").join(stack.name());
         RunContext { stack, run_dir, progress: true }
     }
 

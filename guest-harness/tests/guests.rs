@@ -5,15 +5,15 @@
 
 use std::time::{Duration, Instant};
 
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::guest::{Guest, GuestAssets, GuestError, GuestSpec};
+use guest_harness::hotplug::{self, Expect};
+use guest_harness::stacks::Stack;
 use serde_json::json;
-use xtask::arch::Arch;
-use xtask::deadline;
-use xtask::guest::{Guest, GuestAssets, GuestError, GuestSpec};
-use xtask::hotplug::{self, Expect};
-use xtask::stacks::Stack;
 
 fn stack() -> Stack {
-    xtask::default_stack().unwrap()
+    guest_harness::default_stack().unwrap()
 }
 
 fn assets(arch: Arch) -> GuestAssets {
@@ -56,16 +56,6 @@ fn x86_64_guest_reports_hotplug_and_runs_commands() {
     let gone = hotplug::unplug(&guest, &mut qmp, "net0", plugged.device.bdf, deadline(60)).unwrap();
     assert!(gone.gone_after > Duration::ZERO);
     assert!(!guest.state().pci.contains_key(&plugged.device.bdf));
-}
-
-#[test]
-fn aarch64_and_s390x_pass_the_boot_check() {
-    let rows = xtask::bootcheck::run(&[Arch::Aarch64, Arch::S390x], &stack());
-    for row in &rows {
-        assert!(row.ok(), "{}: {}", row.arch, row.result);
-        assert!(!row.hotplugs.is_empty());
-    }
-    assert_eq!(rows[1].hotplugs.len(), 2, "s390x plugs a ccw device and a zPCI function");
 }
 
 #[test]
