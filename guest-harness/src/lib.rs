@@ -15,6 +15,7 @@ pub mod command;
 pub mod cpio;
 pub mod debroot;
 pub mod debs;
+pub mod firmware;
 pub mod guest;
 pub mod hotplug;
 pub mod initramfs;

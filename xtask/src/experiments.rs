@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use guest_harness::arch::Arch;
 use guest_harness::deadline;
-use guest_harness::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::hotplug::{self, Expect, Plugged};
 use guest_harness::qmp::Qmp;
 use guest_harness::reporter::{Bdf, GuestState};

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use guest_harness::arch::Arch;
-use guest_harness::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::lspci;
 use guest_harness::reporter::{
     Bdf, Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 use guest_harness::arch::Arch;
-use guest_harness::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::stacks::{Stack, STACKS};
 use xtask::{bootcheck, experiments, fixtures, tasks};
 

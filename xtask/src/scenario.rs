@@ -21,7 +21,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use guest_harness::arch::Arch;
-use guest_harness::guest::Firmware;
+use guest_harness::firmware::Firmware;
 
 /// A scenario file could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -33,7 +33,8 @@ use crate::scenario::{
     DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
 };
 use guest_harness::arch::Arch;
-use guest_harness::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::reporter::{Bdf, GuestState, PciDevice};
 
 type Result<T> = std::result::Result<T, String>;

@@ -13,7 +13,8 @@ use super::wire::{self, InnerConfig, InnerKernel, Line, PassDevice};
 use crate::e2e::{Row, RunContext, ScenarioReport};
 use crate::scenario::{DeviceKind, Placement, PlugExpect, Reservations, Scenario, UnplugMode, VfioBackend};
 use guest_harness::arch::Arch;
-use guest_harness::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::ubuntu;
 
 type Result<T> = std::result::Result<T, String>;
