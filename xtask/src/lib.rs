@@ -6,6 +6,5 @@ pub mod bootcheck;
 pub mod e2e;
 pub mod experiments;
 pub mod fixtures;
-pub mod nested;
 pub mod scenario;
 pub mod tasks;

@@ -72,7 +72,7 @@ pub enum Mode {
     /// s390x: channel devices by CCW device number, PCI devices as zPCI functions.
     Ccw,
     /// x86_64: the devices are passed through with VFIO into a QEMU running inside the
-    /// guest (see `crate::nested`).
+    /// guest (see `crate::e2e::nested`).
     NestedVfio,
 }
 

@@ -13,7 +13,7 @@ fn bzimage_payloads_of_every_layout_unpack() {
             .kernel(Arch::X86_64)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let dir = tempfile::tempdir().unwrap();
-        let elf = xtask::nested::bundle::uncompressed_kernel(&k.image, dir.path(), "t").unwrap();
+        let elf = xtask::e2e::nested::bundle::uncompressed_kernel(&k.image, dir.path(), "t").unwrap();
         let head = std::fs::read(&elf).unwrap();
         assert_eq!(head.get(..4), Some(b"\x7fELF".as_slice()), "{name}");
         assert!(head.len() > 8 << 20, "{name}: {} bytes", head.len());
