@@ -19,9 +19,9 @@ use crate::firmware::Firmware;
 use crate::initramfs::{self, InitramfsSpec};
 use crate::kernels::{self, GuestKernel};
 use crate::launcher::Launcher;
-use crate::qmp::{self, Qmp};
 use crate::reporter::{CommandOutput, GuestState};
 use crate::stacks::{self, Stack, StackError, Versions};
+use qmp_hotplug::{ClientOptions, QmpClient};
 
 /// Starting or following a guest failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ pub enum GuestError {
     BadCommand(String),
     /// QMP failed.
     #[error(transparent)]
-    Qmp(#[from] qmp::QmpError),
+    Qmp(#[from] qmp_hotplug::ClientError),
 }
 
 impl From<kernels::KernelError> for GuestError {
@@ -550,9 +550,14 @@ impl Guest {
         &self.qmp_socket
     }
 
-    /// A new QMP session with this guest's QEMU.
-    pub fn qmp(&self, deadline: Instant) -> Result<Qmp> {
-        Ok(Qmp::connect(&self.qmp_socket, deadline)?)
+    /// A new QMP session with this guest's QEMU (`qmp-hotplug`'s client). Connecting
+    /// (retried while QEMU has not made the socket yet) and the greeting may each take what
+    /// is left until `deadline`; commands then carry their own deadlines.
+    pub fn qmp(&self, deadline: Instant) -> Result<QmpClient> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let options =
+            ClientOptions { connect_timeout: left, handshake_timeout: left, ..ClientOptions::default() };
+        Ok(QmpClient::connect_unix(&self.qmp_socket, options)?)
     }
 
     /// Time from starting QEMU to READY, once the guest is ready.

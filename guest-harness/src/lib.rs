@@ -23,7 +23,6 @@ pub mod kernels;
 pub mod launcher;
 pub mod lspci;
 pub mod provision;
-pub mod qmp;
 pub mod reporter;
 pub mod stacks;
 pub mod table;

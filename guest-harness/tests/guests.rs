@@ -39,21 +39,16 @@ fn x86_64_guest_reports_hotplug_and_runs_commands() {
     let port = state.find(0x1b36, 0x000c).next().expect("root port in the guest").bdf;
     assert!(state.ready.as_ref().unwrap().release.ends_with("amd64"));
 
-    let mut qmp = guest.qmp(deadline(10)).unwrap();
+    let qmp = guest.qmp(deadline(10)).unwrap();
     let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp1"});
-    let plugged = hotplug::plug(
-        &guest,
-        &mut qmp,
-        args,
-        Expect { vendor: 0x1af4, device: 0x1041, bars: &[] },
-        deadline(60),
-    )
-    .unwrap();
+    let plugged =
+        hotplug::plug(&guest, &qmp, args, Expect { vendor: 0x1af4, device: 0x1041, bars: &[] }, deadline(60))
+            .unwrap();
     assert_eq!(plugged.device.parent(), Some(port));
     assert!(plugged.device.bars().count() >= 2, "{:?}", plugged.device);
     assert!(plugged.bar_problems.is_empty(), "{:?}", plugged.bar_problems);
 
-    let gone = hotplug::unplug(&guest, &mut qmp, "net0", plugged.device.bdf, deadline(60)).unwrap();
+    let gone = hotplug::unplug(&guest, &qmp, "net0", plugged.device.bdf, deadline(60)).unwrap();
     assert!(gone.gone_after > Duration::ZERO);
     assert!(!guest.state().pci.contains_key(&plugged.device.bdf));
 }

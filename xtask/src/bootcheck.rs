@@ -89,7 +89,7 @@ fn functions(state: &GuestState) -> Vec<String> {
 }
 
 fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     // virtio-net is modern-only (device 0x1041) on a PCIe port, transitional (0x1000) on
     // s390x's zPCI bus.
     let (args, device) = if guest.arch() == Arch::S390x {
@@ -100,13 +100,13 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
     let mut done = Hotplugged { device: "virtio-net-pci".into(), ..Hotplugged::default() };
     let result = (|| {
         let plugged =
-            hotplug::plug(guest, &mut qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
+            hotplug::plug(guest, &qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
                 .map_err(|e| e.to_string())?;
         done.plug_ms = Some(plugged.seen_after.as_millis());
         if !plugged.bar_problems.is_empty() {
             return Err(plugged.bar_problems.join("; "));
         }
-        let unplugged = hotplug::unplug(guest, &mut qmp, "net0", plugged.device.bdf, deadline(60))
+        let unplugged = hotplug::unplug(guest, &qmp, "net0", plugged.device.bdf, deadline(60))
             .map_err(|e| e.to_string())?;
         done.unplug_ms = Some(unplugged.gone_after.as_millis());
         Ok(())
@@ -116,15 +116,15 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
 }
 
 fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     let mut done = Hotplugged { device: "virtio-net-ccw fe.0.0042".into(), ..Hotplugged::default() };
     let args = json!({"driver": "virtio-net-ccw", "id": "net1", "devno": "fe.0.0042"});
     let result = (|| {
         let (_, took) =
-            hotplug::plug_ccw(guest, &mut qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
+            hotplug::plug_ccw(guest, &qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
         done.plug_ms = Some(took.as_millis());
-        let gone = hotplug::unplug_ccw(guest, &mut qmp, "net1", "0.0.0042", deadline(60))
-            .map_err(|e| e.to_string())?;
+        let gone =
+            hotplug::unplug_ccw(guest, &qmp, "net1", "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
         done.unplug_ms = Some(gone.gone_after.as_millis());
         Ok(())
     })();
