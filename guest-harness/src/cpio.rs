@@ -39,7 +39,8 @@ impl<W: Write> CpioWriter<W> {
 
     fn pad(&mut self) -> io::Result<()> {
         let pad = (4 - (self.written % 4) as usize) % 4;
-        self.put(&[0u8; 3][..pad])
+        // `pad` is 0..=3: the slice always fits.
+        self.put([0u8; 3].get(..pad).unwrap_or_default())
     }
 
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {

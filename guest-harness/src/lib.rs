@@ -9,6 +9,8 @@
 //! - [`guest::GuestSpec`] → [`guest::Guest::boot`]: a QEMU guest with the reporter.
 //! - [`reporter::GuestState`]: what the guest reported; [`guest::Guest::wait_for`].
 
+#![forbid(unsafe_code)]
+
 pub mod accel;
 pub mod arch;
 pub mod command;

@@ -3,6 +3,8 @@
 //! the default). Provisioning happens on first use (`cargo xtask test` does it first); a
 //! missing piece fails with what to do.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::time::{Duration, Instant};
 
 use guest_harness::arch::Arch;

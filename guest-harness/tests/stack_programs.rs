@@ -3,6 +3,8 @@
 //! the stack `cargo xtask test` names (`$XTASK_STACK`, else the default), provisioned on
 //! first use.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::process::Command;
 
 use guest_harness::cpio::CpioWriter;

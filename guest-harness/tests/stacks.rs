@@ -7,6 +7,8 @@
 //! Runs on `$XTASK_STACK` (set by `cargo xtask test`), else the default stack; the layout
 //! test provisions the kernels of the other stacks too (downloads on first use).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,5 +1,6 @@
 //! The boot check: one lean guest per architecture, booted in parallel, each given one
-//! small hotplug and unplug through the harness's own QMP client, with a table of what
+//! small hotplug and unplug (the harness's `hotplug` steps over `qmp-hotplug`'s
+//! client), with a table of what
 //! the guests reported. It proves the provisioning, the initramfs, the reporter and the
 //! QMP path on every architecture; the planned-topology scenarios build on it.
 

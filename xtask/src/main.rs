@@ -35,8 +35,8 @@ enum Cmd {
     },
     /// Run end-to-end scenarios in real guests (default: every xtask/scenarios/*.toml).
     E2e(E2eArgs),
-    /// Boot one small guest per architecture and plug one device through the harness's
-    /// own QMP client (a quick check of provisioning, reporter and QMP).
+    /// Boot one small guest per architecture and plug one device with plain QMP
+    /// `device_add` / `device_del` (a quick check of provisioning, reporter and QMP).
     BootCheck {
         /// Only this architecture (repeatable).
         #[arg(long)]
