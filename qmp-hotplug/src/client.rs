@@ -448,11 +448,7 @@ impl QmpClient {
         // and `qmp_capabilities` share one deadline.
         let started = Instant::now();
         let until = deadline::from(started, options.handshake_timeout);
-        let line = reader.read_line(Some(until), &stop).map_err(|e| match e {
-            TransportError::Timeout(after) => ClientError::Timeout { what: "QMP greeting".into(), after },
-            other => ClientError::Closed(close_reason(other)),
-        })?;
-        let greeting = parse_greeting(&line)?;
+        let greeting = read_greeting(&mut reader, until, &stop)?;
         let shared = Arc::new(Shared::default());
         let thread_shared = Arc::clone(&shared);
         let thread_stop = Arc::clone(&stop);
@@ -713,6 +709,39 @@ struct RawVersion {
     qemu: QemuVersion,
     #[serde(default)]
     package: String,
+}
+
+/// Events QEMU may send before its greeting and that are skipped. A client that connects
+/// while QEMU is still starting can see `RESUME` (or other events) written to the socket
+/// before the monitor has sent its greeting; no [`EventStream`] exists yet to see them.
+const EVENTS_BEFORE_GREETING: usize = 64;
+
+/// Reads lines until the greeting, skipping the events that may come first (at most
+/// [`EVENTS_BEFORE_GREETING`], all within `until`).
+fn read_greeting(reader: &mut LineReader, until: Instant, stop: &AtomicBool) -> Result<Greeting> {
+    let mut skipped = 0usize;
+    loop {
+        let line = reader.read_line(Some(until), stop).map_err(|e| match e {
+            TransportError::Timeout(after) => ClientError::Timeout { what: "QMP greeting".into(), after },
+            other => ClientError::Closed(close_reason(other)),
+        })?;
+        if skipped < EVENTS_BEFORE_GREETING && is_event_line(&line) {
+            skipped += 1;
+            continue;
+        }
+        return parse_greeting(&line);
+    }
+}
+
+/// Whether a line is a QMP event (an object with an `"event"` member and no `"QMP"`).
+fn is_event_line(line: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        event: Option<serde::de::IgnoredAny>,
+        #[serde(rename = "QMP")]
+        qmp: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Probe>(line).is_ok_and(|p| p.event.is_some() && p.qmp.is_none())
 }
 
 fn parse_greeting(line: &[u8]) -> Result<Greeting> {

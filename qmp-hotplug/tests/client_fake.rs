@@ -156,6 +156,33 @@ fn eof_during_handshake_is_an_error_not_a_panic() {
     assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
 }
 
+/// QEMU can write an event (`RESUME` as the guest starts) to a client that connected while
+/// it was starting, before its greeting. The client skips such events, a bounded number.
+#[test]
+fn events_before_the_greeting_are_skipped() {
+    const RESUME: &str = r#"{"timestamp": {"seconds": 1796523452, "microseconds": 255112}, "event": "RESUME"}"#;
+    let peer = FakePeer::start(|mut p| {
+        p.send(RESUME);
+        p.send(RESUME);
+        p.handshake();
+        let (_, id, _) = p.recv().unwrap();
+        p.reply(&id, json!({"status": "running", "running": true}));
+        let _ = p.recv();
+    });
+    let c = connect(&peer).unwrap();
+    assert_eq!(c.execute_raw("query-status", None, DEADLINE).unwrap()["status"], "running");
+
+    // A peer that sends nothing but events is not a QMP server: a typed error, not a wait.
+    let peer = FakePeer::start(|mut p| {
+        for _ in 0..1000 {
+            p.send(RESUME);
+        }
+        let _ = p.recv();
+    });
+    let err = connect(&peer).unwrap_err();
+    assert!(matches!(err, ClientError::Greeting(_)), "{err:?}");
+}
+
 #[test]
 fn bad_greeting_is_typed() {
     let peer = FakePeer::start(|mut p| p.send(r#"{"hello": "world"}"#));
