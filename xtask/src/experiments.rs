@@ -13,7 +13,8 @@ use crate::debs::DebCache;
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::hotplug::{self, Expect, Plugged};
 use crate::qmp::Qmp;
-use crate::reporter::{Bdf, GuestState};
+use crate::reporter::GuestState;
+use pcilibs::bdf::Bdf;
 
 /// `ivshmem-plain` (Red Hat Inter-VM shared memory) with a 256-byte register BAR 0 and
 /// its memory backend as BAR 2, of `size` bytes.

@@ -19,7 +19,8 @@ use crate::arch::Arch;
 use crate::debs::DebCache;
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::lspci;
-use crate::reporter::{Bdf, Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH};
+use crate::reporter::{Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH};
+use pcilibs::bdf::Bdf;
 
 /// Where the fixtures go, relative to the workspace root.
 pub const FIXTURE_DIR: &str = "pcilibs/tests/fixtures/qemu-x86_64";

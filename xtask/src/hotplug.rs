@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use crate::guest::{Guest, GuestError};
 use crate::qmp::{self, Qmp, QmpError};
-use crate::reporter::{Bdf, CcwDevice, GuestState, PciDevice};
+use crate::reporter::{CcwDevice, GuestState, PciDevice};
+use pcilibs::bdf::Bdf;
 
 /// A hotplug or unplug step failed.
 #[derive(Debug, thiserror::Error)]

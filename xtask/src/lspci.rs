@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use crate::command::{self, CommandError};
-use crate::reporter::Bdf;
+use pcilibs::bdf::Bdf;
 
 /// One capability as `lspci` lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,10 +31,11 @@ use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
 use crate::arch::Arch;
 use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::reporter::{Bdf, GuestState, PciDevice};
+use crate::reporter::{GuestState, PciDevice};
 use crate::scenario::{
     DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
 };
+use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -343,14 +344,14 @@ fn journal_device_adds(journal: &Path) -> Result<usize> {
 /// The guest path of a function from the chain of bridges the guest reported; behind an
 /// expander's root bus it starts with that bus number, as the plan writes it (`20/01/00`).
 fn guest_path(dev: &PciDevice) -> String {
-    let root_bus = dev.upstream.first().unwrap_or(&dev.bdf).bus;
+    let root_bus = dev.upstream.first().unwrap_or(&dev.bdf).bus();
     let root = (root_bus != 0).then(|| format!("{root_bus:02x}"));
     root.into_iter()
         .chain(dev.upstream.iter().chain(std::iter::once(&dev.bdf)).map(|b| {
-            if b.function == 0 {
-                format!("{:02x}", b.device)
+            if b.function() == 0 {
+                format!("{:02x}", b.device())
             } else {
-                format!("{:02x}.{:x}", b.device, b.function)
+                format!("{:02x}.{:x}", b.device(), b.function())
             }
         }))
         .collect::<Vec<_>>()
@@ -532,7 +533,7 @@ impl Step3<'_> {
         for f in action.functions.iter().rev() {
             match &f.guest {
                 GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => {
-                    let want: Bdf = bdf.to_string().parse()?;
+                    let want: Bdf = *bdf;
                     let device_id =
                         if matches!(f.guest, GuestLocation::Zpci { .. }) { m.zpci_device } else { m.device };
                     let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id(), m.vendor);

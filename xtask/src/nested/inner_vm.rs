@@ -28,7 +28,8 @@ use crate::accel::AccelChoice;
 use crate::arch::Arch;
 use crate::guest::{Guest, GuestAssets, GuestSpec};
 use crate::kernels::GuestKernel;
-use crate::reporter::{Bdf, GuestState};
+use crate::reporter::GuestState;
+use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -159,11 +160,7 @@ pub fn planned_functions(action: &HotplugAction) -> Vec<(u8, String, Bdf)> {
         .functions
         .iter()
         .filter_map(|f| match &f.guest {
-            GuestLocation::Pci { bdf, .. } => Some((
-                f.function,
-                f.id().to_string(),
-                Bdf { domain: bdf.domain(), bus: bdf.bus(), device: bdf.device(), function: bdf.function() },
-            )),
+            GuestLocation::Pci { bdf, .. } => Some((f.function, f.id().to_string(), *bdf)),
             _ => None,
         })
         .collect()
@@ -637,7 +634,6 @@ impl InnerVm<'_> {
 mod tests {
     use super::*;
     use pcilibs::bar::BarKind;
-    use pcilibs::bdf::Bdf as HostBdf;
     use pcilibs::emulated::EmulatedConfigSpace;
     use pcilibs::sizing::{BarSizes, SizeSource};
 
@@ -649,7 +645,7 @@ mod tests {
         let mut sizes = BarSizes::empty(SizeSource::Vfio);
         sizes.bars[0] = Some(bar);
         sizes.rom = rom;
-        let bdf = HostBdf::parse(bdf).unwrap();
+        let bdf = Bdf::parse(bdf).unwrap();
         let mut facts = FunctionFacts::from_config(bdf, e.bytes(), Some(&sizes)).unwrap();
         facts.rom_size = rom;
         facts.iommu_group = Some(4);
@@ -695,7 +691,7 @@ mod tests {
         assert_eq!(req.functions.len(), 2);
         assert_eq!(
             req.functions[0].host,
-            Some(pcie_topology::HostRef::Pci(HostBdf::parse("0000:02:00.1").unwrap()))
+            Some(pcie_topology::HostRef::Pci(Bdf::parse("0000:02:00.1").unwrap()))
         );
         assert_eq!(req.functions[0].qmp_arguments()["host"], "0000:02:00.1");
         let Expectation::Pci(want) = &req.functions[0].expect else { panic!() };
@@ -739,7 +735,7 @@ mod tests {
         let plan = plan_inner(std::slice::from_ref(&vf), &host, 128).unwrap();
         let planned = planned_functions(&plan.hotplug_action("nvme1-vf2").unwrap());
         assert_eq!(planned.len(), 1);
-        assert_eq!(planned[0].2.function, 0);
+        assert_eq!(planned[0].2.function(), 0);
         let placed = plan.device("nvme1-vf2").unwrap();
         assert_eq!(
             placed.host_functions(),
