@@ -14,17 +14,29 @@
 //! checksum agree; so
 //!
 //! * a torn append (the process or the machine died inside `write`) leaves a tail that
-//!   is no complete record: [`read_bytes`] reports it ([`ReadReport::torn_tail`]) and
+//!   is no complete record: reading reports it ([`ReadReport::torn_tail`]) and
 //!   opening the journal for writing ([`crate::Engine::open`]) cuts it off; the step it announced was never sent;
 //! * a failed append (a full disk, an I/O error) is cut off by the writer at once, and if
 //!   even that fails, before anything else is written, so it never sits between records;
 //! * a damaged line followed by good records (flipped bytes) is skipped and reported
 //!   ([`ReadReport::damaged`]), and every other record is kept;
 //! * before a record is written it is read back from its encoding and must come back
-//!   equal and within the size limit: nothing is written that [`read_bytes`] cannot read.
+//!   equal and within the size limit: nothing is written that cannot be read.
 //!
 //! Journals of the first format (bare JSON lines) are read as before and rewritten in
 //! this one when opened.
+//!
+//! # Records
+//!
+//! A plug's `begin` record carries its [`PlugRequest`] in the
+//! request's serde form (`device_add` argument maps): journals written before requests
+//! were typed read unchanged, and a request comes back typed (ids, addresses, host
+//! functions checked when read). Guest addresses are written as address text and read in
+//! that form or the `{"bus", "slot", "function"}` form of earlier journals. A descriptor
+//! the caller held is recorded by its name only (see [`FdRequest`](crate::FdRequest)).
+//!
+//! The engine writes the journal; this module's public part reads one, for tools:
+//! [`read_file`] (without changing it) and [`fold`] (what it says about each port).
 //!
 //! # Compaction
 //!
@@ -297,6 +309,7 @@ pub struct ReadReport {
 }
 
 /// A journal file as read: its records, what was wrong, and where appending goes on.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ReadBack {
@@ -309,10 +322,11 @@ pub struct ReadBack {
     pub valid_len: u64,
 }
 
-/// Why a journal's bytes could not be read.
+/// Why a journal's bytes could not be read ([`read_bytes`]).
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ParseError {
+pub enum BytesError {
     /// A complete, intact line is not a record.
     #[error("line {line}: {message}")]
     Corrupt {
@@ -330,11 +344,12 @@ pub enum ParseError {
 }
 
 /// Reads a journal from its bytes: the read-back path of [`crate::Engine::open`] and
-/// [`read_file`], without a file (for tools and fuzzing). Never panics; memory is
-/// bounded by the input's size.
-pub fn read_bytes(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
+/// [`read_file`], without a file (for fuzzing; tools read a file with [`read_file`]).
+/// Never panics; memory is bounded by the input's size. Not part of the stable API.
+#[doc(hidden)]
+pub fn read_bytes(bytes: &[u8]) -> std::result::Result<ReadBack, BytesError> {
     if u64::try_from(bytes.len()).map_or(true, |n| n > MAX_JOURNAL_BYTES) {
-        return Err(ParseError::TooLarge);
+        return Err(BytesError::TooLarge);
     }
     if bytes.is_empty() {
         return Ok(ReadBack { records: Vec::new(), report: ReadReport::default(), valid_len: 0 });
@@ -370,7 +385,7 @@ fn offset(n: usize) -> u64 {
 }
 
 /// The first format: a torn last line is dropped, any other line must be a record.
-fn read_json_lines(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
+fn read_json_lines(bytes: &[u8]) -> std::result::Result<ReadBack, BytesError> {
     let mut records = Vec::new();
     let mut valid_len = 0;
     for (n, (at, line)) in lines(bytes).enumerate() {
@@ -380,7 +395,7 @@ fn read_json_lines(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
             continue;
         }
         let rec = serde_json::from_slice(line)
-            .map_err(|e| ParseError::Corrupt { line: n.saturating_add(1), message: e.to_string() })?;
+            .map_err(|e| BytesError::Corrupt { line: n.saturating_add(1), message: e.to_string() })?;
         records.push(rec);
     }
     let torn = bytes.len().saturating_sub(valid_len);
@@ -435,7 +450,7 @@ fn checksum(len_digits: &[u8], payload: &[u8]) -> u32 {
 
 /// Version 2: a header, then record lines; damaged lines are skipped when good records
 /// follow them, and are the torn tail when none do.
-fn read_framed(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
+fn read_framed(bytes: &[u8]) -> std::result::Result<ReadBack, BytesError> {
     let mut records = Vec::new();
     let mut damaged: Vec<Span> = Vec::new();
     let mut pending: Option<Span> = None;
@@ -469,14 +484,14 @@ fn read_framed(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
             }
             Err(FrameError::Damaged) => bad(&mut pending),
             Err(FrameError::Unreadable(message)) => {
-                return Err(ParseError::Corrupt { line: n.saturating_add(1), message })
+                return Err(BytesError::Corrupt { line: n.saturating_add(1), message })
             }
         }
     }
     let torn = bytes.len().saturating_sub(valid_len);
     let torn_header = !header_ok && records.is_empty() && HEADER.starts_with(bytes);
     if !header_ok && records.is_empty() && !torn_header {
-        return Err(ParseError::UnknownFormat);
+        return Err(BytesError::UnknownFormat);
     }
     let report = ReadReport {
         format: if header_ok || !records.is_empty() { Format::Framed } else { Format::Empty },
@@ -528,13 +543,13 @@ fn open_error(path: &Path, e: files::OpenError) -> JournalError {
     }
 }
 
-fn parse_error(path: &Path, e: ParseError) -> JournalError {
+fn parse_error(path: &Path, e: BytesError) -> JournalError {
     match e {
-        ParseError::Corrupt { line, message } => {
+        BytesError::Corrupt { line, message } => {
             JournalError::Corrupt { path: path.to_owned(), line, message }
         }
-        ParseError::UnknownFormat => JournalError::UnknownFormat(path.to_owned()),
-        ParseError::TooLarge => JournalError::TooLarge(path.to_owned()),
+        BytesError::UnknownFormat => JournalError::UnknownFormat(path.to_owned()),
+        BytesError::TooLarge => JournalError::TooLarge(path.to_owned()),
     }
 }
 

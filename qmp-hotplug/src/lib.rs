@@ -22,7 +22,7 @@
 //! * [`pci`]: `query-pci` read leniently; the windows each bridge forwards right now
 //!   ([`pci::LiveBridge`]) and whether a device's BARs fit them.
 //! * [`journal`]: reading the engine's crash-safe journal (framed, checksummed records)
-//!   for tools: [`journal::read_file`], [`journal::read_bytes`], [`journal::fold`].
+//!   for tools: [`journal::read_file`], [`journal::fold`].
 //!
 //! A `pcie-topology` plan's hotplug actions become requests with
 //! [`PlugRequest::from_action`]; any other planner builds them with [`PlugRequest::new`]

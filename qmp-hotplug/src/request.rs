@@ -2,7 +2,7 @@
 //! with the objects and descriptors they need) and what the guest should see afterwards.
 //!
 //! A [`PlugRequest`] holds typed values: each function's `device_add` is a
-//! [`QemuDevice`] (its id a [`QemuId`], its address a [`DevFn`](pcie_topology::DevFn)),
+//! [`QemuDevice`] (its id a [`QemuId`], its address a [`DevFn`]),
 //! the host function it passes through a [`HostRef`] (a [`Bdf`] or a sysfs path), objects
 //! are [`QemuObject`]s. They become JSON only where the engine talks QMP and in the
 //! journal. [`PlugRequest::from_action`] takes them from a `pcie-topology` plan's
@@ -713,7 +713,25 @@ fn without_host_props(mut device: QemuDevice) -> QemuDevice {
 impl PlugRequest {
     /// A request to plug `functions` onto `port` as the device `device` (one of the
     /// functions' ids: what [`crate::Engine::unplug`] takes), with no objects,
-    /// descriptors or placeholder.
+    /// descriptors or placeholder: for a runtime that places devices itself.
+    ///
+    /// ```
+    /// use pcie_topology::{HostRef, QemuDevice, QemuId};
+    /// use pcilibs::bdf::Bdf;
+    /// use qmp_hotplug::{PlugFunction, PlugRequest};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let id = QemuId::new("gpu0")?;
+    /// let mut gpu = QemuDevice::new("vfio-pci", id.clone());
+    /// gpu.bus = Some("rp3".into());
+    /// let gpu = PlugFunction::new(gpu).with_host(HostRef::Pci(Bdf::parse("0000:41:00.0")?));
+    /// let request = PlugRequest::new(QemuId::new("rp3")?, id, vec![gpu])
+    ///     .with_iommufd(QemuId::new("iommufd0")?, None);
+    /// let args = request.functions[0].qmp_arguments();
+    /// assert_eq!((args["host"].as_str(), args["iommufd"].as_str()), (Some("0000:41:00.0"), Some("iommufd0")));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(port: QemuId, device: QemuId, functions: Vec<PlugFunction>) -> Self {
         PlugRequest { port, device, objects: Vec::new(), fds: Vec::new(), functions, placeholder: None }
     }

@@ -86,7 +86,7 @@ pub(crate) fn bounded_note(note: &str) -> String {
 
 /// Guest addresses of PCI functions by device id, as `query-pci` reported them (domain
 /// 0: QEMU's `query-pci` has no other).
-pub type GuestAddresses = Vec<(QemuId, Bdf)>;
+pub(crate) type GuestAddresses = Vec<(QemuId, Bdf)>;
 
 /// The engine's record of the device on one port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,9 +98,10 @@ pub struct DeviceRecord {
     pub state: DeviceState,
     /// The transitions since the plug began, oldest first (the last [`MAX_HISTORY`]).
     pub history: Vec<Transition>,
-    /// Guest addresses of PCI functions by device id, once visible.
+    /// Guest addresses of PCI functions by device id, once visible, as `query-pci`
+    /// reported them (domain 0: QEMU's `query-pci` has no other).
     #[serde(default, deserialize_with = "guest_addresses")]
-    pub guest: GuestAddresses,
+    pub guest: Vec<(QemuId, Bdf)>,
 }
 
 /// A guest address as journals have it: the address text, or (journals written before

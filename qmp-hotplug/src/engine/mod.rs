@@ -1,11 +1,34 @@
 //! The hotplug engine: drives devices through explicit states, journals every step before
 //! it is sent, rolls back partial plugs, bounds every unplug wait, and recovers after a
-//! restart (see [`recovery`]).
+//! restart (see below).
 //!
 //! Concurrency: operations on different ports run in parallel (QMP commands are matched by
 //! id, so they interleave safely); operations on one port are serialized by a per-port
 //! lock; the device table is only changed under its mutex, together with the journal
 //! record that announces the change.
+//!
+//! # Recovery
+//!
+//! [`Engine::open`] recovers after a restart: every device the journal records is
+//! reconciled with what QEMU has, and every interrupted operation is finished or rolled
+//! back.
+//!
+//! | journal says                         | QEMU has            | recovery does                           |
+//! |--------------------------------------|---------------------|-----------------------------------------|
+//! | plug under way, no failure yet       | any subset          | adds what is missing (function 0 last), checks visibility → `visible`; if that fails, rolls back |
+//! | plug failed, rollback under way      | any subset          | finishes the rollback                   |
+//! | unplug under way                     | some functions      | `device_del` again, waits → `removed` or `unplug-pending` |
+//! | unplug under way / `unplug-pending`  | none                | deletes objects and descriptors → `removed` |
+//! | `unplug-pending`                     | some                | stays pending (no second `device_del`)  |
+//! | `visible`                            | all                 | nothing                                  |
+//! | `visible`                            | none                | `removed` (gone behind the engine's back) |
+//! | `visible`                            | some                | rolls the rest back                      |
+//!
+//! QEMU refuses a second device with the same id, and recovery only adds what
+//! `qom-list` does not show, so no device is ever there twice; a port is freed only
+//! once QEMU no longer has any of its devices. A plug still to add a device that needs a
+//! descriptor the dead process held ([`PlugRequest::with_fd`]) cannot be finished: it is
+//! rolled back ([`EngineError::DescriptorGone`]).
 
 mod recovery;
 

@@ -1,20 +1,4 @@
-//! Recovery after a restart: every device the journal records is reconciled with what
-//! QEMU has, and every interrupted operation is finished or rolled back.
-//!
-//! | journal says                         | QEMU has            | recovery does                           |
-//! |--------------------------------------|---------------------|-----------------------------------------|
-//! | plug under way, no failure yet       | any subset          | adds what is missing (function 0 last), checks visibility → `visible`; if that fails, rolls back |
-//! | plug failed, rollback under way      | any subset          | finishes the rollback                   |
-//! | unplug under way                     | some functions      | `device_del` again, waits → `removed` or `unplug-pending` |
-//! | unplug under way / `unplug-pending`  | none                | deletes objects and descriptors → `removed` |
-//! | `unplug-pending`                     | some                | stays pending (no second `device_del`)  |
-//! | `visible`                            | all                 | nothing                                  |
-//! | `visible`                            | none                | `removed` (gone behind the engine's back) |
-//! | `visible`                            | some                | rolls the rest back                      |
-//!
-//! QEMU refuses a second device with the same id, and recovery only adds what
-//! `qom-list` does not show, so no device is ever there twice; a port is freed only
-//! once QEMU no longer has any of its devices.
+//! Recovery after a restart (the table is in the module docs of [`super`]).
 
 use std::collections::{BTreeMap, HashSet};
 
