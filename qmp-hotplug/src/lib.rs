@@ -81,3 +81,8 @@ pub use request::{
     PlugRequestError,
 };
 pub use state::{DeviceRecord, DeviceState, Transition};
+
+/// The README's examples, compiled (and run where they need no QEMU) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}
