@@ -101,6 +101,16 @@ pub enum PlugRequestError {
         /// `host` or `sysfsdev`.
         name: String,
     },
+    /// A property names what the device or object has a field for (`driver`, `id`, `bus`,
+    /// `addr`, `multifunction` other than `off`; an object's `qom-type` or `id`): its
+    /// arguments would say it twice.
+    #[error("{id}: property {name} is a field of its own, not a property")]
+    ShadowedProperty {
+        /// The device or object id.
+        id: String,
+        /// The property.
+        name: String,
+    },
     /// Two functions share a bus, slot and function number.
     #[error("devices {0} and {1} have the same PCI address")]
     SameAddress(String, String),
@@ -515,6 +525,15 @@ impl PlugFunction {
     }
 }
 
+/// A non-negative [`PropValue::Signed`] as the [`PropValue::Int`] JSON reads it as.
+fn one_form(v: &mut PropValue) {
+    if let PropValue::Signed(n) = *v {
+        if let Ok(n) = u64::try_from(n) {
+            *v = PropValue::Int(n);
+        }
+    }
+}
+
 /// `on`/`off` as QEMU reads a boolean property: a JSON boolean, or its words.
 fn switch(v: &Value) -> Option<bool> {
     match v {
@@ -850,11 +869,7 @@ impl PlugRequest {
             return Err(PlugRequestError::NoFunctions(self.port.to_string()));
         }
         self.check_ids()?;
-        for f in &self.functions {
-            if let Some(name) = f.untyped_host() {
-                return Err(PlugRequestError::UntypedHost { id: f.id().to_string(), name: name.into() });
-            }
-        }
+        self.check_properties()?;
         let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
         if bytes > MAX_REQUEST_BYTES {
             return Err(PlugRequestError::TooLarge { bytes });
@@ -911,6 +926,38 @@ impl PlugRequest {
         }
         if !self.functions.iter().any(|f| *f.id() == self.device) {
             return Err(PlugRequestError::UnknownDevice { device: self.device.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Properties are what QEMU reads as properties: none repeats a field (the QMP
+    /// arguments, and the journal's copy of them, would say it twice), no VFIO host
+    /// function hides among them, and each number has its one form (a non-negative
+    /// `Signed` becomes `Int`), so that the request reads back from JSON as it is.
+    fn check_properties(&mut self) -> Result<()> {
+        let shadowed = |id: &QemuId, name: &str| PlugRequestError::ShadowedProperty {
+            id: id.to_string(),
+            name: name.to_owned(),
+        };
+        for f in &mut self.functions {
+            if let Some(name) = f.untyped_host() {
+                return Err(PlugRequestError::UntypedHost { id: f.id().to_string(), name: name.into() });
+            }
+            if let Some(name) =
+                ["driver", "id", "bus", "addr"].into_iter().find(|n| f.device.props.contains_key(*n))
+            {
+                return Err(shadowed(f.id(), name));
+            }
+            if f.device.props.get("multifunction").is_some_and(|v| *v != PropValue::Bool(false)) {
+                return Err(shadowed(f.id(), "multifunction"));
+            }
+            f.device.props.values_mut().for_each(one_form);
+        }
+        for o in &mut self.objects {
+            if let Some(name) = ["qom-type", "id"].into_iter().find(|n| o.props.contains_key(*n)) {
+                return Err(shadowed(&o.id, name));
+            }
+            o.props.values_mut().for_each(one_form);
         }
         Ok(())
     }
@@ -1030,6 +1077,32 @@ mod tests {
         f.device = f.device.prop("host", "0000:01:00.0");
         let mut r = request(vec![f]);
         assert!(matches!(r.prepare(), Err(PlugRequestError::UntypedHost { .. })));
+        // A property that repeats a field would be said twice in the arguments.
+        for (name, value) in [("addr", PropValue::from("0.3")), ("multifunction", PropValue::Bool(true))] {
+            let mut f = func("a", 0, 0);
+            f.device.props.insert(name.into(), value);
+            let e = request(vec![f]).prepare().unwrap_err();
+            assert_eq!(e, PlugRequestError::ShadowedProperty { id: "a".into(), name: name.into() });
+        }
+        let o = QemuObject::new("memory-backend-ram", id("m")).prop("id", "x");
+        let e = request(vec![func("a", 0, 0)]).with_object(o).prepare().unwrap_err();
+        assert!(matches!(e, PlugRequestError::ShadowedProperty { name, .. } if name == "id"));
+    }
+
+    /// Whatever typed values a caller builds, the request reads back from its JSON (the
+    /// journal's form) equal to what was prepared.
+    #[test]
+    fn prepared_requests_read_back_equal() {
+        let mut f = func("a", 0, 0);
+        f.device.props.insert("bootindex".into(), PropValue::Signed(-1));
+        f.device.props.insert("vectors".into(), PropValue::Signed(4));
+        let mut r = request(vec![f, func("b", 0, 1)]).with_object(
+            QemuObject::new("memory-backend-ram", id("m")).prop("size", PropValue::Signed(1 << 20)),
+        );
+        r.prepare().unwrap();
+        assert_eq!(r.functions[0].device.props["vectors"], PropValue::Int(4));
+        let back: PlugRequest = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
     }
 
     /// Ids and addresses are checked when `device_add` arguments are read: no request
