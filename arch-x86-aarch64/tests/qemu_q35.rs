@@ -186,8 +186,7 @@ fn seabios_accepts_plan_and_windows_fit() {
 
 #[test]
 fn ovmf_accepts_plan_and_windows_fit() {
-    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
-    let platform = Q35::ovmf();
+    let platform = common::q35_ovmf();
     let plan = plan(&platform, &mixed_request()).unwrap();
     assert_eq!(platform.spec().name, "q35-ovmf");
     assert!(plan.extra.qemu.iter().any(|a| a.starts_with("name=opt/ovmf/X-PciMmio64Mb")), "{:?}", plan.extra);
@@ -257,8 +256,7 @@ fn seabios_conventional_devices_on_root_ports_and_behind_a_bridge() {
 
 #[test]
 fn ovmf_conventional_devices_on_root_ports_and_behind_a_bridge() {
-    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
-    conventional_devices(Q35::ovmf(), Duration::from_secs(240), false);
+    conventional_devices(common::q35_ovmf(), Duration::from_secs(240), false);
 }
 
 #[test]
@@ -285,8 +283,7 @@ fn seabios_numa_expanders_number_buses_as_predicted() {
 
 #[test]
 fn ovmf_numa_expanders_number_buses_as_predicted() {
-    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
-    numa_expanders(Q35::ovmf());
+    numa_expanders(common::q35_ovmf());
 }
 
 fn numa_expanders(platform: Q35) {

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use arch_x86_aarch64::{Virt, AAVMF_PATH};
+use arch_x86_aarch64::Virt;
 use common::{find, require, Qemu};
 use pcie_topology::units::GIB;
 use pcie_topology::{
@@ -68,10 +68,9 @@ fn direct_kernel_boot_plan_is_accepted() {
 
 #[test]
 fn uefi_plan_boots_numbers_buses_and_takes_hotplugs() {
-    require(AAVMF_PATH, "qemu-efi-aarch64");
     // Planned for Linux's rule (every hotplug port gets the largest one's space, steered
     // by kernel arguments), so an A100-class spare next to the 64 GiB device.
-    let plan = plan(&Virt::uefi(), &request(HotplugProfile::a100(), 1)).unwrap();
+    let plan = plan(&common::virt_uefi(), &request(HotplugProfile::a100(), 1)).unwrap();
     assert!(plan.kernel_args().iter().any(|a| a.contains("hpmmioprefsize=")), "{:?}", plan.kernel_args());
     let args = plan.qemu_args().join(" ");
     assert!(!args.contains("-reserve"), "Linux ignores the firmware's reservations: {args}");

@@ -56,7 +56,10 @@ impl Qemu {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot run {QEMU}: {e}; install it (Debian: apt-get install qemu-system-x86)")
+            panic!(
+                "cannot run {QEMU}: {e}; run the tests with `cargo xtask test`, which provisions QEMU into \
+                 target/e2e/cache and puts it first on PATH, or put a {QEMU} on PATH (Debian's qemu-system-x86)"
+            )
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let stream = loop {

@@ -29,12 +29,13 @@ use serde_json::Value;
 
 use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
-use crate::arch::Arch;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::reporter::{GuestState, PciDevice};
 use crate::scenario::{
     DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
 };
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::reporter::{GuestState, PciDevice};
 use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
@@ -236,14 +237,14 @@ enum Seen {
 
 fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
-    let memory_mib = GuestSpec::new(scenario.arch).memory_mib;
+    let memory_mib = GuestSpec::new(scenario.arch).firmware(scenario.firmware()).memory_mib;
     let mut planned = make_plan(scenario, memory_mib)?;
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
     let spec = guest_spec(scenario, &planned);
-    let assets = GuestAssets::ensure(&ctx.cache, scenario.arch).map_err(s)?;
-    report.kernel = assets.kernel.release.clone();
-    let guest = Guest::boot(&spec, &assets, &ctx.cache).map_err(s)?;
+    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(s)?;
+    report.set_versions(scenario, &assets);
+    let guest = Guest::boot(&spec, &assets).map_err(s)?;
     report.qemu = guest.command_line();
     report.accel = guest.accel().qemu_name().into();
     report.boot_ms = guest.boot_time().map(|d| d.as_millis());
@@ -844,7 +845,7 @@ impl Step3<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reporter::Resource;
+    use guest_harness::reporter::Resource;
     use qmp_hotplug::BarExpectation;
 
     fn scenario(text: &str) -> Scenario {
@@ -1038,9 +1039,9 @@ mod tests {
             index: 15,
             start: 0x40_0000_0000,
             end: 0x40_0000_0000 + size - 1,
-            flags: crate::reporter::IORESOURCE_MEM
-                | crate::reporter::IORESOURCE_PREFETCH
-                | crate::reporter::IORESOURCE_MEM_64,
+            flags: guest_harness::reporter::IORESOURCE_MEM
+                | guest_harness::reporter::IORESOURCE_PREFETCH
+                | guest_harness::reporter::IORESOURCE_MEM_64,
         };
         let mut state = GuestState::default();
         let port = dev("0000:02:01.0", &["0000:00:01.0", "0000:01:00.0"], vec![pref(32 << 30)]);

@@ -24,11 +24,11 @@ use serde_json::{json, Value};
 
 use super::passthrough::HostFunction;
 use super::wire::{InnerConfig, PassDevice, WireRow};
-use crate::accel::AccelChoice;
-use crate::arch::Arch;
-use crate::guest::{Guest, GuestAssets, GuestSpec};
-use crate::kernels::GuestKernel;
-use crate::reporter::GuestState;
+use guest_harness::accel::AccelChoice;
+use guest_harness::arch::Arch;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::kernels::GuestKernel;
+use guest_harness::reporter::GuestState;
 use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
@@ -90,6 +90,12 @@ pub fn inner_assets(cfg: &InnerConfig) -> GuestAssets {
             config: PathBuf::from("/nonexistent"),
         },
         busybox: PathBuf::from("/bin/busybox"),
+        qemu: cfg.qemu.clone(),
+        // The inner guest boots SeaBIOS (from the launcher's firmware folders).
+        ovmf: PathBuf::from("/nonexistent"),
+        aarch64_uefi: PathBuf::from("/nonexistent"),
+        versions: cfg.versions.clone(),
+        state_dir: std::env::temp_dir(),
     }
 }
 
@@ -230,9 +236,7 @@ impl InnerVm<'_> {
         work: &Path,
     ) -> Result<InnerVm<'a>> {
         let spec = inner_spec(&plan, cfg);
-        let cache = crate::debs::DebCache::new(work.join("cache"));
-        let guest =
-            Guest::boot(&spec, &inner_assets(cfg), &cache).map_err(|e| format!("inner guest: {e}"))?;
+        let guest = Guest::boot(&spec, &inner_assets(cfg)).map_err(|e| format!("inner guest: {e}"))?;
         let mut client_options = ClientOptions::default();
         client_options.connect_timeout = Duration::from_secs(60);
         client_options.handshake_timeout = Duration::from_secs(60);
@@ -777,6 +781,8 @@ mod tests {
             unplug_timeout_ms: 5000,
             guest_wait_s: 60,
             require_iommufd: false,
+            qemu: guest_harness::launcher::Launcher::system(),
+            versions: guest_harness::stacks::Versions::default(),
         };
         let spec = inner_spec(&plan, &cfg);
         let args = spec.extra_args.join(" ");

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::arch::Arch;
-use crate::debs::{self, DebCache, Resolve};
+use crate::debs::{self, DebCache, DebRef, Resolve};
 
 /// A guest kernel or its modules could not be found or read.
 #[derive(Debug, thiserror::Error)]
@@ -115,28 +115,162 @@ pub struct GuestKernel {
     pub version: String,
     /// The bootable image (`boot/vmlinuz-…`).
     pub image: PathBuf,
-    /// `lib/modules/<release>`.
+    /// `lib/modules/<release>` (or `usr/lib/modules/<release>`).
     pub modules_dir: PathBuf,
-    /// `boot/config-<release>`: the kernel build configuration.
+    /// `boot/config-<release>` (or `config` in the modules folder): the kernel build
+    /// configuration.
     pub config: PathBuf,
 }
 
-/// The kernel for `arch`, resolved from Debian's `linux-image-<debarch>` metapackage.
-pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
+/// Prefixes of the packages a split kernel's `linux-image-<release>` depends on (Debian's
+/// 7.x kernels): the image (`linux-binary-*`), the modules (`linux-modules-*`) and the
+/// configuration and module lists (`linux-base-*`).
+pub const SPLIT_PARTS: [&str; 3] = ["linux-binary-", "linux-modules-", "linux-base-"];
+
+/// The packages of the kernel that `linux-image-<debarch>` names in `cache`'s source: the
+/// `linux-image-<release>` package first, then the split parts it depends on (none for a
+/// kernel in one package).
+pub fn kernel_packages(cache: &DebCache, arch: Arch) -> debs::Result<Vec<DebRef>> {
     let meta = format!("linux-image-{}", arch.deb_arch());
-    let unpacked = cache.ensure(&meta, arch, Resolve::MetaDependency("linux-image-"))?;
-    let release = unpacked.package.trim_start_matches("linux-image-").to_string();
-    let image = unpacked.dir.join(format!("boot/vmlinuz-{release}"));
-    let config = unpacked.dir.join(format!("boot/config-{release}"));
-    let modules_dir = unpacked.dir.join(format!("lib/modules/{release}"));
-    for (what, path) in [("kernel image", &image), ("kernel config", &config), ("modules", &modules_dir)] {
-        if !path.exists() {
-            return Err(KernelError::Missing {
-                what: format!("{what} {}", path.display()),
-                dir: unpacked.dir,
-            });
+    let (image, version) = cache.resolve_uncached(&meta, arch, Resolve::MetaDependency("linux-image-"))?;
+    let release = image.trim_start_matches("linux-image-").to_string();
+    let show = cache.show(&image, arch).map_err(|source| debs::DebError::Fetch {
+        package: image.clone(),
+        arch: arch.deb_arch(),
+        version: version.clone(),
+        source_name: cache.source().name.into(),
+        source: Box::new(source),
+    })?;
+    let mut refs = vec![DebRef { package: image, version: version.clone(), arch: arch.deb_arch().into() }];
+    refs.extend(split_parts(&debs::parse_depends(&show), &release, &version, arch));
+    Ok(refs)
+}
+
+/// The split parts among `depends` (the image package's dependencies): the packages
+/// named `<part><release>`, at the version the dependency pins (the image's otherwise).
+pub fn split_parts(
+    depends: &[debs::Dependency],
+    release: &str,
+    image_version: &str,
+    arch: Arch,
+) -> Vec<DebRef> {
+    depends
+        .iter()
+        .filter(|(name, _)| SPLIT_PARTS.iter().any(|p| name.strip_prefix(p) == Some(release)))
+        .map(|(name, version)| DebRef {
+            package: name.clone(),
+            version: version.clone().unwrap_or_else(|| image_version.to_string()),
+            arch: arch.deb_arch().into(),
+        })
+        .collect()
+}
+
+/// Where a kernel's files are in its unpacked packages, for each layout Debian has used:
+/// `boot/vmlinuz-<release>`, `boot/config-<release>` and `lib/modules/<release>`
+/// (bookworm); the same with the modules under `usr/lib/modules` (trixie, merged /usr);
+/// and `usr/lib/modules/<release>/{vmlinuz,config}` (the split 7.x packages).
+pub fn locate_kernel(dir: &Path, release: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let first = |what: &str, candidates: &[String]| -> Result<PathBuf> {
+        candidates.iter().map(|c| dir.join(c)).find(|p| p.exists()).ok_or_else(|| KernelError::Missing {
+            what: format!("{what} (looked for {})", candidates.join(", ")),
+            dir: dir.to_path_buf(),
+        })
+    };
+    let modules_dir =
+        first("modules", &[format!("lib/modules/{release}"), format!("usr/lib/modules/{release}")])?;
+    let in_modules = |name: &str| {
+        modules_dir.strip_prefix(dir).map(|rel| rel.join(name).display().to_string()).unwrap_or_default()
+    };
+    let image = first("kernel image", &[format!("boot/vmlinuz-{release}"), in_modules("vmlinuz")])?;
+    let config = first("kernel config", &[format!("boot/config-{release}"), in_modules("config")])?;
+    Ok((image, config, modules_dir))
+}
+
+/// The kernel series of a Debian kernel version (`6.12.118-1` → `6.12`).
+pub fn kernel_series(version: &str) -> Option<String> {
+    let mut parts = version.split(['.', '-', '+', '~']);
+    let (major, minor) = (parts.next()?, parts.next()?);
+    (major.chars().all(|c| c.is_ascii_digit()) && minor.chars().all(|c| c.is_ascii_digit()))
+        .then(|| format!("{major}.{minor}"))
+}
+
+/// The kernels of the metapackage's other versions (`apt-cache show` stanzas, newest
+/// first) of the same series as `failed_version`: each one's image package and version.
+pub fn same_series_images(
+    stanzas: &[(String, Vec<debs::Dependency>)],
+    failed_version: &str,
+) -> Vec<(String, String)> {
+    let Some(series) = kernel_series(failed_version) else { return Vec::new() };
+    stanzas
+        .iter()
+        .filter(|(version, _)| {
+            version != failed_version && kernel_series(version).as_deref() == Some(&series)
+        })
+        .filter_map(|(version, depends)| {
+            let (image, pinned) = depends.iter().find(|(n, _)| n.starts_with("linux-image-"))?;
+            Some((image.clone(), pinned.clone().unwrap_or_else(|| version.clone())))
+        })
+        .collect()
+}
+
+/// The packages of `image` at `version` (the image first, then its split parts).
+fn image_packages(cache: &DebCache, arch: Arch, image: &str, version: &str) -> debs::Result<Vec<DebRef>> {
+    let release = image.trim_start_matches("linux-image-");
+    let show = cache.show_version(image, version, arch).map_err(|source| debs::DebError::Fetch {
+        package: image.to_string(),
+        arch: arch.deb_arch(),
+        version: version.to_string(),
+        source_name: cache.source().name.into(),
+        source: Box::new(source),
+    })?;
+    let mut refs = vec![DebRef {
+        package: image.to_string(),
+        version: version.to_string(),
+        arch: arch.deb_arch().into(),
+    }];
+    refs.extend(split_parts(&debs::parse_depends(&show), release, version, arch));
+    Ok(refs)
+}
+
+/// When the archive does not serve the candidate kernel of `arch` (404: a new version
+/// listed before its files reached the mirror), the newest other version of the same
+/// series that it does serve; the error of the candidate when there is none.
+fn same_series_fallback(cache: &DebCache, arch: Arch, failed: debs::DebError) -> Result<debs::Unpacked> {
+    let meta = format!("linux-image-{}", arch.deb_arch());
+    let failed_version = match &failed {
+        debs::DebError::Fetch { version, .. } => version.clone(),
+        _ => return Err(failed.into()),
+    };
+    let Ok(all) = cache.show_all(&meta, arch) else { return Err(failed.into()) };
+    for (image, version) in same_series_images(&debs::parse_stanzas(&all), &failed_version) {
+        let key = format!("{meta}.fallback");
+        match cache.ensure_set(&key, arch, |c| image_packages(c, arch, &image, &version)) {
+            Ok(found) => {
+                eprintln!(
+                    "kernels: {arch}: the archive does not serve kernel {failed_version} (404); using {} {} of the same series",
+                    found.package, found.version
+                );
+                return Ok(found);
+            }
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
         }
     }
+    Err(failed.into())
+}
+
+/// The kernel for `arch`, resolved from Debian's `linux-image-<debarch>` metapackage, all
+/// its packages unpacked into one folder. When the archive does not serve the candidate
+/// (404), the newest served version of the same kernel series is used.
+pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
+    let meta = format!("linux-image-{}", arch.deb_arch());
+    let unpacked = match cache.ensure_set(&meta, arch, |c| kernel_packages(c, arch)) {
+        Ok(found) => found,
+        Err(e) if e.is_not_found() => same_series_fallback(cache, arch, e)?,
+        Err(e) => return Err(e.into()),
+    };
+    let release = unpacked.package.trim_start_matches("linux-image-").to_string();
+    let (image, config, modules_dir) = locate_kernel(&unpacked.dir, &release)?;
     Ok(GuestKernel {
         arch,
         release,
@@ -148,15 +282,15 @@ pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
     })
 }
 
-/// The statically linked busybox of the guest architecture (`busybox-static:<debarch>`).
+/// The statically linked busybox of the guest architecture (`busybox-static:<debarch>`):
+/// `bin/busybox` (bookworm) or `usr/bin/busybox` (merged /usr).
 pub fn ensure_busybox(cache: &DebCache, arch: Arch) -> Result<PathBuf> {
     let unpacked = cache.ensure("busybox-static", arch, Resolve::Direct)?;
-    let path = unpacked.dir.join("bin/busybox");
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(KernelError::Missing { what: "bin/busybox".into(), dir: unpacked.dir })
-    }
+    ["bin/busybox", "usr/bin/busybox"]
+        .iter()
+        .map(|rel| unpacked.dir.join(rel))
+        .find(|p| p.is_file())
+        .ok_or(KernelError::Missing { what: "bin/busybox or usr/bin/busybox".into(), dir: unpacked.dir })
 }
 
 /// A kernel build configuration (`CONFIG_X=y|m|value`).
@@ -368,6 +502,95 @@ pub fn modinfo(elf: &[u8]) -> std::result::Result<BTreeMap<String, String>, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The three layouts, as Debian's bookworm, trixie and 7.x packages have them.
+    #[test]
+    fn kernel_files_are_found_in_every_layout() {
+        let layouts: [(&str, [&str; 3]); 3] = [
+            (
+                "6.1.0-56-amd64",
+                ["boot/vmlinuz-6.1.0-56-amd64", "boot/config-6.1.0-56-amd64", "lib/modules/6.1.0-56-amd64"],
+            ),
+            (
+                "6.12.117+deb13-amd64",
+                [
+                    "boot/vmlinuz-6.12.117+deb13-amd64",
+                    "boot/config-6.12.117+deb13-amd64",
+                    "usr/lib/modules/6.12.117+deb13-amd64",
+                ],
+            ),
+            (
+                "7.3.4+deb13-amd64",
+                [
+                    "usr/lib/modules/7.3.4+deb13-amd64/vmlinuz",
+                    "usr/lib/modules/7.3.4+deb13-amd64/config",
+                    "usr/lib/modules/7.3.4+deb13-amd64",
+                ],
+            ),
+        ];
+        for (release, [image, config, modules]) in layouts {
+            let tmp = tempfile::tempdir().unwrap();
+            let d = tmp.path();
+            std::fs::create_dir_all(d.join(modules).join("kernel")).unwrap();
+            for f in [image, config] {
+                std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+                std::fs::write(d.join(f), b"x").unwrap();
+            }
+            let (i, c, m) = locate_kernel(d, release).unwrap();
+            assert_eq!((i, c, m), (d.join(image), d.join(config), d.join(modules)), "{release}");
+        }
+        // The 7.x image package alone (no linux-binary unpacked): the error says what is missing.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("usr/lib/modules/7.3.4+deb13-amd64")).unwrap();
+        let e = locate_kernel(tmp.path(), "7.3.4+deb13-amd64").unwrap_err().to_string();
+        assert!(e.contains("kernel image") && e.contains("usr/lib/modules/7.3.4+deb13-amd64/vmlinuz"), "{e}");
+        let e = locate_kernel(tmp.path(), "6.1.0-1-amd64").unwrap_err().to_string();
+        assert!(e.contains("modules"), "{e}");
+    }
+
+    #[test]
+    fn fallback_stays_in_the_kernel_series() {
+        assert_eq!(kernel_series("6.12.118-1").as_deref(), Some("6.12"));
+        assert_eq!(kernel_series("7.3.4-1~bpo13+1").as_deref(), Some("7.3"));
+        assert_eq!(kernel_series("1:2"), None);
+        let show = "Package: linux-image-s390x\nVersion: 7.3.4-1~bpo13+1\nDepends: linux-image-7.3.4+deb13-s390x (= 7.3.4-1~bpo13+1)\n\n\
+                    Package: linux-image-s390x\nVersion: 6.12.118-1\nDepends: linux-image-6.12.118+deb13-s390x (= 6.12.118-1)\n\n\
+                    Package: linux-image-s390x\nVersion: 6.12.117-1\nDepends: linux-image-6.12.117+deb13-s390x (= 6.12.117-1)\n";
+        let stanzas = debs::parse_stanzas(show);
+        assert_eq!(stanzas.len(), 3);
+        // trixie's 6.12.118 missing: 6.12.117, not the 7.3 of another generation.
+        assert_eq!(
+            same_series_images(&stanzas, "6.12.118-1"),
+            [("linux-image-6.12.117+deb13-s390x".to_string(), "6.12.117-1".to_string())]
+        );
+        // current's 7.3.4 missing: nothing else of 7.3, so no fallback at all.
+        assert!(same_series_images(&stanzas, "7.3.4-1~bpo13+1").is_empty());
+    }
+
+    #[test]
+    fn split_parts_are_taken_from_the_image_dependencies() {
+        let show = "Package: linux-image-7.3.4+deb13-s390x\nVersion: 7.3.4-1~bpo13+1\n\
+                    Depends: dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, \
+                    linux-base-7.3.4+deb13-s390x (= 7.3.4-1~bpo13+1), \
+                    linux-binary-7.3.4+deb13-s390x (= 7.3.4-1~bpo13+1), \
+                    linux-modules-7.3.4+deb13-s390x (= 7.3.4-1~bpo13+1), linux-binary-7.3.4+deb13-cloud-s390x\n";
+        let parts =
+            split_parts(&debs::parse_depends(show), "7.3.4+deb13-s390x", "7.3.4-1~bpo13+1", Arch::S390x);
+        let names: Vec<&str> = parts.iter().map(|p| p.package.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "linux-base-7.3.4+deb13-s390x",
+                "linux-binary-7.3.4+deb13-s390x",
+                "linux-modules-7.3.4+deb13-s390x"
+            ]
+        );
+        assert!(parts.iter().all(|p| p.version == "7.3.4-1~bpo13+1" && p.arch == "s390x"));
+        // A kernel in one package (6.1, 6.12) has no parts.
+        let whole = "Package: linux-image-6.12.117+deb13-amd64\nDepends: kmod, initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool\n";
+        assert!(split_parts(&debs::parse_depends(whole), "6.12.117+deb13-amd64", "6.12.117-1", Arch::X86_64)
+            .is_empty());
+    }
 
     /// A minimal 64-bit ELF with a section-name table and a `.modinfo` section.
     fn elf(big_endian: bool, modinfo: &[u8]) -> Vec<u8> {

@@ -1,30 +1,29 @@
 //! The harness against real QEMU guests: boot, reporter, command channel, QMP hotplug,
-//! kernel modules, deadlines. Needs QEMU and the guest kernels: `cargo xtask provision`
-//! (which `cargo xtask test` runs first) installs and downloads them; a missing piece
-//! fails with the command that fixes it.
+//! kernel modules, deadlines, on the stack `cargo xtask test` names (`$XTASK_STACK`, else
+//! the default). Provisioning happens on first use (`cargo xtask test` does it first); a
+//! missing piece fails with what to do.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::time::{Duration, Instant};
 
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::guest::{Guest, GuestAssets, GuestError, GuestSpec};
+use guest_harness::hotplug::{self, Expect};
+use guest_harness::stacks::Stack;
 use serde_json::json;
-use xtask::arch::Arch;
-use xtask::deadline;
-use xtask::guest::{Guest, GuestAssets, GuestError, GuestSpec};
-use xtask::hotplug::{self, Expect};
-use xtask::provision;
+
+fn stack() -> Stack {
+    guest_harness::default_stack().unwrap()
+}
 
 fn assets(arch: Arch) -> GuestAssets {
-    GuestAssets::ensure(&xtask::cache(), arch)
-        .unwrap_or_else(|e| panic!("{e}\n(run `cargo xtask provision`)"))
+    GuestAssets::ensure(&stack(), arch).unwrap_or_else(|e| panic!("{e}\n(run `cargo xtask provision`)"))
 }
 
 fn boot(spec: &GuestSpec) -> Guest {
-    Guest::boot(spec, &assets(spec.arch), &xtask::cache()).unwrap_or_else(|e| panic!("{e}"))
-}
-
-#[test]
-fn host_packages_are_present_after_provisioning() {
-    provision::ensure_host_packages().unwrap_or_else(|e| panic!("{e}"));
-    assert!(provision::missing_packages(provision::HOST_REQUIREMENTS).is_empty());
+    Guest::boot(spec, &assets(spec.arch)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -42,33 +41,18 @@ fn x86_64_guest_reports_hotplug_and_runs_commands() {
     let port = state.find(0x1b36, 0x000c).next().expect("root port in the guest").bdf;
     assert!(state.ready.as_ref().unwrap().release.ends_with("amd64"));
 
-    let mut qmp = guest.qmp(deadline(10)).unwrap();
+    let qmp = guest.qmp(deadline(10)).unwrap();
     let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp1"});
-    let plugged = hotplug::plug(
-        &guest,
-        &mut qmp,
-        args,
-        Expect { vendor: 0x1af4, device: 0x1041, bars: &[] },
-        deadline(60),
-    )
-    .unwrap();
+    let plugged =
+        hotplug::plug(&guest, &qmp, args, Expect { vendor: 0x1af4, device: 0x1041, bars: &[] }, deadline(60))
+            .unwrap();
     assert_eq!(plugged.device.parent(), Some(port));
     assert!(plugged.device.bars().count() >= 2, "{:?}", plugged.device);
     assert!(plugged.bar_problems.is_empty(), "{:?}", plugged.bar_problems);
 
-    let gone = hotplug::unplug(&guest, &mut qmp, "net0", plugged.device.bdf, deadline(60)).unwrap();
+    let gone = hotplug::unplug(&guest, &qmp, "net0", plugged.device.bdf, deadline(60)).unwrap();
     assert!(gone.gone_after > Duration::ZERO);
     assert!(!guest.state().pci.contains_key(&plugged.device.bdf));
-}
-
-#[test]
-fn aarch64_and_s390x_pass_the_boot_check() {
-    let rows = xtask::bootcheck::run(&[Arch::Aarch64, Arch::S390x], &xtask::cache());
-    for row in &rows {
-        assert!(row.ok(), "{}: {}", row.arch, row.result);
-        assert!(!row.hotplugs.is_empty());
-    }
-    assert_eq!(rows[1].hotplugs.len(), 2, "s390x plugs a ccw device and a zPCI function");
 }
 
 #[test]
@@ -78,7 +62,7 @@ fn kernel_modules_load_with_their_dependencies() {
     assert_eq!(config.get("VFIO_PCI"), Some("m"), "the test needs vfio-pci built as a module");
     let mut spec = GuestSpec::new(Arch::X86_64);
     spec.initramfs.modules = vec!["vfio-pci".into(), "vfio_iommu_type1".into()];
-    let guest = Guest::boot(&spec, &assets, &xtask::cache()).unwrap();
+    let guest = Guest::boot(&spec, &assets).unwrap();
     let out = guest
         .exec("for m in vfio vfio_iommu_type1 vfio_pci_core vfio_pci; do test -d /sys/module/$m || echo missing $m; done", deadline(30))
         .unwrap();
@@ -92,7 +76,7 @@ fn qemu_errors_and_deadlines_end_the_wait() {
     let mut spec = GuestSpec::new(Arch::X86_64);
     spec.devices.push("no-such-device".into());
     spec.progress = false;
-    let err = Guest::boot(&spec, &assets(Arch::X86_64), &xtask::cache()).unwrap_err();
+    let err = Guest::boot(&spec, &assets(Arch::X86_64)).unwrap_err();
     match err {
         GuestError::Exited { diagnostics, .. } => {
             assert!(diagnostics.contains("no-such-device"), "{diagnostics}")

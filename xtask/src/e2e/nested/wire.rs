@@ -15,6 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::e2e::Row;
+use guest_harness::launcher::Launcher;
+use guest_harness::stacks::Versions;
 
 /// Tag at the start of every result line.
 pub const TAG: &str = "NV";
@@ -80,6 +82,11 @@ pub struct InnerConfig {
     /// The scenario asks for iommufd: the legacy container running is a failure.
     #[serde(default)]
     pub require_iommufd: bool,
+    /// How to start the inner QEMU (the stack's, at its paths in the outer guest).
+    pub qemu: Launcher,
+    /// What the stack runs, for reports.
+    #[serde(default)]
+    pub versions: Versions,
 }
 
 /// A table row as it travels over the console (the same columns as [`Row`]).

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use super::bundle::{self, Bundle};
 use super::wire::{self, InnerConfig, InnerKernel, Line, PassDevice};
-use crate::arch::Arch;
 use crate::e2e::{Row, RunContext, ScenarioReport};
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::scenario::{DeviceKind, Placement, PlugExpect, Reservations, Scenario, UnplugMode, VfioBackend};
-use crate::stacks;
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::ubuntu;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -41,6 +42,13 @@ pub const DEFAULT_UNPLUG_TIMEOUT_S: u64 = 10;
 /// crypto self-tests, no W+X scan, no LSM set-up, no audit, no clocksource watchdog).
 pub const INNER_CMDLINE: [&str; 6] =
     ["mitigations=off", "cryptomgr.notests", "rodata=off", "lsm=lockdown", "audit=0", "tsc=reliable"];
+
+/// Whether QEMU of this version (`10.0.6 (Debian …)`) has the `iommufd` object (8.2+).
+pub fn qemu_has_iommufd(version: &str) -> bool {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (8, 2)
+}
 
 /// Checks that the scenario fits this mode and lists its devices with their outer ports.
 pub fn pass_devices(scenario: &Scenario) -> Result<Vec<PassDevice>> {
@@ -138,7 +146,7 @@ pub fn build_program() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .args(["build", "-p", "xtask", "--bin", "nested-vfio", "--message-format=json-render-diagnostics"])
-        .current_dir(crate::workspace_root())
+        .current_dir(guest_harness::workspace_root())
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("{cargo} build: {e}"))?;
@@ -198,26 +206,32 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
     let devices = pass_devices(scenario)?;
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
     let program = bundle::stripped(&build_program()?, &dir);
-    let assets = GuestAssets::ensure(&ctx.cache, Arch::X86_64).map_err(|e| e.to_string())?;
+    let assets = GuestAssets::ensure(&ctx.stack, Arch::X86_64).map_err(|e| e.to_string())?;
+    report.set_versions(scenario, &assets);
+    let root = ctx.stack.root().map_err(|e| e.to_string())?;
     let iommufd = scenario.vfio_backend == VfioBackend::Iommufd;
-    // The inner guest always boots Debian's kernel; the outer one needs iommufd for
-    // `vfio_backend = "iommufd"` (see crate::stacks).
+    if iommufd && !qemu_has_iommufd(&root.qemu_version) {
+        return Err(format!(
+            "vfio_backend = \"iommufd\" needs QEMU 8.2 or later inside; stack {} has QEMU {}: run it with --stack trixie or --stack current",
+            ctx.stack.name(),
+            root.qemu_version
+        ));
+    }
+    // The inner guest always boots the stack's Debian kernel; the outer one needs
+    // iommufd for `vfio_backend = "iommufd"` (see guest_harness::ubuntu).
     let outer_assets = if iommufd {
-        progress(
-            ctx,
-            scenario,
-            "iommufd stack: Ubuntu's kernel for the outer guest, QEMU from bookworm-backports inside",
-        );
+        progress(ctx, scenario, "iommufd: Ubuntu's kernel for the outer guest, the stack's QEMU inside");
         GuestAssets {
-            kernel: stacks::ubuntu_kernel(&ctx.cache).map_err(|e| e.to_string())?,
+            kernel: ubuntu::ubuntu_kernel(&ctx.stack.debs()).map_err(|e| e.to_string())?,
             ..assets.clone()
         }
     } else {
         assets.clone()
     };
     report.kernel = outer_assets.kernel.release.clone();
+    report.kernel_version = format!("{} {}", outer_assets.kernel.package, outer_assets.kernel.version);
     let key = format!("{}-{}", assets.kernel.release, assets.kernel.version);
-    let cache_dir = crate::e2e_dir().join("cache").join("nested");
+    let cache_dir = ctx.stack.cache_root().join("nested");
     let (kernel_file, kernel_path) = match bundle::uncompressed_kernel(&assets.kernel.image, &cache_dir, &key)
     {
         Ok(elf) => (elf, bundle::KERNEL),
@@ -226,6 +240,9 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
             (assets.kernel.image.clone(), bundle::KERNEL_BZIMAGE)
         }
     };
+    let mut files = Bundle::new();
+    let inner_qemu = files.add_stack_qemu(&root)?;
+    progress(ctx, scenario, &format!("inner QEMU {} (stack {})", root.qemu_version, ctx.stack.name()));
     let cfg = InnerConfig {
         devices: devices.clone(),
         kernel: InnerKernel {
@@ -239,15 +256,9 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
         unplug_timeout_ms: scenario.unplug_timeout_s.unwrap_or(DEFAULT_UNPLUG_TIMEOUT_S) * 1000,
         guest_wait_s: GUEST_WAIT_S,
         require_iommufd: iommufd,
+        qemu: inner_qemu,
+        versions: assets.versions.clone(),
     };
-    let mut files = Bundle::new();
-    if iommufd {
-        let qemu = stacks::backports_qemu(&ctx.cache).map_err(|e| e.to_string())?;
-        progress(ctx, scenario, &format!("inner QEMU {} (bookworm-backports)", qemu.version));
-        files.add_qemu_from(&qemu)?;
-    } else {
-        files.add_qemu()?;
-    }
     files.add_elf(&program, bundle::PROGRAM)?;
     files.add_file(&kernel_file, kernel_path, 0o644)?;
     files.add_data(bundle::CONFIG, 0o644, serde_json::to_vec_pretty(&cfg).map_err(|e| e.to_string())?);
@@ -257,7 +268,7 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
         &format!("outer initramfs: {} extra files, {} MiB", files.len(), files.bytes() >> 20),
     );
     let spec = outer_spec(scenario, &devices, files);
-    let guest = Guest::boot(&spec, &outer_assets, &ctx.cache).map_err(|e| e.to_string())?;
+    let guest = Guest::boot(&spec, &outer_assets).map_err(|e| e.to_string())?;
     report.qemu = guest.command_line();
     report.accel = format!("{} (inner tcg)", guest.accel().qemu_name());
     report.boot_ms = guest.boot_time().map(|d| d.as_millis());
@@ -329,6 +340,16 @@ fn follow_progress(guest: &Guest, ctx: &RunContext, scenario: &Scenario, done: &
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn iommufd_needs_qemu_8_2() {
+        assert!(!qemu_has_iommufd("7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)"));
+        assert!(!qemu_has_iommufd("8.1.0"));
+        assert!(qemu_has_iommufd("8.2.2"));
+        assert!(qemu_has_iommufd("10.0.6 (Debian 1:10.0.6+ds-0+deb13u2)"));
+        assert!(qemu_has_iommufd("11.1.3 (Debian 1:11.1.3+ds-2~bpo13+1)"));
+        assert!(!qemu_has_iommufd(""));
+    }
 
     fn scenario(devices: &str) -> Scenario {
         let text = format!("name = \"n\"\narch = \"x86_64\"\nmode = \"nested-vfio\"\n{devices}");
