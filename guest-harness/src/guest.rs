@@ -555,8 +555,9 @@ impl Guest {
     /// is left until `deadline`; commands then carry their own deadlines.
     pub fn qmp(&self, deadline: Instant) -> Result<QmpClient> {
         let left = deadline.saturating_duration_since(Instant::now());
-        let options =
-            ClientOptions { connect_timeout: left, handshake_timeout: left, ..ClientOptions::default() };
+        let mut options = ClientOptions::default();
+        options.connect_timeout = left;
+        options.handshake_timeout = left;
         Ok(QmpClient::connect_unix(&self.qmp_socket, options)?)
     }
 

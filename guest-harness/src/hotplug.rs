@@ -10,7 +10,8 @@ use qmp_hotplug::{ClientError, EventStream, QmpClient};
 use serde_json::{json, Value};
 
 use crate::guest::{Guest, GuestError};
-use crate::reporter::{Bdf, CcwDevice, GuestState, PciDevice};
+use crate::reporter::{CcwDevice, GuestState, PciDevice};
+use pcilibs::bdf::Bdf;
 
 /// A hotplug or unplug step failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,11 @@
 //! The stack's pciutils as an independent decoder: configuration bytes written as an
 //! `lspci -xxxx` dump, decoded by `lspci -F DUMP -D -vvv`, capability offsets read back.
 
+use std::collections::BTreeMap;
+
 use crate::command::{self, CommandError};
 use crate::launcher::Launcher;
-use crate::reporter::Bdf;
-use std::collections::BTreeMap;
+use pcilibs::bdf::Bdf;
 
 /// One capability as `lspci` lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

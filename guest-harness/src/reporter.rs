@@ -13,6 +13,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Instant;
 
+use pcilibs::bdf::Bdf;
+
 /// Every protocol line starts with this (anything before it on the line is ignored, so a
 /// kernel message that lacked a newline cannot hide a report).
 pub const PREFIX: &str = "@@XT ";
@@ -25,51 +27,6 @@ pub struct ParseError {
     pub line: String,
     /// What is wrong.
     pub reason: String,
-}
-
-/// A PCI address `DDDD:BB:DD.F` as Linux prints it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-pub struct Bdf {
-    /// PCI domain (segment).
-    pub domain: u32,
-    /// Bus number.
-    pub bus: u8,
-    /// Device (slot) number, 0–31.
-    pub device: u8,
-    /// Function number, 0–7.
-    pub function: u8,
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{}", self.domain, self.bus, self.device, self.function)
-    }
-}
-
-impl FromStr for Bdf {
-    type Err = String;
-
-    /// Strict: 4–8 hex digits of domain, 2 of bus, 2 of device, 1 of function.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("not a PCI address: {s:?}");
-        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
-        let (device, function) = rest.split_once('.').ok_or_else(bad)?;
-        let hex = |t: &str, min: usize, max: usize| {
-            if t.len() < min || t.len() > max || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad());
-            }
-            u32::from_str_radix(t, 16).map_err(|_| bad())
-        };
-        let domain = hex(domain, 4, 8)?;
-        let bus = u8::try_from(hex(bus, 2, 2)?).map_err(|_| bad())?;
-        let device = u8::try_from(hex(device, 2, 2)?).map_err(|_| bad())?;
-        let function = u8::try_from(hex(function, 1, 1)?).map_err(|_| bad())?;
-        if device > 31 || function > 7 {
-            return Err(bad());
-        }
-        Ok(Bdf { domain, bus, device, function })
-    }
 }
 
 /// `IORESOURCE_IO`.
@@ -366,7 +323,7 @@ fn hex(s: Option<&str>, what: &str) -> Result<u64, String> {
 }
 
 fn bdf(s: Option<&str>) -> Result<Bdf, String> {
-    s.ok_or_else(|| "missing address".to_string())?.parse()
+    Bdf::parse(s.ok_or_else(|| "missing address".to_string())?).map_err(|e| e.to_string())
 }
 
 fn word(s: Option<&str>, what: &str) -> Result<String, String> {
@@ -834,7 +791,7 @@ mod tests {
     fn bdf_parsing_is_strict() {
         let b: Bdf = "0001:00:1f.7".parse().unwrap();
         assert_eq!(b.to_string(), "0001:00:1f.7");
-        assert_eq!("10000:00:00.0".parse::<Bdf>().unwrap().domain, 0x10000);
+        assert_eq!("10000:00:00.0".parse::<Bdf>().unwrap().domain(), 0x10000);
         for bad in ["00:1f.7", "0000:00:20.0", "0000:00:00.8", "0000:0:00.0", "0000:00:00.0/..", "x"] {
             assert!(bad.parse::<Bdf>().is_err(), "{bad}");
         }

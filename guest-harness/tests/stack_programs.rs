@@ -10,8 +10,8 @@ use std::process::Command;
 use guest_harness::cpio::CpioWriter;
 use guest_harness::initramfs::{INIT_SCRIPT, REPORTER_SCRIPT};
 use guest_harness::lspci::{decode, Capability};
-use guest_harness::reporter::Bdf;
 use guest_harness::stacks::StackRoot;
+use pcilibs::bdf::Bdf;
 
 fn root() -> StackRoot {
     guest_harness::default_stack().unwrap().root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"))

@@ -567,6 +567,11 @@ pub struct FunctionAction {
     /// The function's planned resources ([`PlacedFunction::bars`]): each BAR the guest must
     /// show, where [`ExpectedBar::visible_size`] says it shows one.
     pub bars: Vec<ExpectedBar>,
+    /// The host function passed through ([`PlacedFunction::host`]), typed: the same
+    /// function `device_add`'s `host=` or `sysfsdev=` names, for the checks a runtime runs
+    /// before the plug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostRef>,
 }
 
 impl FunctionAction {
@@ -815,6 +820,7 @@ impl Plan {
                 device_add: f.device.clone(),
                 guest: f.location.clone(),
                 bars: f.bars.clone(),
+                host: f.host.clone(),
             })
             .collect();
         functions.sort_by_key(|f| std::cmp::Reverse(f.function));

@@ -23,7 +23,8 @@ use serde_json::{Map, Value};
 
 use crate::deadline;
 use crate::event_queue::{EventQueue, Popped, RawEvent};
-use crate::transport::{LineReader, LineWriter, TransportError};
+pub use crate::transport::TransportError;
+use crate::transport::{LineReader, LineWriter};
 
 /// Errors of the QMP client.
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +145,9 @@ pub enum CloseReason {
     Dropped,
 }
 
-/// Connection settings.
+/// Connection settings: [`ClientOptions::default`], then change the fields that differ.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Default deadline for a command's reply.
     pub command_timeout: Duration,
@@ -180,8 +182,10 @@ impl Default for ClientOptions {
     }
 }
 
-/// QEMU's version from the greeting.
+/// QEMU's version from the greeting; ordered, so that `version >= QemuVersion::new(9, 0, 0)`
+/// asks for a feature of QEMU 9.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuVersion {
     /// Major version.
     pub major: u32,
@@ -191,8 +195,16 @@ pub struct QemuVersion {
     pub micro: u32,
 }
 
+impl QemuVersion {
+    /// Version `major.minor.micro`.
+    pub fn new(major: u32, minor: u32, micro: u32) -> Self {
+        QemuVersion { major, minor, micro }
+    }
+}
+
 /// The QMP greeting.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Greeting {
     /// QEMU's version.
     pub version: QemuVersion,
@@ -204,6 +216,7 @@ pub struct Greeting {
 
 /// An event's time stamp as QEMU sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Timestamp {
     /// Seconds since the epoch.
     pub seconds: i64,
@@ -214,6 +227,7 @@ pub struct Timestamp {
 /// An asynchronous event, kept as raw JSON so that events this crate's schema does not
 /// know are delivered too.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Event {
     /// The event name, e.g. `DEVICE_DELETED`.
     pub name: String,

@@ -264,7 +264,8 @@ fn an_unread_event_stream_is_bounded() {
         p.reply(&id, json!({}));
         let _ = p.recv();
     });
-    let opts = qmp_hotplug::ClientOptions { event_queue_capacity: 10, ..FakePeer::options(DEADLINE) };
+    let mut opts = FakePeer::options(DEADLINE);
+    opts.event_queue_capacity = 10;
     let c = QmpClient::connect_unix(&peer.path, opts).unwrap();
     let idle = c.subscribe();
     c.execute_raw("query-status", None, DEADLINE).unwrap();
@@ -353,7 +354,7 @@ fn a_slow_reader_does_not_stretch_a_command_deadline() {
     let err = c.execute_raw("x-big", Some(json!({ "blob": blob })), Duration::from_secs(2)).unwrap_err();
     let took = t.elapsed();
     assert!(
-        matches!(err, ClientError::Send(qmp_hotplug::transport::TransportError::WriteTimeout { sent, .. }) if sent > 0),
+        matches!(err, ClientError::Send(qmp_hotplug::client::TransportError::WriteTimeout { sent, .. }) if sent > 0),
         "{err:?}"
     );
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");

@@ -12,8 +12,9 @@ use guest_harness::deadline;
 use guest_harness::firmware::Firmware;
 use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::hotplug::{self, Expect, Plugged};
-use guest_harness::reporter::{Bdf, GuestState};
+use guest_harness::reporter::GuestState;
 use guest_harness::stacks::Stack;
+use pcilibs::bdf::Bdf;
 use qmp_hotplug::QmpClient;
 
 /// `ivshmem-plain` (Red Hat Inter-VM shared memory) with a 256-byte register BAR 0 and

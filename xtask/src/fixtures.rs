@@ -20,9 +20,10 @@ use guest_harness::firmware::Firmware;
 use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::lspci;
 use guest_harness::reporter::{
-    Bdf, Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
+    Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
 };
 use guest_harness::stacks::Stack;
+use pcilibs::bdf::Bdf;
 
 /// Where the fixtures go, relative to the workspace root.
 pub const FIXTURE_DIR: &str = "pcilibs/tests/fixtures/qemu-x86_64";

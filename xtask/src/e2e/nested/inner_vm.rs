@@ -15,10 +15,10 @@ use pcie_topology::plan::GuestLocation;
 use pcie_topology::request::guest_function_numbers;
 use pcie_topology::{HotplugAction, Plan, PlanRequest, QemuId};
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
-use qmp_hotplug::journal::{Journal, Record, Step};
+use qmp_hotplug::journal::{read_file, Record, Step};
 use qmp_hotplug::{
-    BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation, QmpClient,
-    UnplugOutcome,
+    BarExpectation, ClientOptions, DeviceState, Engine, EngineError, EngineOptions, Expectation, PlugRequest,
+    QmpClient, UnplugOutcome,
 };
 use serde_json::{json, Value};
 
@@ -28,7 +28,8 @@ use guest_harness::accel::AccelChoice;
 use guest_harness::arch::Arch;
 use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::kernels::GuestKernel;
-use guest_harness::reporter::{Bdf, GuestState};
+use guest_harness::reporter::GuestState;
+use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -121,7 +122,7 @@ pub fn host_bars(f: &HostFunction) -> Vec<(u8, u64)> {
     bars
 }
 
-/// The engine's request for a plan action (`DeviceRequest::from_action`), expecting each
+/// The engine's request for a plan action (`PlugRequest::from_action`), expecting each
 /// function at its planned place with the BARs the plan took from the host function's
 /// VFIO facts, at their indices (the ROM as BAR 6). Those must be the host function's BARs
 /// ([`host_bars`]); a plan that says otherwise is an error, not a weaker check. With
@@ -130,21 +131,20 @@ pub fn engine_request(
     action: &HotplugAction,
     host: &BTreeMap<u8, &HostFunction>,
     iommufd: bool,
-) -> Result<qmp_hotplug::DeviceRequest> {
+) -> Result<PlugRequest> {
     let action = if iommufd {
         let id = QemuId::new(format!("iommufd-{}", action.device)).map_err(s)?;
         action.clone().with_iommufd(id, None)
     } else {
         action.clone()
     };
-    let mut request = qmp_hotplug::DeviceRequest::from_action(&action);
+    let mut request = PlugRequest::from_action(&action);
     for f in &action.functions {
         let hf = host
             .get(&f.function)
             .ok_or_else(|| format!("{}: no host function {}", action.device, f.function))?;
         let not_pci = || format!("{}: function {} is not planned on PCI", action.device, f.function);
-        let function =
-            request.functions.iter_mut().find(|r| r.id() == f.id().as_str()).ok_or_else(not_pci)?;
+        let function = request.functions.iter_mut().find(|r| r.id() == f.id()).ok_or_else(not_pci)?;
         let Expectation::Pci(want) = &function.expect else { return Err(not_pci()) };
         let host: Vec<BarExpectation> =
             host_bars(hf).into_iter().map(|(bar, size)| BarExpectation::at(bar, size)).collect();
@@ -166,11 +166,7 @@ pub fn planned_functions(action: &HotplugAction) -> Vec<(u8, String, Bdf)> {
         .functions
         .iter()
         .filter_map(|f| match &f.guest {
-            GuestLocation::Pci { bdf, .. } => Some((
-                f.function,
-                f.id().to_string(),
-                Bdf { domain: bdf.domain(), bus: bdf.bus(), device: bdf.device(), function: bdf.function() },
-            )),
+            GuestLocation::Pci { bdf, .. } => Some((f.function, f.id().to_string(), *bdf)),
             _ => None,
         })
         .collect()
@@ -188,7 +184,7 @@ pub fn planned_path(action: &HotplugAction) -> String {
 
 /// `device_add` ids of the port's plug steps in the journal, in the order they were sent.
 pub fn journal_adds(journal: &Path, port: &str) -> Result<Vec<String>> {
-    let (_, records) = Journal::open(journal, None).map_err(s)?;
+    let (records, _) = read_file(journal).map_err(s)?;
     Ok(records
         .iter()
         .filter_map(|r| match r {
@@ -222,6 +218,8 @@ pub struct Plugged {
     pub row: WireRow,
     /// The engine's port, when the plug succeeded.
     pub port: Option<String>,
+    /// The device's id (what the engine unplugs by), when the plug succeeded.
+    pub device: Option<String>,
     /// Where the inner guest showed each function.
     pub seen: Vec<Bdf>,
     /// QEMU ids of its functions.
@@ -239,25 +237,19 @@ impl InnerVm<'_> {
     ) -> Result<InnerVm<'a>> {
         let spec = inner_spec(&plan, cfg);
         let guest = Guest::boot(&spec, &inner_assets(cfg)).map_err(|e| format!("inner guest: {e}"))?;
-        let client = QmpClient::connect_unix(
-            guest.qmp_socket(),
-            ClientOptions {
-                connect_timeout: Duration::from_secs(60),
-                handshake_timeout: Duration::from_secs(60),
-                command_timeout: Duration::from_secs(120),
-                ..ClientOptions::default()
-            },
-        )
-        .map_err(|e| format!("inner QMP: {e}"))?;
+        let mut client_options = ClientOptions::default();
+        client_options.connect_timeout = Duration::from_secs(60);
+        client_options.handshake_timeout = Duration::from_secs(60);
+        client_options.command_timeout = Duration::from_secs(120);
+        let client = QmpClient::connect_unix(guest.qmp_socket(), client_options)
+            .map_err(|e| format!("inner QMP: {e}"))?;
         let journal = work.join("hotplug.journal");
         let guest_wait = Duration::from_secs(cfg.guest_wait_s);
-        let options = EngineOptions {
-            unplug_timeout: Duration::from_millis(cfg.unplug_timeout_ms),
-            visible_timeout: guest_wait,
-            busy_retry: guest_wait,
-            placeholder_timeout: guest_wait,
-            ..EngineOptions::default()
-        };
+        let mut options = EngineOptions::default();
+        options.unplug_timeout = Duration::from_millis(cfg.unplug_timeout_ms);
+        options.visible_timeout = guest_wait;
+        options.busy_retry = guest_wait;
+        options.placeholder_timeout = guest_wait;
         let (engine, _) =
             Engine::open(Arc::new(client), &journal, options).map_err(|e| format!("engine: {e}"))?;
         Ok(InnerVm { guest, engine, plan, journal, host, iommufd, guest_wait })
@@ -338,7 +330,8 @@ impl InnerVm<'_> {
     /// Plugs `device` onto its planned port and checks QEMU and the inner guest.
     pub fn plug(&self, device: &PassDevice) -> Plugged {
         let mut row = WireRow::new(device.id.clone());
-        let mut plugged = Plugged { row: WireRow::default(), port: None, seen: Vec::new(), ids: Vec::new() };
+        let mut plugged =
+            Plugged { row: WireRow::default(), port: None, device: None, seen: Vec::new(), ids: Vec::new() };
         if let Err(e) = self.plug_checked(device, &mut row, &mut plugged) {
             row.fail(e);
         }
@@ -351,21 +344,19 @@ impl InnerVm<'_> {
         row.planned = planned_path(&action);
         let host = self.device_functions(device);
         let request = engine_request(&action, &host, self.iommufd)?;
-        let port = request.port.clone();
+        let port = request.port.to_string();
+        let id = request.device.to_string();
         plugged.ids = request.functions.iter().map(|f| f.id().to_string()).collect();
         let planned = planned_functions(&action);
         let started = Instant::now();
         let rec = self.engine.plug(request).map_err(|e| format!("plug: {e}"))?;
         plugged.port = Some(port.clone());
+        plugged.device = Some(id);
         let engine_ms = started.elapsed().as_millis();
         row.notes.push(format!(
             "engine: {} in {engine_ms} ms; query-pci: {}",
             rec.history.iter().map(|t| format!("{:?}", t.state)).collect::<Vec<_>>().join(" > "),
-            rec.guest
-                .iter()
-                .map(|(id, a)| format!("{id} {:02x}:{:02x}.{:x}", a.bus, a.slot, a.function))
-                .collect::<Vec<_>>()
-                .join(", ")
+            rec.guest.iter().map(|(id, a)| format!("{id} {a}")).collect::<Vec<_>>().join(", ")
         ));
         if rec.state != DeviceState::Visible {
             row.fail(format!("engine state {:?} after plug", rec.state));
@@ -448,8 +439,8 @@ impl InnerVm<'_> {
     /// dropped it. With `stopped`, the inner guest's CPUs are stopped first: the unplug must
     /// end pending at the deadline, and after `cont` the late event must finish it.
     pub fn unplug(&self, p: &mut Plugged, stopped: bool) {
-        let Some(port) = p.port.clone() else { return };
-        let result = if stopped { self.unplug_stopped(p, &port) } else { self.unplug_normal(p, &port) };
+        let Some(device) = p.device.clone() else { return };
+        let result = if stopped { self.unplug_stopped(p, &device) } else { self.unplug_normal(p, &device) };
         if let Err(e) = result {
             p.row.fail(e);
         }
@@ -460,11 +451,11 @@ impl InnerVm<'_> {
             .map(|_| ())
     }
 
-    /// Waits until a pending unplug on `port` was finished by its late `DEVICE_DELETED`.
-    fn await_removed(&self, port: &str) -> Result<()> {
+    /// Waits until a pending unplug of `device` was finished by its late `DEVICE_DELETED`.
+    fn await_removed(&self, device: &str) -> Result<()> {
         let deadline = Instant::now() + self.guest_wait;
         loop {
-            if self.engine.device(port).map(|d| d.state) == Some(DeviceState::Removed) {
+            if self.engine.device(device).map(|d| d.state) == Some(DeviceState::Removed) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -477,15 +468,15 @@ impl InnerVm<'_> {
         }
     }
 
-    fn unplug_normal(&self, p: &mut Plugged, port: &str) -> Result<()> {
+    fn unplug_normal(&self, p: &mut Plugged, device: &str) -> Result<()> {
         let objects = if self.iommufd { self.iommufd_objects()? } else { BTreeSet::new() };
         let started = Instant::now();
-        match self.engine.unplug(port).map_err(|e| format!("unplug: {e}"))? {
+        match self.engine.unplug(device).map_err(|e| format!("unplug: {e}"))? {
             UnplugOutcome::Removed => {}
             // A loaded machine can make the inner guest miss the deadline; the late event
             // must still finish the job (and the row says so).
             UnplugOutcome::Pending => {
-                self.await_removed(port)?;
+                self.await_removed(device)?;
                 p.row.notes.push(format!(
                     "DEVICE_DELETED came after the deadline; the late event completed the unplug after {} ms",
                     started.elapsed().as_millis()
@@ -505,15 +496,15 @@ impl InnerVm<'_> {
         Ok(())
     }
 
-    fn unplug_stopped(&self, p: &mut Plugged, port: &str) -> Result<()> {
+    fn unplug_stopped(&self, p: &mut Plugged, device: &str) -> Result<()> {
         let objects = if self.iommufd { self.iommufd_objects()? } else { BTreeSet::new() };
         self.qmp("stop", None)?;
         let started = Instant::now();
-        let outcome = self.engine.unplug(port).map_err(|e| format!("unplug: {e}"));
+        let outcome = self.engine.unplug(device).map_err(|e| format!("unplug: {e}"));
         let waited = started.elapsed();
         let peripheral = self.peripheral()?;
         let still: Vec<&String> = p.ids.iter().filter(|id| peripheral.contains(*id)).collect();
-        let state = self.engine.device(port).map(|d| d.state);
+        let state = self.engine.device(device).map(|d| d.state);
         self.qmp("cont", None)?;
         let resumed = Instant::now();
         match outcome? {
@@ -529,7 +520,7 @@ impl InnerVm<'_> {
             "guest stopped: unplug pending after {} ms (deadline), port kept, QEMU still has {still:?}",
             waited.as_millis()
         ));
-        self.await_removed(port)?;
+        self.await_removed(device)?;
         self.gone_from_guest(&p.seen)?;
         // As in the other modes' tables: from `cont` to QEMU and the guest agreeing.
         p.row.unplug_ms = Some(resumed.elapsed().as_millis());
@@ -562,12 +553,13 @@ impl InnerVm<'_> {
         let f0 =
             action.functions.iter().find(|f| f.function == 0).map(|f| f.id().to_string()).unwrap_or_default();
         for f in &mut request.functions {
-            if f.id() == f0 {
-                f.qdev.insert("romfile".into(), Value::String(MISSING_ROM.into()));
+            if f.id().as_str() == f0 {
+                f.device = f.device.clone().prop("romfile", MISSING_ROM);
             }
         }
         let ids: Vec<String> = request.functions.iter().map(|f| f.id().to_string()).collect();
-        let port = request.port.clone();
+        let port = request.port.to_string();
+        let device_id = request.device.to_string();
         let before = journal_adds(&self.journal, &port)?.len();
         let objects_before = if self.iommufd { self.iommufd_objects()? } else { BTreeSet::new() };
         let started = Instant::now();
@@ -577,7 +569,7 @@ impl InnerVm<'_> {
             }
             Err(EngineError::PlugFailed { state: DeviceState::UnplugPending, cause, .. }) => {
                 row.notes.push(format!("function 0 failed as intended: {cause}"));
-                self.await_removed(&port)?;
+                self.await_removed(&device_id)?;
                 row.notes.push("the rollback's DEVICE_DELETED came after the deadline".into());
             }
             Err(e) => return Err(format!("plug failed but did not end removed: {e}")),
@@ -646,7 +638,6 @@ impl InnerVm<'_> {
 mod tests {
     use super::*;
     use pcilibs::bar::BarKind;
-    use pcilibs::bdf::Bdf as HostBdf;
     use pcilibs::emulated::EmulatedConfigSpace;
     use pcilibs::sizing::{BarSizes, SizeSource};
 
@@ -658,7 +649,7 @@ mod tests {
         let mut sizes = BarSizes::empty(SizeSource::Vfio);
         sizes.bars[0] = Some(bar);
         sizes.rom = rom;
-        let bdf = HostBdf::parse(bdf).unwrap();
+        let bdf = Bdf::parse(bdf).unwrap();
         let mut facts = FunctionFacts::from_config(bdf, e.bytes(), Some(&sizes)).unwrap();
         facts.rom_size = rom;
         facts.iommu_group = Some(4);
@@ -698,10 +689,15 @@ mod tests {
         let action = plan.hotplug_action("mf0").unwrap();
         let by_number = functions_by_number(&devs[1], &host);
         let req = engine_request(&action, &by_number, false).unwrap();
-        assert_eq!(req.port, action.port.as_ref().unwrap().to_string());
+        assert_eq!(Some(&req.port), action.port.as_ref());
+        assert_eq!(req.device, action.device);
         // Planned highest function first; the expectation carries the host's BAR sizes.
         assert_eq!(req.functions.len(), 2);
-        assert_eq!(req.functions[0].prop("host"), Some("0000:02:00.1"));
+        assert_eq!(
+            req.functions[0].host,
+            Some(pcie_topology::HostRef::Pci(Bdf::parse("0000:02:00.1").unwrap()))
+        );
+        assert_eq!(req.functions[0].qmp_arguments()["host"], "0000:02:00.1");
         let Expectation::Pci(want) = &req.functions[0].expect else { panic!() };
         assert_eq!(want.bars, [BarExpectation::at(0, 64 << 10)]);
         assert_eq!(want.function, Some(1));
@@ -714,7 +710,7 @@ mod tests {
         let Expectation::Pci(want) = &single.functions[0].expect else { panic!() };
         assert!(want.bars.contains(&BarExpectation::at(6, 256 << 10)), "ROM as BAR 6");
         assert_eq!(single.objects[0].qom_type, "iommufd");
-        assert_eq!(single.functions[0].prop("iommufd"), Some(single.objects[0].id.as_str()));
+        assert_eq!(single.functions[0].qmp_arguments()["iommufd"], single.objects[0].id.as_str());
         // A plan whose BARs are not the host function's is refused.
         let mut wrong = plan.hotplug_action("mf0").unwrap();
         wrong.functions[0].bars[0].index = Some(2);
@@ -743,7 +739,7 @@ mod tests {
         let plan = plan_inner(std::slice::from_ref(&vf), &host, 128).unwrap();
         let planned = planned_functions(&plan.hotplug_action("nvme1-vf2").unwrap());
         assert_eq!(planned.len(), 1);
-        assert_eq!(planned[0].2.function, 0);
+        assert_eq!(planned[0].2.function(), 0);
         let placed = plan.device("nvme1-vf2").unwrap();
         assert_eq!(
             placed.host_functions(),
