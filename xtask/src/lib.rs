@@ -1,6 +1,6 @@
 //! Project automation for the pcie-hotplug workspace: host provisioning, guest kernels
 //! and initramfs, booting QEMU guests that report their PCI devices, the test suite, the
-//! end-to-end runs and the fixture generator.
+//! end-to-end runs, the fuzz runs and the fixture generator.
 //!
 //! The pieces the end-to-end runs build on:
 //! - [`provision::ensure_host_packages`], [`kernels::ensure_kernel`],
@@ -17,6 +17,7 @@ pub mod debs;
 pub mod e2e;
 pub mod experiments;
 pub mod fixtures;
+pub mod fuzz;
 pub mod guest;
 pub mod hotplug;
 pub mod initramfs;

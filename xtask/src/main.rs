@@ -39,6 +39,9 @@ enum Cmd {
         /// Arguments for the benchmark binaries (e.g. a filter).
         args: Vec<String>,
     },
+    /// Run the fuzz targets in fuzz/ for a bounded time each (cargo-fuzz is installed into
+    /// target/fuzz/tools when missing); fails on any crash, timeout or out-of-memory input.
+    Fuzz(FuzzArgs),
     /// Install the host packages and download the guest kernels (only what is missing).
     Provision,
     /// Regenerate pcilibs' QEMU device fixtures (pcilibs/tests/fixtures/qemu-x86_64).
@@ -80,6 +83,27 @@ struct E2eArgs {
     /// Guests running at the same time.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+}
+
+#[derive(clap::Args)]
+struct FuzzArgs {
+    /// Seconds of fuzzing per target.
+    #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS)]
+    seconds: u64,
+    /// Only this target (repeatable): config_space, sysfs_tree, lspci_dump, plan_file,
+    /// plan_request, journal_file, qmp_input.
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Afterwards add the inputs that reached new coverage to fuzz/corpus.
+    #[arg(long)]
+    merge: bool,
+    /// Instead of fuzzing, write fuzz/corpus anew from the project's fixtures, the planner
+    /// and a real QEMU (QEMU on PATH).
+    #[arg(long)]
+    make_seeds: bool,
+    /// Also write the reports as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -174,6 +198,19 @@ fn boot_check(arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
     }
 }
 
+fn fuzz(args: FuzzArgs) -> Result<(), String> {
+    if args.make_seeds {
+        return xtask::fuzz::make_seeds(&args.targets);
+    }
+    let opts = xtask::fuzz::Options {
+        seconds: args.seconds,
+        targets: args.targets,
+        merge: args.merge,
+        json: args.json,
+    };
+    xtask::fuzz::run(&opts)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cache = xtask::cache();
@@ -182,6 +219,7 @@ fn main() -> ExitCode {
         Cmd::E2e(args) => tasks::e2e(&cache, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
         Cmd::BootCheck { arch, json } => boot_check(arch, json),
         Cmd::Bench { args } => tasks::bench(&args),
+        Cmd::Fuzz(args) => fuzz(args),
         Cmd::Provision => tasks::provision_all(&cache),
         Cmd::Fixtures => fixtures::generate(&cache, &xtask::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
