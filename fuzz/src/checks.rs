@@ -9,17 +9,17 @@ use std::collections::BTreeSet;
 
 use pcie_topology::plan::GuestLocation;
 use pcie_topology::sim;
-use pcie_topology::{Plan, PortKind};
+use pcie_topology::{DeviceRequest, Plan, PortKind};
 use pcilibs::requirement::{Resource, Window as WindowKind};
 
-/// Panics (a finding) when `plan` breaks one of the promises above. A plan made with
-/// `size_reservations` off keeps the machine's default windows on purpose (to show the
-/// guest failing), so its devices are not expected to fit.
-pub fn accepted_plan(plan: &Plan) {
+/// Panics (a finding) when `plan`, made from `requests`, breaks one of the promises
+/// above. A plan made with `size_reservations` off keeps the machine's default windows on
+/// purpose (to show the guest failing), so its devices are not expected to fit.
+pub fn accepted_plan(plan: &Plan, requests: &[DeviceRequest]) {
     unique_ids_and_addresses(plan);
     devices_fit_their_ports(plan, plan.options.size_reservations);
     if plan.options.size_reservations {
-        bars_fit_the_simulated_layout(plan);
+        bars_fit_the_simulated_layout(plan, requests);
     }
     address_report_adds_up(plan);
     reloads_as_itself(plan);
@@ -85,22 +85,18 @@ fn address_report_adds_up(plan: &Plan) {
     }
 }
 
-/// Every BAR of a port's device (or profile) fits at the simulated window start and one
-/// alignment further.
-fn bars_fit_the_simulated_layout(plan: &Plan) {
+/// Every resource of a port's device (as requested: an SR-IOV aperture keeps its VF
+/// BAR's alignment, which the plan's BAR list does not carry) or profile fits at the
+/// simulated window start and one alignment further.
+fn bars_fit_the_simulated_layout(plan: &Plan, requests: &[DeviceRequest]) {
     let layout = sim::layout(plan);
     for p in plan.ports.iter().filter(|p| p.kind != PortKind::BridgeSlot) {
         let resources: Vec<Resource> = match (&p.occupant, &p.profile) {
-            (Some(d), _) => match plan.device(d.as_str()) {
-                Some(d) => d
-                    .functions
-                    .iter()
-                    .flat_map(|f| f.bars.iter())
-                    .map(|b| Resource::bar(b.kind, b.prefetchable, b.size))
-                    .collect(),
-                None => panic!("{}: occupant {d} is not in the plan", p.id),
+            (Some(d), _) => match requests.iter().find(|r| r.id == *d) {
+                Some(r) => r.resources().copied().filter(|r| r.size > 0).collect(),
+                None => panic!("{}: occupant {d} was not requested", p.id),
             },
-            (None, Some(prof)) => prof.resources.iter().map(|r| r.resource).collect(),
+            (None, Some(prof)) => prof.resources.iter().map(|r| r.resource).filter(|r| r.size > 0).collect(),
             _ => continue,
         };
         let r = &p.reservation;

@@ -9,7 +9,9 @@
 //! (`-timeout`) and a memory bound (`-rss_limit_mb`).
 //!
 //! Corpora: `fuzz/corpus/<target>` (in the repository, read only here) and
-//! `target/fuzz/corpus/<target>` (what the runs found, kept between runs). After the run
+//! `target/fuzz/corpus/<target>` (what the runs found, kept between runs). The inputs of
+//! faults found before, `fuzz/reproducers/<target>`, are replayed one by one: each must
+//! pass. After the run
 //! every corpus input is replayed once to find the slowest, and the coverage of both
 //! corpora is measured before and after. Findings go to
 //! `target/fuzz/artifacts/<target>/<run>/`, the libFuzzer log to `target/fuzz/logs/`.
@@ -264,7 +266,8 @@ fn fuzz_target(layout: &Layout, target: &Target, seconds: u64, run_id: &str) -> 
     let slowest = run.slowest(&[&corpus, &seeds])?;
     let after =
         report::coverage(&run.libfuzzer(&["-runs=0"], &[&corpus, &seeds], Duration::from_secs(600))?);
-    let findings = run.findings()?;
+    let mut findings = run.reproducers(&layout.fuzz.join("reproducers").join(name))?;
+    findings.extend(run.findings()?);
     Ok(TargetReport {
         target: name.to_string(),
         seconds: fuzzed.as_secs(),
@@ -325,22 +328,37 @@ impl Run<'_> {
 
     /// Each artifact replayed alone: what it is and where it fails.
     fn findings(&self) -> Result<Vec<Finding>, String> {
-        let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let replay = Run { artifacts: scratch.path(), ..*self };
         let mut out = Vec::new();
         for file in files(&[self.artifacts]) {
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let kind = name.rsplit_once('-').map_or(name, |(k, _)| k).to_string();
-            let limit = Duration::from_secs(INPUT_TIMEOUT_S * 3);
-            let what = match replay.libfuzzer(&[], &[&file], limit) {
-                Ok(text) => {
-                    report::failure(&text).unwrap_or_else(|| "passes when replayed alone".to_string())
-                }
-                Err(e) => e,
-            };
+            let what = self.replay(&file)?.unwrap_or_else(|| "passes when replayed alone".to_string());
             out.push(Finding { kind, what, input: file });
         }
         Ok(out)
+    }
+
+    /// The inputs of `dir` (`fuzz/reproducers/<target>`: inputs of faults found before)
+    /// that still fail, each replayed alone.
+    fn reproducers(&self, dir: &Path) -> Result<Vec<Finding>, String> {
+        let mut out = Vec::new();
+        for file in files(&[dir]) {
+            if let Some(what) = self.replay(&file)? {
+                out.push(Finding { kind: "reproducer".to_string(), what, input: file });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one input alone; `Some(why)` when it fails.
+    fn replay(&self, input: &Path) -> Result<Option<String>, String> {
+        let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let replay = Run { artifacts: scratch.path(), ..*self };
+        let limit = Duration::from_secs(INPUT_TIMEOUT_S * 3);
+        Ok(match replay.libfuzzer(&[], &[input], limit) {
+            Ok(text) => report::failure(&text),
+            Err(e) => Some(e),
+        })
     }
 }
 

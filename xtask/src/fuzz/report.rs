@@ -40,7 +40,8 @@ pub struct ForkStats {
 /// One artifact of a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// `crash`, `timeout`, `oom`, `slow-unit`, `leak`.
+    /// `crash`, `timeout`, `oom`, `slow-unit`, `leak`, or `reproducer` (an input of
+    /// `fuzz/reproducers` that still fails).
     pub kind: String,
     /// Where and why it fails when replayed (the panic's place and message, or libFuzzer's
     /// verdict).
@@ -181,6 +182,7 @@ pub fn render(reports: &[TargetReport]) -> String {
             kind("crash").max(r.counted.crashes).to_string(),
             kind("timeout").max(r.counted.timeouts).to_string(),
             kind("oom").max(r.counted.ooms).to_string(),
+            kind("reproducer").to_string(),
             match &r.slowest_input {
                 Some(p) => format!("{} ms ({})", r.slowest_ms, file_name(p)),
                 None => "-".to_string(),
