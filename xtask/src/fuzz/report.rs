@@ -192,12 +192,34 @@ pub fn render(reports: &[TargetReport]) -> String {
     t.render()
 }
 
-/// Every finding with its reproducer (empty text when there is none).
+impl Finding {
+    /// What findings of one cause share: the kind and the panic's place, or libFuzzer's
+    /// verdict without its numbers (`out-of-memory (used: 990Mb; …)` → `out-of-memory`).
+    pub fn cause(&self) -> String {
+        let what = match self.what.strip_prefix("panic at ") {
+            Some(rest) => format!("panic at {}", rest.split(": ").next().unwrap_or(rest)),
+            None => self.what.split(" (").next().unwrap_or(&self.what).to_string(),
+        };
+        format!("{} {what}", self.kind)
+    }
+}
+
+/// The findings grouped by cause: how many, the first one's text and the smallest
+/// reproducer (empty text when there is none).
 pub fn render_findings(reports: &[TargetReport]) -> String {
-    let mut t = Table::new(["target", "kind", "what", "reproducer"]);
+    let mut t = Table::new(["target", "kind", "inputs", "what (first)", "smallest reproducer"]);
     for r in reports {
-        for f in &r.findings {
-            t.row([r.target.clone(), f.kind.clone(), f.what.clone(), f.input.display().to_string()]);
+        let mut causes: Vec<String> = r.findings.iter().map(Finding::cause).collect();
+        causes.sort();
+        causes.dedup();
+        for cause in causes {
+            let same: Vec<&Finding> = r.findings.iter().filter(|f| f.cause() == cause).collect();
+            let size = |f: &&&Finding| std::fs::metadata(&f.input).map_or(u64::MAX, |m| m.len());
+            let smallest =
+                same.iter().min_by_key(size).map(|f| f.input.display().to_string()).unwrap_or_default();
+            let first = same.first().map(|f| (f.kind.clone(), f.what.chars().take(160).collect::<String>()));
+            let (kind, what) = first.unwrap_or_default();
+            t.row([r.target.clone(), kind, same.len().to_string(), what, smallest]);
         }
     }
     if t.is_empty() {
@@ -229,5 +251,12 @@ mod tests {
         assert_eq!(failure(panic).as_deref(), Some("panic at src/checks.rs:101:13: rp0 does not fit"));
         let oom = "==1== ERROR: libFuzzer: out-of-memory (used: 2179Mb; limit: 2048Mb)\n";
         assert_eq!(failure(oom).as_deref(), Some("out-of-memory (used: 2179Mb; limit: 2048Mb)"));
+        let f =
+            |kind: &str, what: &str| Finding { kind: kind.into(), what: what.into(), input: PathBuf::new() };
+        assert_eq!(f("oom", "out-of-memory (used: 990Mb; limit: 512Mb)").cause(), "oom out-of-memory");
+        assert_eq!(
+            f("crash", "panic at src/a.rs:5:3: dev1 does not fit").cause(),
+            "crash panic at src/a.rs:5:3"
+        );
     }
 }
