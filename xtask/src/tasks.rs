@@ -38,8 +38,10 @@ fn cargo(args: &[&str]) -> Result<(), String> {
 }
 
 /// `cargo xtask test`: provisioning (QEMU-based tests need QEMU, firmware and guest
-/// kernels), format check, clippy with warnings denied, every test, doc tests, then the
-/// default end-to-end scenario set.
+/// kernels), format check, clippy with warnings denied, every test, doc tests, the
+/// default end-to-end scenario set, then a short run of every fuzz target
+/// ([`crate::fuzz::SMOKE_SECONDS`] each; last, so that its findings do not hide the
+/// end-to-end results).
 pub fn test(cache: &DebCache) -> Result<(), String> {
     let begun = Instant::now();
     provision_all(cache)?;
@@ -50,10 +52,18 @@ pub fn test(cache: &DebCache) -> Result<(), String> {
     cargo(&["test", "--workspace", "--doc", "--all-features"])?;
     let tests_done = begun.elapsed();
     e2e(cache, &[], &[], None, 2)?;
+    let e2e_done = begun.elapsed();
+    crate::fuzz::run(&crate::fuzz::Options {
+        seconds: crate::fuzz::SMOKE_SECONDS,
+        targets: Vec::new(),
+        merge: false,
+        json: None,
+    })?;
     eprintln!(
-        "test: tests {:.0} s, end-to-end {:.0} s, total {:.0} s",
+        "test: tests {:.0} s, end-to-end {:.0} s, fuzzing {:.0} s, total {:.0} s",
         tests_done.as_secs_f64(),
-        (begun.elapsed() - tests_done).as_secs_f64(),
+        (e2e_done - tests_done).as_secs_f64(),
+        (begun.elapsed() - e2e_done).as_secs_f64(),
         begun.elapsed().as_secs_f64()
     );
     Ok(())
