@@ -88,13 +88,14 @@ struct E2eArgs {
 #[derive(clap::Args)]
 struct FuzzArgs {
     /// Seconds of fuzzing per target.
-    #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS)]
+    #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
     /// Only this target (repeatable): config_space, sysfs_tree, lspci_dump, plan_file,
     /// plan_request, journal_file, qmp_input.
     #[arg(long = "target")]
     targets: Vec<String>,
-    /// Afterwards add the inputs that reached new coverage to fuzz/corpus.
+    /// Afterwards add the run's inputs (up to 4 KiB) that reach code edges fuzz/corpus does
+    /// not to fuzz/corpus.
     #[arg(long)]
     merge: bool,
     /// Instead of fuzzing, write fuzz/corpus anew from the project's fixtures, the planner

@@ -412,20 +412,28 @@ fn files(dirs: &[&Path]) -> Vec<PathBuf> {
     out
 }
 
-/// Adds the inputs of the run's corpus that reach coverage the repository's corpus does
-/// not to `fuzz/corpus/<target>` (libFuzzer's `-merge=1`).
+/// Largest input `--merge` copies into the repository.
+const MERGE_MAX_INPUT: u64 = 4096;
+
+/// Adds to `fuzz/corpus/<target>` the inputs of the run's corpus (those of at most
+/// [`MERGE_MAX_INPUT`] bytes) that reach code edges the repository's corpus does not:
+/// libFuzzer's set-cover merge on edges alone (no hit counts, no comparison features),
+/// which keeps the repository's corpora small.
 fn merge(layout: &Layout, target: &Target) -> Result<(), String> {
     let seeds = layout.seeds(target.name);
-    let corpus = layout.corpus(target.name);
+    let small = tempfile::tempdir().map_err(|e| e.to_string())?;
+    for f in files(&[&layout.corpus(target.name)]) {
+        let fits = fs::metadata(&f).is_ok_and(|m| m.len() <= MERGE_MAX_INPUT);
+        if let (true, Some(name)) = (fits, f.file_name()) {
+            fs::copy(&f, small.path().join(name)).map_err(|e| format!("{}: {e}", f.display()))?;
+        }
+    }
     let before = files(&[&seeds]).len();
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
     let run = Run { bin: &layout.binary(target.name), target, artifacts: scratch.path() };
-    run.libfuzzer(&["-merge=1"], &[&seeds, &corpus], Duration::from_secs(1200))?;
-    eprintln!(
-        "fuzz: {}: {} inputs added to {}",
-        target.name,
-        files(&[&seeds]).len().saturating_sub(before),
-        seeds.display()
-    );
+    let flags = ["-set_cover_merge=1", "-use_counters=0", "-use_cmp=0"];
+    run.libfuzzer(&flags, &[&seeds, small.path()], Duration::from_secs(1200))?;
+    let added = files(&[&seeds]).len().saturating_sub(before);
+    eprintln!("fuzz: {}: {added} inputs added to {}", target.name, seeds.display());
     Ok(())
 }
