@@ -203,7 +203,6 @@ fn options(u: &mut Unstructured<'_>) -> Result<PlanOptions> {
         first_root_slot: if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { 1 },
         size_reservations: !u.ratio(1u8, 8u8)?,
         conventional_behind_bridge: u.ratio(1u8, 8u8)?,
-        ..d
     })
 }
 
