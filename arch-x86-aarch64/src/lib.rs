@@ -68,6 +68,8 @@
 //! `pci=hpmmiosize=` space goes to PCIe hotplug ports only). The planner counts on the
 //! 2 MiB memory window alone for everything hotplugged behind a bridge.
 
+#![forbid(unsafe_code)]
+
 use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };
@@ -98,6 +100,7 @@ pub enum X86Firmware {
 
 /// The `q35` machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Q35 {
     /// Firmware.
     pub firmware: X86Firmware,
@@ -111,7 +114,12 @@ impl Q35 {
 
     /// q35 with OVMF from [`OVMF_PATH`].
     pub fn ovmf() -> Self {
-        Q35 { firmware: X86Firmware::Ovmf { path: OVMF_PATH.to_string() } }
+        Q35::ovmf_at(OVMF_PATH)
+    }
+
+    /// q35 with the OVMF image at `path`.
+    pub fn ovmf_at(path: impl Into<String>) -> Self {
+        Q35 { firmware: X86Firmware::Ovmf { path: path.into() } }
     }
 }
 
@@ -122,41 +130,37 @@ impl Platform for Q35 {
                 "q35-seabios",
                 Vec::new(),
                 WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN },
-                Range { base: 0xc000_0000, size: 0xfec0_0000 - 0xc000_0000 },
-                Range { base: 0x1000, size: 0x9000 },
+                Range::new(0xc000_0000, 0xfec0_0000 - 0xc000_0000),
+                Range::new(0x1000, 0x9000),
                 Mmio64Aperture::GrowsAfterRam,
             ),
             X86Firmware::Ovmf { path } => (
                 "q35-ovmf",
                 vec!["-bios".to_string(), path.clone()],
                 WindowRule::ReservePowerOfTwo,
-                Range { base: 0xc000_0000, size: 0xfc00_0000 - 0xc000_0000 },
-                Range { base: 0xc000, size: 0x4000 },
+                Range::new(0xc000_0000, 0xfc00_0000 - 0xc000_0000),
+                Range::new(0xc000, 0x4000),
                 Mmio64Aperture::FwCfgSized { default_size: OVMF_DEFAULT_MMIO64 },
             ),
         };
-        PlatformSpec {
-            name: name.to_string(),
-            arch: Arch::X86_64,
-            machine: "q35".to_string(),
-            firmware_args,
-            root_bus: "pcie.0".to_string(),
-            root_port: Some("pcie-root-port".to_string()),
-            switch_upstream: Some("x3130-upstream".to_string()),
-            switch_downstream: Some("xio3130-downstream".to_string()),
-            downstream_reserve: false,
-            expander: Some("pxb-pcie".to_string()),
-            pci_bridge: Some("pcie-pci-bridge".to_string()),
-            reserved_root_slots: vec![0, 0x1f],
-            window_rule: rule,
-            bus_numbering: BusNumbering::FirmwareDepthFirst,
-            mmio32,
-            io,
-            mmio64,
-            mem32_placeholder: Some("qxl".to_string()),
-            default_phys_bits: 40,
-            low_ram_limit: 2 * GIB,
-        }
+        let mut spec = PlatformSpec::new(name, Arch::X86_64, "q35");
+        spec.firmware_args = firmware_args;
+        spec.root_bus = "pcie.0".to_string();
+        spec.root_port = Some("pcie-root-port".to_string());
+        spec.switch_upstream = Some("x3130-upstream".to_string());
+        spec.switch_downstream = Some("xio3130-downstream".to_string());
+        spec.expander = Some("pxb-pcie".to_string());
+        spec.pci_bridge = Some("pcie-pci-bridge".to_string());
+        spec.reserved_root_slots = vec![0, 0x1f];
+        spec.window_rule = rule;
+        spec.bus_numbering = BusNumbering::FirmwareDepthFirst;
+        spec.mmio32 = mmio32;
+        spec.io = io;
+        spec.mmio64 = mmio64;
+        spec.mem32_placeholder = Some("qxl".to_string());
+        spec.default_phys_bits = 40;
+        spec.low_ram_limit = 2 * GIB;
+        spec
     }
 
     fn extra_args(&self, totals: &Totals) -> ExtraArgs {
@@ -184,6 +188,7 @@ pub enum ArmFirmware {
 
 /// The aarch64 `virt` machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Virt {
     /// Firmware.
     pub firmware: ArmFirmware,
@@ -197,12 +202,17 @@ impl Virt {
 
     /// virt with AAVMF from [`AAVMF_PATH`].
     pub fn uefi() -> Self {
-        Virt { firmware: ArmFirmware::Uefi { path: AAVMF_PATH.to_string() } }
+        Virt::uefi_at(AAVMF_PATH)
+    }
+
+    /// virt with the AAVMF code image at `path`.
+    pub fn uefi_at(path: impl Into<String>) -> Self {
+        Virt { firmware: ArmFirmware::Uefi { path: path.into() } }
     }
 }
 
 /// virt's high PCIe MMIO window (QEMU 7.2): 512 GiB at 512 GiB.
-pub const VIRT_HIGH_MMIO: Range = Range { base: 512 * GIB, size: 512 * GIB };
+pub const VIRT_HIGH_MMIO: Range = Range::new(512 * GIB, 512 * GIB);
 
 impl Platform for Virt {
     fn spec(&self) -> PlatformSpec {
@@ -213,33 +223,25 @@ impl Platform for Virt {
                 vec!["-drive".to_string(), format!("if=pflash,format=raw,unit=0,readonly=on,file={path}")]
             }
         };
-        PlatformSpec {
-            name: if uefi { "virt-uefi" } else { "virt" }.to_string(),
-            arch: Arch::Aarch64,
-            machine: "virt".to_string(),
-            firmware_args,
-            root_bus: "pcie.0".to_string(),
-            root_port: Some("pcie-root-port".to_string()),
-            switch_upstream: Some("x3130-upstream".to_string()),
-            switch_downstream: Some("xio3130-downstream".to_string()),
-            downstream_reserve: false,
-            expander: uefi.then(|| "pxb-pcie".to_string()),
-            pci_bridge: Some("pcie-pci-bridge".to_string()),
-            reserved_root_slots: vec![0],
-            // Linux assigns windows itself under UEFI too (see the module docs).
-            window_rule: WindowRule::KernelHotplugSize { start_align: MIB },
-            bus_numbering: if uefi {
-                BusNumbering::FirmwareDepthFirst
-            } else {
-                BusNumbering::KernelDepthFirst
-            },
-            mmio32: Range { base: 0x1000_0000, size: 0x2eff_0000 },
-            io: Range { base: 0, size: 0x1_0000 },
-            mmio64: Mmio64Aperture::Fixed { base: VIRT_HIGH_MMIO.base, size: VIRT_HIGH_MMIO.size },
-            mem32_placeholder: None,
-            default_phys_bits: 40,
-            low_ram_limit: 3 * GIB,
-        }
+        let mut spec = PlatformSpec::new(if uefi { "virt-uefi" } else { "virt" }, Arch::Aarch64, "virt");
+        spec.firmware_args = firmware_args;
+        spec.root_bus = "pcie.0".to_string();
+        spec.root_port = Some("pcie-root-port".to_string());
+        spec.switch_upstream = Some("x3130-upstream".to_string());
+        spec.switch_downstream = Some("xio3130-downstream".to_string());
+        spec.expander = uefi.then(|| "pxb-pcie".to_string());
+        spec.pci_bridge = Some("pcie-pci-bridge".to_string());
+        spec.reserved_root_slots = vec![0];
+        // Linux assigns windows itself under UEFI too (see the module docs).
+        spec.window_rule = WindowRule::KernelHotplugSize { start_align: MIB };
+        spec.bus_numbering =
+            if uefi { BusNumbering::FirmwareDepthFirst } else { BusNumbering::KernelDepthFirst };
+        spec.mmio32 = Range::new(0x1000_0000, 0x2eff_0000);
+        spec.io = Range::new(0, 0x1_0000);
+        spec.mmio64 = Mmio64Aperture::Fixed { base: VIRT_HIGH_MMIO.base, size: VIRT_HIGH_MMIO.size };
+        spec.default_phys_bits = 40;
+        spec.low_ram_limit = 3 * GIB;
+        spec
     }
 
     fn extra_args(&self, totals: &Totals) -> ExtraArgs {
@@ -269,16 +271,9 @@ mod tests {
     use pcie_topology::{plan, HotplugProfile, Mode, PlanRequest, SpareRequest};
 
     fn spares(n: u32) -> PlanRequest {
-        PlanRequest {
-            mode: Mode::RootPort,
-            spares: vec![SpareRequest {
-                profile: HotplugProfile::h100(),
-                count: n,
-                numa_node: None,
-                p2p_group: None,
-            }],
-            ..Default::default()
-        }
+        PlanRequest::default()
+            .with_mode(Mode::RootPort)
+            .with_spares(vec![SpareRequest::new(HotplugProfile::h100(), n)])
     }
 
     #[test]

@@ -42,20 +42,12 @@ fn mixed_request() -> PlanRequest {
     let mut p0b = DeviceRequest::ivshmem("p0b", 16 * GIB).unwrap();
     p0b.p2p_group = Some("g0".into());
     p0b.cold_plug = true;
-    PlanRequest {
-        mode: Mode::SwitchPort,
-        devices: vec![gpu, mf, p0a, p0b],
-        spares: vec![
-            SpareRequest { profile: HotplugProfile::h100(), count: 2, numa_node: None, p2p_group: None },
-            SpareRequest {
-                profile: HotplugProfile::h100(),
-                count: 1,
-                numa_node: None,
-                p2p_group: Some("g0".into()),
-            },
+    PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(vec![gpu, mf, p0a, p0b]).with_spares(
+        vec![
+            SpareRequest::new(HotplugProfile::h100(), 2),
+            SpareRequest::new(HotplugProfile::h100(), 1).with_p2p_group("g0"),
         ],
-        options: Default::default(),
-    }
+    )
 }
 
 fn start(plan: &Plan) -> Qemu {
@@ -74,7 +66,7 @@ fn assert_port_placed(devs: &[PciDev], id: &str, port: &Port) -> common::Bridge 
     let b = got.bridge.unwrap();
     assert_eq!(
         (got.bus, got.slot, got.function),
-        (port.bdf.bus, port.bdf.devfn.slot, port.bdf.devfn.function),
+        (port.bdf.bus(), port.bdf.device(), port.bdf.function()),
         "{}",
         port.id
     );
@@ -126,7 +118,7 @@ fn check_boot_topology(plan: &Plan, qemu: &Qemu, timeout: Duration, firmware_ena
         for f in &d.functions {
             let got = find(&devs, f.device.id.as_str());
             let bdf = f.location.bdf().unwrap();
-            assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+            assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
             if firmware_enables_bars {
                 assert!(
                     got.regions.iter().all(|r| r.1 >= 0),
@@ -150,29 +142,29 @@ fn hotplug_all(plan: &Plan, qemu: &Qemu) {
             continue;
         }
         for o in &action.object_add {
-            qemu.ok("object-add", Value::Object(o.clone()));
+            qemu.ok("object-add", Value::Object(o.to_qmp()));
         }
         for f in &action.functions {
             for c in &f.companions {
-                qemu.ok("device_add", Value::Object(c.clone()));
+                qemu.ok("device_add", Value::Object(c.to_qmp()));
             }
-            qemu.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.to_qmp()));
         }
         let devs = qemu.pci_devices();
         for f in &action.functions {
-            let got = find(&devs, f.id.as_str());
+            let got = find(&devs, f.id().as_str());
             let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("not PCI") };
             assert_eq!(
                 (got.bus, got.slot, got.function),
-                (bdf.bus, bdf.devfn.slot, bdf.devfn.function),
+                (bdf.bus(), bdf.device(), bdf.function()),
                 "{}",
-                f.id
+                f.id()
             );
             let mut want: Vec<u64> = f.bars.iter().map(|b| b.size).collect();
             let mut have: Vec<u64> = got.regions.iter().map(|r| r.2).collect();
             want.sort_unstable();
             have.sort_unstable();
-            assert_eq!(want, have, "{} BAR sizes", f.id);
+            assert_eq!(want, have, "{} BAR sizes", f.id());
         }
         plugged.push(action.device.to_string());
     }
@@ -194,8 +186,7 @@ fn seabios_accepts_plan_and_windows_fit() {
 
 #[test]
 fn ovmf_accepts_plan_and_windows_fit() {
-    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
-    let platform = Q35::ovmf();
+    let platform = common::q35_ovmf();
     let plan = plan(&platform, &mixed_request()).unwrap();
     assert_eq!(platform.spec().name, "q35-ovmf");
     assert!(plan.extra.qemu.iter().any(|a| a.starts_with("name=opt/ovmf/X-PciMmio64Mb")), "{:?}", plan.extra);
@@ -218,7 +209,7 @@ fn conventional_request() -> PlanRequest {
     cold.cold_plug = true;
     let mut legacy = conventional_ivshmem("legacy0", MIB);
     legacy.attach = Attach::PciBridge;
-    PlanRequest { devices: vec![conventional_ivshmem("conv0", 32 * GIB), cold, legacy], ..Default::default() }
+    PlanRequest::default().with_devices(vec![conventional_ivshmem("conv0", 32 * GIB), cold, legacy])
 }
 
 fn conventional_devices(platform: Q35, timeout: Duration, firmware_enables_bars: bool) {
@@ -237,7 +228,7 @@ fn conventional_devices(platform: Q35, timeout: Duration, firmware_enables_bars:
     let devs = qemu.pci_devices();
     let br = &plan.bridges[0];
     let got = find(&devs, br.id.as_str());
-    assert_eq!((got.bus, got.slot, got.function), (br.bdf.bus, br.bdf.devfn.slot, br.bdf.devfn.function));
+    assert_eq!((got.bus, got.slot, got.function), (br.bdf.bus(), br.bdf.device(), br.bdf.function()));
     let b = got.bridge.unwrap();
     assert_eq!(b.secondary, br.secondary_bus);
     let mem = (b.mem.1 + 1).saturating_sub(b.mem.0);
@@ -265,8 +256,7 @@ fn seabios_conventional_devices_on_root_ports_and_behind_a_bridge() {
 
 #[test]
 fn ovmf_conventional_devices_on_root_ports_and_behind_a_bridge() {
-    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
-    conventional_devices(Q35::ovmf(), Duration::from_secs(240), false);
+    conventional_devices(common::q35_ovmf(), Duration::from_secs(240), false);
 }
 
 #[test]
@@ -293,8 +283,7 @@ fn seabios_numa_expanders_number_buses_as_predicted() {
 
 #[test]
 fn ovmf_numa_expanders_number_buses_as_predicted() {
-    require(arch_x86_aarch64::OVMF_PATH, "ovmf");
-    numa_expanders(Q35::ovmf());
+    numa_expanders(common::q35_ovmf());
 }
 
 fn numa_expanders(platform: Q35) {
@@ -305,15 +294,11 @@ fn numa_expanders(platform: Q35) {
         d.cold_plug = i == 2;
         devices.push(d);
     }
-    let request = PlanRequest {
-        mode: Mode::Numa,
-        devices,
-        spares: vec![
-            SpareRequest { profile: HotplugProfile::a100(), count: 1, numa_node: Some(0), p2p_group: None },
-            SpareRequest { profile: HotplugProfile::nic(), count: 2, numa_node: None, p2p_group: None },
-        ],
-        options: pcie_topology::PlanOptions { spare_bus_reserve: 2, ..Default::default() },
-    };
+    let mut request = PlanRequest::default().with_mode(Mode::Numa).with_devices(devices).with_spares(vec![
+        SpareRequest::new(HotplugProfile::a100(), 1).with_numa_node(0),
+        SpareRequest::new(HotplugProfile::nic(), 2),
+    ]);
+    request.options.spare_bus_reserve = 2;
     let plan = plan(&platform, &request).unwrap();
     assert_eq!(plan.host_bridges.len(), 3);
     let qemu = {
@@ -339,7 +324,7 @@ fn numa_expanders(platform: Q35) {
     let cold = plan.device("n2").unwrap();
     let f = &cold.functions[0];
     let got = find(&devs, "n2");
-    assert_eq!((got.bus, got.slot), (f.location.bdf().unwrap().bus, 0));
+    assert_eq!((got.bus, got.slot), (f.location.bdf().unwrap().bus(), 0));
     assert!(f.location.path().unwrap().root_bus.is_some());
     hotplug_all(&plan, &qemu);
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use arch_x86_aarch64::{Virt, AAVMF_PATH};
+use arch_x86_aarch64::Virt;
 use common::{find, require, Qemu};
 use pcie_topology::units::GIB;
 use pcie_topology::{
@@ -18,12 +18,10 @@ use pcie_topology::{
 use serde_json::Value;
 
 fn request(profile: HotplugProfile, spares: u32) -> PlanRequest {
-    PlanRequest {
-        mode: Mode::RootPort,
-        devices: vec![DeviceRequest::ivshmem("gpu0", 64 * GIB).unwrap()],
-        spares: vec![SpareRequest { profile, count: spares, numa_node: None, p2p_group: None }],
-        options: Default::default(),
-    }
+    PlanRequest::default()
+        .with_mode(Mode::RootPort)
+        .with_devices(vec![DeviceRequest::ivshmem("gpu0", 64 * GIB).unwrap()])
+        .with_spares(vec![SpareRequest::new(profile, spares)])
 }
 
 fn start(plan: &Plan) -> Qemu {
@@ -36,10 +34,10 @@ fn start(plan: &Plan) -> Qemu {
 fn hotplug(plan: &Plan, qemu: &Qemu) {
     for action in plan.hotplug_actions().unwrap() {
         for o in &action.object_add {
-            qemu.ok("object-add", Value::Object(o.clone()));
+            qemu.ok("object-add", Value::Object(o.to_qmp()));
         }
         for f in &action.functions {
-            qemu.ok("device_add", Value::Object(f.device_add.clone()));
+            qemu.ok("device_add", Value::Object(f.device_add.to_qmp()));
         }
     }
     let peripherals = qemu.peripherals();
@@ -63,17 +61,16 @@ fn direct_kernel_boot_plan_is_accepted() {
     let devs = qemu.pci_devices();
     for p in &plan.ports {
         let got = find(&devs, p.id.as_str());
-        assert_eq!((got.slot, got.function), (p.bdf.devfn.slot, p.bdf.devfn.function));
+        assert_eq!((got.slot, got.function), (p.bdf.device(), p.bdf.function()));
     }
     hotplug(&plan, &qemu);
 }
 
 #[test]
 fn uefi_plan_boots_numbers_buses_and_takes_hotplugs() {
-    require(AAVMF_PATH, "qemu-efi-aarch64");
     // Planned for Linux's rule (every hotplug port gets the largest one's space, steered
     // by kernel arguments), so an A100-class spare next to the 64 GiB device.
-    let plan = plan(&Virt::uefi(), &request(HotplugProfile::a100(), 1)).unwrap();
+    let plan = plan(&common::virt_uefi(), &request(HotplugProfile::a100(), 1)).unwrap();
     assert!(plan.kernel_args().iter().any(|a| a.contains("hpmmioprefsize=")), "{:?}", plan.kernel_args());
     let args = plan.qemu_args().join(" ");
     assert!(!args.contains("-reserve"), "Linux ignores the firmware's reservations: {args}");

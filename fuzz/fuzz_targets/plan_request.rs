@@ -103,7 +103,8 @@ fn place_and_release(mut p: Plan, requested: &[DeviceRequest], u: &mut Unstructu
     let _ = DeviceRequest::ivshmem("hot91", 1 << 30).map(|d| p.place(d));
 }
 
-/// The s390x planner: devices at boot or for hotplug, then one placed at run time.
+/// s390x through the same planner: channel devices, zPCI functions and AP devices, at
+/// boot or for hotplug, then one placed at run time.
 fn s390x(u: &mut Unstructured<'_>) {
     let platform = S390xCcw::default();
     let Ok(n) = u.int_in_range(0usize..=12) else { return };
@@ -115,14 +116,21 @@ fn s390x(u: &mut Unstructured<'_>) {
         }
     }
     let cold = u.arbitrary().unwrap_or(false);
-    match arch_s390x_ccw::plan(&platform, &devices, cold) {
+    for d in &mut devices {
+        d.cold_plug = cold;
+    }
+    let request = PlanRequest::default().with_devices(devices);
+    match plan(&platform, &request) {
         Ok(mut p) => {
-            checks::accepted_plan(&p, &[]);
-            if let Ok(d) = plan_input::s390x_device(u, 50) {
-                match arch_s390x_ccw::place(&mut p, &platform, d) {
+            checks::accepted_plan(&p, &request.devices);
+            if let Ok(mut d) = plan_input::s390x_device(u, 50) {
+                d.cold_plug = false;
+                let mut all = request.devices.clone();
+                all.push(d.clone());
+                match p.place(d) {
                     Ok(action) => {
                         let _ = qmp_hotplug::DeviceRequest::from_action(&action);
-                        checks::accepted_plan(&p, &[]);
+                        checks::accepted_plan(&p, &all);
                     }
                     Err(e) => refused(&e),
                 }

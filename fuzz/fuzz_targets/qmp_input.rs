@@ -37,6 +37,7 @@ fuzz_target!(init: ignore_sigpipe(), |data: &[u8]| {
         connect_timeout: DEADLINE,
         max_message_bytes: 64 * 1024,
         event_queue_capacity: QUEUE,
+        event_queue_bytes: 256 * 1024,
     };
     let begun = Instant::now();
     match QmpClient::from_stream(stream, options) {

@@ -109,11 +109,10 @@ fn group(all: &[FunctionFacts]) {
     }
     let kept: Vec<FunctionFacts> = passthrough_functions(all).into_iter().cloned().collect();
     for bits in 0u8..8 {
-        let opts = ResourceOptions {
-            include_rom: bits & 1 != 0,
-            include_sriov_vfs: bits & 2 != 0,
-            rebar_max: bits & 4 != 0,
-        };
+        let opts = ResourceOptions::default()
+            .with_rom(bits & 1 != 0)
+            .with_sriov_vfs(bits & 2 != 0)
+            .with_rebar_max(bits & 4 != 0);
         if let Err(e) = requirement_of(all.iter(), &opts) {
             assert!(!e.to_string().is_empty());
         }

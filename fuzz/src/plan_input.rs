@@ -6,17 +6,13 @@
 //! from the whole range of the type (any `u64` size, any alignment, counts up to
 //! `u32::MAX`), so that both the planner's normal paths and its limits are reached.
 
-use std::collections::BTreeMap;
-
 use arbitrary::{Result, Unstructured};
-use arch_s390x_ccw::S390xDevice;
-use pcie_topology::qemu::PropValue;
-use pcie_topology::request::FunctionRequest;
 use pcie_topology::{
-    Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, Mode, PlanOptions, PlanRequest, QemuId,
-    ResourceRole, SpareRequest,
+    Attach, DeviceRequest, FunctionRequest, FunctionResource, HotplugProfile, Mode, PlanOptions, PlanRequest,
+    QemuId, ResourceRole, SpareRequest,
 };
 use pcilibs::bar::BarKind;
+use pcilibs::bdf::Bdf;
 use pcilibs::requirement::Resource;
 
 /// Most devices in one generated request (the planner's cost grows with it; the known
@@ -76,13 +72,15 @@ fn role(u: &mut Unstructured<'_>, size: u64) -> Result<ResourceRole> {
 /// A resource with an index and a role (the index mostly valid, sometimes not).
 pub fn function_resource(u: &mut Unstructured<'_>, slot: u8) -> Result<FunctionResource> {
     let resource = resource(u)?;
-    let index = match u.int_in_range(0u8..=7)? {
+    let mut r = FunctionResource::at(slot, resource);
+    r.index = match u.int_in_range(0u8..=7)? {
         0 => None,
         1 => Some(u.arbitrary()?),
         _ if resource.rom => Some(FunctionResource::ROM),
         _ => Some(slot),
     };
-    Ok(FunctionResource { resource, index, role: role(u, resource.size)? })
+    r.role = role(u, resource.size)?;
+    Ok(r)
 }
 
 /// Resources of one function: BARs at increasing registers.
@@ -123,12 +121,12 @@ fn small_option<T>(
 
 fn function(u: &mut Unstructured<'_>, device: usize, number: u8) -> Result<FunctionRequest> {
     let driver = *u.choose(&["vfio-pci", "vfio-pci", "ivshmem-plain", "virtio-net-pci", "e1000e"])?;
-    let mut f = FunctionRequest::new(number, driver, resources(u, 6)?);
-    if driver == "vfio-pci" {
-        let bdf = format!("0000:{:02x}:00.{}", device % 256, number % 8);
-        f.props.insert("host".into(), PropValue::Str(bdf.clone()));
-        f.host = Some(HostRef::Bdf(bdf));
-    }
+    let resources = resources(u, 6)?;
+    let host = Bdf::new(0, u8::try_from(device % 256).unwrap_or(0), 0, number % 8);
+    let mut f = match host {
+        Ok(bdf) if driver == "vfio-pci" => FunctionRequest::vfio(number, bdf, resources),
+        _ => FunctionRequest::new(number, driver, resources),
+    };
     f.pcie = !u.ratio(1u8, 8u8)?;
     f.class = small_option(u, |u| u.int_in_range(0u32..=0xff_ffff))?;
     Ok(f)
@@ -171,12 +169,14 @@ fn spare(u: &mut Unstructured<'_>) -> Result<SpareRequest> {
         1 => u.int_in_range(0u32..=300)?,
         _ => u.int_in_range(0u32..=6)?,
     };
-    Ok(SpareRequest {
-        profile: profile(u)?,
-        count,
-        numa_node: small_option(u, |u| u.int_in_range(0u32..=3))?,
-        p2p_group: small_option(u, |u| Ok(format!("g{}", u.int_in_range(0u8..=2)?)))?,
-    })
+    let mut s = SpareRequest::new(profile(u)?, count);
+    if let Some(node) = small_option(u, |u| u.int_in_range(0u32..=3))? {
+        s = s.with_numa_node(node);
+    }
+    if let Some(group) = small_option(u, |u| Ok(format!("g{}", u.int_in_range(0u8..=2)?)))? {
+        s = s.with_p2p_group(group);
+    }
+    Ok(s)
 }
 
 fn options(u: &mut Unstructured<'_>) -> Result<PlanOptions> {
@@ -193,17 +193,17 @@ fn options(u: &mut Unstructured<'_>) -> Result<PlanOptions> {
             u.int_in_range(36u8..=52)
         }
     };
-    Ok(PlanOptions {
-        guest_ram,
-        guest_phys_bits: small_option(u, bits)?,
-        host_phys_bits: small_option(u, bits)?,
-        pack_root_ports: u.arbitrary()?,
-        spare_bus_reserve: if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { u.int_in_range(0u8..=2)? },
-        switch_placeholders: !u.ratio(1u8, 4u8)?,
-        first_root_slot: if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { 1 },
-        size_reservations: !u.ratio(1u8, 8u8)?,
-        conventional_behind_bridge: u.ratio(1u8, 8u8)?,
-    })
+    let mut o = PlanOptions::default();
+    o.guest_ram = guest_ram;
+    o.guest_phys_bits = small_option(u, bits)?;
+    o.host_phys_bits = small_option(u, bits)?;
+    o.pack_root_ports = u.arbitrary()?;
+    o.spare_bus_reserve = if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { u.int_in_range(0u8..=2)? };
+    o.switch_placeholders = !u.ratio(1u8, 4u8)?;
+    o.first_root_slot = if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { 1 };
+    o.size_reservations = !u.ratio(1u8, 8u8)?;
+    o.conventional_behind_bridge = u.ratio(1u8, 8u8)?;
+    Ok(o)
 }
 
 /// A whole plan request.
@@ -215,34 +215,34 @@ pub fn plan_request(u: &mut Unstructured<'_>) -> Result<PlanRequest> {
         devices.push(device(u, i)?);
     }
     let spares = (0..u.int_in_range(0u8..=3)?).map(|_| spare(u)).collect::<Result<Vec<_>>>()?;
-    Ok(PlanRequest { mode, devices, spares, options: options(u)? })
+    Ok(PlanRequest::default()
+        .with_mode(mode)
+        .with_devices(devices)
+        .with_spares(spares)
+        .with_options(options(u)?))
 }
 
-/// An s390x device: a channel device, a zPCI function or an AP matrix device.
-pub fn s390x_device(u: &mut Unstructured<'_>, n: usize) -> Result<S390xDevice> {
+/// An s390x device: a channel device, a zPCI function or an AP matrix device (the
+/// s390x platform takes them through the same planner).
+pub fn s390x_device(u: &mut Unstructured<'_>, n: usize) -> Result<DeviceRequest> {
     let id = id(u, "s", n)?;
     Ok(match u.int_in_range(0u8..=2)? {
-        0 => S390xDevice::Ccw {
-            id,
-            driver: (*u.choose(&["virtio-net-ccw", "virtio-blk-ccw", "vfio-ccw"])?).to_string(),
-            props: BTreeMap::new(),
-            host: small_option(u, |u| {
-                Ok(HostRef::Sysfsdev(format!(
-                    "/sys/bus/css/devices/0.0.{:04x}",
-                    u.int_in_range(0u16..=0xffff)?
-                )))
-            })?,
-            ssid: if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { u.int_in_range(0u8..=3)? },
-        },
-        1 => S390xDevice::Zpci {
-            id,
-            driver: (*u.choose(&["vfio-pci", "virtio-net-pci"])?).to_string(),
-            props: BTreeMap::new(),
-            host: small_option(u, |u| {
-                Ok(HostRef::Bdf(format!("0000:{:02x}:00.0", u.int_in_range(0u8..=255)?)))
-            })?,
-            resources: resources(u, 6)?,
-        },
-        _ => S390xDevice::Ap { id, sysfsdev: "/sys/devices/vfio_ap/matrix/fuzz".to_string() },
+        0 => {
+            let driver = *u.choose(&["virtio-net-ccw", "virtio-blk-ccw", "vfio-ccw"])?;
+            let ssid = if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { u.int_in_range(0u8..=3)? };
+            let mut d = DeviceRequest::channel(id, driver, ssid);
+            if driver == "vfio-ccw" {
+                let sch = format!("/sys/bus/css/devices/0.0.{:04x}", u.int_in_range(0u16..=0xffff)?);
+                d.functions = d.functions.into_iter().map(|f| f.with_sysfsdev(&sch)).collect();
+            }
+            d
+        }
+        1 => {
+            let mut d = device(u, n)?;
+            d.id = id;
+            d.attach = Attach::Port;
+            d
+        }
+        _ => DeviceRequest::vfio_ap(id, "/sys/devices/vfio_ap/matrix/fuzz"),
     })
 }

@@ -15,19 +15,21 @@ use pcie_topology::{
 
 fn request(ports: u32) -> PlanRequest {
     let per_node = ports / 4;
-    PlanRequest {
-        mode: Mode::Numa,
-        devices: Vec::new(),
-        spares: (0..4)
-            .map(|node| SpareRequest {
-                profile: HotplugProfile::nic(),
-                count: per_node + u32::from(node < ports % 4),
-                numa_node: Some(node),
-                p2p_group: None,
-            })
-            .collect(),
-        options: PlanOptions { pack_root_ports: true, ..Default::default() },
-    }
+    PlanRequest::default()
+        .with_mode(Mode::Numa)
+        .with_spares(
+            (0..4)
+                .map(|node| {
+                    SpareRequest::new(HotplugProfile::nic(), per_node + u32::from(node < ports % 4))
+                        .with_numa_node(node)
+                })
+                .collect(),
+        )
+        .with_options({
+            let mut o = PlanOptions::default();
+            o.pack_root_ports = true;
+            o
+        })
 }
 
 fn bench(c: &mut Criterion) {

@@ -12,9 +12,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::indexing_slicing)]
 
 use arch_x86_aarch64::{Virt, Q35, SEABIOS_BRIDGE_MEM_MIN};
-use pcie_topology::reserve::Window;
-use pcie_topology::units::{human_size, next_pow2};
-use pcie_topology::{plan, HotplugProfile, Mode, PlanRequest, Platform, PortKind, SpareRequest};
+use pcie_topology::units::human_size;
+use pcie_topology::{
+    plan, HotplugProfile, Mode, PlanRequest, Platform, PortKind, SpareRequest, WindowReservation,
+};
 use pcilibs::requirement::{Requirement, Window as WindowKind};
 
 struct Mix {
@@ -63,15 +64,9 @@ fn ratio(reserved: u64, required: u64) -> String {
 
 /// This planner on `platform`: reserved bytes and whether the plan is accepted.
 fn planner(platform: &dyn Platform, mix: &Mix) -> String {
-    let request = PlanRequest {
-        mode: Mode::RootPort,
-        spares: mix
-            .parts
-            .iter()
-            .map(|(p, n)| SpareRequest { profile: p.clone(), count: *n, numa_node: None, p2p_group: None })
-            .collect(),
-        ..Default::default()
-    };
+    let request = PlanRequest::default()
+        .with_mode(Mode::RootPort)
+        .with_spares(mix.parts.iter().map(|(p, n)| SpareRequest::new(p.clone(), *n)).collect());
     match plan(platform, &request) {
         Ok(p) => {
             let reserved: u64 = p
@@ -109,11 +104,11 @@ fn kata(mix: &Mix) -> String {
             })
             .sum()
     };
-    let pref = next_pow2(sum(WindowKind::Pref)).unwrap();
-    let mem = 2 * next_pow2(sum(WindowKind::Mem)).unwrap();
+    let pref = sum(WindowKind::Pref).checked_next_power_of_two().unwrap();
+    let mem = 2 * sum(WindowKind::Mem).checked_next_power_of_two().unwrap();
     let ports: u32 = mix.parts.iter().map(|(_, n)| n).sum();
     let reserved = u64::from(ports) * (pref + mem);
-    let window = |size| Window { size, align: SEABIOS_BRIDGE_MEM_MIN };
+    let window = |size| WindowReservation { size, align: SEABIOS_BRIDGE_MEM_MIN };
     let mut problems = Vec::new();
     let mem_total = u64::from(ports) * mem;
     let hole = Q35::seabios().spec().mmio32.size;
@@ -145,7 +140,7 @@ fn kata(mix: &Mix) -> String {
 fn defaults(mix: &Mix) -> String {
     let ports: u32 = mix.parts.iter().map(|(_, n)| n).sum();
     let reserved = u64::from(ports) * 2 * SEABIOS_BRIDGE_MEM_MIN;
-    let min = Window { size: SEABIOS_BRIDGE_MEM_MIN, align: SEABIOS_BRIDGE_MEM_MIN };
+    let min = WindowReservation { size: SEABIOS_BRIDGE_MEM_MIN, align: SEABIOS_BRIDGE_MEM_MIN };
     let misfits: Vec<&str> = mix
         .parts
         .iter()

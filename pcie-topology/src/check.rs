@@ -1,17 +1,22 @@
 //! The whole-address-space check: 32-bit hole, I/O space, 64-bit aperture and physical
 //! address width, before any VM starts.
+//!
+//! Every total is checked arithmetic: a sum or round-up past 2^64 is
+//! [`AddressSpaceError::Overflow`], never a wrapped (release) or panicking (debug) number,
+//! and a plan ending above `1 << MAX_PHYS_BITS` is refused whatever the caller says the
+//! CPU has, because no platform addresses more.
 
 use pcilibs::requirement::{WindowRequirement, MEM_GRANULARITY};
 
 use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{AddressReport, Plan, Port, PortKind};
 use crate::platform::{Mmio64Aperture, Totals};
-use crate::reserve::Window;
-use crate::units::{bits_for_end, GIB};
+use crate::reserve::WindowReservation;
+use crate::units::{bits_for_end, MAX_PHYS_BITS};
 
 /// Packs windows largest alignment first (the order firmware places them in).
-fn pack(windows: impl Iterator<Item = Window>) -> Result<WindowRequirement, AddressSpaceError> {
-    let mut list: Vec<Window> = windows.filter(|w| w.size > 0).collect();
+fn pack(windows: impl Iterator<Item = WindowReservation>) -> Result<WindowRequirement, AddressSpaceError> {
+    let mut list: Vec<WindowReservation> = windows.filter(|w| w.size > 0).collect();
     list.sort_by_key(|w| std::cmp::Reverse((w.align, w.size)));
     let mut total = WindowRequirement::default();
     for w in list {
@@ -33,12 +38,16 @@ pub(crate) fn check_address_space(
         if b.mem.size >= MEM_GRANULARITY {
             b.mem
         } else {
-            Window { size: MEM_GRANULARITY, align: MEM_GRANULARITY }
+            WindowReservation { size: MEM_GRANULARITY, align: MEM_GRANULARITY }
         }
     });
     let mem = pack(top.iter().map(|p| p.reservation.mem).chain(bridge_mem))?;
-    let io: u64 =
-        top.iter().map(|p| p.reservation.io.size).chain(plan.bridges.iter().map(|b| b.io.size)).sum();
+    let io = top
+        .iter()
+        .map(|p| p.reservation.io.size)
+        .chain(plan.bridges.iter().map(|b| b.io.size))
+        .try_fold(0u64, u64::checked_add)
+        .ok_or(AddressSpaceError::Overflow)?;
     let pref = pack(top.iter().map(|p| p.reservation.pref).chain(plan.bridges.iter().map(|b| b.pref)))?;
     if mem.size > spec.mmio32.size {
         return Err(AddressSpaceError::Mmio32 { needed: mem.size, available: spec.mmio32.size }.into());
@@ -47,11 +56,11 @@ pub(crate) fn check_address_space(
         return Err(AddressSpaceError::Io { needed: io, available: spec.io.size }.into());
     }
     let ram = plan.options.guest_ram;
-    let ram_end = (4 * GIB).saturating_add(spec.ram_above_4g(ram));
+    let ram_end = spec.ram_end(ram)?;
     let aperture = if pref.is_empty() && spec.mmio64 == Mmio64Aperture::GrowsAfterRam {
         None
     } else {
-        spec.mmio64_range(ram, pref.size, pref.align)
+        spec.mmio64_range(ram, pref.size, pref.align)?
     };
     if let (Mmio64Aperture::Fixed { size, .. }, false) = (spec.mmio64, pref.is_empty()) {
         if pref.size > size {
@@ -61,9 +70,18 @@ pub(crate) fn check_address_space(
     if matches!(spec.mmio64, Mmio64Aperture::None) && !pref.is_empty() {
         return Err(AddressSpaceError::Mmio64Aperture { needed: pref.size, available: 0 }.into());
     }
-    let end = aperture.map_or(ram_end, |a| a.end().max(ram_end));
+    if aperture.is_none() && !pref.is_empty() {
+        return Err(AddressSpaceError::Mmio64Aperture { needed: pref.size, available: 0 }.into());
+    }
+    let end = match aperture {
+        Some(a) => a.checked_end().ok_or(AddressSpaceError::Overflow)?.max(ram_end),
+        None => ram_end,
+    };
     let needed_bits = bits_for_end(end).max(bits_for_end(ram_end));
-    for (have, who) in [(plan.options.guest_phys_bits, "guest CPU"), (plan.options.host_phys_bits, "host")] {
+    let widest = (Some(MAX_PHYS_BITS), "widest platform (52-bit x86-64 MAXPHYADDR and aarch64 IPA)");
+    for (have, who) in
+        [widest, (plan.options.guest_phys_bits, "guest CPU"), (plan.options.host_phys_bits, "host")]
+    {
         if let Some(bits) = have {
             if bits < needed_bits {
                 return Err(AddressSpaceError::PhysBits {

@@ -3,7 +3,7 @@
 use pcilibs::requirement::Requirement;
 use thiserror::Error;
 
-use crate::alloc::AllocError;
+pub use crate::alloc::AllocError;
 use crate::qemu::QemuError;
 use crate::request::RequestError;
 use crate::units::human_size;

@@ -5,12 +5,16 @@
 //! buses exist at boot, hands out ids, chassis/slot pairs, devfns and bus numbers from
 //! free sets, sizes each port's windows so that the largest BAR fits *wherever the
 //! platform's firmware places the window* (size and alignment), checks the whole guest
-//! address space, and returns a [`Plan`]: QEMU arguments for boot, `device_add` argument
-//! objects for hotplug, and the guest PCI path and BDF of every function (with the host
-//! function it passes through, see [`DeviceRequest::from_facts`] for the numbering).
+//! address space, and returns a [`Plan`]: QEMU arguments for boot, typed hotplug actions
+//! ([`HotplugAction`]: the [`QemuDevice`]s and [`QemuObject`]s an engine turns into
+//! `device_add` / `object-add`), and the guest PCI path and address of every function
+//! (a [`pcilibs::bdf::Bdf`], with the host function it passes through, see
+//! [`DeviceRequest::from_facts`] for the numbering).
 //!
 //! Machines are described by a [`Platform`] implementation from the `arch-x86-aarch64`
-//! (q35 with SeaBIOS or OVMF, aarch64 `virt`) and `arch-s390x-ccw` crates.
+//! (q35 with SeaBIOS or OVMF, aarch64 `virt`) and `arch-s390x-ccw` crates; every one is
+//! planned through [`plan()`], [`Plan::place`] and [`Plan::release`] (s390x, which has no
+//! PCIe ports, hands out CCW device numbers and zPCI ids instead: [`Addressing`]).
 //!
 //! # Why reservations look the way they do
 //!
@@ -68,43 +72,47 @@
 //! use arch_x86_aarch64::Q35;
 //! use pcie_topology::{plan, HotplugProfile, Mode, PlanRequest, SpareRequest};
 //!
-//! let request = PlanRequest {
-//!     mode: Mode::RootPort,
-//!     spares: vec![SpareRequest { profile: HotplugProfile::h100(), count: 2, numa_node: None, p2p_group: None }],
-//!     ..Default::default()
-//! };
+//! let request = PlanRequest::default()
+//!     .with_mode(Mode::RootPort)
+//!     .with_spares(vec![SpareRequest::new(HotplugProfile::h100(), 2)]);
 //! let plan = plan(&Q35::seabios(), &request)?;
 //! assert_eq!(plan.ports.len(), 2);
 //! println!("{}", plan.qemu_args().join(" "));
 //! # Ok::<(), pcie_topology::PlanError>(())
 //! ```
 
-pub mod alloc;
+#![forbid(unsafe_code)]
+
+mod alloc;
 mod check;
 pub mod error;
+mod format;
 pub mod path;
 pub mod physbits;
 pub mod plan;
-pub mod planner;
+mod planner;
 pub mod platform;
 pub mod qemu;
 pub mod request;
-pub mod reserve;
-pub mod sim;
+mod reserve;
+mod sim;
 pub mod units;
 
-pub use error::{AddressSpaceError, PlanError};
-pub use path::{GuestBdf, GuestPciPath};
+pub use error::{AddressSpaceError, AllocError, PlanError};
+pub use format::{PLAN_VERSION, PLAN_VERSION_OLDEST};
+pub use path::GuestPciPath;
 pub use plan::{
     FunctionAction, HotplugAction, Mode, Placeholder, PlaceholderRemoval, Plan, PlanOptions, PlanRequest,
-    Port, PortKind, SpareRequest, PLAN_VERSION, PLAN_VERSION_OLDEST,
+    Port, PortKind, SpareRequest,
 };
 pub use planner::plan;
-pub use platform::{Platform, PlatformSpec, WindowRule};
+pub use platform::{Addressing, Platform, PlatformSpec, WindowRule};
 pub use qemu::{DevFn, QemuDevice, QemuId, QemuObject};
 pub use request::{
     Attach, DeviceRequest, FunctionRequest, FunctionResource, HostRef, HotplugProfile, ResourceRole,
 };
+pub use reserve::WindowReservation;
+pub use sim::{bars_fit, PlacedWindow};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

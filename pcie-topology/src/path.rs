@@ -1,4 +1,5 @@
-//! Where the guest will see a device: its PCI path as Kata's agent reads it, and its BDF.
+//! Where the guest will see a device: its PCI path as Kata's agent reads it. (Its address
+//! is a [`pcilibs::bdf::Bdf`], the same type as a host function's.)
 //!
 //! # Path format
 //!
@@ -28,18 +29,19 @@ use thiserror::Error;
 
 use crate::qemu::DevFn;
 
-/// Errors parsing a path or BDF.
+/// Errors parsing a path.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum PathError {
-    /// Text is not a path like `02/00` or `20/01/00.1`, or a BDF like `0000:02:00.0`.
-    #[error("`{0}` is not a guest PCI path or BDF")]
+    /// Text is not a path like `02/00` or `20/01/00.1`.
+    #[error("`{0}` is not a guest PCI path")]
     Invalid(String),
 }
 
 /// A guest PCI path: optional expander root bus, then one slot/function per bus hop.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[non_exhaustive]
 pub struct GuestPciPath {
     /// Root bus number when the path starts at an expander's root bus; `None` for bus 0.
     pub root_bus: Option<u8>,
@@ -71,10 +73,10 @@ impl fmt::Display for GuestPciPath {
             parts.push(format!("{bus:02x}"));
         }
         for hop in &self.hops {
-            if hop.function == 0 {
-                parts.push(format!("{:02x}", hop.slot));
+            if hop.function() == 0 {
+                parts.push(format!("{:02x}", hop.slot()));
             } else {
-                parts.push(format!("{:02x}.{:x}", hop.slot, hop.function));
+                parts.push(format!("{:02x}.{:x}", hop.slot(), hop.function()));
             }
         }
         f.write_str(&parts.join("/"))
@@ -140,40 +142,6 @@ impl From<GuestPciPath> for String {
     }
 }
 
-/// A guest PCI address `segment:bus:slot.function`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct GuestBdf {
-    /// PCI segment (domain).
-    pub segment: u16,
-    /// Bus number.
-    pub bus: u8,
-    /// Slot and function.
-    pub devfn: DevFn,
-}
-
-impl fmt::Display for GuestBdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.segment, self.bus, self.devfn.slot, self.devfn.function)
-    }
-}
-
-impl FromStr for GuestBdf {
-    type Err = PathError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || PathError::Invalid(s.to_string());
-        let (seg, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
-        let (slot, func) = rest.split_once('.').ok_or_else(bad)?;
-        let p16 = |t: &str| u16::from_str_radix(t, 16).map_err(|_| bad());
-        let p8 = |t: &str| u8::from_str_radix(t, 16).map_err(|_| bad());
-        Ok(GuestBdf {
-            segment: p16(seg)?,
-            bus: p8(bus)?,
-            devfn: DevFn::new(p8(slot)?, p8(func)?).map_err(|_| bad())?,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,13 +164,5 @@ mod tests {
         assert_eq!(serde_json::from_str::<GuestPciPath>(&json).unwrap(), x);
         assert!("2x/00".parse::<GuestPciPath>().is_err());
         assert!("20/00".parse::<GuestPciPath>().is_err());
-    }
-
-    #[test]
-    fn bdf_round_trip() {
-        let b: GuestBdf = "0000:1a:03.2".parse().unwrap();
-        assert_eq!(b.bus, 0x1a);
-        assert_eq!(b.to_string(), "0000:1a:03.2");
-        assert!("0000:1a:33.0".parse::<GuestBdf>().is_err());
     }
 }

@@ -1,9 +1,11 @@
 //! The host's physical address width: how far a guest's address space may reach.
 //!
 //! With KVM the guest cannot address more than the host CPU (x86_64: CPUID leaf
-//! 0x80000008 as KVM reports it; aarch64: the VM's IPA limit). Without /dev/kvm the
-//! `address sizes` line of /proc/cpuinfo is used. The KVM part is a few ioctls behind
-//! [`kvm_phys_bits`]; everything else is plain text parsing.
+//! 0x80000008 as KVM reports it; aarch64: the VM's IPA limit). The KVM query is a few
+//! ioctls (`kvm-ioctls`) behind the `kvm` feature, off by default: without it, or without
+//! /dev/kvm, the `address sizes` line of /proc/cpuinfo is used, which is the host CPU's
+//! width (KVM may report less, e.g. with memory encryption, and on aarch64 its IPA
+//! limit is the better answer).
 
 use std::path::Path;
 
@@ -23,6 +25,7 @@ pub enum PhysBitsSource {
 
 /// A host physical address width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HostPhysBits {
     /// Bits.
     pub bits: u8,
@@ -40,7 +43,7 @@ pub enum PhysBitsError {
 }
 
 /// Reads the `N bits physical` of the first `address sizes` line.
-pub fn parse_cpuinfo(text: &str) -> Option<u8> {
+pub(crate) fn parse_cpuinfo(text: &str) -> Option<u8> {
     text.lines()
         .filter(|l| l.starts_with("address sizes"))
         .find_map(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
@@ -48,8 +51,8 @@ pub fn parse_cpuinfo(text: &str) -> Option<u8> {
 }
 
 /// The width KVM reports, or `None` where /dev/kvm is missing or the query fails.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-pub fn kvm_phys_bits() -> Option<u8> {
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+fn kvm_phys_bits() -> Option<u8> {
     // KVM_MAX_CPUID_ENTRIES in the kernel ABI.
     const MAX_CPUID_ENTRIES: usize = 80;
     let kvm = kvm_ioctls::Kvm::new().ok()?;
@@ -63,22 +66,25 @@ pub fn kvm_phys_bits() -> Option<u8> {
 }
 
 /// The width KVM reports, or `None` where /dev/kvm is missing or the query fails.
-#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
-pub fn kvm_phys_bits() -> Option<u8> {
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "aarch64"))]
+fn kvm_phys_bits() -> Option<u8> {
     let kvm = kvm_ioctls::Kvm::new().ok()?;
     u8::try_from(kvm.get_host_ipa_limit()).ok().filter(|b| *b > 0)
 }
 
-/// The width KVM reports; always `None` on other hosts.
-#[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
-pub fn kvm_phys_bits() -> Option<u8> {
+/// No KVM query: built without the `kvm` feature, or on a host KVM does not serve here.
+#[cfg(not(all(feature = "kvm", target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+fn kvm_phys_bits() -> Option<u8> {
     None
 }
 
-/// KVM's answer, else /proc/cpuinfo's.
+/// KVM's answer (with the `kvm` feature), else /proc/cpuinfo's.
 pub fn host_phys_bits() -> Result<HostPhysBits, PhysBitsError> {
     host_phys_bits_with(kvm_phys_bits, Path::new("/proc/cpuinfo"))
 }
+
+/// How much of `/proc/cpuinfo` is read for the `address sizes` line.
+const CPUINFO_PREFIX: usize = 64 << 10;
 
 /// [`host_phys_bits`] with the KVM query and the cpuinfo path supplied (for tests and for
 /// hosts where /proc is elsewhere).
@@ -89,9 +95,11 @@ pub fn host_phys_bits_with(
     if let Some(bits) = kvm() {
         return Ok(HostPhysBits { bits, source: PhysBitsSource::Kvm });
     }
-    std::fs::read_to_string(cpuinfo)
+    // The first processor's block has the line; the file of a large host is megabytes. A
+    // FIFO or device in its place is refused, not read.
+    pcilibs::sysfs::read_regular_prefix(cpuinfo, CPUINFO_PREFIX)
         .ok()
-        .and_then(|t| parse_cpuinfo(&t))
+        .and_then(|bytes| parse_cpuinfo(&String::from_utf8_lossy(&bytes)))
         .map(|bits| HostPhysBits { bits, source: PhysBitsSource::CpuInfo })
         .ok_or_else(|| PhysBitsError::Unknown(cpuinfo.display().to_string()))
 }
@@ -118,6 +126,11 @@ mod tests {
         let kvm = host_phys_bits_with(|| Some(52), &f).unwrap();
         assert_eq!(kvm.source, PhysBitsSource::Kvm);
         assert!(host_phys_bits_with(|| None, &dir.join("missing")).is_err());
+        // A FIFO or a device in its place is not read (a FIFO would block for good).
+        assert!(host_phys_bits_with(|| None, Path::new("/dev/zero")).is_err());
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(host_phys_bits_with(|| None, &fifo).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,30 +6,24 @@
 //! argument objects and what the guest must then show.
 
 use pcilibs::bar::BarKind;
+use pcilibs::bdf::Bdf;
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::error::PlanError;
-use crate::path::{GuestBdf, GuestPciPath};
-use crate::platform::{ExtraArgs, PlatformSpec};
-use crate::qemu::{DevFn, QemuDevice, QemuId, QemuObject};
+use crate::error::{AddressSpaceError, PlanError};
+use crate::format::{upgrade, PLAN_VERSION, PLAN_VERSION_OLDEST};
+use crate::path::GuestPciPath;
+use crate::planner::{check_attach, zpci};
+use crate::platform::{Addressing, ExtraArgs, PlatformSpec};
+use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
 use crate::request::{
     visible_size, Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, RequestError,
     ResourceRole,
 };
-use crate::reserve::Window;
+use crate::reserve::WindowReservation;
+use crate::sim::PlacedWindow;
 use crate::units::{fmt_size, human_size};
-
-/// Format version of [`Plan`]; bumped on any incompatible change.
-///
-/// Version 2: every [`ExpectedBar`] carries its BAR index and [`ResourceRole`] (so do the
-/// resources of a spare port's [`HotplugProfile`]).
-pub const PLAN_VERSION: u32 = 2;
-
-/// Oldest format version [`Plan::from_json`] still reads. A version 1 plan reads as one
-/// whose BARs have no index and are all [`ResourceRole::Bar`]: what it said then.
-pub const PLAN_VERSION_OLDEST: u32 = 1;
 
 /// Placement policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -48,6 +42,7 @@ pub enum Mode {
 
 /// A root bus: `pcie.0` or a `pxb-pcie` expander.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HostBridge {
     /// Bus id (`pcie.0`, or the expander's id).
     pub id: String,
@@ -77,18 +72,19 @@ pub enum PortKind {
 }
 
 /// The windows a port reserves and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Reservation {
     /// What the port is for (`device gpu0`, `spare: h100 (16M mem32 + 128G pref64 + 32M pref64)`).
     pub purpose: String,
     /// What must fit (pcilibs requirement of the device, profile or switch below).
     pub need: Requirement,
     /// 32-bit non-prefetchable window the guest gets.
-    pub mem: Window,
+    pub mem: WindowReservation,
     /// 64-bit prefetchable window the guest gets.
-    pub pref: Window,
+    pub pref: WindowReservation,
     /// I/O window the guest gets.
-    pub io: Window,
+    pub io: WindowReservation,
     /// Extra bus numbers below the port.
     pub bus_reserve: u8,
     /// One explanation per window and property.
@@ -111,6 +107,7 @@ impl Reservation {
 /// 32-bit BARs — is plugged at boot and removed before the first hotplug on the port; the
 /// window the firmware gave it stays assigned to the port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Placeholder {
     /// Memory backends of the placeholder functions.
     pub objects: Vec<QemuObject>,
@@ -122,6 +119,7 @@ pub struct Placeholder {
 
 /// A place for one device: a root port, a downstream port or a bridge slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Port {
     /// Id of the port device (for a bridge slot: `<bridge id>` plus the slot).
     pub id: QemuId,
@@ -139,8 +137,8 @@ pub struct Port {
     /// Switch upstream port above, for downstream ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<QemuId>,
-    /// Guest BDF of the port itself (for a bridge slot: the bridge's).
-    pub bdf: GuestBdf,
+    /// Guest address of the port itself (for a bridge slot: the bridge's).
+    pub bdf: Bdf,
     /// Guest path of the port itself.
     pub path: GuestPciPath,
     /// Bus a device plugged here is on.
@@ -168,6 +166,7 @@ pub struct Port {
 
 /// A switch: upstream port on a root port, downstream ports below.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Switch {
     /// Upstream port id.
     pub id: QemuId,
@@ -191,13 +190,14 @@ pub struct Switch {
 /// (see [`PlanError::BridgeWindow`]). Devices are hotplugged into its slots through its
 /// SHPC controller (or ACPI on q35).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PciBridge {
     /// Bridge id.
     pub id: QemuId,
     /// Its `-device`.
     pub device: QemuDevice,
-    /// Its guest BDF.
-    pub bdf: GuestBdf,
+    /// Its guest address.
+    pub bdf: Bdf,
     /// Bus of the devices behind it.
     pub secondary_bus: u8,
     /// Memory window the bridge has for everything behind it. With a hotplugged device
@@ -205,18 +205,19 @@ pub struct PciBridge {
     /// (firmware may open no prefetchable window there). Otherwise: what the boot-time
     /// devices' non-prefetchable BARs need.
     #[serde(default)]
-    pub mem: Window,
+    pub mem: WindowReservation,
     /// Prefetchable window: what the boot-time devices' prefetchable BARs need (empty
     /// when a device is hotplugged behind the bridge: those BARs count in `mem`).
     #[serde(default)]
-    pub pref: Window,
+    pub pref: WindowReservation,
     /// I/O window.
     #[serde(default)]
-    pub io: Window,
+    pub io: WindowReservation,
 }
 
 /// A resource the plan made room for on a function, and what the guest will show of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ExpectedBar {
     /// Address space.
     pub kind: BarKind,
@@ -262,6 +263,7 @@ impl ExpectedBar {
 
 /// One function of a placed device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlacedFunction {
     /// Function number.
     pub function: u8,
@@ -287,8 +289,8 @@ pub struct PlacedFunction {
 pub enum GuestLocation {
     /// A PCI function: predicted BDF and path.
     Pci {
-        /// Predicted guest BDF (`query-pci` reports bus/slot/function).
-        bdf: GuestBdf,
+        /// Predicted guest address (`query-pci` reports bus/slot/function).
+        bdf: Bdf,
         /// Guest path (Kata agent form under `pcie.0`).
         path: GuestPciPath,
     },
@@ -303,16 +305,16 @@ pub enum GuestLocation {
         uid: u16,
         /// zPCI function id.
         fid: u32,
-        /// Guest BDF.
-        bdf: GuestBdf,
+        /// Guest address (domain = uid).
+        bdf: Bdf,
     },
     /// An adjunct-processor queue device (vfio-ap): no address in the guest's PCI or ccw bus.
     Ap,
 }
 
 impl GuestLocation {
-    /// The guest BDF of a PCI or zPCI function.
-    pub fn bdf(&self) -> Option<GuestBdf> {
+    /// The guest address of a PCI or zPCI function.
+    pub fn bdf(&self) -> Option<Bdf> {
         match self {
             GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => Some(*bdf),
             _ => None,
@@ -330,6 +332,7 @@ impl GuestLocation {
 
 /// A device in the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlacedDevice {
     /// Id (function 0's QEMU id).
     pub id: QemuId,
@@ -362,6 +365,7 @@ impl PlacedDevice {
 
 /// Address-space usage the plan was checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct AddressReport {
     /// 32-bit MMIO the windows need (packed).
     pub mmio32_needed: u64,
@@ -387,6 +391,7 @@ pub struct AddressReport {
 
 /// Options of the planner that are kept with the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlanOptions {
     /// Guest RAM in bytes (decides how much RAM sits above 4 GiB).
     pub guest_ram: u64,
@@ -451,6 +456,7 @@ impl Default for PlanOptions {
 
 /// Spare ports for later hotplug.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SpareRequest {
     /// What each spare port must be able to take.
     pub profile: HotplugProfile,
@@ -464,8 +470,40 @@ pub struct SpareRequest {
     pub p2p_group: Option<String>,
 }
 
+impl SpareRequest {
+    /// `count` spare ports for `profile`, on no particular NUMA node or switch.
+    pub fn new(profile: HotplugProfile, count: u32) -> Self {
+        SpareRequest { profile, count, numa_node: None, p2p_group: None }
+    }
+
+    /// These spares on NUMA node `node`'s expander (NUMA mode).
+    pub fn with_numa_node(mut self, node: u32) -> Self {
+        self.numa_node = Some(node);
+        self
+    }
+
+    /// These spares on the switch of peer-to-peer group `group` (switch-port and NUMA
+    /// modes).
+    pub fn with_p2p_group(mut self, group: impl Into<String>) -> Self {
+        self.p2p_group = Some(group.into());
+        self
+    }
+}
+
 /// Everything the planner is asked.
+///
+/// ```
+/// use pcie_topology::{DeviceRequest, HotplugProfile, Mode, PlanRequest, SpareRequest};
+///
+/// let mut request = PlanRequest::default()
+///     .with_mode(Mode::SwitchPort)
+///     .with_devices(vec![DeviceRequest::ivshmem("gpu0", 1 << 30)?])
+///     .with_spares(vec![SpareRequest::new(HotplugProfile::h100(), 2).with_p2p_group("g0")]);
+/// request.options.guest_ram = 8 << 30;
+/// # Ok::<(), pcie_topology::request::RequestError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[non_exhaustive]
 pub struct PlanRequest {
     /// Placement policy.
     pub mode: Mode,
@@ -477,8 +515,35 @@ pub struct PlanRequest {
     pub options: PlanOptions,
 }
 
+impl PlanRequest {
+    /// This request with placement policy `mode`.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// This request with `devices` to place.
+    pub fn with_devices(mut self, devices: Vec<DeviceRequest>) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// This request with `spares`.
+    pub fn with_spares(mut self, spares: Vec<SpareRequest>) -> Self {
+        self.spares = spares;
+        self
+    }
+
+    /// This request with `options`.
+    pub fn with_options(mut self, options: PlanOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
 /// Steps that must happen before the first hotplug onto a port with a placeholder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlaceholderRemoval {
     /// `device_del` these (function 0 removes the slot; wait for `DEVICE_DELETED` of each).
     pub device_del: Vec<QemuId>,
@@ -488,16 +553,15 @@ pub struct PlaceholderRemoval {
 
 /// One function to `device_add`, with what the guest must show afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionAction {
-    /// QEMU id of the function.
-    pub id: QemuId,
     /// Function number.
     pub function: u8,
     /// `device_add` these first (the s390x `zpci` device of a PCI function).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub companions: Vec<Map<String, Value>>,
-    /// The QMP `device_add` argument object, sent as is.
-    pub device_add: Map<String, Value>,
+    pub companions: Vec<QemuDevice>,
+    /// The device to `device_add` ([`QemuDevice::to_qmp`] gives the QMP arguments).
+    pub device_add: QemuDevice,
     /// Where the guest must then show it.
     pub guest: GuestLocation,
     /// The function's planned resources ([`PlacedFunction::bars`]): each BAR the guest must
@@ -505,11 +569,23 @@ pub struct FunctionAction {
     pub bars: Vec<ExpectedBar>,
 }
 
+impl FunctionAction {
+    /// QEMU id of the function (its `device_add`'s).
+    pub fn id(&self) -> &QemuId {
+        &self.device_add.id
+    }
+}
+
 /// Everything the hotplug engine needs to plug one device (all its functions) and to
 /// unplug it again.
+///
+/// Everything in it is typed ([`QemuDevice`], [`QemuObject`], [`QemuId`]); the engine
+/// turns it into QMP arguments when it sends them ([`QemuDevice::to_qmp`],
+/// [`QemuObject::to_qmp`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HotplugAction {
-    /// Device id.
+    /// Device id: what [`Plan::release`] takes, and what the engine unplugs by.
     pub device: QemuId,
     /// Port it goes on (`None` on s390x).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -520,9 +596,9 @@ pub struct HotplugAction {
     /// Placeholder to remove first, when the port has one still plugged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_placeholder: Option<PlaceholderRemoval>,
-    /// QMP `object-add` argument objects, before any function.
+    /// Objects to `object-add` before any function.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub object_add: Vec<Map<String, Value>>,
+    pub object_add: Vec<QemuObject>,
     /// Functions in plug order: highest function first, function 0 last (the guest scans
     /// the slot when function 0 appears).
     pub functions: Vec<FunctionAction>,
@@ -537,8 +613,36 @@ pub struct HotplugAction {
     pub windows: Option<Reservation>,
 }
 
+impl HotplugAction {
+    /// The id the engine keeps the device under: the port it goes on, or the device
+    /// itself where the platform has no ports (s390x). One device per port, so the
+    /// device id ([`HotplugAction::device`], what [`Plan::release`] takes) finds it too.
+    pub fn port_or_device(&self) -> &QemuId {
+        self.port.as_ref().unwrap_or(&self.device)
+    }
+
+    /// The action with its `vfio-pci` functions on the iommufd VFIO interface (QEMU 9.0
+    /// and Linux 6.6 on) instead of a VFIO container: an `iommufd` object `id` is created
+    /// before the functions and deleted after them, and each `vfio-pci` function gets
+    /// `iommufd=<id>`. With `fd`, QEMU takes `/dev/iommu` as the descriptor passed under
+    /// that name (`getfd`) instead of opening it itself.
+    pub fn with_iommufd(mut self, id: QemuId, fd: Option<&str>) -> Self {
+        let mut object = QemuObject::new("iommufd", id.clone());
+        if let Some(fd) = fd {
+            object = object.prop("fd", fd);
+        }
+        self.object_add.insert(0, object);
+        self.object_del.push(id.clone());
+        for f in self.functions.iter_mut().filter(|f| f.device_add.driver == "vfio-pci") {
+            f.device_add.props.insert("iommufd".into(), PropValue::Str(id.to_string()));
+        }
+        self
+    }
+}
+
 /// The whole plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Plan {
     /// Format version ([`PLAN_VERSION`]).
     pub version: u32,
@@ -576,7 +680,7 @@ impl Plan {
     /// plan of an older version this build still reads ([`PLAN_VERSION_OLDEST`]) comes
     /// back as the current version, members it lacked at their defaults.
     pub fn from_json(text: &str) -> Result<Plan, PlanError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
+        let mut v: Value = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
         let found = v.get("version").and_then(Value::as_u64).unwrap_or(0);
         if !(u64::from(PLAN_VERSION_OLDEST)..=u64::from(PLAN_VERSION)).contains(&found) {
             return Err(PlanError::Version {
@@ -584,6 +688,10 @@ impl Plan {
                 oldest: PLAN_VERSION_OLDEST,
                 supported: PLAN_VERSION,
             });
+        }
+        if found < u64::from(PLAN_VERSION) {
+            // `found` is within the u32 versions checked above.
+            upgrade(&mut v, u32::try_from(found).unwrap_or(PLAN_VERSION))?;
         }
         let mut plan: Plan = serde_json::from_value(v).map_err(|e| PlanError::Json(e.to_string()))?;
         plan.version = PLAN_VERSION;
@@ -658,6 +766,17 @@ impl Plan {
         args
     }
 
+    /// Where the firmware will put each port's memory and prefetchable windows, as this
+    /// crate simulates it: root ports' windows one after another from the base of the
+    /// 32-bit hole and of the 64-bit aperture, largest guaranteed alignment first (then
+    /// size), downstream ports' windows the same way inside their root port's. With
+    /// [`crate::bars_fit`] it checks that a device's BARs fit where its windows land.
+    /// [`AddressSpaceError::Overflow`] when a window would end past 2^64 (a plan file can
+    /// say anything).
+    pub fn window_layout(&self) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
+        crate::sim::layout(self)
+    }
+
     /// Guest kernel arguments the platform needs (empty where firmware sizes windows).
     pub fn kernel_args(&self) -> &[String] {
         &self.extra.kernel
@@ -682,7 +801,7 @@ impl Plan {
                 device_del: ph
                     .devices
                     .iter()
-                    .filter(|x| x.addr.is_some_and(|a| a.function == 0))
+                    .filter(|x| x.addr.is_some_and(|a| a.function() == 0))
                     .map(|x| x.id.clone())
                     .collect(),
                 object_del: ph.objects.iter().map(|o| o.id.clone()).collect(),
@@ -691,10 +810,9 @@ impl Plan {
             .functions
             .iter()
             .map(|f| FunctionAction {
-                id: f.device.id.clone(),
                 function: f.function,
-                companions: f.companions.iter().map(QemuDevice::to_qmp).collect(),
-                device_add: f.device.to_qmp(),
+                companions: f.companions.clone(),
+                device_add: f.device.clone(),
                 guest: f.location.clone(),
                 bars: f.bars.clone(),
             })
@@ -710,7 +828,7 @@ impl Plan {
             port: d.port.clone(),
             iommu_group: d.iommu_group,
             remove_placeholder,
-            object_add: d.objects.iter().map(QemuObject::to_qmp).collect(),
+            object_add: d.objects.clone(),
             functions,
             unplug,
             object_del: d.objects.iter().map(|o| o.id.clone()).collect(),
@@ -806,9 +924,16 @@ impl Plan {
     /// Places a device at run time on the best free port that holds it (the smallest
     /// fitting window; NUMA node and peer-to-peer group respected when given) and returns
     /// its hotplug action. The plan records the device; a placeholder on the port is marked
-    /// removed, because the action removes it.
+    /// removed, because the action removes it. On a platform without ports
+    /// ([`Addressing::Zpci`], s390x) the device gets the lowest free device number or zPCI
+    /// uid and fid instead, numbers freed by [`Plan::release`] included.
     pub fn place(&mut self, request: DeviceRequest) -> Result<HotplugAction, PlanError> {
+        if let Addressing::Zpci { first_devno } = self.platform.addressing {
+            zpci::place(self, &request, first_devno)?;
+            return self.hotplug_action(request.id.as_str());
+        }
         request.validate()?;
+        check_attach(&self.platform, &request)?;
         if self.ids_in_use().any(|id| request_ids(&request).any(|r| r == id)) {
             return Err(PlanError::DuplicateId(request.id.to_string()));
         }
@@ -967,7 +1092,7 @@ pub(crate) fn place_on_port(
             device,
             companions: Vec::new(),
             location: GuestLocation::Pci {
-                bdf: GuestBdf { segment: port.bdf.segment, bus: port.secondary_bus, devfn },
+                bdf: devfn.on_bus(port.bdf.domain(), port.secondary_bus),
                 path: port.path.join(devfn),
             },
             bars: f.resources.iter().map(ExpectedBar::from).collect(),
@@ -997,7 +1122,7 @@ pub fn bridge_requirement<'a>(
 }
 
 /// A short text for a requirement (`mem 16M, pref 128G+32M @128G`).
-pub fn describe_requirement(r: &Requirement) -> String {
+pub(crate) fn describe_requirement(r: &Requirement) -> String {
     let mut parts = Vec::new();
     if !r.mem.is_empty() {
         parts.push(format!("mem {} @{}", fmt_size(r.mem.size), fmt_size(r.mem.align)));

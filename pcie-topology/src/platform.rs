@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::AddressSpaceError;
 use crate::units::{align_up, GIB};
 
 /// Guest CPU architecture.
@@ -94,9 +95,19 @@ pub struct Range {
 }
 
 impl Range {
-    /// One past the last address (saturating).
+    /// `[base, base + size)`.
+    pub const fn new(base: u64, size: u64) -> Self {
+        Range { base, size }
+    }
+
+    /// One past the last address (saturating; see [`Range::checked_end`]).
     pub fn end(&self) -> u64 {
         self.base.saturating_add(self.size)
+    }
+
+    /// One past the last address, `None` when that is past 2^64.
+    pub fn checked_end(&self) -> Option<u64> {
+        self.base.checked_add(self.size)
     }
 }
 
@@ -116,8 +127,29 @@ pub enum BusNumbering {
     None,
 }
 
+/// How devices get their guest addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[non_exhaustive]
+pub enum Addressing {
+    /// On PCIe ports the planner creates and sizes: root ports, switches, `pxb-pcie`
+    /// expanders and a PCIe-to-PCI bridge (q35, aarch64 `virt`).
+    #[default]
+    PciePorts,
+    /// No PCI topology (s390x `s390-ccw-virtio`): each PCI function is a zPCI function
+    /// with its own uid and fid (the guest's PCI domain is the uid); channel devices
+    /// ([`crate::Attach::Channel`]) get CCW device numbers `fe.<ssid>.<devno>`, from
+    /// `first_devno` up; vfio-ap devices ([`crate::Attach::Ap`]) get no address.
+    Zpci {
+        /// Lowest device number handed out (lower ones are left to devices QEMU numbers
+        /// itself, such as a boot disk without `devno`).
+        first_devno: u16,
+    },
+}
+
 /// A machine and firmware combination, as data that a plan stores and a reader can check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlatformSpec {
     /// Short name (`q35-seabios`, `q35-ovmf`, `virt`, `virt-uefi`, `s390x-ccw`).
     pub name: String,
@@ -161,38 +193,92 @@ pub struct PlatformSpec {
     pub default_phys_bits: u8,
     /// Guest RAM that sits below 4 GiB at most (q35: 2 GiB once RAM exceeds 2.75 GiB).
     pub low_ram_limit: u64,
+    /// How devices get their guest addresses: on PCIe ports, or as zPCI and channel
+    /// devices (s390x).
+    #[serde(default)]
+    pub addressing: Addressing,
 }
 
 impl PlatformSpec {
+    /// Machine `machine` (the `-machine` value) of `arch`, called `name`, with nothing
+    /// yet: no firmware arguments, no PCI ports or bridges, no windows
+    /// ([`WindowRule::NoWindows`], [`BusNumbering::None`]), no address space for PCI, a
+    /// default of 40 physical address bits, all RAM below 4 GiB, devices on PCIe ports
+    /// ([`Addressing::PciePorts`]). A platform sets what its machine has.
+    pub fn new(name: &str, arch: Arch, machine: &str) -> Self {
+        PlatformSpec {
+            name: name.to_string(),
+            arch,
+            machine: machine.to_string(),
+            firmware_args: Vec::new(),
+            root_bus: String::new(),
+            root_port: None,
+            switch_upstream: None,
+            switch_downstream: None,
+            downstream_reserve: false,
+            expander: None,
+            pci_bridge: None,
+            reserved_root_slots: Vec::new(),
+            window_rule: WindowRule::NoWindows,
+            bus_numbering: BusNumbering::None,
+            mmio32: Range::default(),
+            io: Range::default(),
+            mmio64: Mmio64Aperture::None,
+            mem32_placeholder: None,
+            default_phys_bits: 40,
+            low_ram_limit: u64::MAX,
+            addressing: Addressing::PciePorts,
+        }
+    }
+
     /// Bytes of guest RAM placed above 4 GiB for `ram` bytes of RAM.
     pub fn ram_above_4g(&self, ram: u64) -> u64 {
         ram.saturating_sub(self.low_ram_limit)
     }
 
+    /// One past the last byte of `ram` bytes of guest RAM (RAM above 4 GiB starts there);
+    /// [`AddressSpaceError::Overflow`] past 2^64.
+    pub fn ram_end(&self, ram: u64) -> Result<u64, AddressSpaceError> {
+        (4 * GIB).checked_add(self.ram_above_4g(ram)).ok_or(AddressSpaceError::Overflow)
+    }
+
     /// The 64-bit aperture for windows needing `packed` bytes with largest alignment
-    /// `align`, given `ram` bytes of guest RAM: `None` when there is no aperture.
-    pub fn mmio64_range(&self, ram: u64, packed: u64, align: u64) -> Option<Range> {
-        let ram_end = (4 * GIB).saturating_add(self.ram_above_4g(ram));
-        match self.mmio64 {
+    /// `align`, given `ram` bytes of guest RAM: `None` when there is no aperture,
+    /// [`AddressSpaceError::Overflow`] when it would end past 2^64. (An overflow used to
+    /// read as "no aperture", and a plan needing 2^63 bytes passed as needing none.)
+    pub fn mmio64_range(
+        &self,
+        ram: u64,
+        packed: u64,
+        align: u64,
+    ) -> Result<Option<Range>, AddressSpaceError> {
+        let overflow = || AddressSpaceError::Overflow;
+        let ram_end = self.ram_end(ram)?;
+        let range = match self.mmio64 {
             Mmio64Aperture::GrowsAfterRam => {
-                let base = align_up(align_up(ram_end, align.max(1))?, GIB)?;
-                let end = align_up(base.checked_add(packed)?, GIB)?;
-                Some(Range { base, size: end - base })
+                let base =
+                    align_up(ram_end, align.max(1)).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
+                let end = base.checked_add(packed).and_then(|e| align_up(e, GIB)).ok_or_else(overflow)?;
+                Range { base, size: end.checked_sub(base).ok_or_else(overflow)? }
             }
             Mmio64Aperture::FwCfgSized { default_size } => {
-                let size = align_up(packed, GIB)?.max(default_size);
+                let size = align_up(packed, GIB).ok_or_else(overflow)?.max(default_size);
                 let floor_pow2 = 1u64 << (63 - size.leading_zeros().min(63));
-                let base = align_up(align_up(ram_end, GIB)?, floor_pow2)?;
-                Some(Range { base, size })
+                let base =
+                    align_up(ram_end, GIB).and_then(|b| align_up(b, floor_pow2)).ok_or_else(overflow)?;
+                Range { base, size }
             }
-            Mmio64Aperture::Fixed { base, size } => Some(Range { base, size }),
-            Mmio64Aperture::None => None,
-        }
+            Mmio64Aperture::Fixed { base, size } => Range { base, size },
+            Mmio64Aperture::None => return Ok(None),
+        };
+        range.checked_end().ok_or_else(overflow)?;
+        Ok(Some(range))
     }
 }
 
 /// Extra arguments a platform derives from a finished plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ExtraArgs {
     /// QEMU command-line arguments (`-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=…`).
     pub qemu: Vec<String>,
@@ -202,6 +288,7 @@ pub struct ExtraArgs {
 
 /// What a finished plan needs from the machine, for [`Platform::extra_args`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Totals {
     /// Bytes of 64-bit aperture the windows need (packed, rounded to 1 GiB).
     pub mmio64_needed: u64,

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use pcilibs::bdf::Bdf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -71,13 +72,34 @@ impl fmt::Display for QemuId {
     }
 }
 
-/// A device/function number on one bus (`addr=0x2.0x1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A device/function number on one bus (`addr=0x2.0x1`). Built by [`DevFn::new`] only
+/// (JSON included), so no `DevFn` holds slot 40 or function 9.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "DevFnFields")]
 pub struct DevFn {
-    /// Slot (device number), 0..=31.
-    pub slot: u8,
-    /// Function, 0..=7.
-    pub function: u8,
+    slot: u8,
+    function: u8,
+}
+
+/// A [`DevFn`] as JSON has it, before [`DevFn::new`] checks it.
+#[derive(Deserialize)]
+struct DevFnFields {
+    slot: u8,
+    function: u8,
+}
+
+impl TryFrom<DevFnFields> for DevFn {
+    type Error = QemuError;
+    fn try_from(f: DevFnFields) -> Result<Self, QemuError> {
+        DevFn::new(f.slot, f.function)
+    }
+}
+
+impl From<Bdf> for DevFn {
+    /// The slot and function of a PCI address.
+    fn from(bdf: Bdf) -> Self {
+        DevFn { slot: bdf.device(), function: bdf.function() }
+    }
 }
 
 impl DevFn {
@@ -87,6 +109,22 @@ impl DevFn {
             return Err(QemuError::BadDevFn { slot, function });
         }
         Ok(DevFn { slot, function })
+    }
+
+    /// Slot (device number), 0..=0x1f.
+    pub fn slot(self) -> u8 {
+        self.slot
+    }
+
+    /// Function, 0..=7.
+    pub fn function(self) -> u8 {
+        self.function
+    }
+
+    /// The function at this slot and function on bus `bus` of PCI domain `domain`.
+    pub fn on_bus(self, domain: u32, bus: u8) -> Bdf {
+        // Both ranges were checked by `DevFn::new`, which checks what `Bdf::new` does.
+        Bdf::new(domain, bus, self.slot, self.function).unwrap_or_default()
     }
 
     /// The 8-bit devfn (`slot << 3 | function`).
@@ -123,7 +161,8 @@ impl PropValue {
         }
     }
 
-    fn json(&self) -> Value {
+    /// The value in QMP arguments.
+    pub fn to_qmp(&self) -> Value {
         match self {
             PropValue::Bool(b) => Value::Bool(*b),
             PropValue::Int(n) => Value::from(*n),
@@ -155,6 +194,7 @@ impl From<bool> for PropValue {
 
 /// One `-device` / `device_add`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuDevice {
     /// QEMU driver (`pcie-root-port`, `vfio-pci`, …).
     pub driver: String,
@@ -226,7 +266,7 @@ impl QemuDevice {
             m.insert("multifunction".into(), Value::Bool(true));
         }
         for (k, v) in &self.props {
-            m.insert(k.clone(), v.json());
+            m.insert(k.clone(), v.to_qmp());
         }
         m
     }
@@ -234,6 +274,7 @@ impl QemuDevice {
 
 /// One `-object` / `object-add` (memory backends for stand-in and placeholder devices, iommufd).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuObject {
     /// QOM type (`memory-backend-ram`, `iommufd`).
     pub qom_type: String,
@@ -276,7 +317,7 @@ impl QemuObject {
         m.insert("qom-type".into(), Value::String(self.qom_type.clone()));
         m.insert("id".into(), Value::String(self.id.to_string()));
         for (k, v) in &self.props {
-            m.insert(k.clone(), v.json());
+            m.insert(k.clone(), v.to_qmp());
         }
         m
     }
@@ -314,5 +355,18 @@ mod tests {
         assert_eq!(q["multifunction"], true);
         assert_eq!(q["chassis"], 1);
         assert!(DevFn::new(32, 0).is_err());
+    }
+
+    /// A plan file's devfn is checked when read: `raw()` of slot 40 shifted bits out.
+    #[test]
+    fn devfns_read_from_json_are_checked() {
+        let ok: DevFn = serde_json::from_str(r#"{"slot":31,"function":7}"#).unwrap();
+        assert_eq!(ok.raw(), 0xff);
+        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"slot":31,"function":7}"#);
+        for bad in
+            [r#"{"slot":32,"function":0}"#, r#"{"slot":0,"function":8}"#, r#"{"slot":255,"function":255}"#]
+        {
+            assert!(serde_json::from_str::<DevFn>(bad).is_err(), "{bad}");
+        }
     }
 }

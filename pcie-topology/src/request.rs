@@ -11,13 +11,14 @@
 use std::collections::BTreeMap;
 
 use pcilibs::bar::{Bar, BarKind};
+use pcilibs::bdf::Bdf;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::{Requirement, RequirementError, Resource};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::qemu::{PropValue, QemuError, QemuId, QemuObject};
-use crate::units::{fmt_size, parse_size, GIB, MIB};
+use crate::units::{fmt_size, parse_size, GIB, MAX_IO_SIZE, MAX_PHYS_BITS, MIB};
 
 /// Errors in a request or a profile.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -46,9 +47,29 @@ pub enum RequestError {
     #[error("host function {bdf}: size of {what} unknown (read it from sysfs or VFIO)")]
     UnknownSize {
         /// Host function.
-        bdf: String,
+        bdf: Bdf,
         /// Which BARs (`BAR 0, VF BAR 2`).
         what: String,
+    },
+    /// A resource is larger than any platform can address: memory beyond
+    /// `1 << MAX_PHYS_BITS` bytes ([`crate::units::MAX_PHYS_BITS`]), I/O beyond
+    /// [`crate::units::MAX_IO_SIZE`].
+    #[error("device `{device}`: a resource of {} ({size:#x} bytes) is larger than any platform addresses ({limit:#x} bytes)", fmt_size(*.size))]
+    TooLarge {
+        /// Device id (or profile name).
+        device: String,
+        /// Size (or alignment) of the resource.
+        size: u64,
+        /// The most a resource of its kind can have.
+        limit: u64,
+    },
+    /// A channel device asks for a subchannel set other than 0–3.
+    #[error("device `{device}`: subchannel set {ssid} does not exist (0-3)")]
+    Ssid {
+        /// Device id.
+        device: String,
+        /// The subchannel set asked for.
+        ssid: u8,
     },
     /// A profile text could not be read.
     #[error("profile `{0}`: expected a known name (h100, a100, nvswitch, nic) or a list like `16M:mem32,128G:pref64`")]
@@ -56,12 +77,17 @@ pub enum RequestError {
 }
 
 /// Where a function comes from on the host.
+///
+/// In JSON: `{"pci": "0000:01:00.0"}` (the address in its sysfs text form) or
+/// `{"sysfsdev": "/sys/bus/mdev/devices/…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum HostRef {
-    /// A host PCI address (`0000:01:00.0`), passed as `vfio-pci,host=`.
-    Bdf(String),
+    /// A host PCI function, passed as `vfio-pci,host=`. (Requests written before it was
+    /// typed said `{"bdf": "0000:01:00.0"}`; that still reads.)
+    #[serde(alias = "bdf")]
+    Pci(Bdf),
     /// A sysfs device path, passed as `sysfsdev=` (vfio-pci, vfio-ccw, mdev, vfio-ap).
     Sysfsdev(String),
 }
@@ -105,6 +131,7 @@ impl ResourceRole {
 /// In JSON the resource's members sit next to `index` and `role`, so a plain
 /// [`Resource`] reads as a BAR of unknown index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionResource {
     /// Kind, prefetchability, size and alignment, as the window rule needs them.
     #[serde(flatten)]
@@ -152,8 +179,13 @@ impl FunctionResource {
     /// The resources of a host function that `opts` selects, each with its index and role:
     /// BARs of known size (at their largest resizable size with `rebar_max`, when larger),
     /// the ROM (`include_rom`), the SR-IOV VF BAR apertures (`include_sriov_vfs`). Same
-    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`].
-    pub fn of_facts(facts: &FunctionFacts, opts: &ResourceOptions) -> Vec<FunctionResource> {
+    /// resources, in the same order, as pcilibs' [`FunctionFacts::resources`]; a VF
+    /// aperture whose size does not fit 64 bits is [`RequestError::Requirement`] with
+    /// [`RequirementError::Overflow`].
+    pub fn of_facts(
+        facts: &FunctionFacts,
+        opts: &ResourceOptions,
+    ) -> Result<Vec<FunctionResource>, RequestError> {
         let mut out = Vec::with_capacity(facts.bars.len() + 1);
         for b in &facts.bars {
             let Some(size) = b.size else { continue };
@@ -176,7 +208,12 @@ impl FunctionResource {
             if let Some(s) = facts.sriov.as_ref().filter(|s| s.total_vfs > 0) {
                 for b in &s.vf_bars {
                     let Some(size) = b.size else { continue };
-                    let Some(total) = size.checked_mul(u64::from(s.total_vfs)) else { continue };
+                    let total = size.checked_mul(u64::from(s.total_vfs)).ok_or_else(|| {
+                        RequestError::Requirement {
+                            device: facts.bdf.to_string(),
+                            source: RequirementError::Overflow,
+                        }
+                    })?;
                     out.push(FunctionResource {
                         resource: Resource {
                             kind: b.kind,
@@ -191,7 +228,7 @@ impl FunctionResource {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The size the guest sees for this entry once the function is plugged (QEMU's
@@ -221,6 +258,7 @@ fn rebar_max(facts: &FunctionFacts, b: &Bar) -> Option<u64> {
 
 /// One function of a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionRequest {
     /// Function number on the device (0..=7); function 0 must exist.
     pub function: u8,
@@ -265,12 +303,21 @@ impl FunctionRequest {
         }
     }
 
-    /// A `vfio-pci` function for host function `bdf` with the given resources.
-    pub fn vfio(function: u8, bdf: &str, resources: Vec<FunctionResource>) -> Self {
+    /// A `vfio-pci` function for host function `bdf` with the given resources (`host=`
+    /// names it in the `-device`/`device_add` arguments).
+    pub fn vfio(function: u8, bdf: Bdf, resources: Vec<FunctionResource>) -> Self {
         let mut f = FunctionRequest::new(function, "vfio-pci", resources);
         f.props.insert("host".into(), PropValue::Str(bdf.to_string()));
-        f.host = Some(HostRef::Bdf(bdf.to_string()));
+        f.host = Some(HostRef::Pci(bdf));
         f
+    }
+
+    /// This function passing through the host device at `sysfsdev` (a sysfs path: a
+    /// mediated device, a `vfio-ccw` subchannel), passed as `sysfsdev=`.
+    pub fn with_sysfsdev(mut self, sysfsdev: &str) -> Self {
+        self.props.insert("sysfsdev".into(), PropValue::Str(sysfsdev.to_string()));
+        self.host = Some(HostRef::Sysfsdev(sysfsdev.to_string()));
+        self
     }
 
     /// An `ivshmem-plain` GPU stand-in: one 64-bit prefetchable BAR of `size` bytes backed
@@ -305,10 +352,9 @@ impl FunctionRequest {
         if !unknown.is_empty() {
             let what: Vec<String> =
                 unknown.iter().map(|(i, vf)| format!("{}BAR {i}", if *vf { "VF " } else { "" })).collect();
-            return Err(RequestError::UnknownSize { bdf: facts.bdf.to_string(), what: what.join(", ") });
+            return Err(RequestError::UnknownSize { bdf: facts.bdf, what: what.join(", ") });
         }
-        let mut f =
-            FunctionRequest::vfio(function, &facts.bdf.to_string(), FunctionResource::of_facts(facts, opts));
+        let mut f = FunctionRequest::vfio(function, facts.bdf, FunctionResource::of_facts(facts, opts)?);
         f.pcie = facts.is_pcie;
         f.class = Some(facts.class_code);
         Ok(f)
@@ -323,7 +369,9 @@ pub enum Attach {
     /// A hotpluggable PCIe port — a root port or a switch downstream port — whose windows
     /// the planner can size, whether or not the functions have a PCI Express capability.
     /// QEMU accepts a conventional PCI device (`ivshmem-plain`, a conventional host
-    /// function under `vfio-pci`) on such a port and Linux drives it there.
+    /// function under `vfio-pci`) on such a port and Linux drives it there. On a platform
+    /// without ports ([`Addressing::Zpci`](crate::platform::Addressing::Zpci), s390x) the
+    /// device is a zPCI function of its own.
     #[default]
     Port,
     /// A slot of a PCIe-to-PCI bridge, for a legacy device that needs a conventional bus.
@@ -331,6 +379,15 @@ pub enum Attach {
     /// windows from the devices present at boot, so a device hotplugged behind it gets
     /// only what an empty bridge gets (see `PlanError::BridgeWindow`).
     PciBridge,
+    /// The channel subsystem (s390x): a `virtio-*-ccw` or `vfio-ccw` device, which gets a
+    /// device number in subchannel set `ssid` (0–3). Only on a platform with
+    /// [`Addressing::Zpci`](crate::platform::Addressing::Zpci).
+    Channel {
+        /// Subchannel set.
+        ssid: u8,
+    },
+    /// The adjunct-processor bus (s390x `vfio-ap`): no guest address.
+    Ap,
 }
 
 impl Attach {
@@ -341,8 +398,10 @@ impl Attach {
 
 /// A device to place: every function of it lands on one port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeviceRequest {
-    /// QEMU id of function 0; other functions get `<id>.f<n>`.
+    /// QEMU id of function 0; function `n` of the device gets `<id>-f<n>`
+    /// ([`crate::plan::function_id`]).
     pub id: QemuId,
     /// All functions (function 0 included).
     pub functions: Vec<FunctionRequest>,
@@ -375,6 +434,23 @@ impl DeviceRequest {
             cold_plug: false,
             attach: Attach::Port,
         }
+    }
+
+    /// A channel device (s390x) of `driver` (`virtio-net-ccw`, `vfio-ccw`, …) with no other
+    /// properties, its device number allocated in subchannel set `ssid` (0–3).
+    pub fn channel(id: QemuId, driver: &str, ssid: u8) -> Self {
+        let mut d = DeviceRequest::new(id, vec![FunctionRequest::new(0, driver, Vec::new())]);
+        d.attach = Attach::Channel { ssid };
+        d
+    }
+
+    /// A `vfio-ap` matrix device (s390x): its mediated device's sysfs path
+    /// (`/sys/devices/vfio_ap/matrix/<uuid>`), passed as `sysfsdev=`.
+    pub fn vfio_ap(id: QemuId, sysfsdev: &str) -> Self {
+        let f = FunctionRequest::new(0, "vfio-ap", Vec::new()).with_sysfsdev(sysfsdev);
+        let mut d = DeviceRequest::new(id, vec![f]);
+        d.attach = Attach::Ap;
+        d
     }
 
     /// A single-function ivshmem GPU stand-in with one `size`-byte prefetchable BAR.
@@ -452,8 +528,10 @@ impl DeviceRequest {
         self.functions.iter().flat_map(|f| f.resources.iter().map(|r| &r.resource))
     }
 
-    /// What a port holding this device must forward.
+    /// What a port holding this device must forward; a resource larger than any platform
+    /// addresses is [`RequestError::TooLarge`].
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        check_sizes(self.id.as_str(), self.resources())?;
         Requirement::of(self.resources())
             .map_err(|source| RequestError::Requirement { device: self.id.to_string(), source })
     }
@@ -462,6 +540,23 @@ impl DeviceRequest {
     pub fn is_pcie(&self) -> bool {
         self.functions.iter().all(|f| f.pcie)
     }
+}
+
+/// Refuses resources larger than any platform addresses (sizes and alignments beyond
+/// `1 << MAX_PHYS_BITS` bytes of memory or [`MAX_IO_SIZE`] of I/O): no window can hold them,
+/// and refusing them here keeps every sum the planner makes far from 2^64.
+pub(crate) fn check_sizes<'a>(
+    name: &str,
+    resources: impl IntoIterator<Item = &'a Resource>,
+) -> Result<(), RequestError> {
+    for r in resources {
+        let limit = if r.kind == BarKind::Io { MAX_IO_SIZE } else { 1u64 << MAX_PHYS_BITS };
+        let size = r.size.max(r.align);
+        if size > limit {
+            return Err(RequestError::TooLarge { device: name.to_string(), size, limit });
+        }
+    }
+    Ok(())
 }
 
 /// Checks the BAR indices of one function's resources: BARs at 0–5 (a 64-bit BAR takes
@@ -500,26 +595,27 @@ fn check_indices(resources: &[FunctionResource]) -> Result<(), String> {
 /// order. Several slots: 0, 1, … in the order given. Numbers above 7 (more than 8
 /// functions) are left for [`DeviceRequest::validate`] to reject.
 pub fn guest_function_numbers(functions: &[FunctionFacts]) -> Vec<u8> {
-    let slot = |f: &FunctionFacts| (f.bdf.domain, f.bdf.bus, f.bdf.device);
+    let slot = |f: &FunctionFacts| (f.bdf.domain(), f.bdf.bus(), f.bdf.device());
     let one_slot = functions.windows(2).all(|w| w.first().map(slot) == w.last().map(slot));
     let dense = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
     if !one_slot {
         return (0..functions.len()).map(dense).collect();
     }
-    if functions.iter().any(|f| f.bdf.function == 0) {
-        return functions.iter().map(|f| f.bdf.function).collect();
+    if functions.iter().any(|f| f.bdf.function() == 0) {
+        return functions.iter().map(|f| f.bdf.function()).collect();
     }
-    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function).collect();
+    let mut host: Vec<u8> = functions.iter().map(|f| f.bdf.function()).collect();
     host.sort_unstable();
     host.dedup();
     functions
         .iter()
-        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function).unwrap_or(usize::MAX)))
+        .map(|f| dense(host.iter().position(|h| *h == f.bdf.function()).unwrap_or(usize::MAX)))
         .collect()
 }
 
 /// What a spare port must be ready to take later: the resources of one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HotplugProfile {
     /// Short name shown in plans and explanations (`h100`, `custom`).
     pub name: String,
@@ -615,8 +711,10 @@ impl HotplugProfile {
         Ok(p)
     }
 
-    /// What a port reserved for this profile must forward.
+    /// What a port reserved for this profile must forward; a resource larger than any
+    /// platform addresses is [`RequestError::TooLarge`].
     pub fn requirement(&self) -> Result<Requirement, RequestError> {
+        check_sizes(&self.name, self.resources.iter().map(|r| &r.resource))?;
         Requirement::of(self.resources.iter().map(|r| &r.resource))
             .map_err(|source| RequestError::Requirement { device: self.name.clone(), source })
     }
@@ -670,30 +768,13 @@ mod tests {
     /// An nvme-like function at `bdf` in IOMMU group `group`, with one 16 KiB BAR.
     fn nvme(bdf: &str, group: u32) -> FunctionFacts {
         use pcilibs::bar::Bar;
-        use pcilibs::bdf::Bdf;
-        use pcilibs::config::HeaderType;
-        FunctionFacts {
-            bdf: Bdf::parse(bdf).unwrap(),
-            vendor_id: 0x1b36,
-            device_id: 0x0010,
-            subsystem_vendor_id: None,
-            subsystem_id: None,
-            revision: 2,
-            class_code: 0x010802,
-            header_type: HeaderType::Normal,
-            multifunction: false,
-            is_pcie: true,
-            port_type: None,
-            bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }],
-            rom_size: None,
-            sriov: None,
-            rebar: Vec::new(),
-            iommu_group: Some(group),
-            numa_node: None,
-            driver: Some("vfio-pci".into()),
-            size_source: None,
-            problems: Vec::new(),
-        }
+        let mut f = FunctionFacts::new(Bdf::parse(bdf).unwrap(), 0x1b36, 0x0010, 0x010802);
+        f.revision = 2;
+        f.is_pcie = true;
+        f.bars = vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 << 10) }];
+        f.iommu_group = Some(group);
+        f.driver = Some("vfio-pci".into());
+        f
     }
 
     /// A GPU-like physical function: 16 MiB BAR 0, a resizable 64-bit prefetchable BAR 2
@@ -706,31 +787,20 @@ mod tests {
         let bar = |index, kind, prefetchable, size| Bar { index, kind, prefetchable, size: Some(size) };
         f.bars = vec![bar(0, BarKind::Mem32, false, 16 * MIB), bar(2, BarKind::Mem64, true, 256 * MIB)];
         f.rom_size = Some(128 << 10);
-        f.rebar = vec![RebarFacts {
-            bar: 2,
-            supported_sizes: vec![256 * MIB, 512 * MIB, 8 * GIB],
-            current_size: 256 * MIB,
-        }];
-        f.sriov = Some(SriovFacts {
-            total_vfs: 4,
-            num_vfs: 0,
-            initial_vfs: 4,
-            first_vf_offset: 1,
-            vf_stride: 1,
-            vf_device_id: 0x1234,
-            vf_bars: vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)],
-        });
-        let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+        f.rebar = vec![RebarFacts::new(2, vec![256 * MIB, 512 * MIB, 8 * GIB], 256 * MIB)];
+        let vf_bars = vec![bar(0, BarKind::Mem32, false, 64 << 10), bar(3, BarKind::Mem64, true, 32 * MIB)];
+        f.sriov = Some(SriovFacts::new(4, 1, 1, 0x1234, vf_bars));
+        let opts = ResourceOptions::all();
         (f, opts)
     }
 
     #[test]
     fn resources_from_facts_keep_the_index_and_say_what_they_stand_for() {
         let (facts, opts) = sriov_rebar_pf();
-        let r = FunctionResource::of_facts(&facts, &opts);
+        let r = FunctionResource::of_facts(&facts, &opts).unwrap();
         // The same resources pcilibs lists, in its order.
         let plain: Vec<Resource> = r.iter().map(|r| r.resource).collect();
-        assert_eq!(plain, facts.resources(&opts));
+        assert_eq!(plain, facts.resources(&opts).unwrap());
         let tagged: Vec<(Option<u8>, ResourceRole, u64)> =
             r.iter().map(|r| (r.index, r.role, r.resource.size)).collect();
         assert_eq!(
@@ -746,7 +816,7 @@ mod tests {
         let visible: Vec<Option<u64>> = r.iter().map(FunctionResource::visible_size).collect();
         assert_eq!(visible, [Some(16 * MIB), Some(256 * MIB), Some(128 << 10), None, None]);
         // Without the options: the BARs as they are now, nothing else.
-        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default());
+        let now = FunctionResource::of_facts(&facts, &ResourceOptions::default()).unwrap();
         let bars_now = [
             FunctionResource::bar(0, BarKind::Mem32, false, 16 * MIB),
             FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB),
@@ -755,7 +825,7 @@ mod tests {
         // A ReBAR maximum no larger than now is just the BAR.
         let mut small = facts.clone();
         small.rebar[0].supported_sizes = vec![128 * MIB, 256 * MIB];
-        let r = FunctionResource::of_facts(&small, &opts);
+        let r = FunctionResource::of_facts(&small, &opts).unwrap();
         assert_eq!(r[1], FunctionResource::bar(2, BarKind::Mem64, true, 256 * MIB));
         // The device request validates (VF BAR 0 and BAR 0 are different registers).
         let d = DeviceRequest::from_facts(QemuId::new("gpu").unwrap(), &[facts], &opts).unwrap();
@@ -765,7 +835,7 @@ mod tests {
     #[test]
     fn resource_json_is_a_resource_plus_index_and_role() {
         let (facts, opts) = sriov_rebar_pf();
-        for r in FunctionResource::of_facts(&facts, &opts) {
+        for r in FunctionResource::of_facts(&facts, &opts).unwrap() {
             let back: FunctionResource = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
             assert_eq!(back, r);
         }
@@ -775,6 +845,20 @@ mod tests {
         assert_eq!(r, FunctionResource { resource: plain, index: None, role: ResourceRole::Bar });
         let text = serde_json::to_string(&FunctionResource::bar(2, BarKind::Mem64, true, GIB)).unwrap();
         assert!(text.contains(r#""index":2"#) && !text.contains("role"), "{text}");
+    }
+
+    /// A host function is written `{"pci": address}`; `{"bdf": address}`, as requests said
+    /// before, still reads. Text that is not an address is refused.
+    #[test]
+    fn host_functions_in_json() {
+        let pci = HostRef::Pci(Bdf::parse("0000:01:00.1").unwrap());
+        assert_eq!(serde_json::to_string(&pci).unwrap(), r#"{"pci":"0000:01:00.1"}"#);
+        for text in [r#"{"pci":"0000:01:00.1"}"#, r#"{"bdf":"0000:01:00.1"}"#] {
+            assert_eq!(serde_json::from_str::<HostRef>(text).unwrap(), pci, "{text}");
+        }
+        assert!(serde_json::from_str::<HostRef>(r#"{"pci":"../../etc"}"#).is_err());
+        let vmd = HostRef::Pci(Bdf::parse("10000:e1:00.0").unwrap());
+        assert_eq!(serde_json::to_string(&vmd).unwrap(), r#"{"pci":"10000:e1:00.0"}"#);
     }
 
     #[test]
@@ -823,7 +907,7 @@ mod tests {
         d.host_functions()
             .into_iter()
             .map(|(h, n)| match h {
-                HostRef::Bdf(b) => (b.clone(), n),
+                HostRef::Pci(b) => (b.to_string(), n),
                 other => panic!("{other:?}"),
             })
             .collect()

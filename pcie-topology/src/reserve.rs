@@ -2,27 +2,28 @@
 //!
 //! The input is a [`WindowRequirement`] from pcilibs (size of the packed resources and the
 //! largest alignment among them). The output is the value of the port's `*-reserve`
-//! property (if the rule reads one) and the [`Window`] the guest will really get: its size
+//! property (if the rule reads one) and the [`WindowReservation`] the guest will really get: its size
 //! and the start alignment the firmware guarantees. A resource set fits a window when
 //! packing it from the worst start the guarantee allows still ends inside the window, see
-//! [`Window::holds`].
+//! [`WindowReservation::holds`].
 
 use pcilibs::requirement::WindowRequirement;
 use serde::{Deserialize, Serialize};
 
+use crate::error::AddressSpaceError;
 use crate::platform::WindowRule;
 use crate::units::{align_up, human_size, next_pow2};
 
 /// A bridge window as the guest will get it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Window {
+pub struct WindowReservation {
     /// Size in bytes (0: no window).
     pub size: u64,
     /// Alignment of the window start the platform guarantees (0 when `size` is 0).
     pub align: u64,
 }
 
-impl Window {
+impl WindowReservation {
     /// Whether `need` fits wherever the window starts, given only its guaranteed alignment.
     ///
     /// The worst start for a requirement of alignment `A` inside a window aligned to `g < A`
@@ -48,27 +49,30 @@ impl Window {
 
 /// How one window of one port is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sized {
+pub(crate) struct Sized {
     /// Value for the port's `*-reserve` property, when the rule reads one.
-    pub reserve: Option<u64>,
+    pub(crate) reserve: Option<u64>,
     /// The window the guest gets.
-    pub window: Window,
+    pub(crate) window: WindowReservation,
     /// Why this size, in one sentence.
-    pub why: String,
+    pub(crate) why: String,
 }
 
-/// Sizes one window holding `need`.
+/// Sizes one window holding `need`; [`AddressSpaceError::Overflow`] when the window's size
+/// does not fit 64 bits (the planner refuses such requests earlier, see
+/// [`crate::units::MAX_PHYS_BITS`]).
 ///
 /// `present_at_boot` is true when what the port holds is plugged at boot (a cold-plugged
 /// device, a switch, a placeholder): the firmware then aligns the window to its largest
 /// child, so no slack is needed, and the window stays when the child is unplugged.
 /// `granularity` is 1 MiB for memory windows and 4 KiB for I/O.
-pub fn size_window(
+pub(crate) fn size_window(
     rule: WindowRule,
     need: &WindowRequirement,
     granularity: u64,
     present_at_boot: bool,
-) -> Sized {
+) -> Result<Sized, AddressSpaceError> {
+    let overflow = || AddressSpaceError::Overflow;
     // Memory windows of the unaligned rules come in steps of the start alignment
     // (SeaBIOS 1.16 programs bridge memory windows in 2 MiB steps).
     let gran = match rule {
@@ -79,37 +83,39 @@ pub fn size_window(
         }
         _ => granularity.max(1),
     };
-    let need_size = align_up(need.size, gran).unwrap_or(u64::MAX);
+    let need_size = align_up(need.size, gran).ok_or_else(overflow)?;
     if need.is_empty() {
-        return match rule {
+        return Ok(match rule {
             WindowRule::ReservePowerOfTwo => Sized {
                 reserve: Some(0),
-                window: Window::default(),
+                window: WindowReservation::default(),
                 why: "nothing needs this window; reservation 0 disables the firmware's default".into(),
             },
-            WindowRule::NoWindows => Sized { reserve: None, window: Window::default(), why: String::new() },
+            WindowRule::NoWindows => {
+                Sized { reserve: None, window: WindowReservation::default(), why: String::new() }
+            }
             _ => Sized {
                 reserve: Some(0),
-                window: Window { size: gran, align: gran },
+                window: WindowReservation { size: gran, align: gran },
                 why: format!(
                     "nothing needs this window; the firmware keeps its minimum of {}",
                     human_size(gran)
                 ),
             },
-        };
+        });
     }
     if present_at_boot {
         // Firmware aligns the window to its largest boot-time child and rounds its size up
         // to that alignment.
         let align = need.align.max(gran);
-        let size = align_up(need_size, align).unwrap_or(u64::MAX);
-        let window = Window { size, align };
+        let size = align_up(need_size, align).ok_or_else(overflow)?;
+        let window = WindowReservation { size, align };
         let reserve = match rule {
             WindowRule::ReserveUnaligned { .. } => Some(need_size),
             WindowRule::ReservePowerOfTwo => Some(0),
             _ => None,
         };
-        return Sized {
+        return Ok(Sized {
             reserve,
             window,
             why: format!(
@@ -117,9 +123,9 @@ pub fn size_window(
                 human_size(size),
                 human_size(align)
             ),
-        };
+        });
     }
-    match rule {
+    Ok(match rule {
         WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
             let start = if granularity >= pcilibs::requirement::MEM_GRANULARITY {
                 start_align.max(gran)
@@ -127,7 +133,7 @@ pub fn size_window(
                 gran
             };
             let slack = need.align.saturating_sub(start);
-            let size = need_size.checked_add(slack).and_then(|s| align_up(s, gran)).unwrap_or(u64::MAX);
+            let size = need_size.checked_add(slack).and_then(|s| align_up(s, gran)).ok_or_else(overflow)?;
             let why = if slack > 0 {
                 format!(
                     "{} needed + {} slack: the empty window is only {}-aligned, so a {}-aligned BAR may lose up to {} to alignment",
@@ -145,13 +151,13 @@ pub fn size_window(
                 )
             };
             let reserve = matches!(rule, WindowRule::ReserveUnaligned { .. }).then_some(size);
-            Sized { reserve, window: Window { size, align: start }, why }
+            Sized { reserve, window: WindowReservation { size, align: start }, why }
         }
         WindowRule::ReservePowerOfTwo => {
-            let size = next_pow2(need_size.max(need.align)).unwrap_or(u64::MAX);
+            let size = next_pow2(need_size.max(need.align)).ok_or_else(overflow)?;
             Sized {
                 reserve: Some(size),
-                window: Window { size, align: size },
+                window: WindowReservation { size, align: size },
                 why: format!(
                     "{} needed, rounded up to a power of two ({}) as the firmware does; it aligns the window to that size",
                     human_size(need_size),
@@ -159,8 +165,10 @@ pub fn size_window(
                 ),
             }
         }
-        WindowRule::NoWindows => Sized { reserve: None, window: Window::default(), why: String::new() },
-    }
+        WindowRule::NoWindows => {
+            Sized { reserve: None, window: WindowReservation::default(), why: String::new() }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -172,31 +180,61 @@ mod tests {
 
     #[test]
     fn seabios_needs_slack_for_alignment() {
-        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, false);
+        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, false)
+            .unwrap();
         assert_eq!(s.reserve, Some(256 * GIB + 30 * MIB));
         assert!(s.window.holds(&H100_PREF));
         // The reservation DESIGN.md saw fail: 128 GiB at 1 MiB alignment cannot hold 128 GiB.
-        let plain = Window { size: 128 * GIB, align: MIB };
+        let plain = WindowReservation { size: 128 * GIB, align: MIB };
         assert!(!plain.holds(&WindowRequirement { size: 128 * GIB, align: 128 * GIB }));
         // 256 GiB, the size that worked in the guest, does.
-        assert!(Window { size: 256 * GIB, align: MIB }
+        assert!(WindowReservation { size: 256 * GIB, align: MIB }
             .holds(&WindowRequirement { size: 128 * GIB, align: 128 * GIB }));
     }
 
     #[test]
     fn ovmf_rounds_to_power_of_two() {
-        let s = size_window(WindowRule::ReservePowerOfTwo, &H100_PREF, MIB, false);
+        let s = size_window(WindowRule::ReservePowerOfTwo, &H100_PREF, MIB, false).unwrap();
         assert_eq!(s.reserve, Some(256 * GIB));
-        assert_eq!(s.window, Window { size: 256 * GIB, align: 256 * GIB });
+        assert_eq!(s.window, WindowReservation { size: 256 * GIB, align: 256 * GIB });
         let single = WindowRequirement { size: 128 * GIB, align: 128 * GIB };
-        assert_eq!(size_window(WindowRule::ReservePowerOfTwo, &single, MIB, false).reserve, Some(128 * GIB));
+        assert_eq!(
+            size_window(WindowRule::ReservePowerOfTwo, &single, MIB, false).unwrap().reserve,
+            Some(128 * GIB)
+        );
     }
 
     #[test]
     fn boot_time_children_align_the_window() {
-        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, true);
+        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &H100_PREF, MIB, true)
+            .unwrap();
         // As SeaBIOS showed behind a switch port: 128 GiB + 32 MiB rounds up to 256 GiB.
-        assert_eq!(s.window, Window { size: 256 * GIB, align: 128 * GIB });
+        assert_eq!(s.window, WindowReservation { size: 256 * GIB, align: 128 * GIB });
         assert!(s.window.holds(&H100_PREF));
+    }
+
+    /// Sizes whose window would not fit 64 bits were sized `u64::MAX` (a reservation of
+    /// 16 EiB less a little); they are errors. (Sizes this large never get here from a
+    /// request: see `MAX_PHYS_BITS`.)
+    #[test]
+    fn windows_past_64_bits_are_errors() {
+        let rules = [
+            WindowRule::ReserveUnaligned { start_align: 2 * MIB },
+            WindowRule::ReservePowerOfTwo,
+            WindowRule::KernelHotplugSize { start_align: MIB },
+        ];
+        let past = WindowRequirement { size: (1 << 63) + 4 * MIB, align: 1 << 63 };
+        let unaligned = WindowRequirement { size: u64::MAX - 5, align: 1 << 63 };
+        for rule in rules {
+            assert_eq!(size_window(rule, &past, MIB, false), Err(AddressSpaceError::Overflow), "{rule:?}");
+            for present in [false, true] {
+                let got = size_window(rule, &unaligned, MIB, present);
+                assert_eq!(got, Err(AddressSpaceError::Overflow), "{rule:?}");
+            }
+        }
+        // 2^63 at its own alignment, present at boot, is still a 64-bit number.
+        let huge = WindowRequirement { size: 1 << 63, align: 1 << 63 };
+        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &huge, MIB, true).unwrap();
+        assert_eq!(s.window, WindowReservation { size: 1 << 63, align: 1 << 63 });
     }
 }

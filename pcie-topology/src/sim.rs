@@ -12,15 +12,19 @@
 use pcilibs::requirement::{Resource, Window as WindowKind};
 use serde::{Deserialize, Serialize};
 
+use crate::error::AddressSpaceError;
 use crate::plan::{Plan, PortKind};
-use crate::reserve::Window;
+use crate::platform::Range;
+use crate::qemu::QemuId;
+use crate::reserve::WindowReservation;
 use crate::units::align_up;
 
 /// A window placed at an address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlacedWindow {
     /// Port id.
-    pub port: String,
+    pub port: QemuId,
     /// Which window.
     pub kind: WindowKind,
     /// First address.
@@ -38,7 +42,7 @@ impl PlacedWindow {
 
 /// Assigns `resources` of one window kind inside `[base, base + size)` the way Linux does;
 /// returns each resource's address, or `None` if one does not fit.
-pub fn assign_bars(base: u64, size: u64, resources: &[Resource]) -> Option<Vec<(Resource, u64)>> {
+pub(crate) fn assign_bars(base: u64, size: u64, resources: &[Resource]) -> Option<Vec<(Resource, u64)>> {
     let mut list: Vec<Resource> = resources.to_vec();
     list.sort_by_key(|r| std::cmp::Reverse((r.align, r.size)));
     let end = base.checked_add(size)?;
@@ -56,52 +60,62 @@ pub fn assign_bars(base: u64, size: u64, resources: &[Resource]) -> Option<Vec<(
     Some(out)
 }
 
-/// Places windows of one kind sequentially from `base` in firmware order.
-fn place_sequence(base: u64, windows: &[(String, Window)], kind: WindowKind) -> Vec<PlacedWindow> {
-    let mut list: Vec<&(String, Window)> = windows.iter().filter(|(_, w)| w.size > 0).collect();
+/// Places windows of one kind sequentially from `base` in firmware order;
+/// [`AddressSpaceError::Overflow`] when one would end past 2^64.
+fn place_sequence(
+    base: u64,
+    windows: &[(QemuId, WindowReservation)],
+    kind: WindowKind,
+) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
+    let mut list: Vec<&(QemuId, WindowReservation)> = windows.iter().filter(|(_, w)| w.size > 0).collect();
     list.sort_by_key(|w| std::cmp::Reverse((w.1.align, w.1.size)));
     let mut cursor = base;
     let mut out = Vec::new();
     for (port, w) in list {
-        let at = align_up(cursor, w.align.max(1)).unwrap_or(u64::MAX);
+        let at = align_up(cursor, w.align.max(1)).ok_or(AddressSpaceError::Overflow)?;
         out.push(PlacedWindow { port: port.clone(), kind, base: at, size: w.size });
-        cursor = at.saturating_add(w.size);
+        cursor = at.checked_add(w.size).ok_or(AddressSpaceError::Overflow)?;
     }
-    out
+    Ok(out)
 }
 
 /// Lays out every port's memory and prefetchable windows: root-level windows in the
 /// 32-bit hole and the 64-bit aperture, downstream windows inside their root port's.
-pub fn layout(plan: &Plan) -> Vec<PlacedWindow> {
+/// [`AddressSpaceError::Overflow`] when a window would end past 2^64 (a plan file can
+/// say anything).
+pub(crate) fn layout(plan: &Plan) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
     let mut out = Vec::new();
     let roots: Vec<_> = plan.ports.iter().filter(|p| p.kind == PortKind::Root).collect();
     let pref_base = plan.address.mmio64_aperture.map_or(plan.platform.mmio32.base, |a| a.base);
     for (kind, base) in [(WindowKind::Mem, plan.platform.mmio32.base), (WindowKind::Pref, pref_base)] {
         let pick = |w: &crate::plan::Reservation| if kind == WindowKind::Mem { w.mem } else { w.pref };
-        let top: Vec<(String, Window)> =
-            roots.iter().map(|p| (p.id.to_string(), pick(&p.reservation))).collect();
-        let placed = place_sequence(base, &top, kind);
+        let top: Vec<(QemuId, WindowReservation)> =
+            roots.iter().map(|p| (p.id.clone(), pick(&p.reservation))).collect();
+        let placed = place_sequence(base, &top, kind)?;
         for sw in &plan.switches {
-            let Some(parent) = placed.iter().find(|w| w.port == sw.root_port.as_str()) else { continue };
-            let below: Vec<(String, Window)> = plan
+            let Some(parent) = placed.iter().find(|w| w.port == sw.root_port) else { continue };
+            let below: Vec<(QemuId, WindowReservation)> = plan
                 .ports
                 .iter()
                 .filter(|p| p.switch.as_ref() == Some(&sw.id))
-                .map(|p| (p.id.to_string(), pick(&p.reservation)))
+                .map(|p| (p.id.clone(), pick(&p.reservation)))
                 .collect();
-            out.extend(place_sequence(parent.base, &below, kind));
+            out.extend(place_sequence(parent.base, &below, kind)?);
         }
         out.extend(placed);
     }
-    out
+    Ok(out)
 }
 
-/// Whether `resources` fit a port's windows when they start at `mem_base` / `pref_base`.
-pub fn fits(mem: (u64, u64), pref: (u64, u64), resources: &[Resource]) -> bool {
+/// Whether `resources` fit a port's windows at `mem` (the 32-bit window: non-prefetchable
+/// BARs and the ROM) and `pref` (the prefetchable window) when Linux assigns them there:
+/// largest alignment first, each at the next address aligned to its size. A plan's
+/// windows come from [`Plan::window_layout`]; a live guest's from its bridge registers.
+pub fn bars_fit(mem: Range, pref: Range, resources: &[Resource]) -> bool {
     let of =
         |k: WindowKind| -> Vec<Resource> { resources.iter().filter(|r| r.window() == k).copied().collect() };
     let m = of(WindowKind::Mem);
     let p = of(WindowKind::Pref);
-    (m.is_empty() || assign_bars(mem.0, mem.1, &m).is_some())
-        && (p.is_empty() || assign_bars(pref.0, pref.1, &p).is_some())
+    (m.is_empty() || assign_bars(mem.base, mem.size, &m).is_some())
+        && (p.is_empty() || assign_bars(pref.base, pref.size, &p).is_some())
 }

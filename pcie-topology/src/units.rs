@@ -11,6 +11,20 @@ pub const GIB: u64 = 1 << 30;
 /// One tebibyte.
 pub const TIB: u64 = 1 << 40;
 
+/// The widest guest physical address any platform here has, in bits: x86-64 defines
+/// physical addresses of at most 52 bits (CPUID `MAXPHYADDR`), aarch64 intermediate
+/// physical addresses of at most 52 bits (FEAT_LPA / LPA2); s390x zPCI has no bridge
+/// windows. A plan that ends above `1 << MAX_PHYS_BITS` is refused
+/// ([`crate::AddressSpaceError::PhysBits`]), and so is a memory resource larger than that
+/// ([`crate::request::RequestError::TooLarge`]), before any size is added up: with every input
+/// below 2^52, the sums and round-ups of a plan stay far from 2^64, and every one of them
+/// is checked as well.
+pub const MAX_PHYS_BITS: u8 = 52;
+
+/// The largest I/O resource any platform could hold: PCI's I/O address space is at most
+/// 32 bits wide (x86 and aarch64 `virt` have 64 KiB of it).
+pub const MAX_IO_SIZE: u64 = 1 << 32;
+
 /// Errors parsing a size.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -71,17 +85,17 @@ pub fn human_size(size: u64) -> String {
 }
 
 /// Rounds `v` up to a multiple of `align` (a power of two, or 0/1 for none); `None` on overflow.
-pub fn align_up(v: u64, align: u64) -> Option<u64> {
+pub(crate) fn align_up(v: u64, align: u64) -> Option<u64> {
     pcilibs::requirement::align_up(v, align)
 }
 
 /// The smallest power of two `>= v` (1 for 0); `None` above 2^63.
-pub fn next_pow2(v: u64) -> Option<u64> {
+pub(crate) fn next_pow2(v: u64) -> Option<u64> {
     v.max(1).checked_next_power_of_two()
 }
 
 /// Number of address bits needed to address `[0, end)`: the bit width of `end - 1`.
-pub fn bits_for_end(end: u64) -> u8 {
+pub(crate) fn bits_for_end(end: u64) -> u8 {
     if end <= 1 {
         return 0;
     }

@@ -1,18 +1,15 @@
 //! What a plan says the guest will show of each function's resources: BAR index and role
 //! from the request through the plan, on a real SR-IOV function (the nvme PF of pcilibs'
-//! QEMU guest fixtures) and on stand-ins; and plan files of the previous format.
+//! QEMU guest fixtures) and on stand-ins. (Plan files of older formats: `plan_format.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::PathBuf;
 
 use arch_x86_aarch64::Q35;
 use pcie_topology::units::GIB;
-use pcie_topology::{
-    plan, DeviceRequest, FunctionResource, Plan, PlanError, PlanRequest, QemuId, ResourceRole, PLAN_VERSION,
-};
+use pcie_topology::{plan, DeviceRequest, FunctionResource, Plan, PlanRequest, QemuId, ResourceRole};
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::sysfs::SysfsDevice;
-use serde_json::Value;
 
 /// The sysfs files of QEMU 7.2's `nvme` with `sriov_max_vfs=4` as a Linux 6.1 guest shows
 /// them (see the fixture folder's README): BAR 0 of 16 KiB, VF BAR 0 of 16 KiB per VF.
@@ -28,7 +25,7 @@ fn nvme_pf() -> FunctionFacts {
 }
 
 fn one_device(d: DeviceRequest) -> Plan {
-    plan(&Q35::seabios(), &PlanRequest { devices: vec![d], ..PlanRequest::default() }).unwrap()
+    plan(&Q35::seabios(), &PlanRequest::default().with_devices(vec![d])).unwrap()
 }
 
 #[test]
@@ -36,7 +33,7 @@ fn sriov_apertures_are_planned_at_the_vf_bar_index_and_not_expected_in_the_guest
     let facts = nvme_pf();
     let sriov = facts.sriov.as_ref().expect("the fixture's nvme has SR-IOV");
     assert_eq!(sriov.total_vfs, 4);
-    let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let opts = ResourceOptions::all();
     let d = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), std::slice::from_ref(&facts), &opts)
         .unwrap();
     let p = one_device(d);
@@ -53,20 +50,19 @@ fn sriov_apertures_are_planned_at_the_vf_bar_index_and_not_expected_in_the_guest
     let visible: Vec<(u8, u64)> = bars.iter().filter_map(|b| Some((b.index?, b.visible_size()?))).collect();
     let host: Vec<(u8, u64)> = facts.bars.iter().map(|b| (b.index, b.size.unwrap())).collect();
     assert_eq!(visible, host);
-    // The hotplug action carries the same entries.
+    // The hotplug action carries the same entries, and so does the plan file.
     assert_eq!(&p.hotplug_action("nvme0").unwrap().functions[0].bars, bars);
+    let json = p.to_json().unwrap();
+    assert!(json.contains(r#""role": "vf-aperture""#), "{json}");
+    assert_eq!(Plan::from_json(&json).unwrap(), p);
 }
 
 #[test]
 fn a_resizable_bar_is_planned_at_its_largest_and_expected_at_its_current_size() {
     let mut facts = nvme_pf();
     facts.sriov = None;
-    facts.rebar = vec![pcilibs::facts::RebarFacts {
-        bar: 0,
-        supported_sizes: vec![16 << 10, 64 << 20],
-        current_size: 16 << 10,
-    }];
-    let opts = ResourceOptions { rebar_max: true, ..ResourceOptions::default() };
+    facts.rebar = vec![pcilibs::facts::RebarFacts::new(0, vec![16 << 10, 64 << 20], 16 << 10)];
+    let opts = ResourceOptions::default().with_rebar_max(true);
     let d = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &opts).unwrap();
     let p = one_device(d);
     let bar = p.device("nvme0").unwrap().functions[0].bars[0];
@@ -85,56 +81,6 @@ fn ivshmem_stand_in_is_expected_at_bars_0_and_2() {
     let bars: Vec<(Option<u8>, Option<u64>)> =
         p.device("gpu0").unwrap().functions[0].bars.iter().map(|b| (b.index, b.visible_size())).collect();
     assert_eq!(bars, [(Some(0), Some(256)), (Some(2), Some(4 * GIB))]);
-}
-
-/// `json` with `version` set and, in every object that has them, the members `drop` removed.
-fn rewrite(json: &str, version: u64, drop: &[&str]) -> String {
-    fn walk(v: &mut Value, drop: &[&str]) {
-        match v {
-            Value::Object(m) => {
-                for k in drop {
-                    m.remove(*k);
-                }
-                m.values_mut().for_each(|v| walk(v, drop));
-            }
-            Value::Array(a) => a.iter_mut().for_each(|v| walk(v, drop)),
-            _ => {}
-        }
-    }
-    let mut v: Value = serde_json::from_str(json).unwrap();
-    walk(&mut v, drop);
-    v["version"] = version.into();
-    v.to_string()
-}
-
-#[test]
-fn version_1_plans_still_read_others_are_refused() {
-    let facts = nvme_pf();
-    let opts = ResourceOptions { include_sriov_vfs: true, ..ResourceOptions::default() };
-    let d = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &opts).unwrap();
-    let p = one_device(d);
-    assert_eq!(p.version, PLAN_VERSION);
-    let json = p.to_json().unwrap();
-    assert!(json.contains(r#""role": "vf-aperture""#), "{json}");
-    assert_eq!(Plan::from_json(&json).unwrap(), p);
-
-    // A version 1 plan (no index, no role anywhere) reads as the current version, with
-    // BARs of unknown index that are all BARs: what version 1 said.
-    let old = Plan::from_json(&rewrite(&json, 1, &["index", "role"])).unwrap();
-    assert_eq!(old.version, PLAN_VERSION);
-    let bars = &old.device("nvme0").unwrap().functions[0].bars;
-    assert!(bars.iter().all(|b| b.index.is_none() && b.role == ResourceRole::Bar), "{bars:?}");
-    assert_eq!(old.ports, p.ports);
-
-    for version in [0, u64::from(PLAN_VERSION) + 1] {
-        match Plan::from_json(&rewrite(&json, version, &[])) {
-            Err(e @ PlanError::Version { found, oldest: 1, supported }) => {
-                assert_eq!((u64::from(found), supported), (version, PLAN_VERSION));
-                assert!(e.to_string().contains("reads versions 1 to"), "{e}");
-            }
-            other => panic!("version {version}: {other:?}"),
-        }
-    }
 }
 
 #[test]

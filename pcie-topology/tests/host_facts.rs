@@ -26,7 +26,7 @@ fn host_functions_plan_with_their_real_bars() {
         let id = QemuId::new(format!("host{}", devices.len())).unwrap();
         let d = DeviceRequest::from_facts(id, std::slice::from_ref(&facts), &opts).unwrap();
         let resources: Vec<Resource> = d.functions[0].resources.iter().map(|r| r.resource).collect();
-        assert_eq!(resources, facts.resources(&opts));
+        assert_eq!(resources, facts.resources(&opts).unwrap());
         // Every resource sits at the index the facts give its BAR, at the BAR's size.
         for r in &d.functions[0].resources {
             assert_eq!(r.role, ResourceRole::Bar, "{}", facts.bdf);
@@ -37,17 +37,15 @@ fn host_functions_plan_with_their_real_bars() {
         devices.push((d, facts));
     }
     assert!(!devices.is_empty(), "this host shows no PCI endpoint with sized BARs in /sys/bus/pci/devices");
-    let request = PlanRequest {
-        mode: Mode::RootPort,
-        devices: devices.iter().map(|(d, _)| d.clone()).collect(),
-        ..Default::default()
-    };
+    let request = PlanRequest::default()
+        .with_mode(Mode::RootPort)
+        .with_devices(devices.iter().map(|(d, _)| d.clone()).collect());
     let plan = plan(&Q35::seabios(), &request).unwrap();
     for (d, facts) in &devices {
         let placed = plan.device(d.id.as_str()).unwrap();
         let f = &placed.functions[0];
         assert_eq!(f.device.props["host"], facts.bdf.to_string().as_str().into());
-        assert_eq!(f.bars.len(), facts.resources(&opts).len());
+        assert_eq!(f.bars.len(), facts.resources(&opts).unwrap().len());
         let planned: Vec<(Option<u8>, Option<u64>)> =
             f.bars.iter().map(|b| (b.index, b.visible_size())).collect();
         let host: Vec<(Option<u8>, Option<u64>)> =

@@ -15,7 +15,6 @@ use pcie_topology::{
 };
 use pcilibs::bar::{Bar, BarKind};
 use pcilibs::bdf::Bdf;
-use pcilibs::config::HeaderType;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::Resource;
 
@@ -45,7 +44,7 @@ fn legacy(id: &str, bar: u64) -> DeviceRequest {
 }
 
 fn request(devices: Vec<DeviceRequest>) -> PlanRequest {
-    PlanRequest { devices, ..Default::default() }
+    PlanRequest::default().with_devices(devices)
 }
 
 #[test]
@@ -66,7 +65,7 @@ fn functions_without_pcie_capability_go_on_reservable_root_ports() {
             assert!(pref >= 32 * GIB, "{name}: pref64-reserve {pref:#x}");
         }
         let action = plan.hotplug_action("gpu0").unwrap();
-        assert_eq!(action.functions[0].device_add["bus"], port.id.as_str());
+        assert_eq!(action.functions[0].device_add.bus.as_deref(), Some(port.id.as_str()));
     }
 }
 
@@ -76,7 +75,7 @@ fn functions_without_pcie_capability_go_on_switch_ports_too() {
     let mut b = conventional_ivshmem("b", 16 * GIB);
     a.p2p_group = Some("g".into());
     b.p2p_group = Some("g".into());
-    let request = PlanRequest { mode: Mode::SwitchPort, devices: vec![a, b], ..Default::default() };
+    let request = PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(vec![a, b]);
     let plan = plan(&Q35::seabios(), &request).unwrap();
     assert!(plan.bridges.is_empty());
     for id in ["a", "b"] {
@@ -105,11 +104,13 @@ fn a_bridge_is_used_only_when_asked_for() {
     // For the whole request: the option puts every conventional device behind the bridge.
     let mut small = conventional_ivshmem("small", 64 * KIB);
     small.cold_plug = true;
-    let req = PlanRequest {
-        devices: vec![small, DeviceRequest::ivshmem("pcie", GIB).unwrap()],
-        options: PlanOptions { conventional_behind_bridge: true, ..Default::default() },
-        ..Default::default()
-    };
+    let req = PlanRequest::default()
+        .with_devices(vec![small, DeviceRequest::ivshmem("pcie", GIB).unwrap()])
+        .with_options({
+            let mut o = PlanOptions::default();
+            o.conventional_behind_bridge = true;
+            o
+        });
     let plan = pcie_topology::plan(&Q35::seabios(), &req).unwrap();
     let kind = |id: &str| plan.port(plan.device(id).unwrap().port.as_ref().unwrap().as_str()).unwrap().kind;
     assert_eq!(kind("small"), PortKind::BridgeSlot);
@@ -211,7 +212,7 @@ fn run_time_placement_behind_a_bridge_respects_its_window() {
     big.attach = Attach::PciBridge;
     assert!(matches!(plan.place(big), Err(PlanError::NoFreePort { .. })), "4 MiB does not fit 2 MiB");
     let action = plan.place(legacy("c", 64 * KIB)).unwrap();
-    assert_eq!(action.functions[0].device_add["bus"], plan.bridges[0].id.as_str());
+    assert_eq!(action.functions[0].device_add.bus.as_deref(), Some(plan.bridges[0].id.as_str()));
     // ...and a device that does not ask never lands there.
     let free = plan.release("c").unwrap();
     assert!(free.port.is_some());
@@ -221,28 +222,13 @@ fn run_time_placement_behind_a_bridge_respects_its_window() {
 
 /// An nvme-like host function, as sysfs facts describe it.
 fn host_function(bdf: &str, group: u32) -> FunctionFacts {
-    FunctionFacts {
-        bdf: Bdf::parse(bdf).unwrap(),
-        vendor_id: 0x1b36,
-        device_id: 0x0010,
-        subsystem_vendor_id: None,
-        subsystem_id: None,
-        revision: 2,
-        class_code: 0x010802,
-        header_type: HeaderType::Normal,
-        multifunction: false,
-        is_pcie: true,
-        port_type: None,
-        bars: vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 * KIB) }],
-        rom_size: None,
-        sriov: None,
-        rebar: Vec::new(),
-        iommu_group: Some(group),
-        numa_node: None,
-        driver: Some("vfio-pci".into()),
-        size_source: None,
-        problems: Vec::new(),
-    }
+    let mut f = FunctionFacts::new(Bdf::parse(bdf).unwrap(), 0x1b36, 0x0010, 0x010802);
+    f.revision = 2;
+    f.is_pcie = true;
+    f.bars = vec![Bar { index: 0, kind: BarKind::Mem64, prefetchable: false, size: Some(16 * KIB) }];
+    f.iommu_group = Some(group);
+    f.driver = Some("vfio-pci".into());
+    f
 }
 
 #[test]
@@ -256,13 +242,59 @@ fn a_lone_vf_plans_as_function_0_and_the_plan_keeps_its_host_address() {
     let ivs = DeviceRequest::from_facts(QemuId::new("ivs").unwrap(), &[no_pcie], &opts).unwrap();
     let plan = plan(&Q35::seabios(), &request(vec![vf, ivs])).unwrap();
     let placed = plan.device("vf").unwrap();
-    assert_eq!(placed.host_functions(), [(&HostRef::Bdf("0000:03:00.2".into()), 0)]);
+    assert_eq!(placed.host_functions(), [(&HostRef::Pci("0000:03:00.2".parse().unwrap()), 0)]);
     let action = plan.hotplug_action("vf").unwrap();
     assert_eq!(action.functions.len(), 1);
     assert_eq!(action.functions[0].function, 0);
-    assert_eq!(action.functions[0].device_add["host"], "0000:03:00.2");
+    assert_eq!(action.functions[0].device_add.props["host"], PropValue::Str("0000:03:00.2".into()));
     assert_eq!(action.iommu_group, Some(4));
     // The host function without a PCIe capability is on a root port, not behind a bridge.
     let port = plan.port(plan.device("ivs").unwrap().port.as_ref().unwrap().as_str()).unwrap();
     assert_eq!(port.kind, PortKind::Root);
+}
+
+/// Channel and vfio-ap devices exist on s390x only: a machine with PCIe ports refuses
+/// them when planning and when placing, instead of putting them on a port.
+#[test]
+fn channel_and_ap_devices_are_refused_where_there_are_ports() {
+    let id = || QemuId::new("d0").unwrap();
+    let path = "/sys/devices/vfio_ap/matrix/11111111-2222-3333-4444-555555555555";
+    for platform in platforms() {
+        for d in [DeviceRequest::channel(id(), "virtio-net-ccw", 0), DeviceRequest::vfio_ap(id(), path)] {
+            let e = plan(platform.as_ref(), &request(vec![d.clone()])).unwrap_err();
+            assert!(matches!(e, PlanError::Unsupported { .. }), "{e}");
+            let mut empty = plan(platform.as_ref(), &request(vec![])).unwrap();
+            assert!(matches!(empty.place(d), Err(PlanError::Unsupported { .. })));
+        }
+    }
+}
+
+/// Under the guest kernel's rule every hotplug bridge gets the largest spare size; a port
+/// holding a boot-time device whose window is smaller grows to it, and Linux still aligns
+/// that window to the device's largest BAR. The plan lowered the alignment to 1 MiB, so the
+/// 32 GiB BAR it was sized for no longer fit its own window (found by the property tests).
+#[test]
+fn a_boot_time_device_keeps_its_alignment_under_the_kernel_rule() {
+    let mut cold = DeviceRequest::ivshmem("boot0", 32 * GIB).unwrap();
+    cold.cold_plug = true;
+    let gpu = DeviceRequest::new(
+        QemuId::new("gpu0").unwrap(),
+        vec![FunctionRequest::new(
+            0,
+            "vfio-pci",
+            vec![
+                FunctionResource::bar(0, BarKind::Mem64, true, 2 * MIB),
+                FunctionResource::bar(2, BarKind::Mem64, true, 16 * GIB),
+            ],
+        )],
+    );
+    for platform in [Virt::direct_kernel(), Virt::uefi()] {
+        let p = plan(&platform, &request(vec![cold.clone(), gpu.clone()])).unwrap();
+        let d = p.device("boot0").unwrap();
+        let port = p.port(d.port.as_ref().unwrap().as_str()).unwrap();
+        let pref = port.reservation.pref;
+        assert!(pref.size > 32 * GIB, "grown to the kernel's hotplug size: {pref:?}");
+        assert_eq!(pref.align, 32 * GIB, "still aligned to the boot-time BAR");
+        assert!(port.reservation.holds(&d.need), "{:?}", port.reservation);
+    }
 }

@@ -9,12 +9,12 @@ use std::collections::BTreeSet;
 
 use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::plan::GuestLocation;
+use pcie_topology::platform::Range;
 use pcie_topology::qemu::PropValue;
 use pcie_topology::request::FunctionRequest;
-use pcie_topology::sim;
 use pcie_topology::units::{GIB, KIB};
 use pcie_topology::{
-    plan, AddressSpaceError, Attach, DeviceRequest, HotplugProfile, Mode, Plan, PlanError, PlanOptions,
+    bars_fit, plan, AddressSpaceError, Attach, DeviceRequest, HotplugProfile, Mode, Plan, PlanError,
     PlanRequest, Platform, PortKind, QemuId, SpareRequest,
 };
 use pcilibs::bar::BarKind;
@@ -89,17 +89,14 @@ fn request() -> impl Strategy<Value = (usize, PlanRequest)> {
             };
             let mode = [Mode::RootPort, Mode::SwitchPort, Mode::Numa][usize::from(mode)];
             let spares = vec![
-                SpareRequest { profile: profile.clone(), count: spares, numa_node: None, p2p_group: None },
-                SpareRequest {
-                    profile,
-                    count: spares.min(1),
-                    numa_node: Some(0),
-                    p2p_group: Some("g0".into()),
-                },
+                SpareRequest::new(profile.clone(), spares),
+                SpareRequest::new(profile, spares.min(1)).with_numa_node(0).with_p2p_group("g0"),
             ];
-            let options =
-                PlanOptions { pack_root_ports: pack, spare_bus_reserve: bus_reserve, ..Default::default() };
-            (platform, PlanRequest { mode, devices, spares, options })
+            let mut request =
+                PlanRequest::default().with_mode(mode).with_devices(devices).with_spares(spares);
+            request.options.pack_root_ports = pack;
+            request.options.spare_bus_reserve = bus_reserve;
+            (platform, request)
         })
 }
 
@@ -119,30 +116,30 @@ fn check_plan(plan: &Plan) {
     }
     let mut addresses = BTreeSet::new();
     for p in plan.ports.iter().filter(|p| p.kind != PortKind::BridgeSlot) {
-        assert!(addresses.insert((p.bdf.bus, p.bdf.devfn)), "two ports at {}", p.bdf);
+        assert!(addresses.insert(p.bdf), "two ports at {}", p.bdf);
     }
     for b in &plan.bridges {
-        assert!(addresses.insert((b.bdf.bus, b.bdf.devfn)), "bridge {} shares {}", b.id, b.bdf);
+        assert!(addresses.insert(b.bdf), "bridge {} shares {}", b.id, b.bdf);
     }
     for hb in &plan.host_bridges {
         if let Some(addr) = hb.device.as_ref().and_then(|d| d.addr) {
-            assert!(addresses.insert((0, addr)), "expander {} shares slot {addr:?}", hb.id);
+            assert!(addresses.insert(addr.on_bus(0, 0)), "expander {} shares slot {addr:?}", hb.id);
         }
     }
     for d in &plan.devices {
         for f in &d.functions {
             let GuestLocation::Pci { bdf, .. } = &f.location else { panic!("not PCI") };
-            assert!(addresses.insert((bdf.bus, bdf.devfn)), "two functions at {bdf}");
+            assert!(addresses.insert(*bdf), "two functions at {bdf}");
         }
     }
     let mut secondaries = BTreeSet::new();
     for p in plan.ports.iter().filter(|p| p.kind != PortKind::BridgeSlot) {
         assert!(
-            p.secondary_bus > p.bdf.bus,
+            p.secondary_bus > p.bdf.bus(),
             "{}: secondary {} not below bus {}",
             p.id,
             p.secondary_bus,
-            p.bdf.bus
+            p.bdf.bus()
         );
         assert!(p.subordinate_bus >= p.secondary_bus);
         assert!(secondaries.insert(p.secondary_bus), "bus {} twice", p.secondary_bus);
@@ -183,20 +180,23 @@ fn check_plan(plan: &Plan) {
         }
     }
     // Windows of one kind never overlap; downstream windows lie inside their root port's.
-    let layout = sim::layout(plan);
+    let layout = plan.window_layout().unwrap();
     for kind in [WindowKind::Mem, WindowKind::Pref] {
         let mut top: Vec<_> = layout
             .iter()
-            .filter(|w| w.kind == kind && plan.port(&w.port).is_some_and(|p| p.kind == PortKind::Root))
+            .filter(|w| {
+                w.kind == kind && plan.port(w.port.as_str()).is_some_and(|p| p.kind == PortKind::Root)
+            })
             .collect();
         top.sort_by_key(|w| w.base);
         for w in top.windows(2) {
             assert!(w[0].end() <= w[1].base, "{:?} overlaps {:?}", w[0], w[1]);
         }
         for sw in &plan.switches {
-            let parent = layout.iter().find(|w| w.kind == kind && w.port == sw.root_port.as_str());
+            let parent = layout.iter().find(|w| w.kind == kind && w.port == sw.root_port);
             for child in layout.iter().filter(|w| {
-                w.kind == kind && plan.port(&w.port).is_some_and(|p| p.switch.as_ref() == Some(&sw.id))
+                w.kind == kind
+                    && plan.port(w.port.as_str()).is_some_and(|p| p.switch.as_ref() == Some(&sw.id))
             }) {
                 let parent = parent.unwrap();
                 assert!(
@@ -227,7 +227,7 @@ fn check_plan(plan: &Plan) {
             _ => continue,
         };
         let r = &p.reservation;
-        let at = |kind| layout.iter().find(|w| w.kind == kind && w.port == p.id.as_str()).map(|w| w.base);
+        let at = |kind| layout.iter().find(|w| w.kind == kind && w.port == p.id).map(|w| w.base);
         let (Some(mem_base), Some(pref_base)) =
             (at(WindowKind::Mem).or(Some(0)), at(WindowKind::Pref).or(Some(0)))
         else {
@@ -237,7 +237,7 @@ fn check_plan(plan: &Plan) {
             let m = mem_base + shift * r.mem.align.max(1);
             let pf = pref_base + shift * r.pref.align.max(1);
             assert!(
-                sim::fits((m, r.mem.size), (pf, r.pref.size), &resources),
+                bars_fit(Range::new(m, r.mem.size), Range::new(pf, r.pref.size), &resources),
                 "{}: {resources:?} does not fit mem {:#x}+{:#x} pref {:#x}+{:#x}",
                 p.id,
                 m,
@@ -298,10 +298,7 @@ proptest! {
         platform in 0usize..2,
     ) {
         let platforms = platforms();
-        let request = PlanRequest {
-            spares: vec![SpareRequest { profile: HotplugProfile::a100(), count: 6, numa_node: None, p2p_group: None }],
-            ..Default::default()
-        };
+        let request = PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::a100(), 6)]);
         let mut plan = plan(platforms[platform].as_ref(), &request).unwrap();
         let mut live: Vec<String> = Vec::new();
         let mut next = 0u32;
@@ -332,15 +329,7 @@ proptest! {
 
 #[test]
 fn impossible_plans_say_what_does_not_fit() {
-    let mut request = PlanRequest {
-        spares: vec![SpareRequest {
-            profile: HotplugProfile::h100(),
-            count: 8,
-            numa_node: None,
-            p2p_group: None,
-        }],
-        ..Default::default()
-    };
+    let mut request = PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::h100(), 8)]);
     request.options.guest_phys_bits = Some(40);
     match plan(&Q35::seabios(), &request) {
         Err(PlanError::AddressSpace(AddressSpaceError::PhysBits {
@@ -352,15 +341,8 @@ fn impossible_plans_say_what_does_not_fit() {
     }
     let e = plan(&Virt::direct_kernel(), &request).unwrap_err();
     assert!(e.to_string().contains("64-bit MMIO"), "{e}");
-    let many_nvswitch = PlanRequest {
-        spares: vec![SpareRequest {
-            profile: HotplugProfile::nvswitch(),
-            count: 30,
-            numa_node: None,
-            p2p_group: None,
-        }],
-        ..Default::default()
-    };
+    let many_nvswitch =
+        PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::nvswitch(), 30)]);
     // 30 ports x 64 MiB (32 MiB + alignment slack) is more than the 32-bit hole.
     match plan(&Q35::seabios(), &many_nvswitch) {
         Err(PlanError::AddressSpace(AddressSpaceError::Mmio32 { needed, available })) => {
@@ -377,7 +359,7 @@ fn iommu_group_members_are_listed_together() {
     let c = DeviceRequest::ivshmem("c", 64 * KIB).unwrap();
     a.iommu_group = Some(7);
     b.iommu_group = Some(7);
-    let plan = plan(&Q35::seabios(), &PlanRequest { devices: vec![a, b, c], ..Default::default() }).unwrap();
+    let plan = plan(&Q35::seabios(), &PlanRequest::default().with_devices(vec![a, b, c])).unwrap();
     let members: Vec<&str> = plan.iommu_group_members(7).into_iter().map(QemuId::as_str).collect();
     assert_eq!(members, ["a", "b"]);
     assert_eq!(plan.hotplug_action("a").unwrap().iommu_group, Some(7));
@@ -385,15 +367,7 @@ fn iommu_group_members_are_listed_together() {
 
 #[test]
 fn ports_are_reused_after_unplug_in_the_middle() {
-    let request = PlanRequest {
-        spares: vec![SpareRequest {
-            profile: HotplugProfile::nic(),
-            count: 3,
-            numa_node: None,
-            p2p_group: None,
-        }],
-        ..Default::default()
-    };
+    let request = PlanRequest::default().with_spares(vec![SpareRequest::new(HotplugProfile::nic(), 3)]);
     let mut plan = plan(&Q35::seabios(), &request).unwrap();
     let a = plan.place(DeviceRequest::ivshmem("a", 64 * KIB).unwrap()).unwrap();
     let b = plan.place(DeviceRequest::ivshmem("b", 64 * KIB).unwrap()).unwrap();

@@ -71,6 +71,7 @@ pub type Result<T> = core::result::Result<T, BarError>;
 
 /// A BAR as the registers describe it (no size: registers alone cannot tell it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarRegister {
     /// Slot index; for a 64-bit BAR the lower slot.
     pub index: u8,
@@ -102,6 +103,7 @@ impl BarRegister {
 
 /// The decoded BAR registers of one block (the header's, or the SR-IOV VF BARs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BarRegisters {
     /// Every slot that decodes, in order; the upper half of a 64-bit BAR has no entry.
     pub bars: Vec<BarRegister>,
@@ -192,6 +194,7 @@ pub fn decode_header_bars(cs: ConfigSpace<'_>, header: &Header) -> BarRegisters 
 
 /// The expansion ROM base address register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RomRegister {
     /// Programmed address (bits 31:11).
     pub address: u32,

@@ -16,85 +16,83 @@ pub const PCI_CONFIG_SIZE: usize = 256;
 pub const PCIE_CONFIG_SIZE: usize = 4096;
 
 /// Register offsets of the common header.
-pub mod reg {
+pub(crate) mod reg {
     /// Vendor ID (16 bits).
-    pub const VENDOR_ID: usize = 0x00;
+    pub(crate) const VENDOR_ID: usize = 0x00;
     /// Device ID (16 bits).
-    pub const DEVICE_ID: usize = 0x02;
+    pub(crate) const DEVICE_ID: usize = 0x02;
     /// Command register (16 bits).
-    pub const COMMAND: usize = 0x04;
+    pub(crate) const COMMAND: usize = 0x04;
     /// Status register (16 bits).
-    pub const STATUS: usize = 0x06;
+    pub(crate) const STATUS: usize = 0x06;
     /// Revision ID.
-    pub const REVISION_ID: usize = 0x08;
+    pub(crate) const REVISION_ID: usize = 0x08;
     /// Programming interface byte of the class code.
-    pub const PROG_IF: usize = 0x09;
+    pub(crate) const PROG_IF: usize = 0x09;
     /// Sub-class byte of the class code.
-    pub const SUB_CLASS: usize = 0x0a;
+    pub(crate) const SUB_CLASS: usize = 0x0a;
     /// Base class byte of the class code.
-    pub const BASE_CLASS: usize = 0x0b;
+    pub(crate) const BASE_CLASS: usize = 0x0b;
     /// Cache line size.
-    pub const CACHE_LINE_SIZE: usize = 0x0c;
+    pub(crate) const CACHE_LINE_SIZE: usize = 0x0c;
     /// Latency timer.
-    pub const LATENCY_TIMER: usize = 0x0d;
+    pub(crate) const LATENCY_TIMER: usize = 0x0d;
     /// Header type (bit 7: multi-function).
-    pub const HEADER_TYPE: usize = 0x0e;
+    pub(crate) const HEADER_TYPE: usize = 0x0e;
     /// Built-in self test.
-    pub const BIST: usize = 0x0f;
+    pub(crate) const BIST: usize = 0x0f;
     /// First Base Address Register.
-    pub const BAR0: usize = 0x10;
+    pub(crate) const BAR0: usize = 0x10;
     /// Type 0: subsystem vendor ID.
-    pub const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
+    pub(crate) const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
     /// Type 0: subsystem ID.
-    pub const SUBSYSTEM_ID: usize = 0x2e;
+    pub(crate) const SUBSYSTEM_ID: usize = 0x2e;
     /// Type 0: expansion ROM base address.
-    pub const ROM_ADDRESS: usize = 0x30;
+    pub(crate) const ROM_ADDRESS: usize = 0x30;
     /// Types 0 and 1: capabilities pointer.
-    pub const CAPABILITIES_POINTER: usize = 0x34;
+    pub(crate) const CAPABILITIES_POINTER: usize = 0x34;
     /// Type 2: capabilities pointer.
-    pub const CARDBUS_CAPABILITIES_POINTER: usize = 0x14;
+    pub(crate) const CARDBUS_CAPABILITIES_POINTER: usize = 0x14;
     /// Type 2: subsystem vendor ID.
-    pub const CARDBUS_SUBSYSTEM_VENDOR_ID: usize = 0x40;
+    pub(crate) const CARDBUS_SUBSYSTEM_VENDOR_ID: usize = 0x40;
     /// Type 2: subsystem ID.
-    pub const CARDBUS_SUBSYSTEM_ID: usize = 0x42;
+    pub(crate) const CARDBUS_SUBSYSTEM_ID: usize = 0x42;
     /// Interrupt line.
-    pub const INTERRUPT_LINE: usize = 0x3c;
+    pub(crate) const INTERRUPT_LINE: usize = 0x3c;
     /// Interrupt pin (0: none, 1..=4: INTA..INTD).
-    pub const INTERRUPT_PIN: usize = 0x3d;
+    pub(crate) const INTERRUPT_PIN: usize = 0x3d;
     /// Type 1: primary bus number.
-    pub const PRIMARY_BUS: usize = 0x18;
+    pub(crate) const PRIMARY_BUS: usize = 0x18;
     /// Type 1: secondary bus number.
-    pub const SECONDARY_BUS: usize = 0x19;
+    pub(crate) const SECONDARY_BUS: usize = 0x19;
     /// Type 1: subordinate bus number.
-    pub const SUBORDINATE_BUS: usize = 0x1a;
-    /// Type 1: secondary latency timer.
-    pub const SECONDARY_LATENCY: usize = 0x1b;
+    pub(crate) const SUBORDINATE_BUS: usize = 0x1a;
     /// Type 1: I/O base (low byte).
-    pub const IO_BASE: usize = 0x1c;
+    pub(crate) const IO_BASE: usize = 0x1c;
     /// Type 1: I/O limit (low byte).
-    pub const IO_LIMIT: usize = 0x1d;
+    pub(crate) const IO_LIMIT: usize = 0x1d;
     /// Type 1: secondary status.
-    pub const SECONDARY_STATUS: usize = 0x1e;
+    pub(crate) const SECONDARY_STATUS: usize = 0x1e;
     /// Type 1: memory base.
-    pub const MEMORY_BASE: usize = 0x20;
+    pub(crate) const MEMORY_BASE: usize = 0x20;
     /// Type 1: memory limit.
-    pub const MEMORY_LIMIT: usize = 0x22;
+    pub(crate) const MEMORY_LIMIT: usize = 0x22;
     /// Type 1: prefetchable memory base.
-    pub const PREF_MEMORY_BASE: usize = 0x24;
+    pub(crate) const PREF_MEMORY_BASE: usize = 0x24;
     /// Type 1: prefetchable memory limit.
-    pub const PREF_MEMORY_LIMIT: usize = 0x26;
+    pub(crate) const PREF_MEMORY_LIMIT: usize = 0x26;
     /// Type 1: prefetchable base, upper 32 bits.
-    pub const PREF_BASE_UPPER32: usize = 0x28;
+    pub(crate) const PREF_BASE_UPPER32: usize = 0x28;
     /// Type 1: prefetchable limit, upper 32 bits.
-    pub const PREF_LIMIT_UPPER32: usize = 0x2c;
+    pub(crate) const PREF_LIMIT_UPPER32: usize = 0x2c;
     /// Type 1: I/O base, upper 16 bits.
-    pub const IO_BASE_UPPER16: usize = 0x30;
+    pub(crate) const IO_BASE_UPPER16: usize = 0x30;
     /// Type 1: I/O limit, upper 16 bits.
-    pub const IO_LIMIT_UPPER16: usize = 0x32;
+    pub(crate) const IO_LIMIT_UPPER16: usize = 0x32;
     /// Type 1: expansion ROM base address.
-    pub const BRIDGE_ROM_ADDRESS: usize = 0x38;
+    pub(crate) const BRIDGE_ROM_ADDRESS: usize = 0x38;
     /// Type 1: bridge control.
-    pub const BRIDGE_CONTROL: usize = 0x3e;
+    pub(crate) const BRIDGE_CONTROL: usize = 0x3e;
 }
 
 /// Errors reading the header.
@@ -397,6 +395,7 @@ impl AddressRange {
 
 /// Bus numbers and forwarding windows of a type-1 header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BridgeInfo {
     /// Bus number on the upstream side.
     pub primary_bus: u8,
@@ -469,6 +468,7 @@ fn range(base: u64, limit: u64) -> Option<AddressRange> {
 
 /// The decoded common header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Header {
     /// Vendor ID.
     pub vendor_id: u16,

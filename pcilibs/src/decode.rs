@@ -24,6 +24,7 @@ pub enum DecodeError {
 
 /// Everything decoded from one function's configuration space bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Function {
     /// Number of bytes decoded from (64, 256, 4096, …).
     pub config_len: usize,

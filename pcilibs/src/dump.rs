@@ -58,6 +58,7 @@ pub enum DumpError {
 
 /// One device of a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DumpDevice {
     /// Address (domain 0 when the dump used the short form).
     pub bdf: Bdf,
@@ -71,6 +72,7 @@ pub struct DumpDevice {
 
 /// A parsed dump.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Dump {
     /// Devices in file order.
     pub devices: Vec<DumpDevice>,
@@ -82,6 +84,8 @@ pub struct Dump {
 pub fn parse(text: &str) -> Dump {
     let mut dump = Dump::default();
     let mut current: Option<DumpDevice> = None;
+    // Addresses seen so far, so that a dump of many devices is read in n log n.
+    let mut seen = alloc::collections::BTreeSet::new();
     for (n, raw) in text.lines().enumerate() {
         let line_no = n + 1;
         let line = raw.trim();
@@ -104,7 +108,7 @@ pub fn parse(text: &str) -> Dump {
         dump.devices.extend(current.take());
         match Bdf::parse_any(addr) {
             Ok(bdf) => {
-                if dump.devices.iter().any(|d| d.bdf == bdf) {
+                if !seen.insert(bdf) {
                     dump.problems.push(DumpError::Duplicate { line: line_no, bdf });
                 }
                 current = Some(DumpDevice {
@@ -130,12 +134,15 @@ fn hex_line(line: &str) -> Option<(usize, &str)> {
     Some((usize::from_str_radix(offset, 16).ok()?, rest))
 }
 
-/// `BB:DD.F description` or `DDDD:BB:DD.F description`.
+/// `BB:DD.F description` or `DDDD:BB:DD.F description`, the domain with four to eight
+/// digits (`lspci` prints domains above `ffff`, such as Intel VMD's `10000`, in full).
 fn device_line(line: &str) -> Option<(&str, &str)> {
     let (addr, description) = line.split_once(' ').unwrap_or((line, ""));
     let shape_ok = match addr.len() {
         7 => shape(addr, "##:##.#"),
-        12 => shape(addr, "####:##:##.#"),
+        12..=16 => addr.split_at_checked(addr.len() - 8).is_some_and(|(domain, rest)| {
+            domain.bytes().all(|b| b.is_ascii_hexdigit()) && shape(rest, ":##:##.#")
+        }),
         _ => false,
     };
     shape_ok.then_some((addr, description))
@@ -168,6 +175,19 @@ fn add_bytes(config: &mut Vec<u8>, offset: usize, rest: &str, line: usize) -> Re
 mod tests {
     use super::*;
     use alloc::string::ToString;
+
+    /// `lspci -D` prints domains above `ffff` (Intel VMD) with five digits; such a
+    /// device was skipped as prose. A domain with a leading zero beyond four digits is
+    /// not what lspci prints: a problem, not a silent skip.
+    #[test]
+    fn reads_five_digit_domains() {
+        let d =
+            parse("10000:e1:00.0 Non-Volatile memory controller: X\n00: 86 80 d3 10\n\n01000:e1:00.0 X\n");
+        assert_eq!(d.devices.len(), 1);
+        assert_eq!(d.devices[0].bdf.to_string(), "10000:e1:00.0");
+        assert_eq!(d.devices[0].config, [0x86, 0x80, 0xd3, 0x10]);
+        assert!(matches!(d.problems.as_slice(), [DumpError::BadAddress { line: 4, .. }]), "{:?}", d.problems);
+    }
 
     #[test]
     fn parses_several_devices_in_both_address_forms() {

@@ -53,6 +53,7 @@ pub type Result<T> = core::result::Result<T, FactsError>;
 
 /// SR-IOV facts of a physical function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SriovFacts {
     /// TotalVFs: the most VFs the PF supports.
     pub total_vfs: u16,
@@ -70,8 +71,31 @@ pub struct SriovFacts {
     pub vf_bars: Vec<Bar>,
 }
 
+impl SriovFacts {
+    /// A physical function's SR-IOV facts with no VF enabled yet (`num_vfs` 0,
+    /// `initial_vfs` = `total_vfs`); `vf_bars` sizes are per VF.
+    pub fn new(
+        total_vfs: u16,
+        first_vf_offset: u16,
+        vf_stride: u16,
+        vf_device_id: u16,
+        vf_bars: Vec<Bar>,
+    ) -> Self {
+        SriovFacts {
+            total_vfs,
+            num_vfs: 0,
+            initial_vfs: total_vfs,
+            first_vf_offset,
+            vf_stride,
+            vf_device_id,
+            vf_bars,
+        }
+    }
+}
+
 /// Resizable BAR facts of one BAR.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RebarFacts {
     /// BAR index.
     pub bar: u8,
@@ -81,8 +105,17 @@ pub struct RebarFacts {
     pub current_size: u64,
 }
 
+impl RebarFacts {
+    /// BAR `bar` of `current_size` bytes, resizable to each of `supported_sizes` (smallest
+    /// first).
+    pub fn new(bar: u8, supported_sizes: Vec<u64>, current_size: u64) -> Self {
+        RebarFacts { bar, supported_sizes, current_size }
+    }
+}
+
 /// What a function needs and is, as far as planning a guest topology goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FunctionFacts {
     /// Host address of the function.
     pub bdf: Bdf,
@@ -126,8 +159,10 @@ pub struct FunctionFacts {
     pub problems: Vec<String>,
 }
 
-/// Which resources [`FunctionFacts::resources`] lists.
+/// Which resources [`FunctionFacts::resources`] lists: none of the optional ones by
+/// default; `ResourceOptions::default().with_rom(true)` or [`ResourceOptions::all`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceOptions {
     /// Include the expansion ROM (non-prefetchable window).
     pub include_rom: bool,
@@ -137,7 +172,58 @@ pub struct ResourceOptions {
     pub rebar_max: bool,
 }
 
+impl ResourceOptions {
+    /// Every optional resource: the ROM, the SR-IOV VF apertures, resizable BARs at their
+    /// largest size.
+    pub const fn all() -> Self {
+        ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true }
+    }
+
+    /// These options with [`ResourceOptions::include_rom`] set to `yes`.
+    pub const fn with_rom(self, yes: bool) -> Self {
+        ResourceOptions { include_rom: yes, ..self }
+    }
+
+    /// These options with [`ResourceOptions::include_sriov_vfs`] set to `yes`.
+    pub const fn with_sriov_vfs(self, yes: bool) -> Self {
+        ResourceOptions { include_sriov_vfs: yes, ..self }
+    }
+
+    /// These options with [`ResourceOptions::rebar_max`] set to `yes`.
+    pub const fn with_rebar_max(self, yes: bool) -> Self {
+        ResourceOptions { rebar_max: yes, ..self }
+    }
+}
+
 impl FunctionFacts {
+    /// Facts of a conventional type 0 function with these ids and nothing else known: no
+    /// BARs, capabilities or host facts. For facts a caller describes itself (a planned
+    /// device, a test); fill in the public fields that apply.
+    pub fn new(bdf: Bdf, vendor_id: u16, device_id: u16, class_code: u32) -> FunctionFacts {
+        FunctionFacts {
+            bdf,
+            vendor_id,
+            device_id,
+            subsystem_vendor_id: None,
+            subsystem_id: None,
+            revision: 0,
+            class_code,
+            header_type: HeaderType::Normal,
+            multifunction: false,
+            is_pcie: false,
+            port_type: None,
+            bars: Vec::new(),
+            rom_size: None,
+            sriov: None,
+            rebar: Vec::new(),
+            iommu_group: None,
+            numa_node: None,
+            driver: None,
+            size_source: None,
+            problems: Vec::new(),
+        }
+    }
+
     /// Facts from decoded configuration space plus optional sizes.
     ///
     /// With `sizes`, a BAR is listed when the source gives it a size. Without, a BAR is
@@ -215,8 +301,9 @@ impl FunctionFacts {
 
     /// The address-space resources this function needs under `opts`; BARs of unknown size
     /// are left out (see [`FunctionFacts::unknown_sizes`] and [`requirement_of`], which
-    /// refuses them).
-    pub fn resources(&self, opts: &ResourceOptions) -> Vec<Resource> {
+    /// refuses them). An SR-IOV VF BAR aperture (per-VF size × TotalVFs) that does not
+    /// fit 64 bits is [`RequirementError::Overflow`], not left out.
+    pub fn resources(&self, opts: &ResourceOptions) -> Result<Vec<Resource>> {
         let mut out = Vec::with_capacity(self.bars.len() + 1);
         for b in &self.bars {
             let Some(size) = b.size else { continue };
@@ -232,7 +319,7 @@ impl FunctionFacts {
             if let Some(s) = self.sriov.as_ref().filter(|s| s.total_vfs > 0) {
                 for b in &s.vf_bars {
                     let Some(size) = b.size else { continue };
-                    let Some(total) = size.checked_mul(u64::from(s.total_vfs)) else { continue };
+                    let total = size.checked_mul(u64::from(s.total_vfs)).ok_or(RequirementError::Overflow)?;
                     out.push(Resource {
                         kind: b.kind,
                         prefetchable: b.prefetchable,
@@ -243,7 +330,7 @@ impl FunctionFacts {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// BARs (and, with `include_sriov_vfs`, VF BARs) that `opts` needs but whose size is
@@ -320,7 +407,7 @@ where
         if let Some(&(index, vf)) = f.unknown_sizes(opts).first() {
             return Err(FactsError::SizeUnknown { bdf: f.bdf, index, vf });
         }
-        all.extend(f.resources(opts));
+        all.extend(f.resources(opts)?);
     }
     Ok(Requirement::of(&all)?)
 }
@@ -380,13 +467,25 @@ mod tests {
     #[test]
     fn options_select_resources() {
         let g = gpu();
-        let plain = g.resources(&ResourceOptions::default());
+        let plain = g.resources(&ResourceOptions::default()).unwrap();
         assert_eq!(plain.len(), 2);
         let all = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
         let r = g.requirement(&all).unwrap();
         assert_eq!(r.mem.size, 17 * MIB);
         assert_eq!(r.pref.size, (8 << 30) + 128 * MIB);
         assert_eq!(r.pref.align, 8 << 30);
+    }
+
+    /// A VF BAR of 2^63 bytes times 4 VFs does not fit 64 bits: an error, where the
+    /// aperture used to be left out of the requirement without a word.
+    #[test]
+    fn a_vf_aperture_beyond_64_bits_is_refused() {
+        let mut g = gpu();
+        g.sriov.as_mut().unwrap().vf_bars[0].size = Some(1 << 63);
+        let opts = ResourceOptions { include_sriov_vfs: true, ..ResourceOptions::default() };
+        assert_eq!(g.resources(&opts), Err(FactsError::Requirement(RequirementError::Overflow)));
+        assert_eq!(g.requirement(&opts), Err(FactsError::Requirement(RequirementError::Overflow)));
+        assert!(g.requirement(&ResourceOptions::default()).is_ok());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(not(feature = "std"), no_std)]
+// The only `unsafe` code is the VFIO ioctls in `vfio::sys` (feature `vfio`), allowed there.
+#![deny(unsafe_code)]
 
 extern crate alloc;
 
@@ -16,5 +18,5 @@ pub mod requirement;
 pub mod sizing;
 #[cfg(feature = "std")]
 pub mod sysfs;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(all(feature = "vfio", target_os = "linux"))]
 pub mod vfio;

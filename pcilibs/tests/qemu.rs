@@ -192,7 +192,7 @@ fn qemu_devices_probe_decode_and_match_qemu_and_lspci() {
     assert_eq!(sr.vf_device_id, nvme.header.device_id);
     assert!(!sr.vf_bars.bars.is_empty() && sr.vf_bars.errors.is_empty());
     let vf0 = sr.vf_bdf(*nvme_bdf, 0).unwrap();
-    assert_eq!(vf0.bus, nvme_bdf.bus);
+    assert_eq!(vf0.bus(), nvme_bdf.bus());
     // Root port rp1 with reservations; ports with hotplug.
     let reserves: Vec<_> = decoded.values().filter_map(|f| f.qemu_resource_reserve()).collect();
     let rp1 = reserves.iter().find(|r| r.pref64.is_some()).expect("rp1 reservation");

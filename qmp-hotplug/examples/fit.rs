@@ -71,13 +71,12 @@ fn need(args: &Args) -> Result<(String, Vec<Resource>), String> {
         return Err("name the device: --host BDF (repeatable) or --need PROFILE".into());
     }
     let sysfs = Sysfs::new(&args.sysfs_root);
-    let opts =
-        ResourceOptions { include_sriov_vfs: args.with_vfs, include_rom: true, ..ResourceOptions::default() };
+    let opts = ResourceOptions::default().with_sriov_vfs(args.with_vfs).with_rom(true);
     let mut out = Vec::new();
     for text in &args.host {
         let bdf: Bdf = text.parse().map_err(|e| format!("{text}: {e}"))?;
         let facts = sysfs.facts(bdf).map_err(|e| format!("{bdf}: {e}"))?;
-        out.extend(facts.resources(&opts));
+        out.extend(facts.resources(&opts).map_err(|e| format!("{bdf}: {e}"))?);
     }
     Ok((args.host.join(" + "), out))
 }

@@ -7,19 +7,22 @@
 //! When the connection ends (EOF, malformed JSON, an oversized message, an I/O error) every
 //! waiter and subscriber learns why through [`CloseReason`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::deadline;
+use crate::event_queue::{EventQueue, Popped, RawEvent};
 use crate::transport::{LineReader, LineWriter, TransportError};
 
 /// Errors of the QMP client.
@@ -31,6 +34,18 @@ pub enum ClientError {
     Connect {
         /// The socket path.
         path: PathBuf,
+        /// The last connect error.
+        source: std::io::Error,
+    },
+    /// The QMP socket did not take the connection within
+    /// [`ClientOptions::connect_timeout`]: it was missing, refused, or its listen backlog
+    /// stayed full (QEMU serves one QMP client at a time; later ones wait in the backlog).
+    #[error("QMP socket {path} did not take a connection within {after:?} (last: {source})")]
+    ConnectTimeout {
+        /// The socket path.
+        path: PathBuf,
+        /// How long was tried.
+        after: Duration,
         /// The last connect error.
         source: std::io::Error,
     },
@@ -136,13 +151,20 @@ pub struct ClientOptions {
     pub command_timeout: Duration,
     /// Deadline for the greeting and `qmp_capabilities`.
     pub handshake_timeout: Duration,
-    /// How long [`QmpClient::connect_unix`] retries while the socket does not accept yet.
+    /// How long [`QmpClient::connect_unix`] retries while the socket is missing, refuses,
+    /// or has a full listen backlog; `connect(2)` itself never blocks past it.
     pub connect_timeout: Duration,
     /// Longest message accepted from QEMU; a longer one closes the connection.
     pub max_message_bytes: usize,
     /// Events one [`EventStream`] holds while nobody reads it; more are dropped and
-    /// counted ([`EventStream::dropped`]), so a forgotten stream costs bounded memory.
+    /// counted ([`EventStream::dropped`]).
     pub event_queue_capacity: usize,
+    /// Bytes (of the events as QEMU sent them) one [`EventStream`] holds while nobody
+    /// reads it; an event that would pass it is dropped and counted
+    /// ([`EventStream::dropped_bytes`]). Events are queued as their bytes and parsed when
+    /// received, so this bounds the memory of a stream nobody reads. Keep it at least
+    /// `max_message_bytes`, or events that large are never queued.
+    pub event_queue_bytes: usize,
 }
 
 impl Default for ClientOptions {
@@ -153,6 +175,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             max_message_bytes: 8 * 1024 * 1024,
             event_queue_capacity: 4096,
+            event_queue_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -201,6 +224,15 @@ pub struct Event {
 }
 
 impl Event {
+    /// Reads an event line the reader thread has already sorted as an event.
+    fn from_line(line: &[u8]) -> Option<Event> {
+        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(line) else { return None };
+        let Some(Value::String(name)) = obj.remove("event") else { return None };
+        let data = obj.remove("data").unwrap_or(Value::Null);
+        let timestamp = obj.remove("timestamp").and_then(|t| serde_json::from_value(t).ok());
+        Some(Event { name, data, timestamp })
+    }
+
     /// The event as the `qapi` crate's generated type, when its schema knows it.
     pub fn typed(&self) -> Option<qapi::qmp::Event> {
         let mut obj = Map::new();
@@ -239,32 +271,12 @@ fn setup_error(e: TransportError) -> ClientError {
     }
 }
 
-/// One event stream's sending side and its count of events dropped on a full queue.
-#[derive(Debug)]
-struct Subscriber {
-    tx: SyncSender<Event>,
-    dropped: Arc<AtomicU64>,
-}
-
-impl Subscriber {
-    /// Queues `ev`; `false` once the stream is gone.
-    fn offer(&self, ev: &Event) -> bool {
-        match self.tx.try_send(ev.clone()) {
-            Ok(()) => true,
-            Err(mpsc::TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => false,
-        }
-    }
-}
-
 /// What the reader thread and the callers share.
 #[derive(Debug, Default)]
 struct Conn {
     pending: HashMap<u64, SyncSender<Reply>>,
-    subscribers: Vec<Subscriber>,
+    /// The queues of live streams (a dropped stream's queue is pruned on the next event).
+    subscribers: Vec<Weak<EventQueue>>,
     closed: Option<CloseReason>,
     stray_replies: u64,
 }
@@ -286,55 +298,74 @@ impl Shared {
 }
 
 /// A stream of events from one connection. Each stream sees every event that arrives after
-/// it was created; streams do not take events from each other.
+/// it was created; streams do not take events from each other. While nobody reads it, it
+/// holds at most [`ClientOptions::event_queue_capacity`] events and
+/// [`ClientOptions::event_queue_bytes`] bytes; what does not fit is dropped and counted.
 #[derive(Debug)]
 pub struct EventStream {
-    rx: Receiver<Event>,
-    shared: Arc<Shared>,
-    dropped: Arc<AtomicU64>,
+    queue: Arc<EventQueue>,
 }
 
 impl EventStream {
-    /// Events this stream missed because its queue was full
-    /// ([`ClientOptions::event_queue_capacity`]) while nobody read it. A waiter that may
-    /// have missed its event asks QEMU for the state instead (the engine does).
+    /// Events this stream missed because its queue was full while nobody read it. A
+    /// waiter that may have missed its event asks QEMU for the state instead (the engine
+    /// does).
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.queue.dropped()
+    }
+
+    /// Bytes of the events counted by [`EventStream::dropped`].
+    pub fn dropped_bytes(&self) -> u64 {
+        self.queue.dropped_bytes()
+    }
+
+    /// Bytes of the events queued and not yet received.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.queued_bytes()
     }
 
     /// The next event, waiting at most `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Event> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(e) => Ok(e),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(ClientError::Timeout { what: "event".into(), after: timeout })
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Closed(self.shared.close_reason())),
-        }
+        let until = deadline::after(timeout);
+        self.next(Some(until))
+            .and_then(|e| e.ok_or(ClientError::Timeout { what: "event".into(), after: timeout }))
     }
 
     /// An event already received, if any, without waiting.
     pub fn try_recv(&self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        self.next(None).ok().flatten()
     }
 
     /// Waits until an event satisfies `pred` or `deadline` passes; other events are skipped.
     pub fn wait_for(&self, deadline: Instant, mut pred: impl FnMut(&Event) -> bool) -> Result<Event> {
         let started = Instant::now();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(e) if pred(&e) => return Ok(e),
-                Ok(_) => continue,
-                Err(RecvTimeoutError::Timeout) => {
+            match self.next(Some(deadline))? {
+                Some(e) if pred(&e) => return Ok(e),
+                Some(_) => {}
+                None => {
                     return Err(ClientError::Timeout {
                         what: "matching event".into(),
                         after: started.elapsed(),
                     })
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(ClientError::Closed(self.shared.close_reason()))
-                }
+            }
+        }
+    }
+
+    /// The next event before `deadline` (`None`: only one already queued); `Ok(None)` at
+    /// the deadline, `Closed` once the connection is gone and the queue is empty.
+    fn next(&self, deadline: Option<Instant>) -> Result<Option<Event>> {
+        loop {
+            match self.queue.pop(deadline) {
+                // The reader thread parsed it as an event already; a line that does not
+                // read again cannot happen, and is skipped rather than trusted.
+                Popped::Event(line) => match Event::from_line(&line) {
+                    Some(e) => return Ok(Some(e)),
+                    None => continue,
+                },
+                Popped::Timeout => return Ok(None),
+                Popped::Closed(reason) => return Err(ClientError::Closed(reason)),
             }
         }
     }
@@ -354,22 +385,36 @@ pub struct QmpClient {
 
 impl QmpClient {
     /// Connects to QEMU's QMP Unix socket (`-qmp unix:PATH,server=on,wait=off`), retrying
-    /// for up to `options.connect_timeout` while the socket is not there or not accepting.
+    /// for up to `options.connect_timeout` while the socket is not there, refuses, or has
+    /// its listen backlog full. The socket is non-blocking, so `connect(2)` itself never
+    /// waits past that deadline; then [`ClientError::ConnectTimeout`].
     pub fn connect_unix(path: impl AsRef<Path>, options: ClientOptions) -> Result<Self> {
         let path = path.as_ref();
-        let deadline = Instant::now() + options.connect_timeout;
+        let started = Instant::now();
+        let until = deadline::from(started, options.connect_timeout);
         let stream = loop {
-            match UnixStream::connect(path) {
+            match connect_nonblocking(path, until) {
                 Ok(s) => break s,
                 Err(e) => {
                     let retry = matches!(
                         e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        std::io::ErrorKind::NotFound
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
                     );
-                    if !retry || Instant::now() >= deadline {
+                    if !retry {
                         return Err(ClientError::Connect { path: path.to_owned(), source: e });
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ClientError::ConnectTimeout {
+                            path: path.to_owned(),
+                            after: started.elapsed(),
+                            source: e,
+                        });
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(20)));
                 }
             }
         };
@@ -378,9 +423,9 @@ impl QmpClient {
 
     /// Speaks QMP over an already connected Unix socket.
     pub fn from_stream(stream: UnixStream, options: ClientOptions) -> Result<Self> {
-        // A send that QEMU never drains must not block forever.
+        // Non-blocking with a deadline: a send that QEMU never drains must not block us.
         let read = stream.try_clone().map_err(ClientError::Setup)?;
-        let writer = LineWriter::socket(stream, options.command_timeout).map_err(setup_error)?;
+        let writer = LineWriter::socket(stream).map_err(setup_error)?;
         Self::start(OwnedFd::from(read), writer, options)
     }
 
@@ -392,16 +437,18 @@ impl QmpClient {
         options: ClientOptions,
     ) -> Result<Self> {
         // Non-blocking with a deadline: a QEMU that stops reading stdin must not block us.
-        let writer = LineWriter::pipe(to_qemu.into(), options.command_timeout).map_err(setup_error)?;
+        let writer = LineWriter::pipe(to_qemu.into()).map_err(setup_error)?;
         Self::start(from_qemu.into(), writer, options)
     }
 
     fn start(read: OwnedFd, writer: LineWriter, options: ClientOptions) -> Result<Self> {
         let mut reader = LineReader::new(read, options.max_message_bytes);
         let stop = Arc::new(AtomicBool::new(false));
-        // The greeting is read here, not by `qapi`, whose handshake panics on EOF.
-        let deadline = Instant::now() + options.handshake_timeout;
-        let line = reader.read_line(Some(deadline), &stop).map_err(|e| match e {
+        // The greeting is read here, not by `qapi`, whose handshake panics on EOF. Greeting
+        // and `qmp_capabilities` share one deadline.
+        let started = Instant::now();
+        let until = deadline::from(started, options.handshake_timeout);
+        let line = reader.read_line(Some(until), &stop).map_err(|e| match e {
             TransportError::Timeout(after) => ClientError::Timeout { what: "QMP greeting".into(), after },
             other => ClientError::Closed(close_reason(other)),
         })?;
@@ -422,7 +469,7 @@ impl QmpClient {
             stop,
             reader: Mutex::new(Some(handle)),
         };
-        client.execute_raw("qmp_capabilities", None, client.options.handshake_timeout)?;
+        client.execute_until("qmp_capabilities", None, &[], started, until)?;
         Ok(client)
     }
 
@@ -448,14 +495,17 @@ impl QmpClient {
 
     /// A new event stream that sees every event from now on.
     pub fn subscribe(&self) -> EventStream {
-        let (tx, rx) = mpsc::sync_channel(self.options.event_queue_capacity.max(1));
-        let dropped = Arc::new(AtomicU64::new(0));
+        let queue = Arc::new(EventQueue::new(
+            self.options.event_queue_capacity.max(1),
+            self.options.event_queue_bytes,
+        ));
         let mut conn = self.shared.lock();
-        if conn.closed.is_none() {
-            conn.subscribers.push(Subscriber { tx, dropped: Arc::clone(&dropped) });
+        match &conn.closed {
+            Some(reason) => queue.close(reason.clone()),
+            None => conn.subscribers.push(Arc::downgrade(&queue)),
         }
         drop(conn);
-        EventStream { rx, shared: Arc::clone(&self.shared), dropped }
+        EventStream { queue }
     }
 
     /// Runs a command given by name with raw JSON arguments and returns the raw `return`
@@ -465,12 +515,28 @@ impl QmpClient {
     }
 
     /// Like [`QmpClient::execute_raw`], passing `fds` with the message (`SCM_RIGHTS`).
+    ///
+    /// `timeout` is one deadline for sending the command and receiving its reply. A
+    /// command that only partly went out (QEMU stopped reading) leaves the stream unusable:
+    /// the connection is closed then, and every later call says so.
     pub fn execute_raw_with_fds(
         &self,
         command: &str,
         arguments: Option<Value>,
         fds: &[BorrowedFd<'_>],
         timeout: Duration,
+    ) -> Result<Value> {
+        let started = Instant::now();
+        self.execute_until(command, arguments, fds, started, deadline::from(started, timeout))
+    }
+
+    fn execute_until(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fds: &[BorrowedFd<'_>],
+        started: Instant,
+        until: Instant,
     ) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = Map::new();
@@ -491,24 +557,37 @@ impl QmpClient {
         }
         let sent = {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if fds.is_empty() {
-                w.write_line(&line)
+            let sent = if fds.is_empty() {
+                w.write_line(&line, until)
             } else {
-                w.write_line_with_fds(&line, fds)
+                w.write_line_with_fds(&line, fds, until)
+            };
+            if let Err(TransportError::WriteTimeout { sent: partial, .. }) = &sent {
+                if *partial > 0 {
+                    // Half a command is in QEMU's buffer: whatever follows would be read
+                    // as its continuation. End the connection.
+                    self.shared.lock().closed.get_or_insert_with(|| {
+                        CloseReason::Io(format!("a command was cut off after {partial} bytes"))
+                    });
+                    w.shutdown();
+                }
             }
+            sent
         };
         if let Err(e) = sent {
             self.shared.lock().pending.remove(&id);
             return Err(ClientError::Send(e));
         }
-        let reply = match rx.recv_timeout(timeout) {
+        let reply = match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
                 self.shared.lock().pending.remove(&id);
                 // The reply may have raced in between; use it if so.
                 match rx.try_recv() {
                     Ok(r) => r,
-                    Err(_) => return Err(ClientError::Timeout { what: command.into(), after: timeout }),
+                    Err(_) => {
+                        return Err(ClientError::Timeout { what: command.into(), after: started.elapsed() })
+                    }
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
@@ -576,6 +655,37 @@ impl Drop for QmpClient {
     }
 }
 
+/// One non-blocking `connect(2)` to a Unix socket. A full listen backlog is `EAGAIN`
+/// (`WouldBlock`) at once instead of a wait in the kernel; a connection in progress (not
+/// what Linux does for Unix sockets, but allowed) is waited for until `until`.
+fn connect_nonblocking(path: &Path, until: Instant) -> std::io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::INPROGRESS) => {
+            let left = until.saturating_duration_since(Instant::now());
+            let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::OUT)];
+            let wait = rustix::event::Timespec {
+                tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            if rustix::event::poll(&mut fds, Some(&wait))? == 0 {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            rustix::net::sockopt::socket_error(&fd)??;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(UnixStream::from(fd))
+}
+
 fn close_reason(e: TransportError) -> CloseReason {
     match e {
         TransportError::Eof => CloseReason::Eof,
@@ -628,31 +738,47 @@ fn preview(line: &[u8]) -> String {
 /// One message from QEMU, classified.
 enum Incoming {
     Reply(Option<u64>, Reply),
-    Event(Event),
+    /// An event, kept as its line: parsed when a stream's owner receives it.
+    Event,
     Other,
 }
 
+/// Reads one line as the client's reader thread does (for fuzzing QMP input): what kind
+/// of message it is (`"reply"`, `"event"` or `"other"`), or why it ends the connection.
+/// Events are parsed as their receiver would parse them.
+#[doc(hidden)]
+pub fn classify_line(line: &[u8]) -> std::result::Result<&'static str, CloseReason> {
+    Ok(match classify(line)? {
+        Incoming::Reply(..) => "reply",
+        Incoming::Event => {
+            // A line sorted as an event must read as one.
+            Event::from_line(line).map(|_| "event").ok_or_else(|| CloseReason::MalformedJson {
+                message: "an event that does not read back".into(),
+                preview: preview(line),
+            })?
+        }
+        Incoming::Other => "other",
+    })
+}
+
+/// Sorts a line without building its JSON tree: only the members QMP dispatches on are
+/// read, the rest stays raw text (a reply's `return` is parsed for its caller).
 fn classify(line: &[u8]) -> std::result::Result<Incoming, CloseReason> {
-    let v: Value = serde_json::from_slice(line)
-        .map_err(|e| CloseReason::MalformedJson { message: e.to_string(), preview: preview(line) })?;
-    let Value::Object(mut obj) = v else {
-        return Err(CloseReason::MalformedJson {
-            message: "not a JSON object".into(),
-            preview: preview(line),
-        });
-    };
-    let id = obj.get("id").and_then(Value::as_u64);
+    let malformed = |message: String| CloseReason::MalformedJson { message, preview: preview(line) };
+    let mut obj: BTreeMap<String, &RawValue> =
+        serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
+    let id = obj.get("id").and_then(|v| serde_json::from_str::<u64>(v.get()).ok());
     if let Some(ret) = obj.remove("return") {
+        let ret: Value = serde_json::from_str(ret.get()).map_err(|e| malformed(e.to_string()))?;
         return Ok(Incoming::Reply(id, Ok(ret)));
     }
     if let Some(err) = obj.remove("error") {
+        let err: Value = serde_json::from_str(err.get()).map_err(|e| malformed(e.to_string()))?;
         let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
         return Ok(Incoming::Reply(id, Err(ErrorBody { class: field("class"), desc: field("desc") })));
     }
-    if let Some(Value::String(name)) = obj.remove("event") {
-        let data = obj.remove("data").unwrap_or(Value::Null);
-        let timestamp = obj.remove("timestamp").and_then(|t| serde_json::from_value(t).ok());
-        return Ok(Incoming::Event(Event { name, data, timestamp }));
+    if obj.get("event").is_some_and(|e| serde_json::from_str::<String>(e.get()).is_ok()) {
+        return Ok(Incoming::Event);
     }
     Ok(Incoming::Other)
 }
@@ -672,22 +798,33 @@ fn reader_loop(mut reader: LineReader, shared: &Shared, stop: &AtomicBool) {
                 match id.and_then(|id| conn.pending.remove(&id)) {
                     // The waiter may have given up in the meantime; nothing to do then.
                     Some(tx) => drop(tx.try_send(reply)),
-                    None => conn.stray_replies += 1,
+                    None => conn.stray_replies = conn.stray_replies.saturating_add(1),
                 }
             }
-            Ok(Incoming::Event(ev)) => {
+            Ok(Incoming::Event) => {
+                let event: RawEvent = Arc::from(line);
                 let mut conn = shared.lock();
-                conn.subscribers.retain(|sub| sub.offer(&ev));
+                conn.subscribers.retain(|sub| match sub.upgrade() {
+                    Some(queue) => {
+                        queue.push(&event);
+                        true
+                    }
+                    None => false,
+                });
             }
             Ok(Incoming::Other) => {}
             Err(reason) => break reason,
         }
     };
     let mut conn = shared.lock();
-    conn.closed = Some(reason);
-    // Dropping the senders wakes every waiter and subscriber with "disconnected".
+    // A reason set before (a command cut off in mid-write) is the real one.
+    let reason = conn.closed.get_or_insert(reason).clone();
+    // Dropping the senders wakes every waiter with "disconnected"; each stream gets the
+    // events it holds, then the reason.
     conn.pending.clear();
-    conn.subscribers.clear();
+    for queue in conn.subscribers.drain(..).filter_map(|q| q.upgrade()) {
+        queue.close(reason.clone());
+    }
 }
 
 #[cfg(test)]
@@ -735,8 +872,8 @@ mod tests {
         #[test]
         fn any_json_is_classified(v in json()) {
             let line = serde_json::to_vec(&v).unwrap();
-            let r = classify(&line);
-            // Only objects are messages.
+            let r = classify_line(&line);
+            // Only objects are messages; every event reads back as one.
             prop_assert_eq!(r.is_ok(), v.is_object());
         }
     }
@@ -763,7 +900,8 @@ mod tests {
             _ => panic!("error"),
         }
         match classify(br#"{"event": "NEVER_HEARD_OF", "data": {"a": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap() {
-            Incoming::Event(e) => {
+            Incoming::Event => {
+                let e = Event::from_line(br#"{"event": "NEVER_HEARD_OF", "data": {"a": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap();
                 assert_eq!(e.name, "NEVER_HEARD_OF");
                 assert!(e.typed().is_none());
             }

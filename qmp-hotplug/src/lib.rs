@@ -12,7 +12,11 @@
 //!   (`unplug-pending` on timeout, finished by a late `DEVICE_DELETED`), takes a boot-time
 //!   placeholder off the port before a plug ([`request::PlaceholderRequest`]), and journals every
 //!   step so that [`Engine::open`] can finish or roll back whatever a dead process left.
+//! * [`journal`]: the crash-safe journal (framed, checksummed records; compaction while
+//!   running); [`journal::read_bytes`] reads one from bytes.
 //! * [`vfio`]: IOMMU-group viability and device checks before a VFIO hotplug.
+//! * [`files`]: files named by callers are opened without blocking and read with a bound;
+//!   special files are refused.
 //!
 //! A `pcie-topology` plan's hotplug actions become requests with
 //! [`DeviceRequest::from_action`]; any other planner fills the serde-able request in.
@@ -23,14 +27,14 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // The plan the VM was booted with (`pcie_topology::plan`, kept as JSON).
-//! let plan: pcie_topology::Plan = serde_json::from_str(&std::fs::read_to_string("/run/vm/plan.json")?)?;
+//! let plan = pcie_topology::Plan::from_json(&std::fs::read_to_string("/run/vm/plan.json")?)?;
 //! let client = Arc::new(QmpClient::connect_unix("/run/vm/qmp.sock", ClientOptions::default())?);
 //! // Opening the journal recovers whatever a previous process left half done.
 //! let (engine, report) = Engine::open(client, "/run/vm/hotplug.journal", EngineOptions::default())?;
 //! println!("recovery: {report:?}");
 //!
 //! let action = plan.hotplug_action("gpu0")?;
-//! let request = DeviceRequest::from_action(&action)?;
+//! let request = DeviceRequest::from_action(&action);
 //! let port = request.port.clone();
 //! let record = engine.plug(request)?; // visible where planned, or rolled back
 //! println!("{:?} at {:?}", record.state, record.guest);
@@ -44,10 +48,15 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "tokio")]
 pub mod async_engine;
 pub mod client;
+mod deadline;
 pub mod engine;
+mod event_queue;
+pub mod files;
 pub mod journal;
 pub mod pci;
 pub mod request;

@@ -189,7 +189,8 @@ pub fn window_shortfalls(bridge: &PciBridge, need: &[Resource]) -> Vec<String> {
         if share.is_empty() {
             continue;
         }
-        let total: u64 = share.iter().map(|r| r.size).sum();
+        // Sizes come from the caller: two BARs of 2^63 bytes must not wrap the total.
+        let total = share.iter().fold(0u128, |t, r| t.saturating_add(u128::from(r.size)));
         let Some(live) = live else {
             out.push(format!("{name}: the window is closed, the device needs {}", bytes(total)));
             continue;
@@ -210,21 +211,22 @@ pub fn window_shortfalls(bridge: &PciBridge, need: &[Resource]) -> Vec<String> {
 
 /// Places `share` into `window` largest alignment first; `None` when it fits, else how
 /// many bytes past the window's end the last BAR would reach.
-fn pack(window: BridgeWindow, share: &[&Resource]) -> Option<u64> {
+fn pack(window: BridgeWindow, share: &[&Resource]) -> Option<u128> {
     let mut sorted: Vec<&&Resource> = share.iter().collect();
     sorted.sort_by(|a, b| b.align.max(1).cmp(&a.align.max(1)).then(b.size.cmp(&a.size)));
     let mut next = u128::from(window.base);
     for r in sorted {
         let align = u128::from(r.align.max(1));
-        next = next.div_ceil(align) * align + u128::from(r.size);
+        next = next.div_ceil(align).saturating_mul(align).saturating_add(u128::from(r.size));
     }
-    let end = u128::from(window.limit) + 1;
-    (next > end).then(|| u64::try_from(next - end).unwrap_or(u64::MAX))
+    let end = u128::from(window.limit).saturating_add(1);
+    (next > end).then(|| next.saturating_sub(end))
 }
 
 /// `128 GiB`, `2 MiB`, `256 B`: the largest binary unit that divides the value.
-fn bytes(n: u64) -> String {
-    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+fn bytes(n: impl Into<u128>) -> String {
+    let n: u128 = n.into();
+    for (unit, shift) in [("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
         if n >= 1 << shift && n % (1 << shift) == 0 {
             return format!("{} {unit}", n >> shift);
         }
@@ -445,6 +447,20 @@ mod tests {
         let odd = PciBridge { mem: Some(BridgeWindow { base: 10, limit: 5 }), ..closed.clone() };
         assert_eq!(odd.mem.map(|w| w.size()), Some(1));
         let _ = window_shortfalls(&odd, &[small]);
+    }
+
+    /// Sizes from a caller that add past 2^64 (two BARs of 2^63 bytes, with the window
+    /// closed or open) are reported, never wrapped or a panic.
+    #[test]
+    fn huge_needs_do_not_overflow() {
+        let huge = Resource::bar(BarKind::Mem64, true, 1 << 63);
+        let closed = &bridges(&bridge_reply((1, 0)))[0];
+        let why = window_shortfalls(closed, &[huge, huge]);
+        assert_eq!(why.len(), 1);
+        assert!(why[0].starts_with("mem:") && why[0].contains("2 BAR(s) of 16 EiB"), "{why:?}");
+        let open = &bridges(&bridge_reply((1 << 32, (1 << 40) - 1)))[0];
+        let why = window_shortfalls(open, &[huge, huge, huge]);
+        assert!(why.len() == 1 && why[0].starts_with("pref:") && why[0].contains("of 24 EiB"), "{why:?}");
     }
 
     use super::*;

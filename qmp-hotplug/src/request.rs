@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction};
+use pcie_topology::QemuObject;
 use pcilibs::requirement::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -54,18 +55,52 @@ pub enum RequestError {
     /// A function of a multi-function slot says `multifunction=off`.
     #[error("device {0} is part of a multi-function slot but sets multifunction=off")]
     MultifunctionOff(String),
-    /// A plan's `object-add` argument object lacks a string `qom-type` or `id`.
-    #[error("device {device}: object-add without a string qom-type and id: {object}")]
-    BadObject {
-        /// The plan's device id.
-        device: String,
-        /// The argument object as given.
-        object: String,
+    /// A `qdev` or object property nests deeper than [`MAX_NESTING`] levels. QEMU may take
+    /// it, but the journal could not read its record back, so it is refused before
+    /// anything is journaled or sent.
+    #[error("{id}: arguments nested deeper than {MAX_NESTING} levels")]
+    TooDeep {
+        /// The device or object id.
+        id: String,
+    },
+    /// The request, as JSON, is larger than [`MAX_REQUEST_BYTES`].
+    #[error("the request is {bytes} bytes as JSON, more than {MAX_REQUEST_BYTES}")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
     },
 }
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, RequestError>;
+
+/// Deepest nesting of a device's `qdev` arguments or an object's properties, counting
+/// the argument object itself as 1. Journal records are read back with JSON's usual
+/// recursion limit (128), and a request sits a few levels down in them; real arguments
+/// are one or two levels deep.
+pub const MAX_NESTING: usize = 32;
+
+/// Largest request, as JSON (every journal record carrying it must stay below
+/// [`crate::journal::MAX_RECORD_BYTES`]).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// True when `v` nests containers deeper than `limit` (the outermost counts as 1).
+/// Iterative, so that a value of any depth is measured without deep recursion.
+fn deeper_than(v: &Value, limit: usize) -> bool {
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(m) => Box::new(m.values()),
+            _ => continue,
+        };
+        if depth > limit {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, depth.saturating_add(1))));
+    }
+    false
+}
 
 /// One device to hotplug onto one port: every function (or every member of an IOMMU
 /// group), the QOM objects and descriptors they need, and the checks to run.
@@ -141,7 +176,9 @@ impl ObjectRequest {
 }
 
 /// A file the engine opens and passes to QEMU under a name (`getfd`), e.g. `/dev/iommu`
-/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`.
+/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`. Regular
+/// files, character and block devices are passed; a FIFO, socket or directory is refused
+/// (`EngineError::SpecialFile`) before the plug takes the port or journals anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdRequest {
     /// The name QEMU knows the descriptor by.
@@ -265,9 +302,9 @@ impl Expectation {
     pub fn planned(location: &GuestLocation, bars: &[ExpectedBar]) -> Expectation {
         match location {
             GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
-                bus: Some(bdf.bus),
-                slot: Some(bdf.devfn.slot),
-                function: Some(bdf.devfn.function),
+                bus: Some(bdf.bus()),
+                slot: Some(bdf.device()),
+                function: Some(bdf.function()),
                 bars: bars.iter().filter_map(BarExpectation::planned).collect(),
             }),
             _ => Expectation::Present,
@@ -326,12 +363,22 @@ fn visible_needs(bars: &[pcie_topology::plan::ExpectedBar]) -> Vec<Resource> {
         .collect()
 }
 
+/// A plan's object as the engine's: its type, id and properties as QMP has them.
+fn object_request(o: &QemuObject) -> ObjectRequest {
+    ObjectRequest {
+        qom_type: o.qom_type.clone(),
+        id: o.id.to_string(),
+        props: o.props.iter().map(|(k, v)| (k.clone(), v.to_qmp())).collect(),
+    }
+}
+
 impl DeviceRequest {
     /// The request for one hotplug action of a `pcie-topology` plan
     /// ([`pcie_topology::Plan::hotplug_actions`], or an action for a device placed later).
     ///
-    /// - `port`: the action's port; on s390x, which has no ports, the device id.
-    /// - `objects`: the action's `object_add` ([`ObjectRequest::from_object_add`]).
+    /// - `port`: the action's port; on s390x, which has no ports, the device id
+    ///   ([`HotplugAction::port_or_device`]).
+    /// - `objects`: the action's `object_add`.
     /// - `functions`: for each of the action's functions in its order (function 0 last;
     ///   the engine keeps function 0 of a multi-function slot last in any case), first its
     ///   companions (the s390x `zpci` device) expected [`Expectation::Present`], then its
@@ -343,31 +390,23 @@ impl DeviceRequest {
     /// - each function's `needs`: its BARs as the guest will show them, for the engine's
     ///   optional live-window check.
     ///
-    /// Descriptors (`fds`) are the caller's to add, as are objects and properties the plan
-    /// does not know (an `iommufd` object and each function's `iommufd` property). A BAR
-    /// the plan has no index for (a request built from bare sizes, a version 1 plan) is
-    /// expected by size on any BAR 0–5 ([`BarExpectation::any`]).
-    pub fn from_action(action: &HotplugAction) -> Result<DeviceRequest> {
-        let port = action.port.as_ref().unwrap_or(&action.device).to_string();
-        let objects = action
-            .object_add
-            .iter()
-            .map(|o| {
-                ObjectRequest::from_object_add(o).ok_or_else(|| RequestError::BadObject {
-                    device: action.device.to_string(),
-                    object: Value::Object(o.clone()).to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// The action's devices and objects are typed values whose ids and addresses were
+    /// checked when they were made; they become QMP arguments here
+    /// ([`pcie_topology::QemuDevice::to_qmp`]) and are not read back. An `iommufd` object
+    /// and each function's `iommufd` property come with the action
+    /// ([`HotplugAction::with_iommufd`]); descriptors (`fds`) are the caller's to add. A
+    /// BAR the plan has no index for (a request built from bare sizes, a version 1 plan)
+    /// is expected by size on any BAR 0–5 ([`BarExpectation::any`]).
+    pub fn from_action(action: &HotplugAction) -> DeviceRequest {
         let mut functions = Vec::new();
         for f in &action.functions {
             functions.extend(f.companions.iter().map(|c| FunctionRequest {
-                qdev: c.clone(),
+                qdev: c.to_qmp(),
                 expect: Expectation::Present,
                 needs: Vec::new(),
             }));
             functions.push(FunctionRequest {
-                qdev: f.device_add.clone(),
+                qdev: f.device_add.to_qmp(),
                 expect: Expectation::planned(&f.guest, &f.bars),
                 needs: visible_needs(&f.bars),
             });
@@ -376,7 +415,13 @@ impl DeviceRequest {
             devices: p.device_del.iter().map(ToString::to_string).collect(),
             objects: p.object_del.iter().map(ToString::to_string).collect(),
         });
-        Ok(DeviceRequest { port, objects, fds: Vec::new(), functions, placeholder })
+        DeviceRequest {
+            port: action.port_or_device().to_string(),
+            objects: action.object_add.iter().map(object_request).collect(),
+            fds: Vec::new(),
+            functions,
+            placeholder,
+        }
     }
 
     /// Checks the request and fills in `multifunction=on` where a slot has several
@@ -385,6 +430,7 @@ impl DeviceRequest {
         if self.port.is_empty() {
             return Err(RequestError::NoPort);
         }
+        self.check_shape()?;
         if self.functions.is_empty() {
             return Err(RequestError::NoFunctions(self.port.clone()));
         }
@@ -435,6 +481,26 @@ impl DeviceRequest {
         let mut order: Vec<usize> = (0..self.functions.len()).collect();
         order.sort_by_key(|i| multi_zero.contains(i));
         Ok(Prepared { order, pci })
+    }
+
+    /// Nesting and size within what the journal writes and reads back.
+    fn check_shape(&self) -> Result<()> {
+        let args = self
+            .functions
+            .iter()
+            .map(|f| (f.id(), &f.qdev))
+            .chain(self.objects.iter().map(|o| (o.id.as_str(), &o.props)));
+        for (id, map) in args {
+            // The map itself is level 1; its values start at level 2.
+            if map.values().any(|v| deeper_than(v, MAX_NESTING.saturating_sub(1))) {
+                return Err(RequestError::TooDeep { id: id.to_owned() });
+            }
+        }
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if bytes > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge { bytes });
+        }
+        Ok(())
     }
 
     fn id_at(&self, i: usize) -> String {
@@ -597,6 +663,44 @@ mod tests {
             placeholder: None,
         };
         assert_eq!(r.prepare(), Err(RequestError::NoPort));
+    }
+
+    /// A `qdev` property nested 130 levels deep (QEMU takes it) is refused before
+    /// anything is sent: the journal could not read its record back. So is a huge one.
+    #[test]
+    fn deep_or_huge_arguments_are_refused() {
+        let nested = |levels: usize| {
+            let mut v = json!("leaf");
+            for _ in 0..levels {
+                v = json!({ "x": v });
+            }
+            v
+        };
+        let mut f = func("a", "0.0");
+        f.qdev.insert("deep".into(), nested(130));
+        let mut r = DeviceRequest {
+            port: "rp0".into(),
+            objects: vec![],
+            fds: vec![],
+            placeholder: None,
+            functions: vec![f],
+        };
+        assert_eq!(r.prepare(), Err(RequestError::TooDeep { id: "a".into() }));
+        // Up to the limit is fine: the map plus MAX_NESTING - 1 levels below it.
+        r.functions[0].qdev.insert("deep".into(), nested(MAX_NESTING - 1));
+        r.prepare().unwrap();
+        r.functions[0].qdev.insert("deep".into(), nested(MAX_NESTING));
+        assert!(matches!(r.prepare(), Err(RequestError::TooDeep { .. })));
+        r.functions[0].qdev.insert("deep".into(), json!([[1]]));
+        r.objects.push(ObjectRequest {
+            qom_type: "memory-backend-ram".into(),
+            id: "m".into(),
+            props: nested(200).as_object().unwrap().clone(),
+        });
+        assert_eq!(r.prepare(), Err(RequestError::TooDeep { id: "m".into() }));
+        r.objects.clear();
+        r.functions[0].qdev.insert("big".into(), json!("x".repeat(MAX_REQUEST_BYTES)));
+        assert!(matches!(r.prepare(), Err(RequestError::TooLarge { .. })));
     }
 
     #[test]

@@ -69,6 +69,29 @@ pub struct GuestAddress {
     pub function: u8,
 }
 
+/// Most transitions a [`DeviceRecord`] keeps (the oldest go first): a device whose
+/// unplug is refused again and again must not grow its record, and with it every journal
+/// snapshot, without bound. An operation takes a handful, so the current one is whole.
+pub const MAX_HISTORY: usize = 64;
+
+/// Longest [`Transition::note`] kept, in bytes (an error from QEMU can be as long as a
+/// QMP message; the journal record that carries the note must stay small).
+pub const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to [`MAX_NOTE_BYTES`] at a character boundary, marked with `…` when cut.
+pub(crate) fn bounded_note(note: &str) -> String {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note.to_owned();
+    }
+    let mut end = MAX_NOTE_BYTES.saturating_sub('…'.len_utf8());
+    while !note.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    let mut cut = note.get(..end).unwrap_or_default().to_owned();
+    cut.push('…');
+    cut
+}
+
 /// The engine's record of the device on one port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -76,7 +99,7 @@ pub struct DeviceRecord {
     pub request: DeviceRequest,
     /// The current state.
     pub state: DeviceState,
-    /// Every transition since the plug began, oldest first.
+    /// The transitions since the plug began, oldest first (the last [`MAX_HISTORY`]).
     pub history: Vec<Transition>,
     /// Guest addresses of PCI functions by device id, once visible.
     #[serde(default)]
@@ -87,6 +110,15 @@ impl DeviceRecord {
     /// The port.
     pub fn port(&self) -> &str {
         &self.request.port
+    }
+
+    /// Appends `t` to the history, keeping the last [`MAX_HISTORY`] transitions.
+    pub(crate) fn push_history(&mut self, t: Transition) {
+        self.history.push(t);
+        let excess = self.history.len().saturating_sub(MAX_HISTORY);
+        if excess > 0 {
+            self.history.drain(..excess);
+        }
     }
 
     /// True when a plug attempt failed since the last `Planned`.
@@ -105,4 +137,28 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_and_history_are_bounded() {
+        let long = "é".repeat(MAX_NOTE_BYTES);
+        let cut = bounded_note(&long);
+        assert!(cut.len() <= MAX_NOTE_BYTES && cut.ends_with('…'));
+        assert_eq!(bounded_note("short"), "short");
+        let request: DeviceRequest = serde_json::from_value(
+            serde_json::json!({"port": "rp0", "functions": [{"qdev": {"driver": "e1000e", "id": "n"}}]}),
+        )
+        .unwrap();
+        let mut d =
+            DeviceRecord { request, state: DeviceState::Visible, history: Vec::new(), guest: Vec::new() };
+        for n in 0..1000 {
+            d.push_history(Transition { state: DeviceState::Visible, at_unix_ms: n, note: String::new() });
+        }
+        assert_eq!(d.history.len(), MAX_HISTORY);
+        assert_eq!(d.history.last().map(|t| t.at_unix_ms), Some(999));
+    }
 }

@@ -1,195 +1,63 @@
 //! Checks before a VFIO hotplug: the device exists and its IOMMU group is viable.
 //!
-//! A group is viable when every member is bound to a VFIO driver (`vfio-pci`, a variant
-//! driver such as `mlx5_vfio_pci`, `vfio_mdev`), to `pci-stub`, or to no driver; PCI
-//! bridges may keep their driver (`pcieport`), as the kernel allows. A group with a member
-//! still on its host driver would make QEMU's open of `/dev/vfio/N` fail, or worse, take a
-//! device away from the host: it is refused before `device_add`.
+//! What a request's `vfio-*` devices name is checked through `pcilibs`'s host layer
+//! ([`pcilibs::sysfs`]), which reads sysfs and holds the viability rule: every member of
+//! the group on a VFIO driver, `pci-stub` or no driver (bridges may keep theirs). A group
+//! with a member still on its host driver would make QEMU's open of `/dev/vfio/N` fail,
+//! or worse, take a device away from the host: it is refused before `device_add`, with
+//! [`EngineError::Vfio`] wrapping the host layer's error.
 //!
-//! Everything is read below a sysfs root ([`Sysfs::new`]) that tests point at a directory
-//! tree of their own.
+//! The engine reads the sysfs tree of [`EngineOptions::sysfs`](crate::EngineOptions),
+//! `/sys` unless a test points it at a tree of its own.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use pcilibs::bdf::Bdf;
+use pcilibs::sysfs::{Sysfs, SysfsError};
+
+use crate::engine::EngineError;
 use crate::request::DeviceRequest;
-
-/// Most members read from one IOMMU group.
-const MAX_GROUP_MEMBERS: usize = 1024;
-
-/// Errors of the VFIO checks.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum VfioError {
-    /// The host device is not there.
-    #[error("{0} does not exist")]
-    NoDevice(PathBuf),
-    /// The device has no IOMMU group (no IOMMU, or not enabled).
-    #[error("{0} has no iommu_group: is the IOMMU enabled (intel_iommu=on / amd_iommu=on)?")]
-    NoGroup(PathBuf),
-    /// A member of the group is bound to a driver that is not VFIO's.
-    #[error(
-        "IOMMU group {group} is not viable: {device} is bound to {driver}; bind it to vfio-pci or unbind it"
-    )]
-    GroupNotViable {
-        /// The group number.
-        group: String,
-        /// The member's name.
-        device: String,
-        /// Its driver.
-        driver: String,
-    },
-    /// The group has more members than this crate reads.
-    #[error("IOMMU group {0} has more than {MAX_GROUP_MEMBERS} members")]
-    GroupTooLarge(String),
-    /// Reading sysfs failed.
-    #[error("reading {path}: {source}")]
-    Io {
-        /// What was read.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-/// Result alias of this module.
-pub type Result<T> = std::result::Result<T, VfioError>;
 
 /// One check the engine runs before plugging.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum VfioCheck {
-    /// `vfio-pci,host=BDF`: the PCI device exists and its group is viable.
-    PciHost(String),
+    /// `vfio-pci,host=BDF`: the PCI function exists and its group is viable.
+    PciHost(Bdf),
     /// `sysfsdev=PATH` (`vfio-pci`, mdev, `vfio-ccw`, `vfio-ap`): the path exists and, if it
     /// has an IOMMU group, that group is viable.
     SysfsDev(PathBuf),
 }
 
-/// The checks a request needs, derived from its `vfio-*` devices.
-pub fn checks_for(req: &DeviceRequest) -> Vec<VfioCheck> {
+impl VfioCheck {
+    /// Runs the check against `sysfs`.
+    pub fn run(&self, sysfs: &Sysfs) -> Result<(), SysfsError> {
+        match self {
+            VfioCheck::PciHost(bdf) => sysfs.check_vfio_function(*bdf).map(drop),
+            VfioCheck::SysfsDev(path) => sysfs.check_vfio_device(path).map(drop),
+        }
+    }
+}
+
+/// The checks a request needs, derived from its `vfio-*` devices. A `host=` that is not
+/// a PCI address (`0000:01:00.0`, or `01:00.0` in domain 0 as QEMU accepts it) is
+/// [`EngineError::HostAddress`].
+pub fn checks_for(req: &DeviceRequest) -> Result<Vec<VfioCheck>, EngineError> {
     let mut out = Vec::new();
     for f in &req.functions {
         if !f.driver().starts_with("vfio") {
             continue;
         }
         if let Some(host) = f.prop("host") {
-            out.push(VfioCheck::PciHost(normalize_bdf(host)));
+            let bdf = Bdf::parse_any(host)
+                .map_err(|source| EngineError::HostAddress { id: f.id().to_owned(), source })?;
+            out.push(VfioCheck::PciHost(bdf));
         }
         if let Some(path) = f.prop("sysfsdev") {
             out.push(VfioCheck::SysfsDev(PathBuf::from(path)));
         }
     }
-    out
-}
-
-/// `01:00.0` → `0000:01:00.0`.
-fn normalize_bdf(bdf: &str) -> String {
-    if bdf.matches(':').count() == 1 {
-        format!("0000:{bdf}")
-    } else {
-        bdf.to_owned()
-    }
-}
-
-/// A sysfs tree (the host's `/sys` or a test's copy).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sysfs {
-    root: PathBuf,
-}
-
-impl Default for Sysfs {
-    fn default() -> Self {
-        Sysfs { root: PathBuf::from("/sys") }
-    }
-}
-
-impl Sysfs {
-    /// A sysfs tree rooted at `root` (what the host has at `/sys`).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Sysfs { root: root.into() }
-    }
-
-    /// Maps an absolute `/sys/...` path into this tree.
-    pub fn path(&self, sys_path: &Path) -> PathBuf {
-        let rel = sys_path.strip_prefix("/sys").unwrap_or(sys_path);
-        let rel = rel.strip_prefix("/").unwrap_or(rel);
-        self.root.join(rel)
-    }
-
-    /// Runs one check.
-    pub fn run(&self, check: &VfioCheck) -> Result<()> {
-        match check {
-            VfioCheck::PciHost(bdf) => {
-                let dev = self.root.join("bus/pci/devices").join(bdf);
-                if !dev.exists() {
-                    return Err(VfioError::NoDevice(dev));
-                }
-                let group = self.group_of(&dev)?.ok_or(VfioError::NoGroup(dev))?;
-                self.check_group(&group)
-            }
-            VfioCheck::SysfsDev(p) => {
-                let dev = self.path(p);
-                if !dev.exists() {
-                    return Err(VfioError::NoDevice(dev));
-                }
-                match self.group_of(&dev)? {
-                    Some(g) => self.check_group(&g),
-                    // vfio-ap matrix devices have no group of their own.
-                    None => Ok(()),
-                }
-            }
-        }
-    }
-
-    /// The IOMMU group of a device directory, if it has one.
-    fn group_of(&self, dev: &Path) -> Result<Option<String>> {
-        let link = dev.join("iommu_group");
-        match std::fs::read_link(&link) {
-            Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(VfioError::Io { path: link, source }),
-        }
-    }
-
-    /// Fails unless every member of `group` is VFIO-ready.
-    pub fn check_group(&self, group: &str) -> Result<()> {
-        let dir = self.root.join("kernel/iommu_groups").join(group).join("devices");
-        let entries =
-            std::fs::read_dir(&dir).map_err(|source| VfioError::Io { path: dir.clone(), source })?;
-        for (n, entry) in entries.enumerate() {
-            if n >= MAX_GROUP_MEMBERS {
-                return Err(VfioError::GroupTooLarge(group.to_owned()));
-            }
-            let entry = entry.map_err(|source| VfioError::Io { path: dir.clone(), source })?;
-            let member = entry.path();
-            let driver = match std::fs::read_link(member.join("driver")) {
-                Ok(t) => t.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(VfioError::Io { path: member.join("driver"), source }),
-            };
-            if driver_allowed(&driver) || is_bridge(&member) {
-                continue;
-            }
-            return Err(VfioError::GroupNotViable {
-                group: group.to_owned(),
-                device: entry.file_name().to_string_lossy().into_owned(),
-                driver,
-            });
-        }
-        Ok(())
-    }
-}
-
-fn driver_allowed(driver: &str) -> bool {
-    driver.contains("vfio") || driver == "pci-stub"
-}
-
-/// PCI-to-PCI bridges (class 0x0604) may stay on their driver.
-fn is_bridge(dev: &Path) -> bool {
-    std::fs::read_to_string(dev.join("class"))
-        .ok()
-        .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
-        .is_some_and(|c| c >> 8 == 0x0604)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -197,7 +65,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    /// Builds `devices` under a fake sysfs: (bdf, group, driver, class).
+    /// Builds `devices` under a sysfs-like tree: (bdf, group, driver, class).
     fn tree(devices: &[(&str, &str, Option<&str>, &str)]) -> tempfile::TempDir {
         let t = tempfile::tempdir().unwrap();
         let r = t.path();
@@ -220,6 +88,10 @@ mod tests {
         t
     }
 
+    fn host(text: &str) -> VfioCheck {
+        VfioCheck::PciHost(Bdf::parse(text).unwrap())
+    }
+
     #[test]
     fn viable_group_passes() {
         let t = tree(&[
@@ -227,8 +99,7 @@ mod tests {
             ("0000:01:00.1", "7", None, "0x040300"),
             ("0000:00:01.0", "7", Some("pcieport"), "0x060400"),
         ]);
-        let s = Sysfs::new(t.path());
-        s.run(&VfioCheck::PciHost("0000:01:00.0".into())).unwrap();
+        host("0000:01:00.0").run(&Sysfs::new(t.path())).unwrap();
     }
 
     #[test]
@@ -237,13 +108,12 @@ mod tests {
             ("0000:01:00.0", "7", Some("vfio-pci"), "0x030200"),
             ("0000:01:00.1", "7", Some("snd_hda_intel"), "0x040300"),
         ]);
-        let s = Sysfs::new(t.path());
-        let err = s.run(&VfioCheck::PciHost("0000:01:00.0".into())).unwrap_err();
+        let err = host("0000:01:00.0").run(&Sysfs::new(t.path())).unwrap_err();
         match err {
-            VfioError::GroupNotViable { group, device, driver } => {
+            SysfsError::GroupNotViable { group, member, driver } => {
                 assert_eq!(
-                    (group.as_str(), device.as_str(), driver.as_str()),
-                    ("7", "0000:01:00.1", "snd_hda_intel")
+                    (group, member.to_string().as_str(), driver.as_str()),
+                    (7, "0000:01:00.1", "snd_hda_intel")
                 );
             }
             other => panic!("{other:?}"),
@@ -254,12 +124,12 @@ mod tests {
     fn missing_device_and_sysfsdev_paths() {
         let t = tree(&[("0000:02:00.0", "3", Some("vfio-pci"), "0x020000")]);
         let s = Sysfs::new(t.path());
-        assert!(matches!(s.run(&VfioCheck::PciHost("0000:09:00.0".into())), Err(VfioError::NoDevice(_))));
-        s.run(&VfioCheck::SysfsDev("/sys/bus/pci/devices/0000:02:00.0".into())).unwrap();
+        assert!(matches!(host("0000:09:00.0").run(&s), Err(SysfsError::NoDevice { .. })));
+        VfioCheck::SysfsDev("/sys/bus/pci/devices/0000:02:00.0".into()).run(&s).unwrap();
         // An AP matrix device has no group: existing is enough.
         std::fs::create_dir_all(t.path().join("devices/vfio_ap/matrix/uuid-1")).unwrap();
-        s.run(&VfioCheck::SysfsDev("/sys/devices/vfio_ap/matrix/uuid-1".into())).unwrap();
-        assert!(s.run(&VfioCheck::SysfsDev("/sys/devices/vfio_ap/matrix/uuid-2".into())).is_err());
+        VfioCheck::SysfsDev("/sys/devices/vfio_ap/matrix/uuid-1".into()).run(&s).unwrap();
+        assert!(VfioCheck::SysfsDev("/sys/devices/vfio_ap/matrix/uuid-2".into()).run(&s).is_err());
     }
 
     #[test]
@@ -274,11 +144,20 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            checks_for(&r),
-            vec![
-                VfioCheck::PciHost("0000:01:00.0".into()),
-                VfioCheck::SysfsDev("/sys/bus/mdev/devices/u1".into())
-            ]
+            checks_for(&r).unwrap(),
+            vec![host("0000:01:00.0"), VfioCheck::SysfsDev("/sys/bus/mdev/devices/u1".into())]
         );
+    }
+
+    #[test]
+    fn a_host_that_is_no_address_is_named() {
+        let r: DeviceRequest = serde_json::from_value(serde_json::json!({
+            "port": "rp0",
+            "functions": [{"qdev": {"driver": "vfio-pci", "id": "g0", "host": "../../etc"}}]
+        }))
+        .unwrap();
+        let e = checks_for(&r).unwrap_err();
+        assert!(matches!(&e, EngineError::HostAddress { id, .. } if id == "g0"), "{e}");
+        assert!(e.to_string().contains("../../etc"), "{e}");
     }
 }

@@ -188,9 +188,10 @@ fn eof_wakes_waiters_and_subscribers() {
     });
     let c = connect(&peer).unwrap();
     let events = c.subscribe();
-    let err = c.execute_raw("query-status", None, DEADLINE).unwrap_err();
+    // No practical deadline (it saturates): the end of the stream is what wakes them.
+    let err = c.execute_raw("query-status", None, Duration::MAX).unwrap_err();
     assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
-    let err = events.recv_timeout(DEADLINE).unwrap_err();
+    let err = events.recv_timeout(Duration::MAX).unwrap_err();
     assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
 }
 
@@ -247,5 +248,126 @@ fn an_unread_event_stream_is_bounded() {
     c.execute_raw("query-status", None, DEADLINE).unwrap();
     assert_eq!(idle.recv_timeout(DEADLINE).unwrap().name, "X_LATE");
     assert_eq!(idle.dropped(), 15);
+    assert!(c.closed().is_none());
+}
+
+/// Runs `f` on a thread and waits at most `limit`: a call that hangs fails the test
+/// instead of hanging it.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("the call did not return in time")
+}
+
+/// QEMU serves one QMP client at a time and leaves later ones in its listen backlog.
+/// Once that is full, a blocking `connect(2)` waits in the kernel with no deadline; the
+/// client's must end at `connect_timeout` with a typed error (it used to block past 20 s
+/// with a 2 s timeout).
+#[test]
+fn a_full_listen_backlog_ends_at_the_connect_deadline() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.sock");
+    let addr = SocketAddrUnix::new(&path).unwrap();
+    let listener = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&listener, &addr).unwrap();
+    rustix::net::listen(&listener, 0).unwrap();
+    // Connections nobody accepts, until the backlog is full.
+    let mut held = Vec::new();
+    loop {
+        let s =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::NONBLOCK, None)
+                .unwrap();
+        match rustix::net::connect(&s, &addr) {
+            Ok(()) => held.push(s),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(held.len() < 1000, "the backlog never filled");
+    }
+    let options = FakePeer::options(Duration::from_millis(500));
+    let t = Instant::now();
+    let err = within(Duration::from_secs(10), move || QmpClient::connect_unix(&path, options).map(drop))
+        .unwrap_err();
+    assert!(matches!(err, ClientError::ConnectTimeout { .. }), "{err:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(500) && t.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(held);
+}
+
+/// A peer that takes 256 KiB every 1.5 s and a 4 MiB command with a 2 s deadline: the
+/// command ends at its deadline (it took 26 s when each `send` had a deadline of its
+/// own), and since part of it went out, the connection is closed rather than left with
+/// half a command in QEMU's buffer.
+#[test]
+fn a_slow_reader_does_not_stretch_a_command_deadline() {
+    let peer = FakePeer::start(|mut p| {
+        p.handshake();
+        let mut chunk = vec![0u8; 256 << 10];
+        loop {
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut got = 0;
+            while got < chunk.len() {
+                match std::io::Read::read(&mut p.r, &mut chunk[got..]) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+            }
+        }
+    });
+    let c = QmpClient::connect_unix(&peer.path, FakePeer::options(Duration::from_secs(2))).unwrap();
+    let blob = "x".repeat(4 << 20);
+    let t = Instant::now();
+    let err = c.execute_raw("x-big", Some(json!({ "blob": blob })), Duration::from_secs(2)).unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        matches!(err, ClientError::Send(qmp_hotplug::transport::TransportError::WriteTimeout { sent, .. }) if sent > 0),
+        "{err:?}"
+    );
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");
+    assert!(matches!(c.closed(), Some(CloseReason::Io(_))), "{:?}", c.closed());
+    assert!(matches!(c.execute_raw("query-status", None, DEADLINE), Err(ClientError::Closed(_))));
+}
+
+/// Large events to a stream nobody reads: it holds at most `event_queue_bytes` of them
+/// and counts the rest in events and bytes. Counting events alone (4096) let each 7 MiB
+/// event of small numbers take ~100 MiB of parsed JSON until the process ran out of
+/// memory.
+#[test]
+fn an_unread_stream_is_bounded_in_bytes() {
+    const EVENTS: usize = 6;
+    let body = "0,".repeat(3_500_000) + "0";
+    let line = format!(
+        r#"{{"event": "X_BIG", "data": {{"blob": [{body}]}}, "timestamp": {{"seconds": 1, "microseconds": 0}}}}"#
+    );
+    // Queued as sent, without the newline.
+    let size = line.len() as u64;
+    let peer = FakePeer::start(move |mut p| {
+        p.handshake();
+        let (_, id, _) = p.recv().unwrap();
+        for _ in 0..EVENTS {
+            p.send(&line);
+        }
+        p.reply(&id, json!({}));
+        let _ = p.recv();
+    });
+    let c = QmpClient::connect_unix(&peer.path, FakePeer::options(Duration::from_secs(30))).unwrap();
+    let idle = c.subscribe();
+    c.execute_raw("query-status", None, Duration::from_secs(30)).unwrap();
+    let cap = c.options().event_queue_bytes;
+    assert!(idle.queued_bytes() <= cap, "{} queued", idle.queued_bytes());
+    let kept = cap / size as usize;
+    assert_eq!(idle.dropped(), (EVENTS - kept) as u64);
+    assert_eq!(idle.dropped_bytes(), (EVENTS - kept) as u64 * size);
+    for _ in 0..kept {
+        let e = idle.try_recv().unwrap();
+        assert_eq!(e.data["blob"].as_array().map(Vec::len), Some(3_500_001));
+    }
+    assert!(idle.try_recv().is_none());
     assert!(c.closed().is_none());
 }

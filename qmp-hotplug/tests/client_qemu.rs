@@ -113,3 +113,44 @@ fn qemu_killed_mid_wait_ends_in_typed_error() {
     let err = c.execute_raw("query-status", None, Duration::from_secs(5)).unwrap_err();
     assert!(err.is_connection_lost(), "{err:?}");
 }
+
+/// QEMU serves one QMP client at a time; later connections wait in the socket's listen
+/// backlog, and once that is full a blocking `connect(2)` waits in the kernel. With QEMU
+/// busy with one client and its backlog full, `connect_unix` must end at its
+/// `connect_timeout` with a typed error (it used to block past 20 s with 2 s).
+#[test]
+fn a_busy_qmp_socket_ends_at_the_connect_deadline() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let q = Qemu::q35(1, Hotplug::Acpi);
+    let first = q.connect();
+    let addr = SocketAddrUnix::new(&q.qmp).unwrap();
+    let mut held = Vec::new();
+    loop {
+        let s =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::NONBLOCK, None)
+                .unwrap();
+        match rustix::net::connect(&s, &addr) {
+            Ok(()) => held.push(s),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(held.len() < 1000, "QEMU's backlog never filled");
+    }
+    let path = q.qmp.clone();
+    let options = ClientOptions {
+        connect_timeout: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(QmpClient::connect_unix(&path, options).map(drop));
+    });
+    let err = rx.recv_timeout(Duration::from_secs(15)).expect("connect_unix did not return").unwrap_err();
+    assert!(matches!(err, ClientError::ConnectTimeout { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The client QEMU serves is not disturbed.
+    first.execute(&qapi::qmp::query_status {}).unwrap();
+    drop(held);
+}

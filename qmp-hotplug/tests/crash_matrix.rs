@@ -1,14 +1,26 @@
 //! Crash-recovery matrix against real QEMU.
 //!
 //! For each scenario the engine runs in a child process (this same binary, in child mode)
-//! that kills itself with SIGKILL at one point, for every point the scenario passes:
-//! right after journal record N becomes durable (before the step it announces is sent),
-//! and right before record N is written (after the step the previous record announced
-//! was executed by QEMU). A new engine then opens the journal against the same QEMU and
-//! recovers. Every case must converge: each device is either visible with all functions
-//! exactly once, or gone with no function, object or port left behind, or pending unplug
-//! with its port still held; a second recovery changes nothing; and the port is usable
-//! afterwards. Prints the matrix as Markdown (recorded in RELIABILITY.md).
+//! with one fault at one point, for every point the scenario passes:
+//!
+//! - killed (SIGKILL) right after journal record N becomes durable (before the step it
+//!   announces is sent), and right before record N is written (after the step the
+//!   previous record announced was executed by QEMU);
+//! - a torn record N: killed after it was durable, then the file is cut inside it (every
+//!   cut offset is read back in-process; one per case is recovered against QEMU);
+//! - a flipped byte in record N (every byte read back in-process; one per case against
+//!   QEMU);
+//! - a full disk at record N: the child's file-size limit (`RLIMIT_FSIZE`, `SIGXFSZ`
+//!   ignored) lets a few bytes of record N out and fails the write, and stays (the
+//!   process goes on with a full disk) or is lifted at the next write (room again);
+//! - in a scenario that compacts before every record: killed after compaction N wrote
+//!   its temporary file, and right after it replaced the journal.
+//!
+//! A new engine then opens the journal against the same QEMU and recovers. Every case
+//! must converge: each device is either visible with all functions exactly once, or gone
+//! with no function, object or port left behind, or pending unplug with its port still
+//! held; a second recovery changes nothing; and the port is usable afterwards. Prints the
+//! matrix as Markdown (recorded in RELIABILITY.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
@@ -17,18 +29,19 @@ mod common;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{gpu_like, names, single, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineOptions, UnplugOutcome};
-use qmp_hotplug::journal::HookPoint;
+use qmp_hotplug::journal::{HookPoint, Record};
 use qmp_hotplug::request::{DeviceRequest, PlaceholderRequest};
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::QmpClient;
 use serde_json::json;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Scenario {
     /// Plug a two-function device with a memory backend object (native hotplug).
     PlugMultifunction,
@@ -41,14 +54,17 @@ enum Scenario {
     /// Plug a two-function device onto a port that holds a placeholder (`ph0` with its
     /// backend `ph0-mem`): the engine removes both first (native hotplug).
     PlaceholderSwap,
+    /// [`Scenario::PlugUnplug`] with the journal compacted before every record.
+    PlugUnplugCompacting,
 }
 
-const SCENARIOS: [Scenario; 5] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario::PlugMultifunction,
     Scenario::PlugUnplug,
     Scenario::UnplugTimeout,
     Scenario::FailedPlugRollback,
     Scenario::PlaceholderSwap,
+    Scenario::PlugUnplugCompacting,
 ];
 
 /// The placeholder of [`Scenario::PlaceholderSwap`].
@@ -63,6 +79,7 @@ impl Scenario {
             Scenario::UnplugTimeout => "unplug-timeout",
             Scenario::FailedPlugRollback => "failed-plug-rollback",
             Scenario::PlaceholderSwap => "placeholder-swap",
+            Scenario::PlugUnplugCompacting => "plug-then-unplug-compacting",
         }
     }
 
@@ -79,7 +96,9 @@ impl Scenario {
 
     fn request(self) -> DeviceRequest {
         match self {
-            Scenario::PlugMultifunction | Scenario::PlugUnplug => gpu_like(0, 16),
+            Scenario::PlugMultifunction | Scenario::PlugUnplug | Scenario::PlugUnplugCompacting => {
+                gpu_like(0, 16)
+            }
             Scenario::UnplugTimeout => single(0, "nic0", "e1000e"),
             Scenario::FailedPlugRollback => {
                 let mut r = gpu_like(0, 16);
@@ -119,26 +138,26 @@ impl Scenario {
         }
     }
 
-    /// Runs the scenario's operations (in the child).
-    fn run(self, engine: &Engine) {
+    /// Runs the scenario's operations (in the child). `strict`: each must end as it does
+    /// without faults; else (a full disk) each may fail, with a typed error.
+    fn run(self, engine: &Engine, strict: bool) {
+        let plugged = engine.plug(self.request());
+        let unplug = match self {
+            Scenario::PlugUnplug | Scenario::PlugUnplugCompacting => Some(UnplugOutcome::Removed),
+            Scenario::UnplugTimeout => Some(UnplugOutcome::Pending),
+            _ => None,
+        };
+        let unplugged = unplug.map(|want| (want, engine.unplug("rp0")));
+        if !strict {
+            eprintln!("plug: {:?}; unplug: {:?}", plugged.as_ref().err(), unplugged.as_ref().map(|u| &u.1));
+            return;
+        }
         match self {
-            Scenario::PlugMultifunction => {
-                engine.plug(self.request()).unwrap();
-            }
-            Scenario::PlugUnplug => {
-                engine.plug(self.request()).unwrap();
-                assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
-            }
-            Scenario::UnplugTimeout => {
-                engine.plug(self.request()).unwrap();
-                assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Pending);
-            }
-            Scenario::FailedPlugRollback => {
-                assert!(engine.plug(self.request()).is_err());
-            }
-            Scenario::PlaceholderSwap => {
-                engine.plug(self.request()).unwrap();
-            }
+            Scenario::FailedPlugRollback => assert!(plugged.is_err()),
+            _ => drop(plugged.unwrap()),
+        }
+        if let Some((want, got)) = unplugged {
+            assert_eq!(got.unwrap(), want);
         }
     }
 }
@@ -150,41 +169,134 @@ fn options(s: Scenario) -> EngineOptions {
         Hotplug::Acpi => Duration::from_secs(1),
         Hotplug::Native => Duration::from_secs(20),
     };
-    EngineOptions { unplug_timeout, ..Default::default() }
+    let journal_compact_bytes = match s {
+        Scenario::PlugUnplugCompacting => 0,
+        _ => qmp_hotplug::journal::DEFAULT_COMPACT_BYTES,
+    };
+    EngineOptions { unplug_timeout, journal_compact_bytes, ..Default::default() }
 }
 
-/// Where the child dies.
+/// The fault a case injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kill {
-    /// Right after record k is durable.
+enum Fault {
+    /// Killed right after record k is durable.
     AfterDurable,
-    /// Right before record k is written.
+    /// Killed right before record k is written.
     BeforeWrite,
+    /// Killed after record k is durable, then the file is cut inside record k.
+    Torn,
+    /// Killed after record k is durable, then one byte of record k is flipped.
+    Flipped,
+    /// The disk is full from record k on: a few bytes of it go out, the write fails.
+    DiskFull,
+    /// The disk is full for record k only: the next write finds room.
+    DiskFullOnce,
+    /// Killed after compaction k wrote its temporary file, before the rename.
+    CompactWritten,
+    /// Killed right after compaction k replaced the journal.
+    Compacted,
 }
 
-impl Kill {
+const FAULTS: [Fault; 8] = [
+    Fault::AfterDurable,
+    Fault::BeforeWrite,
+    Fault::Torn,
+    Fault::Flipped,
+    Fault::DiskFull,
+    Fault::DiskFullOnce,
+    Fault::CompactWritten,
+    Fault::Compacted,
+];
+
+impl Fault {
     fn name(self) -> &'static str {
         match self {
-            Kill::AfterDurable => "after-durable",
-            Kill::BeforeWrite => "before-write",
+            Fault::AfterDurable => "after-durable",
+            Fault::BeforeWrite => "before-write",
+            Fault::Torn => "torn",
+            Fault::Flipped => "flipped",
+            Fault::DiskFull => "disk-full",
+            Fault::DiskFullOnce => "disk-full-once",
+            Fault::CompactWritten => "compact-written",
+            Fault::Compacted => "compacted",
         }
     }
 
-    fn point(self) -> HookPoint {
+    /// What the child does: killed at a hook point, or writes to a full disk.
+    fn in_child(self) -> Fault {
         match self {
-            Kill::AfterDurable => HookPoint::Durable,
-            Kill::BeforeWrite => HookPoint::BeforeWrite,
+            Fault::Torn | Fault::Flipped => Fault::AfterDurable,
+            other => other,
+        }
+    }
+
+    /// Whether the case counts compactions (else records).
+    fn per_compaction(self) -> bool {
+        matches!(self, Fault::CompactWritten | Fault::Compacted)
+    }
+
+    fn kill_point(self) -> Option<HookPoint> {
+        match self {
+            Fault::AfterDurable => Some(HookPoint::Durable),
+            Fault::BeforeWrite => Some(HookPoint::BeforeWrite),
+            Fault::CompactWritten => Some(HookPoint::CompactWritten),
+            Fault::Compacted => Some(HookPoint::Compacted),
+            _ => None,
         }
     }
 }
 
-/// Child mode: run one scenario, SIGKILL self at (`kill`, `crash_at`); 0 never.
-fn child(scenario: &str, socket: &str, journal: &str, kill: &str, crash_at: u64) {
-    let kill =
-        [Kill::AfterDurable, Kill::BeforeWrite].into_iter().find(|k| k.name() == kill).expect("kill mode");
-    let point = kill.point();
+/// The file-size limit of the full-disk cases: record k may put `1 + (37 k mod 50)`
+/// bytes out (always less than the shortest record line) before its write fails.
+fn full_disk_hook(journal: String, k: u64, once: bool) -> qmp_hotplug::journal::JournalHook {
+    // SAFETY: setting a signal's disposition to "ignore" has no memory-safety
+    // preconditions; this child has no handler of its own. With SIGXFSZ ignored a write
+    // past the file-size limit fails with EFBIG, as one on a full disk fails with ENOSPC.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let tries = AtomicU64::new(0);
+    Arc::new(move |point, n| {
+        if point != HookPoint::BeforeWrite || n != k {
+            return;
+        }
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Fsize).maximum;
+        let limit = match tries.fetch_add(1, Ordering::SeqCst) {
+            0 => Some(std::fs::metadata(&journal).unwrap().len() + 1 + (37 * k) % 50),
+            _ if once => hard,
+            _ => return,
+        };
+        rustix::process::setrlimit(
+            rustix::process::Resource::Fsize,
+            rustix::process::Rlimit { current: limit, maximum: hard },
+        )
+        .unwrap();
+    })
+}
+
+/// Child mode: run one scenario with `fault` at `at` (0: none) and report how many
+/// records and compactions it made.
+fn child(scenario: &str, socket: &str, journal: &str, fault: &str, at: u64) {
+    let fault = FAULTS.into_iter().find(|f| f.name() == fault).expect("fault name");
+    let records = Arc::new(AtomicU64::new(0));
+    let compactions = Arc::new(AtomicU64::new(0));
+    let fault_hook = match fault {
+        Fault::DiskFull | Fault::DiskFullOnce if at > 0 => {
+            Some(full_disk_hook(journal.to_owned(), at, fault == Fault::DiskFullOnce))
+        }
+        _ => None,
+    };
+    let (r, c) = (Arc::clone(&records), Arc::clone(&compactions));
     let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |p, n| {
-        if p == point && n == crash_at {
+        if let Some(h) = &fault_hook {
+            h(p, n);
+        }
+        match p {
+            HookPoint::Durable => r.store(n, Ordering::SeqCst),
+            HookPoint::Compacted => c.store(n, Ordering::SeqCst),
+            _ => {}
+        }
+        if Some(p) == fault.kill_point() && n == at {
             let me = rustix::process::getpid();
             let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
             std::thread::sleep(Duration::from_secs(60));
@@ -193,28 +305,30 @@ fn child(scenario: &str, socket: &str, journal: &str, kill: &str, crash_at: u64)
     let client = Arc::new(QmpClient::connect_unix(socket, Default::default()).unwrap());
     let opts = EngineOptions { journal_hook: Some(hook), ..options(Scenario::from_name(scenario)) };
     let (engine, _) = Engine::open(client, journal, opts).unwrap();
-    Scenario::from_name(scenario).run(&engine);
+    let strict = !matches!(fault, Fault::DiskFull | Fault::DiskFullOnce);
+    Scenario::from_name(scenario).run(&engine, strict);
     drop(engine);
-    let (_, records) = qmp_hotplug::journal::Journal::open(journal, None).unwrap();
-    // Compaction on open happened before the scenario: count what the scenario wrote.
-    println!("RECORDS {}", records.len());
+    println!("RECORDS {}", records.load(Ordering::SeqCst));
+    println!("COMPACTIONS {}", compactions.load(Ordering::SeqCst));
 }
 
-fn run_child(s: Scenario, q: &Qemu, journal: &Path, kill: Kill, crash_after: u64) -> std::process::Output {
+fn run_child(s: Scenario, q: &Qemu, journal: &Path, fault: Fault, at: u64) -> std::process::Output {
     Command::new(std::env::current_exe().unwrap())
         .env("QMP_CRASH_CHILD", s.name())
-        .env("QMP_CRASH_KILL", kill.name())
+        .env("QMP_CRASH_FAULT", fault.in_child().name())
         .env("QMP_CRASH_SOCKET", &q.qmp)
         .env("QMP_CRASH_JOURNAL", journal)
-        .env("QMP_CRASH_AFTER", crash_after.to_string())
+        .env("QMP_CRASH_AT", at.to_string())
         .output()
         .unwrap()
 }
 
 struct Row {
     scenario: &'static str,
-    kill: Kill,
+    fault: Fault,
     k: u64,
+    /// What was done to the file (torn and flipped cases).
+    damage: String,
     last_record: String,
     before: String,
     after: DeviceState,
@@ -222,21 +336,78 @@ struct Row {
     ok: Result<(), String>,
 }
 
-/// The journal's last record, shortened to its kind and subject.
+/// The journal's last complete record, shortened to its kind and subject.
 fn last_record(journal: &Path) -> String {
-    let text = std::fs::read_to_string(journal).unwrap_or_default();
-    let Some(line) = text.lines().last() else { return "(none)".into() };
-    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-    match v["record"].as_str().unwrap_or("?") {
-        "begin" => format!("begin {}", v["op"].as_str().unwrap_or("?")),
-        "step" => format!(
+    let Ok((records, _)) = qmp_hotplug::journal::read_file(journal) else { return "(unreadable)".into() };
+    let Some(rec) = records.last() else { return "(none)".into() };
+    let v = serde_json::to_value(rec).unwrap_or_default();
+    match rec {
+        Record::Begin { .. } => format!("begin {}", v["op"].as_str().unwrap_or("?")),
+        Record::Step { .. } => format!(
             "step {} {}",
             v["step"].as_str().unwrap_or("?"),
             v["id"].as_str().or(v["fdname"].as_str()).unwrap_or("")
         ),
-        "state" => format!("state {}", v["state"].as_str().unwrap_or("?")),
-        other => other.to_string(),
+        Record::State { .. } => format!("state {}", v["state"].as_str().unwrap_or("?")),
+        Record::Snapshot { device, op, .. } => {
+            let op = op.map(|o| format!(", {} under way", serde_json::to_value(o).unwrap_or_default()));
+            format!("snapshot {:?}{}", device.state, op.unwrap_or_default().replace('"', ""))
+        }
+        _ => "?".into(),
     }
+}
+
+/// Where the journal's last line starts, and its length with the newline.
+fn last_line(bytes: &[u8]) -> (usize, usize) {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let start = body.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+    (start, bytes.len() - start)
+}
+
+/// Tears record k (the last line): every cut inside it, and every byte of it flipped,
+/// must read back as the records before it (checked here, without QEMU); the journal
+/// is then left cut (or flipped) at one offset that varies with k, for recovery against
+/// QEMU. Returns what was done.
+fn tear(journal: &Path, fault: Fault, k: u64) -> Result<String, String> {
+    let bytes = std::fs::read(journal).map_err(|e| e.to_string())?;
+    let (start, len) = last_line(&bytes);
+    let whole = qmp_hotplug::journal::read_bytes(&bytes).map_err(|e| e.to_string())?.records;
+    let before = whole.get(..whole.len().saturating_sub(1)).unwrap_or_default();
+    let check = |b: &[u8], what: &str| -> Result<(), String> {
+        let back = qmp_hotplug::journal::read_bytes(b).map_err(|e| format!("{what}: {e}"))?;
+        if back.records != before || back.valid_len != start as u64 {
+            return Err(format!(
+                "{what}: read back {} records, valid to {}",
+                back.records.len(),
+                back.valid_len
+            ));
+        }
+        Ok(())
+    };
+    let pick = usize::try_from(k * 7919).unwrap() % len;
+    let mut out = bytes.clone();
+    let what = match fault {
+        Fault::Torn => {
+            for cut in start..bytes.len() {
+                check(&bytes[..cut], &format!("cut at {cut}"))?;
+            }
+            out.truncate(start + pick);
+            format!("cut after {pick} of {len} B ({len} cuts read back)")
+        }
+        _ => {
+            for at in start..bytes.len() {
+                for mask in [0x01u8, 0x10, 0x80, 0xff] {
+                    let mut b = bytes.clone();
+                    b[at] ^= mask;
+                    check(&b, &format!("byte {at} ^ {mask:#x}"))?;
+                }
+            }
+            out[start + pick] ^= 0x20;
+            format!("byte {pick} of {len} ^ 0x20 ({} flips read back)", 4 * len)
+        }
+    };
+    std::fs::write(journal, out).map_err(|e| e.to_string())?;
+    Ok(what)
 }
 
 /// Checks that QEMU and the recovered engine agree and nothing leaked or doubled.
@@ -317,7 +488,7 @@ fn check_usable(s: Scenario, engine: &Engine, state: DeviceState) -> Result<(), 
     }
 }
 
-fn case(s: Scenario, kill: Kill, k: u64) -> Row {
+fn case(s: Scenario, fault: Fault, k: u64) -> Row {
     let q = Qemu::q35(1, s.hotplug());
     let c = Arc::new(q.connect());
     q.wait_firmware(&c, 1);
@@ -326,22 +497,36 @@ fn case(s: Scenario, kill: Kill, k: u64) -> Row {
     let journal = dir.path().join("journal");
     // The child needs the QMP socket to itself.
     drop(Arc::try_unwrap(c).ok());
-    let out = run_child(s, &q, &journal, kill, k);
+    let out = run_child(s, &q, &journal, fault, k);
     let killed = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9);
     let mut row = Row {
         scenario: s.name(),
-        kill,
+        fault,
         k,
+        damage: String::new(),
         last_record: last_record(&journal),
         before: String::new(),
         after: DeviceState::Removed,
         action: String::new(),
         ok: Ok(()),
     };
-    if !killed {
-        row.ok =
-            Err(format!("child was not killed: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    let expected = if fault.kill_point().is_some() || fault.in_child() == Fault::AfterDurable {
+        killed
+    } else {
+        out.status.success()
+    };
+    if !expected {
+        row.ok = Err(format!("child ended {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
         return row;
+    }
+    if matches!(fault, Fault::Torn | Fault::Flipped) {
+        match tear(&journal, fault, k) {
+            Ok(what) => row.damage = what,
+            Err(e) => {
+                row.ok = Err(e);
+                return row;
+            }
+        }
     }
     let c = Arc::new(q.connect());
     let (engine, report) = match Engine::open(Arc::clone(&c), &journal, options(s)) {
@@ -358,6 +543,9 @@ fn case(s: Scenario, kill: Kill, k: u64) -> Row {
         row.before = "(nothing journaled)".into();
         row.action = "none".into();
     }
+    if let Some(t) = report.journal.torn_tail {
+        row.before.push_str(&format!("; {} B torn tail cut", t.len));
+    }
     row.ok = check_converged(s, &c, &engine).and_then(|state| {
         row.after = state;
         drop(engine);
@@ -366,6 +554,9 @@ fn case(s: Scenario, kill: Kill, k: u64) -> Row {
             Engine::open(Arc::clone(&c), &journal, options(s)).map_err(|e| e.to_string())?;
         if again.had_interrupted() {
             return Err(format!("second recovery acted: {again:?}"));
+        }
+        if again.journal.torn_tail.is_some() || !again.journal.damaged.is_empty() {
+            return Err(format!("second open found damage: {:?}", again.journal));
         }
         if check_converged(s, &c, &engine)? != state {
             return Err("second recovery changed the state".into());
@@ -379,9 +570,9 @@ fn main() {
     if let Ok(s) = std::env::var("QMP_CRASH_CHILD") {
         let socket = std::env::var("QMP_CRASH_SOCKET").unwrap();
         let journal = std::env::var("QMP_CRASH_JOURNAL").unwrap();
-        let kill = std::env::var("QMP_CRASH_KILL").unwrap();
-        let after: u64 = std::env::var("QMP_CRASH_AFTER").unwrap().parse().unwrap();
-        child(&s, &socket, &journal, &kill, after);
+        let fault = std::env::var("QMP_CRASH_FAULT").unwrap();
+        let at: u64 = std::env::var("QMP_CRASH_AT").unwrap().parse().unwrap();
+        child(&s, &socket, &journal, &fault, at);
         return;
     }
     // `cargo test` passes filters and flags; this harness runs everything unless asked
@@ -398,7 +589,7 @@ fn main() {
         s.setup(&c);
         drop(c);
         let dir = tempfile::tempdir().unwrap();
-        let out = run_child(s, &q, &dir.path().join("journal"), Kill::AfterDurable, 0);
+        let out = run_child(s, &q, &dir.path().join("journal"), Fault::AfterDurable, 0);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -406,28 +597,38 @@ fn main() {
             s.name(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let total: u64 = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("RECORDS "))
-            .and_then(|n| n.parse().ok())
-            .expect("child reports its record count");
+        let count = |what: &str| -> u64 {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(what))
+                .and_then(|n| n.trim().parse().ok())
+                .expect("child reports its counts")
+        };
+        let (records, compactions) = (count("RECORDS "), count("COMPACTIONS "));
         drop(q);
-        for kill in [Kill::AfterDurable, Kill::BeforeWrite] {
+        for fault in FAULTS {
+            let total = if fault.per_compaction() { compactions } else { records };
+            // Only the compacting scenario compacts while running (compaction 1 is the
+            // one on open, before any record).
+            if fault.per_compaction() && s != Scenario::PlugUnplugCompacting {
+                continue;
+            }
             for k in 1..=total {
-                let row = case(s, kill, k);
-                eprintln!("{} {} k={} {:?}", row.scenario, kill.name(), row.k, row.ok);
+                let row = case(s, fault, k);
+                eprintln!("{} {} k={} {:?}", row.scenario, fault.name(), row.k, row.ok);
                 rows.push(row);
             }
         }
     }
-    println!("| scenario | killed | record | last durable record | journal state | recovery | converged to | result |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| scenario | fault | record | damage | last durable record | journal state | recovery | converged to | result |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:?} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:?} | {} |",
             r.scenario,
-            r.kill.name(),
+            r.fault.name(),
             r.k,
+            if r.damage.is_empty() { "-" } else { &r.damage },
             r.last_record,
             r.before,
             r.action,
@@ -439,7 +640,14 @@ fn main() {
         );
     }
     let failed = rows.iter().filter(|r| r.ok.is_err()).count();
-    println!("\ncrash matrix: {} passed, {} failed", rows.len() - failed, failed);
+    let mut per_fault: Vec<String> = Vec::new();
+    for f in FAULTS {
+        let n = rows.iter().filter(|r| r.fault == f).count();
+        if n > 0 {
+            per_fault.push(format!("{} {n}", f.name()));
+        }
+    }
+    println!("\ncrash matrix: {} passed, {} failed ({})", rows.len() - failed, failed, per_fault.join(", "));
     if failed > 0 || rows.is_empty() {
         std::process::exit(1);
     }

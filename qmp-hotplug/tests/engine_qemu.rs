@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{gpu_like, names, single, Hotplug, Qemu};
+use pcilibs::sysfs::Sysfs;
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::request::{DeviceRequest, Expectation};
 use qmp_hotplug::state::DeviceState;
-use qmp_hotplug::vfio::Sysfs;
 use serde_json::json;
 
 fn setup(ports: usize, mode: Hotplug) -> (Qemu, Arc<qmp_hotplug::QmpClient>, tempfile::TempDir) {

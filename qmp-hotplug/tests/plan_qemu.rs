@@ -45,11 +45,13 @@ fn plan() -> Plan {
         )
     };
     let nic = PlannedDevice::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1)]);
-    let request = PlanRequest {
-        devices: vec![PlannedDevice::ivshmem("gpu0", 4 << 30).unwrap(), nic],
-        options: PlanOptions { guest_ram: GUEST_RAM, ..PlanOptions::default() },
-        ..PlanRequest::default()
-    };
+    let request = PlanRequest::default()
+        .with_devices(vec![PlannedDevice::ivshmem("gpu0", 4 << 30).unwrap(), nic])
+        .with_options({
+            let mut o = PlanOptions::default();
+            o.guest_ram = GUEST_RAM;
+            o
+        });
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
 
@@ -85,18 +87,18 @@ fn every_action_is_visible_where_planned_and_leaves_again() {
     let actions = plan.hotplug_actions().unwrap();
     assert_eq!(actions.len(), 2);
     for action in &actions {
-        let request = DeviceRequest::from_action(action).unwrap();
+        let request = DeviceRequest::from_action(action);
         let port = request.port.clone();
         let rec = engine.plug(request).unwrap();
         assert_eq!(rec.state, DeviceState::Visible, "{}", action.device);
         for f in &action.functions {
-            let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("{} not on PCI", f.id) };
-            let got = rec.guest.iter().find(|(id, _)| id == f.id.as_str()).unwrap().1;
-            assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+            let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("{} not on PCI", f.id()) };
+            let got = rec.guest.iter().find(|(id, _)| id == f.id().as_str()).unwrap().1;
+            assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
         }
         assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
         let left = names(&c, "/machine/peripheral");
-        assert!(action.functions.iter().all(|f| !left.contains(f.id.as_str())), "{left:?}");
+        assert!(action.functions.iter().all(|f| !left.contains(f.id().as_str())), "{left:?}");
         assert!(engine.is_port_free(&port));
     }
 }
@@ -111,7 +113,7 @@ fn a_bar_size_the_device_does_not_have_rolls_the_plug_back() {
     // The plan promises 8 GiB where QEMU gives the device 4 GiB.
     let big = action.functions[0].bars.iter_mut().find(|b| b.size == 4 << 30).unwrap();
     big.size = 8 << 30;
-    let request = DeviceRequest::from_action(&action).unwrap();
+    let request = DeviceRequest::from_action(&action);
     let port = request.port.clone();
     match engine.plug(request) {
         Err(EngineError::PlugFailed { cause, state, .. }) => {
@@ -146,13 +148,13 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
     let facts = SysfsDevice::open_dir(NVME_FIXTURE)
         .and_then(|d| d.facts())
         .unwrap_or_else(|e| panic!("{NVME_FIXTURE}: {e} (the workspace's pcilibs fixtures are needed)"));
-    let everything = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let everything = ResourceOptions::all();
     let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &everything).unwrap();
-    let request = PlanRequest {
-        devices: vec![nvme],
-        options: PlanOptions { guest_ram: GUEST_RAM, ..PlanOptions::default() },
-        ..PlanRequest::default()
-    };
+    let request = PlanRequest::default().with_devices(vec![nvme]).with_options({
+        let mut o = PlanOptions::default();
+        o.guest_ram = GUEST_RAM;
+        o
+    });
     let plan = pcie_topology::plan(&Q35::seabios(), &request).unwrap();
     let action = plan.hotplug_action("nvme0").unwrap();
     assert!(
@@ -160,7 +162,7 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
         "the plan makes room for the VFs: {:?}",
         action.functions[0].bars
     );
-    let mut request = DeviceRequest::from_action(&action).unwrap();
+    let mut request = DeviceRequest::from_action(&action);
     let Expectation::Pci(want) = &request.functions[0].expect else { panic!("nvme0 expected on PCI") };
     assert_eq!(want.bars, [BarExpectation::at(0, 16 << 10)]);
     // No VFIO device here: QEMU's own nvme model, the device the facts were read from,
@@ -179,6 +181,6 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
     assert_eq!(rec.state, DeviceState::Visible);
     let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("nvme0 not on PCI") };
     let got = rec.guest.iter().find(|(id, _)| id == "nvme0").unwrap().1;
-    assert_eq!((got.bus, got.slot, got.function), (bdf.bus, bdf.devfn.slot, bdf.devfn.function));
+    assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
     assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
 }

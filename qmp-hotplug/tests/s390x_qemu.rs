@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pcilibs::sysfs::Sysfs;
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::request::DeviceRequest;
 use qmp_hotplug::state::DeviceState;
-use qmp_hotplug::vfio::Sysfs;
 use qmp_hotplug::{ClientOptions, QmpClient};
 use serde_json::json;
 

@@ -1,17 +1,18 @@
 //! The boot check: one lean guest per architecture, booted in parallel, each given one
-//! small hotplug and unplug through the harness's own QMP client, with a table of what
+//! small hotplug and unplug (the harness's `hotplug` steps over `qmp-hotplug`'s
+//! client), with a table of what
 //! the guests reported. It proves the provisioning, the initramfs, the reporter and the
 //! QMP path on every architecture; the planned-topology scenarios build on it.
 
 use serde_json::json;
 
-use crate::arch::Arch;
-use crate::deadline;
-use crate::debs::DebCache;
-use crate::guest::{Guest, GuestAssets, GuestSpec};
-use crate::hotplug::{self, Expect};
-use crate::reporter::GuestState;
-use crate::table::Table;
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::hotplug::{self, Expect};
+use guest_harness::reporter::GuestState;
+use guest_harness::stacks::Stack;
+use guest_harness::table::Table;
 
 /// The result for one architecture.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -20,6 +21,14 @@ pub struct BootCheck {
     pub arch: String,
     /// Firmware.
     pub firmware: String,
+    /// The stack.
+    pub stack: String,
+    /// QEMU's version.
+    pub qemu_version: String,
+    /// The firmware with its version.
+    pub firmware_version: String,
+    /// Guest kernel package and version.
+    pub kernel_version: String,
     /// Accelerator (tcg or kvm).
     pub accel: String,
     /// Guest kernel release.
@@ -81,7 +90,7 @@ fn functions(state: &GuestState) -> Vec<String> {
 }
 
 fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     // virtio-net is modern-only (device 0x1041) on a PCIe port, transitional (0x1000) on
     // s390x's zPCI bus.
     let (args, device) = if guest.arch() == Arch::S390x {
@@ -92,13 +101,13 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
     let mut done = Hotplugged { device: "virtio-net-pci".into(), ..Hotplugged::default() };
     let result = (|| {
         let plugged =
-            hotplug::plug(guest, &mut qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
+            hotplug::plug(guest, &qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
                 .map_err(|e| e.to_string())?;
         done.plug_ms = Some(plugged.seen_after.as_millis());
         if !plugged.bar_problems.is_empty() {
             return Err(plugged.bar_problems.join("; "));
         }
-        let unplugged = hotplug::unplug(guest, &mut qmp, "net0", plugged.device.bdf, deadline(60))
+        let unplugged = hotplug::unplug(guest, &qmp, "net0", plugged.device.bdf, deadline(60))
             .map_err(|e| e.to_string())?;
         done.unplug_ms = Some(unplugged.gone_after.as_millis());
         Ok(())
@@ -108,15 +117,15 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
 }
 
 fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     let mut done = Hotplugged { device: "virtio-net-ccw fe.0.0042".into(), ..Hotplugged::default() };
     let args = json!({"driver": "virtio-net-ccw", "id": "net1", "devno": "fe.0.0042"});
     let result = (|| {
         let (_, took) =
-            hotplug::plug_ccw(guest, &mut qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
+            hotplug::plug_ccw(guest, &qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
         done.plug_ms = Some(took.as_millis());
-        let gone = hotplug::unplug_ccw(guest, &mut qmp, "net1", "0.0.0042", deadline(60))
-            .map_err(|e| e.to_string())?;
+        let gone =
+            hotplug::unplug_ccw(guest, &qmp, "net1", "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
         done.unplug_ms = Some(gone.gone_after.as_millis());
         Ok(())
     })();
@@ -125,13 +134,20 @@ fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
 }
 
 /// Boots and checks one architecture.
-pub fn check(arch: Arch, cache: &DebCache) -> BootCheck {
+pub fn check(arch: Arch, stack: &Stack) -> BootCheck {
     let spec = spec(arch);
-    let mut row =
-        BootCheck { arch: arch.to_string(), firmware: spec.firmware.name().into(), ..BootCheck::default() };
-    let result = GuestAssets::ensure(cache, arch).map_err(|e| e.to_string()).and_then(|assets| {
+    let mut row = BootCheck {
+        arch: arch.to_string(),
+        firmware: spec.firmware.name().into(),
+        stack: stack.name().into(),
+        ..BootCheck::default()
+    };
+    let result = GuestAssets::ensure(stack, arch).map_err(|e| e.to_string()).and_then(|assets| {
         row.kernel = assets.kernel.release.clone();
-        let guest = Guest::boot(&spec, &assets, cache).map_err(|e| e.to_string())?;
+        row.kernel_version = format!("{} {}", assets.kernel.package, assets.kernel.version);
+        row.qemu_version = assets.versions.qemu.clone();
+        row.firmware_version = assets.versions.firmware(spec.firmware, arch);
+        let guest = Guest::boot(&spec, &assets).map_err(|e| e.to_string())?;
         row.accel = guest.accel().qemu_name().into();
         row.boot_ms = guest.boot_time().map(|d| d.as_millis());
         let state = guest.state();
@@ -151,9 +167,9 @@ pub fn check(arch: Arch, cache: &DebCache) -> BootCheck {
 }
 
 /// Runs the boot check for `arches` in parallel.
-pub fn run(arches: &[Arch], cache: &DebCache) -> Vec<BootCheck> {
+pub fn run(arches: &[Arch], stack: &Stack) -> Vec<BootCheck> {
     std::thread::scope(|scope| {
-        let handles: Vec<_> = arches.iter().map(|&arch| scope.spawn(move || check(arch, cache))).collect();
+        let handles: Vec<_> = arches.iter().map(|&arch| scope.spawn(move || check(arch, stack))).collect();
         handles
             .into_iter()
             .zip(arches)
@@ -176,6 +192,8 @@ fn opt_ms(v: Option<u128>) -> String {
 pub fn render(rows: &[BootCheck]) -> String {
     let mut summary = Table::new([
         "arch",
+        "stack",
+        "QEMU",
         "firmware",
         "accel",
         "kernel",
@@ -197,7 +215,9 @@ pub fn render(rows: &[BootCheck]) -> String {
             let once = |v: String| if i == 0 { v } else { String::new() };
             summary.row([
                 r.arch.clone(),
-                once(r.firmware.clone()),
+                once(r.stack.clone()),
+                once(r.qemu_version.clone()),
+                once(r.firmware_version.clone()),
                 once(r.accel.clone()),
                 once(r.kernel.clone()),
                 once(opt_ms(r.boot_ms)),

@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::arch::Arch;
-use crate::debs::DebCache;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::lspci;
-use crate::reporter::{Bdf, Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH};
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::lspci;
+use guest_harness::reporter::{
+    Bdf, Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
+};
+use guest_harness::stacks::Stack;
 
 /// Where the fixtures go, relative to the workspace root.
 pub const FIXTURE_DIR: &str = "pcilibs/tests/fixtures/qemu-x86_64";
@@ -229,10 +232,10 @@ fn write(path: &Path, data: &[u8]) -> Result<(), String> {
 
 /// Boots the fixture guest, copies every function out and writes the fixture folder
 /// (replacing its previous contents). Returns the folder.
-pub fn generate(cache: &DebCache, root: &Path) -> Result<PathBuf, String> {
+pub fn generate(stack: &Stack, root: &Path) -> Result<PathBuf, String> {
     let spec = fixture_spec();
-    let assets = GuestAssets::ensure(cache, Arch::X86_64).map_err(|e| e.to_string())?;
-    let guest = Guest::boot(&spec, &assets, cache).map_err(|e| e.to_string())?;
+    let assets = GuestAssets::ensure(stack, Arch::X86_64).map_err(|e| e.to_string())?;
+    let guest = Guest::boot(&spec, &assets).map_err(|e| e.to_string())?;
     // Let the guest finish probing before taking the snapshot of functions.
     std::thread::sleep(Duration::from_secs(1));
     let state = guest.state();
@@ -243,8 +246,9 @@ pub fn generate(cache: &DebCache, root: &Path) -> Result<PathBuf, String> {
             .map_err(|e| e.to_string())?;
         copied.push(parse_copy(*bdf, &out.lines)?);
     }
-    let decoded = lspci::decode(&copied.iter().map(|c| (c.bdf, c.config.clone())).collect::<Vec<_>>())
-        .map_err(|e| e.to_string())?;
+    let decoded =
+        lspci::decode(&assets.qemu, &copied.iter().map(|c| (c.bdf, c.config.clone())).collect::<Vec<_>>())
+            .map_err(|e| e.to_string())?;
     let mut expected = BTreeMap::new();
     for c in &copied {
         let d = decoded.get(&c.bdf).cloned().unwrap_or_default();
@@ -270,17 +274,19 @@ pub fn generate(cache: &DebCache, root: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-fn tool_version(program: &str, arg: &str) -> String {
-    std::process::Command::new(program)
-        .arg(arg)
+fn tool_version(mut cmd: std::process::Command, arg: &str) -> String {
+    cmd.arg(arg)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 fn readme(guest: &Guest, assets: &GuestAssets, count: usize) -> String {
-    let qemu = tool_version("qemu-system-x86_64", "--version");
-    let lspci = tool_version("lspci", "--version");
+    let qemu = format!(
+        "QEMU emulator version {}, SeaBIOS {} (stack {})",
+        assets.versions.qemu, assets.versions.seabios, assets.versions.stack
+    );
+    let lspci = tool_version(assets.qemu.command("lspci"), "--version");
     let cmdline = guest.command_line();
     // Paths under temporary folders change every run; show them by role.
     let cmdline: Vec<String> = cmdline

@@ -7,25 +7,36 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use xtask::arch::Arch;
-use xtask::guest::{Firmware, Guest, GuestAssets, GuestSpec};
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::stacks::{Stack, STACKS};
 use xtask::{bootcheck, experiments, fixtures, tasks};
 
 #[derive(Parser)]
 #[command(about = "pcie-hotplug project automation")]
 struct Cli {
+    /// The software stack (QEMU, firmware, guest kernels) to run on: bookworm, trixie or
+    /// current (default: $XTASK_STACK, else bookworm).
+    #[arg(long, global = true)]
+    stack: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format check, clippy (warnings denied), all tests, doc tests (provisions first).
-    Test,
+    /// Provisioning, format check, clippy (warnings denied), all tests and doc tests with
+    /// the stack's QEMU and firmware, then the default end-to-end set.
+    Test {
+        /// Also run the default end-to-end set on this stack (repeatable).
+        #[arg(long = "also-stack")]
+        also: Vec<String>,
+    },
     /// Run end-to-end scenarios in real guests (default: every xtask/scenarios/*.toml).
     E2e(E2eArgs),
-    /// Boot one small guest per architecture and plug one device through the harness's
-    /// own QMP client (a quick check of provisioning, reporter and QMP).
+    /// Boot one small guest per architecture and plug one device with plain QMP
+    /// `device_add` / `device_del` (a quick check of provisioning, reporter and QMP).
     BootCheck {
         /// Only this architecture (repeatable).
         #[arg(long)]
@@ -42,8 +53,16 @@ enum Cmd {
     /// Run the fuzz targets in fuzz/ for a bounded time each (cargo-fuzz is installed into
     /// target/fuzz/tools when missing); fails on any crash, timeout or out-of-memory input.
     Fuzz(FuzzArgs),
-    /// Install the host packages and download the guest kernels (only what is missing).
-    Provision,
+    /// Provision the stack into the cache: QEMU, firmware, busybox, pciutils and every
+    /// architecture's guest kernel (only what is missing; nothing is installed on the host).
+    Provision {
+        /// Fetch the stack's package lists again first (newer versions, moved files).
+        #[arg(long)]
+        update: bool,
+        /// Every stack, not only the one named.
+        #[arg(long)]
+        all: bool,
+    },
     /// Regenerate pcilibs' QEMU device fixtures (pcilibs/tests/fixtures/qemu-x86_64).
     Fixtures,
     /// Boot one guest, print what it reports, optionally run commands in it.
@@ -99,7 +118,7 @@ struct FuzzArgs {
     #[arg(long)]
     merge: bool,
     /// Instead of fuzzing, write fuzz/corpus anew from the project's fixtures, the planner
-    /// and a real QEMU (QEMU on PATH).
+    /// and the stack's QEMU (provisioned by `cargo xtask provision`).
     #[arg(long)]
     make_seeds: bool,
     /// Also write the reports as JSON to this file.
@@ -138,7 +157,7 @@ struct BootArgs {
     qemu_args: Vec<String>,
 }
 
-fn print_state(state: &xtask::reporter::GuestState) {
+fn print_state(state: &guest_harness::reporter::GuestState) {
     for dev in state.pci.values() {
         let driver = dev.driver.as_deref().unwrap_or("-");
         println!("{} {:04x}:{:04x} class {:06x} driver {driver}", dev.bdf, dev.vendor, dev.device, dev.class);
@@ -154,9 +173,8 @@ fn print_state(state: &xtask::reporter::GuestState) {
     }
 }
 
-fn boot(args: BootArgs) -> Result<(), String> {
-    let cache = xtask::cache();
-    let assets = GuestAssets::ensure(&cache, args.arch).map_err(|e| e.to_string())?;
+fn boot(stack: &Stack, args: BootArgs) -> Result<(), String> {
+    let assets = GuestAssets::ensure(stack, args.arch).map_err(|e| e.to_string())?;
     let mut spec = GuestSpec::new(args.arch);
     if let Some(fw) = args.firmware {
         spec.firmware = fw;
@@ -167,7 +185,16 @@ fn boot(args: BootArgs) -> Result<(), String> {
     spec.phys_bits = args.phys_bits;
     spec.extra_args = args.qemu_args;
     spec.initramfs.modules = args.modules;
-    let guest = Guest::boot(&spec, &assets, &cache).map_err(|e| e.to_string())?;
+    let guest = Guest::boot(&spec, &assets).map_err(|e| e.to_string())?;
+    println!(
+        "stack {}: QEMU {}, {}, kernel {} ({} {})",
+        assets.versions.stack,
+        assets.versions.qemu,
+        assets.versions.firmware(spec.firmware, spec.arch),
+        assets.kernel.release,
+        assets.kernel.package,
+        assets.kernel.version
+    );
     println!("{}", guest.command_line());
     print_state(&guest.state());
     for cmd in args.exec {
@@ -180,11 +207,10 @@ fn boot(args: BootArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn boot_check(arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
-    let cache = xtask::cache();
-    tasks::provision_all(&cache)?;
+fn boot_check(stack: &Stack, arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
     let arches = if arches.is_empty() { Arch::ALL.to_vec() } else { arches };
-    let rows = bootcheck::run(&arches, &cache);
+    tasks::provision_stack(stack, &arches, false)?;
+    let rows = bootcheck::run(&arches, stack);
     println!("{}", bootcheck::render(&rows));
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
@@ -199,9 +225,27 @@ fn boot_check(arches: Vec<Arch>, json: Option<PathBuf>) -> Result<(), String> {
     }
 }
 
-fn fuzz(args: FuzzArgs) -> Result<(), String> {
+fn provision(stack: &Stack, update: bool, all: bool) -> Result<(), String> {
+    if !all {
+        return tasks::provision_all(stack, update);
+    }
+    let mut failed = Vec::new();
+    for def in STACKS {
+        let s = guest_harness::stack(def.name).map_err(|e| e.to_string())?;
+        if let Err(e) = tasks::provision_all(&s, update) {
+            failed.push(e);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
+}
+
+fn fuzz(stack: &Stack, args: FuzzArgs) -> Result<(), String> {
     if args.make_seeds {
-        return xtask::fuzz::make_seeds(&args.targets);
+        return xtask::fuzz::make_seeds(&args.targets, &tasks::stack_env(stack)?);
     }
     let opts = xtask::fuzz::Options {
         seconds: args.seconds,
@@ -212,29 +256,39 @@ fn fuzz(args: FuzzArgs) -> Result<(), String> {
     xtask::fuzz::run(&opts)
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let cache = xtask::cache();
-    let result = match cli.cmd {
-        Cmd::Test => tasks::test(&cache),
-        Cmd::E2e(args) => tasks::e2e(&cache, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
-        Cmd::BootCheck { arch, json } => boot_check(arch, json),
-        Cmd::Bench { args } => tasks::bench(&args),
-        Cmd::Fuzz(args) => fuzz(args),
-        Cmd::Provision => tasks::provision_all(&cache),
-        Cmd::Fixtures => fixtures::generate(&cache, &xtask::workspace_root())
+fn run(cli: Cli) -> Result<(), String> {
+    let name = cli.stack.unwrap_or_else(Stack::default_name);
+    let stack = guest_harness::stack(&name).map_err(|e| e.to_string())?;
+    match cli.cmd {
+        Cmd::Test { also } => {
+            let more = also
+                .iter()
+                .map(|n| guest_harness::stack(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            tasks::test(&stack, &more)
+        }
+        Cmd::E2e(args) => tasks::e2e(&stack, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
+        Cmd::BootCheck { arch, json } => boot_check(&stack, arch, json),
+        Cmd::Bench { args } => tasks::bench(&stack, &args),
+        Cmd::Fuzz(args) => fuzz(&stack, args),
+        Cmd::Provision { update, all } => provision(&stack, update, all),
+        Cmd::Fixtures => fixtures::generate(&stack, &guest_harness::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
-        Cmd::Boot(args) => boot(args),
+        Cmd::Boot(args) => boot(&stack, args),
         Cmd::Experiment { name, firmware, native_hotplug, bar_gib, reserve_gib } => {
             let opts = experiments::Options { firmware, native_hotplug, bar_gib, reserve_gib };
-            match experiments::run(&name, opts, &cache) {
+            match experiments::run(&name, opts, &stack) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!("experiment {name}: the guest did not assign every BAR")),
                 Err(e) => Err(e),
             }
         }
-    };
-    match result {
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

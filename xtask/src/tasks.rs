@@ -4,69 +4,123 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::arch::Arch;
-use crate::command;
-use crate::debs::DebCache;
 use crate::e2e::{self, RunContext};
-use crate::guest::GuestAssets;
-use crate::provision::{self, HostPackages};
 use crate::scenario::{self, Scenario};
+use guest_harness::arch::Arch;
+use guest_harness::command;
+use guest_harness::provision::{self, Provisioned};
+use guest_harness::stacks::{self, Stack};
 
-/// Installs missing host packages and fetches the guest kernel and busybox of every
-/// architecture into the cache. A provisioned machine returns in well under a second.
-pub fn provision_all(cache: &DebCache) -> Result<(), String> {
-    let begun = Instant::now();
-    match provision::ensure_host_packages().map_err(|e| e.to_string())? {
-        HostPackages::Present => {}
-        HostPackages::Installed(p) => eprintln!("provision: installed {}", p.join(" ")),
+/// Provisions `stack`'s root and the guest assets of `arches`, printing what it got.
+/// Fails when the root fails; an architecture that fails is printed with what to do and
+/// fails only that architecture's guests later.
+pub fn provision_stack(stack: &Stack, arches: &[Arch], update: bool) -> Result<Provisioned, String> {
+    provision::check_host_tools().map_err(|e| e.to_string())?;
+    let done = provision::provision(stack, arches, update).map_err(|e| e.to_string())?;
+    for line in done.summary() {
+        eprintln!("provision: {line}");
     }
-    for arch in Arch::ALL {
-        let assets = GuestAssets::ensure(cache, arch).map_err(|e| e.to_string())?;
-        eprintln!(
-            "provision: {arch}: kernel {} ({} {})",
-            assets.kernel.release, assets.kernel.package, assets.kernel.version
-        );
-    }
-    eprintln!("provision: done in {:.1} s", begun.elapsed().as_secs_f64());
-    Ok(())
+    eprintln!("provision: stack {} done in {:.1} s", stack.name(), done.took.as_secs_f64());
+    Ok(done)
 }
 
-fn cargo(args: &[&str]) -> Result<(), String> {
+/// `cargo xtask provision`: the stack's root and every architecture's guest assets, and
+/// wrapper scripts for its QEMU, `lspci` and `busybox` (printed with the environment that
+/// makes tests find them); fails when any piece failed.
+pub fn provision_all(stack: &Stack, update: bool) -> Result<(), String> {
+    let done = provision_stack(stack, &Arch::ALL, update)?;
+    let (root, bin) = stack.write_wrappers().map_err(|e| e.to_string())?;
+    eprintln!(
+        "provision: to run the crates' tests on stack {} without xtask:\n    export PATH={}:$PATH {}={}",
+        stack.name(),
+        bin.display(),
+        stacks::FIRMWARE_ROOT_ENV,
+        root.root.display()
+    );
+    let failed = done.failed();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        let names: Vec<String> = failed.iter().map(|(a, _)| a.to_string()).collect();
+        Err(format!("stack {}: {} could not be provisioned (see above)", stack.name(), names.join(", ")))
+    }
+}
+
+/// The environment that makes the stack's programs and firmware the ones tests find:
+/// its wrapper scripts first on `PATH`, [`stacks::FIRMWARE_ROOT_ENV`] at its root and
+/// [`stacks::STACK_ENV`] naming it.
+pub fn stack_env(stack: &Stack) -> Result<Vec<(String, String)>, String> {
+    let (root, bin) = stack.write_wrappers().map_err(|e| e.to_string())?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
+        .map_err(|e| format!("PATH: {e}"))?;
+    Ok(vec![
+        ("PATH".into(), joined.to_string_lossy().into_owned()),
+        (stacks::FIRMWARE_ROOT_ENV.into(), root.root.display().to_string()),
+        (stacks::STACK_ENV.into(), stack.name().into()),
+    ])
+}
+
+fn cargo(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    command::run_visible(Command::new(cargo).args(args).current_dir(crate::workspace_root()))
-        .map_err(|e| e.to_string())
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(guest_harness::workspace_root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    command::run_visible(&mut cmd).map_err(|e| e.to_string())
 }
 
-/// `cargo xtask test`: provisioning (QEMU-based tests need QEMU, firmware and guest
-/// kernels), format check, clippy with warnings denied, every test, doc tests, the
-/// default end-to-end scenario set, then a short run of every fuzz target
-/// ([`crate::fuzz::SMOKE_SECONDS`] each; last, so that its findings do not hide the
-/// end-to-end results).
-pub fn test(cache: &DebCache) -> Result<(), String> {
+/// `cargo xtask test`: provisioning of `stack` (and of `more`), format check, clippy
+/// with warnings denied, every test and doc test with the stack's QEMU and firmware
+/// ([`stack_env`]), the default end-to-end set on `stack` and on each of `more`, then a
+/// short run of every fuzz target ([`crate::fuzz::SMOKE_SECONDS`] each; after the
+/// end-to-end runs, and its failure reported with theirs, so that neither hides the
+/// other).
+pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
     let begun = Instant::now();
-    provision_all(cache)?;
-    cargo(&["fmt", "--all", "--", "--check"])?;
+    provision_stack(stack, &Arch::ALL, false)?;
+    for other in more {
+        provision_stack(other, &Arch::ALL, false)?;
+    }
+    let env = stack_env(stack)?;
+    cargo(&["fmt", "--all", "--", "--check"], &env)?;
     // Every feature on (qmp-hotplug's `tokio`), so its code and tests are checked too.
-    cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"])?;
-    cargo(&["test", "--workspace", "--all-targets", "--all-features"])?;
-    cargo(&["test", "--workspace", "--doc", "--all-features"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"], &env)?;
+    cargo(&["test", "--workspace", "--all-targets", "--all-features"], &env)?;
+    cargo(&["test", "--workspace", "--doc", "--all-features"], &env)?;
     let tests_done = begun.elapsed();
-    e2e(cache, &[], &[], None, 2)?;
-    let e2e_done = begun.elapsed();
-    crate::fuzz::run(&crate::fuzz::Options {
+    let mut timings = Vec::new();
+    let mut failures = Vec::new();
+    for s in std::iter::once(stack).chain(more) {
+        let started = Instant::now();
+        if let Err(e) = e2e(s, &[], &[], None, 2) {
+            failures.push(e);
+        }
+        timings.push(format!("end-to-end on {} {:.0} s", s.name(), started.elapsed().as_secs_f64()));
+    }
+    let started = Instant::now();
+    let fuzz = crate::fuzz::Options {
         seconds: crate::fuzz::SMOKE_SECONDS,
         targets: Vec::new(),
         merge: false,
         json: None,
-    })?;
+    };
+    if let Err(e) = crate::fuzz::run(&fuzz) {
+        failures.push(e);
+    }
+    timings.push(format!("fuzzing {:.0} s", started.elapsed().as_secs_f64()));
     eprintln!(
-        "test: tests {:.0} s, end-to-end {:.0} s, fuzzing {:.0} s, total {:.0} s",
+        "test: provisioning and tests {:.0} s, {}, total {:.0} s",
         tests_done.as_secs_f64(),
-        (e2e_done - tests_done).as_secs_f64(),
-        (begun.elapsed() - e2e_done).as_secs_f64(),
+        timings.join(", "),
         begun.elapsed().as_secs_f64()
     );
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
 }
 
 /// Loads the scenarios named (the default set when none), keeps those of `arches` (all
@@ -90,24 +144,34 @@ pub fn load_scenarios(files: &[PathBuf], arches: &[Arch]) -> Result<Vec<Scenario
     Ok(out)
 }
 
-/// `cargo xtask e2e`: provisioning, then the scenarios, `jobs` guests at a time; prints
-/// the table (and writes it as JSON); fails unless every scenario passed.
+/// `cargo xtask e2e`: provisioning of `stack` for the scenarios' architectures, then the
+/// scenarios, `jobs` guests at a time; prints the table (and writes it as JSON); fails
+/// unless every scenario passed. An architecture whose kernel cannot be provisioned fails
+/// its own scenarios only.
 pub fn e2e(
-    cache: &DebCache,
+    stack: &Stack,
     files: &[PathBuf],
     arches: &[Arch],
     json: Option<&Path>,
     jobs: usize,
 ) -> Result<(), String> {
     let scenarios = load_scenarios(files, arches)?;
-    provision_all(cache)?;
+    let mut needed: Vec<Arch> = scenarios.iter().map(|s| s.arch).collect();
+    needed.sort();
+    needed.dedup();
+    provision_stack(stack, &needed, false)?;
     let begun = Instant::now();
     let names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
-    eprintln!("e2e: {} scenarios, {jobs} guests at a time: {}", scenarios.len(), names.join(", "));
-    let ctx = RunContext { cache: cache.clone(), ..RunContext::new() };
+    eprintln!(
+        "e2e: stack {}: {} scenarios, {jobs} guests at a time: {}",
+        stack.name(),
+        scenarios.len(),
+        names.join(", ")
+    );
+    let ctx = RunContext::new(stack.clone());
     let reports = e2e::run_all(&scenarios, &ctx, jobs);
     println!("{}", e2e::render(&reports));
-    eprintln!("e2e: {:.1} s", begun.elapsed().as_secs_f64());
+    eprintln!("e2e: stack {}: {:.1} s", stack.name(), begun.elapsed().as_secs_f64());
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -116,18 +180,25 @@ pub fn e2e(
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("e2e: {} of {} scenarios failed: {}", failed.len(), reports.len(), failed.join(", ")))
+        Err(format!(
+            "e2e on stack {}: {} of {} scenarios failed: {}",
+            stack.name(),
+            failed.len(),
+            reports.len(),
+            failed.join(", ")
+        ))
     }
 }
 
-/// `cargo xtask bench`: the criterion benchmarks of every crate (extra arguments go to
-/// the benchmark binaries, e.g. a name filter or `--quick`).
-pub fn bench(extra: &[String]) -> Result<(), String> {
+/// `cargo xtask bench`: the criterion benchmarks of every crate, with `stack`'s QEMU
+/// (extra arguments go to the benchmark binaries, e.g. a name filter or `--quick`).
+pub fn bench(stack: &Stack, extra: &[String]) -> Result<(), String> {
+    let env = stack_env(stack)?;
     // Bench targets only: the libraries' unit-test harness would reject criterion's flags.
     let mut args = vec!["bench", "--workspace", "--bench", "*"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    cargo(&args)
+    cargo(&args, &env)
 }

@@ -32,7 +32,11 @@ impl Qemu {
     pub fn start(args: &[String]) -> Qemu {
         let installed = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| Path::new(&d).join(QEMU).exists()));
-        assert!(installed, "{QEMU} is missing: install it with `apt-get install qemu-system-misc`");
+        assert!(
+            installed,
+            "{QEMU} is missing: run the tests with `cargo xtask test`, which provisions QEMU into target/e2e/cache \
+             and puts it first on PATH; or put a {QEMU} on PATH (Debian's qemu-system-misc)"
+        );
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(QEMU)
             .args(["-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none", "-qmp", "stdio"])

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pcie_topology::plan::Port;
+use pcie_topology::platform::Range;
 use pcie_topology::Plan;
 use pcilibs::requirement::Resource;
 use qmp_hotplug::{ClientOptions, QmpClient};
@@ -35,14 +36,47 @@ impl Drop for Qemu {
     }
 }
 
-/// Fails with what to install when a QEMU binary or firmware file is missing.
+/// Fails with what to do when a QEMU binary or firmware file is missing.
 pub fn require(path: &str, package: &str) {
     let found = if path.contains('/') {
         Path::new(path).exists()
     } else {
         std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(path).exists()))
     };
-    assert!(found, "{path} is missing: install it with `apt-get install {package}`");
+    assert!(
+        found,
+        "{path} is missing: run the tests with `cargo xtask test`, which provisions QEMU and firmware into \
+         target/e2e/cache and hands them to the tests (QEMU first on PATH, firmware under ${FIRMWARE_ROOT_ENV}); \
+         or install Debian's {package}"
+    );
+}
+
+/// Where the firmware the tests boot lives: a folder with Debian's firmware layout
+/// (`usr/share/ovmf/OVMF.fd`, …). `cargo xtask test` points it at its stack's root;
+/// unset, the installed paths are used.
+pub const FIRMWARE_ROOT_ENV: &str = "PCIE_HOTPLUG_FIRMWARE_ROOT";
+
+/// The firmware image at the installed path `path` (such as
+/// [`arch_x86_aarch64::OVMF_PATH`]), under [`FIRMWARE_ROOT_ENV`] when that is set.
+pub fn firmware(path: &str) -> String {
+    match std::env::var_os(FIRMWARE_ROOT_ENV).filter(|r| !r.is_empty()) {
+        Some(root) => Path::new(&root).join(path.trim_start_matches('/')).display().to_string(),
+        None => path.to_string(),
+    }
+}
+
+/// q35 with the tests' OVMF ([`firmware`]).
+pub fn q35_ovmf() -> arch_x86_aarch64::Q35 {
+    let path = firmware(arch_x86_aarch64::OVMF_PATH);
+    require(&path, "ovmf");
+    arch_x86_aarch64::Q35::ovmf_at(path)
+}
+
+/// virt with the tests' AAVMF ([`firmware`]).
+pub fn virt_uefi() -> arch_x86_aarch64::Virt {
+    let path = firmware(arch_x86_aarch64::AAVMF_PATH);
+    require(&path, "qemu-efi-aarch64");
+    arch_x86_aarch64::Virt::uefi_at(path)
 }
 
 impl Qemu {
@@ -175,8 +209,8 @@ pub struct Bridge {
 impl Bridge {
     /// Whether `resources` fit the memory and prefetchable windows (base/limit ranges).
     pub fn fits(&self, resources: &[Resource]) -> bool {
-        let window = |r: (u64, u64)| (r.0, r.1 + 1 - r.0);
-        pcie_topology::sim::fits(window(self.mem), window(self.pref), resources)
+        let window = |r: (u64, u64)| Range::new(r.0, r.1 + 1 - r.0);
+        pcie_topology::bars_fit(window(self.mem), window(self.pref), resources)
     }
 }
 

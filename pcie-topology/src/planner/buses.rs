@@ -2,7 +2,7 @@
 
 use super::Builder;
 use crate::error::PlanError;
-use crate::path::{GuestBdf, GuestPciPath};
+use crate::path::GuestPciPath;
 use crate::plan::{HostBridge, PciBridge, PortKind};
 use crate::platform::BusNumbering;
 use crate::qemu::DevFn;
@@ -30,13 +30,13 @@ pub(super) fn number_buses(
         let root_path = if hb_index == 0 { None } else { Some(root as u8) };
         let mut indices: Vec<usize> = per_hb_ports.get(hb_index).cloned().unwrap_or_default();
         indices.retain(|i| b.ports.get(*i).is_some_and(|p| p.kind == PortKind::Root));
-        indices.sort_by_key(|i| b.ports.get(*i).map(|p| p.bdf.devfn));
+        indices.sort_by_key(|i| b.ports.get(*i).map(|p| DevFn::from(p.bdf)));
         // Items on the root bus in devfn order: root ports, and on pcie.0 the PCI bridge.
         let mut entries: Vec<(DevFn, Option<usize>)> =
-            indices.iter().filter_map(|i| b.ports.get(*i).map(|p| (p.bdf.devfn, Some(*i)))).collect();
+            indices.iter().filter_map(|i| b.ports.get(*i).map(|p| (DevFn::from(p.bdf), Some(*i)))).collect();
         if hb_index == 0 {
             for br in bridges.iter() {
-                entries.push((br.bdf.devfn, None));
+                entries.push((DevFn::from(br.bdf), None));
             }
         }
         entries.sort_by_key(|e| e.0);
@@ -56,20 +56,20 @@ pub(super) fn number_buses(
                             s.bus = sec as u8;
                             s.secondary_bus = up_sec as u8;
                         }
-                        let up_path = path.join(DevFn { slot: 0, function: 0 });
+                        let up_path = path.join(DevFn::default());
                         let mut ds: Vec<usize> = (0..b.ports.len())
                             .filter(|j| {
                                 b.ports.get(*j).is_some_and(|p| p.switch.is_some() && p.switch == sw_id)
                             })
                             .collect();
-                        ds.sort_by_key(|j| b.ports.get(*j).map(|p| p.bdf.devfn));
+                        ds.sort_by_key(|j| b.ports.get(*j).map(|p| DevFn::from(p.bdf)));
                         for j in ds {
                             let dsec = next;
                             let reserve = if kernel { u32::from(b.opts.spare_bus_reserve) } else { 0 };
                             next = dsec + 1 + reserve;
                             if let Some(p) = b.ports.get_mut(j) {
-                                let dfn = p.bdf.devfn;
-                                p.bdf = GuestBdf { segment: 0, bus: up_sec as u8, devfn: dfn };
+                                let dfn = DevFn::from(p.bdf);
+                                p.bdf = dfn.on_bus(0, up_sec as u8);
                                 p.path = up_path.join(dfn);
                                 p.secondary_bus = clamp_bus(dsec)?;
                                 p.subordinate_bus = clamp_bus(dsec + reserve)?;
@@ -86,14 +86,14 @@ pub(super) fn number_buses(
                     let sub = (next - 1).max(sec + reserve);
                     next = sub + 1;
                     if let Some(p) = b.ports.get_mut(i) {
-                        p.bdf = GuestBdf { segment: 0, bus: root as u8, devfn };
+                        p.bdf = devfn.on_bus(0, root as u8);
                         p.path = path;
                         p.secondary_bus = clamp_bus(sec)?;
                         p.subordinate_bus = clamp_bus(sub)?;
                     }
                 }
                 None => {
-                    if let Some(br) = bridges.iter_mut().find(|br| br.bdf.devfn == devfn) {
+                    if let Some(br) = bridges.iter_mut().find(|br| DevFn::from(br.bdf) == devfn) {
                         br.secondary_bus = clamp_bus(sec)?;
                         let br_id = br.id.to_string();
                         for p in b
@@ -101,7 +101,7 @@ pub(super) fn number_buses(
                             .iter_mut()
                             .filter(|p| p.kind == PortKind::BridgeSlot && p.target_bus == br_id)
                         {
-                            p.bdf = GuestBdf { segment: 0, bus: 0, devfn };
+                            p.bdf = devfn.on_bus(0, 0);
                             p.path = GuestPciPath { root_bus: None, hops: vec![devfn] };
                             p.secondary_bus = clamp_bus(sec)?;
                             p.subordinate_bus = clamp_bus(sec)?;

@@ -8,6 +8,7 @@
 
 mod buses;
 mod windows;
+pub(crate) mod zpci;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,15 +17,16 @@ use pcilibs::requirement::Requirement;
 use crate::alloc::{FreeSet, IdAllocator};
 use crate::check::check_address_space;
 use crate::error::PlanError;
-use crate::path::{GuestBdf, GuestPciPath};
+use crate::format::PLAN_VERSION;
+use crate::path::GuestPciPath;
 use crate::plan::{
     place_on_port, request_ids, AddressReport, HostBridge, Mode, PciBridge, PlacedDevice, Plan, PlanOptions,
-    PlanRequest, Port, PortKind, Reservation, Switch, PLAN_VERSION,
+    PlanRequest, Port, PortKind, Reservation, Switch,
 };
-use crate::platform::{Platform, PlatformSpec, Totals};
+use crate::platform::{Addressing, Platform, PlatformSpec, Totals};
 use crate::qemu::{DevFn, QemuDevice, QemuId};
-use crate::request::HotplugProfile;
-use crate::reserve::Window;
+use crate::request::{Attach, DeviceRequest, HotplugProfile};
+use crate::reserve::WindowReservation;
 
 /// What one port is for, before it has a name.
 #[derive(Debug, Clone)]
@@ -61,7 +63,10 @@ impl Layout {
         let root_of = |node: Option<u32>| {
             node.filter(|_| numa).and_then(|n| nodes.iter().position(|x| *x == n)).map_or(0, |i| i + 1)
         };
-        let mut items: BTreeMap<usize, Vec<Item>> = (0..=nodes.len()).map(|i| (i, Vec::new())).collect();
+        let mut items = Items::default();
+        for i in 0..=nodes.len() {
+            items.lists.insert(i, Vec::new());
+        }
         let mut behind_bridge = Vec::new();
         for (i, d) in request.devices.iter().enumerate() {
             if request.options.behind_bridge(d) {
@@ -69,30 +74,30 @@ impl Layout {
                 continue;
             }
             let spec = PortSpec { device: Some(i), profile: None, p2p_group: d.p2p_group.clone() };
-            push_item(
-                items.entry(root_of(d.numa_node)).or_default(),
-                spec,
-                switches && d.p2p_group.is_some(),
-            );
+            items.push(root_of(d.numa_node), spec, switches && d.p2p_group.is_some());
         }
         for s in &request.spares {
-            let list = items.entry(root_of(s.numa_node)).or_default();
+            // `check_capacity` bounded the counts: this loop runs at most 255 times in all.
             for _ in 0..s.count {
                 let spec = PortSpec {
                     device: None,
                     profile: Some(s.profile.clone()),
                     p2p_group: s.p2p_group.clone(),
                 };
-                push_item(list, spec, switches && s.p2p_group.is_some());
+                items.push(root_of(s.numa_node), spec, switches && s.p2p_group.is_some());
             }
         }
-        Layout { nodes, items, behind_bridge }
+        Layout { nodes, items: items.lists, behind_bridge }
     }
 }
 
 /// Plans `request` for `platform`.
 pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, PlanError> {
     let spec = platform.spec();
+    if let Addressing::Zpci { first_devno } = spec.addressing {
+        return zpci::plan(spec, request, first_devno);
+    }
+    check_capacity(request)?;
     check_request(&spec, request)?;
     let mut taken: BTreeSet<String> = BTreeSet::new();
     for d in &request.devices {
@@ -133,15 +138,36 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
     Ok(plan)
 }
 
+/// Bus numbers of one PCI segment: every root bus and every port takes one.
+const SEGMENT_BUSES: u64 = 256;
+
+/// Refuses a request for more ports than a PCI segment has bus numbers, before anything
+/// is built or allocated: every root port and downstream port (one per device on a port,
+/// one per spare) takes a bus number of its own, and bus 0 is the root bus. Root buses of
+/// expanders, switch buses and reserved buses only add to that, so this is a lower bound
+/// and never refuses a plan that fits. (Spares used to be expanded one entry each first:
+/// `count = u32::MAX` aborted on allocation.)
+fn check_capacity(request: &PlanRequest) -> Result<(), PlanError> {
+    let on_ports = request.devices.iter().filter(|d| !request.options.behind_bridge(d)).count();
+    // Saturating: any sum that saturates is far above the 256 it is compared with.
+    let spares = request.spares.iter().fold(0u64, |n, s| n.saturating_add(u64::from(s.count)));
+    let needed = u64::try_from(on_ports).unwrap_or(u64::MAX).saturating_add(spares).saturating_add(1);
+    if needed > SEGMENT_BUSES {
+        return Err(PlanError::Buses { needed: u32::try_from(needed).unwrap_or(u32::MAX) });
+    }
+    Ok(())
+}
+
 /// Checks what the platform cannot do before anything is built.
 fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanError> {
     let unsupported =
         |what: &str| PlanError::Unsupported { platform: spec.name.clone(), what: what.to_string() };
     if spec.root_port.is_none() {
-        return Err(unsupported("PCIe root ports (use the platform's own planner)"));
+        return Err(unsupported("PCIe root ports"));
     }
     for d in &request.devices {
         d.validate()?;
+        check_attach(spec, d)?;
     }
     let switches = matches!(request.mode, Mode::SwitchPort | Mode::Numa)
         && (request.devices.iter().any(|d| d.p2p_group.is_some())
@@ -158,19 +184,40 @@ fn check_request(spec: &PlatformSpec, request: &PlanRequest) -> Result<(), PlanE
     Ok(())
 }
 
-fn push_item(list: &mut Vec<Item>, spec: PortSpec, behind_switch: bool) {
-    if behind_switch {
-        for item in list.iter_mut() {
-            if let Item::Switch { group, downstream } = item {
-                if *group == spec.p2p_group {
-                    downstream.push(spec);
-                    return;
-                }
-            }
+/// Refuses a device that goes on a bus a PCIe-port platform does not have.
+pub(crate) fn check_attach(spec: &PlatformSpec, device: &DeviceRequest) -> Result<(), PlanError> {
+    let what = match device.attach {
+        Attach::Channel { .. } => "channel (CCW) devices",
+        Attach::Ap => "vfio-ap devices",
+        _ => return Ok(()),
+    };
+    Err(PlanError::Unsupported { platform: spec.name.clone(), what: what.to_string() })
+}
+
+/// Items per root bus, with the switch of each peer-to-peer group found by a map lookup
+/// (a scan of the list per device was quadratic in the number of groups).
+#[derive(Default)]
+struct Items {
+    lists: BTreeMap<usize, Vec<Item>>,
+    /// (root bus, group) → index of the group's switch in that root bus's list.
+    switch_of: BTreeMap<(usize, Option<String>), usize>,
+}
+
+impl Items {
+    fn push(&mut self, root: usize, spec: PortSpec, behind_switch: bool) {
+        let list = self.lists.entry(root).or_default();
+        if !behind_switch {
+            list.push(Item::Port(spec));
+            return;
         }
+        let key = (root, spec.p2p_group.clone());
+        if let Some(Item::Switch { downstream, .. }) = self.switch_of.get(&key).and_then(|i| list.get_mut(*i))
+        {
+            downstream.push(spec);
+            return;
+        }
+        self.switch_of.insert(key, list.len());
         list.push(Item::Switch { group: spec.p2p_group.clone(), downstream: vec![spec] });
-    } else {
-        list.push(Item::Port(spec));
     }
 }
 
@@ -360,11 +407,11 @@ impl<'a> Builder<'a> {
         let bridge = PciBridge {
             id: br_id.clone(),
             device: dev,
-            bdf: GuestBdf { segment: 0, bus: 0, devfn },
+            bdf: devfn.on_bus(0, 0),
             secondary_bus: 0,
-            mem: Window::default(),
-            pref: Window::default(),
-            io: Window::default(),
+            mem: WindowReservation::default(),
+            pref: WindowReservation::default(),
+            io: WindowReservation::default(),
         };
         let mut slots = FreeSet::new("PCI bridge slot", 1, 31);
         let root = self.spec.root_bus.clone();
@@ -419,16 +466,16 @@ impl<'a> Builder<'a> {
             target_slot: 0,
             host_bridge: hb.to_string(),
             switch: None,
-            bdf: GuestBdf { segment: 0, bus: 0, devfn },
+            bdf: devfn.on_bus(0, 0),
             path: GuestPciPath { root_bus: None, hops: vec![devfn] },
             secondary_bus: 0,
             subordinate_bus: 0,
             reservation: Reservation {
                 purpose,
                 need: Requirement::default(),
-                mem: Window::default(),
-                pref: Window::default(),
-                io: Window::default(),
+                mem: WindowReservation::default(),
+                pref: WindowReservation::default(),
+                io: WindowReservation::default(),
                 bus_reserve: 0,
                 why: Vec::new(),
             },

@@ -12,111 +12,179 @@ use crate::plan::{
 use crate::platform::{BusNumbering, WindowRule};
 use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
 use crate::request::{DeviceRequest, RequestError};
-use crate::reserve::{size_window, Window};
+use crate::reserve::{size_window, WindowReservation};
 use crate::units::{human_size, next_pow2, MIB};
+
+/// The rule a port's windows are sized by: how the firmware (or the guest kernel) will
+/// give that kind of port its windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortSizing {
+    /// What the port holds is plugged at boot: firmware sizes the windows from it and
+    /// aligns them to its largest BAR.
+    BootDevice,
+    /// A hotplug port whose windows are reserved for what it must take: a root port's
+    /// `*-reserve` properties (a downstream port's, where the platform has them), or the
+    /// guest kernel's hotplug sizes (`pci=hpmmiosize=`).
+    Reserved,
+    /// A switch downstream port without `*-reserve` properties under firmware, which sizes
+    /// it from boot-time devices only: a boot-time placeholder gets it its windows.
+    Placeholder,
+    /// The same without a placeholder (switched off, or nothing needs more than the
+    /// minimum): the firmware's minimum windows must hold what it takes.
+    FirmwareMinimum,
+    /// Reservations switched off: the machine's default windows.
+    MachineDefault,
+    /// A root port above a switch: it covers its downstream ports' windows.
+    AboveSwitch,
+    /// A slot of a PCIe-to-PCI bridge: sized with its bridge ([`Builder::size_bridges`]).
+    BridgeSlot,
+}
 
 impl<'a> Builder<'a> {
     fn is_switch_port(&self, port: &Port) -> bool {
         self.switches.iter().any(|s| s.root_port == port.id)
     }
 
-    /// Sizes every window: downstream ports and plain root ports first, then the root
-    /// ports above switches from their downstream ports, then the kernel rule's uniform
-    /// sizes.
+    /// Which rule sizes `port`, which must hold `need` (plugged at boot when `cold`).
+    fn sizing_of(&self, port: &Port, need: &Requirement, cold: bool) -> PortSizing {
+        if port.kind == PortKind::BridgeSlot {
+            return PortSizing::BridgeSlot;
+        }
+        if self.is_switch_port(port) {
+            return PortSizing::AboveSwitch;
+        }
+        if cold {
+            return PortSizing::BootDevice;
+        }
+        if !self.opts.size_reservations {
+            return PortSizing::MachineDefault;
+        }
+        let kernel = matches!(self.spec.window_rule, WindowRule::KernelHotplugSize { .. });
+        if port.kind == PortKind::Root || self.spec.downstream_reserve || kernel {
+            return PortSizing::Reserved;
+        }
+        let beyond_minimum = !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY);
+        if self.opts.switch_placeholders && beyond_minimum {
+            PortSizing::Placeholder
+        } else {
+            PortSizing::FirmwareMinimum
+        }
+    }
+
+    /// What port `i` must hold (its device's or profile's requirement) and whether that is
+    /// plugged at boot.
+    fn port_need(&self, i: usize) -> Result<(Requirement, bool), PlanError> {
+        let profile = self.ports.get(i).and_then(|p| p.profile.as_ref());
+        Ok(match (self.device_of.get(&i), profile) {
+            (Some(d), _) => {
+                let d =
+                    self.request.devices.get(*d).ok_or_else(|| PlanError::UnknownDevice(d.to_string()))?;
+                (d.requirement()?, d.cold_plug)
+            }
+            (None, Some(p)) => (p.requirement()?, false),
+            (None, None) => (Requirement::default(), false),
+        })
+    }
+
+    /// Sizes every window: ports that hold a device or a profile by their rule first, then
+    /// the kernel rule's uniform sizes, then the root ports above switches from their
+    /// downstream ports; last the `*-reserve` properties.
     pub(super) fn size_windows(&mut self) -> Result<(), PlanError> {
-        let rule = self.spec.window_rule;
-        let sizing = self.opts.size_reservations;
-        // Pass 1: ports that hold a device or a profile.
         for i in 0..self.ports.len() {
             let Some(port) = self.ports.get(i) else { continue };
-            // Switch ports follow from their downstream ports; bridge slots from their bridge.
-            if self.is_switch_port(port) || port.kind == PortKind::BridgeSlot {
-                continue;
-            }
-            let (need, cold) = match (self.device_of.get(&i), &port.profile) {
-                (Some(d), _) => {
-                    let d = self
-                        .request
-                        .devices
-                        .get(*d)
-                        .ok_or_else(|| PlanError::UnknownDevice(d.to_string()))?;
-                    (d.requirement()?, d.cold_plug)
+            let (need, cold) = self.port_need(i)?;
+            let id = port.id.to_string();
+            let (res, placeholder) = match self.sizing_of(port, &need, cold) {
+                PortSizing::BootDevice => (self.sized(&need, true)?, None),
+                PortSizing::Reserved => (self.sized(&need, false)?, None),
+                PortSizing::MachineDefault => (self.machine_default(&need), None),
+                PortSizing::Placeholder => {
+                    let (res, ph) = self.with_placeholder(&id, &need)?;
+                    (res, Some(ph))
                 }
-                (None, Some(p)) => (p.requirement()?, false),
-                (None, None) => (Requirement::default(), false),
+                PortSizing::FirmwareMinimum => (self.at_firmware_minimum(&id, &need)?, None),
+                // Follow from their downstream ports / their bridge.
+                PortSizing::AboveSwitch | PortSizing::BridgeSlot => continue,
             };
-            let kind = port.kind;
-            let port_id = port.id.to_string();
-            let can_reserve = kind == PortKind::Root || self.spec.downstream_reserve;
-            let kernel = matches!(rule, WindowRule::KernelHotplugSize { .. });
-            let placeholder = kind == PortKind::Downstream
-                && !cold
-                && !can_reserve
-                && !kernel
-                && sizing
-                && self.opts.switch_placeholders
-                && !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY);
-            let present = cold || placeholder;
-            let mut res =
-                self.reservation_for(&need, present, sizing && (can_reserve || kernel || placeholder));
-            if placeholder {
-                let ph = self.placeholder_for(&port_id, &need)?;
-                let ph_need = placeholder_requirement(&ph);
-                res = self.reservation_for(&ph_need, true, true);
-                res.need = need;
-                if !res.holds(&need) {
-                    let hint = if self.spec.mem32_placeholder.is_none() && !res.mem.holds(&need.mem) {
-                        "; this platform has no device whose 32-bit BAR can stand in for the profile's"
-                    } else {
-                        ""
-                    };
-                    return Err(PlanError::DownstreamWindow {
-                        port: port_id,
-                        need: format!(
-                            "{} with placeholder windows {}{hint}",
-                            describe_requirement(&need),
-                            describe_requirement(&ph_need)
-                        ),
-                    });
-                }
-                res.why.push(format!(
-                    "the switch downstream port has no *-reserve properties: a boot-time placeholder ({}) makes firmware size the windows, and is removed before the first hotplug",
-                    describe_requirement(&ph_need)
-                ));
-                if let Some(p) = self.ports.get_mut(i) {
-                    p.placeholder = Some(ph);
-                }
-            } else if kind == PortKind::Downstream && !cold && !can_reserve && !kernel && sizing {
-                // Without a placeholder the firmware gives the empty port its minimum.
-                let min = self.min_window();
-                if !(min.holds(&need.mem) && min.holds(&need.pref)) {
-                    return Err(PlanError::DownstreamWindow {
-                        port: port_id,
-                        need: describe_requirement(&need),
-                    });
-                }
-                res.mem = min;
-                res.pref = min;
-                res.why = vec![format!(
-                    "no reservation property on a switch downstream port; the firmware's minimum windows ({}) hold this",
-                    human_size(min.size)
-                )];
-            }
+            let spare_bus_reserve = self.opts.spare_bus_reserve;
             if let Some(p) = self.ports.get_mut(i) {
-                p.reservation.need = need;
-                p.reservation.mem = res.mem;
-                p.reservation.pref = res.pref;
-                p.reservation.io = res.io;
-                p.reservation.why = res.why;
-                if kind == PortKind::Root && p.profile.is_some() && p.occupant.is_none() {
-                    p.reservation.bus_reserve = self.opts.spare_bus_reserve;
+                p.reservation = Reservation { purpose: std::mem::take(&mut p.reservation.purpose), ..res };
+                if p.kind == PortKind::Root && p.profile.is_some() && p.occupant.is_none() {
+                    p.reservation.bus_reserve = spare_bus_reserve;
+                }
+                if placeholder.is_some() {
+                    p.placeholder = placeholder;
                 }
             }
         }
-        if let WindowRule::KernelHotplugSize { .. } = rule {
+        let kernel = matches!(self.spec.window_rule, WindowRule::KernelHotplugSize { .. });
+        if kernel {
             self.apply_kernel_sizes();
         }
-        // Pass 2: root ports above switches cover their downstream ports.
+        self.size_switch_root_ports(kernel)?;
+        self.write_reserve_props();
+        Ok(())
+    }
+
+    /// A switch downstream port with a boot-time placeholder: the windows the firmware
+    /// gives what is plugged at boot, which must hold `need`.
+    fn with_placeholder(
+        &mut self,
+        port_id: &str,
+        need: &Requirement,
+    ) -> Result<(Reservation, Placeholder), PlanError> {
+        let ph = self.placeholder_for(port_id, need)?;
+        let ph_need = placeholder_requirement(&ph)?;
+        let mut res = self.sized(&ph_need, true)?;
+        res.need = *need;
+        if !res.holds(need) {
+            let hint = if self.spec.mem32_placeholder.is_none() && !res.mem.holds(&need.mem) {
+                "; this platform has no device whose 32-bit BAR can stand in for the profile's"
+            } else {
+                ""
+            };
+            return Err(PlanError::DownstreamWindow {
+                port: port_id.to_string(),
+                need: format!(
+                    "{} with placeholder windows {}{hint}",
+                    describe_requirement(need),
+                    describe_requirement(&ph_need)
+                ),
+            });
+        }
+        res.why.push(format!(
+            "the switch downstream port has no *-reserve properties: a boot-time placeholder ({}) makes firmware size the windows, and is removed before the first hotplug",
+            describe_requirement(&ph_need)
+        ));
+        Ok((res, ph))
+    }
+
+    /// A switch downstream port without `*-reserve` properties or placeholder: the empty
+    /// port gets the firmware's minimum, which must hold `need`.
+    fn at_firmware_minimum(&self, port_id: &str, need: &Requirement) -> Result<Reservation, PlanError> {
+        let min = self.min_window();
+        if !(min.holds(&need.mem) && min.holds(&need.pref)) {
+            return Err(PlanError::DownstreamWindow {
+                port: port_id.to_string(),
+                need: describe_requirement(need),
+            });
+        }
+        Ok(Reservation {
+            need: *need,
+            mem: min,
+            pref: min,
+            why: vec![format!(
+                "no reservation property on a switch downstream port; the firmware's minimum windows ({}) hold this",
+                human_size(min.size)
+            )],
+            ..Reservation::default()
+        })
+    }
+
+    /// Root ports above switches cover the windows of their downstream ports (under the
+    /// kernel rule they are hotplug bridges too, and get the kernel's extra space on top).
+    fn size_switch_root_ports(&mut self, kernel: bool) -> Result<(), PlanError> {
+        let (hp_mem, hp_pref) = (self.hotplug_totals.hotplug_mem, self.hotplug_totals.hotplug_pref);
         let switches = self.switches.clone();
         for sw in &switches {
             let mut need = Requirement::default();
@@ -129,28 +197,17 @@ impl<'a> Builder<'a> {
                 };
                 need = need.combine(&windows).map_err(|_| AddressSpaceError::Overflow)?;
             }
-            let mut res = self.reservation_for(&need, true, sizing);
+            let mut res = self.sized(&need, true)?;
             res.why.insert(0, format!("covers the windows of switch {}'s downstream ports", sw.id));
+            if kernel {
+                res.mem.size = res.mem.size.checked_add(hp_mem).ok_or(AddressSpaceError::Overflow)?;
+                res.pref.size = res.pref.size.checked_add(hp_pref).ok_or(AddressSpaceError::Overflow)?;
+            }
             if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
-                p.reservation.purpose = format!("switch {}", sw.id);
-                p.reservation.need = need;
-                p.reservation.mem = res.mem;
-                p.reservation.pref = res.pref;
-                p.reservation.io = res.io;
-                p.reservation.why = res.why;
+                let bus_reserve = p.reservation.bus_reserve;
+                p.reservation = Reservation { purpose: format!("switch {}", sw.id), bus_reserve, ..res };
             }
         }
-        if let WindowRule::KernelHotplugSize { .. } = rule {
-            // A root port above a switch is a hotplug bridge too: the kernel adds its share.
-            let (hp_mem, hp_pref) = (self.hotplug_totals.hotplug_mem, self.hotplug_totals.hotplug_pref);
-            for sw in &switches {
-                if let Some(p) = self.ports.iter_mut().find(|p| p.id == sw.root_port) {
-                    p.reservation.mem.size = p.reservation.mem.size.saturating_add(hp_mem);
-                    p.reservation.pref.size = p.reservation.pref.size.saturating_add(hp_pref);
-                }
-            }
-        }
-        self.write_reserve_props();
         Ok(())
     }
 
@@ -216,7 +273,7 @@ impl<'a> Builder<'a> {
             });
         }
         bridge.mem = mem;
-        bridge.pref = Window::default();
+        bridge.pref = WindowReservation::default();
         bridge.io = io;
         let why = format!(
             "behind PCIe-to-PCI bridge {} (no *-reserve properties) with a device hotplugged there: the firmware gives the bridge what an empty one gets ({available}), shared by every device behind it, prefetchable BARs included",
@@ -231,7 +288,7 @@ impl<'a> Builder<'a> {
                 purpose: String::new(),
                 need,
                 mem,
-                pref: Window::default(),
+                pref: WindowReservation::default(),
                 io,
                 bus_reserve: 0,
                 why: vec![why.clone()],
@@ -252,14 +309,15 @@ impl<'a> Builder<'a> {
         let all: Vec<Resource> = devices.iter().flat_map(|(_, d)| d.resources().copied()).collect();
         let need = Requirement::of(&all)
             .map_err(|source| RequestError::Requirement { device: bridge.id.to_string(), source })?;
-        let r = self.reservation_for(&need, true, true);
-        let at_least = |w: Window, floor: Window| if w.size >= floor.size { w } else { floor };
+        let r = self.sized(&need, true)?;
+        let at_least =
+            |w: WindowReservation, floor: WindowReservation| if w.size >= floor.size { w } else { floor };
         bridge.mem = at_least(r.mem, floor_mem);
         bridge.pref = r.pref;
         bridge.io = at_least(r.io, floor_io);
         let mut out = Vec::new();
         for (i, d) in devices {
-            let mut r = self.reservation_for(&d.requirement()?, true, true);
+            let mut r = self.sized(&d.requirement()?, true)?;
             r.why.insert(
                 0,
                 format!(
@@ -278,36 +336,37 @@ impl<'a> Builder<'a> {
     /// BARs are counted in the memory window). Linux 6.1 without firmware (aarch64 `virt`
     /// booted with `-kernel`) gives it no window at all: the `pci=hpmmiosize=` extra space
     /// goes to PCIe hotplug ports only.
-    pub(super) fn empty_bridge_windows(&self) -> (Window, Window) {
+    pub(super) fn empty_bridge_windows(&self) -> (WindowReservation, WindowReservation) {
         match self.spec.window_rule {
             WindowRule::KernelHotplugSize { .. } | WindowRule::NoWindows => {
-                (Window::default(), Window::default())
+                (WindowReservation::default(), WindowReservation::default())
             }
-            _ => (self.min_window(), Window { size: IO_GRANULARITY, align: IO_GRANULARITY }),
+            _ => (self.min_window(), WindowReservation { size: IO_GRANULARITY, align: IO_GRANULARITY }),
         }
     }
 
-    /// Windows for `need` under the platform's rule (or the machine default without sizing).
-    fn reservation_for(&self, need: &Requirement, present: bool, sizing: bool) -> Reservation {
-        let rule = self.spec.window_rule;
-        if !sizing && !present {
-            let min = self.min_window();
-            return Reservation {
-                purpose: String::new(),
-                need: *need,
-                mem: min,
-                pref: min,
-                io: Window::default(),
-                bus_reserve: 0,
-                why: vec![format!(
-                    "no reservation: the firmware gives an empty port its default minimum windows ({})",
-                    human_size(min.size)
-                )],
-            };
+    /// The windows an empty port gets when nothing is reserved: the machine's defaults.
+    fn machine_default(&self, need: &Requirement) -> Reservation {
+        let min = self.min_window();
+        Reservation {
+            need: *need,
+            mem: min,
+            pref: min,
+            why: vec![format!(
+                "no reservation: the firmware gives an empty port its default minimum windows ({})",
+                human_size(min.size)
+            )],
+            ..Reservation::default()
         }
-        let mem = size_window(rule, &need.mem, MEM_GRANULARITY, present);
-        let pref = size_window(rule, &need.pref, MEM_GRANULARITY, present);
-        let io = size_window(rule, &need.io, IO_GRANULARITY, present);
+    }
+
+    /// Windows for `need` under the platform's rule: reserved for a hotplug port, or sized
+    /// by firmware from what is `present` at boot.
+    fn sized(&self, need: &Requirement, present: bool) -> Result<Reservation, PlanError> {
+        let rule = self.spec.window_rule;
+        let mem = size_window(rule, &need.mem, MEM_GRANULARITY, present)?;
+        let pref = size_window(rule, &need.pref, MEM_GRANULARITY, present)?;
+        let io = size_window(rule, &need.io, IO_GRANULARITY, present)?;
         let mut why = Vec::new();
         why.push(format!("32-bit window {}: {}", human_size(mem.window.size), mem.why));
         why.push(format!("64-bit prefetchable window {}: {}", human_size(pref.window.size), pref.why));
@@ -316,26 +375,26 @@ impl<'a> Builder<'a> {
         } else {
             why.push(format!("I/O window {:#x}: {}", io.window.size, io.why));
         }
-        Reservation {
+        Ok(Reservation {
             purpose: String::new(),
             need: *need,
             mem: mem.window,
             pref: pref.window,
-            io: if need.io.is_empty() { Window::default() } else { io.window },
+            io: if need.io.is_empty() { WindowReservation::default() } else { io.window },
             bus_reserve: 0,
             why,
-        }
+        })
     }
 
     /// The windows firmware gives an empty hotplug port by default.
-    fn min_window(&self) -> Window {
+    fn min_window(&self) -> WindowReservation {
         let size = match self.spec.window_rule {
             WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
                 start_align.max(MEM_GRANULARITY)
             }
             _ => 2 * MIB,
         };
-        Window { size, align: size }
+        WindowReservation { size, align: size }
     }
 
     /// Kernel rule: every hotplug bridge gets the largest spare need as extra space.
@@ -364,11 +423,14 @@ impl<'a> Builder<'a> {
             .iter_mut()
             .filter(|p| p.kind != PortKind::BridgeSlot && !switch_ports.contains(p.id.as_str()))
         {
-            // The kernel gives the port max(what is below, the extra size), aligned only
-            // to its minimum when it is the extra size that counts.
-            let grow = |w: &mut Window, hp: u64| {
+            // The kernel gives the port max(what is below, the extra size). It aligns the
+            // window to the largest BAR below it: an empty port's window only to the
+            // minimum, a window holding a boot-time device still to that device's BAR
+            // (the extra size does not lower it, and a window aligned only to the minimum
+            // could not hold the BAR it was sized for).
+            let grow = |w: &mut WindowReservation, hp: u64| {
                 if hp > w.size {
-                    *w = Window { size: hp, align: start };
+                    *w = WindowReservation { size: hp, align: w.align.max(start) };
                 }
             };
             grow(&mut p.reservation.mem, hp_mem);
@@ -425,17 +487,19 @@ impl<'a> Builder<'a> {
                     .collect()
             })
             .unwrap_or_default();
+        let overflow = || PlanError::from(AddressSpaceError::Overflow);
         if sizes.is_empty() && !need.pref.is_empty() {
-            sizes.push(next_pow2(need.pref.size).unwrap_or(need.pref.size));
+            sizes.push(next_pow2(need.pref.size).ok_or_else(overflow)?);
         }
         if sizes.is_empty() {
             sizes.push(MIB);
         }
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         if sizes.len() > 8 {
-            let total: u64 = sizes.iter().skip(7).sum();
+            // Functions 7 and up share one BAR of the next power of two above their sum.
+            let total = sizes.iter().skip(7).try_fold(0u64, |a, b| a.checked_add(*b)).ok_or_else(overflow)?;
             sizes.truncate(7);
-            sizes.push(next_pow2(total).unwrap_or(total));
+            sizes.push(next_pow2(total).ok_or_else(overflow)?);
         }
         let base = self.id("ph")?.to_string();
         let mem32 = self.spec.mem32_placeholder.clone().filter(|_| need.mem.size > MEM_GRANULARITY);
@@ -457,7 +521,7 @@ impl<'a> Builder<'a> {
             // qxl's RAM BAR (BAR 0) is 32-bit non-prefetchable and `ram_size_mb` large
             // (16 MiB at least); its VRAM BAR is kept at 1 MiB and its ROM BAR off.
             let f = sizes.len();
-            let ram_mb = (next_pow2(need.mem.size).unwrap_or(need.mem.size) / MIB).max(16);
+            let ram_mb = (next_pow2(need.mem.size).ok_or_else(overflow)? / MIB).max(16);
             let mut d = QemuDevice::new(driver, fn_id(f)?)
                 .prop("ram_size_mb", ram_mb)
                 .prop("vram_size_mb", 1u64)
@@ -473,7 +537,7 @@ impl<'a> Builder<'a> {
 
 /// What the placeholder's BARs need (ivshmem: 256 B BAR 0 and the memory BAR; qxl: RAM
 /// BAR, 1 MiB VRAM BAR, 8 KiB ROM-register BAR and a 32-port I/O BAR).
-fn placeholder_requirement(ph: &Placeholder) -> Requirement {
+fn placeholder_requirement(ph: &Placeholder) -> Result<Requirement, PlanError> {
     use pcilibs::bar::BarKind;
     let mut res = Vec::new();
     for d in &ph.devices {
@@ -491,7 +555,8 @@ fn placeholder_requirement(ph: &Placeholder) -> Requirement {
             }
             _ => {
                 if let Some(PropValue::Int(mb)) = d.props.get("ram_size_mb") {
-                    res.push(Resource::bar(BarKind::Mem32, false, mb.saturating_mul(MIB)));
+                    let bytes = mb.checked_mul(MIB).ok_or(AddressSpaceError::Overflow)?;
+                    res.push(Resource::bar(BarKind::Mem32, false, bytes));
                 }
                 res.push(Resource::bar(BarKind::Mem32, false, MIB));
                 res.push(Resource::bar(BarKind::Mem32, false, 8 << 10));
@@ -499,5 +564,7 @@ fn placeholder_requirement(ph: &Placeholder) -> Requirement {
             }
         }
     }
-    Requirement::of(&res).unwrap_or_default()
+    Requirement::of(&res).map_err(|source| {
+        RequestError::Requirement { device: "switch port placeholder".into(), source }.into()
+    })
 }

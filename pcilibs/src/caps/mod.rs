@@ -117,6 +117,7 @@ pub type Result<T> = core::result::Result<T, CapError>;
 
 /// One entry of the standard list: its ID and offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct CapEntry {
     /// Capability ID.
     pub id: u8,
@@ -192,6 +193,7 @@ impl Iterator for CapIter<'_> {
 
 /// The entries of the standard list and the error that ended the walk, if any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CapWalk {
     /// Entries in list order.
     pub entries: Vec<CapEntry>,
@@ -246,6 +248,7 @@ pub enum Capability {
 
 /// One capability: where it is and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Cap {
     /// Capability ID.
     pub id: u8,
@@ -306,7 +309,7 @@ fn subsystem_id(r: &Regs<'_>) -> Result<Capability> {
 
 /// Registers of one capability, read relative to its offset; missing bytes are errors.
 #[derive(Debug, Clone, Copy)]
-pub struct Regs<'a> {
+pub(crate) struct Regs<'a> {
     cs: ConfigSpace<'a>,
     id: u8,
     offset: u8,
@@ -323,22 +326,22 @@ impl Regs<'_> {
     }
 
     /// Byte at `rel` past the capability start.
-    pub fn u8(&self, rel: usize) -> Result<u8> {
+    pub(crate) fn u8(&self, rel: usize) -> Result<u8> {
         self.cs.u8(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 1))
     }
 
     /// 16-bit register at `rel`.
-    pub fn u16(&self, rel: usize) -> Result<u16> {
+    pub(crate) fn u16(&self, rel: usize) -> Result<u16> {
         self.cs.u16(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 2))
     }
 
     /// 32-bit register at `rel`.
-    pub fn u32(&self, rel: usize) -> Result<u32> {
+    pub(crate) fn u32(&self, rel: usize) -> Result<u32> {
         self.cs.u32(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 4))
     }
 
     /// 64-bit register at `rel`.
-    pub fn u64(&self, rel: usize) -> Result<u64> {
+    pub(crate) fn u64(&self, rel: usize) -> Result<u64> {
         self.cs.u64(usize::from(self.offset) + rel).ok_or_else(|| self.missing(rel, 8))
     }
 }

@@ -6,6 +6,7 @@ use super::{Regs, Result};
 
 /// Decoded MSI capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Msi {
     /// MSI enabled.
     pub enabled: bool,

@@ -6,6 +6,7 @@ use super::{Regs, Result};
 
 /// Decoded MSI-X capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct MsiX {
     /// MSI-X enabled.
     pub enabled: bool,

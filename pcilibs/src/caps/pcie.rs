@@ -83,6 +83,7 @@ impl PortType {
 
 /// Device capabilities (DevCap) fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeviceCapabilities {
     /// Maximum payload size supported, bytes (128 … 4096).
     pub max_payload: u16,
@@ -96,6 +97,7 @@ pub struct DeviceCapabilities {
 
 /// Link capabilities and status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Link {
     /// Max link speed encoding (1 = 2.5 GT/s, 2 = 5, 3 = 8, 4 = 16, 5 = 32, 6 = 64).
     pub max_speed: u8,
@@ -119,6 +121,7 @@ pub struct Link {
 
 /// Slot capabilities (root ports and downstream ports with a slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Slot {
     /// Attention button present.
     pub attention_button: bool,
@@ -159,6 +162,7 @@ impl Slot {
 
 /// Decoded PCI Express capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PciExpress {
     /// Capability version (1 or 2).
     pub version: u8,

@@ -6,6 +6,7 @@ use super::{Regs, Result};
 
 /// Decoded Power Management capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PowerManagement {
     /// Version of the PM specification (bits 2:0 of PMC).
     pub version: u8,

@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 use super::{Regs, Result};
 
 /// PCI vendor ID of Red Hat, used by QEMU's own PCI devices.
-pub const VENDOR_REDHAT: u16 = 0x1b36;
+pub(crate) const VENDOR_REDHAT: u16 = 0x1b36;
 /// PCI vendor ID of virtio devices.
-pub const VENDOR_VIRTIO: u16 = 0x1af4;
+pub(crate) const VENDOR_VIRTIO: u16 = 0x1af4;
 /// Type byte of QEMU's resource reservation capability.
-pub const QEMU_RESOURCE_RESERVE: u8 = 1;
+pub(crate) const QEMU_RESOURCE_RESERVE: u8 = 1;
 /// Length of QEMU's resource reservation capability.
-pub const QEMU_RESOURCE_RESERVE_LEN: u8 = 32;
+pub(crate) const QEMU_RESOURCE_RESERVE_LEN: u8 = 32;
 
 /// A decoded vendor-specific capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,6 +41,7 @@ pub enum VendorSpecific {
 /// QEMU's bridge resource reservation (set with `bus-reserve`, `io-reserve`, `mem-reserve`,
 /// `pref32-reserve`, `pref64-reserve`). `None` means the property was not set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuResourceReserve {
     /// Minimum number of buses to reserve below the bridge.
     pub bus: Option<u32>,
@@ -56,6 +57,7 @@ pub struct QemuResourceReserve {
 
 /// virtio PCI capability: where one register block lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct VirtioCap {
     /// Block type (1 common, 2 notify, 3 ISR, 4 device, 5 PCI config access, 8 shared memory).
     pub cfg_type: u8,

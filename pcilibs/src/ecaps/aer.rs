@@ -6,6 +6,7 @@ use super::{Regs, Result};
 
 /// Decoded AER registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Aer {
     /// Uncorrectable error status.
     pub uncorrectable_status: u32,

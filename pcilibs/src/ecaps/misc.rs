@@ -6,6 +6,7 @@ use super::{Regs, Result};
 
 /// Device Serial Number (0x0003).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Dsn {
     /// The 64-bit serial number.
     pub serial: u64,
@@ -19,6 +20,7 @@ impl Dsn {
 
 /// Access Control Services (0x000d).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Acs {
     /// ACS capability register (bit 0 source validation, 1 translation blocking,
     /// 2 P2P request redirect, 3 P2P completion redirect, 4 upstream forwarding,
@@ -45,6 +47,7 @@ impl Acs {
 
 /// Alternative Routing-ID Interpretation (0x000e).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Ari {
     /// MFVC function groups capable.
     pub mfvc: bool,
@@ -63,6 +66,7 @@ impl Ari {
 
 /// Address Translation Services (0x000f).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Ats {
     /// Invalidate queue depth (1..=32).
     pub invalidate_queue_depth: u8,
@@ -93,6 +97,7 @@ impl Ats {
 
 /// Page Request Interface (0x0013).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Pri {
     /// PRI enabled.
     pub enabled: bool,
@@ -122,6 +127,7 @@ impl Pri {
 
 /// Process Address Space ID (0x001b).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Pasid {
     /// Execute permission supported.
     pub execute: bool,
@@ -148,6 +154,7 @@ impl Pasid {
 
 /// Header of a vendor-specific extended capability (0x000b).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct VendorHeader {
     /// VSEC ID.
     pub vsec_id: u16,
@@ -166,6 +173,7 @@ impl VendorHeader {
 
 /// Header of a designated vendor-specific capability (0x0023).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DvsecHeader {
     /// Vendor that defined the layout.
     pub vendor_id: u16,

@@ -152,6 +152,7 @@ pub type Result<T> = core::result::Result<T, EcapError>;
 
 /// One entry of the extended list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct ExtCapEntry {
     /// Capability ID.
     pub id: u16,
@@ -225,6 +226,7 @@ impl Iterator for ExtCapIter<'_> {
 
 /// The entries of the extended list and the error that ended the walk, if any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtCapWalk {
     /// Entries in list order.
     pub entries: Vec<ExtCapEntry>,
@@ -294,6 +296,7 @@ pub enum ExtCapability {
 
 /// One extended capability: where it is and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtCap {
     /// Capability ID.
     pub id: u16,
@@ -371,7 +374,7 @@ pub fn name(id: u16) -> &'static str {
 
 /// Registers of one extended capability, read relative to its offset.
 #[derive(Debug, Clone, Copy)]
-pub struct Regs<'a> {
+pub(crate) struct Regs<'a> {
     cs: ConfigSpace<'a>,
     id: u16,
     offset: u16,
@@ -388,37 +391,37 @@ impl<'a> Regs<'a> {
     }
 
     /// An `Invalid` error for this capability.
-    pub fn invalid(&self, what: &'static str) -> EcapError {
+    pub(crate) fn invalid(&self, what: &'static str) -> EcapError {
         EcapError::Invalid { id: self.id, offset: self.offset, what }
     }
 
     /// The whole configuration space.
-    pub fn config(&self) -> ConfigSpace<'a> {
+    pub(crate) fn config(&self) -> ConfigSpace<'a> {
         self.cs
     }
 
     /// Offset of the capability.
-    pub fn offset(&self) -> usize {
+    pub(crate) fn offset(&self) -> usize {
         usize::from(self.offset)
     }
 
     /// Byte at `rel`.
-    pub fn u8(&self, rel: usize) -> Result<u8> {
+    pub(crate) fn u8(&self, rel: usize) -> Result<u8> {
         self.cs.u8(self.offset() + rel).ok_or_else(|| self.missing(rel, 1))
     }
 
     /// 16-bit register at `rel`.
-    pub fn u16(&self, rel: usize) -> Result<u16> {
+    pub(crate) fn u16(&self, rel: usize) -> Result<u16> {
         self.cs.u16(self.offset() + rel).ok_or_else(|| self.missing(rel, 2))
     }
 
     /// 32-bit register at `rel`.
-    pub fn u32(&self, rel: usize) -> Result<u32> {
+    pub(crate) fn u32(&self, rel: usize) -> Result<u32> {
         self.cs.u32(self.offset() + rel).ok_or_else(|| self.missing(rel, 4))
     }
 
     /// 64-bit register at `rel`.
-    pub fn u64(&self, rel: usize) -> Result<u64> {
+    pub(crate) fn u64(&self, rel: usize) -> Result<u64> {
         self.cs.u64(self.offset() + rel).ok_or_else(|| self.missing(rel, 8))
     }
 }

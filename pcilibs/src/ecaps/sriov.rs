@@ -7,45 +7,42 @@ use crate::bar::{decode_block, BarRegisters};
 use crate::bdf::Bdf;
 
 /// Register offsets inside the SR-IOV capability.
-pub mod reg {
+pub(crate) mod reg {
     /// SR-IOV capabilities (32 bits).
-    pub const CAPABILITIES: usize = 0x04;
+    pub(crate) const CAPABILITIES: usize = 0x04;
     /// SR-IOV control (16 bits).
-    pub const CONTROL: usize = 0x08;
+    pub(crate) const CONTROL: usize = 0x08;
     /// SR-IOV status (16 bits).
-    pub const STATUS: usize = 0x0a;
+    pub(crate) const STATUS: usize = 0x0a;
     /// InitialVFs.
-    pub const INITIAL_VFS: usize = 0x0c;
+    pub(crate) const INITIAL_VFS: usize = 0x0c;
     /// TotalVFs.
-    pub const TOTAL_VFS: usize = 0x0e;
+    pub(crate) const TOTAL_VFS: usize = 0x0e;
     /// NumVFs.
-    pub const NUM_VFS: usize = 0x10;
+    pub(crate) const NUM_VFS: usize = 0x10;
     /// Function dependency link (8 bits).
-    pub const FUNCTION_DEPENDENCY_LINK: usize = 0x12;
+    pub(crate) const FUNCTION_DEPENDENCY_LINK: usize = 0x12;
     /// First VF offset.
-    pub const FIRST_VF_OFFSET: usize = 0x14;
+    pub(crate) const FIRST_VF_OFFSET: usize = 0x14;
     /// VF stride.
-    pub const VF_STRIDE: usize = 0x16;
+    pub(crate) const VF_STRIDE: usize = 0x16;
     /// VF device ID.
-    pub const VF_DEVICE_ID: usize = 0x1a;
+    pub(crate) const VF_DEVICE_ID: usize = 0x1a;
     /// Supported page sizes.
-    pub const SUPPORTED_PAGE_SIZES: usize = 0x1c;
+    pub(crate) const SUPPORTED_PAGE_SIZES: usize = 0x1c;
     /// System page size.
-    pub const SYSTEM_PAGE_SIZE: usize = 0x20;
+    pub(crate) const SYSTEM_PAGE_SIZE: usize = 0x20;
     /// First VF BAR.
-    pub const VF_BAR0: usize = 0x24;
-    /// VF migration state array offset.
-    pub const MIGRATION_STATE: usize = 0x3c;
+    pub(crate) const VF_BAR0: usize = 0x24;
     /// Control bit: VF enable.
-    pub const CONTROL_VF_ENABLE: u16 = 1 << 0;
+    pub(crate) const CONTROL_VF_ENABLE: u16 = 1 << 0;
     /// Control bit: VF memory space enable.
-    pub const CONTROL_VF_MSE: u16 = 1 << 3;
-    /// Control bit: ARI capable hierarchy.
-    pub const CONTROL_ARI_HIERARCHY: u16 = 1 << 4;
+    pub(crate) const CONTROL_VF_MSE: u16 = 1 << 3;
 }
 
 /// Decoded SR-IOV capability.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Sriov {
     /// SR-IOV capabilities register.
     pub capabilities: u32,
@@ -88,10 +85,10 @@ impl Sriov {
         if n >= self.total_vfs {
             return None;
         }
-        let pf_rid = (u64::from(pf.bus) << 8) | u64::from(pf.devfn());
+        let pf_rid = (u64::from(pf.bus()) << 8) | u64::from(pf.devfn());
         let rid = pf_rid + u64::from(self.first_vf_offset) + u64::from(n) * u64::from(self.vf_stride);
         let bus = u8::try_from(rid >> 8).ok()?;
-        Bdf::new(pf.domain, bus, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8).ok()
+        Bdf::new(pf.domain(), bus, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8).ok()
     }
 
     pub(crate) fn decode(r: &Regs<'_>) -> Result<Self> {

@@ -42,10 +42,12 @@ pub enum SizingError {
         /// Lines found.
         lines: usize,
     },
-    /// A resource's end lies before its start, or its size is not a power of two.
-    #[error("resource {index}: {start:#x}..={end:#x} is not a power-of-two sized range")]
+    /// A resource's range is not one the kernel writes: its end lies before its start
+    /// (other than the kernel's encoding of an empty, disabled resource), it covers all
+    /// 2^64 addresses, or a BAR's or ROM's size is not a power of two.
+    #[error("resource {index}: {start:#x}..={end:#x} is not a valid range for it")]
     BadRange {
-        /// Resource index.
+        /// Resource index (0-based line of the file).
         index: usize,
         /// Start address.
         start: u64,
@@ -73,6 +75,7 @@ pub type Result<T> = core::result::Result<T, SizingError>;
 /// upper half of a 64-bit BAR). `vf_bars` holds *per-VF* sizes and is `None` when the
 /// source says nothing about VF BARs (VFIO does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarSizes {
     /// Where the sizes came from.
     pub source: SizeSource,
@@ -94,14 +97,14 @@ impl BarSizes {
     /// turns the kernel's whole VF BAR apertures into per-VF sizes.
     pub fn from_resource_file(file: &ResourceFile, total_vfs: Option<u16>) -> Result<Self> {
         let mut s = BarSizes::empty(SizeSource::Sysfs);
-        for (slot, entry) in s.bars.iter_mut().zip(file.entries.iter()) {
-            *slot = entry.size();
+        for (index, slot) in s.bars.iter_mut().enumerate() {
+            *slot = file.bar_size(index)?;
         }
-        s.rom = file.entries.get(6).and_then(ResourceEntry::size);
+        s.rom = file.bar_size(ROM_LINE)?;
         if let (Some(iov), Some(total)) = (file.iov_entries(), total_vfs) {
             let mut vf = [None; 6];
             for (i, (slot, entry)) in vf.iter_mut().zip(iov.iter()).enumerate() {
-                let Some(size) = entry.size() else { continue };
+                let Some(size) = entry.size(FIRST_IOV_LINE + i)? else { continue };
                 if total == 0 || size % u64::from(total) != 0 {
                     return Err(SizingError::VfSplit { index: i, size, total_vfs: total });
                 }
@@ -113,30 +116,55 @@ impl BarSizes {
     }
 }
 
-/// Kernel resource flag: I/O space.
-pub const IORESOURCE_IO: u64 = 0x100;
-/// Kernel resource flag: memory space.
-pub const IORESOURCE_MEM: u64 = 0x200;
-/// Kernel resource flag: prefetchable.
-pub const IORESOURCE_PREFETCH: u64 = 0x2000;
-/// Kernel resource flag: 64-bit memory.
-pub const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+/// Kernel resource flag: disabled (Linux 6.15 and later write a disabled bridge window,
+/// and a BAR the kernel cannot handle, as the empty range `0..=u64::MAX`).
+const IORESOURCE_DISABLED: u64 = 0x1000_0000;
+/// Kernel resource flag: no address assigned.
+const IORESOURCE_UNSET: u64 = 0x2000_0000;
+
+/// Line of the expansion ROM in a `resource` file.
+const ROM_LINE: usize = 6;
+/// Line of the first SR-IOV VF BAR in a `resource` file.
+const FIRST_IOV_LINE: usize = 7;
 
 /// One line of a sysfs `resource` file: `start end flags`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceEntry {
     /// First address (0 when unassigned).
     pub start: u64,
     /// Last address.
     pub end: u64,
-    /// Kernel `IORESOURCE_*` flags.
+    /// Kernel `IORESOURCE_*` flags (`include/linux/ioport.h`): 0x100 I/O, 0x200 memory,
+    /// 0x2000 prefetchable, 0x10_0000 64-bit, 0x1000_0000 disabled, 0x2000_0000 unset.
     pub flags: u64,
 }
 
 impl ResourceEntry {
-    /// Size of the resource, as the kernel and `lspci` compute it (`None` when empty).
-    pub fn size(&self) -> Option<u64> {
-        (self.end > self.start).then(|| self.end - self.start + 1)
+    /// Size of the resource (`None` when empty); `index` is the entry's line in its file
+    /// (0-based), for the error.
+    ///
+    /// The size is `end - start + 1`, computed without wrapping. Empty are the kernel's
+    /// unused line (`0 0 0`, or any line whose end equals its start) and the kernel's
+    /// encoding of an empty resource, an end one below its start (`0..=u64::MAX` for a
+    /// disabled bridge window since Linux 6.15), when the flags say the resource is
+    /// disabled or unset (or there are none). That encoding with flags of a live
+    /// resource, any other end below the start, and a range of all 2^64 addresses are
+    /// [`SizingError::BadRange`]: `lspci` (and the kernel's own `resource_size`) wrap
+    /// such a range to size 0, and the resource would silently vanish.
+    pub fn size(&self, index: usize) -> Result<Option<u64>> {
+        if self.end == self.start {
+            return Ok(None);
+        }
+        if let Some(size) = self.end.checked_sub(self.start).and_then(|d| d.checked_add(1)) {
+            return Ok(Some(size));
+        }
+        let empty_encoding = self.end.wrapping_add(1) == self.start;
+        let inactive = self.flags == 0 || self.flags & (IORESOURCE_DISABLED | IORESOURCE_UNSET) != 0;
+        if empty_encoding && inactive {
+            return Ok(None);
+        }
+        Err(SizingError::BadRange { index, start: self.start, end: self.end })
     }
 }
 
@@ -146,6 +174,7 @@ impl ResourceEntry {
 /// lines when it was built with `CONFIG_PCI_IOV`, then four bridge windows for bridges,
 /// so 0, 4, 6 or 10 lines follow the ROM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ResourceFile {
     /// The lines in order.
     pub entries: alloc::vec::Vec<ResourceEntry>,
@@ -176,10 +205,22 @@ impl ResourceFile {
         Ok(ResourceFile { entries })
     }
 
+    /// Size of the BAR (lines 0..=5) or ROM (line 6) at `index`: `None` when the line is
+    /// missing or empty, [`SizingError::BadRange`] when it is not a range of a
+    /// power-of-two size (see [`ResourceEntry::size`]).
+    pub fn bar_size(&self, index: usize) -> Result<Option<u64>> {
+        let Some(entry) = self.entries.get(index) else { return Ok(None) };
+        let size = entry.size(index)?;
+        if size.is_some_and(|s| !s.is_power_of_two()) {
+            return Err(SizingError::BadRange { index, start: entry.start, end: entry.end });
+        }
+        Ok(size)
+    }
+
     /// The six SR-IOV lines, when the kernel wrote them.
     pub fn iov_entries(&self) -> Option<&[ResourceEntry]> {
         match self.entries.len().checked_sub(7) {
-            Some(6 | 10) => self.entries.get(7..13),
+            Some(6 | 10) => self.entries.get(FIRST_IOV_LINE..FIRST_IOV_LINE + 6),
             _ => None,
         }
     }
@@ -248,6 +289,83 @@ mod tests {
         assert_eq!(ResourceFile::parse("0x1 0x2\n"), Err(SizingError::ResourceSyntax { line: 1 }));
         assert_eq!(ResourceFile::parse("0x1 0x2 0x3 0x4\n"), Err(SizingError::ResourceSyntax { line: 1 }));
         assert_eq!(ResourceFile::parse("-1 0x2 0x3\n"), Err(SizingError::ResourceSyntax { line: 1 }));
+    }
+
+    /// A line covering all 2^64 addresses with the flags of a live memory BAR: `end -
+    /// start + 1` overflowed (a panic in debug builds, size 0 and a vanished BAR in
+    /// release builds). It is a typed error now.
+    #[test]
+    fn a_range_of_all_addresses_is_an_error() {
+        let all = "0x0000000000000000 0xffffffffffffffff 0x0000000000040200\n";
+        let mut lines = alloc::vec![all];
+        lines.extend([ZERO; 6]);
+        let f = file(&lines);
+        let want = SizingError::BadRange { index: 0, start: 0, end: u64::MAX };
+        assert_eq!(f.entries[0].size(0), Err(want.clone()));
+        assert_eq!(BarSizes::from_resource_file(&f, None), Err(want));
+        // The same as the ROM and as a VF BAR line.
+        let mut rom = alloc::vec![ZERO; 6];
+        rom.push(all);
+        assert!(matches!(
+            BarSizes::from_resource_file(&file(&rom), None),
+            Err(SizingError::BadRange { index: 6, .. })
+        ));
+        let mut iov = alloc::vec![ZERO; 7];
+        iov.push(all);
+        iov.extend([ZERO; 5]);
+        assert!(matches!(
+            BarSizes::from_resource_file(&file(&iov), Some(4)),
+            Err(SizingError::BadRange { index: 7, .. })
+        ));
+    }
+
+    /// What Linux 6.15 and later write for a disabled bridge window (and a BAR it cannot
+    /// handle): the empty range `0..=u64::MAX` flagged disabled and unset. That is an
+    /// empty resource, not an error; other ends below the start are errors.
+    #[test]
+    fn the_kernels_empty_range_is_empty() {
+        let disabled = |start: u64| ResourceEntry { start, end: start.wrapping_sub(1), flags: 0x3000_0100 };
+        assert_eq!(disabled(0).size(13), Ok(None));
+        assert_eq!(disabled(0x1000).size(13), Ok(None));
+        let live = ResourceEntry { start: 0x1000, end: 0xfff, flags: 0x40200 };
+        assert!(matches!(live.size(0), Err(SizingError::BadRange { index: 0, .. })));
+        let backwards = ResourceEntry { start: 0x2000, end: 0xfff, flags: 0x3000_0100 };
+        assert!(backwards.size(0).is_err());
+        assert_eq!(ResourceEntry { start: 0, end: 0, flags: 0 }.size(0), Ok(None));
+        let mut lines = alloc::vec![ZERO; 7];
+        lines.extend(["0x0000000000000000 0xffffffffffffffff 0x0000000030000100\n"; 10]);
+        let bridge = file(&lines);
+        assert_eq!(bridge.bridge_entries().map(<[_]>::len), Some(4));
+        assert_eq!(BarSizes::from_resource_file(&bridge, None).unwrap().bars, [None; 6]);
+    }
+
+    #[test]
+    fn a_bar_of_no_power_of_two_size_is_an_error() {
+        let odd = "0x00000000fe000000 0x00000000fe002fff 0x0000000000040200\n";
+        let mut lines = alloc::vec![odd];
+        lines.extend([ZERO; 6]);
+        assert!(matches!(
+            BarSizes::from_resource_file(&file(&lines), None),
+            Err(SizingError::BadRange { index: 0, start: 0xfe00_0000, end: 0xfe00_2fff })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Any three numbers on any line: a size, nothing, or a typed error; no panic.
+        #[test]
+        fn any_line_sizes_or_errs(start: u64, end: u64, flags: u64, line in 0usize..17, vfs in 0u16..300) {
+            let mut entries = alloc::vec![ResourceEntry { start: 0, end: 0, flags: 0 }; 17];
+            entries[line] = ResourceEntry { start, end, flags };
+            let f = ResourceFile { entries };
+            if let Ok(s) = BarSizes::from_resource_file(&f, Some(vfs)) {
+                for size in s.bars.iter().chain([&s.rom]).flatten() {
+                    proptest::prop_assert!(size.is_power_of_two());
+                }
+            }
+            if let Ok(Some(size)) = f.entries[line].size(line) {
+                proptest::prop_assert_eq!(u128::from(size), u128::from(end) - u128::from(start) + 1);
+            }
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::config::PCIE_CONFIG_SIZE;
 use crate::facts::{FactsError, FunctionFacts};
 use crate::sizing::{BarSizes, SizeSource};
 
+#[allow(unsafe_code)]
 mod sys;
 
 /// Errors of VFIO access.
@@ -78,6 +79,7 @@ pub type Result<T> = std::result::Result<T, VfioError>;
 
 /// What `VFIO_DEVICE_GET_REGION_INFO` says about one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct RegionInfo {
     /// Region index.
     pub index: u32,
@@ -87,6 +89,14 @@ pub struct RegionInfo {
     pub size: u64,
     /// Offset of the region in the device file.
     pub offset: u64,
+}
+
+impl RegionInfo {
+    /// Region `index` as `VFIO_DEVICE_GET_REGION_INFO` describes it: for implementations
+    /// of [`VfioDevice`] outside this crate.
+    pub const fn new(index: u32, flags: u32, size: u64, offset: u64) -> Self {
+        RegionInfo { index, flags, size, offset }
+    }
 }
 
 /// A VFIO device: region info plus reads at a region offset.
@@ -124,11 +134,13 @@ pub fn config(dev: &impl VfioDevice) -> Result<Vec<u8>> {
     let mut done = 0;
     while done < len {
         let Some(rest) = buf.get_mut(done..) else { break };
+        let asked = rest.len();
         let n = dev.read_region(&region, done as u64, rest)?;
         if n == 0 {
             break;
         }
-        done += n;
+        // A device that claims more than it was asked for read only what fits.
+        done += n.min(asked);
     }
     buf.truncate(done);
     Ok(buf)
@@ -180,8 +192,9 @@ impl DeviceFd {
         let left = region.size.saturating_sub(offset);
         let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let Some(buf) = buf.get_mut(..n) else { return Ok(0) };
-        self.0
-            .read_at(buf, region.offset.saturating_add(offset))
+        let past = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "region offset past 2^64");
+        let at = region.offset.checked_add(offset).ok_or_else(past);
+        at.and_then(|at| self.0.read_at(buf, at))
             .map_err(|source| VfioError::Read { index: region.index, source })
     }
 }
@@ -302,6 +315,27 @@ mod tests {
         assert_eq!(sizes, [(0, Some(16 << 20)), (1, Some(64 << 30))]);
         assert_eq!(f.rom_size, Some(0x8_0000));
         assert_eq!(config(&dev).unwrap().len(), 256, "short reads are continued");
+    }
+
+    /// A device that says it read more than it was asked for.
+    struct Boastful;
+
+    impl VfioDevice for Boastful {
+        fn device_info(&self) -> Result<(u32, u32)> {
+            Ok((VFIO_DEVICE_FLAGS_PCI, 9))
+        }
+        fn region_info(&self, index: u32) -> Result<RegionInfo> {
+            Ok(RegionInfo { index, flags: 3, size: u64::MAX, offset: u64::MAX })
+        }
+        fn read_region(&self, _: &RegionInfo, offset: u64, _: &mut [u8]) -> Result<usize> {
+            // A plausible first read, then a count that overflowed the running total.
+            Ok(if offset == 0 { 100 } else { usize::MAX })
+        }
+    }
+
+    #[test]
+    fn a_device_that_claims_too_much_gives_at_most_the_config_space() {
+        assert_eq!(config(&Boastful).unwrap().len(), PCIE_CONFIG_SIZE);
     }
 
     #[test]

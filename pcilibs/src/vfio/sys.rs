@@ -148,3 +148,73 @@ pub(super) fn region_info(device: &File, index: u32) -> io::Result<(u32, u64, u6
     })?;
     Ok((info.flags, info.size, info.offset))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The same requests declared with vmm-sys-util's `_IO` (rust-vmm's encoding per
+    // architecture, as `vfio-ioctls` declares them), independently of `vfio_io` above.
+    vmm_sys_util::ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO_TYPE as u32, VFIO_BASE);
+    vmm_sys_util::ioctl_io_nr!(VFIO_CHECK_EXTENSION, VFIO_TYPE as u32, VFIO_BASE + 1);
+    vmm_sys_util::ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE as u32, VFIO_BASE + 2);
+    vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE as u32, VFIO_BASE + 3);
+    vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE as u32, VFIO_BASE + 4);
+    vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE as u32, VFIO_BASE + 6);
+    vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
+    vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE as u32, VFIO_BASE + 8);
+    vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE as u32, VFIO_BASE + 18);
+
+    /// Every request number this module builds, with its name in `<linux/vfio.h>`.
+    fn ours() -> [(&'static str, u64); 9] {
+        [
+            ("VFIO_GET_API_VERSION", GET_API_VERSION),
+            ("VFIO_CHECK_EXTENSION", CHECK_EXTENSION),
+            ("VFIO_SET_IOMMU", SET_IOMMU),
+            ("VFIO_GROUP_GET_STATUS", GROUP_GET_STATUS),
+            ("VFIO_GROUP_SET_CONTAINER", GROUP_SET_CONTAINER),
+            ("VFIO_GROUP_GET_DEVICE_FD", GROUP_GET_DEVICE_FD),
+            ("VFIO_DEVICE_GET_INFO", DEVICE_GET_INFO),
+            ("VFIO_DEVICE_GET_REGION_INFO", DEVICE_GET_REGION_INFO),
+            ("VFIO_DEVICE_BIND_IOMMUFD", DEVICE_BIND_IOMMUFD),
+        ]
+    }
+
+    #[test]
+    // `c_ulong` is `u64` here but `u32` on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    fn ioctl_numbers_equal_vmm_sys_util_encoding() {
+        let theirs = [
+            VFIO_GET_API_VERSION(),
+            VFIO_CHECK_EXTENSION(),
+            VFIO_SET_IOMMU(),
+            VFIO_GROUP_GET_STATUS(),
+            VFIO_GROUP_SET_CONTAINER(),
+            VFIO_GROUP_GET_DEVICE_FD(),
+            VFIO_DEVICE_GET_INFO(),
+            VFIO_DEVICE_GET_REGION_INFO(),
+            VFIO_DEVICE_BIND_IOMMUFD(),
+        ];
+        for ((name, ours), theirs) in ours().into_iter().zip(theirs) {
+            assert_eq!(ours, u64::from(theirs), "{name}");
+        }
+    }
+
+    /// The values of the kernel's own macros where `_IOC_NONE` is 0 (x86, arm64, s390x,
+    /// riscv): printed by a C program built against `<linux/vfio.h>` of linux-libc-dev
+    /// 6.1.187 (`printf("%#lx", VFIO_GET_API_VERSION)` …), and for
+    /// `VFIO_DEVICE_BIND_IOMMUFD` (new in 6.6) `_IO(';', 100 + 18)` as 6.6's header defines it.
+    #[cfg(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "s390x",
+        target_arch = "riscv64"
+    ))]
+    #[test]
+    fn ioctl_numbers_equal_the_c_headers_values() {
+        let kernel = [0x3b64, 0x3b65, 0x3b66, 0x3b67, 0x3b68, 0x3b6a, 0x3b6b, 0x3b6c, 0x3b76];
+        for ((name, ours), want) in ours().into_iter().zip(kernel) {
+            assert_eq!(ours, want, "{name}: {ours:#x}, <linux/vfio.h> {want:#x}");
+        }
+    }
+}

@@ -56,7 +56,10 @@ impl Qemu {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot run {QEMU}: {e}; install it (Debian: apt-get install qemu-system-x86)")
+            panic!(
+                "cannot run {QEMU}: {e}; run the tests with `cargo xtask test`, which provisions QEMU into \
+                 target/e2e/cache and puts it first on PATH, or put a {QEMU} on PATH (Debian's qemu-system-x86)"
+            )
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let stream = loop {
@@ -104,9 +107,9 @@ impl Qemu {
 
     pub(crate) fn cf8(&mut self, b: Bdf, offset: u16) {
         let addr = 0x8000_0000u32
-            | (u32::from(b.bus) << 16)
-            | (u32::from(b.device) << 11)
-            | (u32::from(b.function) << 8)
+            | (u32::from(b.bus()) << 16)
+            | (u32::from(b.device()) << 11)
+            | (u32::from(b.function()) << 8)
             | u32::from(offset & 0xfc);
         let out = self.hmp(&format!("o /w 0xcf8 {addr:#x}"));
         assert!(out.is_empty(), "port write: {out}");
@@ -127,7 +130,7 @@ impl Qemu {
 
     /// All 4096 bytes through ECAM (read-only path).
     pub(crate) fn ecam(&mut self, b: Bdf) -> Vec<u8> {
-        let base = ECAM_BASE | (u64::from(b.bus) << 20) | (u64::from(b.devfn()) << 12);
+        let base = ECAM_BASE | (u64::from(b.bus()) << 20) | (u64::from(b.devfn()) << 12);
         let out = self.hmp(&format!("xp /1024wx {base:#x}"));
         let mut bytes = Vec::with_capacity(4096);
         for line in out.lines() {

@@ -10,7 +10,7 @@
 pub mod recovery;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,13 +21,20 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::client::{ClientError, EventStream, QmpClient};
+use crate::deadline;
+use crate::files::{self, Access, FileKind};
 use crate::journal::{self, Journal, JournalError, JournalHook, OpKind, Record, Step};
 use crate::pci;
 use crate::request::{DeviceRequest, Expectation, Prepared, RequestError};
-use crate::state::{now_ms, DeviceRecord, DeviceState, GuestAddress, Transition};
-use crate::vfio::{self, Sysfs, VfioError};
+use crate::state::{bounded_note, now_ms, DeviceRecord, DeviceState, GuestAddress, Transition};
+use crate::vfio;
+use pcilibs::bdf::BdfError;
+use pcilibs::sysfs::{Sysfs, SysfsError};
 
 pub use recovery::{RecoveryAction, RecoveryReport};
+
+/// Port locks kept before those nobody holds are dropped.
+const MAX_IDLE_PORT_LOCKS: usize = 1024;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +43,18 @@ pub enum EngineError {
     /// The request is invalid; nothing was sent.
     #[error(transparent)]
     Request(#[from] RequestError),
-    /// A VFIO pre-check failed; nothing was sent.
+    /// A VFIO pre-check failed (the host device is missing, has no IOMMU group, or its
+    /// group is not viable); nothing was sent.
     #[error(transparent)]
-    Vfio(#[from] VfioError),
+    Vfio(#[from] SysfsError),
+    /// A VFIO device's `host=` is not a PCI address; nothing was sent.
+    #[error("device {id}: host= is not a PCI address: {source}")]
+    HostAddress {
+        /// The device id.
+        id: String,
+        /// Why.
+        source: BdfError,
+    },
     /// The journal could not be written or read.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -71,6 +87,15 @@ pub enum EngineError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// A file to pass is a FIFO, a socket or a directory: only regular files and devices
+    /// are passed. Found before anything was journaled or sent, without blocking.
+    #[error("cannot pass {path}: it is a {kind}, not a regular file or a device")]
+    SpecialFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: FileKind,
     },
     /// QEMU accepted the device but it is not where or as planned.
     #[error("device {id} not as planned: {reason}")]
@@ -159,10 +184,14 @@ pub struct EngineOptions {
     pub placeholder_timeout: Duration,
     /// How long `device_del` is retried while the guest is busy with the slot.
     pub busy_retry: Duration,
-    /// Where sysfs is read for the VFIO checks.
+    /// Where sysfs is read for the VFIO checks (`pcilibs`'s host layer).
     pub sysfs: Sysfs,
     /// Called after each journal record is durable (observability, fault injection).
     pub journal_hook: Option<JournalHook>,
+    /// Compact the journal while running once it has grown by this many bytes since the
+    /// last compaction ([`journal::DEFAULT_COMPACT_BYTES`], 1 MiB): the journal's size
+    /// follows the devices plugged now, not the operations ever made.
+    pub journal_compact_bytes: u64,
     /// Before anything is sent, check the functions' `needs` against the port's live
     /// windows (`query-pci`, [`crate::pci::window_shortfalls`]) and refuse a device that
     /// cannot fit with [`EngineError::WontFit`]. Right where the firmware's windows are
@@ -180,6 +209,7 @@ impl Default for EngineOptions {
             busy_retry: Duration::from_secs(10),
             sysfs: Sysfs::default(),
             journal_hook: None,
+            journal_compact_bytes: journal::DEFAULT_COMPACT_BYTES,
             check_live_windows: false,
         }
     }
@@ -194,6 +224,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("busy_retry", &self.busy_retry)
             .field("sysfs", &self.sysfs)
             .field("journal_hook", &self.journal_hook.is_some())
+            .field("journal_compact_bytes", &self.journal_compact_bytes)
             .field("check_live_windows", &self.check_live_windows)
             .finish()
     }
@@ -237,8 +268,10 @@ impl Engine {
         journal: impl AsRef<Path>,
         options: EngineOptions,
     ) -> Result<(Engine, RecoveryReport)> {
-        let (journal, records) = Journal::open(journal, options.journal_hook.clone())?;
-        let logs = journal::fold(&records);
+        let (mut journal, _) = Journal::open(journal, options.journal_hook.clone())?;
+        journal.set_compact_bytes(options.journal_compact_bytes);
+        let logs = journal.ports().clone();
+        let read = journal.read_report().clone();
         let table = Table {
             devices: logs.iter().map(|(p, l)| (p.clone(), l.device.clone())).collect(),
             gone: HashSet::new(),
@@ -252,11 +285,9 @@ impl Engine {
         });
         // Subscribe before reconciling so no DEVICE_DELETED falls between the two.
         let events = inner.client.subscribe();
-        let report = recovery::recover(&inner, &logs)?;
-        {
-            let table = lock(&inner.table);
-            lock(&inner.journal).compact(table.devices.values())?;
-        }
+        let mut report = recovery::recover(&inner, &logs)?;
+        report.journal = read;
+        lock(&inner.journal).compact()?;
         let stop = Arc::new(AtomicBool::new(false));
         let weak = Arc::downgrade(&inner);
         let thread_stop = Arc::clone(&stop);
@@ -356,11 +387,18 @@ fn watch(inner: &Weak<Inner>, events: &EventStream, stop: &AtomicBool) {
         let Some(id) = ev.deleted_device_id() else { continue };
         let port = {
             let mut t = lock(&inner.table);
-            t.gone.insert(id.to_owned());
-            t.devices
+            // Only ids of devices the engine holds: others' deletions are none of its
+            // business, and remembering them would grow the set without bound.
+            let Some(owner) = t
+                .devices
                 .values()
-                .find(|d| d.state == DeviceState::UnplugPending && d.request.device_ids().any(|d| d == id))
-                .map(|d| d.port().to_owned())
+                .find(|d| !d.state.port_free() && d.request.device_ids().any(|d| d == id))
+                .map(|d| (d.port().to_owned(), d.state))
+            else {
+                continue;
+            };
+            t.gone.insert(id.to_owned());
+            (owner.1 == DeviceState::UnplugPending).then_some(owner.0)
         };
         if let Some(port) = port {
             // Errors here leave the device pending; complete_pending or recovery retries.
@@ -377,7 +415,13 @@ enum Removal {
 
 impl Inner {
     fn port_lock(&self, port: &str) -> Arc<Mutex<()>> {
-        Arc::clone(lock(&self.port_locks).entry(port.to_owned()).or_default())
+        let mut locks = lock(&self.port_locks);
+        // Requests naming ever new ports (most of them refused) must not leave a lock
+        // behind each: one nobody holds can go, and is made again when needed.
+        if locks.len() >= MAX_IDLE_PORT_LOCKS {
+            locks.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        Arc::clone(locks.entry(port.to_owned()).or_default())
     }
 
     fn step(&self, port: &str, step: Step) -> Result<()> {
@@ -399,7 +443,7 @@ impl Inner {
         guest: Vec<(String, GuestAddress)>,
     ) -> Result<()> {
         let mut t = lock(&self.table);
-        let transition = Transition { state, at_unix_ms: now_ms(), note: note.to_owned() };
+        let transition = Transition { state, at_unix_ms: now_ms(), note: bounded_note(note) };
         lock(&self.journal).append(&Record::State {
             port: port.to_owned(),
             transition: transition.clone(),
@@ -407,7 +451,7 @@ impl Inner {
         })?;
         if let Some(d) = t.devices.get_mut(port) {
             d.state = state;
-            d.history.push(transition);
+            d.push_history(transition);
             if !guest.is_empty() {
                 d.guest = guest;
             }
@@ -417,9 +461,12 @@ impl Inner {
 
     fn plug(&self, mut request: DeviceRequest) -> Result<DeviceRecord> {
         let prepared = request.prepare()?;
-        for check in vfio::checks_for(&request) {
-            self.options.sysfs.run(&check)?;
+        for check in vfio::checks_for(&request)? {
+            check.run(&self.options.sysfs)?;
         }
+        // Before the port lock and the journal: a file that cannot be passed is refused
+        // with nothing held, nothing journaled.
+        let fds = open_fds(&request)?;
         let port = request.port.clone();
         let port_lock = self.port_lock(&port);
         let _g = lock(&port_lock);
@@ -427,8 +474,9 @@ impl Inner {
             self.check_live_windows(&request)?;
         }
         self.admit(&request)?;
-        let result =
-            self.add_all(&request, &prepared, &HashSet::new()).and_then(|()| self.await_visible(&request));
+        let result = self
+            .add_all(&request, &prepared, &HashSet::new(), &fds)
+            .and_then(|()| self.await_visible(&request));
         self.settle_plug(&request, &prepared, result)
     }
 
@@ -517,19 +565,21 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends descriptors, objects and devices that are not in `present`, in plug order.
-    fn add_all(&self, request: &DeviceRequest, prepared: &Prepared, present: &HashSet<String>) -> Result<()> {
+    /// Sends descriptors (`files`, opened from `request.fds` by [`open_fds`]), objects and
+    /// devices that are not in `present`, in plug order.
+    fn add_all(
+        &self,
+        request: &DeviceRequest,
+        prepared: &Prepared,
+        present: &HashSet<String>,
+        files: &[File],
+    ) -> Result<()> {
         let port = &request.port;
         self.transition(port, DeviceState::Adding, "", Vec::new())?;
         self.remove_placeholder(request)?;
         let missing_device = request.functions.iter().any(|f| !present.contains(f.id()));
-        for fd in request.fds.iter().filter(|_| missing_device) {
+        for (fd, file) in request.fds.iter().zip(files).filter(|_| missing_device) {
             self.step(port, Step::GetFd { fdname: fd.fdname.clone() })?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(fd.writable)
-                .open(&fd.path)
-                .map_err(|source| EngineError::OpenFd { path: fd.path.clone(), source })?;
             self.client.getfd(&fd.fdname, file.as_fd())?;
         }
         for obj in request.objects.iter().filter(|o| !present.contains(&o.id)) {
@@ -563,7 +613,7 @@ impl Inner {
 
     /// Polls until every function meets its expectation or the deadline passes.
     fn await_visible(&self, request: &DeviceRequest) -> Result<Vec<(String, GuestAddress)>> {
-        let deadline = Instant::now() + self.options.visible_timeout;
+        let deadline = deadline::after(self.options.visible_timeout);
         loop {
             match self.check_visible(request) {
                 Ok(guest) => return Ok(guest),
@@ -689,8 +739,8 @@ impl Inner {
                 waiting.remove(&id);
             }
         }
-        let deadline = Instant::now() + self.options.unplug_timeout;
-        self.await_deleted(&events, &mut waiting, deadline)?;
+        let until = deadline::after(self.options.unplug_timeout);
+        self.await_deleted(&events, &mut waiting, until)?;
         Ok(if waiting.is_empty() { Removal::Gone } else { Removal::Pending })
     }
 
@@ -712,7 +762,8 @@ impl Inner {
                     waiting.remove(id);
                 }
             }
-            self.await_deleted(&events, &mut waiting, started + self.options.placeholder_timeout)?;
+            let until = deadline::from(started, self.options.placeholder_timeout);
+            self.await_deleted(&events, &mut waiting, until)?;
             if !waiting.is_empty() {
                 let mut devices: Vec<String> = waiting.into_iter().collect();
                 devices.sort();
@@ -752,8 +803,9 @@ impl Inner {
             match events.recv_timeout(left) {
                 Ok(ev) => {
                     if let Some(id) = ev.deleted_device_id() {
-                        waiting.remove(id);
-                        lock(&self.table).gone.insert(id.to_owned());
+                        if waiting.remove(id) {
+                            lock(&self.table).gone.insert(id.to_owned());
+                        }
                     }
                 }
                 Err(ClientError::Timeout { .. }) => {}
@@ -778,6 +830,7 @@ impl Inner {
     /// One `device_del` with the retries QEMU's answers call for. `Ok(true)`: already gone.
     fn device_del(&self, port: &str, id: &str) -> Result<bool> {
         let started = Instant::now();
+        let until = deadline::from(started, self.options.busy_retry);
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.client.execute(&qapi::qmp::device_del { id: id.into() }) {
@@ -785,9 +838,9 @@ impl Inner {
                 Err(e) => match classify_del_error(&e) {
                     DelError::AlreadyUnplugging => return Ok(false),
                     DelError::NotFound => return Ok(true),
-                    DelError::Busy if started.elapsed() < self.options.busy_retry => {
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    DelError::Busy if Instant::now() < until => {
+                        std::thread::sleep(backoff.min(until.saturating_duration_since(Instant::now())));
+                        backoff = backoff.saturating_mul(2).min(Duration::from_secs(1));
                     }
                     DelError::Busy => {
                         return Err(EngineError::GuestBusy {
@@ -855,6 +908,24 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Opens the files a request passes to QEMU, without blocking: regular files and
+/// devices (`/dev/iommu`, a VFIO cdev, a disk) are taken; a FIFO, socket or directory is
+/// [`EngineError::SpecialFile`].
+fn open_fds(request: &DeviceRequest) -> Result<Vec<File>> {
+    request
+        .fds
+        .iter()
+        .map(|fd| {
+            let access = Access { write: fd.writable, ..Access::READ };
+            let allowed = [FileKind::Regular, FileKind::CharDevice, FileKind::BlockDevice];
+            files::open(&fd.path, access, &allowed).map_err(|e| match e {
+                files::OpenError::Kind(kind) => EngineError::SpecialFile { path: fd.path.clone(), kind },
+                files::OpenError::Io(source) => EngineError::OpenFd { path: fd.path.clone(), source },
+            })
+        })
+        .collect()
 }
 
 /// Which devices get a `device_del`: in reverse plug order (then a placeholder still

@@ -41,6 +41,9 @@ pub struct RecoveryAction {
 pub struct RecoveryReport {
     /// One entry per port the journal knew about (removed ones excluded).
     pub actions: Vec<RecoveryAction>,
+    /// What reading the journal found: its format, a torn tail cut off, damaged records
+    /// skipped.
+    pub journal: crate::journal::ReadReport,
 }
 
 impl RecoveryReport {
@@ -84,8 +87,9 @@ fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<
     match (log.open_op, log.device.state) {
         (Some(OpKind::Plug), _) if !log.device.failed_since_plan() => {
             begin(inner)?;
-            let result =
-                inner.add_all(&request, &prepared, present).and_then(|()| inner.await_visible(&request));
+            let result = super::open_fds(&request)
+                .and_then(|files| inner.add_all(&request, &prepared, present, &files))
+                .and_then(|()| inner.await_visible(&request));
             match inner.settle_plug(&request, &prepared, result) {
                 Ok(_) => Ok(format!(
                     "finished plug ({} of {} devices were there)",

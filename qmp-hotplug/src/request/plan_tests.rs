@@ -1,6 +1,6 @@
 //! `DeviceRequest::from_action` on actions of real plans (q35 with SeaBIOS, s390x).
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::Q35;
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction, Mode, PlanRequest};
 use pcie_topology::{
@@ -15,7 +15,7 @@ use super::*;
 const GIB: u64 = 1 << 30;
 
 fn plan_q35(mode: Mode, devices: Vec<PlannedDevice>) -> Plan {
-    let request = PlanRequest { mode, devices, ..PlanRequest::default() };
+    let request = PlanRequest::default().with_mode(mode).with_devices(devices);
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
 
@@ -49,17 +49,17 @@ fn pci(f: &FunctionRequest) -> &PciExpectation {
 /// at its index (these plans know every index).
 fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
     for fa in &action.functions {
-        let f = request.functions.iter().find(|f| f.id() == fa.id.as_str()).unwrap();
-        assert_eq!(f.qdev, fa.device_add);
-        let GuestLocation::Pci { bdf, .. } = &fa.guest else { panic!("{} not on PCI", fa.id) };
+        let f = request.functions.iter().find(|f| f.id() == fa.id().as_str()).unwrap();
+        assert_eq!(f.qdev, fa.device_add.to_qmp());
+        let GuestLocation::Pci { bdf, .. } = &fa.guest else { panic!("{} not on PCI", fa.id()) };
         let want = pci(f);
         assert_eq!(
             (want.bus, want.slot, want.function),
-            (Some(bdf.bus), Some(bdf.devfn.slot), Some(bdf.devfn.function)),
+            (Some(bdf.bus()), Some(bdf.device()), Some(bdf.function())),
             "{}",
-            fa.id
+            fa.id()
         );
-        assert!(!fa.bars.is_empty(), "{} has BARs in the plan", fa.id);
+        assert!(!fa.bars.is_empty(), "{} has BARs in the plan", fa.id());
         let at: Vec<BarExpectation> =
             fa.bars.iter().map(|b| BarExpectation::at(b.index.unwrap(), b.size)).collect();
         assert_eq!(want.bars, at);
@@ -70,7 +70,7 @@ fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
 fn root_port_device_with_its_memory_backend() {
     let plan = plan_q35(Mode::RootPort, vec![PlannedDevice::ivshmem("gpu0", 32 * GIB).unwrap()]);
     let a = action(&plan, "gpu0");
-    let mut r = DeviceRequest::from_action(&a).unwrap();
+    let mut r = DeviceRequest::from_action(&a);
     assert_eq!(Some(r.port.as_str()), a.port.as_ref().map(QemuId::as_str));
     assert!(plan.port(&r.port).is_some(), "the port exists in the plan");
     assert_eq!(r.functions.len(), 1);
@@ -81,7 +81,7 @@ fn root_port_device_with_its_memory_backend() {
     assert_eq!(needs, [(false, 256), (true, 32 * GIB)]);
     // The ivshmem's memory backend, created before the device.
     assert_eq!(r.objects.len(), 1);
-    assert_eq!(Some(r.objects[0].arguments()), a.object_add.first().cloned().map(Value::Object));
+    assert_eq!(Some(r.objects[0].arguments()), a.object_add.first().map(|o| Value::Object(o.to_qmp())));
     assert_eq!(r.functions[0].prop("memdev"), Some(r.objects[0].id.as_str()));
     assert!(r.placeholder.is_none() && r.fds.is_empty());
     assert_eq!(r.prepare().unwrap().order, [0]);
@@ -99,7 +99,7 @@ fn switch_port_with_placeholder() {
     let a = action(&plan, "gpu0");
     let rm = a.remove_placeholder.as_ref().expect("the plan puts a placeholder on the downstream port");
     assert!(!rm.device_del.is_empty());
-    let mut r = DeviceRequest::from_action(&a).unwrap();
+    let mut r = DeviceRequest::from_action(&a);
     let port = a.port.as_ref().unwrap();
     assert_eq!(r.port, port.as_str());
     assert_eq!(plan.port(port.as_str()).unwrap().kind, pcie_topology::plan::PortKind::Downstream);
@@ -117,7 +117,7 @@ fn multi_function_device_plugs_function_zero_last() {
     let nic = PlannedDevice::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1), e1000e(2)]);
     let plan = plan_q35(Mode::RootPort, vec![nic]);
     let a = action(&plan, "nic0");
-    let mut r = DeviceRequest::from_action(&a).unwrap();
+    let mut r = DeviceRequest::from_action(&a);
     assert_eq!(r.functions.len(), 3);
     assert_pci_as_planned(&r, &a);
     let by_function: Vec<Option<u8>> = r.functions.iter().map(|f| pci(f).function).collect();
@@ -139,31 +139,29 @@ fn s390x_ccw_and_zpci_with_companions_first() {
         FunctionResource::bar(1, BarKind::Mem32, false, 4 << 10),
         FunctionResource::bar(4, BarKind::Mem64, true, 16 << 10),
     ];
-    let devices = [
-        S390xDevice::ccw(QemuId::new("net1").unwrap(), "virtio-net-ccw"),
-        S390xDevice::Zpci {
-            id: QemuId::new("nic1").unwrap(),
-            driver: "virtio-net-pci".into(),
-            props: Default::default(),
-            host: None,
-            resources: virtio_bars,
-        },
+    let devices = vec![
+        PlannedDevice::channel(QemuId::new("net1").unwrap(), "virtio-net-ccw", 0),
+        PlannedDevice::new(
+            QemuId::new("nic1").unwrap(),
+            vec![PlannedFunction::new(0, "virtio-net-pci", virtio_bars)],
+        ),
     ];
-    let plan = arch_s390x_ccw::plan(&S390xCcw::default(), &devices, false).unwrap();
+    let request = PlanRequest::default().with_devices(devices);
+    let plan = pcie_topology::plan(&S390xCcw::default(), &request).unwrap();
 
     let a = action(&plan, "net1");
     assert!(a.port.is_none());
-    let mut ccw = DeviceRequest::from_action(&a).unwrap();
+    let mut ccw = DeviceRequest::from_action(&a);
     assert_eq!(ccw.port, "net1", "no port on s390x: the device id");
     assert!(matches!(a.functions[0].guest, GuestLocation::Ccw { .. }));
     assert_eq!(ccw.functions.len(), 1);
-    assert_eq!(ccw.functions[0].qdev, a.functions[0].device_add);
+    assert_eq!(ccw.functions[0].qdev, a.functions[0].device_add.to_qmp());
     assert_eq!(ccw.functions[0].expect, Expectation::Present);
     assert!(ccw.functions[0].prop("devno").is_some());
     assert_eq!(ccw.prepare().unwrap().order, [0]);
 
     let a = action(&plan, "nic1");
-    let mut zpci = DeviceRequest::from_action(&a).unwrap();
+    let mut zpci = DeviceRequest::from_action(&a);
     assert_eq!(zpci.port, "nic1");
     let f = &a.functions[0];
     assert!(matches!(f.guest, GuestLocation::Zpci { .. }));
@@ -171,36 +169,50 @@ fn s390x_ccw_and_zpci_with_companions_first() {
     let drivers: Vec<&str> = zpci.functions.iter().map(FunctionRequest::driver).collect();
     assert_eq!(drivers, ["zpci", "virtio-net-pci"], "the zpci device first");
     assert_eq!(zpci.functions[0].prop("target"), Some("nic1"));
-    assert_eq!(zpci.functions[0].qdev, f.companions[0]);
-    assert_eq!(zpci.functions[1].qdev, f.device_add);
+    assert_eq!(zpci.functions[0].qdev, f.companions[0].to_qmp());
+    assert_eq!(zpci.functions[1].qdev, f.device_add.to_qmp());
     // QEMU's address of a zPCI function is not the guest's: present is what is checked.
     assert!(zpci.functions.iter().all(|f| f.expect == Expectation::Present));
     assert_eq!(zpci.prepare().unwrap().order, [0, 1]);
 }
 
+/// An action on the iommufd interface: the `iommufd` object before the devices, and the
+/// `vfio-pci` functions (only they) pointing at it.
 #[test]
-fn object_without_id_is_an_error() {
-    let plan = plan_q35(Mode::RootPort, vec![PlannedDevice::ivshmem("gpu0", GIB).unwrap()]);
-    let mut a = action(&plan, "gpu0");
-    a.object_add[0].remove("id");
-    match DeviceRequest::from_action(&a) {
-        Err(RequestError::BadObject { device, object }) => {
-            assert_eq!(device, "gpu0");
-            assert!(object.contains("memory-backend"), "{object}");
-        }
-        other => panic!("{other:?}"),
-    }
+fn iommufd_object_and_property_come_with_the_action() {
+    let host = |function, bdf: &str| {
+        let bar = FunctionResource::bar(0, BarKind::Mem64, false, 16 << 10);
+        PlannedFunction::vfio(function, bdf.parse().unwrap(), vec![bar])
+    };
+    let d = PlannedDevice::new(
+        QemuId::new("nvme0").unwrap(),
+        vec![host(0, "0000:03:00.0"), host(1, "0000:03:00.1"), e1000e(2)],
+    );
+    let plan = plan_q35(Mode::RootPort, vec![d]);
+    let id = QemuId::new("iommufd-nvme0").unwrap();
+    let a = action(&plan, "nvme0").with_iommufd(id.clone(), None);
+    let mut r = DeviceRequest::from_action(&a);
+    assert_eq!(r.objects.len(), 1);
+    assert_eq!(r.objects[0].arguments(), serde_json::json!({"qom-type": "iommufd", "id": "iommufd-nvme0"}));
+    let iommufd: Vec<(&str, Option<&str>)> =
+        r.functions.iter().map(|f| (f.driver(), f.prop("iommufd"))).collect();
+    assert_eq!(
+        iommufd,
+        [("e1000e", None), ("vfio-pci", Some("iommufd-nvme0")), ("vfio-pci", Some("iommufd-nvme0"))]
+    );
+    assert_eq!(a.object_del, [id]);
+    r.prepare().unwrap();
+    // With a descriptor QEMU is given instead of opening /dev/iommu itself.
+    let a = action(&plan, "nvme0").with_iommufd(QemuId::new("fd0").unwrap(), Some("iommu-fd"));
+    assert_eq!(DeviceRequest::from_action(&a).objects[0].props["fd"], "iommu-fd");
 }
 
 #[test]
 fn each_entry_is_expected_as_query_pci_shows_it() {
-    let b = |index, role| ExpectedBar {
-        kind: BarKind::Mem64,
-        prefetchable: true,
-        rom: false,
-        size: 8 * GIB,
-        index,
-        role,
+    let b = |index, role| {
+        let mut r = FunctionResource::bar(2, BarKind::Mem64, true, 8 * GIB);
+        (r.index, r.role) = (index, role);
+        ExpectedBar::from(&r)
     };
     let planned = BarExpectation::planned;
     assert_eq!(planned(&b(Some(2), ResourceRole::Bar)), Some(BarExpectation::at(2, 8 * GIB)));
@@ -213,14 +225,9 @@ fn each_entry_is_expected_as_query_pci_shows_it() {
     // Without an index (a version 1 plan, a request of bare sizes): any BAR of the size;
     // the ROM has its own index in any case.
     assert_eq!(planned(&b(None, ResourceRole::Bar)), Some(BarExpectation::any(8 * GIB)));
-    let rom = ExpectedBar {
-        kind: BarKind::Mem32,
-        prefetchable: false,
-        rom: true,
-        size: 4096,
-        index: None,
-        role: ResourceRole::Bar,
-    };
+    let mut rom = FunctionResource::rom(4096);
+    rom.index = None;
+    let rom = ExpectedBar::from(&rom);
     assert_eq!(planned(&rom), Some(BarExpectation::at(BarExpectation::ROM, 4096)));
 }
 
@@ -234,13 +241,13 @@ fn sriov_nvme_plan(opts: &ResourceOptions) -> Plan {
         .unwrap_or_else(|e| panic!("{dir}: {e} (the workspace's pcilibs fixtures are needed)"));
     assert_eq!(facts.sriov.as_ref().map(|s| s.total_vfs), Some(4));
     let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], opts).unwrap();
-    let request = PlanRequest { devices: vec![nvme], ..PlanRequest::default() };
+    let request = PlanRequest::default().with_devices(vec![nvme]);
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
 
 #[test]
 fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
-    let opts = ResourceOptions { include_rom: true, include_sriov_vfs: true, rebar_max: true };
+    let opts = ResourceOptions::all();
     let plan = sriov_nvme_plan(&opts);
     let a = action(&plan, "nvme0");
     // The plan holds room for BAR 0 and for the 4 VFs' BAR 0.
@@ -251,7 +258,7 @@ fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
         [(Some(0), ResourceRole::Bar, 16 << 10), (Some(0), ResourceRole::VfAperture, 64 << 10)]
     );
     // query-pci will show BAR 0 of 16 KiB, nothing else: that is all that is expected.
-    let r = DeviceRequest::from_action(&a).unwrap();
+    let r = DeviceRequest::from_action(&a);
     assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 16 << 10)]);
     assert_eq!(r.functions[0].prop("host"), Some("0000:06:00.0"));
     // Nor does the live-window check count the VF aperture: VFs come later, in the guest.

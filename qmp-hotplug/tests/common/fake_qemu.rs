@@ -31,6 +31,11 @@ pub struct FakeState {
     pub fds: BTreeSet<String>,
     /// Every device_add ever accepted, to detect doubles.
     pub adds: u64,
+    /// `device_del` removes at once and sends `DEVICE_DELETED` (a guest that answers
+    /// immediately), instead of leaving the device pending.
+    pub auto_eject: bool,
+    /// Events to send after the reply being made.
+    pub outbox: Vec<Value>,
 }
 
 pub struct FakeQemu {
@@ -132,6 +137,10 @@ fn serve(conn: UnixStream, state: &Mutex<FakeState>, writer: &Mutex<Option<UnixS
             Ok(ret) => send(writer, &json!({"return": ret, "id": id})),
             Err((class, desc)) => send(writer, &json!({"error": {"class": class, "desc": desc}, "id": id})),
         }
+        let events = std::mem::take(&mut state.lock().unwrap().outbox);
+        for ev in &events {
+            send(writer, ev);
+        }
     }
 }
 
@@ -188,6 +197,14 @@ fn execute(s: &mut FakeState, cmd: &str, args: &Value) -> Reply {
                     && (d.function == 0 || other.function == d.function)
                 {
                     other.pending = true;
+                }
+            }
+            if s.auto_eject {
+                let ids: Vec<String> =
+                    s.devices.iter().filter(|(_, d)| d.pending).map(|(id, _)| id.clone()).collect();
+                for id in ids {
+                    s.devices.remove(&id);
+                    s.outbox.push(event_deleted(&id));
                 }
             }
             Ok(json!({}))

@@ -6,21 +6,26 @@
 //! scenario's mode, and every runner returns a [`ScenarioReport`] whose [`Row`]s join the
 //! common table ([`render`]) and JSON file.
 //!
-//! A new mode plugs in with a [`crate::scenario::Mode`] variant and one arm in
-//! [`run_scenario`] calling its runner with the scenario and the [`RunContext`]; its rows
+//! The runners are this module's children ([`planned`] for the root-port, switch, NUMA and
+//! ccw modes, [`nested`] for `nested-vfio`), so they use its report types without an
+//! import circle. A new mode plugs in with a [`crate::scenario::Mode`] variant, its runner
+//! as a child module, and one arm in [`run_scenario`] calling the runner with the scenario
+//! and the [`RunContext`]; its rows
 //! use the same columns (device, planned path, guest BDF, BARs ok, hotplug ms, unplug ms,
 //! result) and set `ok` for the exit status.
 
 pub mod models;
+pub mod nested;
 pub mod planned;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::debs::DebCache;
 use crate::scenario::{Mode, Scenario};
-use crate::table::Table;
+use guest_harness::guest::GuestAssets;
+use guest_harness::stacks::Stack;
+use guest_harness::table::Table;
 
 /// One device (or one check) of a scenario: a row of the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -79,8 +84,16 @@ pub struct ScenarioReport {
     pub mode: String,
     /// Accelerator the guest ran on (`tcg`, `kvm`).
     pub accel: String,
+    /// The stack it ran on.
+    pub stack: String,
+    /// QEMU's version (`--version`).
+    pub qemu_version: String,
+    /// The firmware with its version (`SeaBIOS 1.16.2-1`, `OVMF 2022.11-6+deb12u2`).
+    pub firmware_version: String,
     /// Guest kernel release.
     pub kernel: String,
+    /// Guest kernel package and version.
+    pub kernel_version: String,
     /// From starting QEMU to the guest's READY.
     pub boot_ms: Option<u128>,
     /// Whole scenario, provisioning of its assets to the last unplug.
@@ -107,6 +120,26 @@ impl ScenarioReport {
         }
     }
 
+    /// Fills in the stack, QEMU and firmware versions from the stack's root (before the
+    /// guest's kernel is provisioned, so a run whose kernel fails still names them).
+    pub fn set_stack(&mut self, scenario: &Scenario, stack: &Stack) {
+        self.stack = stack.name().into();
+        if let Ok(root) = stack.root() {
+            let versions = root.versions();
+            self.qemu_version = versions.qemu.clone();
+            self.firmware_version = versions.firmware(scenario.firmware(), scenario.arch);
+        }
+    }
+
+    /// Fills in the stack, QEMU, firmware and kernel versions from the guest's assets.
+    pub fn set_versions(&mut self, scenario: &Scenario, assets: &GuestAssets) {
+        self.stack = assets.versions.stack.clone();
+        self.qemu_version = assets.versions.qemu.clone();
+        self.firmware_version = assets.versions.firmware(scenario.firmware(), scenario.arch);
+        self.kernel = assets.kernel.release.clone();
+        self.kernel_version = format!("{} {}", assets.kernel.package, assets.kernel.version);
+    }
+
     /// Whether the scenario passed: no scenario-level error, at least one row, every row ok.
     pub fn ok(&self) -> bool {
         self.error.is_none() && !self.rows.is_empty() && self.rows.iter().all(|r| r.ok)
@@ -116,8 +149,8 @@ impl ScenarioReport {
 /// What every runner gets besides its scenario.
 #[derive(Clone, Debug)]
 pub struct RunContext {
-    /// Guest kernels and busybox.
-    pub cache: DebCache,
+    /// The stack every guest runs on: QEMU, firmware, guest kernels and busybox.
+    pub stack: Stack,
     /// Where runs keep their files (`target/e2e/run`); each scenario uses
     /// `<run_dir>/<scenario name>/` (journal, plan).
     pub run_dir: PathBuf,
@@ -126,9 +159,10 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    /// The default context: `target/e2e/cache` and `target/e2e/run`, with progress.
-    pub fn new() -> Self {
-        RunContext { cache: crate::cache(), run_dir: crate::e2e_dir().join("run"), progress: true }
+    /// A context for `stack`, keeping files in `target/e2e/run/<stack>`, with progress.
+    pub fn new(stack: Stack) -> Self {
+        let run_dir = guest_harness::e2e_dir().join("run").join(stack.name());
+        RunContext { stack, run_dir, progress: true }
     }
 
     /// The folder of one scenario's files, emptied first.
@@ -147,19 +181,16 @@ impl RunContext {
     }
 }
 
-impl Default for RunContext {
-    fn default() -> Self {
-        RunContext::new()
-    }
-}
-
 /// Runs one scenario with the runner of its mode. This is where modes plug in.
 pub fn run_scenario(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     let begun = Instant::now();
     let mut report = match scenario.mode {
         Mode::RootPort | Mode::SwitchPort | Mode::Numa | Mode::Ccw => planned::run(scenario, ctx),
-        Mode::NestedVfio => crate::nested::run(scenario, ctx),
+        Mode::NestedVfio => nested::run(scenario, ctx),
     };
+    if report.qemu_version.is_empty() {
+        report.set_stack(scenario, &ctx.stack);
+    }
     report.wall_ms = begun.elapsed().as_millis();
     report
 }
@@ -222,15 +253,19 @@ pub fn render(reports: &[ScenarioReport]) -> String {
     for r in reports {
         let verdict = if r.ok() { "PASS" } else { "FAIL" };
         out.push_str(&format!(
-            "== {} ({} {}, {}, {}, kernel {}, boot {} ms, {:.1} s) {verdict}\n",
+            "== {} ({} {}, {}, {}, boot {} ms, {:.1} s) {verdict}\n   stack {}: QEMU {}, {}, kernel {} ({})\n",
             r.scenario,
             r.arch,
             r.firmware,
             r.mode,
-            if r.accel.is_empty() { "-" } else { &r.accel },
-            if r.kernel.is_empty() { "-" } else { &r.kernel },
+            dash(&r.accel),
             ms(r.boot_ms),
-            r.wall_ms as f64 / 1000.0
+            r.wall_ms as f64 / 1000.0,
+            dash(&r.stack),
+            dash(&r.qemu_version),
+            dash(&r.firmware_version),
+            dash(&r.kernel),
+            dash(&r.kernel_version),
         ));
         let mut t = Table::new([
             "device",
@@ -266,9 +301,44 @@ pub fn render(reports: &[ScenarioReport]) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&summary(reports).render());
     let passed = reports.iter().filter(|r| r.ok()).count();
     out.push_str(&format!("{passed} of {} scenarios passed\n", reports.len()));
     out
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// One row per scenario: what it ran on (stack, QEMU, firmware, kernel) and its result.
+pub fn summary(reports: &[ScenarioReport]) -> Table {
+    let mut t = Table::new(["scenario", "stack", "QEMU", "firmware", "kernel", "s", "result"]);
+    for r in reports {
+        let result = if r.ok() {
+            "PASS".to_string()
+        } else {
+            let why = r
+                .error
+                .as_deref()
+                .or_else(|| r.rows.iter().find(|row| !row.ok).map(|row| row.result.as_str()));
+            format!("FAIL: {}", why.and_then(|w| w.lines().next()).unwrap_or("no rows"))
+        };
+        t.row([
+            r.scenario.clone(),
+            dash(&r.stack).to_string(),
+            dash(&r.qemu_version).to_string(),
+            dash(&r.firmware_version).to_string(),
+            dash(&r.kernel).to_string(),
+            format!("{:.0}", r.wall_ms as f64 / 1000.0),
+            result,
+        ]);
+    }
+    t
 }
 
 #[cfg(test)]
@@ -290,10 +360,23 @@ mod tests {
         assert_eq!(row.notes, vec!["second problem".to_string()]);
         r.rows.push(row);
         assert!(!r.ok());
+        r.stack = "trixie".into();
+        r.qemu_version = "10.0.6 (Debian 1:10.0.6+ds-0+deb13u2)".into();
+        r.firmware_version = "SeaBIOS 1.16.3-2".into();
+        r.kernel = "6.12.117+deb13-amd64".into();
         let text = render(&[r]);
         assert!(
             text.contains("FAIL") && text.contains("BAR 2 unassigned") && text.contains("0 of 1"),
             "{text}"
         );
+        // The heading and the summary row name every version.
+        for want in [
+            "stack trixie: QEMU 10.0.6",
+            "SeaBIOS 1.16.3-2",
+            "6.12.117+deb13-amd64",
+            "FAIL: BAR 2 unassigned",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
     }
 }

@@ -9,18 +9,17 @@
 //! are checked side by side. QEMU serves one QMP client at a time: the engine's client is
 //! the only one, and the `stop`/`cont` of the unfriendly unplug go through it too.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::{Virt, Q35};
 use pcie_topology::plan::{function_id, GuestLocation, Reservation};
 use pcie_topology::qemu::PropValue;
 use pcie_topology::{
-    FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, PlanOptions, PlanRequest,
-    Platform, QemuId, SpareRequest,
+    FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, PlanRequest, Platform, QemuId,
+    SpareRequest,
 };
 use qmp_hotplug::journal::{Journal, Record, Step};
 use qmp_hotplug::{
@@ -30,12 +29,13 @@ use serde_json::Value;
 
 use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
-use crate::arch::Arch;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::reporter::{Bdf, GuestState, PciDevice};
 use crate::scenario::{
     DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
 };
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::reporter::{Bdf, GuestState, PciDevice};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -58,13 +58,9 @@ pub fn run(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     report
 }
 
-/// The plan and what it was built from.
+/// The plan and the block devices it needs.
 struct Planned {
     plan: Plan,
-    /// The s390x platform (placing more devices at run time needs it).
-    s390x: Option<S390xCcw>,
-    /// The platform, for x86_64 and aarch64.
-    platform: Option<Box<dyn Platform>>,
     /// Block devices (`null-co`) the devices need, created at boot.
     blockdevs: Vec<String>,
 }
@@ -75,6 +71,7 @@ fn platform(scenario: &Scenario) -> Result<Box<dyn Platform>> {
         (Arch::X86_64, Firmware::Ovmf) => Box::new(Q35::ovmf()),
         (Arch::Aarch64, Firmware::None) => Box::new(Virt::direct_kernel()),
         (Arch::Aarch64, Firmware::Uefi) => Box::new(Virt::uefi()),
+        (Arch::S390x, Firmware::None) => Box::new(S390xCcw::default()),
         (arch, fw) => return Err(format!("no planner platform for {arch} with firmware {}", fw.name())),
     })
 }
@@ -84,9 +81,17 @@ fn resources(m: &Model) -> Vec<FunctionResource> {
     m.bars.iter().map(|b| FunctionResource::at(b.index, b.resource())).collect()
 }
 
-/// The planner request of one scenario device (every function of it).
+/// The planner request of one scenario device (every function of it; a channel device
+/// on s390x).
 fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequest> {
     let id = QemuId::new(d.id.as_str()).map_err(s)?;
+    if d.kind.is_ccw() {
+        let mut r = pcie_topology::DeviceRequest::channel(id, m.driver, 0);
+        if m.needs_drive {
+            r.functions[0].props.insert("drive".into(), PropValue::Str(format!("{}-disk", d.id)));
+        }
+        return Ok(r);
+    }
     let mut functions = Vec::new();
     for f in 0..d.functions {
         let fid = function_id(&id, f);
@@ -124,31 +129,8 @@ fn blockdevs(scenario: &Scenario) -> Vec<String> {
     out
 }
 
-fn s390x_device(d: &DeviceSpec, m: &Model) -> Result<S390xDevice> {
-    let id = QemuId::new(d.id.as_str()).map_err(s)?;
-    let mut props = BTreeMap::new();
-    if m.needs_drive {
-        props.insert("drive".to_string(), PropValue::Str(format!("{id}-disk")));
-    }
-    Ok(if d.kind.is_ccw() {
-        S390xDevice::Ccw { id, driver: m.driver.into(), props, host: None, ssid: 0 }
-    } else {
-        S390xDevice::Zpci { id, driver: m.driver.into(), props, host: None, resources: resources(m) }
-    })
-}
-
 fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
     let blockdevs = blockdevs(scenario);
-    if scenario.mode == Mode::Ccw {
-        let platform = S390xCcw::default();
-        let devices: Vec<S390xDevice> = scenario
-            .devices
-            .iter()
-            .map(|d| s390x_device(d, &model(d.kind, d.bar_size.map(|b| b.0))))
-            .collect::<Result<_>>()?;
-        let plan = arch_s390x_ccw::plan(&platform, &devices, false).map_err(s)?;
-        return Ok(Planned { plan, s390x: Some(platform), platform: None, blockdevs });
-    }
     let platform = platform(scenario)?;
     let planned_devices: Vec<pcie_topology::DeviceRequest> = scenario
         .devices
@@ -156,26 +138,24 @@ fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
         .filter(|d| d.place == Placement::Planned)
         .map(|d| device_request(d, &model(d.kind, d.bar_size.map(|b| b.0))))
         .collect::<Result<_>>()?;
-    let sized = scenario.reservations == Reservations::Planned;
-    let options = PlanOptions {
-        guest_ram: u64::from(memory_mib) << 20,
-        size_reservations: sized,
-        switch_placeholders: sized,
-        ..PlanOptions::default()
-    };
     let mut spares = Vec::new();
     if scenario.spare_ports > 0 {
         let profile = HotplugProfile::parse(scenario.spare_profile.as_deref().unwrap_or("nic")).map_err(s)?;
-        spares.push(SpareRequest { profile, count: scenario.spare_ports, numa_node: None, p2p_group: None });
+        spares.push(SpareRequest::new(profile, scenario.spare_ports));
     }
     let mode = match scenario.mode {
         Mode::SwitchPort => pcie_topology::Mode::SwitchPort,
         Mode::Numa => pcie_topology::Mode::Numa,
         _ => pcie_topology::Mode::RootPort,
     };
-    let request = PlanRequest { mode, devices: planned_devices, spares, options };
+    let mut request =
+        PlanRequest::default().with_mode(mode).with_devices(planned_devices).with_spares(spares);
+    let sized = scenario.reservations == Reservations::Planned;
+    request.options.guest_ram = u64::from(memory_mib) << 20;
+    request.options.size_reservations = sized;
+    request.options.switch_placeholders = sized;
     let plan = pcie_topology::plan(platform.as_ref(), &request).map_err(|e| format!("planning: {e}"))?;
-    Ok(Planned { plan, s390x: None, platform: Some(platform), blockdevs })
+    Ok(Planned { plan, blockdevs })
 }
 
 fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
@@ -256,14 +236,14 @@ enum Seen {
 
 fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
-    let memory_mib = GuestSpec::new(scenario.arch).memory_mib;
+    let memory_mib = GuestSpec::new(scenario.arch).firmware(scenario.firmware()).memory_mib;
     let mut planned = make_plan(scenario, memory_mib)?;
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
     let spec = guest_spec(scenario, &planned);
-    let assets = GuestAssets::ensure(&ctx.cache, scenario.arch).map_err(s)?;
-    report.kernel = assets.kernel.release.clone();
-    let guest = Guest::boot(&spec, &assets, &ctx.cache).map_err(s)?;
+    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(s)?;
+    report.set_versions(scenario, &assets);
+    let guest = Guest::boot(&spec, &assets).map_err(s)?;
     report.qemu = guest.command_line();
     report.accel = guest.accel().qemu_name().into();
     report.boot_ms = guest.boot_time().map(|d| d.as_millis());
@@ -316,12 +296,7 @@ fn action_for(planned: &mut Planned, d: &DeviceSpec) -> Result<HotplugAction> {
         return planned.plan.hotplug_action(d.id.as_str()).map_err(s);
     }
     let m = model(d.kind, d.bar_size.map(|b| b.0));
-    match (&planned.s390x, &planned.platform) {
-        (Some(platform), _) => {
-            arch_s390x_ccw::place(&mut planned.plan, platform, s390x_device(d, &m)?).map_err(s)
-        }
-        _ => planned.plan.place(device_request(d, &m)?).map_err(s),
-    }
+    planned.plan.place(device_request(d, &m)?).map_err(s)
 }
 
 /// `planned` column: the guest path of function 0 (ccw: bus id; zPCI: address, uid, fid),
@@ -347,7 +322,7 @@ fn planned_location(action: &HotplugAction) -> String {
 /// `query-pci` must show. The plan's (index, size) pairs must be the model's: a plan that
 /// disagrees is an error, not a weaker check.
 fn engine_request(action: &HotplugAction, m: &Model) -> Result<DeviceRequest> {
-    let request = DeviceRequest::from_action(action).map_err(s)?;
+    let request = DeviceRequest::from_action(action);
     let mut model: Vec<(Option<u8>, u64)> = m.bars.iter().map(|b| (Some(b.index), b.size)).collect();
     model.sort_unstable();
     for f in &request.functions {
@@ -564,7 +539,7 @@ impl Step3<'_> {
                     let want: Bdf = bdf.to_string().parse()?;
                     let device_id =
                         if matches!(f.guest, GuestLocation::Zpci { .. }) { m.zpci_device } else { m.device };
-                    let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id, m.vendor);
+                    let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id(), m.vendor);
                     let found = self.guest.wait_map(&what, deadline, |st| {
                         let at = st.snapshot_at.unwrap_or_else(Instant::now);
                         let is_new =
@@ -590,7 +565,7 @@ impl Step3<'_> {
                             if let GuestLocation::Pci { path, .. } = &f.guest {
                                 let got = guest_path(&dev);
                                 if got != path.to_string() {
-                                    row.fail(format!("{} is at guest path {got}, planned {path}", f.id));
+                                    row.fail(format!("{} is at guest path {got}, planned {path}", f.id()));
                                 }
                             }
                             if let (GuestLocation::Zpci { uid, fid, .. }, Some(z)) = (&f.guest, &dev.zpci) {
@@ -600,7 +575,9 @@ impl Step3<'_> {
                                 {
                                     row.fail(format!(
                                         "{}: zPCI uid {} fid {}, planned {uid} {fid}",
-                                        f.id, z.uid, z.fid
+                                        f.id(),
+                                        z.uid,
+                                        z.fid
                                     ));
                                 }
                             }
@@ -608,12 +585,12 @@ impl Step3<'_> {
                         Err(elsewhere) => {
                             guest_col.push(elsewhere.to_string());
                             seen.push(Seen::Pci(elsewhere));
-                            row.fail(format!("{} appeared at {elsewhere}, planned {want}", f.id));
+                            row.fail(format!("{} appeared at {elsewhere}, planned {want}", f.id()));
                         }
                     }
                 }
                 GuestLocation::Ccw { busid } => {
-                    let what = format!("{} as ccw {busid}", f.id);
+                    let what = format!("{} as ccw {busid}", f.id());
                     let (dev, at) = self
                         .guest
                         .wait_map(&what, deadline, |st| {
@@ -629,7 +606,7 @@ impl Step3<'_> {
                         row.fail(format!("{busid} has control unit {}, expected {:?}", dev.cutype, m.cutype));
                     }
                 }
-                other => return Err(format!("{}: guest location {other:?} cannot be checked here", f.id)),
+                other => return Err(format!("{}: guest location {other:?} cannot be checked here", f.id())),
             }
         }
         row.hotplug_ms = Some(last_seen.saturating_duration_since(sent).as_millis());
@@ -870,7 +847,7 @@ impl Step3<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reporter::Resource;
+    use guest_harness::reporter::Resource;
     use qmp_hotplug::BarExpectation;
 
     fn scenario(text: &str) -> Scenario {
@@ -914,7 +891,7 @@ mod tests {
             assert_eq!(r.objects[0].qom_type, "memory-backend-ram");
             let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("pci") };
             let Expectation::Pci(want) = &r.functions[0].expect else { panic!("pci expectation") };
-            assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus), Some(0), Some(0)));
+            assert_eq!((want.bus, want.slot, want.function), (Some(bdf.bus()), Some(0), Some(0)));
             assert_eq!(want.bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 << 30)]);
             // A model that disagrees with the plan's sizes is refused, not checked loosely.
             let e = engine_request(&action, &model(DeviceKind::Ivshmem, Some(64 << 30))).unwrap_err();
@@ -1062,21 +1039,17 @@ mod tests {
             index: 15,
             start: 0x40_0000_0000,
             end: 0x40_0000_0000 + size - 1,
-            flags: crate::reporter::IORESOURCE_MEM
-                | crate::reporter::IORESOURCE_PREFETCH
-                | crate::reporter::IORESOURCE_MEM_64,
+            flags: guest_harness::reporter::IORESOURCE_MEM
+                | guest_harness::reporter::IORESOURCE_PREFETCH
+                | guest_harness::reporter::IORESOURCE_MEM_64,
         };
         let mut state = GuestState::default();
         let port = dev("0000:02:01.0", &["0000:00:01.0", "0000:01:00.0"], vec![pref(32 << 30)]);
         state.pci.insert(port.bdf, port);
-        let planned = |size: u64| Reservation {
-            purpose: String::new(),
-            need: Default::default(),
-            mem: Default::default(),
-            pref: pcie_topology::reserve::Window { size, align: size },
-            io: Default::default(),
-            bus_reserve: 0,
-            why: Vec::new(),
+        let planned = |size: u64| {
+            let mut r = Reservation::default();
+            r.pref = pcie_topology::WindowReservation { size, align: size };
+            r
         };
         assert!(window_problems(&state, &d, &planned(32 << 30)).is_empty());
         let p = window_problems(&state, &d, &planned(64 << 30));

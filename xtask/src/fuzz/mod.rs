@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::command;
+use guest_harness::command;
 use report::{Finding, TargetReport};
 
 /// Version of `cargo-fuzz` installed when missing.
@@ -125,7 +125,7 @@ pub fn host_triple() -> String {
 /// target found a crash, a timeout or an out-of-memory input.
 pub fn run(opts: &Options) -> Result<(), String> {
     let targets = select(&opts.targets)?;
-    let layout = Layout::new(&crate::workspace_root());
+    let layout = Layout::new(&guest_harness::workspace_root());
     let begun = Instant::now();
     ensure_cargo_fuzz(&layout)?;
     build(&layout)?;
@@ -156,13 +156,14 @@ pub fn run(opts: &Options) -> Result<(), String> {
 }
 
 /// `cargo xtask fuzz --make-seeds`: installs and builds as [`run`] does, then writes the
-/// seed corpora of `targets` (all when empty); see [`seeds`].
-pub fn make_seeds(targets: &[String]) -> Result<(), String> {
+/// seed corpora of `targets` (all when empty) with QEMU found through `env` (the stack's
+/// `PATH`); see [`seeds`].
+pub fn make_seeds(targets: &[String], env: &[(String, String)]) -> Result<(), String> {
     let targets = select(targets)?;
-    let layout = Layout::new(&crate::workspace_root());
+    let layout = Layout::new(&guest_harness::workspace_root());
     ensure_cargo_fuzz(&layout)?;
     build(&layout)?;
-    seeds::make(&layout, &targets)
+    seeds::make(&layout, &targets, env)
 }
 
 /// The targets named (all when none); an unknown name is an error.
@@ -224,7 +225,10 @@ fn common_flags(target: &Target, artifacts: &Path) -> Vec<String> {
         format!("-rss_limit_mb={RSS_LIMIT_MB}"),
         format!("-artifact_prefix={}/", artifacts.display()),
     ];
-    let dict = Layout::new(&crate::workspace_root()).fuzz.join("dicts").join(format!("{}.dict", target.name));
+    let dict = Layout::new(&guest_harness::workspace_root())
+        .fuzz
+        .join("dicts")
+        .join(format!("{}.dict", target.name));
     if dict.is_file() {
         flags.push(format!("-dict={}", dict.display()));
     }

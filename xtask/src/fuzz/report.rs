@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::table::Table;
+use guest_harness::table::Table;
 
 /// Coverage of a corpus, as libFuzzer reports it once the corpus has run (`INITED`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

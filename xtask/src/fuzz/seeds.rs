@@ -29,11 +29,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arch_s390x_ccw::{S390xCcw, S390xDevice};
+use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::{Virt, Q35};
-use pcie_topology::request::FunctionRequest;
 use pcie_topology::{
-    Attach, DeviceRequest, FunctionResource, HostRef, HotplugProfile, Mode, PlanOptions, PlanRequest,
+    Attach, DeviceRequest, FunctionRequest, FunctionResource, HotplugProfile, Mode, PlanOptions, PlanRequest,
     Platform, QemuId, ResourceRole, SpareRequest,
 };
 use pcilibs::bar::BarKind;
@@ -48,15 +47,15 @@ use super::{Layout, Run, Target};
 /// Largest seed kept (libFuzzer's `-max_len` of the biggest targets).
 const MAX_SEED: usize = 64 * 1024;
 
-/// QEMU of the journal and transcript seeds (looked up on `PATH`).
+/// QEMU of the journal and transcript seeds (looked up on the stack's `PATH`).
 const QEMU: &str = "qemu-system-x86_64";
 
 /// Writes the candidates of every target in `targets`, then merges them into
 /// `fuzz/corpus/<target>/` (which is emptied first).
-pub fn make(layout: &Layout, targets: &[Target]) -> Result<(), String> {
+pub fn make(layout: &Layout, targets: &[Target], env: &[(String, String)]) -> Result<(), String> {
     let staging = layout.work.join("seeds");
     let _ = fs::remove_dir_all(&staging);
-    let root = crate::workspace_root();
+    let root = guest_harness::workspace_root();
     let mut candidates: BTreeMap<&str, Vec<(String, Vec<u8>)>> = BTreeMap::new();
     let wanted = |name: &str| targets.iter().any(|t| t.name == name);
     let spaces = config_spaces(&root)?;
@@ -84,7 +83,7 @@ pub fn make(layout: &Layout, targets: &[Target]) -> Result<(), String> {
         candidates.insert("plan_file", plans(&requests)?);
     }
     if wanted("journal_file") || wanted("qmp_input") {
-        let (journals, transcripts) = qemu_session(&layout.work.join("seed-qemu"))?;
+        let (journals, transcripts) = qemu_session(&layout.work.join("seed-qemu"), env)?;
         if wanted("journal_file") {
             candidates.insert("journal_file", journals);
         }
@@ -296,35 +295,26 @@ fn nic(name: &str, cold: bool) -> Result<DeviceRequest, String> {
 /// A passed-through host device: a GPU function with ROM, SR-IOV VF aperture and a
 /// resizable BAR, and its audio function.
 fn host_gpu(name: &str, bus: u8) -> Result<DeviceRequest, String> {
-    let bdf = |f: u8| format!("0000:{bus:02x}:00.{f}");
+    let bdf = |f: u8| Bdf::new(0, bus, 0, f).map_err(|e| e.to_string());
+    let mut rebar = FunctionResource::at(1, Resource::bar(BarKind::Mem64, true, 64 << 30));
+    rebar.role = ResourceRole::ResizableMax { current: 256 << 20 };
+    let vf = Resource { kind: BarKind::Mem64, prefetchable: true, rom: false, size: 8 << 30, align: 1 << 30 };
+    let mut aperture = FunctionResource::at(1, vf);
+    aperture.role = ResourceRole::VfAperture;
     let mut f0 = FunctionRequest::vfio(
         0,
-        &bdf(0),
+        bdf(0)?,
         vec![
             FunctionResource::bar(0, BarKind::Mem32, false, 16 << 20),
-            FunctionResource {
-                resource: Resource::bar(BarKind::Mem64, true, 64 << 30),
-                index: Some(1),
-                role: ResourceRole::ResizableMax { current: 256 << 20 },
-            },
+            rebar,
             FunctionResource::bar(3, BarKind::Mem64, true, 32 << 20),
             FunctionResource::rom(512 << 10),
-            FunctionResource {
-                resource: Resource {
-                    kind: BarKind::Mem64,
-                    prefetchable: true,
-                    rom: false,
-                    size: 8 << 30,
-                    align: 1 << 30,
-                },
-                index: Some(1),
-                role: ResourceRole::VfAperture,
-            },
+            aperture,
         ],
     );
     f0.class = Some(0x03_0200);
     let mut f1 =
-        FunctionRequest::vfio(1, &bdf(1), vec![FunctionResource::bar(0, BarKind::Mem32, false, 16 << 10)]);
+        FunctionRequest::vfio(1, bdf(1)?, vec![FunctionResource::bar(0, BarKind::Mem32, false, 16 << 10)]);
     f1.class = Some(0x04_0300);
     let mut d = DeviceRequest::new(id(name)?, vec![f0, f1]);
     d.iommu_group = Some(u32::from(bus));
@@ -334,21 +324,26 @@ fn host_gpu(name: &str, bus: u8) -> Result<DeviceRequest, String> {
 /// Requests like the end-to-end scenarios' (every mode, spares, groups, NUMA nodes, a
 /// conventional device behind a bridge).
 fn requests() -> Result<Vec<(String, PlanRequest)>, String> {
-    let spare = |profile: HotplugProfile, count: u32| SpareRequest {
-        profile,
-        count,
-        numa_node: None,
-        p2p_group: None,
+    let request = |mode: Mode,
+                   devices: Vec<DeviceRequest>,
+                   spares: Vec<SpareRequest>,
+                   options: PlanOptions| {
+        PlanRequest::default().with_mode(mode).with_devices(devices).with_spares(spares).with_options(options)
+    };
+    let options = |f: &dyn Fn(&mut PlanOptions)| {
+        let mut o = PlanOptions::default();
+        f(&mut o);
+        o
     };
     let mut out = Vec::new();
     out.push((
         "root-port".to_string(),
-        PlanRequest {
-            mode: Mode::RootPort,
-            devices: vec![gpu("gpu0", 8 << 30)?, gpu("gpu1", 64 << 30)?, nic("nic0", true)?],
-            spares: vec![spare(HotplugProfile::h100(), 2)],
-            options: PlanOptions::default(),
-        },
+        request(
+            Mode::RootPort,
+            vec![gpu("gpu0", 8 << 30)?, gpu("gpu1", 64 << 30)?, nic("nic0", true)?],
+            vec![SpareRequest::new(HotplugProfile::h100(), 2)],
+            PlanOptions::default(),
+        ),
     ));
     let mut group = Vec::new();
     for i in 0..4 {
@@ -358,12 +353,12 @@ fn requests() -> Result<Vec<(String, PlanRequest)>, String> {
     }
     out.push((
         "switch".to_string(),
-        PlanRequest {
-            mode: Mode::SwitchPort,
-            devices: group,
-            spares: vec![SpareRequest { p2p_group: Some("g0".into()), ..spare(HotplugProfile::nic(), 1) }],
-            options: PlanOptions::default(),
-        },
+        request(
+            Mode::SwitchPort,
+            group,
+            vec![SpareRequest::new(HotplugProfile::nic(), 1).with_p2p_group("g0")],
+            PlanOptions::default(),
+        ),
     ));
     let mut numa = Vec::new();
     for (i, node) in [0u32, 1, 1].iter().enumerate() {
@@ -373,68 +368,85 @@ fn requests() -> Result<Vec<(String, PlanRequest)>, String> {
     }
     out.push((
         "numa".to_string(),
-        PlanRequest {
-            mode: Mode::Numa,
-            devices: numa,
-            spares: vec![SpareRequest { numa_node: Some(1), ..spare(HotplugProfile::a100(), 1) }],
-            options: PlanOptions { guest_ram: 4 << 30, ..PlanOptions::default() },
-        },
+        request(
+            Mode::Numa,
+            numa,
+            vec![SpareRequest::new(HotplugProfile::a100(), 1).with_numa_node(1)],
+            options(&|o| o.guest_ram = 4 << 30),
+        ),
     ));
     let mut legacy = nic("legacy0", false)?;
     legacy.attach = Attach::PciBridge;
     for f in &mut legacy.functions {
         f.pcie = false;
     }
-    let mut multi = host_gpu("hgpu0", 0x3b)?;
-    multi.cold_plug = false;
+    let custom = HotplugProfile::parse("16M:mem32,128G:pref64,32M:pref64").map_err(|e| e.to_string())?;
     out.push((
         "multifunction".to_string(),
-        PlanRequest {
-            mode: Mode::RootPort,
-            devices: vec![multi, legacy, host_gpu("hgpu1", 0x5e)?],
-            spares: vec![spare(
-                HotplugProfile::parse("16M:mem32,128G:pref64,32M:pref64").map_err(|e| e.to_string())?,
-                1,
-            )],
-            options: PlanOptions { pack_root_ports: true, spare_bus_reserve: 1, ..PlanOptions::default() },
-        },
+        request(
+            Mode::RootPort,
+            vec![host_gpu("hgpu0", 0x3b)?, legacy, host_gpu("hgpu1", 0x5e)?],
+            vec![SpareRequest::new(custom, 1)],
+            options(&|o| {
+                o.pack_root_ports = true;
+                o.spare_bus_reserve = 1;
+            }),
+        ),
     ));
     out.push((
         "spares-only".to_string(),
-        PlanRequest {
-            mode: Mode::RootPort,
-            devices: Vec::new(),
-            spares: vec![spare(HotplugProfile::nvswitch(), 2), spare(HotplugProfile::nic(), 3)],
-            options: PlanOptions {
-                guest_phys_bits: Some(46),
-                host_phys_bits: Some(46),
-                ..PlanOptions::default()
-            },
-        },
+        request(
+            Mode::RootPort,
+            Vec::new(),
+            vec![
+                SpareRequest::new(HotplugProfile::nvswitch(), 2),
+                SpareRequest::new(HotplugProfile::nic(), 3),
+            ],
+            options(&|o| {
+                o.guest_phys_bits = Some(46);
+                o.host_phys_bits = Some(46);
+            }),
+        ),
     ));
     out.push((
         "defaults-only".to_string(),
-        PlanRequest {
-            mode: Mode::RootPort,
-            devices: vec![gpu("gpu0", 2 << 30)?],
-            spares: Vec::new(),
-            options: PlanOptions {
-                size_reservations: false,
-                switch_placeholders: false,
-                ..PlanOptions::default()
-            },
-        },
+        request(
+            Mode::RootPort,
+            vec![gpu("gpu0", 2 << 30)?],
+            Vec::new(),
+            options(&|o| {
+                o.size_reservations = false;
+                o.switch_placeholders = false;
+            }),
+        ),
     ));
+    // s390x: a channel device, a zPCI function with a BAR and an AP matrix device.
+    let mut zpci = DeviceRequest::new(
+        id("nic1")?,
+        vec![FunctionRequest::vfio(
+            0,
+            Bdf::new(0, 0, 0, 0).map_err(|e| e.to_string())?,
+            vec![FunctionResource::bar(0, BarKind::Mem64, true, 1 << 20)],
+        )],
+    );
+    zpci.attach = Attach::Port;
+    let s390x = vec![
+        DeviceRequest::channel(id("net0")?, "virtio-net-ccw", 0),
+        zpci,
+        DeviceRequest::vfio_ap(id("ap0")?, "/sys/devices/vfio_ap/matrix/0001"),
+    ];
+    out.push(("s390x".to_string(), request(Mode::RootPort, s390x, Vec::new(), PlanOptions::default())));
     Ok(out)
 }
 
-/// The plans of every request on every platform that accepts it, and s390x plans.
+/// The plans of every request on every platform that accepts it (s390x included).
 fn plans(requests: &[(String, PlanRequest)]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let platforms: [(&str, Box<dyn Platform>); 4] = [
+    let platforms: [(&str, Box<dyn Platform>); 5] = [
         ("q35-seabios", Box::new(Q35::seabios())),
         ("q35-ovmf", Box::new(Q35::ovmf())),
         ("virt", Box::new(Virt::direct_kernel())),
         ("virt-uefi", Box::new(Virt::uefi())),
+        ("s390x", Box::new(S390xCcw::default())),
     ];
     let mut out = Vec::new();
     for (name, request) in requests {
@@ -446,20 +458,6 @@ fn plans(requests: &[(String, PlanRequest)]) -> Result<Vec<(String, Vec<u8>)>, S
                 ));
             }
         }
-    }
-    let s390x = S390xCcw::default();
-    let mut devices = vec![
-        S390xDevice::ccw(id("net0")?, "virtio-net-ccw"),
-        S390xDevice::zpci(id("nic1")?, "virtio-net-pci"),
-        S390xDevice::Ap { id: id("ap0")?, sysfsdev: "/sys/devices/vfio_ap/matrix/0001".into() },
-    ];
-    if let Some(S390xDevice::Zpci { host, resources, .. }) = devices.get_mut(1) {
-        *host = Some(HostRef::Bdf("0000:00:00.0".into()));
-        resources.push(FunctionResource::bar(0, BarKind::Mem64, true, 1 << 20));
-    }
-    for cold in [false, true] {
-        let plan = arch_s390x_ccw::plan(&s390x, &devices, cold).map_err(|e| e.to_string())?;
-        out.push((format!("s390x-cold-{cold}"), plan.to_json().map_err(|e| e.to_string())?.into_bytes()));
     }
     Ok(out)
 }
@@ -579,7 +577,10 @@ impl Transcript {
 /// engine plugs two devices and unplugs them; the journal is copied after every record
 /// and a second monitor's traffic is recorded. Returns (journals, transcripts).
 #[allow(clippy::type_complexity)]
-fn qemu_session(dir: &Path) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>), String> {
+fn qemu_session(
+    dir: &Path,
+    env: &[(String, String)],
+) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>), String> {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).map_err(io(dir))?;
     let mut gpu0 = gpu("gpu0", 64 << 20)?;
@@ -588,17 +589,12 @@ fn qemu_session(dir: &Path) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<
         f.function = 1;
     }
     gpu0.functions.extend(second);
-    let request = PlanRequest {
-        mode: Mode::RootPort,
-        devices: vec![gpu0, nic("nic0", false)?],
-        spares: vec![SpareRequest {
-            profile: HotplugProfile::nic(),
-            count: 1,
-            numa_node: None,
-            p2p_group: None,
-        }],
-        options: PlanOptions { guest_ram: 256 << 20, ..PlanOptions::default() },
-    };
+    let mut options = PlanOptions::default();
+    options.guest_ram = 256 << 20;
+    let request = PlanRequest::default()
+        .with_devices(vec![gpu0, nic("nic0", false)?])
+        .with_spares(vec![SpareRequest::new(HotplugProfile::nic(), 1)])
+        .with_options(options);
     let plan =
         pcie_topology::plan(&Q35::seabios(), &request).map_err(|e| format!("planning the seed QEMU: {e}"))?;
     let qmp = dir.join("qmp.sock");
@@ -617,6 +613,7 @@ fn qemu_session(dir: &Path) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<
     args.extend(plan.qemu_args());
     let child = Command::new(QEMU)
         .args(&args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -649,7 +646,7 @@ fn qemu_session(dir: &Path) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<
         Engine::open(Arc::clone(&client), &journal, engine_options.clone()).map_err(|e| e.to_string())?;
     let mut ports = Vec::new();
     for action in plan.hotplug_actions().map_err(|e| e.to_string())? {
-        let request = qmp_hotplug::DeviceRequest::from_action(&action).map_err(|e| e.to_string())?;
+        let request = qmp_hotplug::DeviceRequest::from_action(&action);
         ports.push(request.port.clone());
         engine.plug(request).map_err(|e| format!("seed QEMU plug: {e}"))?;
     }
