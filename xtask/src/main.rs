@@ -50,6 +50,9 @@ enum Cmd {
         /// Arguments for the benchmark binaries (e.g. a filter).
         args: Vec<String>,
     },
+    /// Run the fuzz targets in fuzz/ for a bounded time each (cargo-fuzz is installed into
+    /// target/fuzz/tools when missing); fails on any crash, timeout or out-of-memory input.
+    Fuzz(FuzzArgs),
     /// Provision the stack into the cache: QEMU, firmware, busybox, pciutils and every
     /// architecture's guest kernel (only what is missing; nothing is installed on the host).
     Provision {
@@ -99,6 +102,28 @@ struct E2eArgs {
     /// Guests running at the same time.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+}
+
+#[derive(clap::Args)]
+struct FuzzArgs {
+    /// Seconds of fuzzing per target.
+    #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS, value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
+    /// Only this target (repeatable): config_space, sysfs_tree, lspci_dump, plan_file,
+    /// plan_request, journal_file, qmp_input.
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Afterwards add the run's inputs (up to 4 KiB) that reach code edges fuzz/corpus does
+    /// not to fuzz/corpus.
+    #[arg(long)]
+    merge: bool,
+    /// Instead of fuzzing, write fuzz/corpus anew from the project's fixtures, the planner
+    /// and the stack's QEMU (provisioned by `cargo xtask provision`).
+    #[arg(long)]
+    make_seeds: bool,
+    /// Also write the reports as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -218,6 +243,19 @@ fn provision(stack: &Stack, update: bool, all: bool) -> Result<(), String> {
     }
 }
 
+fn fuzz(stack: &Stack, args: FuzzArgs) -> Result<(), String> {
+    if args.make_seeds {
+        return xtask::fuzz::make_seeds(&args.targets, &tasks::stack_env(stack)?);
+    }
+    let opts = xtask::fuzz::Options {
+        seconds: args.seconds,
+        targets: args.targets,
+        merge: args.merge,
+        json: args.json,
+    };
+    xtask::fuzz::run(&opts)
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let name = cli.stack.unwrap_or_else(Stack::default_name);
     let stack = guest_harness::stack(&name).map_err(|e| e.to_string())?;
@@ -233,6 +271,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::E2e(args) => tasks::e2e(&stack, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
         Cmd::BootCheck { arch, json } => boot_check(&stack, arch, json),
         Cmd::Bench { args } => tasks::bench(&stack, &args),
+        Cmd::Fuzz(args) => fuzz(&stack, args),
         Cmd::Provision { update, all } => provision(&stack, update, all),
         Cmd::Fixtures => fixtures::generate(&stack, &guest_harness::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),

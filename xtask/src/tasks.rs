@@ -73,7 +73,10 @@ fn cargo(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
 
 /// `cargo xtask test`: provisioning of `stack` (and of `more`), format check, clippy
 /// with warnings denied, every test and doc test with the stack's QEMU and firmware
-/// ([`stack_env`]), then the default end-to-end set on `stack` and on each of `more`.
+/// ([`stack_env`]), the default end-to-end set on `stack` and on each of `more`, then a
+/// short run of every fuzz target ([`crate::fuzz::SMOKE_SECONDS`] each; after the
+/// end-to-end runs, and its failure reported with theirs, so that neither hides the
+/// other).
 pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
     let begun = Instant::now();
     provision_stack(stack, &Arch::ALL, false)?;
@@ -96,6 +99,17 @@ pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
         }
         timings.push(format!("end-to-end on {} {:.0} s", s.name(), started.elapsed().as_secs_f64()));
     }
+    let started = Instant::now();
+    let fuzz = crate::fuzz::Options {
+        seconds: crate::fuzz::SMOKE_SECONDS,
+        targets: Vec::new(),
+        merge: false,
+        json: None,
+    };
+    if let Err(e) = crate::fuzz::run(&fuzz) {
+        failures.push(e);
+    }
+    timings.push(format!("fuzzing {:.0} s", started.elapsed().as_secs_f64()));
     eprintln!(
         "test: provisioning and tests {:.0} s, {}, total {:.0} s",
         tests_done.as_secs_f64(),
