@@ -88,6 +88,7 @@ mod check;
 pub mod error;
 pub mod foreign;
 mod format;
+pub mod kata;
 pub mod path;
 pub mod physbits;
 pub mod plan;

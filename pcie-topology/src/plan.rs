@@ -355,6 +355,9 @@ pub struct PlacedDevice {
     pub functions: Vec<PlacedFunction>,
     /// What the device needs.
     pub need: Requirement,
+    /// The id the runtime knows the device by ([`DeviceRequest::runtime_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_id: Option<String>,
 }
 
 impl PlacedDevice {
@@ -427,6 +430,13 @@ pub struct PlanOptions {
     /// How `pxb-pcie` expanders get their root bus numbers.
     #[serde(default)]
     pub expander_buses: ExpanderBuses,
+    /// The guest kernel numbers every bus itself (Linux `pci=assign-busses`, as Kata's
+    /// NVIDIA configurations boot): the bus numbers of the plan's BDFs do not hold in the
+    /// guest. Slots, functions, paths and the tree do; hotplug actions say so
+    /// ([`HotplugAction::guest_renumbers_buses`]), so an engine checks a device by its
+    /// place in the tree instead.
+    #[serde(default)]
+    pub guest_renumbers_buses: bool,
 }
 
 /// How `pxb-pcie` expanders get their root bus numbers (`bus_nr`).
@@ -476,6 +486,7 @@ impl Default for PlanOptions {
             size_reservations: true,
             conventional_behind_bridge: false,
             expander_buses: ExpanderBuses::Packed,
+            guest_renumbers_buses: false,
         }
     }
 }
@@ -647,6 +658,13 @@ pub struct HotplugAction {
     /// The port's windows, to check that every BAR landed inside them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<Reservation>,
+    /// The id the runtime knows the device by ([`PlacedDevice::runtime_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_id: Option<String>,
+    /// The guest numbers buses itself ([`PlanOptions::guest_renumbers_buses`]): the bus
+    /// of each function's planned address will not hold; its port, slot and function do.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_renumbers_buses: bool,
 }
 
 impl HotplugAction {
@@ -834,6 +852,11 @@ impl Plan {
         self.devices.iter().find(|d| d.id.as_str() == id)
     }
 
+    /// The device the runtime knows as `runtime_id` ([`DeviceRequest::runtime_id`]).
+    pub fn device_by_runtime_id(&self, runtime_id: &str) -> Option<&PlacedDevice> {
+        self.devices.iter().find(|d| d.runtime_id.as_deref() == Some(runtime_id))
+    }
+
     /// The hotplug action for a device of the plan.
     pub fn hotplug_action(&self, device: &str) -> Result<HotplugAction, PlanError> {
         let d = self.device(device).ok_or_else(|| PlanError::UnknownDevice(device.to_string()))?;
@@ -875,6 +898,8 @@ impl Plan {
             unplug,
             object_del: d.objects.iter().map(|o| o.id.clone()).collect(),
             windows: port.map(|p| p.reservation.clone()),
+            runtime_id: d.runtime_id.clone(),
+            guest_renumbers_buses: self.options.guest_renumbers_buses,
         })
     }
 
@@ -1151,6 +1176,7 @@ pub(crate) fn place_on_port(
         objects,
         functions,
         need,
+        runtime_id: request.runtime_id.clone(),
     })
 }
 

@@ -244,6 +244,7 @@ fn add(plan: &mut Plan, numbers: &mut Numbers, request: &DeviceRequest) -> Resul
             host: f.host.clone(),
         }],
         need,
+        runtime_id: request.runtime_id.clone(),
     });
     Ok(())
 }
