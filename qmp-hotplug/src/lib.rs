@@ -58,6 +58,7 @@ pub mod engine;
 mod event_queue;
 pub mod files;
 pub mod journal;
+pub mod monitor;
 pub mod pci;
 pub mod request;
 pub mod state;
@@ -66,6 +67,7 @@ pub mod vfio;
 
 pub use client::{ClientError, ClientOptions, Event, EventStream, QmpClient};
 pub use engine::{Engine, EngineError, EngineOptions, RecoveryReport, UnplugOutcome};
+pub use monitor::monitor_args;
 pub use request::{
     BarExpectation, DeviceRequest, Expectation, FdRequest, FunctionRequest, ObjectRequest, PciExpectation,
     PlaceholderRequest,
