@@ -196,3 +196,84 @@ fn vfio_nodes_name_their_host_functions() {
     assert_eq!(vfio_options(&p, "3fa9c2e1b0d4e577").unwrap(), ["0000:00:03.0=05/00", "0000:00:03.1=05/00.1"]);
     assert!(host_functions(&sysfs, &sysfs.dev().join("vfio/vfio")).is_err());
 }
+
+mod properties {
+    use super::*;
+    use pcie_topology::{DevFn, Foreign, ForeignDevice, PlanError, PlanRequest, SpareRequest};
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// The VMM's devices: auto-addressed endpoints and bridges pinned to slots 2..6.
+    fn foreign() -> impl Strategy<Value = Foreign> {
+        (0usize..6, prop::collection::btree_set(2u8..6, 0..3), 1u8..3).prop_map(|(auto, pinned, buses)| {
+            let mut d: Vec<ForeignDevice> =
+                (0..auto).map(|i| ForeignDevice::auto(&format!("v{i}"), "virtio-rng-pci")).collect();
+            for (i, s) in pinned.into_iter().enumerate() {
+                d.insert(
+                    i.min(d.len()),
+                    ForeignDevice::at(&format!("b{i}"), "pci-bridge", DevFn::new(s, 0).unwrap())
+                        .with_buses(buses),
+                );
+            }
+            Foreign::new().with_devices(d)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Around any such set the plan never takes a slot or a bus number of the VMM's,
+        /// and numbers expanders as Kata's agent reads them.
+        #[test]
+        fn plans_keep_clear_of_the_vmms_devices(
+            f in foreign(),
+            spares in 0u32..6,
+            nodes in prop::collection::btree_set(0u32..3, 0..3),
+            ovmf in any::<bool>(),
+        ) {
+            let mut devices = Vec::new();
+            for (i, n) in nodes.iter().enumerate() {
+                let mut d = gpu(&format!("{i}"));
+                d.numa_node = Some(*n);
+                devices.push(d);
+            }
+            let numa = !devices.is_empty();
+            let mut request = PlanRequest::default()
+                .with_mode(if numa { Mode::Numa } else { Mode::RootPort })
+                .with_devices(devices)
+                .with_spares(vec![SpareRequest::new(HotplugProfile::nic(), spares)])
+                .with_foreign(f.clone());
+            request.options.expander_buses = pcie_topology::ExpanderBuses::KataAgent;
+            let platform = if ovmf { Q35::ovmf() } else { Q35::seabios() };
+            let p = match plan(&platform, &request) {
+                Ok(p) => p,
+                Err(PlanError::Alloc(_) | PlanError::Buses { .. } | PlanError::BusRange { .. }) => return Ok(()),
+                Err(e) => return Err(TestCaseError::fail(format!("{e}"))),
+            };
+            let theirs: BTreeSet<u8> = p.foreign.iter().map(|x| x.addr.slot()).collect();
+            prop_assert_eq!(theirs.len(), f.devices.len());
+            let ours: Vec<u8> = p.ports.iter().filter(|x| x.host_bridge == "pcie.0" && x.kind == PortKind::Root)
+                .map(|x| x.bdf.device())
+                .chain(p.host_bridges.iter().filter_map(|h| h.device.as_ref()).filter_map(|d| d.addr).map(|a| a.slot()))
+                .collect();
+            prop_assert!(ours.iter().all(|s| !theirs.contains(s) && *s != 0 && *s != 0x1f), "{:?} {:?}", ours, theirs);
+            // Auto-addressed devices sit in the lowest free slots, as QEMU puts them.
+            let pinned: BTreeSet<u8> = f.devices.iter().filter_map(|d| d.addr).map(|a| a.slot()).collect();
+            let lowest: Vec<u8> = (1u8..0x1f).filter(|s| !pinned.contains(s)).take(f.devices.iter().filter(|d| d.addr.is_none()).count()).collect();
+            let auto: Vec<u8> = p.foreign.iter().filter(|x| x.device.addr.is_none()).map(|x| x.addr.slot()).collect();
+            prop_assert_eq!(auto, lowest);
+            // Bus ranges of the VMM's bridges and of the plan's ports never overlap.
+            let mut ranges: Vec<(u8, u8)> = p.foreign.iter()
+                .filter_map(|x| x.secondary_bus.zip(x.subordinate_bus))
+                .chain(p.ports.iter().filter(|x| x.kind == PortKind::Root).map(|x| (x.secondary_bus, x.subordinate_bus)))
+                .collect();
+            ranges.sort_unstable();
+            prop_assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "{:?}", ranges);
+            for h in p.host_bridges.iter().skip(1) {
+                prop_assert_eq!(u32::from(h.bus_nr), 0x20 * (h.numa_node.unwrap() + 1));
+                prop_assert!(h.last_bus < h.bus_nr.saturating_add(0x20));
+            }
+            prop_assert!(p.host_bridges[0].last_bus < 0x20);
+        }
+    }
+}
