@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use xtask::arch::Arch;
-use xtask::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use xtask::stacks::{Stack, STACKS};
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::stacks::{Stack, STACKS};
 use xtask::{bootcheck, experiments, fixtures, tasks};
 
 #[derive(Parser)]
@@ -34,8 +35,8 @@ enum Cmd {
     },
     /// Run end-to-end scenarios in real guests (default: every xtask/scenarios/*.toml).
     E2e(E2eArgs),
-    /// Boot one small guest per architecture and plug one device through the harness's
-    /// own QMP client (a quick check of provisioning, reporter and QMP).
+    /// Boot one small guest per architecture and plug one device with plain QMP
+    /// `device_add` / `device_del` (a quick check of provisioning, reporter and QMP).
     BootCheck {
         /// Only this architecture (repeatable).
         #[arg(long)]
@@ -131,7 +132,7 @@ struct BootArgs {
     qemu_args: Vec<String>,
 }
 
-fn print_state(state: &xtask::reporter::GuestState) {
+fn print_state(state: &guest_harness::reporter::GuestState) {
     for dev in state.pci.values() {
         let driver = dev.driver.as_deref().unwrap_or("-");
         println!("{} {:04x}:{:04x} class {:06x} driver {driver}", dev.bdf, dev.vendor, dev.device, dev.class);
@@ -205,7 +206,7 @@ fn provision(stack: &Stack, update: bool, all: bool) -> Result<(), String> {
     }
     let mut failed = Vec::new();
     for def in STACKS {
-        let s = xtask::stack(def.name).map_err(|e| e.to_string())?;
+        let s = guest_harness::stack(def.name).map_err(|e| e.to_string())?;
         if let Err(e) = tasks::provision_all(&s, update) {
             failed.push(e);
         }
@@ -219,12 +220,12 @@ fn provision(stack: &Stack, update: bool, all: bool) -> Result<(), String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     let name = cli.stack.unwrap_or_else(Stack::default_name);
-    let stack = xtask::stack(&name).map_err(|e| e.to_string())?;
+    let stack = guest_harness::stack(&name).map_err(|e| e.to_string())?;
     match cli.cmd {
         Cmd::Test { also } => {
             let more = also
                 .iter()
-                .map(|n| xtask::stack(n))
+                .map(|n| guest_harness::stack(n))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             tasks::test(&stack, &more)
@@ -233,7 +234,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::BootCheck { arch, json } => boot_check(&stack, arch, json),
         Cmd::Bench { args } => tasks::bench(&stack, &args),
         Cmd::Provision { update, all } => provision(&stack, update, all),
-        Cmd::Fixtures => fixtures::generate(&stack, &xtask::workspace_root())
+        Cmd::Fixtures => fixtures::generate(&stack, &guest_harness::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
         Cmd::Boot(args) => boot(&stack, args),
         Cmd::Experiment { name, firmware, native_hotplug, bar_gib, reserve_gib } => {

@@ -20,8 +20,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::arch::Arch;
-use crate::guest::Firmware;
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
 
 /// A scenario file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,7 @@ pub enum Mode {
     /// s390x: channel devices by CCW device number, PCI devices as zPCI functions.
     Ccw,
     /// x86_64: the devices are passed through with VFIO into a QEMU running inside the
-    /// guest (see `crate::nested`).
+    /// guest (see `crate::e2e::nested`).
     NestedVfio,
 }
 
@@ -198,7 +198,7 @@ pub enum VfioBackend {
     #[default]
     Auto,
     /// iommufd and the VFIO device cdev, required: the outer guest boots Ubuntu's kernel
-    /// and the inner QEMU is bookworm-backports' QEMU 10 (see `crate::stacks`); anything
+    /// and the inner QEMU is bookworm-backports' QEMU 10 (see `guest_harness::stacks`); anything
     /// else running is a failure.
     Iommufd,
 }
@@ -312,19 +312,6 @@ pub struct Scenario {
     /// The file it was read from (not a key).
     #[serde(skip)]
     pub source: PathBuf,
-}
-
-impl Serialize for Arch {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for Arch {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 impl Scenario {
@@ -447,7 +434,7 @@ impl Scenario {
 
 /// The folder of the default scenario set: `xtask/scenarios`.
 pub fn default_dir() -> PathBuf {
-    crate::workspace_root().join("xtask").join("scenarios")
+    guest_harness::workspace_root().join("xtask").join("scenarios")
 }
 
 /// The default set: every `*.toml` directly in [`default_dir`], by file name. (Scenarios
@@ -464,8 +451,11 @@ pub fn default_files() -> std::io::Result<Vec<PathBuf>> {
 /// Finds a scenario file named on the command line: as given, else relative to `xtask/`,
 /// else in [`default_dir`].
 pub fn resolve(name: &Path) -> PathBuf {
-    let candidates =
-        [name.to_path_buf(), crate::workspace_root().join("xtask").join(name), default_dir().join(name)];
+    let candidates = [
+        name.to_path_buf(),
+        guest_harness::workspace_root().join("xtask").join(name),
+        default_dir().join(name),
+    ];
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| name.to_path_buf())
 }
 

@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::arch::Arch;
-use crate::command;
 use crate::e2e::{self, RunContext};
-use crate::provision::{self, Provisioned};
 use crate::scenario::{self, Scenario};
-use crate::stacks::{self, Stack};
+use guest_harness::arch::Arch;
+use guest_harness::command;
+use guest_harness::provision::{self, Provisioned};
+use guest_harness::stacks::{self, Stack};
 
 /// Provisions `stack`'s root and the guest assets of `arches`, printing what it got.
 /// Fails when the root fails; an architecture that fails is printed with what to do and
@@ -64,7 +64,7 @@ pub fn stack_env(stack: &Stack) -> Result<Vec<(String, String)>, String> {
 fn cargo(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(crate::workspace_root());
+    cmd.args(args).current_dir(guest_harness::workspace_root());
     for (k, v) in env {
         cmd.env(k, v);
     }

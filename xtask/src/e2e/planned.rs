@@ -29,12 +29,13 @@ use serde_json::Value;
 
 use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
-use crate::arch::Arch;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::reporter::{Bdf, GuestState, PciDevice};
 use crate::scenario::{
     DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
 };
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::reporter::{Bdf, GuestState, PciDevice};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -846,7 +847,7 @@ impl Step3<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reporter::Resource;
+    use guest_harness::reporter::Resource;
     use qmp_hotplug::BarExpectation;
 
     fn scenario(text: &str) -> Scenario {
@@ -1038,9 +1039,9 @@ mod tests {
             index: 15,
             start: 0x40_0000_0000,
             end: 0x40_0000_0000 + size - 1,
-            flags: crate::reporter::IORESOURCE_MEM
-                | crate::reporter::IORESOURCE_PREFETCH
-                | crate::reporter::IORESOURCE_MEM_64,
+            flags: guest_harness::reporter::IORESOURCE_MEM
+                | guest_harness::reporter::IORESOURCE_PREFETCH
+                | guest_harness::reporter::IORESOURCE_MEM_64,
         };
         let mut state = GuestState::default();
         let port = dev("0000:02:01.0", &["0000:00:01.0", "0000:01:00.0"], vec![pref(32 << 30)]);

@@ -1,14 +1,15 @@
 //! Hotplug and unplug steps measured against what the guest reports, for experiments and
-//! the boot checks. Uses the harness's raw QMP client; the end-to-end runs drive QEMU
-//! through the `qmp-hotplug` crate instead and keep only the guest-side checks.
+//! the boot checks: plain `device_add` / `device_del` through `qmp-hotplug`'s
+//! [`QmpClient`]. The end-to-end runs plug through that crate's engine instead and keep
+//! only the guest-side checks.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use qmp_hotplug::{ClientError, EventStream, QmpClient};
 use serde_json::{json, Value};
 
 use crate::guest::{Guest, GuestError};
-use crate::qmp::{self, Qmp, QmpError};
 use crate::reporter::{Bdf, CcwDevice, GuestState, PciDevice};
 
 /// A hotplug or unplug step failed.
@@ -17,7 +18,7 @@ use crate::reporter::{Bdf, CcwDevice, GuestState, PciDevice};
 pub enum HotplugError {
     /// QMP refused or timed out.
     #[error(transparent)]
-    Qmp(#[from] QmpError),
+    Qmp(#[from] ClientError),
     /// The guest did not get there in time, or QEMU died.
     #[error(transparent)]
     Guest(#[from] GuestError),
@@ -70,7 +71,7 @@ pub struct Expect<'a> {
 /// new function as `expect` describes, and checks its BARs.
 pub fn plug(
     guest: &Guest,
-    qmp: &mut Qmp,
+    qmp: &QmpClient,
     args: Value,
     expect: Expect<'_>,
     deadline: Instant,
@@ -80,7 +81,7 @@ pub fn plug(
     let before: BTreeSet<Bdf> = guest.state().pci.keys().copied().collect();
     let kmsg_before = guest.state().kmsg.len();
     let sent = Instant::now();
-    qmp.execute("device_add", args, deadline)?;
+    execute(qmp, "device_add", args, deadline)?;
     let what = format!("{id} ({vendor:04x}:{device:04x}) in the guest");
     let (bdf, seen) = guest.wait_map(&what, deadline, |s| {
         let new = s.find(vendor, device).find(|d| !before.contains(&d.bdf))?;
@@ -116,10 +117,11 @@ pub fn plug(
 }
 
 /// `device_del id`, then waits for `DEVICE_DELETED` and for the guest to drop `bdf`.
-pub fn unplug(guest: &Guest, qmp: &mut Qmp, id: &str, bdf: Bdf, deadline: Instant) -> Result<Unplugged> {
+pub fn unplug(guest: &Guest, qmp: &QmpClient, id: &str, bdf: Bdf, deadline: Instant) -> Result<Unplugged> {
     let sent = Instant::now();
-    qmp.execute("device_del", json!({ "id": id }), deadline)?;
-    qmp.wait_event(&format!("DEVICE_DELETED for {id}"), deadline, |e| qmp::is_device_deleted(e, id))?;
+    let events = qmp.subscribe();
+    execute(qmp, "device_del", json!({ "id": id }), deadline)?;
+    wait_deleted(&events, id, deadline)?;
     let event_after = sent.elapsed();
     let gone = guest.wait_map(&format!("{bdf} to leave the guest"), deadline, |s| {
         (!s.pci.contains_key(&bdf)).then(|| s.snapshot_at.unwrap_or_else(Instant::now))
@@ -131,13 +133,13 @@ pub fn unplug(guest: &Guest, qmp: &mut Qmp, id: &str, bdf: Bdf, deadline: Instan
 /// the guest's ccw bus shows `busid`. Returns the device and the time it took.
 pub fn plug_ccw(
     guest: &Guest,
-    qmp: &mut Qmp,
+    qmp: &QmpClient,
     args: Value,
     busid: &str,
     deadline: Instant,
 ) -> Result<(CcwDevice, Duration)> {
     let sent = Instant::now();
-    qmp.execute("device_add", args, deadline)?;
+    execute(qmp, "device_add", args, deadline)?;
     let dev = guest.wait_map(&format!("{busid} on the ccw bus"), deadline, |s| s.ccw.get(busid).cloned())?;
     Ok((dev, sent.elapsed()))
 }
@@ -146,20 +148,94 @@ pub fn plug_ccw(
 /// to drop `busid`.
 pub fn unplug_ccw(
     guest: &Guest,
-    qmp: &mut Qmp,
+    qmp: &QmpClient,
     id: &str,
     busid: &str,
     deadline: Instant,
 ) -> Result<Unplugged> {
     let sent = Instant::now();
-    qmp.execute("device_del", json!({ "id": id }), deadline)?;
-    qmp.wait_event(&format!("DEVICE_DELETED for {id}"), deadline, |e| qmp::is_device_deleted(e, id))?;
+    let events = qmp.subscribe();
+    execute(qmp, "device_del", json!({ "id": id }), deadline)?;
+    wait_deleted(&events, id, deadline)?;
     let event_after = sent.elapsed();
     guest.wait_for(&format!("{busid} to leave the guest"), deadline, |s| !s.ccw.contains_key(busid))?;
     Ok(Unplugged { event_after, gone_after: sent.elapsed() })
 }
 
+/// Runs `command` with `args` and waits for its reply until `deadline`.
+fn execute(qmp: &QmpClient, command: &str, args: Value, deadline: Instant) -> Result<Value> {
+    Ok(qmp.execute_raw(command, Some(args), deadline.saturating_duration_since(Instant::now()))?)
+}
+
+/// Waits until `deadline` for `DEVICE_DELETED` of `id` on `events` (subscribed before the
+/// `device_del`, so the event cannot slip past).
+fn wait_deleted(events: &EventStream, id: &str, deadline: Instant) -> Result<()> {
+    match events.wait_for(deadline, |e| e.deleted_device_id() == Some(id)) {
+        Ok(_) => Ok(()),
+        Err(ClientError::Timeout { after, .. }) => {
+            Err(ClientError::Timeout { what: format!("DEVICE_DELETED for {id}"), after }.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The guest's function whose parent bridge is `bridge` (first one, by address).
 pub fn child_of(state: &GuestState, bridge: Bdf) -> Option<&PciDevice> {
     state.pci.values().find(|d| d.parent() == Some(bridge))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}, \
+                            \"package\": \"\"}, \"capabilities\": []}}\r\n";
+
+    /// A scripted QEMU: each command read gets the next reply, with `ID` standing for the
+    /// command's id. Returns when the client hangs up.
+    fn peer(listener: UnixListener, replies: Vec<&'static str>) {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        s.write_all(GREETING.as_bytes()).unwrap();
+        let mut line = String::new();
+        for reply in replies {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let id = serde_json::from_str::<Value>(&line).unwrap()["id"].to_string();
+            s.write_all(reply.replace("ID", &id).as_bytes()).unwrap();
+        }
+        line.clear();
+        let _ = r.read_line(&mut line);
+    }
+
+    /// QEMU's refusal keeps its words; an unplug waits for its own `DEVICE_DELETED` (not
+    /// another device's, even one that came first) and times out naming the event.
+    #[test]
+    fn refusals_and_device_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let replies = vec![
+            "{\"return\": {}, \"id\": ID}\r\n",
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}, \"id\": ID}\r\n",
+            "{\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"other\"}}\r\n\
+             {\"return\": {}, \"id\": ID}\r\n\
+             {\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"d1\"}}\r\n",
+        ];
+        let peer = std::thread::spawn(move || peer(listener, replies));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let qmp = QmpClient::connect_unix(&path, qmp_hotplug::ClientOptions::default()).unwrap();
+        let err = execute(&qmp, "device_add", json!({"driver": "x"}), deadline).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let events = qmp.subscribe();
+        execute(&qmp, "device_del", json!({"id": "d1"}), deadline).unwrap();
+        wait_deleted(&events, "d1", deadline).unwrap();
+        let short = Instant::now() + Duration::from_millis(100);
+        let err = wait_deleted(&events, "d2", short).unwrap_err();
+        assert!(err.to_string().contains("DEVICE_DELETED for d2"), "{err}");
+        drop(qmp);
+        peer.join().unwrap();
+    }
 }

@@ -24,11 +24,11 @@ use serde_json::{json, Value};
 
 use super::passthrough::HostFunction;
 use super::wire::{InnerConfig, PassDevice, WireRow};
-use crate::accel::AccelChoice;
-use crate::arch::Arch;
-use crate::guest::{Guest, GuestAssets, GuestSpec};
-use crate::kernels::GuestKernel;
-use crate::reporter::{Bdf, GuestState};
+use guest_harness::accel::AccelChoice;
+use guest_harness::arch::Arch;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::kernels::GuestKernel;
+use guest_harness::reporter::{Bdf, GuestState};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -785,8 +785,8 @@ mod tests {
             unplug_timeout_ms: 5000,
             guest_wait_s: 60,
             require_iommufd: false,
-            qemu: crate::launcher::Launcher::system(),
-            versions: crate::stacks::Versions::default(),
+            qemu: guest_harness::launcher::Launcher::system(),
+            versions: guest_harness::stacks::Versions::default(),
         };
         let spec = inner_spec(&plan, &cfg);
         let args = spec.extra_args.join(" ");

@@ -127,7 +127,7 @@ impl Launcher {
                 missing.trim()
             ));
         }
-        let libs = crate::nested::bundle::parse_ldd(&out);
+        let libs = parse_ldd(&out);
         if let Some(outside) = libs.iter().find(|l| !l.starts_with(root)) {
             return Err(format!("{}: {} is not inside {}", elf.display(), outside.display(), root.display()));
         }
@@ -158,6 +158,23 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// Paths in `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` and the
+/// loader's own line `/lib64/ld-linux-x86-64.so.2 (0x…)`; `linux-vdso.so.1` has none.
+pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let path = match words.iter().position(|w| *w == "=>") {
+            Some(i) => words.get(i + 1).copied(),
+            None => words.first().copied(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            out.push(PathBuf::from(p));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -237,6 +254,18 @@ mod tests {
         assert_eq!(
             other.relocated(Path::new("/r"), Path::new("/s")).bin_dir.unwrap(),
             PathBuf::from("/elsewhere")
+        );
+    }
+
+    #[test]
+    fn ldd_lines() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \tlibmissing.so => not found\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
         );
     }
 }

@@ -13,7 +13,7 @@
 //!    info and the config region) and checks that both agree on every BAR, the ROM and
 //!    the capability lists; judges each IOMMU group ([`passthrough`]);
 //! 2. plans the inner VM with `pcie-topology` (q35, SeaBIOS) from those facts, boots it
-//!    (TCG inside TCG, the harness's [`crate::guest::Guest`] and reporter) and hotplugs
+//!    (TCG inside TCG, the harness's [`guest_harness::guest::Guest`] and reporter) and hotplugs
 //!    `vfio-pci` devices through `qmp-hotplug`'s engine onto the planned ports: `query-pci`
 //!    must show each function where planned with the host's BAR sizes, the inner guest must
 //!    show it there with every BAR assigned inside the port's window ([`inner_vm`]);

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Guest side of the reporter protocol (xtask/src/reporter.rs parses it). Every line the
+# Guest side of the reporter protocol (guest-harness/src/reporter.rs parses it). Every line the
 # host reads starts with "@@XT "; everything else on the console is ignored there.
 #
 #   SNAP seq uptime            a full snapshot follows, up to END seq

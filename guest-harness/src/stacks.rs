@@ -28,6 +28,7 @@ use crate::arch::Arch;
 use crate::command::{self, CommandError};
 use crate::debroot::{self, HostAbi, RootError};
 use crate::debs::{AptSource, DebCache, DebError, DebRef};
+use crate::firmware::Firmware;
 use crate::kernels::{self, GuestKernel, KernelError};
 use crate::launcher::Launcher;
 
@@ -287,8 +288,7 @@ pub struct Versions {
 
 impl Versions {
     /// The firmware a guest of `arch` booting through `firmware` runs, with its version.
-    pub fn firmware(&self, firmware: crate::guest::Firmware, arch: Arch) -> String {
-        use crate::guest::Firmware;
+    pub fn firmware(&self, firmware: Firmware, arch: Arch) -> String {
         match (firmware, arch) {
             (Firmware::SeaBios, _) => format!("SeaBIOS {}", self.seabios),
             (Firmware::Ovmf, _) => format!("OVMF {}", self.ovmf),
@@ -673,7 +673,6 @@ mod tests {
             aavmf: "2022.11-6".into(),
             ..Versions::default()
         };
-        use crate::guest::Firmware;
         assert_eq!(v.firmware(Firmware::SeaBios, Arch::X86_64), "SeaBIOS 1.16.2-1");
         assert_eq!(v.firmware(Firmware::Uefi, Arch::Aarch64), "AAVMF 2022.11-6");
         assert!(v.firmware(Firmware::None, Arch::S390x).starts_with("s390-ccw"));

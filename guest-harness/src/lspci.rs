@@ -108,21 +108,4 @@ mod tests {
         let b = &caps[&"0000:01:00.0".parse().unwrap()];
         assert_eq!((b.caps.len(), b.ext_caps[0].offset), (1, 0x160));
     }
-
-    /// The default stack's lspci reads what `dump_text` writes.
-    #[test]
-    fn stack_lspci_reads_the_dump() {
-        let mut config = vec![0u8; 256];
-        config[..4].copy_from_slice(&[0x86, 0x80, 0xd3, 0x10]);
-        config[0x06] = 0x10; // status: capability list
-        config[0x0b] = 0x02; // class: network
-        config[0x34] = 0x40;
-        config[0x40] = 0x01; // power management, end of list
-        config[0x42] = 0x03;
-        let bdf: Bdf = "0000:00:02.0".parse().unwrap();
-        let root =
-            crate::default_stack().unwrap().root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"));
-        let decoded = decode(&root.launcher, &[(bdf, config)]).unwrap();
-        assert_eq!(decoded[&bdf].caps, [Capability { offset: 0x40, version: None }]);
-    }
 }

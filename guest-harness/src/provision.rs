@@ -45,12 +45,6 @@ pub fn check_host_tools() -> Result<(), MissingTool> {
     Ok(())
 }
 
-/// Whether this process runs as root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// What provisioning one stack gave.
 #[derive(Debug)]
 #[non_exhaustive]

@@ -48,7 +48,7 @@ pub fn line(cmd: &Command) -> String {
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    lines.get(lines.len().saturating_sub(n)..).unwrap_or_default().join("\n")
 }
 
 /// Runs `cmd` with inherited stdout/stderr, echoing the command line first.

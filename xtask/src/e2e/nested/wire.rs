@@ -15,8 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::e2e::Row;
-use crate::launcher::Launcher;
-use crate::stacks::Versions;
+use guest_harness::launcher::Launcher;
+use guest_harness::stacks::Versions;
 
 /// Tag at the start of every result line.
 pub const TAG: &str = "NV";

@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::arch::Arch;
-use crate::initramfs::ExtraFile;
-use crate::launcher::Launcher;
-use crate::stacks::StackRoot;
+use guest_harness::arch::Arch;
+use guest_harness::initramfs::ExtraFile;
+use guest_harness::launcher::Launcher;
+use guest_harness::stacks::StackRoot;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -62,24 +62,7 @@ pub fn libraries(elf: &Path) -> Result<Vec<PathBuf>> {
     if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
         return Err(format!("ldd {}: a library is missing on this host: {}", elf.display(), missing.trim()));
     }
-    Ok(parse_ldd(&text))
-}
-
-/// Paths in `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` and the
-/// loader's own line `/lib64/ld-linux-x86-64.so.2 (0x…)`; `linux-vdso.so.1` has none.
-pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let path = match words.iter().position(|w| *w == "=>") {
-            Some(i) => words.get(i + 1).copied(),
-            None => words.first().copied(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            out.push(PathBuf::from(p));
-        }
-    }
-    out
+    Ok(guest_harness::launcher::parse_ldd(&text))
 }
 
 /// Files by guest path; the first addition of a path wins.
@@ -177,7 +160,7 @@ impl Bundle {
         self.files.is_empty()
     }
 
-    /// The files, for [`crate::initramfs::InitramfsSpec::files`].
+    /// The files, for [`guest_harness::initramfs::InitramfsSpec::files`].
     pub fn into_files(self) -> Vec<ExtraFile> {
         self.files.into_values().collect()
     }
@@ -283,18 +266,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ldd_lines() {
-        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
-                    \tlibmissing.so => not found\n\
-                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
-        assert_eq!(
-            parse_ldd(text),
-            [PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
-        );
-    }
-
-    #[test]
     fn kernel_payload_must_be_there() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("bzImage");
@@ -316,7 +287,7 @@ mod tests {
     /// from the guest paths.
     #[test]
     fn stack_qemu_bundle_has_loader_libraries_and_firmware() {
-        let stack = crate::default_stack().unwrap();
+        let stack = guest_harness::default_stack().unwrap();
         let root = stack.root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"));
         let mut b = Bundle::new();
         let launcher = b.add_stack_qemu(&root).unwrap();

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use super::bundle::{self, Bundle};
 use super::wire::{self, InnerConfig, InnerKernel, Line, PassDevice};
-use crate::arch::Arch;
 use crate::e2e::{Row, RunContext, ScenarioReport};
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
 use crate::scenario::{DeviceKind, Placement, PlugExpect, Reservations, Scenario, UnplugMode, VfioBackend};
-use crate::ubuntu;
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::ubuntu;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -145,7 +146,7 @@ pub fn build_program() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .args(["build", "-p", "xtask", "--bin", "nested-vfio", "--message-format=json-render-diagnostics"])
-        .current_dir(crate::workspace_root())
+        .current_dir(guest_harness::workspace_root())
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("{cargo} build: {e}"))?;
@@ -217,7 +218,7 @@ fn run_checked(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioRepor
         ));
     }
     // The inner guest always boots the stack's Debian kernel; the outer one needs
-    // iommufd for `vfio_backend = "iommufd"` (see crate::ubuntu).
+    // iommufd for `vfio_backend = "iommufd"` (see guest_harness::ubuntu).
     let outer_assets = if iommufd {
         progress(ctx, scenario, "iommufd: Ubuntu's kernel for the outer guest, the stack's QEMU inside");
         GuestAssets {

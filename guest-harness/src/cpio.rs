@@ -39,7 +39,8 @@ impl<W: Write> CpioWriter<W> {
 
     fn pad(&mut self) -> io::Result<()> {
         let pad = (4 - (self.written % 4) as usize) % 4;
-        self.put(&[0u8; 3][..pad])
+        // `pad` is 0..=3: the slice always fits.
+        self.put([0u8; 3].get(..pad).unwrap_or_default())
     }
 
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -117,7 +118,6 @@ impl<W: Write> CpioWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
 
     fn sample() -> Vec<u8> {
         let mut w = CpioWriter::new(Vec::new());
@@ -143,32 +143,5 @@ mod tests {
         let mut w = CpioWriter::new(Vec::new());
         assert!(w.file("../x", 0o644, b"").is_err());
         assert!(w.dir("", 0o755).is_err());
-    }
-
-    /// The default stack's busybox (the host's static one) lists and unpacks the archive.
-    #[test]
-    fn busybox_cpio_reads_it_back() {
-        let root =
-            crate::default_stack().unwrap().root().unwrap_or_else(|e| panic!("{e} (cargo xtask provision)"));
-        let busybox = root.busybox();
-        let tmp = tempfile::tempdir().unwrap();
-        let archive = tmp.path().join("a.cpio");
-        std::fs::write(&archive, sample()).unwrap();
-        let out = Command::new(&busybox).args(["cpio", "-t", "-F"]).arg(&archive).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let listing = String::from_utf8_lossy(&out.stdout);
-        let names: Vec<&str> = listing.lines().collect();
-        assert_eq!(names, ["bin", "bin/hello", "etc-odd", "bin/sh", "console"]);
-        let dest = tmp.path().join("x");
-        std::fs::create_dir(&dest).unwrap();
-        let status = Command::new(&busybox)
-            .current_dir(&dest)
-            .args(["cpio", "-i", "-d", "-F"])
-            .arg(&archive)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert_eq!(std::fs::read(dest.join("bin/hello")).unwrap(), b"#!/bin/sh\necho hi\n");
-        assert_eq!(std::fs::read_link(dest.join("bin/sh")).unwrap().to_str().unwrap(), "hello");
     }
 }

@@ -26,7 +26,6 @@ use std::sync::Mutex;
 use crate::arch::Arch;
 use crate::command::{self, CommandError, FixCommand};
 use crate::debroot::{self, RootError};
-use crate::provision::is_root;
 
 /// A package could not be resolved, downloaded or unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +269,7 @@ impl AptSource {
             native_arch(),
             archs.join(" "),
         );
-        if is_root() {
+        if rustix::process::geteuid().is_root() {
             // apt drops to the `_apt` user for downloads, which cannot write here.
             text.push_str("APT::Sandbox::User \"root\";\n");
         }

@@ -13,14 +13,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::accel::{self, Accel, AccelChoice};
+use crate::accel::{self, Accel, AccelChoice, ProbeOutcome, VerdictStore};
 use crate::arch::Arch;
+use crate::firmware::Firmware;
 use crate::initramfs::{self, InitramfsSpec};
 use crate::kernels::{self, GuestKernel};
 use crate::launcher::Launcher;
-use crate::qmp::{self, Qmp};
 use crate::reporter::{CommandOutput, GuestState};
 use crate::stacks::{self, Stack, StackError, Versions};
+use qmp_hotplug::{ClientOptions, QmpClient};
 
 /// Starting or following a guest failed.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +92,7 @@ pub enum GuestError {
     BadCommand(String),
     /// QMP failed.
     #[error(transparent)]
-    Qmp(#[from] qmp::QmpError),
+    Qmp(#[from] qmp_hotplug::ClientError),
 }
 
 impl From<kernels::KernelError> for GuestError {
@@ -116,66 +117,6 @@ fn details(diagnostics: &str) -> String {
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, GuestError>;
-
-/// The firmware a guest boots through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum Firmware {
-    /// x86_64: SeaBIOS (QEMU's default BIOS), loading the kernel via fw_cfg.
-    SeaBios,
-    /// x86_64: OVMF (UEFI), loading the kernel via fw_cfg.
-    Ovmf,
-    /// aarch64 and s390x: QEMU loads the kernel directly; on aarch64 Linux then assigns
-    /// every PCI resource itself.
-    None,
-    /// aarch64: UEFI (edk2 `QEMU_EFI.fd`), which assigns PCI resources before Linux.
-    Uefi,
-}
-
-impl Firmware {
-    /// The default for `arch`.
-    pub fn default_for(arch: Arch) -> Firmware {
-        match arch {
-            Arch::X86_64 => Firmware::SeaBios,
-            _ => Firmware::None,
-        }
-    }
-
-    /// Whether `arch` can boot through this firmware.
-    pub fn supports(self, arch: Arch) -> bool {
-        matches!(
-            (arch, self),
-            (Arch::X86_64, Firmware::SeaBios | Firmware::Ovmf)
-                | (Arch::Aarch64, Firmware::None | Firmware::Uefi)
-                | (Arch::S390x, Firmware::None)
-        )
-    }
-
-    /// The name used in scenario files and tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Firmware::SeaBios => "seabios",
-            Firmware::Ovmf => "ovmf",
-            Firmware::None => "none",
-            Firmware::Uefi => "uefi",
-        }
-    }
-}
-
-impl std::str::FromStr for Firmware {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "seabios" => Ok(Firmware::SeaBios),
-            "ovmf" => Ok(Firmware::Ovmf),
-            "none" => Ok(Firmware::None),
-            "uefi" => Ok(Firmware::Uefi),
-            other => Err(format!("unknown firmware {other:?} (seabios, ovmf, none, uefi)")),
-        }
-    }
-}
 
 /// Guest memory in MiB a lean guest gets with `firmware`: 256, and 512 under aarch64
 /// UEFI, where Linux 7.3's EFI stub cannot place itself in 256 MiB under edk2 2026.08
@@ -371,7 +312,7 @@ pub struct GuestAssets {
     pub aarch64_uefi: PathBuf,
     /// What the stack runs, for reports.
     pub versions: Versions,
-    /// Where the KVM verdict is kept ([`crate::accel`]).
+    /// Where the KVM verdict is kept ([`GuestAssets::verdict_store`]).
     pub state_dir: PathBuf,
 }
 
@@ -396,6 +337,11 @@ impl GuestAssets {
             versions: root.versions(),
             state_dir: stack.dir(),
         })
+    }
+
+    /// Where the KVM verdict for this QEMU and guest kernel is kept.
+    pub fn verdict_store(&self) -> VerdictStore<'_> {
+        VerdictStore::new(&self.state_dir, &self.versions.qemu, &self.kernel.release)
     }
 
     /// The `-bios` image `firmware` boots from, if it takes one.
@@ -474,7 +420,7 @@ impl Guest {
     /// Boots `spec`: resolves the accelerator (probing KVM once when asked to), starts
     /// QEMU and waits for READY within `spec.boot_timeout`, printing progress.
     pub fn boot(spec: &GuestSpec, assets: &GuestAssets) -> Result<Guest> {
-        let accel = accel::resolve(spec.accel, spec.arch, assets)?;
+        let accel = accel::resolve(spec.accel, spec.arch, &assets.verdict_store(), || probe_kvm(assets));
         let guest = Guest::start(spec, assets, accel)?;
         if spec.progress {
             eprintln!(
@@ -604,9 +550,14 @@ impl Guest {
         &self.qmp_socket
     }
 
-    /// A new QMP session with this guest's QEMU.
-    pub fn qmp(&self, deadline: Instant) -> Result<Qmp> {
-        Ok(Qmp::connect(&self.qmp_socket, deadline)?)
+    /// A new QMP session with this guest's QEMU (`qmp-hotplug`'s client). Connecting
+    /// (retried while QEMU has not made the socket yet) and the greeting may each take what
+    /// is left until `deadline`; commands then carry their own deadlines.
+    pub fn qmp(&self, deadline: Instant) -> Result<QmpClient> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let options =
+            ClientOptions { connect_timeout: left, handshake_timeout: left, ..ClientOptions::default() };
+        Ok(QmpClient::connect_unix(&self.qmp_socket, options)?)
     }
 
     /// Time from starting QEMU to READY, once the guest is ready.
@@ -735,6 +686,25 @@ impl Drop for Guest {
     }
 }
 
+/// Boots a lean guest of `assets`' architecture under KVM and waits for READY within
+/// [`accel::PROBE_TIMEOUT`]: the probe behind [`accel::kvm_verdict`].
+fn probe_kvm(assets: &GuestAssets) -> ProbeOutcome {
+    let mut spec = GuestSpec::new(assets.kernel.arch);
+    spec.name = "kvm-probe".into();
+    spec.accel = AccelChoice::Kvm;
+    spec.boot_timeout = accel::PROBE_TIMEOUT;
+    spec.progress = false;
+    let ready = Guest::start(&spec, assets, Accel::Kvm).and_then(|g| {
+        g.wait_for("READY under KVM", Instant::now() + accel::PROBE_TIMEOUT, |s| s.ready.is_some())?;
+        Ok(g.boot_time())
+    });
+    match ready {
+        Ok(took) => ProbeOutcome::Ready(took.unwrap_or_default()),
+        Err(GuestError::Timeout { .. }) => ProbeOutcome::TimedOut,
+        Err(e) => ProbeOutcome::Failed(e.to_string()),
+    }
+}
+
 fn read_console(mut out: impl Read, shared: &Shared) {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -845,9 +815,5 @@ mod tests {
             spec.qemu_args(None, Path::new("/k"), Path::new("/i"), Path::new("/s"), Accel::Tcg),
             Err(GuestError::BadSpec(_))
         ));
-        for fw in ["seabios", "ovmf", "none", "uefi"] {
-            assert_eq!(fw.parse::<Firmware>().unwrap().name(), fw);
-        }
-        assert!("bios".parse::<Firmware>().is_err());
     }
 }
