@@ -18,6 +18,7 @@ old_ifs=$IFS
 IFS=/
 set -- $path
 IFS=$old_ifs
+set +f
 rc=00
 case $1 in
     [0-9a-fA-F][0-9a-fA-F])

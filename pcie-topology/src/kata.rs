@@ -30,6 +30,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use pcilibs::bar::BarKind;
+use pcilibs::bdf::Bdf;
 use pcilibs::facts::{FunctionFacts, ResourceOptions};
 use pcilibs::requirement::Resource;
 use pcilibs::sysfs::{Sysfs, SysfsError};
@@ -38,7 +39,7 @@ use thiserror::Error;
 
 use crate::error::PlanError;
 use crate::foreign::{Foreign, ForeignDevice, MemoryHotplug};
-use crate::plan::{ExpanderBuses, Mode, Plan, PlanRequest, SpareRequest};
+use crate::plan::{ExpanderBuses, Mode, PlacedDevice, PlacedFunction, Plan, PlanRequest, SpareRequest};
 use crate::qemu::{DevFn, QemuError, QemuId};
 use crate::request::{Attach, DeviceRequest, HostRef, HotplugProfile, RequestError};
 use crate::units::MIB;
@@ -456,24 +457,38 @@ pub fn group_request(
 /// the Kata id): `DDDD:BB:DD.F=<path>` for every host function of every device that
 /// shares its IOMMU group, in plan order, the path as the agent reads it.
 pub fn vfio_options(plan: &Plan, device: &str) -> Result<Vec<String>, KataError> {
+    options_for(plan, device, |_, f| match &f.host {
+        Some(HostRef::Pci(host)) => Some(*host),
+        _ => None,
+    })
+}
+
+/// [`vfio_options`] with the host address of each function given by `host` (a function
+/// without one is left out): for devices that stand in for host functions the plan does
+/// not know, such as emulated devices in tests.
+pub fn options_for(
+    plan: &Plan,
+    device: &str,
+    host: impl Fn(&PlacedDevice, &PlacedFunction) -> Option<Bdf>,
+) -> Result<Vec<String>, KataError> {
     let d = plan
         .device(device)
         .or_else(|| plan.device_by_runtime_id(device))
         .ok_or_else(|| KataError::UnknownDevice(device.to_string()))?;
-    let members: Vec<_> = match d.iommu_group {
+    let members: Vec<&PlacedDevice> = match d.iommu_group {
         Some(g) => plan.devices.iter().filter(|x| x.iommu_group == Some(g)).collect(),
         None => vec![d],
     };
     let mut out = Vec::new();
     for m in members {
         for f in &m.functions {
-            let Some(HostRef::Pci(host)) = &f.host else { continue };
+            let Some(address) = host(m, f) else { continue };
             let path = f
                 .location
                 .path()
                 .and_then(|p| p.kata())
                 .ok_or_else(|| KataError::NoAgentPath(m.id.to_string()))?;
-            out.push(format!("{host}={path}"));
+            out.push(format!("{address}={path}"));
         }
     }
     Ok(out)
