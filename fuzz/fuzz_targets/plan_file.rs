@@ -35,8 +35,8 @@ fuzz_target!(|data: &[u8]| {
     for d in plan.devices.iter().take(64) {
         match plan.hotplug_action(d.id.as_str()) {
             Ok(action) => {
-                let request = qmp_hotplug::DeviceRequest::from_action(&action);
-                assert_eq!(request.port, action.port_or_device().to_string());
+                let request = qmp_hotplug::PlugRequest::from_action(&action);
+                assert_eq!(&request.port, action.port_or_device());
             }
             Err(e) => assert!(!e.to_string().is_empty()),
         }
@@ -74,7 +74,7 @@ fn place_and_release(plan: &mut Plan) {
         let id = request.id.to_string();
         match plan.place(request) {
             Ok(action) => {
-                let _ = qmp_hotplug::DeviceRequest::from_action(&action);
+                let _ = qmp_hotplug::PlugRequest::from_action(&action);
             }
             Err(e) => {
                 assert!(!e.to_string().is_empty());

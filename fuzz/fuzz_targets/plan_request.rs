@@ -87,7 +87,7 @@ fn place_and_release(mut p: Plan, requested: &[DeviceRequest], u: &mut Unstructu
     all.push(device.clone());
     match p.place(device) {
         Ok(action) => {
-            let _ = qmp_hotplug::DeviceRequest::from_action(&action);
+            let _ = qmp_hotplug::PlugRequest::from_action(&action);
             checks::accepted_plan(&p, &all);
             p.release("hot90").expect("a placed device is released");
             for (a, b) in p.ports.iter().zip(&before.ports) {
@@ -129,7 +129,7 @@ fn s390x(u: &mut Unstructured<'_>) {
                 all.push(d.clone());
                 match p.place(d) {
                     Ok(action) => {
-                        let _ = qmp_hotplug::DeviceRequest::from_action(&action);
+                        let _ = qmp_hotplug::PlugRequest::from_action(&action);
                         checks::accepted_plan(&p, &all);
                     }
                     Err(e) => refused(&e),

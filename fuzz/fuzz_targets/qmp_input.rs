@@ -31,14 +31,13 @@ const QUEUE: usize = 8;
 
 fuzz_target!(init: ignore_sigpipe(), |data: &[u8]| {
     let Ok((stream, peer)) = qmp_peer::start(qmp_peer::segments(data)) else { return };
-    let options = ClientOptions {
-        command_timeout: DEADLINE,
-        handshake_timeout: DEADLINE,
-        connect_timeout: DEADLINE,
-        max_message_bytes: 64 * 1024,
-        event_queue_capacity: QUEUE,
-        event_queue_bytes: 256 * 1024,
-    };
+    let mut options = ClientOptions::default();
+    options.command_timeout = DEADLINE;
+    options.handshake_timeout = DEADLINE;
+    options.connect_timeout = DEADLINE;
+    options.max_message_bytes = 64 * 1024;
+    options.event_queue_capacity = QUEUE;
+    options.event_queue_bytes = 256 * 1024;
     let begun = Instant::now();
     match QmpClient::from_stream(stream, options) {
         Ok(client) => {
@@ -113,12 +112,10 @@ fn query_pci(reply: &serde_json::Value) {
         let _ = pci::window_shortfalls(&b, &need);
     }
     for f in pci::functions(reply) {
-        let want = PciExpectation {
-            bus: Some(f.address.bus),
-            slot: Some(f.address.slot),
-            function: Some(f.address.function),
-            bars: f.bars.iter().map(|(i, size)| BarExpectation::at(*i, *size)).collect(),
-        };
+        let want = PciExpectation::at(
+            f.address,
+            f.bars.iter().map(|(i, size)| BarExpectation::at(*i, *size)).collect(),
+        );
         let _ = pci::check(&f, &want);
     }
 }

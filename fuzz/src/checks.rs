@@ -137,10 +137,10 @@ fn actions_are_accepted(plan: &Plan) {
             .hotplug_action(d.id.as_str())
             .unwrap_or_else(|e| panic!("{}: planned device without a hotplug action: {e}", d.id));
         if !d.cold_plug {
-            let request = qmp_hotplug::DeviceRequest::from_action(&action);
+            let request = qmp_hotplug::PlugRequest::from_action(&action);
             assert_eq!(
                 request.port,
-                action.port_or_device().to_string(),
+                *action.port_or_device(),
                 "{}: the engine's request is for another port",
                 d.id
             );

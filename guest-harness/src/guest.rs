@@ -147,6 +147,8 @@ pub struct GuestSpec {
     pub phys_bits: Option<u8>,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Memory hotplug: DIMM slots and `maxmem` in MiB (`-m <memory>,slots=…,maxmem=…M`).
+    pub memory_hotplug: Option<(u32, u32)>,
     /// `-object` arguments.
     pub objects: Vec<String>,
     /// `-device` arguments, in order.
@@ -176,6 +178,7 @@ impl GuestSpec {
             cpu: None,
             phys_bits: None,
             memory_mib: default_memory_mib(Firmware::default_for(arch)),
+            memory_hotplug: None,
             objects: Vec::new(),
             devices: Vec::new(),
             extra_args: Vec::new(),
@@ -273,7 +276,11 @@ impl GuestSpec {
         if let Some(cpu) = self.cpu_model(accel) {
             push(&["-cpu", &cpu]);
         }
-        push(&["-m", &self.memory_mib.to_string(), "-smp", "1"]);
+        let memory = match self.memory_hotplug {
+            Some((slots, maxmem)) => format!("{},slots={slots},maxmem={maxmem}M", self.memory_mib),
+            None => self.memory_mib.to_string(),
+        };
+        push(&["-m", &memory, "-smp", "1"]);
         match (self.firmware, firmware_image) {
             (Firmware::Ovmf | Firmware::Uefi, Some(image)) => push(&["-bios", &image.display().to_string()]),
             (Firmware::Ovmf | Firmware::Uefi, None) => {

@@ -2,7 +2,8 @@
 //! when asked for, kernel modules with their dependencies.
 //!
 //! Layout: `/bin/busybox` (+ `/bin/sh` link; `/init` installs the other applets),
-//! `/init`, `/xt/reporter.sh`, `/xt/modules` (module files in load order),
+//! `/init`, `/xt/reporter.sh`, `/xt/kata-path` (a guest PCI path resolved as Kata's agent
+//! does), `/xt/modules` (module files in load order),
 //! `/lib/modules/<release>/…` (only the modules listed), optional `/xt/setup` and any
 //! extra files. Uncompressed: the kernel unpacks plain `newc` cpio.
 
@@ -16,6 +17,9 @@ use crate::kernels::{self, GuestKernel, KernelError};
 pub const INIT_SCRIPT: &str = include_str!("../guest/init.sh");
 /// The guest side of the reporter protocol (see [`crate::reporter`]).
 pub const REPORTER_SCRIPT: &str = include_str!("../guest/reporter.sh");
+/// The guest helper that resolves a guest PCI path as Kata's agent does
+/// (`/xt/kata-path 20/00/00`).
+pub const KATA_PATH_SCRIPT: &str = include_str!("../guest/kata-path.sh");
 
 /// Building the initramfs failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +104,7 @@ pub fn build(kernel: &GuestKernel, busybox: &Path, spec: &InitramfsSpec) -> Resu
         ("bin/busybox".into(), 0o755, read(busybox)?),
         ("init".into(), 0o755, INIT_SCRIPT.as_bytes().to_vec()),
         ("xt/reporter.sh".into(), 0o755, REPORTER_SCRIPT.as_bytes().to_vec()),
+        ("xt/kata-path".into(), 0o755, KATA_PATH_SCRIPT.as_bytes().to_vec()),
     ];
     if !spec.modules.is_empty() {
         let index = kernel.module_index()?;

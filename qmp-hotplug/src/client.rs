@@ -455,14 +455,38 @@ impl QmpClient {
         Self::start(from_qemu.into(), writer, options)
     }
 
+    /// Speaks QMP over a connection a VMM hands over in command mode: it read QEMU's
+    /// greeting and sent `qmp_capabilities` itself, and gives the connection up (QMP
+    /// matches replies to commands by order and id on one connection, so two clients
+    /// cannot share it). The greeting is gone, so [`QmpClient::greeting`] holds the
+    /// version `query-version` reports and no capabilities; asking it shares
+    /// `options.handshake_timeout`. Events QEMU sent before are read as events; replies
+    /// to commands the VMM sent and did not read count as stray replies.
+    pub fn from_negotiated_stream(stream: UnixStream, options: ClientOptions) -> Result<Self> {
+        let read = stream.try_clone().map_err(ClientError::Setup)?;
+        let writer = LineWriter::socket(stream).map_err(setup_error)?;
+        Self::start_with(OwnedFd::from(read), writer, options, true)
+    }
+
     fn start(read: OwnedFd, writer: LineWriter, options: ClientOptions) -> Result<Self> {
+        Self::start_with(read, writer, options, false)
+    }
+
+    /// Starts the reader; `negotiated`: the connection is past the greeting and in
+    /// command mode already.
+    fn start_with(
+        read: OwnedFd,
+        writer: LineWriter,
+        options: ClientOptions,
+        negotiated: bool,
+    ) -> Result<Self> {
         let mut reader = LineReader::new(read, options.max_message_bytes);
         let stop = Arc::new(AtomicBool::new(false));
         // The greeting is read here, not by `qapi`, whose handshake panics on EOF. Greeting
-        // and `qmp_capabilities` share one deadline.
+        // and `qmp_capabilities` (or `query-version`) share one deadline.
         let started = Instant::now();
         let until = deadline::from(started, options.handshake_timeout);
-        let greeting = read_greeting(&mut reader, until, &stop)?;
+        let greeting = if negotiated { None } else { Some(read_greeting(&mut reader, until, &stop)?) };
         let shared = Arc::new(Shared::default());
         let thread_shared = Arc::clone(&shared);
         let thread_stop = Arc::clone(&stop);
@@ -470,16 +494,25 @@ impl QmpClient {
             .name("qmp-reader".into())
             .spawn(move || reader_loop(reader, &thread_shared, &thread_stop))
             .map_err(ClientError::Setup)?;
-        let client = QmpClient {
+        let mut client = QmpClient {
             shared,
             writer: Mutex::new(writer),
             next_id: AtomicU64::new(1),
-            greeting,
+            greeting: greeting.clone().unwrap_or(Greeting {
+                version: QemuVersion { major: 0, minor: 0, micro: 0 },
+                package: String::new(),
+                capabilities: Vec::new(),
+            }),
             options,
             stop,
             reader: Mutex::new(Some(handle)),
         };
-        client.execute_until("qmp_capabilities", None, &[], started, until)?;
+        if greeting.is_some() {
+            client.execute_until("qmp_capabilities", None, &[], started, until)?;
+        } else {
+            let v = client.execute_until("query-version", None, &[], started, until)?;
+            client.greeting = parse_version(&v)?;
+        }
         Ok(client)
     }
 
@@ -771,6 +804,19 @@ fn parse_greeting(line: &[u8]) -> Result<Greeting> {
             .map(|c| c.as_str().map_or_else(|| c.to_string(), str::to_owned))
             .collect(),
     })
+}
+
+/// The greeting of a connection handed over in command mode, from `query-version`'s reply.
+fn parse_version(reply: &Value) -> Result<Greeting> {
+    #[derive(Deserialize)]
+    struct Version {
+        qemu: QemuVersion,
+        #[serde(default)]
+        package: String,
+    }
+    let v: Version = serde_json::from_value(reply.clone())
+        .map_err(|e| ClientError::Greeting(format!("query-version: {e}: {reply}")))?;
+    Ok(Greeting { version: v.qemu, package: v.package.trim().to_owned(), capabilities: Vec::new() })
 }
 
 fn preview(line: &[u8]) -> String {

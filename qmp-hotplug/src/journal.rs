@@ -569,8 +569,10 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// An open journal file.
-pub(crate) struct Journal {
+/// An open journal file. Public, hidden, for the fuzz target that opens, compacts and
+/// appends to any bytes; an engine is the way to use a journal.
+#[doc(hidden)]
+pub struct Journal {
     path: PathBuf,
     file: File,
     /// Bytes of complete records (and header): where the next record goes.
@@ -609,7 +611,7 @@ impl Journal {
     /// most [`MAX_JOURNAL_BYTES`] are read. A torn tail is cut off, a first-format
     /// journal is rewritten in version 2, and a new one gets its header; what was found
     /// is in [`Journal::read_report`].
-    pub(crate) fn open(path: impl AsRef<Path>, hook: Option<JournalHook>) -> Result<(Journal, Vec<Record>)> {
+    pub fn open(path: impl AsRef<Path>, hook: Option<JournalHook>) -> Result<(Journal, Vec<Record>)> {
         let path = path.as_ref().to_owned();
         let access = Access { write: true, append: true, create: true, truncate: false, no_follow: true };
         let mut file = files::open(&path, access, &[FileKind::Regular]).map_err(|e| open_error(&path, e))?;
@@ -698,7 +700,7 @@ impl Journal {
     /// Appends one record and makes it durable before returning. A record that would
     /// not read back is refused before anything is written; a write that fails is cut
     /// off again, so the file still ends with the last good record.
-    pub(crate) fn append(&mut self, record: &Record) -> Result<()> {
+    pub fn append(&mut self, record: &Record) -> Result<()> {
         let line =
             encode(record).map_err(|reason| JournalError::Unwritable { path: self.path.clone(), reason })?;
         self.make_room(offset(line.len()))?;
@@ -770,7 +772,7 @@ impl Journal {
     /// Replaces the file with one snapshot per port that holds a device or has an
     /// operation under way (temporary file, `fsync`, `rename`, `fsync` of the
     /// directory). On failure the journal is left as it was.
-    pub(crate) fn compact(&mut self) -> Result<()> {
+    pub fn compact(&mut self) -> Result<()> {
         let io = |path: &Path, source| JournalError::Io { path: path.to_owned(), source };
         let live: BTreeMap<String, PortLog> = self
             .ports

@@ -67,6 +67,7 @@ pub mod engine;
 mod event_queue;
 mod files;
 pub mod journal;
+pub mod monitor;
 pub mod pci;
 pub mod request;
 pub mod state;
@@ -76,6 +77,7 @@ mod vfio;
 pub use client::{ClientError, ClientOptions, Event, EventStream, QmpClient};
 pub use engine::{Engine, EngineError, EngineOptions, RecoveryAction, RecoveryReport, UnplugOutcome};
 pub use files::FileKind;
+pub use monitor::monitor_args;
 pub use request::{
     BarExpectation, Expectation, FdRequest, PciExpectation, PlaceholderRequest, PlugFunction, PlugRequest,
     PlugRequestError,

@@ -160,7 +160,8 @@ fn eof_during_handshake_is_an_error_not_a_panic() {
 /// it was starting, before its greeting. The client skips such events, a bounded number.
 #[test]
 fn events_before_the_greeting_are_skipped() {
-    const RESUME: &str = r#"{"timestamp": {"seconds": 1796523452, "microseconds": 255112}, "event": "RESUME"}"#;
+    const RESUME: &str =
+        r#"{"timestamp": {"seconds": 1796523452, "microseconds": 255112}, "event": "RESUME"}"#;
     let peer = FakePeer::start(|mut p| {
         p.send(RESUME);
         p.send(RESUME);

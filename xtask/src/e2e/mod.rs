@@ -14,6 +14,7 @@
 //! use the same columns (device, planned path, guest BDF, BARs ok, hotplug ms, unplug ms,
 //! result) and set `ok` for the exit status.
 
+pub mod kata;
 pub mod models;
 pub mod nested;
 pub mod planned;
@@ -187,6 +188,7 @@ pub fn run_scenario(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     let mut report = match scenario.mode {
         Mode::RootPort | Mode::SwitchPort | Mode::Numa | Mode::Ccw => planned::run(scenario, ctx),
         Mode::NestedVfio => nested::run(scenario, ctx),
+        Mode::Kata => kata::run(scenario, ctx),
     };
     if report.qemu_version.is_empty() {
         report.set_stack(scenario, &ctx.stack);

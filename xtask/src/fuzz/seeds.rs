@@ -623,7 +623,8 @@ fn qemu_session(
         })?;
     let _qemu = Qemu { child };
     let deadline = Instant::now() + Duration::from_secs(120);
-    let options = ClientOptions { connect_timeout: Duration::from_secs(30), ..ClientOptions::default() };
+    let mut options = ClientOptions::default();
+    options.connect_timeout = Duration::from_secs(30);
     let client = Arc::new(QmpClient::connect_unix(&qmp, options).map_err(|e| e.to_string())?);
     wait_for_firmware(&client, plan.ports.len(), deadline)?;
     let mut transcripts = Vec::new();
@@ -641,20 +642,21 @@ fn qemu_session(
             let _ = fs::copy(&src, dst.join(format!("record-{n:03}")));
         }
     });
-    let engine_options = EngineOptions { journal_hook: Some(hook), ..EngineOptions::default() };
+    let mut engine_options = EngineOptions::default();
+    engine_options.journal_hook = Some(hook);
     let (engine, _) =
         Engine::open(Arc::clone(&client), &journal, engine_options.clone()).map_err(|e| e.to_string())?;
-    let mut ports = Vec::new();
+    let mut devices = Vec::new();
     for action in plan.hotplug_actions().map_err(|e| e.to_string())? {
-        let request = qmp_hotplug::DeviceRequest::from_action(&action);
-        ports.push(request.port.clone());
+        let request = qmp_hotplug::PlugRequest::from_action(&action);
+        devices.push(request.device.to_string());
         engine.plug(request).map_err(|e| format!("seed QEMU plug: {e}"))?;
     }
     let mut plugged = Transcript::connect(&raw, deadline)?;
     plugged.command(1, "qmp_capabilities", None, deadline)?;
     let mut events = Vec::new();
-    if let Some(port) = ports.first() {
-        engine.unplug(port).map_err(|e| format!("seed QEMU unplug: {e}"))?;
+    if let Some(device) = devices.first() {
+        engine.unplug(device).map_err(|e| format!("seed QEMU unplug: {e}"))?;
         events = plugged.wait_event("DEVICE_DELETED", deadline)?;
     }
     transcripts.push(("qmp-unplug".to_string(), plugged.session(events, deadline)?));
