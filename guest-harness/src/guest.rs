@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -386,6 +386,8 @@ struct Shared {
     state: Mutex<GuestState>,
     changed: Condvar,
     stderr: Mutex<String>,
+    /// QEMU's stderr reached its end (all of it is in `stderr`).
+    stderr_closed: AtomicBool,
 }
 
 impl Shared {
@@ -640,18 +642,21 @@ impl Guest {
     }
 
     fn exited_error(&self, what: &str) -> GuestError {
-        // The console closes just before the process is reaped; give it a moment.
-        let mut status = "exited".to_string();
+        // The console closes just before the process is reaped, and the stderr reader may
+        // not have read QEMU's last words yet (it says why it exited): give both a moment.
+        let mut status = None;
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
-            let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Ok(Some(s)) = child.try_wait() {
-                status = s.to_string();
+            if status.is_none() {
+                let mut child = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                status = child.try_wait().ok().flatten().map(|s| s.to_string());
+            }
+            if status.is_some() && self.shared.stderr_closed.load(Ordering::Acquire) {
                 break;
             }
-            drop(child);
             std::thread::sleep(Duration::from_millis(20));
         }
+        let status = status.unwrap_or_else(|| "exited".to_string());
         let state = self.shared.lock().clone();
         GuestError::Exited {
             guest: self.name.clone(),
@@ -760,6 +765,7 @@ fn read_stderr(mut err: impl Read, shared: &Shared) {
             text.drain(..cut);
         }
     }
+    shared.stderr_closed.store(true, Ordering::Release);
 }
 
 #[cfg(test)]
