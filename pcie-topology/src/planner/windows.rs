@@ -63,7 +63,10 @@ impl<'a> Builder<'a> {
         if port.kind == PortKind::Root || self.spec.downstream_reserve || kernel {
             return PortSizing::Reserved;
         }
-        let beyond_minimum = !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY);
+        // The firmware gives an empty downstream port minimum memory windows and no I/O
+        // window: an I/O BAR needs a placeholder as much as a large memory BAR does.
+        let beyond_minimum =
+            !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY && need.io.is_empty());
         if self.opts.switch_placeholders && beyond_minimum {
             PortSizing::Placeholder
         } else {
@@ -138,8 +141,11 @@ impl<'a> Builder<'a> {
         let mut res = self.sized(&ph_need, true)?;
         res.need = *need;
         if !res.holds(need) {
-            let hint = if self.spec.mem32_placeholder.is_none() && !res.mem.holds(&need.mem) {
+            let no_mem32 = self.spec.mem32_placeholder.is_none();
+            let hint = if no_mem32 && !res.mem.holds(&need.mem) {
                 "; this platform has no device whose 32-bit BAR can stand in for the profile's"
+            } else if no_mem32 && !res.io.holds(&need.io) {
+                "; this platform has no placeholder device with an I/O BAR"
             } else {
                 ""
             };
@@ -163,7 +169,8 @@ impl<'a> Builder<'a> {
     /// port gets the firmware's minimum, which must hold `need`.
     fn at_firmware_minimum(&self, port_id: &str, need: &Requirement) -> Result<Reservation, PlanError> {
         let min = self.min_window();
-        if !(min.holds(&need.mem) && min.holds(&need.pref)) {
+        // No I/O window at all: firmware sizes an empty downstream port's I/O from nothing.
+        if !(min.holds(&need.mem) && min.holds(&need.pref) && need.io.is_empty()) {
             return Err(PlanError::DownstreamWindow {
                 port: port_id.to_string(),
                 need: describe_requirement(need),
@@ -502,7 +509,13 @@ impl<'a> Builder<'a> {
             sizes.push(next_pow2(total).ok_or_else(overflow)?);
         }
         let base = self.id("ph")?.to_string();
-        let mem32 = self.spec.mem32_placeholder.clone().filter(|_| need.mem.size > MEM_GRANULARITY);
+        // The 32-bit placeholder (x86's `qxl`) also has an I/O BAR, so it gets the port an
+        // I/O window as well.
+        let mem32 = self
+            .spec
+            .mem32_placeholder
+            .clone()
+            .filter(|_| need.mem.size > MEM_GRANULARITY || !need.io.is_empty());
         let functions = sizes.len() + usize::from(mem32.is_some());
         let multi = functions > 1;
         let mut objects = Vec::new();
