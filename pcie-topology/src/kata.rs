@@ -20,7 +20,7 @@
 //!   [`Plan::device_by_runtime_id`]).
 //! - [`vfio_options`]: the agent's `Device.options` for a VFIO device, `DDDD:BB:DD.F=<path>`
 //!   for every function of every device of the IOMMU group, the path in the agent's form
-//!   ([`GuestPciPath::kata`]).
+//!   ([`GuestPciPath::kata`](crate::path::GuestPciPath::kata)).
 //! - [`group_request`]: a `/dev/vfio/<group>` or `/dev/vfio/devices/vfioX` node as Kata
 //!   is handed it → the host functions (through `pcilibs`'s host layer) → one
 //!   [`DeviceRequest`].

@@ -610,7 +610,7 @@ impl Journal {
     /// link is refused ([`JournalError::SpecialFile`]) before anything is read, and at
     /// most [`MAX_JOURNAL_BYTES`] are read. A torn tail is cut off, a first-format
     /// journal is rewritten in version 2, and a new one gets its header; what was found
-    /// is in [`Journal::read_report`].
+    /// is in the journal's read report.
     pub fn open(path: impl AsRef<Path>, hook: Option<JournalHook>) -> Result<(Journal, Vec<Record>)> {
         let path = path.as_ref().to_owned();
         let access = Access { write: true, append: true, create: true, truncate: false, no_follow: true };
