@@ -79,8 +79,8 @@ pub use engine::{Engine, EngineError, EngineOptions, RecoveryAction, RecoveryRep
 pub use files::FileKind;
 pub use monitor::monitor_args;
 pub use request::{
-    BarExpectation, Expectation, FdRequest, PciExpectation, PlaceholderRequest, PlugFunction, PlugRequest,
-    PlugRequestError,
+    BarExpectation, Expectation, FdRequest, PciExpectation, PciIds, PlaceholderRequest, PlugFunction,
+    PlugRequest, PlugRequestError, VisibilityCheck,
 };
 pub use state::{DeviceRecord, DeviceState, Transition};
 

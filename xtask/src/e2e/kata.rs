@@ -36,7 +36,9 @@ use arch_x86_aarch64::Q35;
 use pcie_topology::kata::{self, KataConfig};
 use pcie_topology::{FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, QemuId};
 use pcilibs::bdf::Bdf;
-use qmp_hotplug::{ClientOptions, Engine, EngineOptions, QmpClient, UnplugOutcome};
+use qmp_hotplug::{
+    ClientOptions, Engine, EngineOptions, Expectation, PciIds, QmpClient, UnplugOutcome, VisibilityCheck,
+};
 
 use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
@@ -135,6 +137,17 @@ fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequ
     let mut r = pcie_topology::DeviceRequest::new(id, functions).with_runtime_id(d.id.clone());
     r.numa_node = d.numa_node;
     Ok(r)
+}
+
+/// `request` with every function's vendor and device ids expected as the model has them
+/// (a runtime knows them from the host function it passes through).
+fn with_ids(mut request: qmp_hotplug::PlugRequest, m: &Model) -> qmp_hotplug::PlugRequest {
+    for f in &mut request.functions {
+        if let Expectation::Pci(want) = &mut f.expect {
+            want.ids = Some(PciIds::new(m.vendor, m.device));
+        }
+    }
+    request
 }
 
 /// `-object`/`-numa` arguments for `nodes` guest NUMA nodes sharing `memory_mib`.
@@ -431,7 +444,10 @@ impl Run<'_> {
         self.progress(&format!("plugging {} ({}) onto {port}", d.id, action.device));
         let before = self.guest.state();
         let sent = Instant::now();
-        let plugged = engine.plug(qmp_hotplug::PlugRequest::from_action(&action));
+        let plugged = engine.plug(with_ids(qmp_hotplug::PlugRequest::from_action(&action), &m));
+        if let Ok(record) = &plugged {
+            self.checks_used(record, &mut row);
+        }
         if let Err(e) = plugged {
             row.fail(format!("plug: {e}"));
             // The plan placed it; the engine rolled it back: one call puts them in step.
@@ -460,6 +476,25 @@ impl Run<'_> {
             row.fail(e);
         }
         (row, Some(action))
+    }
+
+    /// How the engine found each function (it must say), and that it is the check the
+    /// guest's bus numbering calls for: by place in the tree when the guest renumbers
+    /// buses, by address otherwise.
+    fn checks_used(&self, record: &qmp_hotplug::DeviceRecord, row: &mut Row) {
+        let want = if self.plan.options.guest_renumbers_buses {
+            VisibilityCheck::TreePlace
+        } else {
+            VisibilityCheck::Address
+        };
+        for f in &record.request.functions {
+            let id = f.id().as_str();
+            match record.check_of(id) {
+                Some(c) if c == want => row.notes.push(format!("engine found {id} {c}")),
+                Some(c) => row.fail(format!("engine found {id} {c}, expected {want}")),
+                None => row.fail(format!("engine says nothing of how it found {id}")),
+            }
+        }
     }
 
     /// Unplugs a device and frees its port in the plan once the engine did.
