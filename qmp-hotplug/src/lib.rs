@@ -75,7 +75,9 @@ mod transport;
 mod vfio;
 
 pub use client::{ClientError, ClientOptions, Event, EventStream, QmpClient};
-pub use engine::{Engine, EngineError, EngineOptions, RecoveryAction, RecoveryReport, UnplugOutcome};
+pub use engine::{
+    Engine, EngineError, EngineOptions, PlanSync, RecoveryAction, RecoveryReport, UnplugOutcome,
+};
 pub use files::FileKind;
 pub use monitor::monitor_args;
 pub use request::{

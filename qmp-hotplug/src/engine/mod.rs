@@ -30,6 +30,7 @@
 //! descriptor the dead process held ([`PlugRequest::with_fd`]) cannot be finished: it is
 //! rolled back ([`EngineError::DescriptorGone`]).
 
+mod plan_sync;
 mod recovery;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -53,6 +54,7 @@ use crate::vfio;
 use pcie_topology::QemuId;
 use pcilibs::sysfs::{Sysfs, SysfsError};
 
+pub use plan_sync::PlanSync;
 pub use recovery::{RecoveryAction, RecoveryReport};
 
 /// Port locks kept before those nobody holds are dropped.
@@ -165,6 +167,11 @@ pub enum EngineError {
         /// How long was retried.
         after: Duration,
     },
+    /// The plan cannot be put in step with the engine ([`Engine::reconcile_plan`]): the
+    /// engine holds a port the plan does not have, or one the plan gives a device plugged
+    /// at boot.
+    #[error("plan and engine: {0}")]
+    Plan(#[from] pcie_topology::PlanError),
 }
 
 impl EngineError {
