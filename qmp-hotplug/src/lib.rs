@@ -90,3 +90,9 @@ pub use state::{DeviceRecord, DeviceState, Transition};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 mod readme_doctests {}
+
+/// The workspace README's examples (the Kata runtime glue needs this crate, the planner
+/// and a platform crate, all of which this crate's doc tests have).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod workspace_readme_doctests {}
