@@ -465,6 +465,13 @@ mod tests {
             for b in &bs {
                 let _ = window_shortfalls(b, &need);
             }
+            // Every function is found below the bridge it is under, at its own slot and
+            // function, whatever its bus number.
+            for f in fs.iter().filter(|f| !f.parent.is_empty()) {
+                let Ok(parent) = pcie_topology::QemuId::new(&f.parent) else { continue };
+                let below = PciExpectation::below(parent, DevFn::from(f.address), Vec::new());
+                prop_assert_eq!(check(f, &below), Ok(VisibilityCheck::TreePlace));
+            }
         }
     }
 
