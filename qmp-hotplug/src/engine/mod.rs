@@ -533,6 +533,7 @@ impl Inner {
         for check in vfio::checks_for(&request) {
             check.run(&self.options.sysfs)?;
         }
+        vfio::expect_host_ids(&mut request, &self.options.sysfs);
         // Before the port lock and the journal: a file that cannot be passed is refused
         // with nothing held, nothing journaled. Held descriptors leave the request here, so
         // that no record keeps them open.
