@@ -141,6 +141,17 @@ pub enum PlanError {
     /// A device id is not in the plan.
     #[error("device `{0}` is not in the plan")]
     UnknownDevice(String),
+    /// A port id is not in the plan.
+    #[error("port `{0}` is not in the plan")]
+    UnknownPort(String),
+    /// A port is taken by another device.
+    #[error("port `{port}` is taken by `{occupant}`")]
+    PortTaken {
+        /// The port.
+        port: String,
+        /// The device on it.
+        occupant: String,
+    },
     /// A plan file has another format version.
     #[error(
         "plan format version {found} is not supported (this build reads versions {oldest} to {supported})"

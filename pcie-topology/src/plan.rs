@@ -1101,6 +1101,43 @@ impl Plan {
         Ok(d)
     }
 
+    /// Marks `port` taken by `device`, a device the plan did not place (one a hotplug
+    /// engine holds there while the plan, read back from an older file, does not know
+    /// it), so that [`Plan::place`] does not hand the port out; [`Plan::unhold`] frees it
+    /// again. Holding a port for the device already on it is no change.
+    pub fn hold(&mut self, port: &str, device: QemuId) -> Result<(), PlanError> {
+        let p = self
+            .ports
+            .iter_mut()
+            .find(|p| p.id.as_str() == port)
+            .ok_or_else(|| PlanError::UnknownPort(port.to_string()))?;
+        match &p.occupant {
+            Some(o) if *o != device => {
+                Err(PlanError::PortTaken { port: port.to_string(), occupant: o.to_string() })
+            }
+            _ => {
+                p.occupant = Some(device);
+                Ok(())
+            }
+        }
+    }
+
+    /// Frees `port` when [`Plan::hold`] took it (no device of the plan is on it); returns
+    /// the device that held it, `None` when the port was free. A port with a placed device
+    /// is freed by [`Plan::release`] instead.
+    pub fn unhold(&mut self, port: &str) -> Result<Option<QemuId>, PlanError> {
+        let placed = self.devices.iter().find(|d| d.port.as_ref().is_some_and(|p| p.as_str() == port));
+        if let Some(d) = placed {
+            return Err(PlanError::PortTaken { port: port.to_string(), occupant: d.id.to_string() });
+        }
+        let p = self
+            .ports
+            .iter_mut()
+            .find(|p| p.id.as_str() == port)
+            .ok_or_else(|| PlanError::UnknownPort(port.to_string()))?;
+        Ok(p.occupant.take())
+    }
+
     /// Every QEMU id the plan uses.
     pub fn ids_in_use(&self) -> impl Iterator<Item = &str> {
         let hb = self.host_bridges.iter().filter_map(|h| h.device.as_ref()).map(|d| d.id.as_str());

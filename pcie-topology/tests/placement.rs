@@ -331,3 +331,32 @@ fn an_io_bar_behind_a_switch_downstream_port_gets_an_io_window_or_a_refusal() {
         }
     }
 }
+
+/// A port held for a device the plan did not place is not handed out; `unhold` frees it,
+/// and neither touches a port with a placed device.
+#[test]
+fn held_ports_are_not_handed_out() {
+    let mut spares = request(Vec::new());
+    spares.spares = vec![pcie_topology::SpareRequest::new(
+        pcie_topology::HotplugProfile::parse("16M:mem32,2G:pref64").unwrap(),
+        2,
+    )];
+    let mut plan = plan(&Q35::seabios(), &spares).unwrap();
+    let (first, second) = (plan.ports[0].id.clone(), plan.ports[1].id.clone());
+    let other = QemuId::new("other").unwrap();
+    plan.hold(first.as_str(), other.clone()).unwrap();
+    plan.hold(first.as_str(), other.clone()).unwrap();
+    let e = plan.hold(first.as_str(), QemuId::new("third").unwrap()).unwrap_err();
+    assert!(matches!(e, PlanError::PortTaken { .. }), "{e:?}");
+    assert!(matches!(plan.hold("rp9", other.clone()), Err(PlanError::UnknownPort(_))));
+    let a = plan.place(DeviceRequest::ivshmem("a", GIB).unwrap()).unwrap();
+    assert_eq!(a.port.as_ref(), Some(&second), "the held port is not handed out");
+    assert!(matches!(
+        plan.place(DeviceRequest::ivshmem("b", GIB).unwrap()),
+        Err(PlanError::NoFreePort { .. })
+    ));
+    assert!(matches!(plan.unhold(second.as_str()), Err(PlanError::PortTaken { .. })));
+    assert_eq!(plan.unhold(first.as_str()).unwrap(), Some(other));
+    assert_eq!(plan.unhold(first.as_str()).unwrap(), None);
+    assert_eq!(plan.place(DeviceRequest::ivshmem("b", GIB).unwrap()).unwrap().port, Some(first));
+}

@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::files::{self, Access, FileKind};
 use crate::request::PlugRequest;
-use crate::state::{DeviceRecord, DeviceState, GuestAddresses, Transition};
+use crate::state::{Checks, DeviceRecord, DeviceState, GuestAddresses, Transition};
 
 /// Largest journal read on open.
 pub const MAX_JOURNAL_BYTES: u64 = 256 * 1024 * 1024;
@@ -219,6 +219,10 @@ pub enum Record {
             deserialize_with = "crate::state::guest_addresses"
         )]
         guest: GuestAddresses,
+        /// How each function was found, with `visible` (absent in journals written
+        /// before the engine said so).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        checks: Checks,
     },
     /// The whole record of a port (written by compaction), with the operation under way
     /// on it and that operation's steps, so that compacting at any moment loses nothing
@@ -862,12 +866,15 @@ pub(crate) fn apply(ports: &mut BTreeMap<String, PortLog>, rec: &Record) {
                 p.steps.push(step.clone());
             }
         }
-        Record::State { port, transition, guest } => {
+        Record::State { port, transition, guest, checks } => {
             if let Some(p) = ports.get_mut(port) {
                 p.device.state = transition.state;
                 p.device.push_history(transition.clone());
                 if !guest.is_empty() {
                     p.device.guest = guest.clone();
+                }
+                if !checks.is_empty() {
+                    p.device.checks = checks.clone();
                 }
                 if transition.state.settled() {
                     p.open_op = None;
@@ -961,6 +968,7 @@ mod tests {
             port: port.to_owned(),
             transition: Transition { state, at_unix_ms: now_ms(), note: note.into() },
             guest: Vec::new(),
+            checks: Vec::new(),
         }
     }
 

@@ -75,12 +75,14 @@ mod transport;
 mod vfio;
 
 pub use client::{ClientError, ClientOptions, Event, EventStream, QmpClient};
-pub use engine::{Engine, EngineError, EngineOptions, RecoveryAction, RecoveryReport, UnplugOutcome};
+pub use engine::{
+    Engine, EngineError, EngineOptions, PlanSync, RecoveryAction, RecoveryReport, UnplugOutcome,
+};
 pub use files::FileKind;
 pub use monitor::monitor_args;
 pub use request::{
-    BarExpectation, Expectation, FdRequest, PciExpectation, PlaceholderRequest, PlugFunction, PlugRequest,
-    PlugRequestError,
+    BarExpectation, Expectation, FdRequest, PciExpectation, PciIds, PlaceholderRequest, PlugFunction,
+    PlugRequest, PlugRequestError, VisibilityCheck,
 };
 pub use state::{DeviceRecord, DeviceState, Transition};
 
@@ -88,3 +90,9 @@ pub use state::{DeviceRecord, DeviceState, Transition};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 mod readme_doctests {}
+
+/// The workspace README's examples (the Kata runtime glue needs this crate, the planner
+/// and a platform crate, all of which this crate's doc tests have).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod workspace_readme_doctests {}

@@ -22,7 +22,7 @@ use serde_json::Value;
 use pcilibs::bdf::Bdf;
 use pcilibs::requirement::{Resource, Window};
 
-use crate::request::{BarExpectation, PciExpectation};
+use crate::request::{BarExpectation, PciExpectation, PciIds, VisibilityCheck};
 
 /// Deepest bridge nesting walked (PCIe allows far fewer levels in practice).
 const MAX_DEPTH: usize = 32;
@@ -39,6 +39,11 @@ pub struct PciFunction {
     pub address: Bdf,
     /// (BAR index, size) of every region QEMU reports.
     pub bars: Vec<(u8, u64)>,
+    /// The QEMU id of the bridge whose secondary bus it is on (a root port, a switch
+    /// downstream port, a PCI bridge); empty on a root bus or under a bridge without id.
+    pub parent: String,
+    /// Its vendor and device ids, when the reply has them.
+    pub ids: Option<PciIds>,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +66,23 @@ struct Device {
     regions: Vec<Region>,
     #[serde(default)]
     pci_bridge: Option<Bridge>,
+    #[serde(default)]
+    id: Option<Ids>,
+}
+
+#[derive(Deserialize)]
+struct Ids {
+    #[serde(default)]
+    vendor: i64,
+    #[serde(default)]
+    device: i64,
+}
+
+impl Ids {
+    /// The ids, `None` when a number is out of range.
+    fn read(&self) -> Option<PciIds> {
+        Some(PciIds::new(u16::try_from(self.vendor).ok()?, u16::try_from(self.device).ok()?))
+    }
 }
 
 #[derive(Deserialize)]
@@ -161,7 +183,7 @@ pub struct LiveBridge {
 /// function can have) are skipped.
 pub fn bridges(reply: &Value) -> Vec<LiveBridge> {
     let mut out = Vec::new();
-    visit(reply, &mut |d| {
+    visit(reply, &mut |_, d| {
         if let (Some(br), Some(address)) = (&d.pci_bridge, d.address()) {
             let info = br.bus.as_ref();
             let window = |r: Option<&Range>| r.and_then(Range::window);
@@ -249,12 +271,14 @@ fn bytes(n: impl Into<u128>) -> String {
 /// address no PCI function can have) are skipped.
 pub fn functions(reply: &Value) -> Vec<PciFunction> {
     let mut out = Vec::new();
-    visit(reply, &mut |d| {
+    visit(reply, &mut |parent, d| {
         if let Some(address) = d.address() {
             out.push(PciFunction {
                 qdev_id: d.qdev_id.clone(),
                 address,
                 bars: d.regions.iter().map(|r| (byte(r.bar), u64::try_from(r.size).unwrap_or(0))).collect(),
+                parent: parent.to_owned(),
+                ids: d.id.as_ref().and_then(Ids::read),
             });
         }
         out.len() < MAX_FUNCTIONS
@@ -275,27 +299,32 @@ impl Device {
     }
 }
 
-/// Calls `f` on every device of the reply, depth first, at most [`MAX_DEPTH`] bridges deep,
-/// until `f` returns `false`.
-fn visit(reply: &Value, f: &mut dyn FnMut(&Device) -> bool) {
+/// Calls `f` on every device of the reply with the id of the bridge it is under (empty on
+/// a root bus), depth first, at most [`MAX_DEPTH`] bridges deep, until `f` returns `false`.
+fn visit(reply: &Value, f: &mut dyn FnMut(&str, &Device) -> bool) {
     let buses: Vec<Bus> = serde_json::from_value(reply.clone()).unwrap_or_default();
     for b in &buses {
-        if !visit_devices(&b.devices, 0, f) {
+        if !visit_devices(&b.devices, "", 0, f) {
             return;
         }
     }
 }
 
-fn visit_devices(devices: &[Device], depth: usize, f: &mut dyn FnMut(&Device) -> bool) -> bool {
+fn visit_devices(
+    devices: &[Device],
+    parent: &str,
+    depth: usize,
+    f: &mut dyn FnMut(&str, &Device) -> bool,
+) -> bool {
     if depth > MAX_DEPTH {
         return true;
     }
     for d in devices {
-        if !f(d) {
+        if !f(parent, d) {
             return false;
         }
         if let Some(br) = &d.pci_bridge {
-            if !visit_devices(&br.devices, depth + 1, f) {
+            if !visit_devices(&br.devices, &d.qdev_id, depth + 1, f) {
                 return false;
             }
         }
@@ -303,20 +332,47 @@ fn visit_devices(devices: &[Device], depth: usize, f: &mut dyn FnMut(&Device) ->
     true
 }
 
-/// Checks one function against its expectation; `Err` says what differs.
-pub fn check(f: &PciFunction, want: &PciExpectation) -> Result<(), String> {
+/// Checks one function against its expectation; returns which check it passed, or says
+/// what differs.
+///
+/// With [`PciExpectation::parent`] set, the function must sit directly on the secondary
+/// bus of that bridge, whatever number the guest gave the bus
+/// ([`VisibilityCheck::TreePlace`]); otherwise its bus number must be the planned one
+/// ([`VisibilityCheck::Address`]), or, with neither, only slot, function and BARs count
+/// ([`VisibilityCheck::BarsOnly`]). Slot, function, ids ([`PciExpectation::ids`]) and BAR
+/// sizes are checked in every case.
+pub fn check(f: &PciFunction, want: &PciExpectation) -> Result<VisibilityCheck, String> {
     let a = f.address;
     let mismatch = |what: &str, got: u8, want: u8| format!("{what} is {got:#x}, planned {want:#x}");
-    if let Some(bus) = want.bus.filter(|b| *b != a.bus()) {
-        return Err(mismatch("bus", a.bus(), bus));
-    }
+    let used = if let Some(parent) = &want.parent {
+        if f.parent != parent.as_str() {
+            let got = if f.parent.is_empty() { "a root bus" } else { f.parent.as_str() };
+            return Err(format!("it is on {got} (bus {:#x}), planned under {parent}", a.bus()));
+        }
+        VisibilityCheck::TreePlace
+    } else if let Some(bus) = want.bus {
+        if bus != a.bus() {
+            return Err(mismatch("bus", a.bus(), bus));
+        }
+        VisibilityCheck::Address
+    } else {
+        VisibilityCheck::BarsOnly
+    };
     if let Some(slot) = want.slot.filter(|s| *s != a.device()) {
         return Err(mismatch("slot", a.device(), slot));
     }
     if let Some(func) = want.function.filter(|x| *x != a.function()) {
         return Err(mismatch("function", a.function(), func));
     }
-    check_bars(&f.bars, &want.bars)
+    if let Some(ids) = want.ids {
+        match f.ids {
+            Some(got) if got == ids => {}
+            Some(got) => return Err(format!("ids are {got}, expected {ids}")),
+            None => return Err(format!("query-pci shows no ids, expected {ids}")),
+        }
+    }
+    check_bars(&f.bars, &want.bars)?;
+    Ok(used)
 }
 
 /// BARs named by index must have their size; each BAR expected by size alone must match a
@@ -409,6 +465,13 @@ mod tests {
             for b in &bs {
                 let _ = window_shortfalls(b, &need);
             }
+            // Every function is found below the bridge it is under, at its own slot and
+            // function, whatever its bus number.
+            for f in fs.iter().filter(|f| !f.parent.is_empty()) {
+                let Ok(parent) = pcie_topology::QemuId::new(&f.parent) else { continue };
+                let below = PciExpectation::below(parent, DevFn::from(f.address), Vec::new());
+                prop_assert_eq!(check(f, &below), Ok(VisibilityCheck::TreePlace));
+            }
         }
     }
 
@@ -480,6 +543,7 @@ mod tests {
     }
 
     use super::*;
+    use pcie_topology::DevFn;
 
     /// Shape of QEMU 7.2's reply with a root port holding one device (trimmed).
     const REPLY: &str = r#"[{"bus": 0, "devices": [
@@ -496,20 +560,55 @@ mod tests {
         assert_eq!(fs.len(), 2);
         let n0 = fs.iter().find(|f| f.qdev_id == "n0").unwrap();
         assert_eq!(n0.address, Bdf::new(0, 1, 0, 0).unwrap());
-        let mut want = PciExpectation {
-            bus: Some(1),
-            slot: Some(0),
-            function: Some(0),
-            bars: vec![BarExpectation::at(4, 16384)],
-        };
-        assert_eq!(check(n0, &want), Ok(()));
+        assert_eq!(n0.parent, "rp0");
+        assert_eq!(fs.iter().find(|f| f.qdev_id == "rp0").map(|f| f.parent.as_str()), Some(""));
+        let mut want = PciExpectation::at(Bdf::new(0, 1, 0, 0).unwrap(), vec![BarExpectation::at(4, 16384)]);
+        assert_eq!(check(n0, &want), Ok(VisibilityCheck::Address));
         want.bus = Some(2);
         assert!(check(n0, &want).unwrap_err().contains("bus"));
         want.bus = None;
+        assert_eq!(check(n0, &want), Ok(VisibilityCheck::BarsOnly));
         want.bars = vec![BarExpectation::at(4, 1 << 30)];
         assert!(check(n0, &want).unwrap_err().contains("BAR 4"));
         want.bars = vec![BarExpectation::at(2, 4096)];
         assert!(check(n0, &want).unwrap_err().contains("missing"));
+    }
+
+    /// A guest that renumbered buses (Linux `pci=assign-busses`): the function is found
+    /// below its bridge at its slot and function whatever the bus number, and not below
+    /// another bridge or on a root bus; ids count when expected.
+    #[test]
+    fn place_in_the_tree_ignores_bus_numbers() {
+        let reply = serde_json::json!([{"bus": 0, "devices": [
+            {"bus": 0, "slot": 6, "function": 0, "qdev_id": "rp1", "regions": [],
+             "pci_bridge": {"bus": {"secondary": 3, "subordinate": 3}, "devices": []}},
+            {"bus": 0, "slot": 7, "function": 0, "qdev_id": "rp2", "regions": [],
+             "pci_bridge": {"bus": {"secondary": 4, "subordinate": 4}, "devices": [
+                {"bus": 4, "slot": 0, "function": 0, "qdev_id": "net0",
+                 "id": {"vendor": 0x1af4, "device": 0x1041}, "regions": [{"bar": 4, "size": 16384}]}]}},
+            {"bus": 0, "slot": 9, "function": 0, "qdev_id": "rng0", "regions": []}]}]);
+        let fs = functions(&reply);
+        let net = fs.iter().find(|f| f.qdev_id == "net0").unwrap();
+        assert_eq!(net.ids, Some(PciIds::new(0x1af4, 0x1041)));
+        let bars = vec![BarExpectation::at(4, 16384)];
+        let slot0 = DevFn::new(0, 0).unwrap();
+        let rp = |id: &str| pcie_topology::QemuId::new(id).unwrap();
+        // Planned on bus 6 (the firmware's number); the guest made it 4.
+        let planned = PciExpectation::at(Bdf::new(0, 6, 0, 0).unwrap(), bars.clone());
+        assert!(check(net, &planned).unwrap_err().contains("bus is 0x4, planned 0x6"));
+        let below = PciExpectation::below(rp("rp2"), slot0, bars.clone());
+        assert_eq!(check(net, &below), Ok(VisibilityCheck::TreePlace));
+        let ids = below.clone().with_ids(PciIds::new(0x1af4, 0x1041));
+        assert_eq!(check(net, &ids), Ok(VisibilityCheck::TreePlace));
+        let wrong_ids = below.clone().with_ids(PciIds::new(0x1af4, 0x1110));
+        assert!(check(net, &wrong_ids).unwrap_err().contains("ids are 1af4:1041, expected 1af4:1110"));
+        let other = PciExpectation::below(rp("rp1"), slot0, bars.clone());
+        assert!(check(net, &other).unwrap_err().contains("it is on rp2 (bus 0x4), planned under rp1"));
+        let rng = fs.iter().find(|f| f.qdev_id == "rng0").unwrap();
+        let err =
+            check(rng, &PciExpectation::below(rp("rp1"), DevFn::new(9, 0).unwrap(), vec![])).unwrap_err();
+        assert!(err.contains("on a root bus"), "{err}");
+        assert!(check(net, &PciExpectation::below(rp("rp2"), DevFn::new(1, 0).unwrap(), bars)).is_err());
     }
 
     #[test]

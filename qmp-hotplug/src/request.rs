@@ -581,10 +581,17 @@ pub enum Expectation {
 }
 
 /// Where a PCI function must appear in `query-pci`, and with which BAR sizes.
+///
+/// Its place is either an address (bus, slot, function: the bus as the firmware numbered
+/// it) or, for a guest that numbers buses itself (Linux `pci=assign-busses`), a place in
+/// the tree: directly below the bridge [`PciExpectation::parent`] at slot and function,
+/// whatever number the guest gave that bridge's bus. [`crate::pci::check`] says which of
+/// the two it used ([`VisibilityCheck`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct PciExpectation {
-    /// Guest bus number (as firmware numbered it); unchecked when `None`.
+    /// Guest bus number (as firmware numbered it); unchecked when `None` or when
+    /// [`PciExpectation::parent`] is set.
     #[serde(default)]
     pub bus: Option<u8>,
     /// Slot (device) number.
@@ -596,6 +603,63 @@ pub struct PciExpectation {
     /// BARs whose size must match exactly, each a different BAR of the function.
     #[serde(default)]
     pub bars: Vec<BarExpectation>,
+    /// The QEMU id of the bridge (root port, switch downstream port, PCI bridge) whose
+    /// secondary bus the function must be on; when set, the bus number is not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<QemuId>,
+    /// Vendor and device ids the function must show; unchecked when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<PciIds>,
+}
+
+/// A PCI function's vendor and device ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PciIds {
+    /// Vendor id.
+    pub vendor: u16,
+    /// Device id.
+    pub device: u16,
+}
+
+impl PciIds {
+    /// Vendor `vendor`, device `device`.
+    pub fn new(vendor: u16, device: u16) -> Self {
+        PciIds { vendor, device }
+    }
+}
+
+impl std::fmt::Display for PciIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.device)
+    }
+}
+
+/// How the engine found a plugged function where it belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum VisibilityCheck {
+    /// In `query-pci` at its planned bus, slot and function, BARs as planned.
+    Address,
+    /// In `query-pci` directly below its planned bridge at its slot and function, BARs as
+    /// planned, whatever the bus's number (the guest renumbers buses).
+    TreePlace,
+    /// In `query-pci` with its BARs as planned, wherever it is.
+    BarsOnly,
+    /// Present in QEMU (`/machine/peripheral`); not a PCI function QEMU reports.
+    Present,
+}
+
+impl std::fmt::Display for VisibilityCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VisibilityCheck::Address => "by address (bus, slot, function)",
+            VisibilityCheck::TreePlace => "by place in the tree (bridge, slot, function)",
+            VisibilityCheck::BarsOnly => "by BAR sizes only",
+            VisibilityCheck::Present => "present in QEMU",
+        })
+    }
 }
 
 impl PciExpectation {
@@ -607,12 +671,33 @@ impl PciExpectation {
             slot: Some(bdf.device()),
             function: Some(bdf.function()),
             bars,
+            parent: None,
+            ids: None,
+        }
+    }
+
+    /// Directly below bridge `parent` at `addr` (its slot and function), with `bars`,
+    /// whatever number the guest gives the bridge's bus.
+    pub fn below(parent: QemuId, addr: DevFn, bars: Vec<BarExpectation>) -> Self {
+        PciExpectation {
+            bus: None,
+            slot: Some(addr.slot()),
+            function: Some(addr.function()),
+            bars,
+            parent: Some(parent),
+            ids: None,
         }
     }
 
     /// Anywhere, with `bars` (check the BARs only).
     pub fn anywhere(bars: Vec<BarExpectation>) -> Self {
-        PciExpectation { bus: None, slot: None, function: None, bars }
+        PciExpectation { bus: None, slot: None, function: None, bars, parent: None, ids: None }
+    }
+
+    /// This expectation with the function's vendor and device ids checked too.
+    pub fn with_ids(mut self, ids: PciIds) -> Self {
+        self.ids = Some(ids);
+        self
     }
 }
 
@@ -671,6 +756,28 @@ impl Expectation {
                 bars.iter().filter_map(BarExpectation::planned).collect(),
             )),
             _ => Expectation::Present,
+        }
+    }
+
+    /// [`Expectation::planned`] for a guest that numbers buses itself (the plan's
+    /// [`HotplugAction::guest_renumbers_buses`]): a function behind a bridge (its path has
+    /// more than one hop, its `device_add` names the bridge as its bus) is expected below
+    /// that bridge at its slot and function, not at a bus number; a function on a root
+    /// bus keeps its address (nothing renumbers a root bus).
+    pub fn planned_in_tree(
+        device: &QemuDevice,
+        location: &GuestLocation,
+        bars: &[ExpectedBar],
+    ) -> Expectation {
+        let behind_bridge = location.path().is_some_and(|p| p.hops.len() > 1);
+        let parent = device.bus.as_deref().filter(|_| behind_bridge).and_then(|b| QemuId::new(b).ok());
+        match (location, parent) {
+            (GuestLocation::Pci { bdf, .. }, Some(parent)) => Expectation::Pci(PciExpectation::below(
+                parent,
+                DevFn::from(*bdf),
+                bars.iter().filter_map(BarExpectation::planned).collect(),
+            )),
+            _ => Expectation::planned(location, bars),
         }
     }
 }
@@ -789,10 +896,15 @@ impl PlugRequest {
             } else {
                 f.device_add.clone()
             };
+            let expect = if action.guest_renumbers_buses {
+                Expectation::planned_in_tree(&f.device_add, &f.guest, &f.bars)
+            } else {
+                Expectation::planned(&f.guest, &f.bars)
+            };
             functions.push(PlugFunction {
                 device,
                 host: f.host.clone(),
-                expect: Expectation::planned(&f.guest, &f.bars),
+                expect,
                 needs: visible_needs(&f.bars),
             });
         }

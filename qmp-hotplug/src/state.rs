@@ -4,7 +4,7 @@ use pcie_topology::QemuId;
 use pcilibs::bdf::Bdf;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::request::PlugRequest;
+use crate::request::{PlugRequest, VisibilityCheck};
 
 /// Where a device stands.
 ///
@@ -88,6 +88,9 @@ pub(crate) fn bounded_note(note: &str) -> String {
 /// 0: QEMU's `query-pci` has no other).
 pub(crate) type GuestAddresses = Vec<(QemuId, Bdf)>;
 
+/// How each PCI function was found where it belongs, by device id.
+pub(crate) type Checks = Vec<(QemuId, VisibilityCheck)>;
+
 /// The engine's record of the device on one port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -102,6 +105,11 @@ pub struct DeviceRecord {
     /// reported them (domain 0: QEMU's `query-pci` has no other).
     #[serde(default, deserialize_with = "guest_addresses")]
     pub guest: Vec<(QemuId, Bdf)>,
+    /// How each function was found where it belongs, by device id, once visible: by its
+    /// address, or by its place in the tree where the guest renumbers buses
+    /// ([`crate::Expectation::planned_in_tree`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<(QemuId, VisibilityCheck)>,
 }
 
 /// A guest address as journals have it: the address text, or (journals written before
@@ -132,7 +140,7 @@ pub(crate) fn guest_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<GuestAd
 impl DeviceRecord {
     /// A record of `request` in `state`, with no history and no guest addresses yet.
     pub(crate) fn new(request: PlugRequest, state: DeviceState) -> Self {
-        DeviceRecord { request, state, history: Vec::new(), guest: Vec::new() }
+        DeviceRecord { request, state, history: Vec::new(), guest: Vec::new(), checks: Vec::new() }
     }
 
     /// The port.
@@ -148,6 +156,11 @@ impl DeviceRecord {
     /// The guest address `query-pci` reported for function `id`, once visible.
     pub fn guest_address(&self, id: &str) -> Option<Bdf> {
         self.guest.iter().find(|(f, _)| f.as_str() == id).map(|(_, bdf)| *bdf)
+    }
+
+    /// How function `id` was found where it belongs, once visible.
+    pub fn check_of(&self, id: &str) -> Option<VisibilityCheck> {
+        self.checks.iter().find(|(f, _)| f.as_str() == id).map(|(_, c)| *c)
     }
 
     /// Appends `t` to the history, keeping the last [`MAX_HISTORY`] transitions.

@@ -16,7 +16,7 @@ use pcie_topology::HostRef;
 use pcilibs::bdf::Bdf;
 use pcilibs::sysfs::{Sysfs, SysfsError};
 
-use crate::request::PlugRequest;
+use crate::request::{Expectation, PciIds, PlugRequest};
 
 /// One check the engine runs before plugging.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,32 @@ impl VfioCheck {
         match self {
             VfioCheck::PciHost(bdf) => sysfs.check_vfio_function(*bdf).map(drop),
             VfioCheck::SysfsDev(path) => sysfs.check_vfio_device(path).map(drop),
+        }
+    }
+}
+
+/// Expects each `vfio-pci` function of `req` that passes through a host PCI function to
+/// show that function's vendor and device ids in `query-pci` (QEMU passes them through),
+/// unless the request expects ids already or overrides them (`x-pci-vendor-id`,
+/// `x-pci-device-id`). The ids come from the config space as `vfio-pci` presents it
+/// (`SysfsDevice::completed_config`: an SR-IOV VF reads 0xffff there, the kernel's
+/// `vendor` and `device` files have its ids). A host function whose ids `sysfs` cannot
+/// read keeps them unchecked (the VFIO check has found the function itself).
+pub(crate) fn expect_host_ids(req: &mut PlugRequest, sysfs: &Sysfs) {
+    for f in &mut req.functions {
+        let Some(HostRef::Pci(bdf)) = f.host else { continue };
+        let overridden =
+            ["x-pci-vendor-id", "x-pci-device-id"].iter().any(|k| f.device.props.contains_key(*k));
+        let Expectation::Pci(want) = &mut f.expect else { continue };
+        if want.ids.is_some() || overridden || f.device.driver != "vfio-pci" {
+            continue;
+        }
+        let Ok(config) = sysfs.device(bdf).completed_config() else { continue };
+        if let Some(&[v0, v1, d0, d1]) = config.get(..4) {
+            let ids = PciIds::new(u16::from_le_bytes([v0, v1]), u16::from_le_bytes([d0, d1]));
+            if ids.vendor != 0xffff {
+                want.ids = Some(ids);
+            }
         }
     }
 }
@@ -121,6 +147,54 @@ mod tests {
         std::fs::create_dir_all(t.path().join("devices/vfio_ap/matrix/uuid-1")).unwrap();
         VfioCheck::SysfsDev("/sys/devices/vfio_ap/matrix/uuid-1".into()).run(&s).unwrap();
         assert!(VfioCheck::SysfsDev("/sys/devices/vfio_ap/matrix/uuid-2".into()).run(&s).is_err());
+    }
+
+    /// A `vfio-pci` function is expected with its host function's ids, read from its
+    /// config space (a VF's from `vendor` and `device`); one that overrides its ids, one
+    /// that is not VFIO and one whose config space cannot be read keep theirs unchecked.
+    #[test]
+    fn host_ids_are_expected() {
+        let t = tree(&[
+            ("0000:01:00.0", "7", Some("vfio-pci"), "0x030200"),
+            ("0000:02:00.0", "8", Some("vfio-pci"), "0x030200"),
+        ]);
+        let mut config = vec![0u8; 64];
+        config[..4].copy_from_slice(&[0xde, 0x10, 0x30, 0x23]);
+        std::fs::write(t.path().join("devices/pci0000:00/0000:01:00.0/config"), &config).unwrap();
+        // An SR-IOV VF: 0xffff in its config space, its ids in `vendor` and `device`.
+        let vf = t.path().join("devices/pci0000:00/0000:02:00.0");
+        config[..4].copy_from_slice(&[0xff; 4]);
+        std::fs::write(vf.join("config"), &config).unwrap();
+        std::fs::write(vf.join("vendor"), "0x1b36\n").unwrap();
+        std::fs::write(vf.join("device"), "0x0010\n").unwrap();
+        let mut r: PlugRequest = serde_json::from_value(serde_json::json!({
+            "port": "rp0",
+            "functions": [
+                {"qdev": {"driver": "vfio-pci", "id": "g0", "host": "01:00.0", "addr": "0.0"},
+                 "expect": {"kind": "pci", "slot": 0, "function": 0}},
+                {"qdev": {"driver": "vfio-pci", "id": "g1", "host": "02:00.0", "addr": "1.0"},
+                 "expect": {"kind": "pci", "slot": 1, "function": 0}},
+                {"qdev": {"driver": "vfio-pci", "id": "g2", "host": "01:00.0", "addr": "2.0",
+                          "x-pci-vendor-id": 4318},
+                 "expect": {"kind": "pci", "slot": 2, "function": 0}},
+                {"qdev": {"driver": "virtio-net-pci", "id": "n0", "addr": "3.0"},
+                 "expect": {"kind": "pci", "slot": 3, "function": 0}},
+                {"qdev": {"driver": "vfio-pci", "id": "g3", "host": "09:00.0", "addr": "4.0"},
+                 "expect": {"kind": "pci", "slot": 4, "function": 0}}
+            ]
+        }))
+        .unwrap();
+        expect_host_ids(&mut r, &Sysfs::new(t.path()));
+        let ids: Vec<Option<PciIds>> = r
+            .functions
+            .iter()
+            .map(|f| match &f.expect {
+                Expectation::Pci(p) => p.ids,
+                _ => None,
+            })
+            .collect();
+        let vf = Some(PciIds::new(0x1b36, 0x0010));
+        assert_eq!(ids, [Some(PciIds::new(0x10de, 0x2330)), vf, None, None, None]);
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! descriptor the dead process held ([`PlugRequest::with_fd`]) cannot be finished: it is
 //! rolled back ([`EngineError::DescriptorGone`]).
 
+mod plan_sync;
 mod recovery;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -47,12 +48,13 @@ use crate::deadline;
 use crate::files::{self, Access, FileKind};
 use crate::journal::{self, Journal, JournalError, JournalHook, OpKind, Record, Step};
 use crate::pci;
-use crate::request::{Expectation, PlugRequest, PlugRequestError, Prepared, SlotKey};
-use crate::state::{bounded_note, now_ms, DeviceRecord, DeviceState, GuestAddresses, Transition};
+use crate::request::{Expectation, PlugRequest, PlugRequestError, Prepared, SlotKey, VisibilityCheck};
+use crate::state::{bounded_note, now_ms, Checks, DeviceRecord, DeviceState, GuestAddresses, Transition};
 use crate::vfio;
 use pcie_topology::QemuId;
 use pcilibs::sysfs::{Sysfs, SysfsError};
 
+pub use plan_sync::PlanSync;
 pub use recovery::{RecoveryAction, RecoveryReport};
 
 /// Port locks kept before those nobody holds are dropped.
@@ -165,6 +167,11 @@ pub enum EngineError {
         /// How long was retried.
         after: Duration,
     },
+    /// The plan cannot be put in step with the engine ([`Engine::reconcile_plan`]): the
+    /// engine holds a port the plan does not have, or one the plan gives a device plugged
+    /// at boot.
+    #[error("plan and engine: {0}")]
+    Plan(#[from] pcie_topology::PlanError),
 }
 
 impl EngineError {
@@ -275,6 +282,21 @@ pub struct Engine {
     inner: Arc<Inner>,
     stop: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
+}
+
+/// Where a plugged device's functions were found, and how.
+#[derive(Default)]
+struct Found {
+    guest: GuestAddresses,
+    checks: Checks,
+}
+
+impl Found {
+    /// The note of the `visible` transition: how each function was found.
+    fn note(&self) -> String {
+        let parts: Vec<String> = self.checks.iter().map(|(id, c)| format!("{id}: {c}")).collect();
+        format!("found {}", parts.join("; "))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -480,18 +502,27 @@ impl Inner {
 
     /// Journals and applies a state change.
     fn transition(&self, port: &str, state: DeviceState, note: &str, guest: GuestAddresses) -> Result<()> {
+        self.transition_found(port, state, note, Found { guest, checks: Vec::new() })
+    }
+
+    /// [`Inner::transition`] with how the functions were found.
+    fn transition_found(&self, port: &str, state: DeviceState, note: &str, found: Found) -> Result<()> {
         let mut t = lock(&self.table);
         let transition = Transition { state, at_unix_ms: now_ms(), note: bounded_note(note) };
         lock(&self.journal).append(&Record::State {
             port: port.to_owned(),
             transition: transition.clone(),
-            guest: guest.clone(),
+            guest: found.guest.clone(),
+            checks: found.checks.clone(),
         })?;
         if let Some(d) = t.devices.get_mut(port) {
             d.state = state;
             d.push_history(transition);
-            if !guest.is_empty() {
-                d.guest = guest;
+            if !found.guest.is_empty() {
+                d.guest = found.guest;
+            }
+            if !found.checks.is_empty() {
+                d.checks = found.checks;
             }
         }
         Ok(())
@@ -502,6 +533,7 @@ impl Inner {
         for check in vfio::checks_for(&request) {
             check.run(&self.options.sysfs)?;
         }
+        vfio::expect_host_ids(&mut request, &self.options.sysfs);
         // Before the port lock and the journal: a file that cannot be passed is refused
         // with nothing held, nothing journaled. Held descriptors leave the request here, so
         // that no record keeps them open.
@@ -545,12 +577,13 @@ impl Inner {
         &self,
         request: &PlugRequest,
         prepared: &Prepared,
-        result: Result<GuestAddresses>,
+        result: Result<Found>,
     ) -> Result<DeviceRecord> {
         let port = request.port.as_str();
         match result {
-            Ok(guest) => {
-                self.transition(port, DeviceState::Visible, "", guest)?;
+            Ok(found) => {
+                let note = found.note();
+                self.transition_found(port, DeviceState::Visible, &note, found)?;
                 lock(&self.table)
                     .devices
                     .get(port)
@@ -588,7 +621,12 @@ impl Inner {
                 op: OpKind::Plug,
                 request: Some(Box::new(request.clone())),
             })?;
-            j.append(&Record::State { port: port.clone(), transition: planned.clone(), guest: Vec::new() })?;
+            j.append(&Record::State {
+                port: port.clone(),
+                transition: planned.clone(),
+                guest: Vec::new(),
+                checks: Vec::new(),
+            })?;
         }
         for id in &ids {
             t.gone.remove(id.as_str());
@@ -648,7 +686,7 @@ impl Inner {
     }
 
     /// Polls until every function meets its expectation or the deadline passes.
-    fn await_visible(&self, request: &PlugRequest) -> Result<GuestAddresses> {
+    fn await_visible(&self, request: &PlugRequest) -> Result<Found> {
         let deadline = deadline::after(self.options.visible_timeout);
         loop {
             match self.check_visible(request) {
@@ -660,7 +698,7 @@ impl Inner {
         }
     }
 
-    fn check_visible(&self, request: &PlugRequest) -> Result<GuestAddresses> {
+    fn check_visible(&self, request: &PlugRequest) -> Result<Found> {
         let needs_pci = request.functions.iter().any(|f| matches!(f.expect, Expectation::Pci(_)));
         let functions = if needs_pci {
             pci::functions(&self.client.execute_raw(
@@ -672,7 +710,7 @@ impl Inner {
             Vec::new()
         };
         let present = self.peripheral_ids()?;
-        let mut guest = Vec::new();
+        let mut out = Found::default();
         for f in &request.functions {
             let id = f.id().as_str();
             if !present.contains(id) {
@@ -681,16 +719,21 @@ impl Inner {
                     reason: "not in /machine/peripheral".into(),
                 });
             }
-            if let Expectation::Pci(want) = &f.expect {
-                let found = functions.iter().find(|p| p.qdev_id == id).ok_or_else(|| {
-                    EngineError::NotVisible { id: id.into(), reason: "not in query-pci".into() }
-                })?;
-                pci::check(found, want)
-                    .map_err(|reason| EngineError::NotVisible { id: id.into(), reason })?;
-                guest.push((f.id().clone(), found.address));
-            }
+            let check = match &f.expect {
+                Expectation::Pci(want) => {
+                    let found = functions.iter().find(|p| p.qdev_id == id).ok_or_else(|| {
+                        EngineError::NotVisible { id: id.into(), reason: "not in query-pci".into() }
+                    })?;
+                    let check = pci::check(found, want)
+                        .map_err(|reason| EngineError::NotVisible { id: id.into(), reason })?;
+                    out.guest.push((f.id().clone(), found.address));
+                    check
+                }
+                _ => VisibilityCheck::Present,
+            };
+            out.checks.push((f.id().clone(), check));
         }
-        Ok(guest)
+        Ok(out)
     }
 
     /// Undoes a failed plug. Returns the state reached.

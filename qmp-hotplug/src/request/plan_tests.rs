@@ -275,3 +275,41 @@ fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
     let needs: Vec<u64> = r.functions[0].needs.iter().map(|n| n.size).collect();
     assert_eq!(needs, [16 << 10]);
 }
+
+/// A plan for a guest that renumbers buses (`pci=assign-busses`): a device on a root port
+/// is expected below that port at its slot and function, not at the firmware's bus
+/// number; behind a switch, below its downstream port. Without the option the same
+/// device is expected at its address.
+#[test]
+fn renumbering_guest_expects_a_place_in_the_tree() {
+    let devices = || {
+        let mut d = DeviceRequest::ivshmem("gpu0", 2 * GIB).unwrap();
+        d.p2p_group = Some("p2p0".into());
+        vec![d]
+    };
+    let mut request = PlanRequest::default().with_mode(Mode::RootPort).with_devices(devices());
+    request.options.guest_renumbers_buses = true;
+    let plan = pcie_topology::plan(&Q35::seabios(), &request).unwrap();
+    let a = action(&plan, "gpu0");
+    assert!(a.guest_renumbers_buses);
+    let r = PlugRequest::from_action(&a);
+    let want = pci(&r.functions[0]);
+    assert_eq!(want.parent.as_ref(), a.port.as_ref(), "below the root port");
+    assert_eq!((want.bus, want.slot, want.function), (None, Some(0), Some(0)));
+    assert_eq!(want.bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 2 * GIB)]);
+
+    let mut request = PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(devices());
+    request.options.guest_renumbers_buses = true;
+    let plan = pcie_topology::plan(&Q35::seabios(), &request).unwrap();
+    let a = action(&plan, "gpu0");
+    let r = PlugRequest::from_action(&a);
+    let ds = plan.port(a.port.as_ref().unwrap().as_str()).unwrap();
+    assert_eq!(ds.kind, pcie_topology::plan::PortKind::Downstream);
+    assert_eq!(pci(&r.functions[0]).parent.as_ref(), Some(&ds.id));
+
+    let plain = plan_q35(Mode::RootPort, devices());
+    let a = action(&plain, "gpu0");
+    let r = PlugRequest::from_action(&a);
+    assert_eq!(pci(&r.functions[0]).parent, None);
+    assert_pci_as_planned(&r, &a);
+}

@@ -25,7 +25,11 @@
 //! Cold-plugged devices are checked after boot; the others are placed on spare ports,
 //! plugged, checked, unplugged, and plan and engine must agree on every port after each
 //! step, after an unplug and after a restart of the engine (a new process's view: the
-//! plan read back from its file, the engine opened on the same journal).
+//! plan read back from the file written at boot, the engine opened on the same journal,
+//! `Engine::reconcile_plan` holding the port of the device still plugged, which the new
+//! engine then unplugs). The engine must say how it found each hotplugged function: by
+//! its place in the tree where the guest renumbers buses (`pci=assign-busses`), by
+//! address otherwise.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,7 +40,9 @@ use arch_x86_aarch64::Q35;
 use pcie_topology::kata::{self, KataConfig};
 use pcie_topology::{FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, QemuId};
 use pcilibs::bdf::Bdf;
-use qmp_hotplug::{ClientOptions, Engine, EngineOptions, QmpClient, UnplugOutcome};
+use qmp_hotplug::{
+    ClientOptions, Engine, EngineOptions, Expectation, PciIds, QmpClient, UnplugOutcome, VisibilityCheck,
+};
 
 use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
@@ -137,6 +143,17 @@ fn device_request(d: &DeviceSpec, m: &Model) -> Result<pcie_topology::DeviceRequ
     Ok(r)
 }
 
+/// `request` with every function's vendor and device ids expected as the model has them
+/// (a runtime knows them from the host function it passes through).
+fn with_ids(mut request: qmp_hotplug::PlugRequest, m: &Model) -> qmp_hotplug::PlugRequest {
+    for f in &mut request.functions {
+        if let Expectation::Pci(want) = &mut f.expect {
+            want.ids = Some(PciIds::new(m.vendor, m.device));
+        }
+    }
+    request
+}
+
 /// `-object`/`-numa` arguments for `nodes` guest NUMA nodes sharing `memory_mib`.
 fn numa_args(nodes: u32, memory_mib: u32) -> Vec<String> {
     if nodes == 0 {
@@ -229,13 +246,24 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
         let (row, action) = run.hotplug(&engine, d);
         plugged.push((row, action, d));
     }
+    // The last device stays plugged across the restart and is unplugged by the new
+    // engine.
+    let last = plugged.pop();
     for (mut row, action, d) in plugged {
         if let Some(action) = action {
             run.unplug(&engine, d, &action, &mut row);
         }
         rows.push(row);
     }
-    rows.push(run.restart(engine, &journal, &plan_file, engine_options));
+    let held = last.as_ref().and_then(|(_, a, _)| a.as_ref()).map(|a| a.port_or_device().clone());
+    let (row, engine) = run.restart(engine, &journal, &plan_file, engine_options, held);
+    rows.push(row);
+    if let Some((mut row, action, d)) = last {
+        if let (Some(action), Some(engine)) = (action, engine.as_ref()) {
+            run.unplug(engine, d, &action, &mut row);
+        }
+        rows.push(row);
+    }
     report.rows = rows;
     Ok(())
 }
@@ -431,14 +459,14 @@ impl Run<'_> {
         self.progress(&format!("plugging {} ({}) onto {port}", d.id, action.device));
         let before = self.guest.state();
         let sent = Instant::now();
-        let plugged = engine.plug(qmp_hotplug::PlugRequest::from_action(&action));
+        let plugged = engine.plug(with_ids(qmp_hotplug::PlugRequest::from_action(&action), &m));
+        if let Ok(record) = &plugged {
+            self.checks_used(record, &mut row);
+        }
         if let Err(e) = plugged {
             row.fail(format!("plug: {e}"));
             // The plan placed it; the engine rolled it back: one call puts them in step.
-            let _ = self.plan.release(action.device.as_str());
-            if let Err(e) = self.agree(engine) {
-                row.fail(e);
-            }
+            self.reconcile(engine, &mut row);
             return (row, None);
         }
         let seen =
@@ -462,20 +490,36 @@ impl Run<'_> {
         (row, Some(action))
     }
 
+    /// How the engine found each function (it must say), and that it is the check the
+    /// guest's bus numbering calls for: by place in the tree when the guest renumbers
+    /// buses, by address otherwise.
+    fn checks_used(&self, record: &qmp_hotplug::DeviceRecord, row: &mut Row) {
+        let want = if self.plan.options.guest_renumbers_buses {
+            VisibilityCheck::TreePlace
+        } else {
+            VisibilityCheck::Address
+        };
+        for f in &record.request.functions {
+            let id = f.id().as_str();
+            match record.check_of(id) {
+                Some(c) if c == want => row.notes.push(format!("engine found {id} {c}")),
+                Some(c) => row.fail(format!("engine found {id} {c}, expected {want}")),
+                None => row.fail(format!("engine says nothing of how it found {id}")),
+            }
+        }
+    }
+
     /// Unplugs a device and frees its port in the plan once the engine did.
     fn unplug(&mut self, engine: &Engine, d: &DeviceSpec, action: &HotplugAction, row: &mut Row) {
-        let port = action.port_or_device().to_string();
         let t0 = Instant::now();
         match engine.unplug(action.device.as_str()) {
             Ok(UnplugOutcome::Removed) => {}
             Ok(other) => row.fail(format!("unplug: {other:?}")),
             Err(e) => row.fail(format!("unplug: {e}")),
         }
-        if engine.is_port_free(&port) {
-            if let Err(e) = self.plan.release(action.device.as_str()) {
-                row.fail(format!("plan release: {e}"));
-            }
-        }
+        // Released from the plan when the engine freed the port, kept while the unplug
+        // is pending (`agree` below checks every port).
+        self.reconcile(engine, row);
         let gone =
             row.guest.split_whitespace().filter_map(|b| b.parse().ok()).collect::<Vec<pcilibs::bdf::Bdf>>();
         let wait = self.guest.wait_for("the device to leave the guest", Instant::now() + GUEST_WAIT, |st| {
@@ -495,29 +539,58 @@ impl Run<'_> {
         self.progress(&format!("{}: {}", d.id, row.result));
     }
 
-    /// A restart of the runtime: the engine is dropped and opened again on its journal,
-    /// the plan read back from its file; they must agree on every port.
-    fn restart(&mut self, engine: Engine, journal: &Path, plan_file: &Path, options: EngineOptions) -> Row {
-        let mut row = Row::new("restart: plan file + journal");
+    /// [`Engine::reconcile_plan`] on the run's plan, what it did in the row's notes.
+    fn reconcile(&mut self, engine: &Engine, row: &mut Row) {
+        match engine.reconcile_plan(&mut self.plan) {
+            Ok(sync) if sync.unchanged() && sync.pending.is_empty() => {}
+            Ok(sync) => row.notes.push(format!("reconcile: {sync:?}")),
+            Err(e) => row.fail(format!("reconcile: {e}")),
+        }
+    }
+
+    /// A restart of the runtime with a device still plugged (its port `held`): the engine
+    /// is dropped and opened again on its journal, the plan read back from the file written
+    /// at boot (which does not know that device) and put in step with the engine, which
+    /// must hold that port in the plan; then they must agree on every port. Returns the
+    /// new engine.
+    fn restart(
+        &mut self,
+        engine: Engine,
+        journal: &Path,
+        plan_file: &Path,
+        options: EngineOptions,
+        held: Option<QemuId>,
+    ) -> (Row, Option<Engine>) {
+        let mut row = Row::new("restart: plan file from boot + journal");
         row.planned = "-".into();
         let client = engine.client().clone();
         drop(engine);
-        let saved = self.plan.to_json().and_then(|j| Plan::from_json(&j));
-        let result = (|| -> Result<()> {
-            std::fs::write(plan_file, self.plan.to_json().map_err(s)?).map_err(s)?;
+        let result = (|| -> Result<Engine> {
             let (engine, report) = Engine::open(client, journal, options).map_err(s)?;
             row.notes.push(format!("recovery: {report:?}"));
-            self.plan = saved.map_err(s)?;
-            self.agree(&engine)
+            let text = std::fs::read_to_string(plan_file).map_err(s)?;
+            self.plan = Plan::from_json(&text).map_err(s)?;
+            let sync = engine.reconcile_plan(&mut self.plan).map_err(s)?;
+            row.notes.push(format!("reconcile: {sync:?}"));
+            if let Some(port) = &held {
+                if !sync.held.iter().any(|(p, _)| p == port) {
+                    return Err(format!("the plan does not hold {port}, where the engine has a device"));
+                }
+            }
+            self.agree(&engine)?;
+            Ok(engine)
         })();
         match result {
-            Ok(()) => {
+            Ok(engine) => {
                 row.ok = true;
                 row.result = "ok: plan and engine agree after the restart".into();
+                (row, Some(engine))
             }
-            Err(e) => row.fail(e),
+            Err(e) => {
+                row.fail(e);
+                (row, None)
+            }
         }
-        row
     }
 }
 

@@ -361,6 +361,16 @@ impl InnerVm<'_> {
         if rec.state != DeviceState::Visible {
             row.fail(format!("engine state {:?} after plug", rec.state));
         }
+        // The engine expects every vfio-pci function with its host function's ids.
+        for f in rec.request.functions.iter().filter(|f| f.device.driver == "vfio-pci") {
+            match &f.expect {
+                Expectation::Pci(p) if p.ids.is_some() => {
+                    let ids = p.ids.map(|i| i.to_string()).unwrap_or_default();
+                    row.notes.push(format!("engine checked {} with ids {ids}", f.id()));
+                }
+                _ => row.fail(format!("the engine did not check the ids of {}", f.id())),
+            }
+        }
         // Function 0 last: the journal has the order the engine sent them in.
         let adds = journal_adds(&self.journal, &port)?;
         let f0 = action.functions.iter().find(|f| f.function == 0).map(|f| f.id().to_string());
