@@ -76,7 +76,9 @@ pub(crate) fn size_window(
     // Memory windows of the unaligned rules come in steps of the start alignment
     // (SeaBIOS 1.16 programs bridge memory windows in 2 MiB steps).
     let gran = match rule {
-        WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align }
+        WindowRule::ReserveUnaligned { start_align }
+        | WindowRule::KernelHotplugSize { start_align }
+        | WindowRule::ReservePlaced { start_align }
             if granularity >= pcilibs::requirement::MEM_GRANULARITY =>
         {
             granularity.max(start_align)
@@ -111,7 +113,7 @@ pub(crate) fn size_window(
         let size = align_up(need_size, align).ok_or_else(overflow)?;
         let window = WindowReservation { size, align };
         let reserve = match rule {
-            WindowRule::ReserveUnaligned { .. } => Some(need_size),
+            WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePlaced { .. } => Some(need_size),
             WindowRule::ReservePowerOfTwo => Some(0),
             _ => None,
         };
@@ -152,6 +154,20 @@ pub(crate) fn size_window(
             };
             let reserve = matches!(rule, WindowRule::ReserveUnaligned { .. }).then_some(size);
             Sized { reserve, window: WindowReservation { size, align: start }, why }
+        }
+        // Exact; the planner lays the windows out as the firmware does and grows them
+        // where a start does not suit (`Builder::place_at_end`).
+        WindowRule::ReservePlaced { start_align } => {
+            let start = if granularity >= pcilibs::requirement::MEM_GRANULARITY {
+                start_align.max(gran)
+            } else {
+                gran
+            };
+            Sized {
+                reserve: Some(need_size),
+                window: WindowReservation { size: need_size, align: start },
+                why: format!("{} needed", human_size(need_size)),
+            }
         }
         WindowRule::ReservePowerOfTwo => {
             let size = next_pow2(need_size.max(need.align)).ok_or_else(overflow)?;
