@@ -70,6 +70,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod generation;
+
+pub use generation::{detect_firmware, DetectError, DetectedFirmware, FirmwareGeneration, FirmwareKind, Release};
+
+use std::path::Path;
+
 use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };
@@ -103,18 +109,29 @@ pub enum X86Firmware {
     },
 }
 
+/// SeaBIOS 1.16.3's cap on the width it places the 64-bit region under.
+pub const SEABIOS_1163_MAX_BITS: u8 = 46;
+/// SeaBIOS 1.17.0's cap, which holds while the RAM above 4 GiB is below
+/// [`SEABIOS_117_UNCAPPED_RAM`].
+pub const SEABIOS_117_MAX_BITS: u8 = 44;
+/// RAM above 4 GiB from which SeaBIOS 1.17.0 uses the guest's whole width.
+pub const SEABIOS_117_UNCAPPED_RAM: u64 = 1 << 40;
+
 /// The `q35` machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Q35 {
     /// Firmware.
     pub firmware: X86Firmware,
+    /// The firmware's generation, whose placement rule the plans follow.
+    pub generation: FirmwareGeneration,
 }
 
 impl Q35 {
-    /// q35 with SeaBIOS.
+    /// q35 with SeaBIOS, planned for SeaBIOS up to 1.16.2
+    /// ([`FirmwareGeneration::SeaBiosAfterRam`]), whose plans also hold on later releases.
     pub fn seabios() -> Self {
-        Q35 { firmware: X86Firmware::SeaBios }
+        Q35 { firmware: X86Firmware::SeaBios, generation: FirmwareGeneration::SeaBiosAfterRam }
     }
 
     /// q35 with OVMF from [`OVMF_PATH`].
@@ -122,23 +139,50 @@ impl Q35 {
         Q35::ovmf_at(OVMF_PATH)
     }
 
-    /// q35 with the OVMF image at `path`.
+    /// q35 with the OVMF image at `path`, planned for edk2 2022.11 and later
+    /// ([`FirmwareGeneration::OvmfPhysBitsAperture`]).
     pub fn ovmf_at(path: impl Into<String>) -> Self {
-        Q35 { firmware: X86Firmware::Ovmf { path: path.into() } }
+        Q35 { firmware: X86Firmware::Ovmf { path: path.into() }, generation: FirmwareGeneration::OvmfPhysBitsAperture }
+    }
+
+    /// q35 planned for `generation`, named by the caller: a SeaBIOS generation runs
+    /// QEMU's default firmware, an OVMF one the image at `ovmf_path`. `None` for the
+    /// generations of aarch64 ([`FirmwareGeneration::Aavmf`],
+    /// [`FirmwareGeneration::LinuxAssigned`]).
+    pub fn for_generation(generation: FirmwareGeneration, ovmf_path: impl Into<String>) -> Option<Self> {
+        match generation {
+            g if g.is_seabios() => Some(Q35 { firmware: X86Firmware::SeaBios, generation: g }),
+            g @ (FirmwareGeneration::OvmfFixedAperture | FirmwareGeneration::OvmfPhysBitsAperture) => {
+                Some(Q35 { firmware: X86Firmware::Ovmf { path: ovmf_path.into() }, generation: g })
+            }
+            _ => None,
+        }
+    }
+
+    /// q35 planned for the firmware image the VM will run, read from the image: a
+    /// SeaBIOS image (the one QEMU loads, e.g. its data directory's `bios-256k.bin`; the
+    /// plan adds no `-bios`) or an OVMF image (passed with `-bios`).
+    pub fn detect(image: &Path) -> Result<Self, DetectError> {
+        let found = detect_firmware(image)?;
+        Q35::for_generation(found.generation, image.display().to_string())
+            .ok_or_else(|| DetectError::Unknown(format!("{} (an aarch64 image)", image.display())))
     }
 }
 
 impl Platform for Q35 {
     fn spec(&self) -> PlatformSpec {
         let (name, firmware_args, rule, mmio32, io, mmio64) = match &self.firmware {
-            X86Firmware::SeaBios => (
-                "q35-seabios",
-                Vec::new(),
-                WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN },
-                Range::new(0xc000_0000, 0xfec0_0000 - 0xc000_0000),
-                Range::new(0x1000, 0x9000),
-                Mmio64Aperture::GrowsAfterRam,
-            ),
+            X86Firmware::SeaBios => {
+                let (rule, mmio64) = seabios_rule(self.generation);
+                (
+                    "q35-seabios",
+                    Vec::new(),
+                    rule,
+                    Range::new(0xc000_0000, 0xfec0_0000 - 0xc000_0000),
+                    Range::new(0x1000, 0x9000),
+                    mmio64,
+                )
+            }
             X86Firmware::Ovmf { path } => (
                 "q35-ovmf",
                 vec!["-bios".to_string(), path.clone()],
@@ -147,7 +191,8 @@ impl Platform for Q35 {
                 Range::new(0xc000, 0x4000),
                 Mmio64Aperture::FwCfgSized {
                     default_size: OVMF_DEFAULT_MMIO64,
-                    top_eighth_from_bits: Some(OVMF_TOP_EIGHTH_FROM_BITS),
+                    top_eighth_from_bits: (self.generation != FirmwareGeneration::OvmfFixedAperture)
+                        .then_some(OVMF_TOP_EIGHTH_FROM_BITS),
                 },
             ),
         };
@@ -178,6 +223,24 @@ impl Platform for Q35 {
             extra.qemu.push(format!("name=opt/ovmf/X-PciMmio64Mb,string={}", totals.mmio64_needed / MIB));
         }
         extra
+    }
+}
+
+/// SeaBIOS's window rule and 64-bit region for `generation`.
+fn seabios_rule(generation: FirmwareGeneration) -> (WindowRule, Mmio64Aperture) {
+    let placed = WindowRule::ReservePlaced { start_align: SEABIOS_BRIDGE_MEM_MIN };
+    match generation {
+        FirmwareGeneration::SeaBiosEndOfSpace => {
+            (placed, Mmio64Aperture::EndOfAddressSpace { max_bits: SEABIOS_1163_MAX_BITS, uncapped_ram_above_4g: None })
+        }
+        FirmwareGeneration::SeaBiosEndOfSpaceCapped => (
+            placed,
+            Mmio64Aperture::EndOfAddressSpace {
+                max_bits: SEABIOS_117_MAX_BITS,
+                uncapped_ram_above_4g: Some(SEABIOS_117_UNCAPPED_RAM),
+            },
+        ),
+        _ => (WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN }, Mmio64Aperture::GrowsAfterRam),
     }
 }
 
@@ -216,6 +279,24 @@ impl Virt {
     /// virt with the AAVMF code image at `path`.
     pub fn uefi_at(path: impl Into<String>) -> Self {
         Virt { firmware: ArmFirmware::Uefi { path: path.into() } }
+    }
+
+    /// The generation the plans follow: [`FirmwareGeneration::Aavmf`] or
+    /// [`FirmwareGeneration::LinuxAssigned`] (both leave the windows to the guest kernel).
+    pub fn generation(&self) -> FirmwareGeneration {
+        match self.firmware {
+            ArmFirmware::None => FirmwareGeneration::LinuxAssigned,
+            ArmFirmware::Uefi { .. } => FirmwareGeneration::Aavmf,
+        }
+    }
+
+    /// virt with the AAVMF code image at `image`, after checking that it is one.
+    pub fn detect(image: &Path) -> Result<Self, DetectError> {
+        let found = detect_firmware(image)?;
+        if found.kind != FirmwareKind::Aavmf {
+            return Err(DetectError::Unknown(format!("{} (not an AAVMF image)", image.display())));
+        }
+        Ok(Virt::uefi_at(image.display().to_string()))
     }
 }
 
