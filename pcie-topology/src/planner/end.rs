@@ -10,7 +10,7 @@ use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{PciBridge, PortKind};
 use crate::platform::{Range, WindowRule};
 use crate::reserve::WindowReservation;
-use crate::units::{align_up, human_size, MAX_PHYS_BITS};
+use crate::units::{align_up, human_size, GIB, MAX_PHYS_BITS};
 
 /// How the hotplug ports' prefetchable windows are sized, tried in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +18,10 @@ enum Sizing {
     /// What the profile needs, nothing more: enough wherever the layout starts the
     /// window on a boundary of the largest BAR.
     Exact,
+    /// Rounded to 1 GiB: the firmware rounds the region to 1 GiB below the top, so a
+    /// window of whole GiB that ends at the top has its largest BAR aligned at its end
+    /// and the smaller BARs before it.
+    Gib,
     /// Rounded to half the largest BAR's alignment: windows that follow one another
     /// start alternately on a boundary and half-way, and the smaller BARs go before the
     /// large one where it starts half-way.
@@ -32,6 +36,7 @@ impl Sizing {
         let gran = start_align.max(1);
         let size = match self {
             Sizing::Exact => need.size,
+            Sizing::Gib => align_up(need.size, GIB).ok_or_else(overflow)?,
             Sizing::HalfAlign => align_up(need.size, (need.align / 2).max(gran)).ok_or_else(overflow)?,
             Sizing::Unaligned => {
                 need.size.checked_add(need.align.saturating_sub(gran)).ok_or_else(overflow)?
@@ -43,6 +48,7 @@ impl Sizing {
     fn why(self) -> &'static str {
         match self {
             Sizing::Exact => "exactly what it needs: the firmware's layout starts it where its largest BAR is aligned",
+            Sizing::Gib => "what it needs rounded to 1 GiB: in the firmware's layout its largest BAR is aligned at the window's end and the smaller ones go before it",
             Sizing::HalfAlign => "rounded to half its largest BAR: in the firmware's layout the windows start alternately on and half-way between boundaries of that BAR, and smaller BARs go first where a window starts half-way",
             Sizing::Unaligned => "with its largest BAR's alignment as slack: the firmware's layout cannot promise a better start here",
         }
@@ -180,7 +186,7 @@ impl<'a> Builder<'a> {
             let Some(place) = EndPlacement::of(&self.spec, bits, ram, floor) else {
                 return self.classic_fallback(start_align, &targets).map(|()| None);
             };
-            for sizing in [Sizing::Exact, Sizing::HalfAlign, Sizing::Unaligned] {
+            for sizing in [Sizing::Exact, Sizing::Gib, Sizing::HalfAlign, Sizing::Unaligned] {
                 let mut windows = unpadded.clone();
                 for t in &targets {
                     let size = sizing.size(&t.need, start_align)?;
