@@ -232,7 +232,8 @@ const MAX_VOLUME: usize = 64 << 20;
 /// older OVMF too, which places the same aperture lower.
 pub fn detect_firmware(path: &Path) -> Result<DetectedFirmware, DetectError> {
     let shown = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| DetectError::Read { path: shown.clone(), source })?;
+    let file =
+        std::fs::File::open(path).map_err(|source| DetectError::Read { path: shown.clone(), source })?;
     let mut bytes = Vec::new();
     file.take(MAX_IMAGE + 1)
         .read_to_end(&mut bytes)
@@ -304,8 +305,8 @@ fn utf16_strings(data: &[u8], min: usize) -> impl Iterator<Item = String> + '_ {
     for parity in 0..2 {
         let mut run = String::new();
         for pair in data.get(parity..).unwrap_or_default().chunks_exact(2) {
-            if pair[1] == 0 && (0x20..0x7f).contains(&pair[0]) {
-                run.push(char::from(pair[0]));
+            if let [low @ 0x20..=0x7e, 0] = pair {
+                run.push(char::from(*low));
             } else {
                 if run.len() >= min {
                     out.push(std::mem::take(&mut run));
@@ -354,14 +355,11 @@ fn lzma_volumes(image: &[u8]) -> Vec<Vec<u8>> {
         from = guid + 16;
         // EFI_GUID_DEFINED_SECTION: 3-byte size, type 0x02, GUID, data offset, attributes.
         let Some(start) = guid.checked_sub(4) else { continue };
-        let (Some(head), Some(offset)) = (image.get(start..start + 4), image.get(guid + 16..guid + 18)) else {
-            continue;
-        };
-        if head[3] != 0x02 {
-            continue;
-        }
-        let size = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
-        let offset = usize::from(u16::from_le_bytes([offset[0], offset[1]]));
+        let head = image.get(start..start + 4);
+        let offset = image.get(guid + 16..guid + 18);
+        let (Some(&[s0, s1, s2, 0x02]), Some(&[o0, o1])) = (head, offset) else { continue };
+        let size = usize::from(s0) | usize::from(s1) << 8 | usize::from(s2) << 16;
+        let offset = usize::from(u16::from_le_bytes([o0, o1]));
         let Some(data) = image.get(start + offset..start + size) else { continue };
         if let Some(v) = unpack_lzma(data) {
             out.push(v);
@@ -415,7 +413,10 @@ mod tests {
         assert_eq!(g(Release::new(1, 16, 2)), FirmwareGeneration::SeaBiosAfterRam);
         assert_eq!(g(Release::new(1, 16, 3)), FirmwareGeneration::SeaBiosEndOfSpace);
         assert_eq!(g(Release::new(1, 17, 0)), FirmwareGeneration::SeaBiosEndOfSpaceCapped);
-        assert_eq!(FirmwareGeneration::of_ovmf(Release::new(2022, 8, 0)), FirmwareGeneration::OvmfFixedAperture);
+        assert_eq!(
+            FirmwareGeneration::of_ovmf(Release::new(2022, 8, 0)),
+            FirmwareGeneration::OvmfFixedAperture
+        );
         assert_eq!(
             FirmwareGeneration::seabios_of_qemu(Release::new(7, 2, 0)),
             FirmwareGeneration::SeaBiosAfterRam

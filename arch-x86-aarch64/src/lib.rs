@@ -3,7 +3,8 @@
 //! Each machine is a [`pcie_topology::Platform`]: its address map, port devices and the
 //! rule its firmware (or the guest kernel) follows when it sizes and places bridge
 //! windows. The facts below come from the firmware and QEMU sources of the versions
-//! Debian 12 ships (QEMU 7.2, SeaBIOS 1.16.2, OVMF/AAVMF edk2 2022.11).
+//! Debian 12 ships (QEMU 7.2, SeaBIOS 1.16.2, OVMF/AAVMF edk2 2022.11) and of the
+//! generations after them ([`generation`]), each checked in real guests.
 //!
 //! # q35 with SeaBIOS
 //!
@@ -22,6 +23,25 @@
 //!   expander roots keep their `bus_nr` and are walked after bus 0's tree.
 //! - 32-bit PCI space 0xc000_0000..0xfec0_0000 (above the q35 MMCONFIG window); I/O
 //!   0x1000..0xa000 when more than 16 KiB is needed.
+//!
+//! # q35 with SeaBIOS 1.16.3 and later
+//!
+//! The plan follows the generation of the firmware the VM runs ([`generation`]; read
+//! from the image with [`Q35::detect`], or named with [`Q35::for_generation`]);
+//! [`Q35::seabios`] keeps the 1.16.2 rule above, whose plans hold on later releases too.
+//! From 1.16.3 on, SeaBIOS puts the 64-bit region at the end of the guest's physical
+//! address space (`1 << phys-bits`, capped at 46 bits, 44 from 1.17.0 below 1 TiB of RAM
+//! above 4 GiB) and lays the windows out largest alignment, then largest size first from
+//! `top - ALIGN(sum, 1 GiB)` (or an eighth of the space, padded, with RAM above 4 GiB):
+//! [`WindowRule::ReservePlaced`] with [`Mmio64Aperture::EndOfAddressSpace`]. The planner
+//! reproduces that layout and sizes each spare port for where its window really starts:
+//! exactly what it needs where the start suits (measured on 1.16.3 and 1.17.0: one to
+//! eight 128 GiB BARs in 128 GiB windows, 1.00×), rounded to 1 GiB for a single GPU with
+//! a small second BAR, half the large BAR more for several (windows then start
+//! alternately on and half-way between boundaries), the 1.16.2 slack only where nothing
+//! else holds. The firmware trusts phys-bits from 41 on whatever the CPU vendor, so these
+//! plans ask for at least 41; QEMU's e820 hole below 1 TiB for AMD-vendor CPUs
+//! ([`pcie_topology::AMD_HT_HOLE`]) is kept free of BARs.
 //!
 //! # q35 with OVMF
 //!
@@ -72,7 +92,9 @@
 
 pub mod generation;
 
-pub use generation::{detect_firmware, DetectError, DetectedFirmware, FirmwareGeneration, FirmwareKind, Release};
+pub use generation::{
+    detect_firmware, DetectError, DetectedFirmware, FirmwareGeneration, FirmwareKind, Release,
+};
 
 use std::path::Path;
 
@@ -142,7 +164,10 @@ impl Q35 {
     /// q35 with the OVMF image at `path`, planned for edk2 2022.11 and later
     /// ([`FirmwareGeneration::OvmfPhysBitsAperture`]).
     pub fn ovmf_at(path: impl Into<String>) -> Self {
-        Q35 { firmware: X86Firmware::Ovmf { path: path.into() }, generation: FirmwareGeneration::OvmfPhysBitsAperture }
+        Q35 {
+            firmware: X86Firmware::Ovmf { path: path.into() },
+            generation: FirmwareGeneration::OvmfPhysBitsAperture,
+        }
     }
 
     /// q35 planned for `generation`, named by the caller: a SeaBIOS generation runs
@@ -230,9 +255,13 @@ impl Platform for Q35 {
 fn seabios_rule(generation: FirmwareGeneration) -> (WindowRule, Mmio64Aperture) {
     let placed = WindowRule::ReservePlaced { start_align: SEABIOS_BRIDGE_MEM_MIN };
     match generation {
-        FirmwareGeneration::SeaBiosEndOfSpace => {
-            (placed, Mmio64Aperture::EndOfAddressSpace { max_bits: SEABIOS_1163_MAX_BITS, uncapped_ram_above_4g: None })
-        }
+        FirmwareGeneration::SeaBiosEndOfSpace => (
+            placed,
+            Mmio64Aperture::EndOfAddressSpace {
+                max_bits: SEABIOS_1163_MAX_BITS,
+                uncapped_ram_above_4g: None,
+            },
+        ),
         FirmwareGeneration::SeaBiosEndOfSpaceCapped => (
             placed,
             Mmio64Aperture::EndOfAddressSpace {
@@ -240,7 +269,10 @@ fn seabios_rule(generation: FirmwareGeneration) -> (WindowRule, Mmio64Aperture) 
                 uncapped_ram_above_4g: Some(SEABIOS_117_UNCAPPED_RAM),
             },
         ),
-        _ => (WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN }, Mmio64Aperture::GrowsAfterRam),
+        _ => (
+            WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN },
+            Mmio64Aperture::GrowsAfterRam,
+        ),
     }
 }
 
@@ -386,6 +418,48 @@ mod tests {
             p.extra.qemu,
             vec!["-fw_cfg".to_string(), format!("name=opt/ovmf/X-PciMmio64Mb,string={}", 512 * 1024)]
         );
+    }
+
+    fn seabios_117() -> Q35 {
+        Q35::for_generation(FirmwareGeneration::SeaBiosEndOfSpaceCapped, "").unwrap()
+    }
+
+    #[test]
+    fn seabios_at_the_end_reserves_what_the_gpu_needs() {
+        let p = plan(&seabios_117(), &spares(1)).unwrap();
+        let dev = p.ports[0].device.as_ref().unwrap();
+        // 128 GiB + 32 MiB rounded to 1 GiB: the large BAR ends the window at the top.
+        assert_eq!(dev.props["pref64-reserve"], (129 * GIB).into());
+        assert_eq!(p.cpu_phys_bits(), Some(41));
+        let aperture = p.address.mmio64_aperture.unwrap();
+        assert_eq!(aperture.end(), 1 << 41);
+        // Several: half the large BAR more, windows alternate between the boundary and
+        // half-way.
+        let p = plan(&seabios_117(), &spares(4)).unwrap();
+        for port in &p.ports {
+            assert_eq!(port.device.as_ref().unwrap().props["pref64-reserve"], (192 * GIB).into());
+        }
+    }
+
+    #[test]
+    fn seabios_at_the_end_without_a_trusted_width_keeps_the_slack() {
+        let mut r = spares(1);
+        r.options.guest_phys_bits = Some(40);
+        let p = plan(&seabios_117(), &r).unwrap();
+        let dev = p.ports[0].device.as_ref().unwrap();
+        assert_eq!(dev.props["pref64-reserve"], (256 * GIB + 30 * MIB).into());
+    }
+
+    #[test]
+    fn seabios_pads_with_ram_above_4g() {
+        let mut r = spares(1);
+        r.options.guest_ram = 16 * GIB;
+        let p = plan(&seabios_117(), &r).unwrap();
+        // 41 bits: windows padded to top >> 11 = 1 GiB; the layout puts the GPU's BAR on
+        // its 128 GiB boundary.
+        let r = &p.ports[0].reservation;
+        assert_eq!((r.pref.size, r.pref.align), (129 * GIB, 128 * GIB));
+        assert!(r.why.iter().any(|w| w.contains("pads hotplug windows")), "{:?}", r.why);
     }
 
     #[test]

@@ -13,8 +13,9 @@ fn stacks() -> Vec<(String, PathBuf, serde_json::Value)> {
     for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
         let Ok(text) = std::fs::read_to_string(entry.path().join("root.json")) else { continue };
         let json: serde_json::Value = serde_json::from_str(&text).expect("root.json");
-        let root = PathBuf::from(json["root"].as_str().expect("root"));
-        out.push((entry.file_name().to_string_lossy().into_owned(), root, json["packages"].clone()));
+        let root = PathBuf::from(json.get("root").and_then(|r| r.as_str()).expect("root"));
+        let packages = json.get("packages").cloned().expect("packages");
+        out.push((entry.file_name().to_string_lossy().into_owned(), root, packages));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -23,10 +24,10 @@ fn stacks() -> Vec<(String, PathBuf, serde_json::Value)> {
 fn package_release(packages: &serde_json::Value, name: &str) -> Release {
     let version = packages
         .as_array()
-        .and_then(|a| a.iter().find(|p| p["package"] == name))
-        .and_then(|p| p["version"].as_str())
-        .unwrap_or_else(|| panic!("package {name} not in the stack"));
-    Release::parse_prefix(version).unwrap_or_else(|| panic!("version {version}"))
+        .and_then(|a| a.iter().find(|p| p.get("package").is_some_and(|n| n == name)))
+        .and_then(|p| p.get("version").and_then(|v| v.as_str()))
+        .expect("the package is in the stack");
+    Release::parse_prefix(version).expect("a Debian version")
 }
 
 #[test]

@@ -9,8 +9,8 @@
 use pcilibs::requirement::{Requirement, WindowRequirement, MEM_GRANULARITY};
 
 use crate::error::{AddressSpaceError, PlanError};
-use crate::planner::Placed;
 use crate::plan::{AddressReport, Plan, Port, PortKind};
+use crate::planner::Placed;
 use crate::platform::{Mmio64Aperture, Range, Totals};
 use crate::reserve::WindowReservation;
 use crate::units::{bits_for_end, MAX_PHYS_BITS};
@@ -81,7 +81,8 @@ pub(crate) fn check_address_space(
     // aperture above it.
     let memory_end = plan.memory_hotplug.map(|h| h.end(ram, ram_end)).transpose()?;
     let below_aperture = memory_end.unwrap_or(ram_end);
-    let grows = matches!(spec.mmio64, Mmio64Aperture::GrowsAfterRam | Mmio64Aperture::EndOfAddressSpace { .. });
+    let grows =
+        matches!(spec.mmio64, Mmio64Aperture::GrowsAfterRam | Mmio64Aperture::EndOfAddressSpace { .. });
     let aperture = if let Some(p) = placed {
         Some(p.region)
     } else if pref.is_empty() && grows {

@@ -113,11 +113,13 @@ impl EndPlacement {
     /// floor and the top.
     pub(crate) fn layout(&self, entries: &[Entry]) -> Result<Option<Layout>, AddressSpaceError> {
         let overflow = || AddressSpaceError::Overflow;
-        let mut order: Vec<usize> = (0..entries.len()).filter(|i| entries[*i].window.size > 0).collect();
-        // Stable: ties keep the input order; the tie groups below make that irrelevant.
-        order.sort_by_key(|i| std::cmp::Reverse((entries[*i].window.align, entries[*i].window.size)));
-        let sum = order.iter().try_fold(0u64, |a, i| a.checked_add(entries[*i].window.size)).ok_or_else(overflow)?;
-        let first_align = order.first().map_or(1, |i| entries[*i].window.align.max(1));
+        // (input index, window), in the firmware's order. Stable: ties keep the input
+        // order; the tie groups below make that irrelevant.
+        let mut order: Vec<(usize, WindowReservation)> =
+            entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
+        order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
+        let sum = order.iter().try_fold(0u64, |a, (_, w)| a.checked_add(w.size)).ok_or_else(overflow)?;
+        let first_align = order.first().map_or(1, |(_, w)| w.align.max(1));
         let mut size = align_up(sum, GIB).ok_or_else(overflow)?;
         if self.pad {
             size = align_up(size, self.top >> 3).ok_or_else(overflow)?;
@@ -134,10 +136,14 @@ impl EndPlacement {
         }
         let base = align_up(base, first_align).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
         let mut starts = vec![0u64; entries.len()];
+        let mut placed: Vec<(WindowReservation, u64)> = Vec::with_capacity(order.len());
         let mut at = base;
-        for i in &order {
-            starts[*i] = at;
-            at = at.checked_add(entries[*i].window.size).ok_or_else(overflow)?;
+        for (i, w) in &order {
+            if let Some(s) = starts.get_mut(*i) {
+                *s = at;
+            }
+            placed.push((*w, at));
+            at = at.checked_add(w.size).ok_or_else(overflow)?;
         }
         let end = align_up(at, GIB).ok_or_else(overflow)?;
         if end > self.top {
@@ -145,9 +151,7 @@ impl EndPlacement {
         }
         let tie_starts = entries
             .iter()
-            .map(|e| {
-                order.iter().filter(|j| entries[**j].window == e.window).map(|j| starts[*j]).collect()
-            })
+            .map(|e| placed.iter().filter(|(w, _)| *w == e.window).map(|(_, s)| *s).collect())
             .collect();
         Ok(Some(Layout { region: Range::new(base, end - base), starts, tie_starts }))
     }

@@ -59,7 +59,10 @@ pub enum WindowRule {
     /// ([`Mmio64Aperture::EndOfAddressSpace`], SeaBIOS from 1.16.3 on): a reservation
     /// holds exactly what its profile needs wherever the layout puts the window start on
     /// a boundary the profile's largest BAR can use, and more only where it does not.
-    /// Memory windows are still only `start_align`-aligned.
+    /// Memory windows are still only `start_align`-aligned. A window laid out that way
+    /// records its profile's largest alignment as its guaranteed alignment: wherever the
+    /// layout starts it, the guest kernel assigns the profile as in a window so aligned
+    /// (smaller BARs before the large one where the start is half-way).
     ReservePlaced {
         /// Alignment the firmware guarantees for an empty port's window start (2 MiB).
         start_align: u64,

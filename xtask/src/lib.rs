@@ -7,7 +7,7 @@ pub mod bootcheck;
 pub mod e2e;
 pub mod experiments;
 pub mod fixtures;
-pub mod mixes;
 pub mod fuzz;
+pub mod mixes;
 pub mod scenario;
 pub mod tasks;

@@ -47,8 +47,13 @@ fn stand_in(name: &str, gib: u64, small: bool) -> HotplugProfile {
 }
 
 /// The mixes: name, stand-in BAR size in GiB, count.
-const MIXES: &[(&str, u64, u32)] =
-    &[("1 × H100", 128, 1), ("4 × H100", 128, 4), ("8 × H100", 128, 8), ("1 × A100", 64, 1), ("8 × A100", 64, 8)];
+const MIXES: &[(&str, u64, u32)] = &[
+    ("1 × H100", 128, 1),
+    ("4 × H100", 128, 4),
+    ("8 × H100", 128, 8),
+    ("1 × A100", 64, 1),
+    ("8 × A100", 64, 8),
+];
 
 /// Runs every mix (or only those whose name contains `only`); returns whether every
 /// stand-in got its BARs.
@@ -90,8 +95,9 @@ fn run_mix(
     if let Some(mib) = ram_mib {
         spec.memory_mib = mib;
     }
-    let mut request =
-        PlanRequest::default().with_mode(Mode::RootPort).with_spares(vec![SpareRequest::new(profile.clone(), count)]);
+    let mut request = PlanRequest::default()
+        .with_mode(Mode::RootPort)
+        .with_spares(vec![SpareRequest::new(profile.clone(), count)]);
     request.options.guest_ram = u64::from(spec.memory_mib) << 20;
     let plan = pcie_topology::plan(platform, &request).map_err(|e| format!("planning: {e}"))?;
     let need = profile.requirement().map_err(|e| e.to_string())?;
@@ -127,7 +133,7 @@ fn run_mix(
         }
         let mut args = json!({"driver": "ivshmem-plain", "id": format!("gpu{i}"), "memdev": format!("m{i}"), "bus": bus, "addr": "0.0"});
         if small {
-            args["multifunction"] = json!("on");
+            args["multifunction"] = json!(true);
         }
         let expect = Expect { vendor: 0x1af4, device: 0x1110, bars: &bars };
         let p = match hotplug::plug(&guest, &qmp, args, expect, deadline(90)) {
@@ -144,7 +150,9 @@ fn run_mix(
             let windows: Vec<String> = port.windows().map(|w| w.to_string()).collect();
             println!("  gpu{i} on {} ({}): {}", port.bdf, bus, windows.join(" "));
         }
-        for (f, want) in [(0u8, &bars[..]), (1u8, &small_bars[..])].into_iter().take(if small { 2 } else { 1 }) {
+        for (f, want) in
+            [(0u8, &bars[..]), (1u8, &small_bars[..])].into_iter().take(if small { 2 } else { 1 })
+        {
             let Ok(bdf) = pcilibs::bdf::Bdf::new(b.domain(), b.bus(), b.device(), f) else { continue };
             problems.extend(state.bar_problems(bdf, want, None).into_iter().map(|x| format!("gpu{i}: {x}")));
             if let Some(bar) = state.pci.get(&bdf).and_then(|d| d.bars().find(|r| r.index == 2)) {

@@ -95,7 +95,8 @@ impl<'a> Builder<'a> {
                 (None, Some(profile)) => profile.resources.iter().map(|r| r.resource).collect(),
                 (None, None) => continue,
             };
-            let bars: Vec<u64> = resources.iter().filter(|r| r.window() == Window::Pref).map(|r| r.size).collect();
+            let bars: Vec<u64> =
+                resources.iter().filter(|r| r.window() == Window::Pref).map(|r| r.size).collect();
             let need = p.reservation.need.pref;
             if !need.is_empty() {
                 out.push(Target { port: i, bars, need });
@@ -124,7 +125,9 @@ impl<'a> Builder<'a> {
                 // them, and the root port above covers what they add up to.
                 w = self.padded_switch_window(place, &p.id, w)?;
             }
-            index[i] = Some(entries.len());
+            if let Some(slot) = index.get_mut(i) {
+                *slot = Some(entries.len());
+            }
             entries.push(Entry { window: place.padded(w)? });
         }
         for b in bridges {
@@ -190,7 +193,9 @@ impl<'a> Builder<'a> {
                 let mut windows = unpadded.clone();
                 for t in &targets {
                     let size = sizing.size(&t.need, start_align)?;
-                    windows[t.port] = WindowReservation { size, align: start_align };
+                    if let Some(w) = windows.get_mut(t.port) {
+                        *w = WindowReservation { size, align: start_align };
+                    }
                 }
                 if !place.pad && self.all_fit_low(&windows, bridges) {
                     return self.classic_fallback(start_align, &targets).map(|()| None);
@@ -199,9 +204,10 @@ impl<'a> Builder<'a> {
                 last_need = entries.iter().fold(0u64, |a, e| a.saturating_add(e.window.size));
                 let Some(layout) = place.layout(&entries)? else { break };
                 let fits = targets.iter().all(|t| {
-                    index[t.port].is_some_and(|e| {
-                        let size = entries[e].window.size;
-                        fits_everywhere(&layout.tie_starts[e], size, &t.bars, &t.need)
+                    let e = index.get(t.port).copied().flatten();
+                    let entry = e.and_then(|e| entries.get(e).zip(layout.tie_starts.get(e)));
+                    entry.is_some_and(|(entry, starts)| {
+                        fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
                     })
                 });
                 if !fits {
@@ -236,6 +242,9 @@ impl<'a> Builder<'a> {
         }
         for t in targets {
             if let Some(p) = self.ports.get_mut(t.port) {
+                // Where it was laid out, the window takes the profile as a window aligned
+                // to its largest BAR would: that is the guarantee it records.
+                p.reservation.pref.align = p.reservation.pref.align.max(t.need.align);
                 p.reservation.why.push(format!(
                     "64-bit prefetchable window {} ({}): {}",
                     human_size(p.reservation.pref.size),

@@ -122,10 +122,9 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
     let mut bridges = b.add_pci_bridge(&layout.behind_bridge)?;
     b.size_windows()?;
     b.size_bridges(&mut bridges)?;
+    // Placement may resize windows: the properties follow.
     let placed = b.place_at_end(&mut bridges)?;
-    if placed.is_some() {
-        b.write_reserve_props();
-    }
+    b.write_reserve_props();
     buses::number_buses(&mut b, &mut host_bridges, &mut bridges)?;
     let (ports, devices) = b.place_devices()?;
     let foreign = std::mem::take(&mut b.foreign);

@@ -453,7 +453,9 @@ impl<'a> Builder<'a> {
         let rule = self.spec.window_rule;
         let reads_props = matches!(
             rule,
-            WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePowerOfTwo | WindowRule::ReservePlaced { .. }
+            WindowRule::ReserveUnaligned { .. }
+                | WindowRule::ReservePowerOfTwo
+                | WindowRule::ReservePlaced { .. }
         );
         if !reads_props || !self.opts.size_reservations {
             return;
