@@ -19,7 +19,8 @@
 //! Which window lands where thus depends on every other window, so the planner lays them
 //! all out as the firmware will and then checks each window where it really starts.
 
-use pcilibs::requirement::WindowRequirement;
+use pcilibs::bar::BarKind;
+use pcilibs::requirement::{Resource, WindowRequirement};
 
 use crate::error::AddressSpaceError;
 use crate::platform::{Mmio64Aperture, PlatformSpec, Range};
@@ -157,6 +158,42 @@ impl EndPlacement {
     }
 }
 
+/// Lays `entries` out as SeaBIOS up to 1.16.2 does: in the same order as
+/// [`EndPlacement::layout`], from the end of RAM (`floor`) aligned to the first entry's
+/// alignment and to 1 GiB, upwards without a limit.
+pub(crate) fn layout_after_ram(floor: u64, entries: &[Entry]) -> Result<Layout, AddressSpaceError> {
+    let overflow = || AddressSpaceError::Overflow;
+    let mut order: Vec<(usize, WindowReservation)> =
+        entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
+    order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
+    let first_align = order.first().map_or(1, |(_, w)| w.align.max(1));
+    let base = align_up(floor, first_align).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
+    let mut starts = vec![0u64; entries.len()];
+    let mut placed: Vec<(WindowReservation, u64)> = Vec::with_capacity(order.len());
+    let mut at = base;
+    for (i, w) in &order {
+        if let Some(s) = starts.get_mut(*i) {
+            *s = at;
+        }
+        placed.push((*w, at));
+        at = at.checked_add(w.size).ok_or_else(overflow)?;
+    }
+    let end = align_up(at, GIB).ok_or_else(overflow)?;
+    let tie_starts = entries
+        .iter()
+        .map(|e| placed.iter().filter(|(w, _)| *w == e.window).map(|(_, s)| *s).collect())
+        .collect();
+    Ok(Layout { region: Range::new(base, end - base), starts, tie_starts })
+}
+
+/// Index of the entry the firmware places first (largest alignment, then size).
+pub(crate) fn first_in_order(entries: &[Entry]) -> Option<usize> {
+    let mut order: Vec<(usize, WindowReservation)> =
+        entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
+    order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
+    order.first().map(|(i, _)| *i)
+}
+
 fn overlaps(base: u64, size: u64, range: Range) -> bool {
     base < range.end() && range.base < base.saturating_add(size)
 }
@@ -165,32 +202,8 @@ fn overlaps(base: u64, size: u64, range: Range) -> bool {
 /// its size) inside `[start, start + size)`: largest first, each at the lowest free address
 /// aligned to it, as Linux assigns a hotplugged device's BARs in its bridge window.
 pub(crate) fn kernel_fits(start: u64, size: u64, bars: &[u64]) -> bool {
-    let Some(end) = start.checked_add(size) else { return false };
-    let mut sorted: Vec<u64> = bars.iter().copied().filter(|b| *b > 0).collect();
-    sorted.sort_unstable_by(|a, b| b.cmp(a));
-    // The reserved range is taken from the start.
-    let mut taken: Vec<(u64, u64)> = vec![(AMD_HT_HOLE.base, AMD_HT_HOLE.end())];
-    for bar in sorted {
-        let mut at = match align_up(start, bar) {
-            Some(a) => a,
-            None => return false,
-        };
-        loop {
-            let Some(bar_end) = at.checked_add(bar) else { return false };
-            if bar_end > end {
-                return false;
-            }
-            match taken.iter().find(|(s, e)| at < *e && *s < bar_end) {
-                None => break,
-                Some((_, e)) => match align_up(*e, bar) {
-                    Some(next) => at = next,
-                    None => return false,
-                },
-            }
-        }
-        taken.push((at, at.saturating_add(bar)));
-    }
-    true
+    let resources: Vec<Resource> = bars.iter().map(|b| Resource::bar(BarKind::Mem64, true, *b)).collect();
+    crate::sim::assign_bars_avoiding(start, size, &resources, &[AMD_HT_HOLE]).is_some()
 }
 
 /// Whether a window of `window` bytes fits the requirement at any start of `starts`.

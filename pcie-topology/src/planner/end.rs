@@ -5,10 +5,12 @@
 use pcilibs::requirement::{Window, WindowRequirement};
 
 use super::Builder;
-use crate::end_placement::{fits_everywhere, EndPlacement, Entry, TRUSTED_PHYS_BITS};
+use crate::end_placement::{
+    fits_everywhere, layout_after_ram, EndPlacement, Entry, AMD_HT_HOLE, TRUSTED_PHYS_BITS,
+};
 use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{PciBridge, PortKind};
-use crate::platform::{Range, WindowRule};
+use crate::platform::{Mmio64Aperture, Range, WindowRule};
 use crate::reserve::WindowReservation;
 use crate::units::{align_up, human_size, GIB, MAX_PHYS_BITS};
 
@@ -171,6 +173,12 @@ impl<'a> Builder<'a> {
     /// module docs) and returns the region, or `None` where the firmware will not place
     /// the region at the end (a width it does not trust, or everything below 4 GiB).
     pub(super) fn place_at_end(&mut self, bridges: &mut [PciBridge]) -> Result<Option<Placed>, PlanError> {
+        if matches!(self.spec.window_rule, WindowRule::ReserveUnaligned { .. })
+            && self.spec.mmio64 == Mmio64Aperture::GrowsAfterRam
+        {
+            self.avoid_hole_after_ram(bridges)?;
+            return Ok(None);
+        }
         let WindowRule::ReservePlaced { start_align } = self.spec.window_rule else { return Ok(None) };
         let ram = self.opts.guest_ram;
         let ram_end = self.spec.ram_end(ram)?;
@@ -263,6 +271,64 @@ impl<'a> Builder<'a> {
         for (b, e) in bridges.iter_mut().zip(entries.iter().skip(first_bridge)) {
             b.pref = e.window;
         }
+    }
+
+    /// SeaBIOS up to 1.16.2 lays the windows out upwards from the end of RAM; one that
+    /// comes to straddle QEMU's reserved range below 1 TiB ([`AMD_HT_HOLE`]) may have no
+    /// aligned slot left for its largest BAR outside it (measured: 4 × 128 GiB windows of
+    /// 256 GiB + 30 MiB, the fourth from 772 GiB, its only slot at 896 GiB..1 TiB refused).
+    /// The first window in the firmware's order grows until every hotplug port's window
+    /// holds its profile clear of the range.
+    fn avoid_hole_after_ram(&mut self, bridges: &[PciBridge]) -> Result<(), PlanError> {
+        let ram = self.opts.guest_ram;
+        let ram_end = self.spec.ram_end(ram)?;
+        let floor = match self.request.foreign.memory_hotplug {
+            Some(h) => h.end(ram, ram_end)?,
+            None => ram_end,
+        };
+        let targets = self.end_targets()?;
+        let windows: Vec<WindowReservation> = self.ports.iter().map(|p| p.reservation.pref).collect();
+        let no_pad = EndPlacement { top: u64::MAX, pad: false, floor };
+        let (mut entries, index) = self.end_entries(&no_pad, &windows, bridges)?;
+        if self.all_fit_low(&windows, bridges) {
+            return Ok(());
+        }
+        let Some(first) = crate::end_placement::first_in_order(&entries) else { return Ok(()) };
+        // Only a root port's window can be grown (through its reservation).
+        let Some(port) = index.iter().position(|e| *e == Some(first)) else { return Ok(()) };
+        let original = entries.get(first).map(|e| e.window).unwrap_or_default();
+        let step = GIB;
+        for k in 0..=(2 * AMD_HT_HOLE.end() / step) {
+            let grow = k * step;
+            if let Some(e) = entries.get_mut(first) {
+                e.window.size = original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
+            }
+            let layout = layout_after_ram(floor, &entries)?;
+            if layout.region.base >= AMD_HT_HOLE.end() || layout.region.end() <= AMD_HT_HOLE.base {
+                return Ok(());
+            }
+            let fits = targets.iter().all(|t| {
+                let e = index.get(t.port).copied().flatten();
+                let entry = e.and_then(|e| entries.get(e).zip(layout.tie_starts.get(e)));
+                entry.is_some_and(|(entry, starts)| {
+                    fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
+                })
+            });
+            if fits {
+                if grow > 0 {
+                    if let Some(p) = self.ports.get_mut(port) {
+                        p.reservation.pref.size =
+                            original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
+                        p.reservation.why.push(format!(
+                            "{} more than it needs: the firmware lays the windows out from the end of RAM, and this moves the others' large BARs clear of the range QEMU reserves below 1 TiB for AMD-vendor CPUs",
+                            human_size(grow)
+                        ));
+                    }
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// The firmware places the region as SeaBIOS 1.16.2 did: only 2 MiB start alignment
