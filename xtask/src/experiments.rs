@@ -322,7 +322,7 @@ pub fn run(name: &str, opts: Options, stack: &Stack) -> Result<bool> {
         "aarch64-hpmmioprefsize" => aarch64_hpmmioprefsize(stack, opts),
         "s390x-ccw-zpci" => s390x_ccw_zpci(stack),
         "reservation-mixes" => {
-            crate::mixes::run(stack, opts.ram_mib, opts.mix.as_deref(), opts.bar_gib.is_some())
+            crate::mixes::run(stack, fw, opts.ram_mib, opts.mix.as_deref(), opts.bar_gib.is_some())
         }
         other => Err(format!("unknown experiment {other:?}; known: {}", NAMES.join(", "))),
     }

@@ -18,7 +18,7 @@ use guest_harness::deadline;
 use guest_harness::firmware::Firmware;
 use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::hotplug::{self, Expect};
-use guest_harness::stacks::Stack;
+use guest_harness::stacks::{Stack, OVMF_FD};
 use pcie_topology::units::human_size;
 use pcie_topology::{FunctionResource, HotplugProfile, Mode, PlanRequest, PortKind, SpareRequest};
 use pcilibs::bar::BarKind;
@@ -57,21 +57,31 @@ const MIXES: &[(&str, u64, u32)] = &[
 
 /// Runs every mix (or only those whose name contains `only`); returns whether every
 /// stand-in got its BARs.
-pub fn run(stack: &Stack, ram_mib: Option<u32>, only: Option<&str>, single: bool) -> Result<bool, String> {
+pub fn run(
+    stack: &Stack,
+    firmware: Firmware,
+    ram_mib: Option<u32>,
+    only: Option<&str>,
+    single: bool,
+) -> Result<bool, String> {
     let root = stack.root().map_err(|e| e.to_string())?;
-    let image = root.root.join(SEABIOS_IMAGE);
+    let image = match firmware {
+        Firmware::Ovmf => root.file(OVMF_FD),
+        _ => root.root.join(SEABIOS_IMAGE),
+    };
     let found = detect_firmware(&image).map_err(|e| e.to_string())?;
     let platform = Q35::detect(&image).map_err(|e| e.to_string())?;
     println!(
-        "stack {}: {} -> SeaBIOS {} -> generation {}",
+        "stack {}: {} -> {} {} -> generation {}",
         stack.name(),
         root.qemu_version,
+        firmware.name(),
         found.version_string.as_deref().unwrap_or("(no version)"),
         found.generation
     );
     let mut all = true;
-    for (name, gib, count) in MIXES.iter().filter(|m| only.is_none_or(|o| m.0.contains(o))) {
-        match run_mix(stack, &platform, name, (*gib, !single), *count, ram_mib) {
+    for (name, gib, count) in MIXES.iter().filter(|m| only.map_or(true, |o| m.0.contains(o))) {
+        match run_mix(stack, (&platform, firmware), name, (*gib, !single), *count, ram_mib) {
             Ok(ok) => all &= ok,
             Err(e) => {
                 println!("| {name} | error: {e} |");
@@ -84,14 +94,14 @@ pub fn run(stack: &Stack, ram_mib: Option<u32>, only: Option<&str>, single: bool
 
 fn run_mix(
     stack: &Stack,
-    platform: &Q35,
+    (platform, firmware): (&Q35, Firmware),
     name: &str,
     (gib, small): (u64, bool),
     count: u32,
     ram_mib: Option<u32>,
 ) -> Result<bool, String> {
     let profile = stand_in("standin", gib, small);
-    let mut spec = GuestSpec::new(Arch::X86_64).firmware(Firmware::SeaBios);
+    let mut spec = GuestSpec::new(Arch::X86_64).firmware(firmware);
     if let Some(mib) = ram_mib {
         spec.memory_mib = mib;
     }
