@@ -128,7 +128,12 @@ pub(crate) fn size_window(
         });
     }
     Ok(match rule {
-        WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
+        // Under ReservePlaced too: the 32-bit windows are placed in the 32-bit hole with
+        // only that alignment; the planner resizes the prefetchable ones for where the
+        // firmware lays them out (`Builder::place_at_end`).
+        WindowRule::ReserveUnaligned { start_align }
+        | WindowRule::KernelHotplugSize { start_align }
+        | WindowRule::ReservePlaced { start_align } => {
             let start = if granularity >= pcilibs::requirement::MEM_GRANULARITY {
                 start_align.max(gran)
             } else {
@@ -152,22 +157,10 @@ pub(crate) fn size_window(
                     human_size(need.align)
                 )
             };
-            let reserve = matches!(rule, WindowRule::ReserveUnaligned { .. }).then_some(size);
+            let reserve =
+                matches!(rule, WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePlaced { .. })
+                    .then_some(size);
             Sized { reserve, window: WindowReservation { size, align: start }, why }
-        }
-        // Exact; the planner lays the windows out as the firmware does and grows them
-        // where a start does not suit (`Builder::place_at_end`).
-        WindowRule::ReservePlaced { start_align } => {
-            let start = if granularity >= pcilibs::requirement::MEM_GRANULARITY {
-                start_align.max(gran)
-            } else {
-                gran
-            };
-            Sized {
-                reserve: Some(need_size),
-                window: WindowReservation { size: need_size, align: start },
-                why: format!("{} needed", human_size(need_size)),
-            }
         }
         WindowRule::ReservePowerOfTwo => {
             let size = next_pow2(need_size.max(need.align)).ok_or_else(overflow)?;

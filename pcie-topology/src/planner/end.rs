@@ -208,21 +208,37 @@ impl<'a> Builder<'a> {
                 if !place.pad && self.all_fit_low(&windows, bridges) {
                     return self.classic_fallback(start_align, &targets).map(|()| None);
                 }
-                let (entries, index) = self.end_entries(&place, &windows, bridges)?;
+                let (entries, _) = self.end_entries(&place, &windows, bridges)?;
                 last_need = entries.iter().fold(0u64, |a, e| a.saturating_add(e.window.size));
-                let Some(layout) = place.layout(&entries)? else { break };
-                let fits = targets.iter().all(|t| {
-                    let e = index.get(t.port).copied().flatten();
-                    let entry = e.and_then(|e| entries.get(e).zip(layout.tie_starts.get(e)));
-                    entry.is_some_and(|(entry, starts)| {
-                        fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
-                    })
-                });
-                if !fits {
-                    continue;
+                // A region whose size is not a multiple of its first window's alignment
+                // is pushed past the top when the firmware aligns its start: one port may
+                // take the difference (tried on each hotplug port in turn).
+                let first_align = entries.iter().map(|e| e.window.align).max().unwrap_or(1).max(1);
+                let total = align_up(last_need, GIB).ok_or(AddressSpaceError::Overflow)?;
+                let filler = (first_align - total % first_align) % first_align;
+                let mut tries: Vec<Option<usize>> = vec![None];
+                if filler > 0 {
+                    tries.extend(targets.iter().map(|t| Some(t.port)));
                 }
-                self.apply_end(&place, &entries, &index, &targets, sizing, bridges);
-                return Ok(Some(Placed { region: layout.region, bits }));
+                for grow in tries {
+                    let mut windows = windows.clone();
+                    if let Some(w) = grow.and_then(|i| windows.get_mut(i)) {
+                        w.size = w.size.checked_add(filler).ok_or(AddressSpaceError::Overflow)?;
+                    }
+                    let (entries, index) = self.end_entries(&place, &windows, bridges)?;
+                    let Some(layout) = place.layout(&entries)? else { continue };
+                    let fits = targets.iter().all(|t| {
+                        let e = index.get(t.port).copied().flatten();
+                        let entry = e.and_then(|e| entries.get(e).zip(layout.tie_starts.get(e)));
+                        entry.is_some_and(|(entry, starts)| {
+                            fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
+                        })
+                    });
+                    if fits {
+                        self.apply_end(&place, &entries, &index, &targets, sizing, bridges);
+                        return Ok(Some(Placed { region: layout.region, bits }));
+                    }
+                }
             }
         }
         let available = self.opts.guest_phys_bits.map_or(0, |b| {
