@@ -260,25 +260,17 @@ pub fn detect_firmware_bytes(image: &[u8]) -> Option<DetectedFirmware> {
     if !contains(image, b"_FVH") {
         return None;
     }
-    let volumes = lzma_volumes(image);
-    let all = std::iter::once(image).chain(volumes.iter().map(Vec::as_slice));
     let aarch64 = contains(image, b"ArmVirtQemu") || contains(image, b"ArmVirtPkg");
-    let mut version = None;
-    let mut release = None;
-    for data in all {
-        // Debian's package version first (it names the patch level), then the release in
-        // the build paths.
-        if let Some(v) = utf16_strings(data, 7).find(|s| edk2_version(s).is_some()) {
-            release = edk2_version(&v);
-            version = Some(v);
-            break;
-        }
-        if let Some(r) = ascii_strings(data, 10).find_map(|s| build_path_release(&s)) {
-            release = Some(r);
-            version = Some(r.to_string());
-            break;
-        }
+    // The image itself first (AAVMF's modules are not compressed), then OVMF's
+    // LZMA-compressed volumes.
+    let mut found = edk2_release_in(image);
+    if found.is_none() {
+        found = lzma_volumes(image).iter().find_map(|v| edk2_release_in(v));
     }
+    let (version, release) = match found {
+        Some((v, r)) => (Some(v), Some(r)),
+        None => (None, None),
+    };
     let (kind, generation) = if aarch64 {
         (FirmwareKind::Aavmf, FirmwareGeneration::Aavmf)
     } else {
@@ -289,7 +281,42 @@ pub fn detect_firmware_bytes(image: &[u8]) -> Option<DetectedFirmware> {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
+}
+
+/// An edk2 release in `data`: Debian's firmware version string (UTF-16, it names the
+/// patch level), else the release in a module's build path.
+fn edk2_release_in(data: &[u8]) -> Option<(String, Release)> {
+    // "20" in UTF-16LE starts every version of this century.
+    for at in memchr::memmem::find_iter(data, b"2\x000\x00") {
+        let starts_string =
+            at < 2 || data.get(at - 1) != Some(&0) || !data.get(at - 2).is_some_and(u8::is_ascii_graphic);
+        if !starts_string {
+            continue;
+        }
+        let text: String = data
+            .get(at..)
+            .unwrap_or_default()
+            .chunks_exact(2)
+            .take(40)
+            .map_while(|pair| match pair {
+                [c @ 0x21..=0x7e, 0] => Some(char::from(*c)),
+                _ => None,
+            })
+            .collect();
+        if let Some(r) = edk2_version(&text) {
+            return Some((text, r));
+        }
+    }
+    for at in memchr::memmem::find_iter(data, b"edk2-") {
+        let tail = data.get(at..).unwrap_or_default();
+        let end = tail.iter().take(40).position(|b| !b.is_ascii_graphic()).unwrap_or(tail.len().min(40));
+        let text = String::from_utf8_lossy(tail.get(..end).unwrap_or_default());
+        if let Some(r) = build_path_release(&text) {
+            return Some((r.to_string(), r));
+        }
+    }
+    None
 }
 
 /// Runs of printable ASCII of at least `min` bytes.
@@ -297,28 +324,6 @@ fn ascii_strings(data: &[u8], min: usize) -> impl Iterator<Item = String> + '_ {
     data.split(|b| !(0x20..0x7f).contains(b))
         .filter(move |s| s.len() >= min)
         .map(|s| String::from_utf8_lossy(s).into_owned())
-}
-
-/// Runs of printable UTF-16LE (ASCII range) of at least `min` characters.
-fn utf16_strings(data: &[u8], min: usize) -> impl Iterator<Item = String> + '_ {
-    let mut out = Vec::new();
-    for parity in 0..2 {
-        let mut run = String::new();
-        for pair in data.get(parity..).unwrap_or_default().chunks_exact(2) {
-            if let [low @ 0x20..=0x7e, 0] = pair {
-                run.push(char::from(*low));
-            } else {
-                if run.len() >= min {
-                    out.push(std::mem::take(&mut run));
-                }
-                run.clear();
-            }
-        }
-        if run.len() >= min {
-            out.push(run);
-        }
-    }
-    out.into_iter()
 }
 
 /// A SeaBIOS version string: `1.16.2-debian-1.16.2-1`, `rel-1.16.3-0-g…`.
@@ -349,10 +354,7 @@ const LZMA_SECTION: [u8; 16] =
 /// The contents of the image's LZMA-compressed GUID-defined sections.
 fn lzma_volumes(image: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let mut from = 0;
-    while let Some(at) = image.get(from..).and_then(|rest| rest.windows(16).position(|w| w == LZMA_SECTION)) {
-        let guid = from + at;
-        from = guid + 16;
+    for guid in memchr::memmem::find_iter(image, &LZMA_SECTION) {
         // EFI_GUID_DEFINED_SECTION: 3-byte size, type 0x02, GUID, data offset, attributes.
         let Some(start) = guid.checked_sub(4) else { continue };
         let head = image.get(start..start + 4);

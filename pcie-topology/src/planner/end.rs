@@ -107,6 +107,25 @@ impl<'a> Builder<'a> {
         Ok(out)
     }
 
+    /// Root ports whose prefetchable reservation the plan sets freely: spares and ports of
+    /// devices plugged later, not switch ports.
+    fn filler_ports(&self) -> Vec<usize> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.kind == PortKind::Root && !self.switches.iter().any(|s| s.root_port == p.id))
+            .filter(|(i, p)| {
+                let cold = self
+                    .device_of
+                    .get(i)
+                    .and_then(|d| self.request.devices.get(*d))
+                    .is_some_and(|d| d.cold_plug);
+                !cold && (p.profile.is_some() || self.device_of.contains_key(i))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// The root-bus entries for windows `windows` (one per port, unpadded) and the
     /// bridges; `index[i]` is port `i`'s entry.
     fn end_entries(
@@ -193,6 +212,9 @@ impl<'a> Builder<'a> {
             None => (self.spec.default_phys_bits.max(TRUSTED_PHYS_BITS)..=MAX_PHYS_BITS).collect(),
         };
         let mut last_need = 0u64;
+        // The smallest working layout of the first width that has one.
+        type Best = (u64, Vec<Entry>, Vec<Option<usize>>, Sizing, Range);
+        let mut best: Option<Best> = None;
         for bits in widths {
             let Some(place) = EndPlacement::of(&self.spec, bits, ram, floor) else {
                 return self.classic_fallback(start_align, &targets).map(|()| None);
@@ -211,18 +233,28 @@ impl<'a> Builder<'a> {
                 let (entries, _) = self.end_entries(&place, &windows, bridges)?;
                 last_need = entries.iter().fold(0u64, |a, e| a.saturating_add(e.window.size));
                 // A region whose size is not a multiple of its first window's alignment
-                // is pushed past the top when the firmware aligns its start: one port may
-                // take the difference (tried on each hotplug port in turn).
+                // is pushed past the top when the firmware aligns its start, and one that
+                // is not a multiple of the large BARs' (half) alignment starts the windows
+                // off their boundaries: one hotplug port may take the difference (tried
+                // on each in turn, the smallest difference first).
                 let first_align = entries.iter().map(|e| e.window.align).max().unwrap_or(1).max(1);
+                let large = targets.iter().map(|t| t.need.align).max().unwrap_or(1).max(1);
                 let total = align_up(last_need, GIB).ok_or(AddressSpaceError::Overflow)?;
-                let filler = (first_align - total % first_align) % first_align;
-                let mut tries: Vec<Option<usize>> = vec![None];
-                if filler > 0 {
-                    tries.extend(targets.iter().map(|t| Some(t.port)));
+                let mut fillers: Vec<u64> = [first_align, large / 2, large]
+                    .iter()
+                    .filter(|p| **p >= GIB)
+                    .map(|p| (p - total % p) % p)
+                    .filter(|f| *f > 0)
+                    .collect();
+                fillers.sort_unstable();
+                fillers.dedup();
+                let mut tries: Vec<Option<(usize, u64)>> = vec![None];
+                for filler in fillers {
+                    tries.extend(self.filler_ports().into_iter().map(|i| Some((i, filler))));
                 }
                 for grow in tries {
                     let mut windows = windows.clone();
-                    if let Some(w) = grow.and_then(|i| windows.get_mut(i)) {
+                    if let Some((w, filler)) = grow.and_then(|(i, f)| windows.get_mut(i).zip(Some(f))) {
                         w.size = w.size.checked_add(filler).ok_or(AddressSpaceError::Overflow)?;
                     }
                     let (entries, index) = self.end_entries(&place, &windows, bridges)?;
@@ -234,11 +266,15 @@ impl<'a> Builder<'a> {
                             fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
                         })
                     });
-                    if fits {
-                        self.apply_end(&place, &entries, &index, &targets, sizing, bridges);
-                        return Ok(Some(Placed { region: layout.region, bits }));
+                    let total = entries.iter().fold(0u64, |a, e| a.saturating_add(e.window.size));
+                    if fits && best.as_ref().map_or(true, |b| total < b.0) {
+                        best = Some((total, entries, index, sizing, layout.region));
                     }
                 }
+            }
+            if let Some((_, entries, index, sizing, region)) = best.take() {
+                self.apply_end(&place, &entries, &index, &targets, sizing, bridges);
+                return Ok(Some(Placed { region, bits }));
             }
         }
         let available = self.opts.guest_phys_bits.map_or(0, |b| {
