@@ -7,10 +7,10 @@
 //! | generation | what the firmware does | measured |
 //! |---|---|---|
 //! | [`FirmwareGeneration::SeaBiosAfterRam`] (SeaBIOS ≤ 1.16.2) | 64-bit region right after RAM; an empty port's window is only 2 MiB-aligned | QEMU 7.2 + SeaBIOS 1.16.2: a 128 GiB window at 4 GiB cannot take a 128 GiB BAR |
-//! | [`FirmwareGeneration::SeaBiosEndOfSpace`] (SeaBIOS 1.16.3) | region at the end of `1 << phys-bits` (at most 46 bits); with RAM above 4 GiB every hotplug window is padded to `top >> 11` | QEMU 10.0 + SeaBIOS 1.16.3 |
+//! | [`FirmwareGeneration::SeaBiosEndOfSpace`] (SeaBIOS 1.16.3) | region at the end of `1 << phys-bits` (at most 46 bits); with RAM above 4 GiB every hotplug window is padded to `top >> 11` | QEMU 10.0 + SeaBIOS 1.16.3: the windows land where the planner lays them out (one H100: 129 GiB, several: 192 GiB each, every BAR assigned) |
 //! | [`FirmwareGeneration::SeaBiosEndOfSpaceCapped`] (SeaBIOS ≥ 1.17.0) | the same, width capped at 44 bits below 1 TiB of RAM above 4 GiB; `opt/org.seabios/pci64` switches padding | QEMU 11.1 + SeaBIOS 1.17.0: a 128 GiB reservation holds a 128 GiB BAR at `0xfe0_0000_0000` |
 //! | [`FirmwareGeneration::OvmfFixedAperture`] (edk2 before 2022.11) | fixed aperture after RAM, power-of-two windows | (not in Debian any more) |
-//! | [`FirmwareGeneration::OvmfPhysBitsAperture`] (edk2 2022.11 and later) | the aperture becomes the top eighth of the address space from 40 trusted bits on | Debian's 2022.11, 2025.02 and 2026.08 |
+//! | [`FirmwareGeneration::OvmfPhysBitsAperture`] (edk2 2022.11 and later) | the aperture becomes the top eighth of the address space from 40 trusted bits on | Debian's 2022.11 (which already has it, so the boundary is at or before 2022.11), 2025.02 and 2026.08: every mix of the reservation table assigned at 2.00× |
 //! | [`FirmwareGeneration::Aavmf`] | Linux reassigns every window under ACPI | Debian's 6.1 guest on AAVMF 2022.11 |
 //! | [`FirmwareGeneration::LinuxAssigned`] | no firmware: the guest kernel assigns windows | aarch64 `virt` with `-kernel` |
 //!
