@@ -3,7 +3,8 @@
 //! Each machine is a [`pcie_topology::Platform`]: its address map, port devices and the
 //! rule its firmware (or the guest kernel) follows when it sizes and places bridge
 //! windows. The facts below come from the firmware and QEMU sources of the versions
-//! Debian 12 ships (QEMU 7.2, SeaBIOS 1.16.2, OVMF/AAVMF edk2 2022.11).
+//! Debian 12 ships (QEMU 7.2, SeaBIOS 1.16.2, OVMF/AAVMF edk2 2022.11) and of the
+//! generations after them ([`generation`]), each checked in real guests.
 //!
 //! # q35 with SeaBIOS
 //!
@@ -22,6 +23,25 @@
 //!   expander roots keep their `bus_nr` and are walked after bus 0's tree.
 //! - 32-bit PCI space 0xc000_0000..0xfec0_0000 (above the q35 MMCONFIG window); I/O
 //!   0x1000..0xa000 when more than 16 KiB is needed.
+//!
+//! # q35 with SeaBIOS 1.16.3 and later
+//!
+//! The plan follows the generation of the firmware the VM runs ([`generation`]; read
+//! from the image with [`Q35::detect`], or named with [`Q35::for_generation`]);
+//! [`Q35::seabios`] keeps the 1.16.2 rule above, whose plans hold on later releases too.
+//! From 1.16.3 on, SeaBIOS puts the 64-bit region at the end of the guest's physical
+//! address space (`1 << phys-bits`, capped at 46 bits, 44 from 1.17.0 below 1 TiB of RAM
+//! above 4 GiB) and lays the windows out largest alignment, then largest size first from
+//! `top - ALIGN(sum, 1 GiB)` (or an eighth of the space, padded, with RAM above 4 GiB):
+//! [`WindowRule::ReservePlaced`] with [`Mmio64Aperture::EndOfAddressSpace`]. The planner
+//! reproduces that layout and sizes each spare port for where its window really starts:
+//! exactly what it needs where the start suits (measured on 1.16.3 and 1.17.0: one to
+//! eight 128 GiB BARs in 128 GiB windows, 1.00×), rounded to 1 GiB for a single GPU with
+//! a small second BAR, half the large BAR more for several (windows then start
+//! alternately on and half-way between boundaries), the 1.16.2 slack only where nothing
+//! else holds. The firmware trusts phys-bits from 41 on whatever the CPU vendor, so these
+//! plans ask for at least 41; QEMU's e820 hole below 1 TiB for AMD-vendor CPUs
+//! ([`pcie_topology::AMD_HT_HOLE`]) is kept free of BARs.
 //!
 //! # q35 with OVMF
 //!
@@ -70,6 +90,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod generation;
+
+pub use generation::{
+    detect_firmware, DetectError, DetectedFirmware, FirmwareGeneration, FirmwareKind, Release,
+};
+
+use std::path::Path;
+
 use pcie_topology::platform::{
     Arch, BusNumbering, ExtraArgs, Mmio64Aperture, Platform, PlatformSpec, Range, Totals, WindowRule,
 };
@@ -103,18 +131,29 @@ pub enum X86Firmware {
     },
 }
 
+/// SeaBIOS 1.16.3's cap on the width it places the 64-bit region under.
+pub const SEABIOS_1163_MAX_BITS: u8 = 46;
+/// SeaBIOS 1.17.0's cap, which holds while the RAM above 4 GiB is below
+/// [`SEABIOS_117_UNCAPPED_RAM`].
+pub const SEABIOS_117_MAX_BITS: u8 = 44;
+/// RAM above 4 GiB from which SeaBIOS 1.17.0 uses the guest's whole width.
+pub const SEABIOS_117_UNCAPPED_RAM: u64 = 1 << 40;
+
 /// The `q35` machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Q35 {
     /// Firmware.
     pub firmware: X86Firmware,
+    /// The firmware's generation, whose placement rule the plans follow.
+    pub generation: FirmwareGeneration,
 }
 
 impl Q35 {
-    /// q35 with SeaBIOS.
+    /// q35 with SeaBIOS, planned for SeaBIOS up to 1.16.2
+    /// ([`FirmwareGeneration::SeaBiosAfterRam`]), whose plans also hold on later releases.
     pub fn seabios() -> Self {
-        Q35 { firmware: X86Firmware::SeaBios }
+        Q35 { firmware: X86Firmware::SeaBios, generation: FirmwareGeneration::SeaBiosAfterRam }
     }
 
     /// q35 with OVMF from [`OVMF_PATH`].
@@ -122,23 +161,53 @@ impl Q35 {
         Q35::ovmf_at(OVMF_PATH)
     }
 
-    /// q35 with the OVMF image at `path`.
+    /// q35 with the OVMF image at `path`, planned for edk2 2022.11 and later
+    /// ([`FirmwareGeneration::OvmfPhysBitsAperture`]).
     pub fn ovmf_at(path: impl Into<String>) -> Self {
-        Q35 { firmware: X86Firmware::Ovmf { path: path.into() } }
+        Q35 {
+            firmware: X86Firmware::Ovmf { path: path.into() },
+            generation: FirmwareGeneration::OvmfPhysBitsAperture,
+        }
+    }
+
+    /// q35 planned for `generation`, named by the caller: a SeaBIOS generation runs
+    /// QEMU's default firmware, an OVMF one the image at `ovmf_path`. `None` for the
+    /// generations of aarch64 ([`FirmwareGeneration::Aavmf`],
+    /// [`FirmwareGeneration::LinuxAssigned`]).
+    pub fn for_generation(generation: FirmwareGeneration, ovmf_path: impl Into<String>) -> Option<Self> {
+        match generation {
+            g if g.is_seabios() => Some(Q35 { firmware: X86Firmware::SeaBios, generation: g }),
+            g @ (FirmwareGeneration::OvmfFixedAperture | FirmwareGeneration::OvmfPhysBitsAperture) => {
+                Some(Q35 { firmware: X86Firmware::Ovmf { path: ovmf_path.into() }, generation: g })
+            }
+            _ => None,
+        }
+    }
+
+    /// q35 planned for the firmware image the VM will run, read from the image: a
+    /// SeaBIOS image (the one QEMU loads, e.g. its data directory's `bios-256k.bin`; the
+    /// plan adds no `-bios`) or an OVMF image (passed with `-bios`).
+    pub fn detect(image: &Path) -> Result<Self, DetectError> {
+        let found = detect_firmware(image)?;
+        Q35::for_generation(found.generation, image.display().to_string())
+            .ok_or_else(|| DetectError::Unknown(format!("{} (an aarch64 image)", image.display())))
     }
 }
 
 impl Platform for Q35 {
     fn spec(&self) -> PlatformSpec {
         let (name, firmware_args, rule, mmio32, io, mmio64) = match &self.firmware {
-            X86Firmware::SeaBios => (
-                "q35-seabios",
-                Vec::new(),
-                WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN },
-                Range::new(0xc000_0000, 0xfec0_0000 - 0xc000_0000),
-                Range::new(0x1000, 0x9000),
-                Mmio64Aperture::GrowsAfterRam,
-            ),
+            X86Firmware::SeaBios => {
+                let (rule, mmio64) = seabios_rule(self.generation);
+                (
+                    "q35-seabios",
+                    Vec::new(),
+                    rule,
+                    Range::new(0xc000_0000, 0xfec0_0000 - 0xc000_0000),
+                    Range::new(0x1000, 0x9000),
+                    mmio64,
+                )
+            }
             X86Firmware::Ovmf { path } => (
                 "q35-ovmf",
                 vec!["-bios".to_string(), path.clone()],
@@ -147,7 +216,8 @@ impl Platform for Q35 {
                 Range::new(0xc000, 0x4000),
                 Mmio64Aperture::FwCfgSized {
                     default_size: OVMF_DEFAULT_MMIO64,
-                    top_eighth_from_bits: Some(OVMF_TOP_EIGHTH_FROM_BITS),
+                    top_eighth_from_bits: (self.generation != FirmwareGeneration::OvmfFixedAperture)
+                        .then_some(OVMF_TOP_EIGHTH_FROM_BITS),
                 },
             ),
         };
@@ -178,6 +248,31 @@ impl Platform for Q35 {
             extra.qemu.push(format!("name=opt/ovmf/X-PciMmio64Mb,string={}", totals.mmio64_needed / MIB));
         }
         extra
+    }
+}
+
+/// SeaBIOS's window rule and 64-bit region for `generation`.
+fn seabios_rule(generation: FirmwareGeneration) -> (WindowRule, Mmio64Aperture) {
+    let placed = WindowRule::ReservePlaced { start_align: SEABIOS_BRIDGE_MEM_MIN };
+    match generation {
+        FirmwareGeneration::SeaBiosEndOfSpace => (
+            placed,
+            Mmio64Aperture::EndOfAddressSpace {
+                max_bits: SEABIOS_1163_MAX_BITS,
+                uncapped_ram_above_4g: None,
+            },
+        ),
+        FirmwareGeneration::SeaBiosEndOfSpaceCapped => (
+            placed,
+            Mmio64Aperture::EndOfAddressSpace {
+                max_bits: SEABIOS_117_MAX_BITS,
+                uncapped_ram_above_4g: Some(SEABIOS_117_UNCAPPED_RAM),
+            },
+        ),
+        _ => (
+            WindowRule::ReserveUnaligned { start_align: SEABIOS_BRIDGE_MEM_MIN },
+            Mmio64Aperture::GrowsAfterRam,
+        ),
     }
 }
 
@@ -216,6 +311,24 @@ impl Virt {
     /// virt with the AAVMF code image at `path`.
     pub fn uefi_at(path: impl Into<String>) -> Self {
         Virt { firmware: ArmFirmware::Uefi { path: path.into() } }
+    }
+
+    /// The generation the plans follow: [`FirmwareGeneration::Aavmf`] or
+    /// [`FirmwareGeneration::LinuxAssigned`] (both leave the windows to the guest kernel).
+    pub fn generation(&self) -> FirmwareGeneration {
+        match self.firmware {
+            ArmFirmware::None => FirmwareGeneration::LinuxAssigned,
+            ArmFirmware::Uefi { .. } => FirmwareGeneration::Aavmf,
+        }
+    }
+
+    /// virt with the AAVMF code image at `image`, after checking that it is one.
+    pub fn detect(image: &Path) -> Result<Self, DetectError> {
+        let found = detect_firmware(image)?;
+        if found.kind != FirmwareKind::Aavmf {
+            return Err(DetectError::Unknown(format!("{} (not an AAVMF image)", image.display())));
+        }
+        Ok(Virt::uefi_at(image.display().to_string()))
     }
 }
 
@@ -305,6 +418,48 @@ mod tests {
             p.extra.qemu,
             vec!["-fw_cfg".to_string(), format!("name=opt/ovmf/X-PciMmio64Mb,string={}", 512 * 1024)]
         );
+    }
+
+    fn seabios_117() -> Q35 {
+        Q35::for_generation(FirmwareGeneration::SeaBiosEndOfSpaceCapped, "").unwrap()
+    }
+
+    #[test]
+    fn seabios_at_the_end_reserves_what_the_gpu_needs() {
+        let p = plan(&seabios_117(), &spares(1)).unwrap();
+        let dev = p.ports[0].device.as_ref().unwrap();
+        // 128 GiB + 32 MiB rounded to 1 GiB: the large BAR ends the window at the top.
+        assert_eq!(dev.props["pref64-reserve"], (129 * GIB).into());
+        assert_eq!(p.cpu_phys_bits(), Some(41));
+        let aperture = p.address.mmio64_aperture.unwrap();
+        assert_eq!(aperture.end(), 1 << 41);
+        // Several: half the large BAR more, windows alternate between the boundary and
+        // half-way.
+        let p = plan(&seabios_117(), &spares(4)).unwrap();
+        for port in &p.ports {
+            assert_eq!(port.device.as_ref().unwrap().props["pref64-reserve"], (192 * GIB).into());
+        }
+    }
+
+    #[test]
+    fn seabios_at_the_end_without_a_trusted_width_keeps_the_slack() {
+        let mut r = spares(1);
+        r.options.guest_phys_bits = Some(40);
+        let p = plan(&seabios_117(), &r).unwrap();
+        let dev = p.ports[0].device.as_ref().unwrap();
+        assert_eq!(dev.props["pref64-reserve"], (256 * GIB + 30 * MIB).into());
+    }
+
+    #[test]
+    fn seabios_pads_with_ram_above_4g() {
+        let mut r = spares(1);
+        r.options.guest_ram = 16 * GIB;
+        let p = plan(&seabios_117(), &r).unwrap();
+        // 41 bits: windows padded to top >> 11 = 1 GiB; the layout puts the GPU's BAR on
+        // its 128 GiB boundary.
+        let r = &p.ports[0].reservation;
+        assert_eq!((r.pref.size, r.pref.align), (129 * GIB, 128 * GIB));
+        assert!(r.why.iter().any(|w| w.contains("pads hotplug windows")), "{:?}", r.why);
     }
 
     #[test]

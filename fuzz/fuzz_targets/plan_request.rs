@@ -9,7 +9,7 @@
 
 use arbitrary::Unstructured;
 use arch_s390x_ccw::S390xCcw;
-use arch_x86_aarch64::{Virt, Q35};
+use arch_x86_aarch64::{FirmwareGeneration, Virt, Q35};
 use libfuzzer_sys::fuzz_target;
 use pcie_hotplug_fuzz::{checks, plan_input};
 use pcie_topology::{plan, DeviceRequest, Plan, PlanError, PlanRequest, Platform};
@@ -33,8 +33,10 @@ fuzz_target!(|data: &[u8]| {
     if over_spare_limit(&request) {
         return;
     }
-    let platforms: [Box<dyn Platform>; 5] = [
+    let end_of_space = Q35::for_generation(FirmwareGeneration::SeaBiosEndOfSpaceCapped, "").expect("a q35 generation");
+    let platforms: [Box<dyn Platform>; 6] = [
         Box::new(Q35::seabios()),
+        Box::new(end_of_space),
         Box::new(Q35::ovmf()),
         Box::new(Virt::direct_kernel()),
         Box::new(Virt::uefi()),

@@ -11,7 +11,7 @@
 //! 64-bit). Each device gets its own spare root port, hotplugged later.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::indexing_slicing)]
 
-use arch_x86_aarch64::{Virt, Q35, SEABIOS_BRIDGE_MEM_MIN};
+use arch_x86_aarch64::{FirmwareGeneration, Virt, Q35, SEABIOS_BRIDGE_MEM_MIN};
 use pcie_topology::units::human_size;
 use pcie_topology::{
     plan, HotplugProfile, Mode, PlanRequest, Platform, PortKind, SpareRequest, WindowReservation,
@@ -64,9 +64,17 @@ fn ratio(reserved: u64, required: u64) -> String {
 
 /// This planner on `platform`: reserved bytes and whether the plan is accepted.
 fn planner(platform: &dyn Platform, mix: &Mix) -> String {
-    let request = PlanRequest::default()
+    planner_with_ram(platform, mix, None)
+}
+
+/// The plan for a guest with `ram` bytes of RAM (the request's default when `None`).
+fn planner_with_ram(platform: &dyn Platform, mix: &Mix, ram: Option<u64>) -> String {
+    let mut request = PlanRequest::default()
         .with_mode(Mode::RootPort)
         .with_spares(mix.parts.iter().map(|(p, n)| SpareRequest::new(p.clone(), *n)).collect());
+    if let Some(ram) = ram {
+        request.options.guest_ram = ram;
+    }
     match plan(platform, &request) {
         Ok(p) => {
             let reserved: u64 = p
@@ -159,15 +167,22 @@ fn defaults(mix: &Mix) -> String {
     )
 }
 
+fn seabios(generation: FirmwareGeneration) -> Q35 {
+    Q35::for_generation(generation, "").unwrap()
+}
+
 fn main() {
-    println!("| mix | required | planner, q35 SeaBIOS | planner, q35 OVMF | planner, virt (no firmware) | Kata heuristic (SeaBIOS) | QEMU defaults (SeaBIOS) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| mix | required | planner, q35 SeaBIOS ≤ 1.16.2 | planner, SeaBIOS 1.16.3 | planner, SeaBIOS ≥ 1.17.0 | planner, SeaBIOS ≥ 1.17.0, 16 GiB RAM (padded windows) | planner, q35 OVMF | planner, virt (no firmware) | Kata heuristic (SeaBIOS) | QEMU defaults (SeaBIOS) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for mix in mixes() {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mix.name,
             human_size(required(&mix)),
             planner(&Q35::seabios(), &mix),
+            planner(&seabios(FirmwareGeneration::SeaBiosEndOfSpace), &mix),
+            planner(&seabios(FirmwareGeneration::SeaBiosEndOfSpaceCapped), &mix),
+            planner_with_ram(&seabios(FirmwareGeneration::SeaBiosEndOfSpaceCapped), &mix, Some(16 << 30)),
             planner(&Q35::ovmf(), &mix),
             planner(&Virt::direct_kernel(), &mix),
             kata(&mix),

@@ -10,6 +10,7 @@ use pcilibs::requirement::{Requirement, WindowRequirement, MEM_GRANULARITY};
 
 use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{AddressReport, Plan, Port, PortKind};
+use crate::planner::Placed;
 use crate::platform::{Mmio64Aperture, Range, Totals};
 use crate::reserve::WindowReservation;
 use crate::units::{bits_for_end, MAX_PHYS_BITS};
@@ -26,9 +27,13 @@ fn pack(windows: impl Iterator<Item = WindowReservation>) -> Result<WindowRequir
 }
 
 /// Checks 32-bit hole, I/O space, 64-bit aperture and physical address width.
+///
+/// `placed` is the 64-bit region the planner laid out for firmware that places it at the
+/// end of the address space, with the width it was laid out for.
 pub(crate) fn check_address_space(
     plan: &Plan,
     hotplug: &Totals,
+    placed: Option<Placed>,
 ) -> Result<(AddressReport, Totals), PlanError> {
     let spec = &plan.platform;
     let top: Vec<&Port> = plan.ports.iter().filter(|p| p.kind == PortKind::Root).collect();
@@ -76,7 +81,11 @@ pub(crate) fn check_address_space(
     // aperture above it.
     let memory_end = plan.memory_hotplug.map(|h| h.end(ram, ram_end)).transpose()?;
     let below_aperture = memory_end.unwrap_or(ram_end);
-    let aperture = if pref.is_empty() && spec.mmio64 == Mmio64Aperture::GrowsAfterRam {
+    let grows =
+        matches!(spec.mmio64, Mmio64Aperture::GrowsAfterRam | Mmio64Aperture::EndOfAddressSpace { .. });
+    let aperture = if let Some(p) = placed {
+        Some(p.region)
+    } else if pref.is_empty() && grows {
         None
     } else {
         spec.mmio64_range_above(below_aperture, pref.size, pref.align)?
@@ -115,7 +124,10 @@ pub(crate) fn check_address_space(
         .unwrap_or_else(|| spec.default_phys_bits.max(bits_for_end(end_of(asked).unwrap_or(u64::MAX))));
     let aperture = asked.map(|a| spec.mmio64_placed(a, guest_bits));
     let end = end_of(aperture)?;
-    let needed_bits = bits_for_end(end).max(bits_for_end(ram_end));
+    // The firmware lays the region out for the width the planner chose: the guest needs
+    // at least that many bits even where the region ends lower (the width decides where).
+    let laid_out_for = placed.map_or(0, |p| p.bits);
+    let needed_bits = bits_for_end(end).max(bits_for_end(ram_end)).max(laid_out_for);
     let widest = (Some(MAX_PHYS_BITS), "widest platform (52-bit x86-64 MAXPHYADDR and aarch64 IPA)");
     for (have, who) in
         [widest, (plan.options.guest_phys_bits, "guest CPU"), (plan.options.host_phys_bits, "host")]

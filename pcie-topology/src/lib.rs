@@ -85,6 +85,7 @@
 
 mod alloc;
 mod check;
+mod end_placement;
 pub mod error;
 pub mod foreign;
 mod format;
@@ -100,6 +101,7 @@ mod reserve;
 mod sim;
 pub mod units;
 
+pub use end_placement::{AMD_HT_HOLE, TRUSTED_PHYS_BITS};
 pub use error::{AddressSpaceError, AllocError, PlanError};
 pub use foreign::{Foreign, ForeignDevice, MemoryHotplug};
 pub use format::{PLAN_VERSION, PLAN_VERSION_OLDEST};

@@ -54,6 +54,19 @@ pub enum WindowRule {
         /// Alignment the kernel guarantees for the extra space of an empty port.
         start_align: u64,
     },
+    /// Firmware honours the port's `*-reserve` properties as sizes and places every
+    /// window of the root buses in an order the planner reproduces
+    /// ([`Mmio64Aperture::EndOfAddressSpace`], SeaBIOS from 1.16.3 on): a reservation
+    /// holds exactly what its profile needs wherever the layout puts the window start on
+    /// a boundary the profile's largest BAR can use, and more only where it does not.
+    /// Memory windows are still only `start_align`-aligned. A window laid out that way
+    /// records its profile's largest alignment as its guaranteed alignment: wherever the
+    /// layout starts it, the guest kernel assigns the profile as in a window so aligned
+    /// (smaller BARs before the large one where the start is half-way).
+    ReservePlaced {
+        /// Alignment the firmware guarantees for an empty port's window start (2 MiB).
+        start_align: u64,
+    },
     /// No bridge windows (s390x: zPCI functions have no PCIe ports).
     NoWindows,
 }
@@ -87,6 +100,20 @@ pub enum Mmio64Aperture {
         base: u64,
         /// Size in bytes.
         size: u64,
+    },
+    /// SeaBIOS from 1.16.3 on: the 64-bit region ends at the top of the guest's physical
+    /// address space, `1 << phys-bits` with the width capped at `max_bits` (1.16.3: 46;
+    /// 1.17.0: 44 unless the RAM above 4 GiB reaches `uncapped_ram_above_4g`, 1 TiB).
+    /// Windows are laid out as the firmware does (see the `end_placement` module of this
+    /// crate); the rule needs [`WindowRule::ReservePlaced`]. Widths below 41 bits are
+    /// not trusted by the firmware, which then places the region as
+    /// [`Mmio64Aperture::GrowsAfterRam`] says.
+    EndOfAddressSpace {
+        /// Largest width the firmware uses.
+        max_bits: u8,
+        /// RAM above 4 GiB from which the cap no longer applies (`None`: always applies).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uncapped_ram_above_4g: Option<u64>,
     },
     /// No 64-bit aperture.
     None,
@@ -274,7 +301,9 @@ impl PlatformSpec {
     ) -> Result<Option<Range>, AddressSpaceError> {
         let overflow = || AddressSpaceError::Overflow;
         let range = match self.mmio64 {
-            Mmio64Aperture::GrowsAfterRam => {
+            // The end-of-address-space region is laid out by the planner; without a width
+            // the firmware trusts, it grows after RAM.
+            Mmio64Aperture::GrowsAfterRam | Mmio64Aperture::EndOfAddressSpace { .. } => {
                 let base =
                     align_up(ram_end, align.max(1)).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
                 let end = base.checked_add(packed).and_then(|e| align_up(e, GIB)).ok_or_else(overflow)?;

@@ -76,7 +76,9 @@ pub(crate) fn size_window(
     // Memory windows of the unaligned rules come in steps of the start alignment
     // (SeaBIOS 1.16 programs bridge memory windows in 2 MiB steps).
     let gran = match rule {
-        WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align }
+        WindowRule::ReserveUnaligned { start_align }
+        | WindowRule::KernelHotplugSize { start_align }
+        | WindowRule::ReservePlaced { start_align }
             if granularity >= pcilibs::requirement::MEM_GRANULARITY =>
         {
             granularity.max(start_align)
@@ -111,7 +113,7 @@ pub(crate) fn size_window(
         let size = align_up(need_size, align).ok_or_else(overflow)?;
         let window = WindowReservation { size, align };
         let reserve = match rule {
-            WindowRule::ReserveUnaligned { .. } => Some(need_size),
+            WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePlaced { .. } => Some(need_size),
             WindowRule::ReservePowerOfTwo => Some(0),
             _ => None,
         };
@@ -126,7 +128,12 @@ pub(crate) fn size_window(
         });
     }
     Ok(match rule {
-        WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
+        // Under ReservePlaced too: the 32-bit windows are placed in the 32-bit hole with
+        // only that alignment; the planner resizes the prefetchable ones for where the
+        // firmware lays them out (`Builder::place_at_end`).
+        WindowRule::ReserveUnaligned { start_align }
+        | WindowRule::KernelHotplugSize { start_align }
+        | WindowRule::ReservePlaced { start_align } => {
             let start = if granularity >= pcilibs::requirement::MEM_GRANULARITY {
                 start_align.max(gran)
             } else {
@@ -150,7 +157,9 @@ pub(crate) fn size_window(
                     human_size(need.align)
                 )
             };
-            let reserve = matches!(rule, WindowRule::ReserveUnaligned { .. }).then_some(size);
+            let reserve =
+                matches!(rule, WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePlaced { .. })
+                    .then_some(size);
             Sized { reserve, window: WindowReservation { size, align: start }, why }
         }
         WindowRule::ReservePowerOfTwo => {

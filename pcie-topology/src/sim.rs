@@ -43,19 +43,39 @@ impl PlacedWindow {
 /// Assigns `resources` of one window kind inside `[base, base + size)` the way Linux does;
 /// returns each resource's address, or `None` if one does not fit.
 pub(crate) fn assign_bars(base: u64, size: u64, resources: &[Resource]) -> Option<Vec<(Resource, u64)>> {
+    assign_bars_avoiding(base, size, resources, &[])
+}
+
+/// [`assign_bars`] keeping clear of `reserved` ranges. Linux takes the resources largest
+/// alignment first and gives each the lowest free address aligned to it inside the
+/// window (`allocate_resource` walks the gaps), so a small BAR can go below a large one
+/// whose alignment left room before it.
+pub(crate) fn assign_bars_avoiding(
+    base: u64,
+    size: u64,
+    resources: &[Resource],
+    reserved: &[Range],
+) -> Option<Vec<(Resource, u64)>> {
     let mut list: Vec<Resource> = resources.to_vec();
     list.sort_by_key(|r| std::cmp::Reverse((r.align, r.size)));
     let end = base.checked_add(size)?;
-    let mut cursor = base;
+    let mut taken: Vec<(u64, u64)> = reserved.iter().map(|r| (r.base, r.end())).collect();
     let mut out = Vec::new();
     for r in list {
-        let at = align_up(cursor, r.align)?;
-        let next = at.checked_add(r.size)?;
-        if next > end {
-            return None;
+        let mut at = align_up(base, r.align.max(1))?;
+        loop {
+            let next = at.checked_add(r.size)?;
+            if next > end {
+                return None;
+            }
+            match taken.iter().find(|(s, e)| at < *e && *s < next) {
+                None => break,
+                Some((_, e)) => at = align_up(*e, r.align.max(1))?,
+            }
         }
+        let next = at.checked_add(r.size)?;
+        taken.push((at, next));
         out.push((r, at));
-        cursor = next;
     }
     Some(out)
 }

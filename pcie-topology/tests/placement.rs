@@ -4,7 +4,7 @@
 //! functions renumbered so that every guest device has a function 0.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use arch_x86_aarch64::{Virt, Q35};
+use arch_x86_aarch64::{FirmwareGeneration, Virt, Q35};
 use pcie_topology::plan::bridge_requirement;
 use pcie_topology::qemu::PropValue;
 use pcie_topology::request::{FunctionRequest, FunctionResource};
@@ -21,6 +21,8 @@ use pcilibs::requirement::Resource;
 fn platforms() -> Vec<Box<dyn Platform>> {
     vec![
         Box::new(Q35::seabios()),
+        Box::new(Q35::for_generation(FirmwareGeneration::SeaBiosEndOfSpace, "").unwrap()),
+        Box::new(Q35::for_generation(FirmwareGeneration::SeaBiosEndOfSpaceCapped, "").unwrap()),
         Box::new(Q35::ovmf()),
         Box::new(Virt::direct_kernel()),
         Box::new(Virt::uefi()),

@@ -36,6 +36,7 @@ pub const NAMES: &[&str] = &[
     "switch-no-placeholder",
     "aarch64-hpmmioprefsize",
     "s390x-ccw-zpci",
+    "reservation-mixes",
 ];
 
 /// An experiment could not be run at all (its findings are printed, not returned).
@@ -285,7 +286,7 @@ pub fn s390x_ccw_zpci(stack: &Stack) -> Result<bool> {
 }
 
 /// Knobs the experiments take.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Firmware (x86_64: SeaBIOS by default).
     pub firmware: Option<Firmware>,
@@ -295,6 +296,10 @@ pub struct Options {
     pub bar_gib: Option<u64>,
     /// Root port `pref64-reserve` in GiB (default: twice the BAR).
     pub reserve_gib: Option<u64>,
+    /// Guest RAM in MiB (reservation-mixes).
+    pub ram_mib: Option<u32>,
+    /// Only the mixes whose name contains this (reservation-mixes).
+    pub mix: Option<String>,
 }
 
 impl Options {
@@ -316,6 +321,9 @@ pub fn run(name: &str, opts: Options, stack: &Stack) -> Result<bool> {
         "switch-no-placeholder" => switch_placeholder(stack, fw, false, opts),
         "aarch64-hpmmioprefsize" => aarch64_hpmmioprefsize(stack, opts),
         "s390x-ccw-zpci" => s390x_ccw_zpci(stack),
+        "reservation-mixes" => {
+            crate::mixes::run(stack, fw, opts.ram_mib, opts.mix.as_deref(), opts.bar_gib.is_some())
+        }
         other => Err(format!("unknown experiment {other:?}; known: {}", NAMES.join(", "))),
     }
 }

@@ -8,5 +8,6 @@ pub mod e2e;
 pub mod experiments;
 pub mod fixtures;
 pub mod fuzz;
+pub mod mixes;
 pub mod scenario;
 pub mod tasks;

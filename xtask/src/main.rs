@@ -84,6 +84,12 @@ enum Cmd {
         /// Root port `pref64-reserve` in GiB (root-port-128g; default twice the BAR).
         #[arg(long)]
         reserve_gib: Option<u64>,
+        /// Guest RAM in MiB (reservation-mixes; above 4 GiB SeaBIOS pads hotplug windows).
+        #[arg(long)]
+        ram_mib: Option<u32>,
+        /// Only the mixes whose name contains this (reservation-mixes).
+        #[arg(long)]
+        mix: Option<String>,
     },
 }
 
@@ -276,8 +282,8 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Fixtures => fixtures::generate(&stack, &guest_harness::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
         Cmd::Boot(args) => boot(&stack, args),
-        Cmd::Experiment { name, firmware, native_hotplug, bar_gib, reserve_gib } => {
-            let opts = experiments::Options { firmware, native_hotplug, bar_gib, reserve_gib };
+        Cmd::Experiment { name, firmware, native_hotplug, bar_gib, reserve_gib, ram_mib, mix } => {
+            let opts = experiments::Options { firmware, native_hotplug, bar_gib, reserve_gib, ram_mib, mix };
             match experiments::run(&name, opts, &stack) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!("experiment {name}: the guest did not assign every BAR")),

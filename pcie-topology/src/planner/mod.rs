@@ -7,6 +7,8 @@
 //! address space and ask the platform for its extra arguments.
 
 mod buses;
+mod end;
+pub(crate) use end::Placed;
 mod windows;
 pub(crate) mod zpci;
 
@@ -120,6 +122,9 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
     let mut bridges = b.add_pci_bridge(&layout.behind_bridge)?;
     b.size_windows()?;
     b.size_bridges(&mut bridges)?;
+    // Placement may resize windows: the properties follow.
+    let placed = b.place_at_end(&mut bridges)?;
+    b.write_reserve_props();
     buses::number_buses(&mut b, &mut host_bridges, &mut bridges)?;
     let (ports, devices) = b.place_devices()?;
     let foreign = std::mem::take(&mut b.foreign);
@@ -138,7 +143,7 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
         foreign,
         memory_hotplug: request.foreign.memory_hotplug,
     };
-    let (report, totals) = check_address_space(&plan, &b.hotplug_totals)?;
+    let (report, totals) = check_address_space(&plan, &b.hotplug_totals, placed)?;
     plan.address = report;
     plan.extra = platform.extra_args(&totals);
     Ok(plan)

@@ -396,9 +396,9 @@ impl<'a> Builder<'a> {
     /// The windows firmware gives an empty hotplug port by default.
     fn min_window(&self) -> WindowReservation {
         let size = match self.spec.window_rule {
-            WindowRule::ReserveUnaligned { start_align } | WindowRule::KernelHotplugSize { start_align } => {
-                start_align.max(MEM_GRANULARITY)
-            }
+            WindowRule::ReserveUnaligned { start_align }
+            | WindowRule::KernelHotplugSize { start_align }
+            | WindowRule::ReservePlaced { start_align } => start_align.max(MEM_GRANULARITY),
             _ => 2 * MIB,
         };
         WindowReservation { size, align: size }
@@ -456,9 +456,14 @@ impl<'a> Builder<'a> {
     }
 
     /// Writes `mem-reserve`, `pref64-reserve`, `io-reserve` and `bus-reserve` on root ports.
-    fn write_reserve_props(&mut self) {
+    pub(super) fn write_reserve_props(&mut self) {
         let rule = self.spec.window_rule;
-        let reads_props = matches!(rule, WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePowerOfTwo);
+        let reads_props = matches!(
+            rule,
+            WindowRule::ReserveUnaligned { .. }
+                | WindowRule::ReservePowerOfTwo
+                | WindowRule::ReservePlaced { .. }
+        );
         if !reads_props || !self.opts.size_reservations {
             return;
         }

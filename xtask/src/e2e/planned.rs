@@ -36,6 +36,7 @@ use guest_harness::arch::Arch;
 use guest_harness::firmware::Firmware;
 use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::reporter::{GuestState, PciDevice};
+use guest_harness::stacks::{StackRoot, OVMF_FD, SEABIOS_BIN};
 use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
@@ -66,10 +67,20 @@ struct Planned {
     blockdevs: Vec<String>,
 }
 
-fn platform(scenario: &Scenario) -> Result<Box<dyn Platform>> {
+/// The planner platform of `scenario`. With the stack's root, x86_64 plans follow the
+/// generation of the firmware image the guest will boot (read from the image); without
+/// it, the rules whose plans hold on every generation.
+fn platform(scenario: &Scenario, root: Option<&StackRoot>) -> Result<Box<dyn Platform>> {
+    let detect = |image: &str| -> Result<Box<dyn Platform>> {
+        let Some(root) = root else {
+            return Ok(Box::new(if image == SEABIOS_BIN { Q35::seabios() } else { Q35::ovmf() }));
+        };
+        let q35 = Q35::detect(&root.file(image)).map_err(|e| format!("firmware generation: {e}"))?;
+        Ok(Box::new(q35))
+    };
     Ok(match (scenario.arch, scenario.firmware()) {
-        (Arch::X86_64, Firmware::SeaBios) => Box::new(Q35::seabios()),
-        (Arch::X86_64, Firmware::Ovmf) => Box::new(Q35::ovmf()),
+        (Arch::X86_64, Firmware::SeaBios) => detect(SEABIOS_BIN)?,
+        (Arch::X86_64, Firmware::Ovmf) => detect(OVMF_FD)?,
         (Arch::Aarch64, Firmware::None) => Box::new(Virt::direct_kernel()),
         (Arch::Aarch64, Firmware::Uefi) => Box::new(Virt::uefi()),
         (Arch::S390x, Firmware::None) => Box::new(S390xCcw::default()),
@@ -130,9 +141,15 @@ fn blockdevs(scenario: &Scenario) -> Vec<String> {
     out
 }
 
+#[cfg(test)]
 fn make_plan(scenario: &Scenario, memory_mib: u32) -> Result<Planned> {
+    make_plan_for(scenario, memory_mib, None)
+}
+
+/// [`make_plan`] for the firmware in the stack root `root` (see [`platform`]).
+fn make_plan_for(scenario: &Scenario, memory_mib: u32, root: Option<&StackRoot>) -> Result<Planned> {
     let blockdevs = blockdevs(scenario);
-    let platform = platform(scenario)?;
+    let platform = platform(scenario, root)?;
     let planned_devices: Vec<pcie_topology::DeviceRequest> = scenario
         .devices
         .iter()
@@ -238,7 +255,8 @@ enum Seen {
 fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {
     let dir = ctx.scenario_dir(scenario).map_err(|e| format!("run folder: {e}"))?;
     let memory_mib = GuestSpec::new(scenario.arch).firmware(scenario.firmware()).memory_mib;
-    let mut planned = make_plan(scenario, memory_mib)?;
+    let root = ctx.stack.root().map_err(s)?;
+    let mut planned = make_plan_for(scenario, memory_mib, Some(&root))?;
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
     let spec = guest_spec(scenario, &planned);

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arch_s390x_ccw::S390xCcw;
-use arch_x86_aarch64::{Virt, Q35};
+use arch_x86_aarch64::{FirmwareGeneration, Virt, Q35};
 use pcie_topology::{
     Attach, DeviceRequest, FunctionRequest, FunctionResource, HotplugProfile, Mode, PlanOptions, PlanRequest,
     Platform, QemuId, ResourceRole, SpareRequest,
@@ -441,8 +441,11 @@ fn requests() -> Result<Vec<(String, PlanRequest)>, String> {
 
 /// The plans of every request on every platform that accepts it (s390x included).
 fn plans(requests: &[(String, PlanRequest)]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let platforms: [(&str, Box<dyn Platform>); 5] = [
+    let end_of_space = Q35::for_generation(FirmwareGeneration::SeaBiosEndOfSpaceCapped, "")
+        .ok_or("no q35 for SeaBIOS 1.17")?;
+    let platforms: [(&str, Box<dyn Platform>); 6] = [
         ("q35-seabios", Box::new(Q35::seabios())),
+        ("q35-seabios-1.17", Box::new(end_of_space)),
         ("q35-ovmf", Box::new(Q35::ovmf())),
         ("virt", Box::new(Virt::direct_kernel())),
         ("virt-uefi", Box::new(Virt::uefi())),
