@@ -22,7 +22,7 @@ pub fn ivshmem(size: u64) -> [(u8, u64); 2] {
 }
 
 fn expect_ivshmem(bars: &[(u8, u64)]) -> Expect<'_> {
-    Expect { vendor: 0x1af4, device: 0x1110, bars }
+    Expect { vendor: 0x1af4, device: Some(0x1110), bars }
 }
 
 const GIB: u64 = 1 << 30;
@@ -238,7 +238,7 @@ pub fn aarch64_hpmmioprefsize(stack: &Stack, opts: Options) -> Result<bool> {
     let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
     let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp2"});
     println!("  device_add {args}");
-    let expect = Expect { vendor: 0x1af4, device: 0x1041, bars: &[] };
+    let expect = Expect { vendor: 0x1af4, device: Some(0x1041), bars: &[] };
     let net = hotplug::plug(&guest, &mut qmp, args, expect, deadline(60)).map_err(s)?;
     print_plugged(&net);
     plug_gpu0(&guest, &mut qmp, gib)
@@ -261,7 +261,7 @@ pub fn s390x_ccw_zpci(stack: &Stack) -> Result<bool> {
         &guest,
         &mut qmp,
         args,
-        Expect { vendor: 0x1af4, device: 0x1000, bars: &[] },
+        Expect { vendor: 0x1af4, device: None, bars: &[] },
         deadline(60),
     )
     .map_err(s)?;

@@ -45,7 +45,7 @@ fn x86_64_guest_reports_hotplug_and_runs_commands() {
         &guest,
         &mut qmp,
         args,
-        Expect { vendor: 0x1af4, device: 0x1041, bars: &[] },
+        Expect { vendor: 0x1af4, device: Some(0x1041), bars: &[] },
         deadline(60),
     )
     .unwrap();
