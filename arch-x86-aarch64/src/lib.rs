@@ -84,6 +84,11 @@ pub const OVMF_PATH: &str = "/usr/share/ovmf/OVMF.fd";
 pub const AAVMF_PATH: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
 /// OVMF's 64-bit aperture when `X-PciMmio64Mb` is not given (edk2 2022.11).
 pub const OVMF_DEFAULT_MMIO64: u64 = 32 * GIB;
+/// From this many guest physical address bits on, OVMF makes an aperture smaller than an
+/// eighth of the address space that eighth, at its top (measured with Debian's edk2
+/// 2022.11 under QEMU 7.2: 39 bits placed a 32 GiB aperture at 32 GiB, 40 bits at
+/// 0xe0_0000_0000, 41 bits at 0x1c0_0000_0000, 46 bits at 0x3800_0000_0000).
+pub const OVMF_TOP_EIGHTH_FROM_BITS: u8 = 40;
 
 /// x86 firmware of a q35 machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +145,10 @@ impl Platform for Q35 {
                 WindowRule::ReservePowerOfTwo,
                 Range::new(0xc000_0000, 0xfc00_0000 - 0xc000_0000),
                 Range::new(0xc000, 0x4000),
-                Mmio64Aperture::FwCfgSized { default_size: OVMF_DEFAULT_MMIO64 },
+                Mmio64Aperture::FwCfgSized {
+                    default_size: OVMF_DEFAULT_MMIO64,
+                    top_eighth_from_bits: Some(OVMF_TOP_EIGHTH_FROM_BITS),
+                },
             ),
         };
         let mut spec = PlatformSpec::new(name, Arch::X86_64, "q35");

@@ -6,11 +6,11 @@
 //! and a plan ending above `1 << MAX_PHYS_BITS` is refused whatever the caller says the
 //! CPU has, because no platform addresses more.
 
-use pcilibs::requirement::{WindowRequirement, MEM_GRANULARITY};
+use pcilibs::requirement::{Requirement, WindowRequirement, MEM_GRANULARITY};
 
 use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{AddressReport, Plan, Port, PortKind};
-use crate::platform::{Mmio64Aperture, Totals};
+use crate::platform::{Mmio64Aperture, Range, Totals};
 use crate::reserve::WindowReservation;
 use crate::units::{bits_for_end, MAX_PHYS_BITS};
 
@@ -41,14 +41,29 @@ pub(crate) fn check_address_space(
             WindowReservation { size: MEM_GRANULARITY, align: MEM_GRANULARITY }
         }
     });
-    let mem = pack(top.iter().map(|p| p.reservation.mem).chain(bridge_mem))?;
+    // The VMM's own devices on the root bus take their BARs and windows next to them.
+    let foreign: Vec<Requirement> =
+        plan.foreign.iter().map(|f| f.device.requirement()).collect::<Result<_, _>>()?;
+    let as_window = |w: &WindowRequirement| WindowReservation { size: w.size, align: w.align };
+    let mem = pack(
+        top.iter()
+            .map(|p| p.reservation.mem)
+            .chain(bridge_mem)
+            .chain(foreign.iter().map(|f| as_window(&f.mem))),
+    )?;
     let io = top
         .iter()
         .map(|p| p.reservation.io.size)
         .chain(plan.bridges.iter().map(|b| b.io.size))
+        .chain(foreign.iter().map(|f| f.io.size))
         .try_fold(0u64, u64::checked_add)
         .ok_or(AddressSpaceError::Overflow)?;
-    let pref = pack(top.iter().map(|p| p.reservation.pref).chain(plan.bridges.iter().map(|b| b.pref)))?;
+    let pref = pack(
+        top.iter()
+            .map(|p| p.reservation.pref)
+            .chain(plan.bridges.iter().map(|b| b.pref))
+            .chain(foreign.iter().map(|f| as_window(&f.pref))),
+    )?;
     if mem.size > spec.mmio32.size {
         return Err(AddressSpaceError::Mmio32 { needed: mem.size, available: spec.mmio32.size }.into());
     }
@@ -57,11 +72,22 @@ pub(crate) fn check_address_space(
     }
     let ram = plan.options.guest_ram;
     let ram_end = spec.ram_end(ram)?;
+    // Memory hotplug's device memory region sits above RAM; firmware starts the 64-bit
+    // aperture above it.
+    let memory_end = plan.memory_hotplug.map(|h| h.end(ram, ram_end)).transpose()?;
+    let below_aperture = memory_end.unwrap_or(ram_end);
     let aperture = if pref.is_empty() && spec.mmio64 == Mmio64Aperture::GrowsAfterRam {
         None
     } else {
-        spec.mmio64_range(ram, pref.size, pref.align)?
+        spec.mmio64_range_above(below_aperture, pref.size, pref.align)?
     };
+    if let (Mmio64Aperture::Fixed { base, .. }, Some(end)) = (spec.mmio64, memory_end) {
+        if end > base {
+            return Err(
+                AddressSpaceError::MemoryOverlapsAperture { memory_end: end, aperture_base: base }.into()
+            );
+        }
+    }
     if let (Mmio64Aperture::Fixed { size, .. }, false) = (spec.mmio64, pref.is_empty()) {
         if pref.size > size {
             return Err(AddressSpaceError::Mmio64Aperture { needed: pref.size, available: size }.into());
@@ -73,10 +99,22 @@ pub(crate) fn check_address_space(
     if aperture.is_none() && !pref.is_empty() {
         return Err(AddressSpaceError::Mmio64Aperture { needed: pref.size, available: 0 }.into());
     }
-    let end = match aperture {
-        Some(a) => a.checked_end().ok_or(AddressSpaceError::Overflow)?.max(ram_end),
-        None => ram_end,
+    let end_of = |aperture: Option<Range>| -> Result<u64, AddressSpaceError> {
+        match aperture {
+            Some(a) => Ok(a.checked_end().ok_or(AddressSpaceError::Overflow)?.max(below_aperture)),
+            None => Ok(below_aperture),
+        }
     };
+    // The aperture as asked for (the fw_cfg size), then where the firmware puts it for
+    // the guest CPU's width: the caller's, or what the plan will ask for (the machine's
+    // default unless the plan needs more).
+    let asked = aperture;
+    let guest_bits = plan
+        .options
+        .guest_phys_bits
+        .unwrap_or_else(|| spec.default_phys_bits.max(bits_for_end(end_of(asked).unwrap_or(u64::MAX))));
+    let aperture = asked.map(|a| spec.mmio64_placed(a, guest_bits));
+    let end = end_of(aperture)?;
     let needed_bits = bits_for_end(end).max(bits_for_end(ram_end));
     let widest = (Some(MAX_PHYS_BITS), "widest platform (52-bit x86-64 MAXPHYADDR and aarch64 IPA)");
     for (have, who) in
@@ -102,11 +140,12 @@ pub(crate) fn check_address_space(
         mmio64_needed: pref.size,
         mmio64_aperture: aperture,
         ram_end,
+        memory_end,
         phys_bits_needed: needed_bits,
         guest_phys_bits: plan.options.guest_phys_bits,
         host_phys_bits: plan.options.host_phys_bits,
     };
     let totals =
-        Totals { mmio64_needed: aperture.map_or(0, |a| a.size), phys_bits_needed: needed_bits, ..*hotplug };
+        Totals { mmio64_needed: asked.map_or(0, |a| a.size), phys_bits_needed: needed_bits, ..*hotplug };
     Ok((report, totals))
 }

@@ -4,6 +4,7 @@ use pcilibs::requirement::Requirement;
 use thiserror::Error;
 
 pub use crate::alloc::AllocError;
+use crate::foreign::ForeignError;
 use crate::qemu::QemuError;
 use crate::request::RequestError;
 use crate::units::human_size;
@@ -48,6 +49,15 @@ pub enum AddressSpaceError {
         /// Whose width: `guest CPU` or `host`.
         source_name: String,
     },
+    /// Memory hotplug's device memory region reaches into the machine's fixed 64-bit
+    /// aperture (QEMU would move the aperture; the plan does not follow it there).
+    #[error("memory hotplug: device memory ends at {memory_end:#x}, above the start of the machine's 64-bit PCI aperture at {aperture_base:#x}; lower maxmem")]
+    MemoryOverlapsAperture {
+        /// One past the device memory region.
+        memory_end: u64,
+        /// First address of the aperture.
+        aperture_base: u64,
+    },
     /// The arithmetic of the address space overflowed 64 bits.
     #[error("address-space totals overflow 64 bits")]
     Overflow,
@@ -69,6 +79,9 @@ pub enum PlanError {
     /// The address space does not hold the plan.
     #[error(transparent)]
     AddressSpace(#[from] AddressSpaceError),
+    /// The description of the VMM's own devices or memory hotplug is wrong.
+    #[error(transparent)]
+    Foreign(#[from] ForeignError),
     /// Two things want the same QEMU id.
     #[error("QEMU id `{0}` is used twice")]
     DuplicateId(String),
@@ -105,6 +118,17 @@ pub enum PlanError {
     Buses {
         /// Bus numbers needed.
         needed: u32,
+    },
+    /// A root bus needs bus numbers past where the next root bus starts (with
+    /// [`crate::ExpanderBuses::KataAgent`], every 0x20 buses).
+    #[error("bus numbers: root bus {root:#x} needs buses up to {last:#x}, but the next root bus starts at {limit:#x} (expander buses numbered as Kata's agent reads them); use fewer ports per NUMA node")]
+    BusRange {
+        /// The root bus.
+        root: u32,
+        /// Its last bus number as needed.
+        last: u32,
+        /// First bus number of the next root bus.
+        limit: u32,
     },
     /// No free port can hold a device being placed at run time.
     #[error("no free port holds device `{device}` (needs mem {}, pref {}, io {})", human_size(.need.mem.size), human_size(.need.pref.size), human_size(.need.io.size))]

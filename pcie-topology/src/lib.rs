@@ -86,7 +86,9 @@
 mod alloc;
 mod check;
 pub mod error;
+pub mod foreign;
 mod format;
+pub mod kata;
 pub mod path;
 pub mod physbits;
 pub mod plan;
@@ -99,11 +101,12 @@ mod sim;
 pub mod units;
 
 pub use error::{AddressSpaceError, AllocError, PlanError};
+pub use foreign::{Foreign, ForeignDevice, MemoryHotplug};
 pub use format::{PLAN_VERSION, PLAN_VERSION_OLDEST};
 pub use path::GuestPciPath;
 pub use plan::{
-    FunctionAction, HotplugAction, Mode, Placeholder, PlaceholderRemoval, Plan, PlanOptions, PlanRequest,
-    Port, PortKind, SpareRequest,
+    ExpanderBuses, FunctionAction, HotplugAction, Mode, Placeholder, PlaceholderRemoval, Plan, PlanOptions,
+    PlanRequest, Port, PortKind, SpareRequest,
 };
 pub use planner::plan;
 pub use platform::{Addressing, Platform, PlatformSpec, WindowRule};

@@ -7,9 +7,14 @@
 //! each element, taking the device at that slot and following the bus behind it; an
 //! element is a two-digit hex slot with an optional `.function` (`02/00`, `02/00.1`). This
 //! crate writes the same form for devices under `pcie.0`. A device under a `pxb-pcie`
-//! expander sits on another root bus, which the agent's walk from bus `00` cannot reach; for
-//! those the path starts with the expander's root bus number (`20/01/00`: root bus 0x20,
-//! root port in slot 1, device in slot 0), and [`GuestPciPath::kata`] returns `None`.
+//! expander sits on another root bus; for those the path starts with the expander's root
+//! bus number (`20/01/00`: root bus 0x20, root port in slot 1, device in slot 0). Kata's
+//! agent reads a path of three or more elements whose first is 0x20 or more that way (a
+//! root complex, `/sys/devices/pci0000:20`), and Kata's runtime numbers expander root
+//! buses `0x20 * (node + 1)`; a plan made with [`crate::ExpanderBuses::KataAgent`] numbers
+//! them the same, and [`GuestPciPath::kata`] gives those paths. An expander root bus below
+//! 0x20 (the default, packed numbering) would read as a slot of bus 0, so `kata()` gives
+//! `None` for it. [`GuestPciPath::from_kata`] reads a path by the agent's rule.
 //!
 //! # Bus number prediction
 //!
@@ -28,6 +33,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::qemu::DevFn;
+
+/// The lowest first path element Kata's agent reads as an expander's root bus.
+pub const KATA_ROOT_COMPLEX_MIN: u32 = 0x20;
 
 /// Errors parsing a path.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -50,12 +58,29 @@ pub struct GuestPciPath {
 }
 
 impl GuestPciPath {
-    /// The path as Kata's agent reads it; `None` behind an expander root bus.
+    /// The path as Kata's agent reads it: `02/00` below `pcie.0`, `20/00/00` below an
+    /// expander whose root bus is 0x20 or more (the agent's rule for a root complex);
+    /// `None` below an expander with a lower root bus number, which the agent would take
+    /// for a slot of bus 0.
     pub fn kata(&self) -> Option<String> {
-        if self.root_bus.is_some() {
-            return None;
+        match self.root_bus {
+            None => Some(self.to_string()),
+            Some(bus) if u32::from(bus) >= KATA_ROOT_COMPLEX_MIN && self.hops.len() >= 2 => {
+                Some(self.to_string())
+            }
+            Some(_) => None,
         }
-        Some(self.to_string())
+    }
+
+    /// Reads a path as Kata's agent does: three or more elements whose first is 0x20 or
+    /// more name an expander's root bus and the hops below it; anything else is a path
+    /// from bus 0.
+    pub fn from_kata(text: &str) -> Result<Self, PathError> {
+        let mut parts = text.split('/');
+        let first = parts.next().and_then(|p| u8::from_str_radix(p, 16).ok());
+        let root =
+            text.split('/').count() >= 3 && first.is_some_and(|b| u32::from(b) >= KATA_ROOT_COMPLEX_MIN);
+        GuestPciPath::parse_with_root(text, root)
     }
 
     /// This path extended by one hop.
@@ -158,7 +183,14 @@ mod tests {
             hops: vec![DevFn::new(1, 0).unwrap(), DevFn::new(0, 0).unwrap()],
         };
         assert_eq!(x.to_string(), "20/01/00");
-        assert_eq!(x.kata(), None);
+        assert_eq!(x.kata().as_deref(), Some("20/01/00"));
+        assert_eq!(GuestPciPath::from_kata("20/01/00").unwrap(), x);
+        assert_eq!(GuestPciPath::from_kata("02/00.1").unwrap(), p);
+        // Two elements are a path from bus 0 whatever the first is (the agent's rule), so
+        // `20/01` is slot 0x20 of bus 0: no such slot.
+        assert!(GuestPciPath::from_kata("20/01").is_err());
+        let low = GuestPciPath { root_bus: Some(3), ..x.clone() };
+        assert_eq!(low.kata(), None);
         let json = serde_json::to_string(&x).unwrap();
         assert_eq!(json, "\"pxb:20/01/00\"");
         assert_eq!(serde_json::from_str::<GuestPciPath>(&json).unwrap(), x);

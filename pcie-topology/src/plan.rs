@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{AddressSpaceError, PlanError};
+use crate::foreign::{Foreign, MemoryHotplug, PlacedForeign};
 use crate::format::{upgrade, PLAN_VERSION, PLAN_VERSION_OLDEST};
 use crate::path::GuestPciPath;
 use crate::planner::{check_attach, zpci};
@@ -354,6 +355,9 @@ pub struct PlacedDevice {
     pub functions: Vec<PlacedFunction>,
     /// What the device needs.
     pub need: Requirement,
+    /// The id the runtime knows the device by ([`DeviceRequest::runtime_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_id: Option<String>,
 }
 
 impl PlacedDevice {
@@ -381,6 +385,10 @@ pub struct AddressReport {
     pub mmio64_aperture: Option<crate::platform::Range>,
     /// One past the last byte of guest RAM.
     pub ram_end: u64,
+    /// One past the device memory region QEMU makes for memory hotplug, when there is
+    /// one: the 64-bit aperture starts above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_end: Option<u64>,
     /// Guest physical address bits the plan needs.
     pub phys_bits_needed: u8,
     /// Guest physical address bits the caller said the guest CPU has.
@@ -419,6 +427,33 @@ pub struct PlanOptions {
     /// such devices go on PCIe ports like any other, where their windows can be reserved.
     #[serde(default)]
     pub conventional_behind_bridge: bool,
+    /// How `pxb-pcie` expanders get their root bus numbers.
+    #[serde(default)]
+    pub expander_buses: ExpanderBuses,
+    /// The guest kernel numbers every bus itself (Linux `pci=assign-busses`, as Kata's
+    /// NVIDIA configurations boot): the bus numbers of the plan's BDFs do not hold in the
+    /// guest. Slots, functions, paths and the tree do; hotplug actions say so
+    /// ([`HotplugAction::guest_renumbers_buses`]), so an engine checks a device by its
+    /// place in the tree instead.
+    #[serde(default)]
+    pub guest_renumbers_buses: bool,
+}
+
+/// How `pxb-pcie` expanders get their root bus numbers (`bus_nr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ExpanderBuses {
+    /// Each expander's root bus follows the last bus number of the root bus before it
+    /// (pcie.0, then each expander in turn): as few bus numbers as possible.
+    #[default]
+    Packed,
+    /// As Kata's runtime numbers them and its agent reads them: the expander of NUMA node
+    /// `n` has root bus `0x20 * (n + 1)`, so a guest path whose first element is 0x20 or
+    /// more names an expander's root complex (`20/00/00`, see
+    /// [`crate::GuestPciPath::kata`]). Nodes 0 to 6 only (node 7 would need bus 0x100);
+    /// pcie.0 and each expander keep within their 0x20 bus numbers.
+    KataAgent,
 }
 
 impl PlanOptions {
@@ -450,6 +485,8 @@ impl Default for PlanOptions {
             first_root_slot: 1,
             size_reservations: true,
             conventional_behind_bridge: false,
+            expander_buses: ExpanderBuses::Packed,
+            guest_renumbers_buses: false,
         }
     }
 }
@@ -513,9 +550,19 @@ pub struct PlanRequest {
     pub spares: Vec<SpareRequest>,
     /// Options.
     pub options: PlanOptions,
+    /// What else the VMM puts on the machine (its own devices on the root bus, memory
+    /// hotplug).
+    #[serde(default, skip_serializing_if = "Foreign::is_empty")]
+    pub foreign: Foreign,
 }
 
 impl PlanRequest {
+    /// This request planned around what else the VMM puts on the machine.
+    pub fn with_foreign(mut self, foreign: Foreign) -> Self {
+        self.foreign = foreign;
+        self
+    }
+
     /// This request with placement policy `mode`.
     pub fn with_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
@@ -567,6 +614,11 @@ pub struct FunctionAction {
     /// The function's planned resources ([`PlacedFunction::bars`]): each BAR the guest must
     /// show, where [`ExpectedBar::visible_size`] says it shows one.
     pub bars: Vec<ExpectedBar>,
+    /// The host function passed through ([`PlacedFunction::host`]), typed: the same
+    /// function `device_add`'s `host=` or `sysfsdev=` names, for the checks a runtime runs
+    /// before the plug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostRef>,
 }
 
 impl FunctionAction {
@@ -611,6 +663,13 @@ pub struct HotplugAction {
     /// The port's windows, to check that every BAR landed inside them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<Reservation>,
+    /// The id the runtime knows the device by ([`PlacedDevice::runtime_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_id: Option<String>,
+    /// The guest numbers buses itself ([`PlanOptions::guest_renumbers_buses`]): the bus
+    /// of each function's planned address will not hold; its port, slot and function do.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_renumbers_buses: bool,
 }
 
 impl HotplugAction {
@@ -666,6 +725,12 @@ pub struct Plan {
     pub address: AddressReport,
     /// Platform arguments derived from the totals.
     pub extra: ExtraArgs,
+    /// The VMM's own devices on the root bus, where the plan expects them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<PlacedForeign>,
+    /// Memory hotplug the plan was made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_hotplug: Option<MemoryHotplug>,
 }
 
 impl Plan {
@@ -792,6 +857,11 @@ impl Plan {
         self.devices.iter().find(|d| d.id.as_str() == id)
     }
 
+    /// The device the runtime knows as `runtime_id` ([`DeviceRequest::runtime_id`]).
+    pub fn device_by_runtime_id(&self, runtime_id: &str) -> Option<&PlacedDevice> {
+        self.devices.iter().find(|d| d.runtime_id.as_deref() == Some(runtime_id))
+    }
+
     /// The hotplug action for a device of the plan.
     pub fn hotplug_action(&self, device: &str) -> Result<HotplugAction, PlanError> {
         let d = self.device(device).ok_or_else(|| PlanError::UnknownDevice(device.to_string()))?;
@@ -815,6 +885,7 @@ impl Plan {
                 device_add: f.device.clone(),
                 guest: f.location.clone(),
                 bars: f.bars.clone(),
+                host: f.host.clone(),
             })
             .collect();
         functions.sort_by_key(|f| std::cmp::Reverse(f.function));
@@ -833,6 +904,8 @@ impl Plan {
             unplug,
             object_del: d.objects.iter().map(|o| o.id.clone()).collect(),
             windows: port.map(|p| p.reservation.clone()),
+            runtime_id: d.runtime_id.clone(),
+            guest_renumbers_buses: self.options.guest_renumbers_buses,
         })
     }
 
@@ -1045,7 +1118,8 @@ impl Plan {
                 })
                 .chain(d.objects.iter().map(|o| o.id.as_str()))
         });
-        hb.chain(sw).chain(br).chain(ports).chain(ph).chain(devs)
+        let foreign = self.foreign.iter().map(|f| f.device.id.as_str()).filter(|id| !id.is_empty());
+        hb.chain(sw).chain(br).chain(ports).chain(ph).chain(devs).chain(foreign)
     }
 }
 
@@ -1108,6 +1182,7 @@ pub(crate) fn place_on_port(
         objects,
         functions,
         need,
+        runtime_id: request.runtime_id.clone(),
     })
 }
 

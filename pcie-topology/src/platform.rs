@@ -73,6 +73,13 @@ pub enum Mmio64Aperture {
     FwCfgSized {
         /// Size when the fw_cfg file is not given (32 GiB in OVMF 2022.11).
         default_size: u64,
+        /// From this many guest physical address bits on, an aperture smaller than an
+        /// eighth of the guest's address space becomes that eighth, at the top of the
+        /// address space (OVMF's dynamic MMIO window: measured with Debian's edk2
+        /// 2022.11 under QEMU 7.2, from 40 bits on; with 39 or fewer, or an aperture of
+        /// an eighth or more, the aperture is placed as above). `None`: never.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        top_eighth_from_bits: Option<u8>,
     },
     /// A fixed window of the machine (aarch64 `virt`'s high PCIe MMIO region).
     Fixed {
@@ -252,8 +259,20 @@ impl PlatformSpec {
         packed: u64,
         align: u64,
     ) -> Result<Option<Range>, AddressSpaceError> {
+        self.mmio64_range_above(self.ram_end(ram)?, packed, align)
+    }
+
+    /// The 64-bit aperture as [`PlatformSpec::mmio64_range`] places it, when the
+    /// firmware starts it above `ram_end` rather than above RAM: the end of the device
+    /// memory region for memory hotplug (QEMU hands it to the firmware as
+    /// `etc/reserved-memory-end`; SeaBIOS and OVMF start the 64-bit aperture there).
+    pub fn mmio64_range_above(
+        &self,
+        ram_end: u64,
+        packed: u64,
+        align: u64,
+    ) -> Result<Option<Range>, AddressSpaceError> {
         let overflow = || AddressSpaceError::Overflow;
-        let ram_end = self.ram_end(ram)?;
         let range = match self.mmio64 {
             Mmio64Aperture::GrowsAfterRam => {
                 let base =
@@ -261,7 +280,7 @@ impl PlatformSpec {
                 let end = base.checked_add(packed).and_then(|e| align_up(e, GIB)).ok_or_else(overflow)?;
                 Range { base, size: end.checked_sub(base).ok_or_else(overflow)? }
             }
-            Mmio64Aperture::FwCfgSized { default_size } => {
+            Mmio64Aperture::FwCfgSized { default_size, .. } => {
                 let size = align_up(packed, GIB).ok_or_else(overflow)?.max(default_size);
                 let floor_pow2 = 1u64 << (63 - size.leading_zeros().min(63));
                 let base =
@@ -273,6 +292,28 @@ impl PlatformSpec {
         };
         range.checked_end().ok_or_else(overflow)?;
         Ok(Some(range))
+    }
+
+    /// Where the firmware really puts an aperture placed as `classic` (by
+    /// [`PlatformSpec::mmio64_range_above`]) for a guest CPU with `guest_bits` physical
+    /// address bits: the top eighth of the address space when the platform's firmware
+    /// does that (`top_eighth_from_bits` of [`Mmio64Aperture::FwCfgSized`]), else
+    /// `classic`.
+    pub fn mmio64_placed(&self, classic: Range, guest_bits: u8) -> Range {
+        let Mmio64Aperture::FwCfgSized { top_eighth_from_bits: Some(from), .. } = self.mmio64 else {
+            return classic;
+        };
+        if guest_bits < from.max(3) || guest_bits >= 64 {
+            return classic;
+        }
+        let space = 1u64 << guest_bits;
+        let eighth = space >> 3;
+        let fits_below = classic.base.checked_add(eighth).is_some_and(|end| end < space);
+        if classic.size < eighth && fits_below {
+            Range::new(space - eighth, eighth)
+        } else {
+            classic
+        }
     }
 }
 

@@ -147,6 +147,9 @@ pub enum PropValue {
     Bool(bool),
     /// An unsigned number (sizes in bytes, chassis, slot, bus numbers).
     Int(u64),
+    /// A negative number (`bootindex=-1`); JSON's non-negative numbers read as
+    /// [`PropValue::Int`].
+    Signed(i64),
     /// Text.
     Str(String),
 }
@@ -157,6 +160,7 @@ impl PropValue {
             PropValue::Bool(true) => "on".into(),
             PropValue::Bool(false) => "off".into(),
             PropValue::Int(n) => n.to_string(),
+            PropValue::Signed(n) => n.to_string(),
             PropValue::Str(s) => s.replace(',', ",,"),
         }
     }
@@ -166,6 +170,7 @@ impl PropValue {
         match self {
             PropValue::Bool(b) => Value::Bool(*b),
             PropValue::Int(n) => Value::from(*n),
+            PropValue::Signed(n) => Value::from(*n),
             PropValue::Str(s) => Value::String(s.clone()),
         }
     }
@@ -184,6 +189,12 @@ impl From<String> for PropValue {
 impl From<u64> for PropValue {
     fn from(n: u64) -> Self {
         PropValue::Int(n)
+    }
+}
+impl From<i64> for PropValue {
+    /// A non-negative value is a [`PropValue::Int`], so that each number has one form.
+    fn from(n: i64) -> Self {
+        u64::try_from(n).map_or(PropValue::Signed(n), PropValue::Int)
     }
 }
 impl From<bool> for PropValue {
@@ -355,6 +366,17 @@ mod tests {
         assert_eq!(q["multifunction"], true);
         assert_eq!(q["chassis"], 1);
         assert!(DevFn::new(32, 0).is_err());
+    }
+
+    /// Negative numbers read and render; non-negative ones are always `Int`.
+    #[test]
+    fn signed_values() {
+        assert_eq!(serde_json::from_str::<PropValue>("-1").unwrap(), PropValue::Signed(-1));
+        assert_eq!(serde_json::from_str::<PropValue>("7").unwrap(), PropValue::Int(7));
+        assert_eq!(PropValue::from(-1i64).to_qmp(), serde_json::json!(-1));
+        assert_eq!(PropValue::from(3i64), PropValue::Int(3));
+        let d = QemuDevice::new("virtio-blk-pci", QemuId::new("d0").unwrap()).prop("bootindex", -1i64);
+        assert_eq!(d.to_arg(), "virtio-blk-pci,id=d0,bootindex=-1");
     }
 
     /// A plan file's devfn is checked when read: `raw()` of slot 40 shifted bits out.

@@ -420,6 +420,11 @@ pub struct DeviceRequest {
     /// What the device is plugged into: a PCIe port unless it needs a conventional bus.
     #[serde(default, skip_serializing_if = "Attach::is_port")]
     pub attach: Attach,
+    /// The id the runtime knows the device by, when that is not a valid QEMU id (Kata's
+    /// hex device ids): the plan keeps it with the device, so either finds the other
+    /// ([`crate::Plan::device_by_runtime_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_id: Option<String>,
 }
 
 impl DeviceRequest {
@@ -433,7 +438,14 @@ impl DeviceRequest {
             numa_node: None,
             cold_plug: false,
             attach: Attach::Port,
+            runtime_id: None,
         }
+    }
+
+    /// This device known to the runtime as `runtime_id` (kept in the plan with it).
+    pub fn with_runtime_id(mut self, runtime_id: impl Into<String>) -> Self {
+        self.runtime_id = Some(runtime_id.into());
+        self
     }
 
     /// A channel device (s390x) of `driver` (`virtio-net-ccw`, `vfio-ccw`, …) with no other

@@ -247,6 +247,8 @@ fn a_lone_vf_plans_as_function_0_and_the_plan_keeps_its_host_address() {
     assert_eq!(action.functions.len(), 1);
     assert_eq!(action.functions[0].function, 0);
     assert_eq!(action.functions[0].device_add.props["host"], PropValue::Str("0000:03:00.2".into()));
+    // The action carries the host function typed too, for the runtime's checks.
+    assert_eq!(action.functions[0].host, Some(HostRef::Pci("0000:03:00.2".parse().unwrap())));
     assert_eq!(action.iommu_group, Some(4));
     // The host function without a PCIe capability is on a root port, not behind a bridge.
     let port = plan.port(plan.device("ivs").unwrap().port.as_ref().unwrap().as_str()).unwrap();

@@ -126,6 +126,12 @@ fn version_2_plans_read_as_todays_plans() {
         [("plan-v2-q35-seabios-switch.json", seabios_switch()), ("plan-v2-q35-ovmf-numa.json", ovmf_numa())]
     {
         let old = Plan::from_json(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        // The OVMF platform has since learnt where OVMF puts a small aperture
+        // (`top_eighth_from_bits`); a file written before cannot say it and keeps the
+        // description it was planned with. This plan's aperture is large, so nothing else
+        // differs.
+        let mut today = today;
+        today.platform.mmio64 = old.platform.mmio64;
         assert_eq!(old, today, "{file}");
     }
     let old = Plan::from_json(&fixture("plan-v2-q35-seabios-switch.json")).unwrap();

@@ -14,9 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pcie_topology::{QemuDevice, QemuId};
+use pcilibs::bdf::Bdf;
 use qmp_hotplug::engine::{Engine, EngineOptions, UnplugOutcome};
-use qmp_hotplug::request::DeviceRequest;
 use qmp_hotplug::{ClientOptions, QmpClient};
+use qmp_hotplug::{Expectation, PciExpectation, PlugFunction, PlugRequest};
 use serde_json::json;
 
 const ROUNDS: usize = 30;
@@ -53,7 +55,8 @@ fn qemu(ports: usize) -> (Qemu, Arc<QmpClient>) {
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu-system-x86_64");
-    let opts = ClientOptions { connect_timeout: Duration::from_secs(30), ..Default::default() };
+    let mut opts = ClientOptions::default();
+    opts.connect_timeout = Duration::from_secs(30);
     let c = Arc::new(QmpClient::connect_unix(&sock, opts).unwrap());
     // Wait for SeaBIOS to number the ports.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -72,13 +75,14 @@ fn qemu(ports: usize) -> (Qemu, Arc<QmpClient>) {
     (Qemu(child, dir), c)
 }
 
-fn request(port: usize) -> DeviceRequest {
-    serde_json::from_value(json!({
-        "port": format!("rp{port}"),
-        "functions": [{"qdev": {"driver": "e1000e", "id": format!("nic{port}"), "bus": format!("rp{port}")},
-                       "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": 0}}]
-    }))
-    .unwrap()
+/// `nic{port}`, an e1000e on `rp{port}`, expected at the port's bus.
+fn request(port: usize) -> PlugRequest {
+    let id = QemuId::new(format!("nic{port}")).unwrap();
+    let mut nic = QemuDevice::new("e1000e", id.clone());
+    nic.bus = Some(format!("rp{port}"));
+    let bdf = Bdf::new(0, u8::try_from(port + 1).unwrap(), 0, 0).unwrap();
+    let f = PlugFunction::new(nic).with_expect(Expectation::Pci(PciExpectation::at(bdf, Vec::new())));
+    PlugRequest::new(QemuId::new(format!("rp{port}")).unwrap(), id, vec![f])
 }
 
 fn raw_round(c: &QmpClient) -> (Duration, Duration) {
@@ -124,7 +128,7 @@ fn main() {
         engine.plug(request(0)).unwrap();
         ep.push(t.elapsed());
         let t = Instant::now();
-        assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
+        assert_eq!(engine.unplug("nic0").unwrap(), UnplugOutcome::Removed);
         eu.push(t.elapsed());
     }
     println!("### Engine overhead per hotplug (median of {ROUNDS}, ms)\n");
@@ -147,7 +151,7 @@ fn main() {
         }
         seq.push(t.elapsed());
         for p in 0..N {
-            engine.unplug(&format!("rp{p}")).unwrap();
+            engine.unplug(&format!("nic{p}")).unwrap();
         }
         let t = Instant::now();
         std::thread::scope(|s| {
@@ -163,7 +167,7 @@ fn main() {
         });
         conc.push(t.elapsed());
         for p in 0..N {
-            engine.unplug(&format!("rp{p}")).unwrap();
+            engine.unplug(&format!("nic{p}")).unwrap();
         }
     }
     println!("\n### {N} devices onto {N} root ports (median of 5, ms)\n");

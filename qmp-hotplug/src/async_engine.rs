@@ -4,7 +4,7 @@
 //! deadline. [`AsyncEngine`] runs every call on tokio's blocking pool
 //! (`spawn_blocking`), so a plug waiting for `query-pci` or an unplug waiting out its
 //! deadline never stalls the executor, and calls on different ports still run at the
-//! same time. Queries that do not talk to QEMU (`device`, `is_port_free`) are cheap and
+//! same time. Queries that do not talk to QEMU (`device`, `on_port`, `is_port_free`) are cheap and
 //! stay on [`AsyncEngine::engine`].
 
 use std::path::PathBuf;
@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use crate::client::QmpClient;
 use crate::engine::{Engine, EngineError, EngineOptions, RecoveryReport, UnplugOutcome};
-use crate::request::DeviceRequest;
+use crate::request::PlugRequest;
 use crate::state::DeviceRecord;
+use pcie_topology::QemuId;
 
 /// What an async call can end in.
 #[derive(Debug, thiserror::Error)]
@@ -61,20 +62,20 @@ impl AsyncEngine {
     }
 
     /// [`Engine::plug`] on the blocking pool.
-    pub async fn plug(&self, request: DeviceRequest) -> Result<DeviceRecord> {
+    pub async fn plug(&self, request: PlugRequest) -> Result<DeviceRecord> {
         let engine = Arc::clone(&self.engine);
         Ok(tokio::task::spawn_blocking(move || engine.plug(request)).await??)
     }
 
-    /// [`Engine::unplug`] on the blocking pool.
-    pub async fn unplug(&self, port: impl Into<String>) -> Result<UnplugOutcome> {
+    /// [`Engine::unplug`] (by device id) on the blocking pool.
+    pub async fn unplug(&self, device: impl Into<String>) -> Result<UnplugOutcome> {
         let engine = Arc::clone(&self.engine);
-        let port = port.into();
-        Ok(tokio::task::spawn_blocking(move || engine.unplug(&port)).await??)
+        let device = device.into();
+        Ok(tokio::task::spawn_blocking(move || engine.unplug(&device)).await??)
     }
 
     /// [`Engine::complete_pending`] on the blocking pool.
-    pub async fn complete_pending(&self) -> Result<Vec<String>> {
+    pub async fn complete_pending(&self) -> Result<Vec<QemuId>> {
         let engine = Arc::clone(&self.engine);
         Ok(tokio::task::spawn_blocking(move || engine.complete_pending()).await??)
     }

@@ -23,7 +23,8 @@ use serde_json::{Map, Value};
 
 use crate::deadline;
 use crate::event_queue::{EventQueue, Popped, RawEvent};
-use crate::transport::{LineReader, LineWriter, TransportError};
+pub use crate::transport::TransportError;
+use crate::transport::{LineReader, LineWriter};
 
 /// Errors of the QMP client.
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +145,9 @@ pub enum CloseReason {
     Dropped,
 }
 
-/// Connection settings.
+/// Connection settings: [`ClientOptions::default`], then change the fields that differ.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Default deadline for a command's reply.
     pub command_timeout: Duration,
@@ -180,8 +182,10 @@ impl Default for ClientOptions {
     }
 }
 
-/// QEMU's version from the greeting.
+/// QEMU's version from the greeting; ordered, so that `version >= QemuVersion::new(9, 0, 0)`
+/// asks for a feature of QEMU 9.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuVersion {
     /// Major version.
     pub major: u32,
@@ -191,8 +195,16 @@ pub struct QemuVersion {
     pub micro: u32,
 }
 
+impl QemuVersion {
+    /// Version `major.minor.micro`.
+    pub fn new(major: u32, minor: u32, micro: u32) -> Self {
+        QemuVersion { major, minor, micro }
+    }
+}
+
 /// The QMP greeting.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Greeting {
     /// QEMU's version.
     pub version: QemuVersion,
@@ -204,6 +216,7 @@ pub struct Greeting {
 
 /// An event's time stamp as QEMU sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Timestamp {
     /// Seconds since the epoch.
     pub seconds: i64,
@@ -214,6 +227,7 @@ pub struct Timestamp {
 /// An asynchronous event, kept as raw JSON so that events this crate's schema does not
 /// know are delivered too.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Event {
     /// The event name, e.g. `DEVICE_DELETED`.
     pub name: String,
@@ -441,18 +455,38 @@ impl QmpClient {
         Self::start(from_qemu.into(), writer, options)
     }
 
+    /// Speaks QMP over a connection a VMM hands over in command mode: it read QEMU's
+    /// greeting and sent `qmp_capabilities` itself, and gives the connection up (QMP
+    /// matches replies to commands by order and id on one connection, so two clients
+    /// cannot share it). The greeting is gone, so [`QmpClient::greeting`] holds the
+    /// version `query-version` reports and no capabilities; asking it shares
+    /// `options.handshake_timeout`. Events QEMU sent before are read as events; replies
+    /// to commands the VMM sent and did not read count as stray replies.
+    pub fn from_negotiated_stream(stream: UnixStream, options: ClientOptions) -> Result<Self> {
+        let read = stream.try_clone().map_err(ClientError::Setup)?;
+        let writer = LineWriter::socket(stream).map_err(setup_error)?;
+        Self::start_with(OwnedFd::from(read), writer, options, true)
+    }
+
     fn start(read: OwnedFd, writer: LineWriter, options: ClientOptions) -> Result<Self> {
+        Self::start_with(read, writer, options, false)
+    }
+
+    /// Starts the reader; `negotiated`: the connection is past the greeting and in
+    /// command mode already.
+    fn start_with(
+        read: OwnedFd,
+        writer: LineWriter,
+        options: ClientOptions,
+        negotiated: bool,
+    ) -> Result<Self> {
         let mut reader = LineReader::new(read, options.max_message_bytes);
         let stop = Arc::new(AtomicBool::new(false));
         // The greeting is read here, not by `qapi`, whose handshake panics on EOF. Greeting
-        // and `qmp_capabilities` share one deadline.
+        // and `qmp_capabilities` (or `query-version`) share one deadline.
         let started = Instant::now();
         let until = deadline::from(started, options.handshake_timeout);
-        let line = reader.read_line(Some(until), &stop).map_err(|e| match e {
-            TransportError::Timeout(after) => ClientError::Timeout { what: "QMP greeting".into(), after },
-            other => ClientError::Closed(close_reason(other)),
-        })?;
-        let greeting = parse_greeting(&line)?;
+        let greeting = if negotiated { None } else { Some(read_greeting(&mut reader, until, &stop)?) };
         let shared = Arc::new(Shared::default());
         let thread_shared = Arc::clone(&shared);
         let thread_stop = Arc::clone(&stop);
@@ -460,16 +494,25 @@ impl QmpClient {
             .name("qmp-reader".into())
             .spawn(move || reader_loop(reader, &thread_shared, &thread_stop))
             .map_err(ClientError::Setup)?;
-        let client = QmpClient {
+        let mut client = QmpClient {
             shared,
             writer: Mutex::new(writer),
             next_id: AtomicU64::new(1),
-            greeting,
+            greeting: greeting.clone().unwrap_or(Greeting {
+                version: QemuVersion { major: 0, minor: 0, micro: 0 },
+                package: String::new(),
+                capabilities: Vec::new(),
+            }),
             options,
             stop,
             reader: Mutex::new(Some(handle)),
         };
-        client.execute_until("qmp_capabilities", None, &[], started, until)?;
+        if greeting.is_some() {
+            client.execute_until("qmp_capabilities", None, &[], started, until)?;
+        } else {
+            let v = client.execute_until("query-version", None, &[], started, until)?;
+            client.greeting = parse_version(&v)?;
+        }
         Ok(client)
     }
 
@@ -715,6 +758,39 @@ struct RawVersion {
     package: String,
 }
 
+/// Events QEMU may send before its greeting and that are skipped. A client that connects
+/// while QEMU is still starting can see `RESUME` (or other events) written to the socket
+/// before the monitor has sent its greeting; no [`EventStream`] exists yet to see them.
+const EVENTS_BEFORE_GREETING: usize = 64;
+
+/// Reads lines until the greeting, skipping the events that may come first (at most
+/// [`EVENTS_BEFORE_GREETING`], all within `until`).
+fn read_greeting(reader: &mut LineReader, until: Instant, stop: &AtomicBool) -> Result<Greeting> {
+    let mut skipped = 0usize;
+    loop {
+        let line = reader.read_line(Some(until), stop).map_err(|e| match e {
+            TransportError::Timeout(after) => ClientError::Timeout { what: "QMP greeting".into(), after },
+            other => ClientError::Closed(close_reason(other)),
+        })?;
+        if skipped < EVENTS_BEFORE_GREETING && is_event_line(&line) {
+            skipped += 1;
+            continue;
+        }
+        return parse_greeting(&line);
+    }
+}
+
+/// Whether a line is a QMP event (an object with an `"event"` member and no `"QMP"`).
+fn is_event_line(line: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        event: Option<serde::de::IgnoredAny>,
+        #[serde(rename = "QMP")]
+        qmp: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Probe>(line).is_ok_and(|p| p.event.is_some() && p.qmp.is_none())
+}
+
 fn parse_greeting(line: &[u8]) -> Result<Greeting> {
     let g: RawGreeting =
         serde_json::from_slice(line).map_err(|e| ClientError::Greeting(format!("{e}: {}", preview(line))))?;
@@ -728,6 +804,19 @@ fn parse_greeting(line: &[u8]) -> Result<Greeting> {
             .map(|c| c.as_str().map_or_else(|| c.to_string(), str::to_owned))
             .collect(),
     })
+}
+
+/// The greeting of a connection handed over in command mode, from `query-version`'s reply.
+fn parse_version(reply: &Value) -> Result<Greeting> {
+    #[derive(Deserialize)]
+    struct Version {
+        qemu: QemuVersion,
+        #[serde(default)]
+        package: String,
+    }
+    let v: Version = serde_json::from_value(reply.clone())
+        .map_err(|e| ClientError::Greeting(format!("query-version: {e}: {reply}")))?;
+    Ok(Greeting { version: v.qemu, package: v.package.trim().to_owned(), capabilities: Vec::new() })
 }
 
 fn preview(line: &[u8]) -> String {

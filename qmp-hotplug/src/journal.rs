@@ -14,23 +14,35 @@
 //! checksum agree; so
 //!
 //! * a torn append (the process or the machine died inside `write`) leaves a tail that
-//!   is no complete record: [`read_bytes`] reports it ([`ReadReport::torn_tail`]) and
-//!   [`Journal::open`] cuts it off; the step it announced was never sent;
+//!   is no complete record: reading reports it ([`ReadReport::torn_tail`]) and
+//!   opening the journal for writing ([`crate::Engine::open`]) cuts it off; the step it announced was never sent;
 //! * a failed append (a full disk, an I/O error) is cut off by the writer at once, and if
 //!   even that fails, before anything else is written, so it never sits between records;
 //! * a damaged line followed by good records (flipped bytes) is skipped and reported
 //!   ([`ReadReport::damaged`]), and every other record is kept;
 //! * before a record is written it is read back from its encoding and must come back
-//!   equal and within the size limit: nothing is written that [`read_bytes`] cannot read.
+//!   equal and within the size limit: nothing is written that cannot be read.
 //!
 //! Journals of the first format (bare JSON lines) are read as before and rewritten in
 //! this one when opened.
 //!
+//! # Records
+//!
+//! A plug's `begin` record carries its [`PlugRequest`] in the
+//! request's serde form (`device_add` argument maps): journals written before requests
+//! were typed read unchanged, and a request comes back typed (ids, addresses, host
+//! functions checked when read). Guest addresses are written as address text and read in
+//! that form or the `{"bus", "slot", "function"}` form of earlier journals. A descriptor
+//! the caller held is recorded by its name only (see [`FdRequest`](crate::FdRequest)).
+//!
+//! The engine writes the journal; this module's public part reads one, for tools:
+//! [`read_file`] (without changing it) and [`fold`] (what it says about each port).
+//!
 //! # Compaction
 //!
-//! [`Journal::compact`] replaces the file with one [`Record::Snapshot`] per port that
+//! Compaction replaces the file with one [`Record::Snapshot`] per port that
 //! holds a device or has an operation under way. The engine compacts on open and, while
-//! running, whenever the file has grown by [`Journal::set_compact_bytes`] since the last
+//! running, whenever the file has grown by [`crate::EngineOptions::journal_compact_bytes`] since the last
 //! compaction (1 MiB by default), so a journal never grows with the number of operations.
 //! The new file is written to a temporary file next to the journal and named after it
 //! (`<journal>.compact-tmp`, so journals sharing a directory never share one), `fsync`ed,
@@ -47,8 +59,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, Access, FileKind};
-use crate::request::DeviceRequest;
-use crate::state::{DeviceRecord, DeviceState, GuestAddress, Transition};
+use crate::request::PlugRequest;
+use crate::state::{DeviceRecord, DeviceState, GuestAddresses, Transition};
 
 /// Largest journal read on open.
 pub const MAX_JOURNAL_BYTES: u64 = 256 * 1024 * 1024;
@@ -60,7 +72,7 @@ pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_COMPACT_BYTES: u64 = 1024 * 1024;
 
 /// The first line of a version 2 journal.
-pub const HEADER: &[u8] = b"qmp-hotplug journal 2\n";
+pub(crate) const HEADER: &[u8] = b"qmp-hotplug journal 2\n";
 
 /// Bytes of a record line before its payload: `R`, length, checksum and three spaces.
 const FRAME_HEAD: usize = 20;
@@ -183,7 +195,7 @@ pub enum Record {
         op: OpKind,
         /// The request (plugs only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        request: Option<Box<DeviceRequest>>,
+        request: Option<Box<PlugRequest>>,
     },
     /// A QMP step is about to be sent.
     Step {
@@ -201,8 +213,12 @@ pub enum Record {
         #[serde(flatten)]
         transition: Transition,
         /// Guest addresses, with `visible`.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        guest: Vec<(String, GuestAddress)>,
+        #[serde(
+            default,
+            skip_serializing_if = "Vec::is_empty",
+            deserialize_with = "crate::state::guest_addresses"
+        )]
+        guest: GuestAddresses,
     },
     /// The whole record of a port (written by compaction), with the operation under way
     /// on it and that operation's steps, so that compacting at any moment loses nothing
@@ -241,8 +257,9 @@ pub enum HookPoint {
 /// for fault injection: a test can end the process at any point between two records.
 pub type JournalHook = Arc<dyn Fn(HookPoint, u64) + Send + Sync>;
 
-/// What the journal says about one port.
+/// What the journal says about one port ([`fold`]).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PortLog {
     /// The device record as folded from the journal.
     pub device: DeviceRecord,
@@ -267,6 +284,7 @@ pub enum Format {
 
 /// A stretch of a journal file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Span {
     /// Offset of its first byte.
     pub offset: u64,
@@ -291,6 +309,7 @@ pub struct ReadReport {
 }
 
 /// A journal file as read: its records, what was wrong, and where appending goes on.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ReadBack {
@@ -303,10 +322,11 @@ pub struct ReadBack {
     pub valid_len: u64,
 }
 
-/// Why a journal's bytes could not be read.
+/// Why a journal's bytes could not be read ([`read_bytes`]).
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ParseError {
+pub enum BytesError {
     /// A complete, intact line is not a record.
     #[error("line {line}: {message}")]
     Corrupt {
@@ -323,12 +343,13 @@ pub enum ParseError {
     TooLarge,
 }
 
-/// Reads a journal from its bytes: the read-back path of [`Journal::open`] and
-/// [`read_file`], without a file (for tools and fuzzing). Never panics; memory is
-/// bounded by the input's size.
-pub fn read_bytes(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
+/// Reads a journal from its bytes: the read-back path of [`crate::Engine::open`] and
+/// [`read_file`], without a file (for fuzzing; tools read a file with [`read_file`]).
+/// Never panics; memory is bounded by the input's size. Not part of the stable API.
+#[doc(hidden)]
+pub fn read_bytes(bytes: &[u8]) -> std::result::Result<ReadBack, BytesError> {
     if u64::try_from(bytes.len()).map_or(true, |n| n > MAX_JOURNAL_BYTES) {
-        return Err(ParseError::TooLarge);
+        return Err(BytesError::TooLarge);
     }
     if bytes.is_empty() {
         return Ok(ReadBack { records: Vec::new(), report: ReadReport::default(), valid_len: 0 });
@@ -364,7 +385,7 @@ fn offset(n: usize) -> u64 {
 }
 
 /// The first format: a torn last line is dropped, any other line must be a record.
-fn read_json_lines(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
+fn read_json_lines(bytes: &[u8]) -> std::result::Result<ReadBack, BytesError> {
     let mut records = Vec::new();
     let mut valid_len = 0;
     for (n, (at, line)) in lines(bytes).enumerate() {
@@ -374,7 +395,7 @@ fn read_json_lines(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
             continue;
         }
         let rec = serde_json::from_slice(line)
-            .map_err(|e| ParseError::Corrupt { line: n.saturating_add(1), message: e.to_string() })?;
+            .map_err(|e| BytesError::Corrupt { line: n.saturating_add(1), message: e.to_string() })?;
         records.push(rec);
     }
     let torn = bytes.len().saturating_sub(valid_len);
@@ -429,7 +450,7 @@ fn checksum(len_digits: &[u8], payload: &[u8]) -> u32 {
 
 /// Version 2: a header, then record lines; damaged lines are skipped when good records
 /// follow them, and are the torn tail when none do.
-fn read_framed(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
+fn read_framed(bytes: &[u8]) -> std::result::Result<ReadBack, BytesError> {
     let mut records = Vec::new();
     let mut damaged: Vec<Span> = Vec::new();
     let mut pending: Option<Span> = None;
@@ -463,14 +484,14 @@ fn read_framed(bytes: &[u8]) -> std::result::Result<ReadBack, ParseError> {
             }
             Err(FrameError::Damaged) => bad(&mut pending),
             Err(FrameError::Unreadable(message)) => {
-                return Err(ParseError::Corrupt { line: n.saturating_add(1), message })
+                return Err(BytesError::Corrupt { line: n.saturating_add(1), message })
             }
         }
     }
     let torn = bytes.len().saturating_sub(valid_len);
     let torn_header = !header_ok && records.is_empty() && HEADER.starts_with(bytes);
     if !header_ok && records.is_empty() && !torn_header {
-        return Err(ParseError::UnknownFormat);
+        return Err(BytesError::UnknownFormat);
     }
     let report = ReadReport {
         format: if header_ok || !records.is_empty() { Format::Framed } else { Format::Empty },
@@ -505,7 +526,7 @@ pub(crate) fn encode(record: &Record) -> std::result::Result<Vec<u8>, String> {
 }
 
 /// Reads the journal at `path` without changing it (for tools that look at a journal an
-/// engine may be using): the same checks as [`Journal::open`], no repairs.
+/// engine may be using): the same checks as [`crate::Engine::open`], no repairs.
 pub fn read_file(path: impl AsRef<Path>) -> Result<(Vec<Record>, ReadReport)> {
     let path = path.as_ref();
     let access = Access { no_follow: true, ..Access::READ };
@@ -522,13 +543,13 @@ fn open_error(path: &Path, e: files::OpenError) -> JournalError {
     }
 }
 
-fn parse_error(path: &Path, e: ParseError) -> JournalError {
+fn parse_error(path: &Path, e: BytesError) -> JournalError {
     match e {
-        ParseError::Corrupt { line, message } => {
+        BytesError::Corrupt { line, message } => {
             JournalError::Corrupt { path: path.to_owned(), line, message }
         }
-        ParseError::UnknownFormat => JournalError::UnknownFormat(path.to_owned()),
-        ParseError::TooLarge => JournalError::TooLarge(path.to_owned()),
+        BytesError::UnknownFormat => JournalError::UnknownFormat(path.to_owned()),
+        BytesError::TooLarge => JournalError::TooLarge(path.to_owned()),
     }
 }
 
@@ -548,7 +569,9 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// An open journal file.
+/// An open journal file. Public, hidden, for the fuzz target that opens, compacts and
+/// appends to any bytes; an engine is the way to use a journal.
+#[doc(hidden)]
 pub struct Journal {
     path: PathBuf,
     file: File,
@@ -634,40 +657,43 @@ impl Journal {
     }
 
     /// The file's path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// What [`Journal::open`] found: the format, a torn tail cut off, damaged records
     /// skipped.
-    pub fn read_report(&self) -> &ReadReport {
+    pub(crate) fn read_report(&self) -> &ReadReport {
         &self.opened
     }
 
     /// Every port the journal knows, folded from every durable record.
-    pub fn ports(&self) -> &BTreeMap<String, PortLog> {
+    pub(crate) fn ports(&self) -> &BTreeMap<String, PortLog> {
         &self.ports
     }
 
     /// Bytes the file holds now.
-    pub fn len(&self) -> u64 {
+    #[cfg(test)]
+    fn len(&self) -> u64 {
         self.len
     }
 
     /// True when the file holds no record (only its header).
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len <= offset(HEADER.len())
     }
 
     /// Compactions this process has made.
-    pub fn compactions(&self) -> u64 {
+    #[cfg(test)]
+    fn compactions(&self) -> u64 {
         self.compactions
     }
 
     /// Compact before an append once the file has grown by `bytes` since the last
     /// compaction (0: before every append). Compaction writes every live port's record,
     /// so keep this well above their size (a few KiB per device).
-    pub fn set_compact_bytes(&mut self, bytes: u64) {
+    pub(crate) fn set_compact_bytes(&mut self, bytes: u64) {
         self.compact_bytes = bytes;
     }
 
@@ -737,7 +763,7 @@ impl Journal {
     }
 
     /// The temporary file compaction writes: next to the journal, named after it.
-    pub fn compact_tmp_path(&self) -> PathBuf {
+    pub(crate) fn compact_tmp_path(&self) -> PathBuf {
         let mut name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(".compact-tmp");
         self.path.with_file_name(name)
@@ -820,16 +846,11 @@ pub fn fold(records: &[Record]) -> BTreeMap<String, PortLog> {
 }
 
 /// Folds one more record into `ports`.
-pub fn apply(ports: &mut BTreeMap<String, PortLog>, rec: &Record) {
+pub(crate) fn apply(ports: &mut BTreeMap<String, PortLog>, rec: &Record) {
     match rec {
         Record::Begin { port, op, request } => {
             if let Some(req) = request {
-                let device = DeviceRecord {
-                    request: (**req).clone(),
-                    state: DeviceState::Planned,
-                    history: Vec::new(),
-                    guest: Vec::new(),
-                };
+                let device = DeviceRecord::new((**req).clone(), DeviceState::Planned);
                 ports.insert(port.clone(), PortLog { device, open_op: Some(*op), steps: Vec::new() });
             } else if let Some(p) = ports.get_mut(port) {
                 p.open_op = Some(*op);
@@ -855,7 +876,7 @@ pub fn apply(ports: &mut BTreeMap<String, PortLog>, rec: &Record) {
             }
         }
         Record::Snapshot { device, op, steps } => {
-            let port = device.request.port.clone();
+            let port = device.request.port.to_string();
             ports.insert(port, PortLog { device: (**device).clone(), open_op: *op, steps: steps.clone() });
         }
     }
@@ -943,7 +964,7 @@ mod tests {
         }
     }
 
-    fn req(port: &str) -> DeviceRequest {
+    fn req(port: &str) -> PlugRequest {
         serde_json::from_value(serde_json::json!({
             "port": port, "functions": [{"qdev": {"driver": "e1000e", "id": format!("d-{port}")}}]
         }))
@@ -1124,8 +1145,9 @@ mod tests {
         assert!(!again.contains_key("b"));
     }
 
-    /// A record nested deeper than the reader takes (a `qdev` property 130 levels deep)
-    /// is refused before anything is written; the journal stays readable.
+    /// A record larger than the reader takes (a `device_add` property of 1 MiB) is
+    /// refused before anything is written; the journal stays readable. (A request cannot
+    /// nest deeper than the reader takes: its properties are booleans, numbers and text.)
     #[test]
     fn unreadable_records_are_not_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -1133,16 +1155,9 @@ mod tests {
         let (mut j, _) = Journal::open(&path, None).unwrap();
         j.append(&plug("rp0")).unwrap();
         let before = std::fs::read(&path).unwrap();
-        let mut deep = serde_json::json!(1);
-        for _ in 0..130 {
-            deep = serde_json::json!({ "x": deep });
-        }
-        let mut r = req("rp1");
-        r.functions[0].qdev.insert("deep".into(), deep);
-        let rec = Record::Begin { port: "rp1".into(), op: OpKind::Plug, request: Some(Box::new(r)) };
-        assert!(matches!(j.append(&rec), Err(JournalError::Unwritable { .. })));
         let mut big = req("rp1");
-        big.functions[0].qdev.insert("big".into(), serde_json::json!("x".repeat(MAX_RECORD_BYTES)));
+        let device = big.functions[0].device.clone().prop("big", "x".repeat(MAX_RECORD_BYTES));
+        big.functions[0].device = device;
         let rec = Record::Begin { port: "rp1".into(), op: OpKind::Plug, request: Some(Box::new(big)) };
         assert!(matches!(j.append(&rec), Err(JournalError::Unwritable { .. })));
         assert_eq!(std::fs::read(&path).unwrap(), before);

@@ -19,10 +19,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use pcilibs::bdf::Bdf;
 use pcilibs::requirement::{Resource, Window};
 
 use crate::request::{BarExpectation, PciExpectation};
-use crate::state::GuestAddress;
 
 /// Deepest bridge nesting walked (PCIe allows far fewer levels in practice).
 const MAX_DEPTH: usize = 32;
@@ -31,11 +31,12 @@ const MAX_FUNCTIONS: usize = 65_536;
 
 /// A PCI function as `query-pci` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PciFunction {
     /// The device's QEMU id (empty for devices without one).
     pub qdev_id: String,
-    /// Where the guest sees it.
-    pub address: GuestAddress,
+    /// Where the guest sees it (domain 0: `query-pci` has no other).
+    pub address: Bdf,
     /// (BAR index, size) of every region QEMU reports.
     pub bars: Vec<(u8, u64)>,
 }
@@ -103,60 +104,70 @@ struct Range {
 impl Range {
     /// The window, or `None` when it is closed (limit below base, as QEMU reports a
     /// disabled window).
-    fn window(&self) -> Option<BridgeWindow> {
+    fn window(&self) -> Option<LiveWindow> {
         let (base, limit) = (u64::try_from(self.base).ok()?, u64::try_from(self.limit).ok()?);
-        (limit >= base).then_some(BridgeWindow { base, limit })
+        (limit >= base).then_some(LiveWindow { base, limit })
     }
 }
 
-/// An address range a bridge forwards: `base..=limit`.
+/// An address range a bridge forwards right now, as the guest programmed it:
+/// `base..=limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BridgeWindow {
+#[non_exhaustive]
+pub struct LiveWindow {
     /// First address.
     pub base: u64,
     /// Last address.
     pub limit: u64,
 }
 
-impl BridgeWindow {
+impl LiveWindow {
+    /// The window `base..=limit`.
+    pub fn new(base: u64, limit: u64) -> Self {
+        LiveWindow { base, limit }
+    }
+
     /// Bytes in the window.
     pub fn size(&self) -> u64 {
         self.limit.saturating_sub(self.base).saturating_add(1)
     }
 }
 
-/// A PCI bridge (root port, switch port, PCI bridge, expander) as `query-pci` shows it.
+/// A PCI bridge (root port, switch port, PCI bridge, expander) as `query-pci` shows it,
+/// with the windows it forwards right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PciBridge {
+#[non_exhaustive]
+pub struct LiveBridge {
     /// The bridge's QEMU id (empty for bridges without one).
     pub qdev_id: String,
-    /// Where the guest sees the bridge itself.
-    pub address: GuestAddress,
+    /// Where the guest sees the bridge itself (domain 0).
+    pub address: Bdf,
     /// Its secondary bus number.
     pub secondary: u8,
     /// Its subordinate bus number.
     pub subordinate: u8,
     /// I/O window, `None` when closed.
-    pub io: Option<BridgeWindow>,
+    pub io: Option<LiveWindow>,
     /// Memory window (non-prefetchable, below 4 GiB), `None` when closed.
-    pub mem: Option<BridgeWindow>,
+    pub mem: Option<LiveWindow>,
     /// Prefetchable memory window, `None` when closed.
-    pub pref: Option<BridgeWindow>,
+    pub pref: Option<LiveWindow>,
     /// Ids of the devices directly on its secondary bus (empty strings for devices
     /// without an id).
     pub children: Vec<String>,
 }
 
-/// Every bridge in a `query-pci` reply. Unreadable parts are skipped.
-pub fn bridges(reply: &Value) -> Vec<PciBridge> {
+/// Every bridge in a `query-pci` reply. Unreadable parts (a bridge at an address no PCI
+/// function can have) are skipped.
+pub fn bridges(reply: &Value) -> Vec<LiveBridge> {
     let mut out = Vec::new();
     visit(reply, &mut |d| {
-        if let Some(br) = &d.pci_bridge {
+        if let (Some(br), Some(address)) = (&d.pci_bridge, d.address()) {
             let info = br.bus.as_ref();
             let window = |r: Option<&Range>| r.and_then(Range::window);
-            out.push(PciBridge {
+            out.push(LiveBridge {
                 qdev_id: d.qdev_id.clone(),
-                address: d.address(),
+                address,
                 secondary: info.map_or(0, |i| byte(i.secondary)),
                 subordinate: info.map_or(0, |i| byte(i.subordinate)),
                 io: window(info.and_then(|i| i.io_range.as_ref())),
@@ -173,7 +184,7 @@ pub fn bridges(reply: &Value) -> Vec<PciBridge> {
 /// What keeps `need` (a device's BARs and ROM, all functions) out of `bridge`'s live
 /// windows, one line per window that cannot hold its share; empty when everything fits.
 /// The placement rule is in the module docs.
-pub fn window_shortfalls(bridge: &PciBridge, need: &[Resource]) -> Vec<String> {
+pub fn window_shortfalls(bridge: &LiveBridge, need: &[Resource]) -> Vec<String> {
     let mut out = Vec::new();
     let pref_home = if bridge.pref.is_some() { Window::Pref } else { Window::Mem };
     for (window, name, live) in
@@ -211,7 +222,7 @@ pub fn window_shortfalls(bridge: &PciBridge, need: &[Resource]) -> Vec<String> {
 
 /// Places `share` into `window` largest alignment first; `None` when it fits, else how
 /// many bytes past the window's end the last BAR would reach.
-fn pack(window: BridgeWindow, share: &[&Resource]) -> Option<u128> {
+fn pack(window: LiveWindow, share: &[&Resource]) -> Option<u128> {
     let mut sorted: Vec<&&Resource> = share.iter().collect();
     sorted.sort_by(|a, b| b.align.max(1).cmp(&a.align.max(1)).then(b.size.cmp(&a.size)));
     let mut next = u128::from(window.base);
@@ -234,15 +245,18 @@ fn bytes(n: impl Into<u128>) -> String {
     format!("{n} B")
 }
 
-/// Flattens a `query-pci` reply into its functions. Unreadable parts are skipped.
+/// Flattens a `query-pci` reply into its functions. Unreadable parts (a function at an
+/// address no PCI function can have) are skipped.
 pub fn functions(reply: &Value) -> Vec<PciFunction> {
     let mut out = Vec::new();
     visit(reply, &mut |d| {
-        out.push(PciFunction {
-            qdev_id: d.qdev_id.clone(),
-            address: d.address(),
-            bars: d.regions.iter().map(|r| (byte(r.bar), u64::try_from(r.size).unwrap_or(0))).collect(),
-        });
+        if let Some(address) = d.address() {
+            out.push(PciFunction {
+                qdev_id: d.qdev_id.clone(),
+                address,
+                bars: d.regions.iter().map(|r| (byte(r.bar), u64::try_from(r.size).unwrap_or(0))).collect(),
+            });
+        }
         out.len() < MAX_FUNCTIONS
     });
     out
@@ -254,8 +268,10 @@ fn byte(v: i64) -> u8 {
 }
 
 impl Device {
-    fn address(&self) -> GuestAddress {
-        GuestAddress { bus: byte(self.bus), slot: byte(self.slot), function: byte(self.function) }
+    /// Its address, `None` when a number is out of range.
+    fn address(&self) -> Option<Bdf> {
+        let part = |v: i64| u8::try_from(v).ok();
+        Bdf::new(0, part(self.bus)?, part(self.slot)?, part(self.function)?).ok()
     }
 }
 
@@ -291,14 +307,14 @@ fn visit_devices(devices: &[Device], depth: usize, f: &mut dyn FnMut(&Device) ->
 pub fn check(f: &PciFunction, want: &PciExpectation) -> Result<(), String> {
     let a = f.address;
     let mismatch = |what: &str, got: u8, want: u8| format!("{what} is {got:#x}, planned {want:#x}");
-    if let Some(bus) = want.bus.filter(|b| *b != a.bus) {
-        return Err(mismatch("bus", a.bus, bus));
+    if let Some(bus) = want.bus.filter(|b| *b != a.bus()) {
+        return Err(mismatch("bus", a.bus(), bus));
     }
-    if let Some(slot) = want.slot.filter(|s| *s != a.slot) {
-        return Err(mismatch("slot", a.slot, slot));
+    if let Some(slot) = want.slot.filter(|s| *s != a.device()) {
+        return Err(mismatch("slot", a.device(), slot));
     }
-    if let Some(func) = want.function.filter(|x| *x != a.function) {
-        return Err(mismatch("function", a.function, func));
+    if let Some(func) = want.function.filter(|x| *x != a.function()) {
+        return Err(mismatch("function", a.function(), func));
     }
     check_bars(&f.bars, &want.bars)
 }
@@ -444,7 +460,7 @@ mod tests {
         let io = Resource::bar(BarKind::Io, false, 32);
         assert_eq!(window_shortfalls(closed, &[io]), ["io: the window is closed, the device needs 32 B"]);
         // A bogus window from a caller never panics.
-        let odd = PciBridge { mem: Some(BridgeWindow { base: 10, limit: 5 }), ..closed.clone() };
+        let odd = LiveBridge { mem: Some(LiveWindow::new(10, 5)), ..closed.clone() };
         assert_eq!(odd.mem.map(|w| w.size()), Some(1));
         let _ = window_shortfalls(&odd, &[small]);
     }
@@ -479,7 +495,7 @@ mod tests {
         let fs = functions(&v);
         assert_eq!(fs.len(), 2);
         let n0 = fs.iter().find(|f| f.qdev_id == "n0").unwrap();
-        assert_eq!(n0.address, GuestAddress { bus: 1, slot: 0, function: 0 });
+        assert_eq!(n0.address, Bdf::new(0, 1, 0, 0).unwrap());
         let mut want = PciExpectation {
             bus: Some(1),
             slot: Some(0),

@@ -1,15 +1,41 @@
 //! What the engine is asked to plug: a device (all functions of a slot or an IOMMU group,
 //! with the objects and descriptors they need) and what the guest should see afterwards.
 //!
-//! These types are the engine's own, small and serde-able, so that any planner can fill
-//! them in; [`DeviceRequest::from_action`] builds one from a `pcie-topology` plan's
-//! [`HotplugAction`].
+//! A [`PlugRequest`] holds typed values: each function's `device_add` is a
+//! [`QemuDevice`] (its id a [`QemuId`], its address a [`DevFn`]),
+//! the host function it passes through a [`HostRef`] (a [`Bdf`] or a sysfs path), objects
+//! are [`QemuObject`]s. They become JSON only where the engine talks QMP and in the
+//! journal. [`PlugRequest::from_action`] takes them from a `pcie-topology` plan's
+//! [`HotplugAction`] as they are; [`PlugRequest::new`] and [`PlugFunction::new`] build a
+//! request for any other planner; [`PlugFunction::from_qmp`] reads `device_add` arguments
+//! (what the serde form holds, see below).
+//!
+//! # Serde form
+//!
+//! A request reads and writes as JSON whose functions are `device_add` argument objects:
+//!
+//! ```json
+//! {"port": "rp0", "device": "gpu0",
+//!  "objects": [{"qom_type": "iommufd", "id": "iommufd0"}],
+//!  "fds": [{"fdname": "iommu", "path": "/dev/iommu", "writable": true}],
+//!  "functions": [{"qdev": {"driver": "vfio-pci", "id": "gpu0", "bus": "rp0", "addr": "0.0",
+//!                          "host": "0000:41:00.0", "iommufd": "iommufd0"},
+//!                 "expect": {"kind": "pci", "bus": 1, "slot": 0, "function": 0}}]}
+//! ```
+//!
+//! `device` may be left out (requests written before it existed): it is then the function
+//! whose id is the port (s390x), else the function at function 0, else the first.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction};
-use pcie_topology::QemuObject;
+use pcie_topology::qemu::PropValue;
+use pcie_topology::{DevFn, HostRef, QemuDevice, QemuId, QemuObject};
+use pcilibs::bdf::{Bdf, BdfError};
 use pcilibs::requirement::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -17,18 +43,13 @@ use serde_json::{Map, Value};
 /// Errors in a request, found before anything is sent to QEMU.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum RequestError {
-    /// The port name is empty.
-    #[error("the request names no port")]
-    NoPort,
+pub enum PlugRequestError {
     /// The request has no device.
     #[error("the request for port {0} has no device")]
     NoFunctions(String),
-    /// A device's `qdev` arguments lack a string member.
-    #[error("device #{index} lacks a string `{member}`")]
+    /// `device_add` arguments lack a string member.
+    #[error("device_add arguments lack a string `{member}`")]
     MissingMember {
-        /// Position in `functions`.
-        index: usize,
         /// The member, `driver` or `id`.
         member: &'static str,
     },
@@ -38,6 +59,12 @@ pub enum RequestError {
     /// An id appears twice in the request.
     #[error("id {0:?} appears twice")]
     DuplicateId(String),
+    /// The request's device id is none of its functions' ids.
+    #[error("the request's device {device} is none of its functions")]
+    UnknownDevice {
+        /// The device id.
+        device: String,
+    },
     /// An `addr` value could not be read as `slot[.function]`.
     #[error("device {id}: cannot read addr {addr}")]
     BadAddr {
@@ -45,6 +72,44 @@ pub enum RequestError {
         id: String,
         /// The value as given.
         addr: String,
+    },
+    /// A property value is not a boolean, an integer or a string (the values `device_add`
+    /// properties take).
+    #[error("device {id}: property {name} is {value}, not a boolean, an integer or a string")]
+    BadProperty {
+        /// The device id.
+        id: String,
+        /// The property.
+        name: String,
+        /// The value as given (cut to 64 bytes).
+        value: String,
+    },
+    /// A VFIO device's `host=` is not a PCI address.
+    #[error("device {id}: host= is not a PCI address: {source}")]
+    BadHost {
+        /// The device id.
+        id: String,
+        /// Why.
+        source: BdfError,
+    },
+    /// A VFIO device names its host function in its properties instead of
+    /// [`PlugFunction::host`], where the engine's checks would not see it.
+    #[error("device {id}: the host function goes in PlugFunction::host, not in the `{name}` property")]
+    UntypedHost {
+        /// The device id.
+        id: String,
+        /// `host` or `sysfsdev`.
+        name: String,
+    },
+    /// A property names what the device or object has a field for (`driver`, `id`, `bus`,
+    /// `addr`, `multifunction` other than `off`; an object's `qom-type` or `id`): its
+    /// arguments would say it twice.
+    #[error("{id}: property {name} is a field of its own, not a property")]
+    ShadowedProperty {
+        /// The device or object id.
+        id: String,
+        /// The property.
+        name: String,
     },
     /// Two functions share a bus, slot and function number.
     #[error("devices {0} and {1} have the same PCI address")]
@@ -55,14 +120,6 @@ pub enum RequestError {
     /// A function of a multi-function slot says `multifunction=off`.
     #[error("device {0} is part of a multi-function slot but sets multifunction=off")]
     MultifunctionOff(String),
-    /// A `qdev` or object property nests deeper than [`MAX_NESTING`] levels. QEMU may take
-    /// it, but the journal could not read its record back, so it is refused before
-    /// anything is journaled or sent.
-    #[error("{id}: arguments nested deeper than {MAX_NESTING} levels")]
-    TooDeep {
-        /// The device or object id.
-        id: String,
-    },
     /// The request, as JSON, is larger than [`MAX_REQUEST_BYTES`].
     #[error("the request is {bytes} bytes as JSON, more than {MAX_REQUEST_BYTES}")]
     TooLarge {
@@ -72,58 +129,83 @@ pub enum RequestError {
 }
 
 /// Result alias of this module.
-pub type Result<T> = std::result::Result<T, RequestError>;
-
-/// Deepest nesting of a device's `qdev` arguments or an object's properties, counting
-/// the argument object itself as 1. Journal records are read back with JSON's usual
-/// recursion limit (128), and a request sits a few levels down in them; real arguments
-/// are one or two levels deep.
-pub const MAX_NESTING: usize = 32;
+pub type Result<T> = std::result::Result<T, PlugRequestError>;
 
 /// Largest request, as JSON (every journal record carrying it must stay below
 /// [`crate::journal::MAX_RECORD_BYTES`]).
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
-/// True when `v` nests containers deeper than `limit` (the outermost counts as 1).
-/// Iterative, so that a value of any depth is measured without deep recursion.
-fn deeper_than(v: &Value, limit: usize) -> bool {
-    let mut stack = vec![(v, 1usize)];
-    while let Some((v, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match v {
-            Value::Array(a) => Box::new(a.iter()),
-            Value::Object(m) => Box::new(m.values()),
-            _ => continue,
-        };
-        if depth > limit {
-            return true;
-        }
-        stack.extend(children.map(|c| (c, depth.saturating_add(1))));
-    }
-    false
-}
-
 /// One device to hotplug onto one port: every function (or every member of an IOMMU
 /// group), the QOM objects and descriptors they need, and the checks to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeviceRequest {
+#[serde(try_from = "RequestWire")]
+#[non_exhaustive]
+pub struct PlugRequest {
     /// The port the device goes on: the engine's unit of serialization and bookkeeping
-    /// (usually the root or downstream port's QEMU id; on s390x a CCW or zPCI slot name).
-    pub port: String,
+    /// (the root or downstream port's QEMU id; on s390x, which has no ports, the device
+    /// id).
+    pub port: QemuId,
+    /// The device's id: what [`crate::Engine::unplug`] takes (a plan's device id, the id
+    /// of its function 0; on s390x the device itself). One of the functions' ids.
+    pub device: QemuId,
     /// QOM objects created before the devices and deleted after them
     /// (`iommufd`, `memory-backend-*`, ...).
     #[serde(default)]
-    pub objects: Vec<ObjectRequest>,
-    /// Descriptors opened by the engine and handed to QEMU with `getfd` before the devices.
+    pub objects: Vec<QemuObject>,
+    /// Descriptors handed to QEMU with `getfd` before the devices: files the engine opens,
+    /// or descriptors the caller holds ([`FdRequest`]).
     #[serde(default)]
     pub fds: Vec<FdRequest>,
-    /// The devices (`device_add` arguments), in the order given; the engine moves the
-    /// function 0 of a multi-function slot last.
-    pub functions: Vec<FunctionRequest>,
+    /// The devices, in the order given; the engine moves the function 0 of a
+    /// multi-function slot last.
+    pub functions: Vec<PlugFunction>,
     /// A boot-time placeholder to take off the port before anything is added (a planner
     /// plugs one behind a switch downstream port so that firmware sizes the port's
     /// windows; see [`PlaceholderRequest`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placeholder: Option<PlaceholderRequest>,
+}
+
+/// A [`PlugRequest`] as JSON has it, before the device id is filled in.
+#[derive(Deserialize)]
+struct RequestWire {
+    port: QemuId,
+    #[serde(default)]
+    device: Option<QemuId>,
+    #[serde(default)]
+    objects: Vec<QemuObject>,
+    #[serde(default)]
+    fds: Vec<FdRequest>,
+    functions: Vec<PlugFunction>,
+    #[serde(default)]
+    placeholder: Option<PlaceholderRequest>,
+}
+
+impl TryFrom<RequestWire> for PlugRequest {
+    type Error = PlugRequestError;
+    fn try_from(w: RequestWire) -> Result<Self> {
+        let device = match w.device {
+            Some(d) => d,
+            None => default_device(&w.port, &w.functions)
+                .ok_or_else(|| PlugRequestError::NoFunctions(w.port.to_string()))?,
+        };
+        Ok(PlugRequest {
+            port: w.port,
+            device,
+            objects: w.objects,
+            fds: w.fds,
+            functions: w.functions,
+            placeholder: w.placeholder,
+        })
+    }
+}
+
+/// The device id of a request that does not say: the function named like the port
+/// (s390x, where the port is the device), else the one at function 0, else the first.
+fn default_device(port: &QemuId, functions: &[PlugFunction]) -> Option<QemuId> {
+    let named = functions.iter().find(|f| f.id() == port);
+    let zero = || functions.iter().find(|f| f.device.addr.is_some_and(|a| a.function() == 0));
+    named.or_else(zero).or_else(|| functions.first()).map(|f| f.id().clone())
 }
 
 /// A device plugged at boot that holds a port's windows open until the real device
@@ -133,93 +215,356 @@ pub struct DeviceRequest {
 /// `object-add` or `device_add` of the request. While the guest has not released it the
 /// port stays taken (`unplug-pending`), and a late `DEVICE_DELETED` frees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlaceholderRequest {
     /// `device_del` these, in order. For a multi-function placeholder list function 0
     /// only: QEMU then removes the whole slot.
-    pub devices: Vec<String>,
+    pub devices: Vec<QemuId>,
     /// Then `object-del` these (the placeholder's memory backends).
     #[serde(default)]
-    pub objects: Vec<String>,
+    pub objects: Vec<QemuId>,
 }
 
-/// A QOM object for `object-add`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ObjectRequest {
-    /// `qom-type`, e.g. `iommufd` or `memory-backend-ram`.
-    pub qom_type: String,
-    /// The object's id.
-    pub id: String,
-    /// Further properties, passed as they are.
-    #[serde(default)]
-    pub props: Map<String, Value>,
-}
-
-impl ObjectRequest {
-    /// Reads a QMP `object-add` argument object (`qom-type`, `id`, properties), the form a
-    /// planner emits. `None` when `qom-type` or `id` is missing.
-    pub fn from_object_add(args: &Map<String, Value>) -> Option<ObjectRequest> {
-        let qom_type = args.get("qom-type")?.as_str()?.to_owned();
-        let id = args.get("id")?.as_str()?.to_owned();
-        let mut props = args.clone();
-        props.remove("qom-type");
-        props.remove("id");
-        Some(ObjectRequest { qom_type, id, props })
-    }
-
-    /// The `object-add` arguments.
-    pub fn arguments(&self) -> Value {
-        let mut m = self.props.clone();
-        m.insert("qom-type".into(), Value::String(self.qom_type.clone()));
-        m.insert("id".into(), Value::String(self.id.clone()));
-        Value::Object(m)
+impl PlaceholderRequest {
+    /// Remove `devices`, then delete `objects`.
+    pub fn new(devices: Vec<QemuId>, objects: Vec<QemuId>) -> Self {
+        PlaceholderRequest { devices, objects }
     }
 }
 
-/// A file the engine opens and passes to QEMU under a name (`getfd`), e.g. `/dev/iommu`
-/// for an `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`. Regular
-/// files, character and block devices are passed; a FIFO, socket or directory is refused
-/// (`EngineError::SpecialFile`) before the plug takes the port or journals anything.
+/// A descriptor passed to QEMU under a name (`getfd`), e.g. `/dev/iommu` for an
+/// `iommufd` object's `fd` property or a VFIO cdev for `vfio-pci`'s `fd`.
+///
+/// Either a file the engine opens ([`FdRequest::open`]: regular files, character and
+/// block devices are passed; a FIFO, socket or directory is refused with
+/// `EngineError::SpecialFile` before the plug takes the port or journals anything), or a
+/// descriptor the caller already holds ([`FdRequest::held`]), which the engine passes and
+/// then closes.
+///
+/// The journal records a held descriptor by its name only: a descriptor cannot outlive
+/// the process that held it. If that process dies while a plug is under way and a device
+/// still has to be added, recovery cannot pass it again and rolls the plug back
+/// (`EngineError::DescriptorGone`); once every device was added, QEMU holds its own copy
+/// and recovery finishes the plug as usual. A path is opened again by recovery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "FdWire", into = "FdWire")]
+#[non_exhaustive]
 pub struct FdRequest {
     /// The name QEMU knows the descriptor by.
     pub fdname: String,
-    /// The file to open.
-    pub path: PathBuf,
-    /// Open read-write (else read-only).
-    #[serde(default)]
-    pub writable: bool,
+    source: FdSource,
+}
+
+/// Where a passed descriptor comes from.
+#[derive(Clone)]
+enum FdSource {
+    /// A file the engine opens.
+    Path { path: PathBuf, writable: bool },
+    /// A descriptor the caller held; `None` once the engine took it or when read back
+    /// from the journal.
+    Held(Option<Arc<OwnedFd>>),
+}
+
+impl PartialEq for FdSource {
+    /// Held descriptors compare by their name alone (the request's `fdname`): a request
+    /// read back from the journal equals the one written.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (FdSource::Path { path: a, writable: wa }, FdSource::Path { path: b, writable: wb }) => {
+                a == b && wa == wb
+            }
+            (FdSource::Held(_), FdSource::Held(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for FdSource {}
+
+impl fmt::Debug for FdSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FdSource::Path { path, writable } => {
+                f.debug_struct("Path").field("path", path).field("writable", writable).finish()
+            }
+            FdSource::Held(fd) => f.debug_tuple("Held").field(&fd.as_ref().map(|fd| &**fd)).finish(),
+        }
+    }
+}
+
+/// An [`FdRequest`] as JSON has it: a path, or `"held": true`.
+#[derive(Serialize, Deserialize)]
+struct FdWire {
+    fdname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    writable: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    held: bool,
+}
+
+impl TryFrom<FdWire> for FdRequest {
+    type Error = String;
+    fn try_from(w: FdWire) -> std::result::Result<Self, String> {
+        let source = match (w.path, w.held) {
+            (Some(path), false) => FdSource::Path { path, writable: w.writable },
+            (None, true) => FdSource::Held(None),
+            (Some(_), true) => return Err(format!("descriptor {}: a path or held, not both", w.fdname)),
+            (None, false) => return Err(format!("descriptor {}: no path and not held", w.fdname)),
+        };
+        Ok(FdRequest { fdname: w.fdname, source })
+    }
+}
+
+impl From<FdRequest> for FdWire {
+    fn from(r: FdRequest) -> FdWire {
+        match r.source {
+            FdSource::Path { path, writable } => {
+                FdWire { fdname: r.fdname, path: Some(path), writable, held: false }
+            }
+            FdSource::Held(_) => FdWire { fdname: r.fdname, path: None, writable: false, held: true },
+        }
+    }
+}
+
+impl FdRequest {
+    /// The engine opens `path` (read-write when `writable`, else read-only) and passes it
+    /// under `fdname`.
+    pub fn open(fdname: impl Into<String>, path: impl Into<PathBuf>, writable: bool) -> Self {
+        FdRequest { fdname: fdname.into(), source: FdSource::Path { path: path.into(), writable } }
+    }
+
+    /// The engine passes `fd`, which the caller opened, under `fdname`, and closes it
+    /// after the plug.
+    pub fn held(fdname: impl Into<String>, fd: OwnedFd) -> Self {
+        FdRequest { fdname: fdname.into(), source: FdSource::Held(Some(Arc::new(fd))) }
+    }
+
+    /// The file the engine opens, `None` for a held descriptor.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.source {
+            FdSource::Path { path, .. } => Some(path),
+            FdSource::Held(_) => None,
+        }
+    }
+
+    /// Whether the engine opens the file read-write.
+    pub fn writable(&self) -> bool {
+        matches!(self.source, FdSource::Path { writable: true, .. })
+    }
+
+    /// Takes a held descriptor out of the request (`None` for a path, or when it was taken
+    /// already or read back from the journal).
+    pub(crate) fn take_held(&mut self) -> Option<Arc<OwnedFd>> {
+        match &mut self.source {
+            FdSource::Held(fd) => fd.take(),
+            FdSource::Path { .. } => None,
+        }
+    }
 }
 
 /// One `device_add` and what must be true after it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FunctionRequest {
-    /// The `device_add` arguments: `driver`, `id`, `bus`, `addr`, `multifunction` and the
-    /// device's properties (`host=`, `sysfsdev=`, `memdev=`, ...).
-    pub qdev: Map<String, Value>,
+#[serde(try_from = "FunctionWire", into = "FunctionWire")]
+#[non_exhaustive]
+pub struct PlugFunction {
+    /// The device: driver, id, bus, address, `multifunction` and further properties.
+    /// The host function it passes through is [`PlugFunction::host`], not a property.
+    pub device: QemuDevice,
+    /// The host function a VFIO device passes through (`host=` or `sysfsdev=` in its
+    /// `device_add`); the engine checks it before the plug (it exists, its IOMMU group is
+    /// viable).
+    pub host: Option<HostRef>,
     /// What proves the device arrived.
-    #[serde(default)]
     pub expect: Expectation,
     /// The BARs (and ROM) the guest must place in the port's windows when the function
     /// arrives, for [`crate::EngineOptions::check_live_windows`]; empty: not checked.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub needs: Vec<Resource>,
 }
 
-impl FunctionRequest {
-    /// The device's QEMU id (empty when missing; validation rejects that).
-    pub fn id(&self) -> &str {
-        self.qdev.get("id").and_then(Value::as_str).unwrap_or_default()
+/// A [`PlugFunction`] as JSON has it: its `device_add` arguments.
+#[derive(Serialize, Deserialize)]
+struct FunctionWire {
+    qdev: Map<String, Value>,
+    #[serde(default)]
+    expect: Expectation,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    needs: Vec<Resource>,
+}
+
+impl TryFrom<FunctionWire> for PlugFunction {
+    type Error = PlugRequestError;
+    fn try_from(w: FunctionWire) -> Result<Self> {
+        Ok(PlugFunction::from_qmp(&w.qdev)?.with_expect(w.expect).with_needs(w.needs))
+    }
+}
+
+impl From<PlugFunction> for FunctionWire {
+    fn from(f: PlugFunction) -> FunctionWire {
+        FunctionWire { qdev: f.qmp_arguments(), expect: f.expect, needs: f.needs }
+    }
+}
+
+/// The `device_add` property a host function is passed as, and its value.
+fn host_property(host: &HostRef) -> Option<(&'static str, String)> {
+    match host {
+        HostRef::Pci(bdf) => Some(("host", bdf.to_string())),
+        HostRef::Sysfsdev(path) => Some(("sysfsdev", path.clone())),
+        _ => None,
+    }
+}
+
+/// True for the drivers whose `host=`/`sysfsdev=` name a host device to pass through.
+fn is_vfio(driver: &str) -> bool {
+    driver.starts_with("vfio")
+}
+
+impl PlugFunction {
+    /// A function that adds `device`, expected present in QEMU ([`Expectation::Present`]),
+    /// with no host function and no needs.
+    pub fn new(device: QemuDevice) -> Self {
+        PlugFunction { device, host: None, expect: Expectation::Present, needs: Vec::new() }
     }
 
-    /// The QEMU driver name.
-    pub fn driver(&self) -> &str {
-        self.qdev.get("driver").and_then(Value::as_str).unwrap_or_default()
+    /// Passes `host` through (`host=` for a PCI function, `sysfsdev=` for a path).
+    pub fn with_host(mut self, host: HostRef) -> Self {
+        self.host = Some(host);
+        self
     }
 
-    /// A string property of the device.
-    pub fn prop(&self, name: &str) -> Option<&str> {
-        self.qdev.get(name).and_then(Value::as_str)
+    /// What proves the device arrived.
+    pub fn with_expect(mut self, expect: Expectation) -> Self {
+        self.expect = expect;
+        self
     }
+
+    /// The BARs the guest must place in the port's windows.
+    pub fn with_needs(mut self, needs: Vec<Resource>) -> Self {
+        self.needs = needs;
+        self
+    }
+
+    /// Reads `device_add` arguments (`driver`, `id`, `bus`, `addr`, `multifunction` and
+    /// properties), the form other tools and the request's JSON have. A VFIO device's
+    /// `host=` (`0000:01:00.0`, or `01:00.0` in domain 0 as QEMU accepts it) becomes a
+    /// [`HostRef::Pci`], its `sysfsdev=` a [`HostRef::Sysfsdev`]; `multifunction=off` stays
+    /// a property, so that the engine can refuse it in a multi-function slot.
+    pub fn from_qmp(args: &Map<String, Value>) -> Result<Self> {
+        let text = |member: &'static str| {
+            args.get(member).and_then(Value::as_str).ok_or(PlugRequestError::MissingMember { member })
+        };
+        let driver = text("driver")?;
+        let id_text = text("id")?;
+        let id = QemuId::new(id_text).map_err(|_| PlugRequestError::BadId(id_text.to_owned()))?;
+        let bad = |name: &str, v: &Value| PlugRequestError::BadProperty {
+            id: id_text.to_owned(),
+            name: name.to_owned(),
+            value: cut(&v.to_string()),
+        };
+        let mut device = QemuDevice::new(driver, id);
+        let mut host = None;
+        for (name, v) in args {
+            match name.as_str() {
+                "driver" | "id" => {}
+                "bus" => device.bus = Some(v.as_str().ok_or_else(|| bad(name, v))?.to_owned()),
+                "addr" => {
+                    let addr = parse_addr(v).ok_or_else(|| PlugRequestError::BadAddr {
+                        id: id_text.to_owned(),
+                        addr: cut(&v.to_string()),
+                    })?;
+                    device.addr = Some(addr);
+                }
+                "multifunction" => match switch(v).ok_or_else(|| bad(name, v))? {
+                    true => device.multifunction = true,
+                    false => {
+                        device.props.insert(name.clone(), PropValue::Bool(false));
+                    }
+                },
+                "host" if is_vfio(driver) => {
+                    let text = v.as_str().ok_or_else(|| bad(name, v))?;
+                    let bdf = Bdf::parse_any(text)
+                        .map_err(|source| PlugRequestError::BadHost { id: id_text.to_owned(), source })?;
+                    host = Some(HostRef::Pci(bdf));
+                }
+                "sysfsdev" if is_vfio(driver) => {
+                    host = Some(HostRef::Sysfsdev(v.as_str().ok_or_else(|| bad(name, v))?.to_owned()));
+                }
+                _ => {
+                    device.props.insert(name.clone(), prop_value(v).ok_or_else(|| bad(name, v))?);
+                }
+            }
+        }
+        Ok(PlugFunction { device, host, expect: Expectation::Present, needs: Vec::new() })
+    }
+
+    /// The device's QEMU id.
+    pub fn id(&self) -> &QemuId {
+        &self.device.id
+    }
+
+    /// The `device_add` arguments: the device's ([`QemuDevice::to_qmp`]) and the host
+    /// function's `host=` or `sysfsdev=`.
+    pub fn qmp_arguments(&self) -> Map<String, Value> {
+        let mut m = self.device.to_qmp();
+        if let Some((name, value)) = self.host.as_ref().and_then(host_property) {
+            m.insert(name.into(), Value::String(value));
+        }
+        m
+    }
+
+    /// Whether the device says `multifunction=off` as a property.
+    fn multifunction_off(&self) -> bool {
+        matches!(self.device.props.get("multifunction"), Some(PropValue::Bool(false)))
+    }
+
+    /// A VFIO device whose properties name its host function, where the checks miss it.
+    fn untyped_host(&self) -> Option<&str> {
+        let named = ["host", "sysfsdev"].into_iter().find(|p| self.device.props.contains_key(*p));
+        named.filter(|_| is_vfio(&self.device.driver))
+    }
+}
+
+/// A non-negative [`PropValue::Signed`] as the [`PropValue::Int`] JSON reads it as.
+fn one_form(v: &mut PropValue) {
+    if let PropValue::Signed(n) = *v {
+        if let Ok(n) = u64::try_from(n) {
+            *v = PropValue::Int(n);
+        }
+    }
+}
+
+/// `on`/`off` as QEMU reads a boolean property: a JSON boolean, or its words.
+fn switch(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) => match s.as_str() {
+            "on" | "true" | "yes" => Some(true),
+            "off" | "false" | "no" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A JSON property value as a [`PropValue`]; `None` for what `device_add` properties do
+/// not take (fractions, lists, objects, null).
+fn prop_value(v: &Value) -> Option<PropValue> {
+    match v {
+        Value::Bool(b) => Some(PropValue::Bool(*b)),
+        Value::String(s) => Some(PropValue::Str(s.clone())),
+        Value::Number(n) => n.as_u64().map(PropValue::Int).or_else(|| n.as_i64().map(PropValue::Signed)),
+        _ => None,
+    }
+}
+
+/// `s` cut to 64 bytes at a character boundary, for error messages.
+fn cut(s: &str) -> String {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    s.get(..end).unwrap_or_default().to_owned()
 }
 
 /// What must be true once a device is plugged.
@@ -237,6 +582,7 @@ pub enum Expectation {
 
 /// Where a PCI function must appear in `query-pci`, and with which BAR sizes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PciExpectation {
     /// Guest bus number (as firmware numbered it); unchecked when `None`.
     #[serde(default)]
@@ -252,8 +598,27 @@ pub struct PciExpectation {
     pub bars: Vec<BarExpectation>,
 }
 
+impl PciExpectation {
+    /// The function at `bdf`'s bus, slot and function (its domain is not checked:
+    /// `query-pci` has none), with `bars`.
+    pub fn at(bdf: Bdf, bars: Vec<BarExpectation>) -> Self {
+        PciExpectation {
+            bus: Some(bdf.bus()),
+            slot: Some(bdf.device()),
+            function: Some(bdf.function()),
+            bars,
+        }
+    }
+
+    /// Anywhere, with `bars` (check the BARs only).
+    pub fn anywhere(bars: Vec<BarExpectation>) -> Self {
+        PciExpectation { bus: None, slot: None, function: None, bars }
+    }
+}
+
 /// One BAR's expected size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarExpectation {
     /// BAR index as `query-pci` numbers it (0–5, [`BarExpectation::ROM`] for the ROM).
     /// `None`: any of BARs 0–5 of this size that no other expectation of the function
@@ -301,12 +666,10 @@ impl Expectation {
     /// QEMU.
     pub fn planned(location: &GuestLocation, bars: &[ExpectedBar]) -> Expectation {
         match location {
-            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation {
-                bus: Some(bdf.bus()),
-                slot: Some(bdf.device()),
-                function: Some(bdf.function()),
-                bars: bars.iter().filter_map(BarExpectation::planned).collect(),
-            }),
+            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation::at(
+                *bdf,
+                bars.iter().filter_map(BarExpectation::planned).collect(),
+            )),
             _ => Expectation::Present,
         }
     }
@@ -317,24 +680,19 @@ impl Expectation {
 pub(crate) struct Prepared {
     /// Indices into `functions`, in plug order.
     pub(crate) order: Vec<usize>,
-    /// For each function (by index): `Some((group key, function))` when it is a PCI function.
-    pub(crate) pci: Vec<Option<(String, u8)>>,
+    /// For each function (by index): `Some((slot key, function))` when it is a PCI function.
+    pub(crate) pci: Vec<Option<(SlotKey, u8)>>,
 }
 
-/// Whether `id` is a valid QEMU id.
-pub fn valid_qemu_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
+/// A PCI slot of a request: the bus its functions name and the slot number.
+pub(crate) type SlotKey = (Option<String>, u8);
 
-/// Reads a PCI `addr` value (`"1f.7"`, `"0x3.0x1"`, `"4"` or an integer devfn) as
-/// (slot, function).
-pub fn parse_addr(v: &Value) -> Option<(u8, u8)> {
+/// Reads a PCI `addr` value (`"1f.7"`, `"0x3.0x1"`, `"4"` or an integer devfn).
+fn parse_addr(v: &Value) -> Option<DevFn> {
     match v {
         Value::Number(n) => {
             let devfn = u8::try_from(n.as_u64()?).ok()?;
-            Some((devfn >> 3, devfn & 7))
+            DevFn::new(devfn >> 3, devfn & 7).ok()
         }
         Value::String(s) => {
             let hex = |p: &str| {
@@ -346,7 +704,7 @@ pub fn parse_addr(v: &Value) -> Option<(u8, u8)> {
                 Some((a, b)) => (hex(a)?, hex(b)?),
                 None => (hex(s)?, 0),
             };
-            (slot < 32 && func < 8).then_some((slot, func))
+            DevFn::new(slot, func).ok()
         }
         _ => None,
     }
@@ -354,7 +712,7 @@ pub fn parse_addr(v: &Value) -> Option<(u8, u8)> {
 
 /// What the guest places in the port's windows when the function arrives: each BAR at the
 /// size the guest shows, not the SR-IOV VF apertures (VFs come later, in the guest).
-fn visible_needs(bars: &[pcie_topology::plan::ExpectedBar]) -> Vec<Resource> {
+fn visible_needs(bars: &[ExpectedBar]) -> Vec<Resource> {
     bars.iter()
         .filter_map(|b| {
             let size = b.visible_size()?;
@@ -363,21 +721,45 @@ fn visible_needs(bars: &[pcie_topology::plan::ExpectedBar]) -> Vec<Resource> {
         .collect()
 }
 
-/// A plan's object as the engine's: its type, id and properties as QMP has them.
-fn object_request(o: &QemuObject) -> ObjectRequest {
-    ObjectRequest {
-        qom_type: o.qom_type.clone(),
-        id: o.id.to_string(),
-        props: o.props.iter().map(|(k, v)| (k.clone(), v.to_qmp())).collect(),
-    }
+/// `device` without the properties that name its host function (they come from the
+/// typed [`HostRef`] when the arguments are made).
+fn without_host_props(mut device: QemuDevice) -> QemuDevice {
+    device.props.remove("host");
+    device.props.remove("sysfsdev");
+    device
 }
 
-impl DeviceRequest {
+impl PlugRequest {
+    /// A request to plug `functions` onto `port` as the device `device` (one of the
+    /// functions' ids: what [`crate::Engine::unplug`] takes), with no objects,
+    /// descriptors or placeholder: for a runtime that places devices itself.
+    ///
+    /// ```
+    /// use pcie_topology::{HostRef, QemuDevice, QemuId};
+    /// use pcilibs::bdf::Bdf;
+    /// use qmp_hotplug::{PlugFunction, PlugRequest};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let id = QemuId::new("gpu0")?;
+    /// let mut gpu = QemuDevice::new("vfio-pci", id.clone());
+    /// gpu.bus = Some("rp3".into());
+    /// let gpu = PlugFunction::new(gpu).with_host(HostRef::Pci(Bdf::parse("0000:41:00.0")?));
+    /// let request = PlugRequest::new(QemuId::new("rp3")?, id, vec![gpu])
+    ///     .with_iommufd(QemuId::new("iommufd0")?, None);
+    /// let args = request.functions[0].qmp_arguments();
+    /// assert_eq!((args["host"].as_str(), args["iommufd"].as_str()), (Some("0000:41:00.0"), Some("iommufd0")));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(port: QemuId, device: QemuId, functions: Vec<PlugFunction>) -> Self {
+        PlugRequest { port, device, objects: Vec::new(), fds: Vec::new(), functions, placeholder: None }
+    }
+
     /// The request for one hotplug action of a `pcie-topology` plan
     /// ([`pcie_topology::Plan::hotplug_actions`], or an action for a device placed later).
     ///
     /// - `port`: the action's port; on s390x, which has no ports, the device id
-    ///   ([`HotplugAction::port_or_device`]).
+    ///   ([`HotplugAction::port_or_device`]). `device`: the action's device.
     /// - `objects`: the action's `object_add`.
     /// - `functions`: for each of the action's functions in its order (function 0 last;
     ///   the engine keeps function 0 of a multi-function slot last in any case), first its
@@ -385,96 +767,139 @@ impl DeviceRequest {
     ///   `device_add` expected as [`Expectation::planned`] says: a PCI function at its
     ///   planned bus, slot and function with each BAR pinned to the plan's index at the
     ///   size `query-pci` shows (the ROM as BAR 6; SR-IOV VF apertures not expected; a
-    ///   resizable BAR at its current size); ccw, zPCI and vfio-ap functions present.
+    ///   resizable BAR at its current size); ccw, zPCI and vfio-ap functions present. Its
+    ///   host function is the action's typed one.
     /// - `placeholder`: the action's `remove_placeholder`.
     /// - each function's `needs`: its BARs as the guest will show them, for the engine's
     ///   optional live-window check.
     ///
-    /// The action's devices and objects are typed values whose ids and addresses were
-    /// checked when they were made; they become QMP arguments here
-    /// ([`pcie_topology::QemuDevice::to_qmp`]) and are not read back. An `iommufd` object
-    /// and each function's `iommufd` property come with the action
-    /// ([`HotplugAction::with_iommufd`]); descriptors (`fds`) are the caller's to add. A
-    /// BAR the plan has no index for (a request built from bare sizes, a version 1 plan)
-    /// is expected by size on any BAR 0–5 ([`BarExpectation::any`]).
-    pub fn from_action(action: &HotplugAction) -> DeviceRequest {
+    /// The action's devices, objects and ids are typed values checked when they were made;
+    /// they are taken as they are. An `iommufd` object and each function's `iommufd`
+    /// property come with the action ([`HotplugAction::with_iommufd`]) or with
+    /// [`PlugRequest::with_iommufd`]; descriptors are the caller's to add
+    /// ([`PlugRequest::with_fd`], [`PlugRequest::with_fd_path`]). A BAR the plan has no
+    /// index for (a request built from bare sizes, a version 1 plan) is expected by size on
+    /// any BAR 0–5 ([`BarExpectation::any`]).
+    pub fn from_action(action: &HotplugAction) -> PlugRequest {
         let mut functions = Vec::new();
         for f in &action.functions {
-            functions.extend(f.companions.iter().map(|c| FunctionRequest {
-                qdev: c.to_qmp(),
-                expect: Expectation::Present,
-                needs: Vec::new(),
-            }));
-            functions.push(FunctionRequest {
-                qdev: f.device_add.to_qmp(),
+            functions.extend(f.companions.iter().map(|c| PlugFunction::new(c.clone())));
+            let device = if f.host.is_some() {
+                without_host_props(f.device_add.clone())
+            } else {
+                f.device_add.clone()
+            };
+            functions.push(PlugFunction {
+                device,
+                host: f.host.clone(),
                 expect: Expectation::planned(&f.guest, &f.bars),
                 needs: visible_needs(&f.bars),
             });
         }
-        let placeholder = action.remove_placeholder.as_ref().map(|p| PlaceholderRequest {
-            devices: p.device_del.iter().map(ToString::to_string).collect(),
-            objects: p.object_del.iter().map(ToString::to_string).collect(),
-        });
-        DeviceRequest {
-            port: action.port_or_device().to_string(),
-            objects: action.object_add.iter().map(object_request).collect(),
+        let placeholder = action
+            .remove_placeholder
+            .as_ref()
+            .map(|p| PlaceholderRequest::new(p.device_del.clone(), p.object_del.clone()));
+        PlugRequest {
+            port: action.port_or_device().clone(),
+            device: action.device.clone(),
+            objects: action.object_add.clone(),
             fds: Vec::new(),
             functions,
             placeholder,
         }
     }
 
+    /// Adds a QOM object, created before the devices and deleted after them.
+    pub fn with_object(mut self, object: QemuObject) -> Self {
+        self.objects.push(object);
+        self
+    }
+
+    /// Passes `fd`, a descriptor the caller holds, to QEMU under `fdname` before the
+    /// devices are added; the engine closes its copy after the plug. See [`FdRequest`]
+    /// for what a restart does with it.
+    pub fn with_fd(mut self, fdname: impl Into<String>, fd: OwnedFd) -> Self {
+        self.fds.push(FdRequest::held(fdname, fd));
+        self
+    }
+
+    /// Has the engine open `path` (read-write when `writable`) and pass it to QEMU under
+    /// `fdname` before the devices are added.
+    pub fn with_fd_path(
+        mut self,
+        fdname: impl Into<String>,
+        path: impl Into<PathBuf>,
+        writable: bool,
+    ) -> Self {
+        self.fds.push(FdRequest::open(fdname, path, writable));
+        self
+    }
+
+    /// Puts the request's `vfio-pci` functions on the iommufd VFIO interface (QEMU 9.0 and
+    /// Linux 6.6 on), for requests not made from an action that has it already
+    /// ([`HotplugAction::with_iommufd`]): an `iommufd` object `id` is created before the
+    /// functions and deleted after them, and each `vfio-pci` function gets `iommufd=<id>`.
+    /// With `dev_iommu` (an open `/dev/iommu`), QEMU takes that descriptor, passed as
+    /// `<id>-fd`, instead of opening `/dev/iommu` itself.
+    pub fn with_iommufd(mut self, id: QemuId, dev_iommu: Option<OwnedFd>) -> Self {
+        let mut object = QemuObject::new("iommufd", id.clone());
+        if let Some(fd) = dev_iommu {
+            let fdname = format!("{id}-fd");
+            object = object.prop("fd", fdname.as_str());
+            self.fds.push(FdRequest::held(fdname, fd));
+        }
+        self.objects.insert(0, object);
+        for f in self.functions.iter_mut().filter(|f| f.device.driver == "vfio-pci") {
+            f.device.props.insert("iommufd".into(), PropValue::Str(id.to_string()));
+        }
+        self
+    }
+
+    /// Takes a boot-time placeholder off the port first.
+    pub fn with_placeholder(mut self, placeholder: PlaceholderRequest) -> Self {
+        self.placeholder = Some(placeholder);
+        self
+    }
+
     /// Checks the request and fills in `multifunction=on` where a slot has several
     /// functions. Returns the plug order.
     pub(crate) fn prepare(&mut self) -> Result<Prepared> {
-        if self.port.is_empty() {
-            return Err(RequestError::NoPort);
-        }
-        self.check_shape()?;
         if self.functions.is_empty() {
-            return Err(RequestError::NoFunctions(self.port.clone()));
+            return Err(PlugRequestError::NoFunctions(self.port.to_string()));
         }
-        let mut ids = HashSet::new();
-        for (index, f) in self.functions.iter().enumerate() {
-            for member in ["driver", "id"] {
-                if f.qdev.get(member).and_then(Value::as_str).is_none() {
-                    return Err(RequestError::MissingMember { index, member });
-                }
-            }
-            check_id(f.id(), &mut ids)?;
+        self.check_ids()?;
+        self.check_properties()?;
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if bytes > MAX_REQUEST_BYTES {
+            return Err(PlugRequestError::TooLarge { bytes });
         }
-        for o in &self.objects {
-            check_id(&o.id, &mut ids)?;
-        }
-        if let Some(ph) = &self.placeholder {
-            for id in ph.devices.iter().chain(&ph.objects) {
-                check_id(id, &mut ids)?;
-            }
-        }
-        let pci = self.pci_addresses()?;
-        let mut groups: BTreeMap<&str, Vec<(usize, u8)>> = BTreeMap::new();
+        let pci = self.pci_addresses();
+        let mut groups: BTreeMap<&SlotKey, Vec<(usize, u8)>> = BTreeMap::new();
         for (i, p) in pci.iter().enumerate() {
             if let Some((key, func)) = p {
-                groups.entry(key.as_str()).or_default().push((i, *func));
+                groups.entry(key).or_default().push((i, *func));
             }
         }
         let mut multi_zero = HashSet::new();
+        let mut multi = Vec::new();
         for members in groups.values().filter(|m| m.len() > 1) {
             let mut seen: BTreeMap<u8, usize> = BTreeMap::new();
             for &(i, func) in members {
                 if let Some(&other) = seen.get(&func) {
-                    return Err(RequestError::SameAddress(self.id_at(other), self.id_at(i)));
+                    return Err(PlugRequestError::SameAddress(self.id_at(other), self.id_at(i)));
                 }
                 seen.insert(func, i);
             }
             let Some(&zero) = seen.get(&0) else {
                 let first = members.first().map(|m| m.0).unwrap_or_default();
-                return Err(RequestError::NoFunctionZero(self.id_at(first)));
+                return Err(PlugRequestError::NoFunctionZero(self.id_at(first)));
             };
             multi_zero.insert(zero);
-            for &(i, _) in members {
-                self.set_multifunction(i)?;
-            }
+            multi.extend(members.iter().map(|m| m.0));
+        }
+        for i in multi {
+            self.set_multifunction(i)?;
         }
         // Function 0 of a multi-function slot goes last: the guest scans a slot when
         // function 0 appears, so every other function must already be there.
@@ -483,99 +908,104 @@ impl DeviceRequest {
         Ok(Prepared { order, pci })
     }
 
-    /// Nesting and size within what the journal writes and reads back.
-    fn check_shape(&self) -> Result<()> {
-        let args = self
+    /// Ids unique across functions, objects and placeholder; the device one of the
+    /// functions. (Each id is a [`QemuId`], valid when it was made.)
+    fn check_ids(&self) -> Result<()> {
+        let mut seen = HashSet::new();
+        let placeholder = self.placeholder.iter().flat_map(|p| p.devices.iter().chain(&p.objects));
+        for id in self
             .functions
             .iter()
-            .map(|f| (f.id(), &f.qdev))
-            .chain(self.objects.iter().map(|o| (o.id.as_str(), &o.props)));
-        for (id, map) in args {
-            // The map itself is level 1; its values start at level 2.
-            if map.values().any(|v| deeper_than(v, MAX_NESTING.saturating_sub(1))) {
-                return Err(RequestError::TooDeep { id: id.to_owned() });
+            .map(PlugFunction::id)
+            .chain(self.objects.iter().map(|o| &o.id))
+            .chain(placeholder)
+        {
+            if !seen.insert(id) {
+                return Err(PlugRequestError::DuplicateId(id.to_string()));
             }
         }
-        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
-        if bytes > MAX_REQUEST_BYTES {
-            return Err(RequestError::TooLarge { bytes });
+        if !self.functions.iter().any(|f| *f.id() == self.device) {
+            return Err(PlugRequestError::UnknownDevice { device: self.device.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Properties are what QEMU reads as properties: none repeats a field (the QMP
+    /// arguments, and the journal's copy of them, would say it twice), no VFIO host
+    /// function hides among them, and each number has its one form (a non-negative
+    /// `Signed` becomes `Int`), so that the request reads back from JSON as it is.
+    fn check_properties(&mut self) -> Result<()> {
+        let shadowed = |id: &QemuId, name: &str| PlugRequestError::ShadowedProperty {
+            id: id.to_string(),
+            name: name.to_owned(),
+        };
+        for f in &mut self.functions {
+            if let Some(name) = f.untyped_host() {
+                return Err(PlugRequestError::UntypedHost { id: f.id().to_string(), name: name.into() });
+            }
+            if let Some(name) =
+                ["driver", "id", "bus", "addr"].into_iter().find(|n| f.device.props.contains_key(*n))
+            {
+                return Err(shadowed(f.id(), name));
+            }
+            if f.device.props.get("multifunction").is_some_and(|v| *v != PropValue::Bool(false)) {
+                return Err(shadowed(f.id(), "multifunction"));
+            }
+            f.device.props.values_mut().for_each(one_form);
+        }
+        for o in &mut self.objects {
+            if let Some(name) = ["qom-type", "id"].into_iter().find(|n| o.props.contains_key(*n)) {
+                return Err(shadowed(&o.id, name));
+            }
+            o.props.values_mut().for_each(one_form);
         }
         Ok(())
     }
 
     fn id_at(&self, i: usize) -> String {
-        self.functions.get(i).map(|f| f.id().to_owned()).unwrap_or_default()
+        self.functions.get(i).map(|f| f.id().to_string()).unwrap_or_default()
     }
 
     fn set_multifunction(&mut self, i: usize) -> Result<()> {
         let Some(f) = self.functions.get_mut(i) else { return Ok(()) };
-        let off = match f.qdev.get("multifunction") {
-            Some(Value::Bool(b)) => !b,
-            Some(Value::String(s)) => matches!(s.as_str(), "off" | "false" | "no"),
-            _ => false,
-        };
-        if off {
-            return Err(RequestError::MultifunctionOff(f.id().to_owned()));
+        if f.multifunction_off() {
+            return Err(PlugRequestError::MultifunctionOff(f.id().to_string()));
         }
-        // A JSON boolean: QEMU 10 rejects the string "on" here ("Invalid parameter type
-        // for 'multifunction', expected: boolean"); 7.2 takes both.
-        f.qdev.insert("multifunction".into(), Value::Bool(true));
+        // Sent as a JSON boolean: QEMU 10 rejects the string "on" here ("Invalid
+        // parameter type for 'multifunction', expected: boolean"); 7.2 takes both.
+        f.device.multifunction = true;
         Ok(())
     }
 
-    /// For each function: its (bus/slot group key, function) when it is a PCI function.
-    fn pci_addresses(&self) -> Result<Vec<Option<(String, u8)>>> {
+    /// For each function: its (slot, function) when it is a PCI function: its address,
+    /// else the slot and function it is expected at.
+    fn pci_addresses(&self) -> Vec<Option<(SlotKey, u8)>> {
         self.functions
             .iter()
             .map(|f| {
-                let expected = match &f.expect {
-                    Expectation::Pci(p) => Some(p),
-                    _ => None,
+                let (slot, func) = match (f.device.addr, &f.expect) {
+                    (Some(a), _) => (a.slot(), a.function()),
+                    (None, Expectation::Pci(p)) => (p.slot.unwrap_or(0), p.function.unwrap_or(0)),
+                    (None, _) => return None,
                 };
-                let addr = match f.qdev.get("addr") {
-                    Some(v) => Some(parse_addr(v).ok_or_else(|| RequestError::BadAddr {
-                        id: f.id().to_owned(),
-                        addr: v.to_string(),
-                    })?),
-                    None => None,
-                };
-                if addr.is_none() && expected.is_none() {
-                    return Ok(None);
-                }
-                let (slot, func) = match (addr, expected) {
-                    (Some(a), _) => a,
-                    (None, Some(p)) => (p.slot.unwrap_or(0), p.function.unwrap_or(0)),
-                    (None, None) => return Ok(None),
-                };
-                let bus = f.prop("bus").unwrap_or_default();
-                Ok(Some((format!("{bus}/{slot}"), func)))
+                Some(((f.device.bus.clone(), slot), func))
             })
             .collect()
     }
 
     /// Every QEMU id of the request: functions, then objects.
-    pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.functions.iter().map(FunctionRequest::id).chain(self.objects.iter().map(|o| o.id.as_str()))
+    pub fn ids(&self) -> impl Iterator<Item = &QemuId> {
+        self.functions.iter().map(PlugFunction::id).chain(self.objects.iter().map(|o| &o.id))
     }
 
     /// Ids of every device that must be gone before the port is free: the functions,
     /// then the placeholder's devices.
-    pub fn device_ids(&self) -> impl Iterator<Item = &str> {
+    pub fn device_ids(&self) -> impl Iterator<Item = &QemuId> {
         self.functions
             .iter()
-            .map(FunctionRequest::id)
-            .chain(self.placeholder.iter().flat_map(|p| p.devices.iter().map(String::as_str)))
+            .map(PlugFunction::id)
+            .chain(self.placeholder.iter().flat_map(|p| p.devices.iter()))
     }
-}
-
-fn check_id<'a>(id: &'a str, seen: &mut HashSet<&'a str>) -> Result<()> {
-    if !valid_qemu_id(id) {
-        return Err(RequestError::BadId(id.to_owned()));
-    }
-    if !seen.insert(id) {
-        return Err(RequestError::DuplicateId(id.to_owned()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -586,89 +1016,136 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn func(id: &str, addr: &str) -> FunctionRequest {
-        let qdev = json!({"driver": "vfio-pci", "id": id, "bus": "rp0", "addr": addr});
-        FunctionRequest {
-            qdev: qdev.as_object().unwrap().clone(),
-            expect: Expectation::Present,
-            needs: vec![],
-        }
+    fn id(s: &str) -> QemuId {
+        QemuId::new(s).unwrap()
+    }
+
+    fn func(name: &str, slot: u8, function: u8) -> PlugFunction {
+        let mut d = QemuDevice::new("vfio-pci", id(name));
+        d.bus = Some("rp0".into());
+        d.addr = Some(DevFn::new(slot, function).unwrap());
+        PlugFunction::new(d)
+    }
+
+    fn request(functions: Vec<PlugFunction>) -> PlugRequest {
+        let device = functions.first().map_or_else(|| id("none"), |f| f.id().clone());
+        PlugRequest::new(id("rp0"), device, functions)
     }
 
     #[test]
     fn addr_forms() {
-        assert_eq!(parse_addr(&json!("1f.7")), Some((0x1f, 7)));
-        assert_eq!(parse_addr(&json!("0x3.0x1")), Some((3, 1)));
-        assert_eq!(parse_addr(&json!("4")), Some((4, 0)));
-        assert_eq!(parse_addr(&json!(9)), Some((1, 1)));
-        assert_eq!(parse_addr(&json!("0.8")), None);
-        assert_eq!(parse_addr(&json!("zz")), None);
+        let at = |v: Value| parse_addr(&v).map(|a| (a.slot(), a.function()));
+        assert_eq!(at(json!("1f.7")), Some((0x1f, 7)));
+        assert_eq!(at(json!("0x3.0x1")), Some((3, 1)));
+        assert_eq!(at(json!("4")), Some((4, 0)));
+        assert_eq!(at(json!(9)), Some((1, 1)));
+        assert_eq!(at(json!("0.8")), None);
+        assert_eq!(at(json!("20.0")), None);
+        assert_eq!(at(json!("zz")), None);
     }
 
     #[test]
     fn function_zero_last_and_multifunction_on() {
-        let mut r = DeviceRequest {
-            port: "rp0".into(),
-            objects: vec![],
-            fds: vec![],
-            placeholder: None,
-            functions: vec![func("f0", "0.0"), func("f1", "0.1"), func("f2", "0.2")],
-        };
+        let mut r = request(vec![func("f0", 0, 0), func("f1", 0, 1), func("f2", 0, 2)]);
         let p = r.prepare().unwrap();
         assert_eq!(p.order, vec![1, 2, 0]);
-        assert!(r.functions.iter().all(|f| f.qdev.get("multifunction") == Some(&Value::Bool(true))));
+        assert!(r.functions.iter().all(|f| f.device.multifunction));
+        assert!(r
+            .functions
+            .iter()
+            .all(|f| f.qmp_arguments().get("multifunction") == Some(&Value::Bool(true))));
     }
 
     #[test]
     fn rejects_bad_requests() {
-        let mut r = DeviceRequest {
-            port: "rp0".into(),
-            objects: vec![],
-            fds: vec![],
-            placeholder: None,
-            functions: vec![func("f1", "0.1"), func("f2", "0.2")],
-        };
-        assert!(matches!(r.prepare(), Err(RequestError::NoFunctionZero(_))));
-        let mut r = DeviceRequest {
-            port: "rp0".into(),
-            objects: vec![],
-            fds: vec![],
-            placeholder: None,
-            functions: vec![func("a", "0.0"), func("a", "0.1")],
-        };
-        assert!(matches!(r.prepare(), Err(RequestError::DuplicateId(_))));
-        let mut r = DeviceRequest {
-            port: "rp0".into(),
-            objects: vec![],
-            fds: vec![],
-            placeholder: None,
-            functions: vec![func("1a", "0.0")],
-        };
-        assert!(matches!(r.prepare(), Err(RequestError::BadId(_))));
-        let mut f = func("a", "0.0");
-        f.qdev.insert("multifunction".into(), json!("off"));
-        let mut r = DeviceRequest {
-            port: "rp0".into(),
-            objects: vec![],
-            fds: vec![],
-            placeholder: None,
-            functions: vec![f, func("b", "0.1")],
-        };
-        assert!(matches!(r.prepare(), Err(RequestError::MultifunctionOff(_))));
-        let mut r = DeviceRequest {
-            port: "".into(),
-            objects: vec![],
-            fds: vec![],
-            functions: vec![],
-            placeholder: None,
-        };
-        assert_eq!(r.prepare(), Err(RequestError::NoPort));
+        let mut r = request(vec![func("f1", 0, 1), func("f2", 0, 2)]);
+        assert!(matches!(r.prepare(), Err(PlugRequestError::NoFunctionZero(_))));
+        let mut r = request(vec![func("a", 0, 0), func("a", 0, 1)]);
+        assert!(matches!(r.prepare(), Err(PlugRequestError::DuplicateId(_))));
+        let mut r = request(vec![func("a", 0, 0), func("b", 0, 0)]);
+        assert!(matches!(r.prepare(), Err(PlugRequestError::SameAddress(..))));
+        let mut off = func("a", 0, 0);
+        off.device = off.device.prop("multifunction", false);
+        let mut r = request(vec![off, func("b", 0, 1)]);
+        assert!(matches!(r.prepare(), Err(PlugRequestError::MultifunctionOff(_))));
+        let mut r = PlugRequest::new(id("rp0"), id("x"), vec![]);
+        assert_eq!(r.prepare(), Err(PlugRequestError::NoFunctions("rp0".into())));
+        let mut r = PlugRequest::new(id("rp0"), id("other"), vec![func("a", 0, 0)]);
+        assert_eq!(r.prepare(), Err(PlugRequestError::UnknownDevice { device: "other".into() }));
+        // A host function as a bare property would slip past the VFIO checks.
+        let mut f = func("a", 0, 0);
+        f.device = f.device.prop("host", "0000:01:00.0");
+        let mut r = request(vec![f]);
+        assert!(matches!(r.prepare(), Err(PlugRequestError::UntypedHost { .. })));
+        // A property that repeats a field would be said twice in the arguments.
+        for (name, value) in [("addr", PropValue::from("0.3")), ("multifunction", PropValue::Bool(true))] {
+            let mut f = func("a", 0, 0);
+            f.device.props.insert(name.into(), value);
+            let e = request(vec![f]).prepare().unwrap_err();
+            assert_eq!(e, PlugRequestError::ShadowedProperty { id: "a".into(), name: name.into() });
+        }
+        let o = QemuObject::new("memory-backend-ram", id("m")).prop("id", "x");
+        let e = request(vec![func("a", 0, 0)]).with_object(o).prepare().unwrap_err();
+        assert!(matches!(e, PlugRequestError::ShadowedProperty { name, .. } if name == "id"));
     }
 
-    /// A `qdev` property nested 130 levels deep (QEMU takes it) is refused before
-    /// anything is sent: the journal could not read its record back. So is a huge one.
+    /// Whatever typed values a caller builds, the request reads back from its JSON (the
+    /// journal's form) equal to what was prepared.
     #[test]
-    fn deep_or_huge_arguments_are_refused() {
+    fn prepared_requests_read_back_equal() {
+        let mut f = func("a", 0, 0);
+        f.device.props.insert("bootindex".into(), PropValue::Signed(-1));
+        f.device.props.insert("vectors".into(), PropValue::Signed(4));
+        let mut r = request(vec![f, func("b", 0, 1)]).with_object(
+            QemuObject::new("memory-backend-ram", id("m")).prop("size", PropValue::Signed(1 << 20)),
+        );
+        r.prepare().unwrap();
+        assert_eq!(r.functions[0].device.props["vectors"], PropValue::Int(4));
+        let back: PlugRequest = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    /// Ids and addresses are checked when `device_add` arguments are read: no request
+    /// holds an invalid one.
+    #[test]
+    fn qmp_arguments_are_read_typed() {
+        let read = |v: Value| PlugFunction::from_qmp(v.as_object().unwrap());
+        assert_eq!(read(json!({"driver": "e1000e", "id": "1a"})), Err(PlugRequestError::BadId("1a".into())));
+        assert_eq!(read(json!({"id": "a"})), Err(PlugRequestError::MissingMember { member: "driver" }));
+        assert!(matches!(
+            read(json!({"driver": "e", "id": "a", "addr": "0.9"})),
+            Err(PlugRequestError::BadAddr { .. })
+        ));
+        let e = read(json!({"driver": "vfio-pci", "id": "g0", "host": "../../etc"})).unwrap_err();
+        assert!(matches!(&e, PlugRequestError::BadHost { id, .. } if id == "g0"), "{e}");
+        assert!(e.to_string().contains("../../etc"), "{e}");
+        let f = read(json!({"driver": "vfio-pci", "id": "g0", "bus": "rp0", "addr": "0x0.0x1",
+                            "host": "41:00.1", "rombar": 0, "bootindex": -1, "x-vga": false,
+                            "multifunction": "on"}))
+        .unwrap();
+        assert_eq!(f.host, Some(HostRef::Pci(Bdf::parse("0000:41:00.1").unwrap())));
+        assert_eq!(f.device.addr, Some(DevFn::new(0, 1).unwrap()));
+        assert!(f.device.multifunction);
+        assert_eq!(f.device.props["bootindex"], PropValue::Signed(-1));
+        assert!(!f.device.props.contains_key("host"));
+        assert_eq!(
+            Value::Object(f.qmp_arguments()),
+            json!({"driver": "vfio-pci", "id": "g0", "bus": "rp0", "addr": "0x0.0x1", "multifunction": true,
+                   "host": "0000:41:00.1", "rombar": 0, "bootindex": -1, "x-vga": false})
+        );
+        let ccw =
+            read(json!({"driver": "vfio-ccw", "id": "d0", "sysfsdev": "/sys/bus/mdev/devices/u1"})).unwrap();
+        assert_eq!(ccw.host, Some(HostRef::Sysfsdev("/sys/bus/mdev/devices/u1".into())));
+        // Not a VFIO device: `host` is an ordinary property.
+        let other = read(json!({"driver": "usb-host", "id": "u0", "host": "x"})).unwrap();
+        assert_eq!(other.host, None);
+        assert_eq!(other.device.props["host"], PropValue::Str("x".into()));
+    }
+
+    /// Values `device_add` properties do not take (nested objects, lists, fractions) are
+    /// refused when read, before anything is journaled or sent; so is a huge request.
+    #[test]
+    fn nested_or_huge_arguments_are_refused() {
         let nested = |levels: usize| {
             let mut v = json!("leaf");
             for _ in 0..levels {
@@ -676,48 +1153,79 @@ mod tests {
             }
             v
         };
-        let mut f = func("a", "0.0");
-        f.qdev.insert("deep".into(), nested(130));
-        let mut r = DeviceRequest {
-            port: "rp0".into(),
-            objects: vec![],
-            fds: vec![],
-            placeholder: None,
-            functions: vec![f],
-        };
-        assert_eq!(r.prepare(), Err(RequestError::TooDeep { id: "a".into() }));
-        // Up to the limit is fine: the map plus MAX_NESTING - 1 levels below it.
-        r.functions[0].qdev.insert("deep".into(), nested(MAX_NESTING - 1));
-        r.prepare().unwrap();
-        r.functions[0].qdev.insert("deep".into(), nested(MAX_NESTING));
-        assert!(matches!(r.prepare(), Err(RequestError::TooDeep { .. })));
-        r.functions[0].qdev.insert("deep".into(), json!([[1]]));
-        r.objects.push(ObjectRequest {
-            qom_type: "memory-backend-ram".into(),
-            id: "m".into(),
-            props: nested(200).as_object().unwrap().clone(),
-        });
-        assert_eq!(r.prepare(), Err(RequestError::TooDeep { id: "m".into() }));
-        r.objects.clear();
-        r.functions[0].qdev.insert("big".into(), json!("x".repeat(MAX_REQUEST_BYTES)));
-        assert!(matches!(r.prepare(), Err(RequestError::TooLarge { .. })));
-    }
-
-    #[test]
-    fn object_add_arguments_round_trip() {
-        let args = json!({"qom-type": "iommufd", "id": "iommufd0", "fd": "iommu-fd"});
-        let o = ObjectRequest::from_object_add(args.as_object().unwrap()).unwrap();
-        assert_eq!((o.qom_type.as_str(), o.id.as_str()), ("iommufd", "iommufd0"));
-        assert_eq!(o.arguments(), args);
-        assert!(ObjectRequest::from_object_add(json!({"id": "x"}).as_object().unwrap()).is_none());
+        for bad in [nested(130), nested(1), json!([1]), json!(0.5), Value::Null] {
+            let args = json!({"driver": "e1000e", "id": "a", "deep": bad});
+            let e = PlugFunction::from_qmp(args.as_object().unwrap()).unwrap_err();
+            assert!(matches!(&e, PlugRequestError::BadProperty { name, .. } if name == "deep"), "{e}");
+            assert!(e.to_string().len() < 300, "the value is cut in the message: {e}");
+        }
+        let text = json!({"port": "rp0", "functions": [{"qdev": {"driver": "e1000e", "id": "a", "deep": nested(200)}}]});
+        let e = serde_json::from_value::<PlugRequest>(text).unwrap_err();
+        assert!(e.to_string().contains("property deep"), "{e}");
+        let mut f = func("a", 0, 0);
+        f.device = f.device.prop("big", "x".repeat(MAX_REQUEST_BYTES));
+        let mut r = request(vec![f]);
+        assert!(matches!(r.prepare(), Err(PlugRequestError::TooLarge { .. })));
     }
 
     #[test]
     fn serde_roundtrip_with_defaults() {
-        let text = r#"{"port": "rp1", "functions": [{"qdev": {"driver": "virtio-net-ccw", "id": "n0", "devno": "fe.0.0042"}}]}"#;
-        let r: DeviceRequest = serde_json::from_str(text).unwrap();
+        let text = r#"{"port": "net0", "functions": [{"qdev": {"driver": "virtio-net-ccw", "id": "net0", "devno": "fe.0.0042"}}]}"#;
+        let r: PlugRequest = serde_json::from_str(text).unwrap();
         assert_eq!(r.functions[0].expect, Expectation::Present);
-        let back: DeviceRequest = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(r.device, id("net0"));
+        let back: PlugRequest = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// Without a `device` member the device is the function named like the port, else the
+    /// one at function 0, else the first.
+    #[test]
+    fn device_id_of_older_requests() {
+        let read = |v: Value| serde_json::from_value::<PlugRequest>(v).unwrap().device.to_string();
+        let zpci = json!({"port": "vnet1", "functions": [
+            {"qdev": {"driver": "zpci", "id": "zpci1", "target": "vnet1"}},
+            {"qdev": {"driver": "virtio-net-pci", "id": "vnet1"}}]});
+        assert_eq!(read(zpci), "vnet1");
+        let slot = json!({"port": "rp0", "functions": [
+            {"qdev": {"driver": "e1000e", "id": "nic0-f1", "addr": "0.1"}},
+            {"qdev": {"driver": "e1000e", "id": "nic0", "addr": "0.0"}}]});
+        assert_eq!(read(slot), "nic0");
+        let bare = json!({"port": "rp0", "functions": [{"qdev": {"driver": "e1000e", "id": "n0"}}]});
+        assert_eq!(read(bare), "n0");
+        assert!(serde_json::from_value::<PlugRequest>(json!({"port": "rp0", "functions": []})).is_err());
+    }
+
+    /// A held descriptor is journaled by name; the request read back equals the one
+    /// written, and knows it holds no descriptor.
+    #[test]
+    fn held_descriptors_are_journaled_by_name() {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let mut r = request(vec![func("a", 0, 0)])
+            .with_fd("cdev", fd)
+            .with_fd_path("iommu", "/dev/iommu", true)
+            .with_iommufd(id("iommufd0"), Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap())));
+        let text = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            text["fds"],
+            json!([{"fdname": "cdev", "held": true}, {"fdname": "iommu", "path": "/dev/iommu", "writable": true},
+                   {"fdname": "iommufd0-fd", "held": true}])
+        );
+        assert_eq!(
+            text["objects"],
+            json!([{"qom_type": "iommufd", "id": "iommufd0", "props": {"fd": "iommufd0-fd"}}])
+        );
+        assert_eq!(text["functions"][0]["qdev"]["iommufd"], "iommufd0");
+        let mut back: PlugRequest = serde_json::from_value(text).unwrap();
+        assert_eq!(back, r);
+        assert!(back.fds[0].take_held().is_none(), "read back, the descriptor is gone");
+        assert!(r.fds[0].take_held().is_some());
+        assert!(r.fds[0].take_held().is_none(), "taken once");
+        assert_eq!(r.fds[1].path(), Some(Path::new("/dev/iommu")));
+        assert!(r.fds[1].writable());
+        assert!(serde_json::from_value::<FdRequest>(json!({"fdname": "x"})).is_err());
+        assert!(
+            serde_json::from_value::<FdRequest>(json!({"fdname": "x", "path": "/a", "held": true})).is_err()
+        );
     }
 }

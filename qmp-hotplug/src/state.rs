@@ -1,8 +1,10 @@
 //! A device's life on one port, as explicit states with a recorded history.
 
-use serde::{Deserialize, Serialize};
+use pcie_topology::QemuId;
+use pcilibs::bdf::Bdf;
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::request::DeviceRequest;
+use crate::request::PlugRequest;
 
 /// Where a device stands.
 ///
@@ -49,6 +51,7 @@ impl DeviceState {
 
 /// One recorded state change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Transition {
     /// The new state.
     pub state: DeviceState,
@@ -56,17 +59,6 @@ pub struct Transition {
     pub at_unix_ms: u64,
     /// Why (error text, recovery action, ...); may be empty.
     pub note: String,
-}
-
-/// Guest address of a PCI function as `query-pci` reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestAddress {
-    /// Bus number.
-    pub bus: u8,
-    /// Slot.
-    pub slot: u8,
-    /// Function.
-    pub function: u8,
 }
 
 /// Most transitions a [`DeviceRecord`] keeps (the oldest go first): a device whose
@@ -92,24 +84,70 @@ pub(crate) fn bounded_note(note: &str) -> String {
     cut
 }
 
+/// Guest addresses of PCI functions by device id, as `query-pci` reported them (domain
+/// 0: QEMU's `query-pci` has no other).
+pub(crate) type GuestAddresses = Vec<(QemuId, Bdf)>;
+
 /// The engine's record of the device on one port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeviceRecord {
     /// The request as validated (with `multifunction=on` filled in).
-    pub request: DeviceRequest,
+    pub request: PlugRequest,
     /// The current state.
     pub state: DeviceState,
     /// The transitions since the plug began, oldest first (the last [`MAX_HISTORY`]).
     pub history: Vec<Transition>,
-    /// Guest addresses of PCI functions by device id, once visible.
-    #[serde(default)]
-    pub guest: Vec<(String, GuestAddress)>,
+    /// Guest addresses of PCI functions by device id, once visible, as `query-pci`
+    /// reported them (domain 0: QEMU's `query-pci` has no other).
+    #[serde(default, deserialize_with = "guest_addresses")]
+    pub guest: Vec<(QemuId, Bdf)>,
+}
+
+/// A guest address as journals have it: the address text, or (journals written before
+/// addresses were `pcilibs::Bdf`) its bus, slot and function.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AddressWire {
+    Text(Bdf),
+    Parts { bus: u8, slot: u8, function: u8 },
+}
+
+/// Reads [`GuestAddresses`] in either form of [`AddressWire`].
+pub(crate) fn guest_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<GuestAddresses, D::Error> {
+    let wire: Vec<(QemuId, AddressWire)> = Vec::deserialize(d)?;
+    wire.into_iter()
+        .map(|(id, a)| {
+            let bdf = match a {
+                AddressWire::Text(bdf) => bdf,
+                AddressWire::Parts { bus, slot, function } => {
+                    Bdf::new(0, bus, slot, function).map_err(serde::de::Error::custom)?
+                }
+            };
+            Ok((id, bdf))
+        })
+        .collect()
 }
 
 impl DeviceRecord {
+    /// A record of `request` in `state`, with no history and no guest addresses yet.
+    pub(crate) fn new(request: PlugRequest, state: DeviceState) -> Self {
+        DeviceRecord { request, state, history: Vec::new(), guest: Vec::new() }
+    }
+
     /// The port.
-    pub fn port(&self) -> &str {
+    pub fn port(&self) -> &QemuId {
         &self.request.port
+    }
+
+    /// The device's id (what [`crate::Engine::unplug`] takes).
+    pub fn device(&self) -> &QemuId {
+        &self.request.device
+    }
+
+    /// The guest address `query-pci` reported for function `id`, once visible.
+    pub fn guest_address(&self, id: &str) -> Option<Bdf> {
+        self.guest.iter().find(|(f, _)| f.as_str() == id).map(|(_, bdf)| *bdf)
     }
 
     /// Appends `t` to the history, keeping the last [`MAX_HISTORY`] transitions.
@@ -149,16 +187,42 @@ mod tests {
         let cut = bounded_note(&long);
         assert!(cut.len() <= MAX_NOTE_BYTES && cut.ends_with('…'));
         assert_eq!(bounded_note("short"), "short");
-        let request: DeviceRequest = serde_json::from_value(
+        let request: PlugRequest = serde_json::from_value(
             serde_json::json!({"port": "rp0", "functions": [{"qdev": {"driver": "e1000e", "id": "n"}}]}),
         )
         .unwrap();
-        let mut d =
-            DeviceRecord { request, state: DeviceState::Visible, history: Vec::new(), guest: Vec::new() };
+        let mut d = DeviceRecord::new(request, DeviceState::Visible);
         for n in 0..1000 {
             d.push_history(Transition { state: DeviceState::Visible, at_unix_ms: n, note: String::new() });
         }
         assert_eq!(d.history.len(), MAX_HISTORY);
         assert_eq!(d.history.last().map(|t| t.at_unix_ms), Some(999));
+    }
+
+    /// Guest addresses read in the text form and in the form of earlier journals.
+    #[test]
+    fn guest_addresses_in_both_forms() {
+        let read = |guest: serde_json::Value| {
+            let v = serde_json::json!({
+                "request": {"port": "rp0", "functions": [{"qdev": {"driver": "e1000e", "id": "n"}}]},
+                "state": "visible", "history": [], "guest": guest});
+            serde_json::from_value::<DeviceRecord>(v).map(|r| r.guest)
+        };
+        let want = vec![(QemuId::new("n").unwrap(), Bdf::new(0, 1, 0, 2).unwrap())];
+        assert_eq!(read(serde_json::json!([["n", {"bus": 1, "slot": 0, "function": 2}]])).unwrap(), want);
+        assert_eq!(read(serde_json::json!([["n", "0000:01:00.2"]])).unwrap(), want);
+        assert!(read(serde_json::json!([["n", {"bus": 1, "slot": 40, "function": 2}]])).is_err());
+        let rec = DeviceRecord {
+            guest: want,
+            ..DeviceRecord::new(
+                serde_json::from_value(serde_json::json!(
+            {"port": "rp0", "functions": [{"qdev": {"driver": "e1000e", "id": "n"}}]}))
+                .unwrap(),
+                DeviceState::Visible,
+            )
+        };
+        let text = serde_json::to_value(&rec).unwrap();
+        assert_eq!(text["guest"], serde_json::json!([["n", "0000:01:00.2"]]));
+        assert_eq!(rec.guest_address("n"), Some(Bdf::new(0, 1, 0, 2).unwrap()));
     }
 }

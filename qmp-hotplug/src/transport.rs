@@ -21,7 +21,7 @@ const CHUNK: usize = 64 * 1024;
 /// How often a blocked reader wakes up to look at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
 /// Most descriptors passed in one message (QEMU's limit for one message is larger).
-pub const MAX_FDS_PER_MESSAGE: usize = 16;
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 16;
 
 /// Errors of the byte level.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,7 @@ pub enum TransportError {
 }
 
 /// Result alias of this module.
-pub type Result<T> = std::result::Result<T, TransportError>;
+pub(crate) type Result<T> = std::result::Result<T, TransportError>;
 
 /// Reads newline-terminated lines from a file descriptor with a length limit and deadlines.
 #[derive(Debug)]

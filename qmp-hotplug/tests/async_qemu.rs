@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{gpu_like, single, Hotplug, Qemu};
 use qmp_hotplug::async_engine::{AsyncEngine, AsyncError};
-use qmp_hotplug::engine::{EngineError, EngineOptions, UnplugOutcome};
+use qmp_hotplug::engine::{EngineError, UnplugOutcome};
 use qmp_hotplug::state::DeviceState;
 
 fn qemu(ports: usize, mode: Hotplug) -> (Qemu, Arc<qmp_hotplug::QmpClient>) {
@@ -27,7 +27,7 @@ fn qemu(ports: usize, mode: Hotplug) -> (Qemu, Arc<qmp_hotplug::QmpClient>) {
 async fn plugs_and_unplugs_from_async_code() {
     let (_q, c) = qemu(2, Hotplug::Native);
     let dir = tempfile::tempdir().unwrap();
-    let options = EngineOptions { unplug_timeout: Duration::from_secs(20), ..Default::default() };
+    let options = common::unplug_after(Duration::from_secs(20));
     let (engine, report) = AsyncEngine::open(c, dir.path().join("journal"), options).await.unwrap();
     assert!(!report.had_interrupted());
     let (a, b) = tokio::join!(engine.plug(gpu_like(0, 16)), engine.plug(gpu_like(1, 16)));
@@ -36,7 +36,7 @@ async fn plugs_and_unplugs_from_async_code() {
         Err(AsyncError::Engine(EngineError::PortBusy { .. })) => {}
         other => panic!("{other:?}"),
     }
-    let (a, b) = tokio::join!(engine.unplug("rp0"), engine.unplug("rp1"));
+    let (a, b) = tokio::join!(engine.unplug("gpu0"), engine.unplug("gpu1"));
     assert_eq!((a.unwrap(), b.unwrap()), (UnplugOutcome::Removed, UnplugOutcome::Removed));
     assert!(engine.engine().is_port_free("rp0") && engine.engine().is_port_free("rp1"));
 }
@@ -47,7 +47,7 @@ async fn plugs_and_unplugs_from_async_code() {
 async fn a_waiting_unplug_does_not_block_the_executor() {
     let (_q, c) = qemu(1, Hotplug::Acpi);
     let dir = tempfile::tempdir().unwrap();
-    let options = EngineOptions { unplug_timeout: Duration::from_secs(1), ..Default::default() };
+    let options = common::unplug_after(Duration::from_secs(1));
     let (engine, _) = AsyncEngine::open(c, dir.path().join("journal"), options).await.unwrap();
     engine.plug(single(0, "nic0", "e1000e")).await.unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -61,7 +61,7 @@ async fn a_waiting_unplug_does_not_block_the_executor() {
             }
         })
     };
-    assert_eq!(engine.unplug("rp0").await.unwrap(), UnplugOutcome::Pending);
+    assert_eq!(engine.unplug("nic0").await.unwrap(), UnplugOutcome::Pending);
     done.store(true, Ordering::Relaxed);
     ticker.await.unwrap();
     assert!(

@@ -156,6 +156,34 @@ fn eof_during_handshake_is_an_error_not_a_panic() {
     assert!(matches!(err, ClientError::Closed(CloseReason::Eof)), "{err:?}");
 }
 
+/// QEMU can write an event (`RESUME` as the guest starts) to a client that connected while
+/// it was starting, before its greeting. The client skips such events, a bounded number.
+#[test]
+fn events_before_the_greeting_are_skipped() {
+    const RESUME: &str =
+        r#"{"timestamp": {"seconds": 1796523452, "microseconds": 255112}, "event": "RESUME"}"#;
+    let peer = FakePeer::start(|mut p| {
+        p.send(RESUME);
+        p.send(RESUME);
+        p.handshake();
+        let (_, id, _) = p.recv().unwrap();
+        p.reply(&id, json!({"status": "running", "running": true}));
+        let _ = p.recv();
+    });
+    let c = connect(&peer).unwrap();
+    assert_eq!(c.execute_raw("query-status", None, DEADLINE).unwrap()["status"], "running");
+
+    // A peer that sends nothing but events is not a QMP server: a typed error, not a wait.
+    let peer = FakePeer::start(|mut p| {
+        for _ in 0..1000 {
+            p.send(RESUME);
+        }
+        let _ = p.recv();
+    });
+    let err = connect(&peer).unwrap_err();
+    assert!(matches!(err, ClientError::Greeting(_)), "{err:?}");
+}
+
 #[test]
 fn bad_greeting_is_typed() {
     let peer = FakePeer::start(|mut p| p.send(r#"{"hello": "world"}"#));
@@ -237,7 +265,8 @@ fn an_unread_event_stream_is_bounded() {
         p.reply(&id, json!({}));
         let _ = p.recv();
     });
-    let opts = qmp_hotplug::ClientOptions { event_queue_capacity: 10, ..FakePeer::options(DEADLINE) };
+    let mut opts = FakePeer::options(DEADLINE);
+    opts.event_queue_capacity = 10;
     let c = QmpClient::connect_unix(&peer.path, opts).unwrap();
     let idle = c.subscribe();
     c.execute_raw("query-status", None, DEADLINE).unwrap();
@@ -326,7 +355,7 @@ fn a_slow_reader_does_not_stretch_a_command_deadline() {
     let err = c.execute_raw("x-big", Some(json!({ "blob": blob })), Duration::from_secs(2)).unwrap_err();
     let took = t.elapsed();
     assert!(
-        matches!(err, ClientError::Send(qmp_hotplug::transport::TransportError::WriteTimeout { sent, .. }) if sent > 0),
+        matches!(err, ClientError::Send(qmp_hotplug::client::TransportError::WriteTimeout { sent, .. }) if sent > 0),
         "{err:?}"
     );
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");

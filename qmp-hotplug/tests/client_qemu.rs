@@ -137,11 +137,9 @@ fn a_busy_qmp_socket_ends_at_the_connect_deadline() {
         assert!(held.len() < 1000, "QEMU's backlog never filled");
     }
     let path = q.qmp.clone();
-    let options = ClientOptions {
-        connect_timeout: Duration::from_secs(1),
-        handshake_timeout: Duration::from_secs(1),
-        ..Default::default()
-    };
+    let mut options = ClientOptions::default();
+    options.connect_timeout = Duration::from_secs(1);
+    options.handshake_timeout = Duration::from_secs(1);
     let (tx, rx) = std::sync::mpsc::channel();
     let t = Instant::now();
     std::thread::spawn(move || {

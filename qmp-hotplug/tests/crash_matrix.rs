@@ -33,10 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gpu_like, names, single, Hotplug, Qemu};
+use common::{gpu_like, names, qid, single, unplug_after, Hotplug, Qemu};
 use qmp_hotplug::engine::{Engine, EngineOptions, UnplugOutcome};
 use qmp_hotplug::journal::{HookPoint, Record};
-use qmp_hotplug::request::{DeviceRequest, PlaceholderRequest};
+use qmp_hotplug::request::{PlaceholderRequest, PlugRequest};
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::QmpClient;
 use serde_json::json;
@@ -94,7 +94,7 @@ impl Scenario {
         }
     }
 
-    fn request(self) -> DeviceRequest {
+    fn request(self) -> PlugRequest {
         match self {
             Scenario::PlugMultifunction | Scenario::PlugUnplug | Scenario::PlugUnplugCompacting => {
                 gpu_like(0, 16)
@@ -102,17 +102,13 @@ impl Scenario {
             Scenario::UnplugTimeout => single(0, "nic0", "e1000e"),
             Scenario::FailedPlugRollback => {
                 let mut r = gpu_like(0, 16);
-                r.functions[0].qdev.insert("driver".into(), json!("no-such-device-model"));
+                r.functions[0].device.driver = "no-such-device-model".into();
                 r
             }
-            Scenario::PlaceholderSwap => {
-                let mut r = gpu_like(0, 16);
-                r.placeholder = Some(PlaceholderRequest {
-                    devices: vec![PLACEHOLDER.into()],
-                    objects: vec![PLACEHOLDER_MEM.into()],
-                });
-                r
-            }
+            Scenario::PlaceholderSwap => gpu_like(0, 16).with_placeholder(PlaceholderRequest::new(
+                vec![qid(PLACEHOLDER)],
+                vec![qid(PLACEHOLDER_MEM)],
+            )),
         }
     }
 
@@ -141,13 +137,15 @@ impl Scenario {
     /// Runs the scenario's operations (in the child). `strict`: each must end as it does
     /// without faults; else (a full disk) each may fail, with a typed error.
     fn run(self, engine: &Engine, strict: bool) {
-        let plugged = engine.plug(self.request());
+        let request = self.request();
+        let device = request.device.to_string();
+        let plugged = engine.plug(request);
         let unplug = match self {
             Scenario::PlugUnplug | Scenario::PlugUnplugCompacting => Some(UnplugOutcome::Removed),
             Scenario::UnplugTimeout => Some(UnplugOutcome::Pending),
             _ => None,
         };
-        let unplugged = unplug.map(|want| (want, engine.unplug("rp0")));
+        let unplugged = unplug.map(|want| (want, engine.unplug(&device)));
         if !strict {
             eprintln!("plug: {:?}; unplug: {:?}", plugged.as_ref().err(), unplugged.as_ref().map(|u| &u.1));
             return;
@@ -173,7 +171,9 @@ fn options(s: Scenario) -> EngineOptions {
         Scenario::PlugUnplugCompacting => 0,
         _ => qmp_hotplug::journal::DEFAULT_COMPACT_BYTES,
     };
-    EngineOptions { unplug_timeout, journal_compact_bytes, ..Default::default() }
+    let mut options = unplug_after(unplug_timeout);
+    options.journal_compact_bytes = journal_compact_bytes;
+    options
 }
 
 /// The fault a case injects.
@@ -303,7 +303,8 @@ fn child(scenario: &str, socket: &str, journal: &str, fault: &str, at: u64) {
         }
     });
     let client = Arc::new(QmpClient::connect_unix(socket, Default::default()).unwrap());
-    let opts = EngineOptions { journal_hook: Some(hook), ..options(Scenario::from_name(scenario)) };
+    let mut opts = options(Scenario::from_name(scenario));
+    opts.journal_hook = Some(hook);
     let (engine, _) = Engine::open(client, journal, opts).unwrap();
     let strict = !matches!(fault, Fault::DiskFull | Fault::DiskFullOnce);
     Scenario::from_name(scenario).run(&engine, strict);
@@ -413,15 +414,15 @@ fn tear(journal: &Path, fault: Fault, k: u64) -> Result<String, String> {
 /// Checks that QEMU and the recovered engine agree and nothing leaked or doubled.
 fn check_converged(s: Scenario, c: &Arc<QmpClient>, engine: &Engine) -> Result<DeviceState, String> {
     let req = s.request();
-    let state = engine.device("rp0").map_or(DeviceState::Removed, |d| d.state);
+    let state = engine.on_port("rp0").map_or(DeviceState::Removed, |d| d.state);
     let peripherals = names(c, "/machine/peripheral");
     let objects = names(c, "/objects");
-    let fids: Vec<&str> = req.functions.iter().map(|f| f.id()).collect();
+    let fids: Vec<&str> = req.functions.iter().map(|f| f.id().as_str()).collect();
     let here = fids.iter().filter(|id| peripherals.contains(**id)).count();
     // Whatever QEMU has on the port's bus must be ours: nothing stray, nothing twice.
     let pci =
         qmp_hotplug::pci::functions(&c.execute_raw("query-pci", None, Duration::from_secs(30)).unwrap());
-    let on_bus: Vec<&str> = pci.iter().filter(|f| f.address.bus == 1).map(|f| f.qdev_id.as_str()).collect();
+    let on_bus: Vec<&str> = pci.iter().filter(|f| f.address.bus() == 1).map(|f| f.qdev_id.as_str()).collect();
     let distinct: HashSet<&str> = on_bus.iter().copied().collect();
     let ours = |id: &&str| fids.contains(id) || *id == PLACEHOLDER;
     if distinct.len() != on_bus.len() || !on_bus.iter().all(ours) {
@@ -444,12 +445,12 @@ fn check_converged(s: Scenario, c: &Arc<QmpClient>, engine: &Engine) -> Result<D
             if here != fids.len() {
                 return Err(format!("visible but only {here} of {} functions in QEMU", fids.len()));
             }
-            if req.objects.iter().any(|o| !objects.contains(&o.id)) {
+            if req.objects.iter().any(|o| !objects.contains(o.id.as_str())) {
                 return Err("visible but an object is missing".into());
             }
         }
         DeviceState::Removed => {
-            if here != 0 || req.objects.iter().any(|o| objects.contains(&o.id)) {
+            if here != 0 || req.objects.iter().any(|o| objects.contains(o.id.as_str())) {
                 return Err(format!("removed but QEMU still has {here} functions / objects"));
             }
             if !engine.is_port_free("rp0") {
@@ -475,7 +476,7 @@ fn check_usable(s: Scenario, engine: &Engine, state: DeviceState) -> Result<(), 
         (DeviceState::Visible, _) => {
             let want =
                 if s.hotplug() == Hotplug::Native { UnplugOutcome::Removed } else { UnplugOutcome::Pending };
-            let got = engine.unplug("rp0").map_err(|e| e.to_string())?;
+            let got = engine.unplug(s.request().device.as_str()).map_err(|e| e.to_string())?;
             (got == want).then_some(()).ok_or(format!("unplug after recovery: {got:?}"))
         }
         (DeviceState::Removed, Scenario::FailedPlugRollback) => {

@@ -18,11 +18,12 @@ use common::fake_qemu::FakeQemu;
 use qmp_hotplug::client::{ClientOptions, QmpClient};
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
 use qmp_hotplug::journal::HookPoint;
-use qmp_hotplug::request::{DeviceRequest, FdRequest, RequestError};
+use qmp_hotplug::request::{PlugRequest, PlugRequestError, MAX_REQUEST_BYTES};
 use qmp_hotplug::state::DeviceState;
 
-/// One e1000e on `rp{port}` with its 4 KiB BAR 0 (what the fake reports).
-fn request(port: usize) -> DeviceRequest {
+/// One e1000e on `rp{port}` (the device `p{port}f0`) with its 4 KiB BAR 0 (what the fake
+/// reports).
+fn request(port: usize) -> PlugRequest {
     common::e1000e_slot(port, 1, false, 4096)
 }
 
@@ -31,12 +32,14 @@ fn client(fake: &FakeQemu, options: ClientOptions) -> Arc<QmpClient> {
 }
 
 fn open(fake: &FakeQemu, journal: &Path, options: EngineOptions) -> Engine {
-    let c = client(fake, ClientOptions { command_timeout: Duration::from_secs(10), ..Default::default() });
+    let mut options_c = ClientOptions::default();
+    options_c.command_timeout = Duration::from_secs(10);
+    let c = client(fake, options_c);
     Engine::open(c, journal, options).unwrap().0
 }
 
 fn state(engine: &Engine, port: &str) -> Option<DeviceState> {
-    engine.device(port).map(|d| d.state)
+    engine.on_port(port).map(|d| d.state)
 }
 
 /// Runs `f` on a thread and waits at most `limit` for it: a call that hangs fails the
@@ -79,8 +82,9 @@ fn full_disk_child(socket: &str, journal: &str) {
         .unwrap();
     });
     let c = Arc::new(QmpClient::connect_unix(socket, ClientOptions::default()).unwrap());
-    let (engine, _) =
-        Engine::open(c, journal, EngineOptions { journal_hook: Some(hook), ..Default::default() }).unwrap();
+    let mut options = EngineOptions::default();
+    options.journal_hook = Some(hook);
+    let (engine, _) = Engine::open(c, journal, options).unwrap();
     let err = engine.plug(request(2)).unwrap_err();
     assert!(matches!(&err, EngineError::PlugFailed { state: DeviceState::Removed, .. }), "{err}");
     assert!(err.to_string().contains("journal"), "{err}");
@@ -127,10 +131,12 @@ fn a_failed_append_then_a_plug_keeps_every_device() {
     assert_eq!(devices, ["p0f0", "p1f0", "p2f0"]);
 }
 
-/// A request whose `qdev` nests a property 130 levels deep (QEMU takes it) is refused
-/// before anything is journaled or sent; the engine opens again afterwards with the
-/// other device. It used to be plugged, and `Engine::open` then failed with "recursion
-/// limit exceeded", losing both devices.
+/// A request the journal could not read back never reaches QEMU or the journal, and the
+/// engine opens again afterwards with the other device. A `device_add` property nested
+/// 130 levels deep (QEMU takes it) used to be plugged, and `Engine::open` then failed
+/// with "recursion limit exceeded", losing both devices; a request cannot hold one now
+/// (properties are booleans, numbers and text: such JSON is refused when read), and one
+/// too large for a journal record is refused before anything is journaled or sent.
 #[test]
 fn a_request_the_journal_could_not_read_back_is_refused() {
     let fake = FakeQemu::start(2);
@@ -142,10 +148,14 @@ fn a_request_the_journal_could_not_read_back_is_refused() {
     for _ in 0..130 {
         deep = serde_json::json!({ "x": deep });
     }
+    let mut text = serde_json::to_value(request(1)).unwrap();
+    text["functions"][0]["qdev"]["x-deep"] = deep;
+    let err = serde_json::from_value::<PlugRequest>(text).unwrap_err();
+    assert!(err.to_string().contains("x-deep"), "{err}");
     let mut r = request(1);
-    r.functions[0].qdev.insert("x-deep".into(), deep);
+    r.functions[0].device = r.functions[0].device.clone().prop("x-big", "x".repeat(MAX_REQUEST_BYTES));
     let err = engine.plug(r).unwrap_err();
-    assert!(matches!(err, EngineError::Request(RequestError::TooDeep { .. })), "{err}");
+    assert!(matches!(err, EngineError::Request(PlugRequestError::TooLarge { .. })), "{err}");
     assert_eq!(fake.state.lock().unwrap().adds, 1);
     assert!(engine.is_port_free("rp1"));
     drop(engine);
@@ -171,14 +181,10 @@ fn a_fifo_to_pass_is_refused_without_blocking() {
     .unwrap();
     let engine = Arc::new(open(&fake, &dir.path().join("journal"), EngineOptions::default()));
     for writable in [false, true] {
-        let mut r = request(0);
-        r.fds.push(FdRequest { fdname: "f".into(), path: fifo.clone(), writable });
+        let r = request(0).with_fd_path("f", fifo.clone(), writable);
         let e = Arc::clone(&engine);
         let err = within(Duration::from_secs(10), move || e.plug(r)).unwrap_err();
-        assert!(
-            matches!(&err, EngineError::SpecialFile { kind: qmp_hotplug::files::FileKind::Fifo, .. }),
-            "{err}"
-        );
+        assert!(matches!(&err, EngineError::SpecialFile { kind: qmp_hotplug::FileKind::Fifo, .. }), "{err}");
     }
     let e = Arc::clone(&engine);
     within(Duration::from_secs(10), move || e.plug(request(0))).unwrap();
@@ -193,26 +199,20 @@ fn duration_max_deadlines_saturate() {
     let fake = FakeQemu::start(1);
     fake.state.lock().unwrap().auto_eject = true;
     let dir = tempfile::tempdir().unwrap();
-    let c = client(
-        &fake,
-        ClientOptions {
-            command_timeout: Duration::MAX,
-            handshake_timeout: Duration::MAX,
-            connect_timeout: Duration::MAX,
-            ..Default::default()
-        },
-    );
+    let mut client_options = ClientOptions::default();
+    client_options.command_timeout = Duration::MAX;
+    client_options.handshake_timeout = Duration::MAX;
+    client_options.connect_timeout = Duration::MAX;
+    let c = client(&fake, client_options);
     c.execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})), Duration::MAX).unwrap();
-    let options = EngineOptions {
-        unplug_timeout: Duration::MAX,
-        visible_timeout: Duration::MAX,
-        placeholder_timeout: Duration::MAX,
-        busy_retry: Duration::MAX,
-        ..Default::default()
-    };
+    let mut options = EngineOptions::default();
+    options.unplug_timeout = Duration::MAX;
+    options.visible_timeout = Duration::MAX;
+    options.placeholder_timeout = Duration::MAX;
+    options.busy_retry = Duration::MAX;
     let (engine, _) = Engine::open(c, dir.path().join("journal"), options).unwrap();
     engine.plug(request(0)).unwrap();
-    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
+    assert_eq!(engine.unplug("p0f0").unwrap(), UnplugOutcome::Removed);
 }
 
 /// Many plug/unplug cycles on one port while a device stays on another, with the
@@ -232,7 +232,7 @@ fn a_running_engine_compacts_its_journal() {
     let cycles = 1500;
     for _ in 0..cycles {
         engine.plug(request(0)).unwrap();
-        assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Removed);
+        assert_eq!(engine.unplug("p0f0").unwrap(), UnplugOutcome::Removed);
         largest = largest.max(std::fs::metadata(&journal).unwrap().len());
     }
     eprintln!("{cycles} cycles in {:?}, journal at most {largest} bytes", started.elapsed());
@@ -241,4 +241,66 @@ fn a_running_engine_compacts_its_journal() {
     let engine = open(&fake, &journal, EngineOptions::default());
     assert_eq!(state(&engine, "rp1"), Some(DeviceState::Visible));
     assert!(engine.is_port_free("rp0"));
+}
+
+/// The child of [`a_held_descriptor_is_not_passed_again_after_a_restart`]: plugs
+/// `request(0)` with a descriptor it opened itself, and kills itself at journal record
+/// `at` (`durable`: right after it is durable; else right before it is written).
+fn held_fd_child(socket: &str, journal: &str, at: u64, durable: bool) {
+    let point = if durable { HookPoint::Durable } else { HookPoint::BeforeWrite };
+    let hook: qmp_hotplug::journal::JournalHook = Arc::new(move |p, n| {
+        if p == point && n == at {
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    });
+    let c = Arc::new(QmpClient::connect_unix(socket, ClientOptions::default()).unwrap());
+    let mut options = EngineOptions::default();
+    options.journal_hook = Some(hook);
+    let (engine, _) = Engine::open(c, journal, options).unwrap();
+    let fd = std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let _ = engine.plug(request(0).with_fd("held0", fd));
+    panic!("the hook did not end the process");
+}
+
+/// A plug with a descriptor its caller held, cut off by the death of that process. The
+/// journal names the descriptor only, so a restarted engine cannot pass it again: where
+/// the device was still to be added, recovery rolls the plug back (`DescriptorGone`);
+/// where every device was added already (QEMU holds its copy), it finishes the plug.
+#[test]
+fn a_held_descriptor_is_not_passed_again_after_a_restart() {
+    if let (Ok(socket), Ok(journal), Ok(at)) =
+        (std::env::var("HELD_FD_SOCKET"), std::env::var("HELD_FD_JOURNAL"), std::env::var("HELD_FD_AT"))
+    {
+        let (n, point) = at.split_once(':').unwrap();
+        held_fd_child(&socket, &journal, n.parse().unwrap(), point == "durable");
+        return;
+    }
+    // Records of the plug: begin, planned, adding, get-fd (4), device-add (5), added (6).
+    for (at, want, reason) in [
+        ("4:durable", DeviceState::Removed, "descriptor held0"),
+        ("6:before", DeviceState::Visible, "finished plug (1 of 1 devices were there)"),
+    ] {
+        let fake = FakeQemu::start(1);
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "a_held_descriptor_is_not_passed_again_after_a_restart", "--nocapture"])
+            .env("HELD_FD_SOCKET", &fake.path)
+            .env("HELD_FD_JOURNAL", &journal)
+            .env("HELD_FD_AT", at)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{at}: the child was to die");
+        let text = std::fs::read_to_string(&journal).unwrap();
+        assert!(text.contains(r#"{"fdname":"held0","held":true}"#), "{text}");
+        let c = client(&fake, ClientOptions::default());
+        let (engine, report) = Engine::open(c, &journal, EngineOptions::default()).unwrap();
+        assert_eq!(report.actions.len(), 1, "{report:?}");
+        assert_eq!(report.actions[0].after, want, "{at}: {report:?}");
+        assert!(report.actions[0].action.contains(reason), "{at}: {report:?}");
+        assert_eq!(state(&engine, "rp0"), Some(want));
+        let fake_devices = fake.state.lock().unwrap().devices.len();
+        assert_eq!(fake_devices, usize::from(want == DeviceState::Visible), "{at}");
+    }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::fake_qemu::FakeQemu;
 use proptest::prelude::*;
-use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
-use qmp_hotplug::request::DeviceRequest;
+use qmp_hotplug::engine::{Engine, EngineError, UnplugOutcome};
+use qmp_hotplug::request::PlugRequest;
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::{ClientOptions, QmpClient};
 
@@ -45,15 +45,15 @@ enum Model {
 }
 
 /// The fake's e1000e expects a 4096-byte BAR 0.
-fn request(port: usize, functions: usize, object: bool) -> DeviceRequest {
+fn request(port: usize, functions: usize, object: bool) -> PlugRequest {
     common::e1000e_slot(port, functions, object, 4096)
 }
 
 fn open(fake: &FakeQemu, journal: &std::path::Path) -> Engine {
-    let opts = ClientOptions { command_timeout: Duration::from_secs(10), ..Default::default() };
+    let mut opts = ClientOptions::default();
+    opts.command_timeout = Duration::from_secs(10);
     let client = Arc::new(QmpClient::connect_unix(&fake.path, opts).unwrap());
-    let options = EngineOptions { unplug_timeout: Duration::from_millis(50), ..Default::default() };
-    Engine::open(client, journal, options).unwrap().0
+    Engine::open(client, journal, common::unplug_after(Duration::from_millis(50))).unwrap().0
 }
 
 fn wait_until(mut f: impl FnMut() -> bool) -> bool {
@@ -73,7 +73,7 @@ fn check(engine: &Engine, fake: &FakeQemu, model: &BTreeMap<usize, Model>, objec
     let mut want_objects = BTreeSet::new();
     for port in 0..PORTS {
         let name = format!("rp{port}");
-        let state = engine.device(&name).map(|d| d.state);
+        let state = engine.on_port(&name).map(|d| d.state);
         match model.get(&port).unwrap_or(&Model::Free) {
             Model::Free => assert!(engine.is_port_free(&name), "port {port}: {state:?}"),
             Model::Visible(ids) => {
@@ -109,7 +109,7 @@ fn run(ops: &[Op]) {
                 if free {
                     let rec = result.unwrap();
                     assert_eq!(rec.state, DeviceState::Visible);
-                    let ids = rec.request.functions.iter().map(|f| f.id().to_owned()).collect();
+                    let ids = rec.request.functions.iter().map(|f| f.id().to_string()).collect();
                     model.insert(*port, Model::Visible(ids));
                     objects.insert(*port, *object);
                 } else {
@@ -117,7 +117,8 @@ fn run(ops: &[Op]) {
                 }
             }
             Op::Unplug(port) => {
-                let result = engine.unplug(&format!("rp{port}"));
+                // By the device's id (function 0's, as the request names it).
+                let result = engine.unplug(&format!("p{port}f0"));
                 match model.get(port).cloned().unwrap_or(Model::Free) {
                     Model::Free => assert!(matches!(result, Err(EngineError::NoDevice(_))), "{result:?}"),
                     Model::Visible(ids) | Model::Pending(ids) => {
@@ -171,12 +172,12 @@ fn late_event_completes_a_pending_unplug() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&fake, &dir.path().join("journal"));
     engine.plug(request(0, 2, true)).unwrap();
-    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Pending);
+    assert_eq!(engine.unplug("p0f0").unwrap(), UnplugOutcome::Pending);
     assert!(!engine.is_port_free("rp0"));
     // Only function 0 got a device_del; QEMU takes the whole slot.
     assert_eq!(fake.guest_ejects().len(), 2);
     assert!(wait_until(|| engine.is_port_free("rp0")));
-    let rec = engine.device("rp0").unwrap();
+    let rec = engine.device("p0f0").unwrap();
     let last: Vec<DeviceState> = rec.history.iter().rev().take(2).map(|t| t.state).collect();
     assert_eq!(last, [DeviceState::Removed, DeviceState::UnplugPending]);
     assert!(fake.state.lock().unwrap().objects.is_empty(), "object deleted after the late event");
@@ -189,7 +190,7 @@ fn pending_unplug_completed_while_engine_was_down() {
     let journal = dir.path().join("journal");
     let engine = open(&fake, &journal);
     engine.plug(request(0, 1, true)).unwrap();
-    assert_eq!(engine.unplug("rp0").unwrap(), UnplugOutcome::Pending);
+    assert_eq!(engine.unplug("p0f0").unwrap(), UnplugOutcome::Pending);
     drop(engine);
     // The guest ejects while nobody listens: the event is lost, qom-list tells.
     fake.guest_ejects();

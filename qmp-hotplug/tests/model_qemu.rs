@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::{names, Hotplug, Qemu};
 use proptest::prelude::*;
-use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
-use qmp_hotplug::request::DeviceRequest;
+use qmp_hotplug::engine::{Engine, EngineError, UnplugOutcome};
+use qmp_hotplug::request::PlugRequest;
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::QmpClient;
 
@@ -39,13 +39,12 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// e1000e functions (BAR 0: 128 KiB) on `rp{port}`, with a memory backend object when
 /// `object`.
-fn request(port: usize, functions: usize, object: bool) -> DeviceRequest {
+fn request(port: usize, functions: usize, object: bool) -> PlugRequest {
     common::e1000e_slot(port, functions, object, 131072)
 }
 
 fn open(client: &Arc<QmpClient>, journal: &std::path::Path) -> Engine {
-    let options = EngineOptions { unplug_timeout: Duration::from_secs(20), ..Default::default() };
-    Engine::open(Arc::clone(client), journal, options).unwrap().0
+    Engine::open(Arc::clone(client), journal, common::unplug_after(Duration::from_secs(20))).unwrap().0
 }
 
 /// Engine, QEMU and model agree: each port's state, the devices and objects QEMU holds,
@@ -56,9 +55,9 @@ fn check(engine: &Engine, c: &QmpClient, model: &BTreeMap<usize, (BTreeSet<Strin
     for port in 0..PORTS {
         let name = format!("rp{port}");
         match model.get(&port) {
-            None => assert!(engine.is_port_free(&name), "port {port}: {:?}", engine.device(&name)),
+            None => assert!(engine.is_port_free(&name), "port {port}: {:?}", engine.on_port(&name)),
             Some((ids, object)) => {
-                assert_eq!(engine.device(&name).map(|d| d.state), Some(DeviceState::Visible), "port {port}");
+                assert_eq!(engine.on_port(&name).map(|d| d.state), Some(DeviceState::Visible), "port {port}");
                 want_devices.extend(ids.iter().cloned());
                 if *object {
                     want_objects.insert(format!("m{port}"));
@@ -75,7 +74,7 @@ fn check(engine: &Engine, c: &QmpClient, model: &BTreeMap<usize, (BTreeSet<Strin
         qmp_hotplug::pci::functions(&c.execute_raw("query-pci", None, Duration::from_secs(30)).unwrap());
     let behind: BTreeSet<String> = pci
         .iter()
-        .filter(|f| f.address.bus >= 1 && f.qdev_id.starts_with('p'))
+        .filter(|f| f.address.bus() >= 1 && f.qdev_id.starts_with('p'))
         .map(|f| f.qdev_id.clone())
         .collect();
     assert_eq!(behind, want_devices, "query-pci vs the model");
@@ -97,12 +96,12 @@ fn run(ops: &[Op]) {
                     assert!(matches!(result, Err(EngineError::PortBusy { .. })), "{result:?}");
                 } else {
                     let rec = result.unwrap();
-                    let ids = rec.request.functions.iter().map(|f| f.id().to_owned()).collect();
+                    let ids = rec.request.functions.iter().map(|f| f.id().to_string()).collect();
                     model.insert(*port, (ids, *object));
                 }
             }
             Op::Unplug(port) => {
-                let result = engine.unplug(&format!("rp{port}"));
+                let result = engine.unplug(&format!("p{port}f0"));
                 if model.remove(port).is_some() {
                     assert_eq!(result.unwrap(), UnplugOutcome::Removed);
                 } else {

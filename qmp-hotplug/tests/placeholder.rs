@@ -15,14 +15,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fake_qemu::{FakeDevice, FakeQemu};
+use common::qid;
 use common::{Hotplug, Qemu};
-use qmp_hotplug::journal::{fold, Journal, Record, Step};
-use qmp_hotplug::{ClientOptions, DeviceRequest, DeviceState, Engine, EngineError, EngineOptions, QmpClient};
+use qmp_hotplug::journal::{fold, read_file, Record, Step};
+use qmp_hotplug::{ClientOptions, DeviceState, Engine, EngineError, EngineOptions, PlugRequest, QmpClient};
 use serde_json::json;
 
 /// `gpu0` (with its memory backend) onto `rp0`, after placeholder `ph0` and its backend
 /// `ph0-mem` are taken off the port.
-fn request_with_placeholder() -> DeviceRequest {
+fn request_with_placeholder() -> PlugRequest {
     serde_json::from_value(json!({
         "port": "rp0",
         "objects": [{"qom_type": "memory-backend-ram", "id": "gpu0-mem", "props": {"size": 1048576}}],
@@ -46,17 +47,14 @@ fn fake_with_placeholder() -> FakeQemu {
 
 fn open(socket: &Path, journal: &Path, placeholder_timeout: Duration) -> Engine {
     let client = Arc::new(QmpClient::connect_unix(socket, ClientOptions::default()).unwrap());
-    let options = EngineOptions {
-        placeholder_timeout,
-        unplug_timeout: Duration::from_millis(300),
-        ..Default::default()
-    };
+    let mut options = common::unplug_after(Duration::from_millis(300));
+    options.placeholder_timeout = placeholder_timeout;
     Engine::open(client, journal, options).unwrap().0
 }
 
 /// The QMP steps journaled so far, in order.
 fn steps(journal: &Path) -> Vec<Step> {
-    let (_, records) = Journal::open(journal, None).unwrap();
+    let (records, _) = read_file(journal).unwrap();
     records
         .into_iter()
         .filter_map(|r| match r {
@@ -122,7 +120,7 @@ fn placeholder_leaves_before_the_device_comes() {
             fake.guest_ejects()
         })
     };
-    assert_eq!(engine.unplug("rp0").unwrap(), qmp_hotplug::UnplugOutcome::Removed);
+    assert_eq!(engine.unplug("gpu0").unwrap(), qmp_hotplug::UnplugOutcome::Removed);
     assert_eq!(guest.join().unwrap(), vec!["gpu0".to_string()]);
     let before = steps(&journal).len();
     engine.plug(request_with_placeholder()).unwrap();
@@ -173,7 +171,7 @@ fn recovery_frees_the_port_once_the_placeholder_left_without_us() {
     drop(engine);
     // The event arrives while no engine listens.
     fake.guest_ejects();
-    let (_, records) = Journal::open(&journal, None).unwrap();
+    let (records, _) = read_file(&journal).unwrap();
     assert_eq!(fold(&records)["rp0"].device.state, DeviceState::UnplugPending);
     let client = Arc::new(QmpClient::connect_unix(&fake.path, ClientOptions::default()).unwrap());
     let (engine, report) = Engine::open(client, &journal, EngineOptions::default()).unwrap();
@@ -189,11 +187,13 @@ fn placeholder_ids_are_validated_before_anything_is_sent() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&fake.path, &dir.path().join("journal"), Duration::from_millis(300));
     let mut r = request_with_placeholder();
-    r.placeholder.as_mut().unwrap().devices = vec!["gpu0".into()];
+    r.placeholder.as_mut().unwrap().devices = vec![qid("gpu0")];
     assert!(matches!(engine.plug(r), Err(EngineError::Request(_))));
-    let mut r = request_with_placeholder();
-    r.placeholder.as_mut().unwrap().objects = vec!["0bad".into()];
-    assert!(matches!(engine.plug(r), Err(EngineError::Request(_))));
+    // An id QEMU would refuse cannot even be read into a request.
+    let mut text = serde_json::to_value(request_with_placeholder()).unwrap();
+    text["placeholder"]["objects"] = json!(["0bad"]);
+    let err = serde_json::from_value::<PlugRequest>(text).unwrap_err();
+    assert!(err.to_string().contains("0bad"), "{err}");
     let s = fake.state.lock().unwrap();
     assert!(s.devices["ph0"].pending.eq(&false) && s.adds == 0);
 }
@@ -217,11 +217,8 @@ fn real_qemu_without_guest_adds_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("journal");
     let client = Arc::new(c);
-    let options = EngineOptions {
-        placeholder_timeout: Duration::from_secs(1),
-        unplug_timeout: Duration::from_secs(1),
-        ..Default::default()
-    };
+    let mut options = common::unplug_after(Duration::from_secs(1));
+    options.placeholder_timeout = Duration::from_secs(1);
     let (engine, _) = Engine::open(Arc::clone(&client), &journal, options).unwrap();
     let err = engine.plug(request_with_placeholder()).unwrap_err();
     assert!(

@@ -1,6 +1,6 @@
 //! A `pcie-topology` plan driven through the engine on real QEMU 7.2 (q35, SeaBIOS, no
 //! guest OS): QEMU boots with the plan's ports, each hotplug action becomes a request with
-//! `DeviceRequest::from_action`, and the engine proves in `query-pci` that every function
+//! `PlugRequest::from_action`, and the engine proves in `query-pci` that every function
 //! sits where the plan put it with the plan's BAR sizes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
@@ -14,17 +14,15 @@ use arch_x86_aarch64::Q35;
 use common::{names, Hotplug, Qemu};
 use pcie_topology::plan::GuestLocation;
 use pcie_topology::{
-    DeviceRequest as PlannedDevice, FunctionRequest, FunctionResource, Plan, PlanOptions, PlanRequest,
-    QemuId, ResourceRole,
+    DeviceRequest, FunctionRequest, FunctionResource, Plan, PlanOptions, PlanRequest, QemuId, ResourceRole,
 };
 use pcilibs::bar::BarKind;
 use pcilibs::facts::ResourceOptions;
 use pcilibs::sysfs::SysfsDevice;
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
-use qmp_hotplug::request::DeviceRequest;
+use qmp_hotplug::request::PlugRequest;
 use qmp_hotplug::request::{BarExpectation, Expectation};
 use qmp_hotplug::state::DeviceState;
-use serde_json::Value;
 
 /// QEMU's memory in the helper (`-m 128`).
 const GUEST_RAM: u64 = 128 << 20;
@@ -44,9 +42,9 @@ fn plan() -> Plan {
             ],
         )
     };
-    let nic = PlannedDevice::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1)]);
+    let nic = DeviceRequest::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1)]);
     let request = PlanRequest::default()
-        .with_devices(vec![PlannedDevice::ivshmem("gpu0", 4 << 30).unwrap(), nic])
+        .with_devices(vec![DeviceRequest::ivshmem("gpu0", 4 << 30).unwrap(), nic])
         .with_options({
             let mut o = PlanOptions::default();
             o.guest_ram = GUEST_RAM;
@@ -75,7 +73,7 @@ fn start_with(plan: &Plan, extra: &[&str]) -> (Qemu, Arc<qmp_hotplug::QmpClient>
 }
 
 fn opts() -> EngineOptions {
-    EngineOptions { unplug_timeout: Duration::from_secs(20), ..Default::default() }
+    common::unplug_after(Duration::from_secs(20))
 }
 
 #[test]
@@ -87,16 +85,16 @@ fn every_action_is_visible_where_planned_and_leaves_again() {
     let actions = plan.hotplug_actions().unwrap();
     assert_eq!(actions.len(), 2);
     for action in &actions {
-        let request = DeviceRequest::from_action(action);
-        let port = request.port.clone();
+        let request = PlugRequest::from_action(action);
+        let port = request.port.to_string();
         let rec = engine.plug(request).unwrap();
         assert_eq!(rec.state, DeviceState::Visible, "{}", action.device);
         for f in &action.functions {
             let GuestLocation::Pci { bdf, .. } = &f.guest else { panic!("{} not on PCI", f.id()) };
-            let got = rec.guest.iter().find(|(id, _)| id == f.id().as_str()).unwrap().1;
-            assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
+            assert_eq!(rec.guest_address(f.id().as_str()), Some(*bdf), "the planned address, typed alike");
         }
-        assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
+        // Unplugged by the id the plan releases it by.
+        assert_eq!(engine.unplug(action.device.as_str()).unwrap(), UnplugOutcome::Removed);
         let left = names(&c, "/machine/peripheral");
         assert!(action.functions.iter().all(|f| !left.contains(f.id().as_str())), "{left:?}");
         assert!(engine.is_port_free(&port));
@@ -113,8 +111,8 @@ fn a_bar_size_the_device_does_not_have_rolls_the_plug_back() {
     // The plan promises 8 GiB where QEMU gives the device 4 GiB.
     let big = action.functions[0].bars.iter_mut().find(|b| b.size == 4 << 30).unwrap();
     big.size = 8 << 30;
-    let request = DeviceRequest::from_action(&action);
-    let port = request.port.clone();
+    let request = PlugRequest::from_action(&action);
+    let port = request.port.to_string();
     match engine.plug(request) {
         Err(EngineError::PlugFailed { cause, state, .. }) => {
             let cause = cause.to_string();
@@ -149,7 +147,7 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
         .and_then(|d| d.facts())
         .unwrap_or_else(|e| panic!("{NVME_FIXTURE}: {e} (the workspace's pcilibs fixtures are needed)"));
     let everything = ResourceOptions::all();
-    let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &everything).unwrap();
+    let nvme = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), &[facts], &everything).unwrap();
     let request = PlanRequest::default().with_devices(vec![nvme]).with_options({
         let mut o = PlanOptions::default();
         o.guest_ram = GUEST_RAM;
@@ -162,25 +160,23 @@ fn a_plan_with_room_for_sriov_vfs_expects_what_query_pci_shows() {
         "the plan makes room for the VFs: {:?}",
         action.functions[0].bars
     );
-    let mut request = DeviceRequest::from_action(&action);
+    let mut request = PlugRequest::from_action(&action);
     let Expectation::Pci(want) = &request.functions[0].expect else { panic!("nvme0 expected on PCI") };
     assert_eq!(want.bars, [BarExpectation::at(0, 16 << 10)]);
     // No VFIO device here: QEMU's own nvme model, the device the facts were read from,
     // stands in for `vfio-pci,host=`; the expectations stay the plan's.
-    let qdev = &mut request.functions[0].qdev;
-    qdev.remove("host");
-    qdev.insert("driver".into(), Value::String("nvme".into()));
+    let f = &mut request.functions[0];
+    f.host = None;
+    f.device.driver = "nvme".into();
     for (k, v) in NVME_PROPS {
-        qdev.insert(k.into(), Value::String(v.into()));
+        f.device = f.device.clone().prop(k, v);
     }
     let (_q, c) = start_with(&plan, &["-device", "nvme-subsys,id=nvmesubsys0,nqn=fixtures"]);
     let dir = tempfile::tempdir().unwrap();
     let (engine, _) = Engine::open(Arc::clone(&c), dir.path().join("journal"), opts()).unwrap();
-    let port = request.port.clone();
     let rec = engine.plug(request).unwrap_or_else(|e| panic!("nvme with SR-IOV as planned: {e}"));
     assert_eq!(rec.state, DeviceState::Visible);
     let GuestLocation::Pci { bdf, .. } = &action.functions[0].guest else { panic!("nvme0 not on PCI") };
-    let got = rec.guest.iter().find(|(id, _)| id == "nvme0").unwrap().1;
-    assert_eq!((got.bus, got.slot, got.function), (bdf.bus(), bdf.device(), bdf.function()));
-    assert_eq!(engine.unplug(&port).unwrap(), UnplugOutcome::Removed);
+    assert_eq!(rec.guest_address("nvme0"), Some(*bdf));
+    assert_eq!(engine.unplug("nvme0").unwrap(), UnplugOutcome::Removed);
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pcilibs::sysfs::Sysfs;
 use qmp_hotplug::engine::{Engine, EngineError, EngineOptions, UnplugOutcome};
-use qmp_hotplug::request::DeviceRequest;
+use qmp_hotplug::request::PlugRequest;
 use qmp_hotplug::state::DeviceState;
 use qmp_hotplug::{ClientOptions, QmpClient};
 use serde_json::json;
@@ -55,17 +55,17 @@ fn start() -> S390 {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let opts = ClientOptions { connect_timeout: Duration::from_secs(30), ..Default::default() };
+    let mut opts = ClientOptions::default();
+    opts.connect_timeout = Duration::from_secs(30);
     let client = Arc::new(QmpClient::connect_unix(&sock, opts).unwrap());
     S390 { child, _dir: dir, client }
 }
 
 fn options(sysfs: Option<&std::path::Path>, unplug_timeout: Duration) -> EngineOptions {
-    EngineOptions {
-        unplug_timeout,
-        sysfs: sysfs.map_or_else(Sysfs::default, Sysfs::new),
-        ..Default::default()
-    }
+    let mut options = EngineOptions::default();
+    options.unplug_timeout = unplug_timeout;
+    options.sysfs = sysfs.map_or_else(Sysfs::default, Sysfs::new);
+    options
 }
 
 #[test]
@@ -74,14 +74,15 @@ fn ccw_device_plug_and_unplug() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(None, Duration::from_secs(20));
     let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), opts).unwrap();
-    let req: DeviceRequest = serde_json::from_value(json!({
+    let req: PlugRequest = serde_json::from_value(json!({
         "port": "ccw-0.0.0042",
+        "device": "net0",
         "functions": [{"qdev": {"driver": "virtio-net-ccw", "id": "net0", "devno": "fe.0.0042"}}]
     }))
     .unwrap();
     assert_eq!(engine.plug(req).unwrap().state, DeviceState::Visible);
     // CCW unplug needs no guest: DEVICE_DELETED comes at once.
-    assert_eq!(engine.unplug("ccw-0.0.0042").unwrap(), UnplugOutcome::Removed);
+    assert_eq!(engine.unplug("net0").unwrap(), UnplugOutcome::Removed);
     assert!(engine.is_port_free("ccw-0.0.0042"));
 }
 
@@ -91,8 +92,9 @@ fn zpci_function_plugs_with_its_zpci_device_first() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(None, Duration::from_secs(1));
     let (engine, _) = Engine::open(Arc::clone(&q.client), dir.path().join("j"), opts).unwrap();
-    let req: DeviceRequest = serde_json::from_value(json!({
+    let req: PlugRequest = serde_json::from_value(json!({
         "port": "zpci-uid-1",
+        "device": "vnet1",
         "functions": [
             {"qdev": {"driver": "zpci", "id": "zpci1", "uid": 1, "fid": 1, "target": "vnet1"}},
             {"qdev": {"driver": "virtio-net-pci", "id": "vnet1"},
@@ -103,8 +105,9 @@ fn zpci_function_plugs_with_its_zpci_device_first() {
     let rec = engine.plug(req).unwrap();
     assert_eq!(rec.state, DeviceState::Visible);
     // A zPCI function leaves only when the (here paused) guest releases it.
-    assert_eq!(engine.unplug("zpci-uid-1").unwrap(), UnplugOutcome::Pending);
-    assert_eq!(engine.device("zpci-uid-1").unwrap().state, DeviceState::UnplugPending);
+    assert_eq!(engine.unplug("vnet1").unwrap(), UnplugOutcome::Pending);
+    assert_eq!(engine.device("vnet1").unwrap().state, DeviceState::UnplugPending);
+    assert_eq!(engine.on_port("zpci-uid-1").unwrap().state, DeviceState::UnplugPending);
 }
 
 #[test]
@@ -120,7 +123,7 @@ fn vfio_ccw_and_vfio_ap_are_checked_then_roll_back_without_host_devices() {
         options(Some(&sys), Duration::from_secs(20)),
     )
     .unwrap();
-    let ccw: DeviceRequest = serde_json::from_value(json!({
+    let ccw: PlugRequest = serde_json::from_value(json!({
         "port": "ccw-0.0.1234",
         "functions": [{"qdev": {"driver": "vfio-ccw", "id": "dasd0", "devno": "fe.0.1234",
                                 "sysfsdev": "/sys/bus/mdev/devices/6dfd3ec5-e8b3-4e18-a6fe-57bc9eceb920"}}]
@@ -131,7 +134,7 @@ fn vfio_ccw_and_vfio_ap_are_checked_then_roll_back_without_host_devices() {
         Err(EngineError::PlugFailed { state: DeviceState::Removed, .. }) => {}
         other => panic!("{other:?}"),
     }
-    let ap: DeviceRequest = serde_json::from_value(json!({
+    let ap: PlugRequest = serde_json::from_value(json!({
         "port": "ap",
         "functions": [{"qdev": {"driver": "vfio-ap", "id": "ap0",
                                 "sysfsdev": "/sys/devices/vfio_ap/matrix/00000000-0000-0000-0000-000000000000"}}]
@@ -142,5 +145,5 @@ fn vfio_ccw_and_vfio_ap_are_checked_then_roll_back_without_host_devices() {
         Err(EngineError::Vfio(e)) => assert!(e.to_string().contains("does not exist"), "{e}"),
         other => panic!("{other:?}"),
     }
-    assert!(engine.device("ap").is_none());
+    assert!(engine.on_port("ap").is_none());
 }

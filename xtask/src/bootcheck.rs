@@ -1,17 +1,18 @@
 //! The boot check: one lean guest per architecture, booted in parallel, each given one
-//! small hotplug and unplug through the harness's own QMP client, with a table of what
+//! small hotplug and unplug (the harness's `hotplug` steps over `qmp-hotplug`'s
+//! client), with a table of what
 //! the guests reported. It proves the provisioning, the initramfs, the reporter and the
 //! QMP path on every architecture; the planned-topology scenarios build on it.
 
 use serde_json::json;
 
-use crate::arch::Arch;
-use crate::deadline;
-use crate::guest::{Guest, GuestAssets, GuestSpec};
-use crate::hotplug::{self, Expect};
-use crate::reporter::GuestState;
-use crate::stacks::Stack;
-use crate::table::Table;
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::hotplug::{self, Expect};
+use guest_harness::reporter::GuestState;
+use guest_harness::stacks::Stack;
+use guest_harness::table::Table;
 
 /// The result for one architecture.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -89,7 +90,7 @@ fn functions(state: &GuestState) -> Vec<String> {
 }
 
 fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     // virtio-net is modern-only (device 0x1041) on a PCIe port; on s390x's zPCI bus it is
     // transitional (0x1000) up to the s390-ccw-virtio-11.0 machine and modern-only from
     // 11.1 on, so there the id is the one QEMU presents.
@@ -101,13 +102,13 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
     let mut done = Hotplugged { device: "virtio-net-pci".into(), ..Hotplugged::default() };
     let result = (|| {
         let plugged =
-            hotplug::plug(guest, &mut qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
+            hotplug::plug(guest, &qmp, args, Expect { vendor: 0x1af4, device, bars: &[] }, deadline(60))
                 .map_err(|e| e.to_string())?;
         done.plug_ms = Some(plugged.seen_after.as_millis());
         if !plugged.bar_problems.is_empty() {
             return Err(plugged.bar_problems.join("; "));
         }
-        let unplugged = hotplug::unplug(guest, &mut qmp, "net0", plugged.device.bdf, deadline(60))
+        let unplugged = hotplug::unplug(guest, &qmp, "net0", plugged.device.bdf, deadline(60))
             .map_err(|e| e.to_string())?;
         done.unplug_ms = Some(unplugged.gone_after.as_millis());
         Ok(())
@@ -117,15 +118,15 @@ fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
 }
 
 fn check_ccw(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
-    let mut qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
+    let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
     let mut done = Hotplugged { device: "virtio-net-ccw fe.0.0042".into(), ..Hotplugged::default() };
     let args = json!({"driver": "virtio-net-ccw", "id": "net1", "devno": "fe.0.0042"});
     let result = (|| {
         let (_, took) =
-            hotplug::plug_ccw(guest, &mut qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
+            hotplug::plug_ccw(guest, &qmp, args, "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
         done.plug_ms = Some(took.as_millis());
-        let gone = hotplug::unplug_ccw(guest, &mut qmp, "net1", "0.0.0042", deadline(60))
-            .map_err(|e| e.to_string())?;
+        let gone =
+            hotplug::unplug_ccw(guest, &qmp, "net1", "0.0.0042", deadline(60)).map_err(|e| e.to_string())?;
         done.unplug_ms = Some(gone.gone_after.as_millis());
         Ok(())
     })();

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::arch::Arch;
-use crate::deadline;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::hotplug::{self, Expect, Plugged};
-use crate::qmp::Qmp;
-use crate::reporter::{Bdf, GuestState};
-use crate::stacks::Stack;
+use guest_harness::arch::Arch;
+use guest_harness::deadline;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::hotplug::{self, Expect, Plugged};
+use guest_harness::reporter::GuestState;
+use guest_harness::stacks::Stack;
+use pcilibs::bdf::Bdf;
+use qmp_hotplug::QmpClient;
 
 /// `ivshmem-plain` (Red Hat Inter-VM shared memory) with a 256-byte register BAR 0 and
 /// its memory backend as BAR 2, of `size` bytes.
@@ -100,7 +102,7 @@ fn boot(spec: &GuestSpec, stack: &Stack) -> Result<Guest> {
 }
 
 /// Plugs, reports, unplugs, reports. Returns whether the BARs were fine.
-fn plug_unplug(guest: &Guest, qmp: &mut Qmp, args: Value, expect: Expect<'_>) -> Result<bool> {
+fn plug_unplug(guest: &Guest, qmp: &QmpClient, args: Value, expect: Expect<'_>) -> Result<bool> {
     let id = args.get("id").and_then(Value::as_str).unwrap_or("").to_string();
     println!("  device_add {args}");
     let plugged = hotplug::plug(guest, qmp, args, expect, deadline(60)).map_err(s)?;
@@ -117,7 +119,7 @@ fn plug_unplug(guest: &Guest, qmp: &mut Qmp, args: Value, expect: Expect<'_>) ->
 }
 
 /// Plugs (and unplugs) `gpu0`: an ivshmem of `gib` GiB on memory backend `m0`, onto `rp1`.
-fn plug_gpu0(guest: &Guest, qmp: &mut Qmp, gib: u64) -> Result<bool> {
+fn plug_gpu0(guest: &Guest, qmp: &QmpClient, gib: u64) -> Result<bool> {
     let args = json!({"driver": "ivshmem-plain", "id": "gpu0", "memdev": "m0", "bus": "rp1"});
     plug_unplug(guest, qmp, args, expect_ivshmem(&ivshmem(gib * GIB)))
 }
@@ -138,8 +140,8 @@ pub fn root_port_128g(stack: &Stack, firmware: Firmware, opts: Options) -> Resul
         spec.extra_args.extend(["-fw_cfg".into(), "name=opt/ovmf/X-PciMmio64Mb,string=524288".into()]);
     }
     let guest = boot(&spec, stack)?;
-    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
-    plug_gpu0(&guest, &mut qmp, gib)
+    let qmp = guest.qmp(deadline(10)).map_err(s)?;
+    plug_gpu0(&guest, &qmp, gib)
 }
 
 /// (b) Placeholders: firmware sizes each switch downstream port's window from a boot-time
@@ -182,7 +184,7 @@ pub fn switch_placeholder(
         println!("  at boot:");
         print_windows(&state, *port);
     }
-    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
+    let qmp = guest.qmp(deadline(10)).map_err(s)?;
     if placeholder {
         for i in 0..2 {
             let id = format!("placeholder{i}");
@@ -191,7 +193,7 @@ pub fn switch_placeholder(
                 .find(|d| d.parent().is_some_and(|p| ports.get(i) == Some(&p)))
                 .map(|d| d.bdf)
                 .ok_or("placeholder not found in the guest")?;
-            match hotplug::unplug(&guest, &mut qmp, &id, bdf, deadline(30)) {
+            match hotplug::unplug(&guest, &qmp, &id, bdf, deadline(30)) {
                 Ok(u) => println!("  device_del {id}: gone after {}", ms(u.gone_after)),
                 Err(e) => return Err(format!("device_del {id}: {e}")),
             }
@@ -206,9 +208,8 @@ pub fn switch_placeholder(
     for i in 0..2 {
         let args = json!({"driver": "ivshmem-plain", "id": format!("gpu{i}"), "memdev": format!("m{i}"), "bus": format!("dp{i}")});
         println!("  device_add {args}");
-        let plugged =
-            hotplug::plug(&guest, &mut qmp, args, expect_ivshmem(&ivshmem(gib * GIB)), deadline(60))
-                .map_err(s)?;
+        let plugged = hotplug::plug(&guest, &qmp, args, expect_ivshmem(&ivshmem(gib * GIB)), deadline(60))
+            .map_err(s)?;
         print_plugged(&plugged);
         ok &= plugged.bar_problems.is_empty();
     }
@@ -235,13 +236,13 @@ pub fn aarch64_hpmmioprefsize(stack: &Stack, opts: Options) -> Result<bool> {
         spec.devices.push(format!("pcie-root-port,id=rp{i},bus=pcie.0,chassis={i},slot={i}{port_extra}"));
     }
     let guest = boot(&spec, stack)?;
-    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
+    let qmp = guest.qmp(deadline(10)).map_err(s)?;
     let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp2"});
     println!("  device_add {args}");
     let expect = Expect { vendor: 0x1af4, device: Some(0x1041), bars: &[] };
-    let net = hotplug::plug(&guest, &mut qmp, args, expect, deadline(60)).map_err(s)?;
+    let net = hotplug::plug(&guest, &qmp, args, expect, deadline(60)).map_err(s)?;
     print_plugged(&net);
-    plug_gpu0(&guest, &mut qmp, gib)
+    plug_gpu0(&guest, &qmp, gib)
 }
 
 /// (c) s390x: a virtio-net-ccw device number shows on the ccw bus; virtio-net-pci becomes
@@ -250,26 +251,21 @@ pub fn s390x_ccw_zpci(stack: &Stack) -> Result<bool> {
     let mut spec = GuestSpec::new(Arch::S390x);
     spec.name = "s390x-ccw-zpci".into();
     let guest = boot(&spec, stack)?;
-    let mut qmp = guest.qmp(deadline(10)).map_err(s)?;
+    let qmp = guest.qmp(deadline(10)).map_err(s)?;
     let args = json!({"driver": "virtio-net-ccw", "id": "net0", "devno": "fe.0.0042"});
     println!("  device_add {args}");
-    let (ccw, took) = hotplug::plug_ccw(&guest, &mut qmp, args, "0.0.0042", deadline(30)).map_err(s)?;
+    let (ccw, took) = hotplug::plug_ccw(&guest, &qmp, args, "0.0.0042", deadline(30)).map_err(s)?;
     println!("  guest ccw {} cutype {} online={} after {}", ccw.busid, ccw.cutype, ccw.online, ms(took));
     let args = json!({"driver": "virtio-net-pci", "id": "net1"});
     println!("  device_add {args}");
-    let plugged = hotplug::plug(
-        &guest,
-        &mut qmp,
-        args,
-        Expect { vendor: 0x1af4, device: None, bars: &[] },
-        deadline(60),
-    )
-    .map_err(s)?;
+    let plugged =
+        hotplug::plug(&guest, &qmp, args, Expect { vendor: 0x1af4, device: None, bars: &[] }, deadline(60))
+            .map_err(s)?;
     print_plugged(&plugged);
     if let Some(z) = &plugged.device.zpci {
         println!("  zPCI uid {} fid {}", z.uid, z.fid);
     }
-    match hotplug::unplug_ccw(&guest, &mut qmp, "net0", "0.0.0042", deadline(30)) {
+    match hotplug::unplug_ccw(&guest, &qmp, "net0", "0.0.0042", deadline(30)) {
         Ok(u) => println!(
             "  device_del net0: DEVICE_DELETED after {}, gone after {}",
             ms(u.event_after),
@@ -277,7 +273,7 @@ pub fn s390x_ccw_zpci(stack: &Stack) -> Result<bool> {
         ),
         Err(e) => println!("  device_del net0: {e}"),
     }
-    match hotplug::unplug(&guest, &mut qmp, "net1", plugged.device.bdf, deadline(30)) {
+    match hotplug::unplug(&guest, &qmp, "net1", plugged.device.bdf, deadline(30)) {
         Ok(u) => println!(
             "  device_del net1: DEVICE_DELETED after {}, gone after {}",
             ms(u.event_after),

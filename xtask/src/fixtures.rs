@@ -15,11 +15,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::arch::Arch;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::lspci;
-use crate::reporter::{Bdf, Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH};
-use crate::stacks::Stack;
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::lspci;
+use guest_harness::reporter::{
+    Resource, ResourceKind, IORESOURCE_IO, IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
+};
+use guest_harness::stacks::Stack;
+use pcilibs::bdf::Bdf;
 
 /// Where the fixtures go, relative to the workspace root.
 pub const FIXTURE_DIR: &str = "pcilibs/tests/fixtures/qemu-x86_64";

@@ -1,72 +1,12 @@
-//! Project automation for the pcie-hotplug workspace: software stacks (QEMU, firmware and
-//! guest kernels from Debian's archive, unpacked into the cache, never installed on the
-//! host), guest initramfs, booting QEMU guests that report their PCI devices, the test
-//! suite, the end-to-end runs and the fixture generator.
-//!
-//! The pieces the end-to-end runs build on:
-//! - [`stacks::Stack`] and [`provision::provision`]: what a fresh machine needs, per
-//!   stack, cached under `target/e2e/cache`.
-//! - [`guest::GuestSpec`] → [`guest::Guest::boot`]: a QEMU guest with the reporter.
-//! - [`reporter::GuestState`]: what the guest reported; [`guest::Guest::wait_for`].
+//! Project automation for the pcie-hotplug workspace: the test suite, the end-to-end
+//! scenarios in real QEMU guests, the nested VFIO runs, the fuzz runs, the field
+//! experiments and the fixture generator. Booting and following the guests is the
+//! `guest-harness` crate's.
 
-pub mod accel;
-pub mod arch;
 pub mod bootcheck;
-pub mod command;
-pub mod cpio;
-pub mod debroot;
-pub mod debs;
 pub mod e2e;
 pub mod experiments;
 pub mod fixtures;
-pub mod guest;
-pub mod hotplug;
-pub mod initramfs;
-pub mod kernels;
-pub mod launcher;
-pub mod lspci;
-pub mod nested;
-pub mod provision;
-pub mod qmp;
-pub mod reporter;
+pub mod fuzz;
 pub mod scenario;
-pub mod stacks;
-pub mod table;
 pub mod tasks;
-pub mod ubuntu;
-
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
-/// The instant `secs` seconds from now: every wait in the harness has one.
-pub fn deadline(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs)
-}
-
-/// The workspace root (the folder holding the root `Cargo.toml`).
-pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
-/// Where end-to-end runs keep their files: `<workspace>/target/e2e`.
-pub fn e2e_dir() -> PathBuf {
-    workspace_root().join("target").join("e2e")
-}
-
-/// Where downloads, unpacked packages and stack roots are kept:
-/// `<workspace>/target/e2e/cache`.
-pub fn cache_dir() -> PathBuf {
-    e2e_dir().join("cache")
-}
-
-/// The stack called `name`, in the project's cache.
-pub fn stack(name: &str) -> Result<stacks::Stack, stacks::StackError> {
-    stacks::Stack::named(name, cache_dir())
-}
-
-/// The stack to use when none is named: `$XTASK_STACK` (which `cargo xtask test` sets
-/// for the tests it runs), else [`stacks::DEFAULT_STACK`].
-pub fn default_stack() -> Result<stacks::Stack, stacks::StackError> {
-    stack(&stacks::Stack::default_name())
-}

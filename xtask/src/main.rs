@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use xtask::arch::Arch;
-use xtask::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use xtask::stacks::{Stack, STACKS};
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::stacks::{Stack, STACKS};
 use xtask::{bootcheck, experiments, fixtures, tasks};
 
 #[derive(Parser)]
@@ -34,8 +35,8 @@ enum Cmd {
     },
     /// Run end-to-end scenarios in real guests (default: every xtask/scenarios/*.toml).
     E2e(E2eArgs),
-    /// Boot one small guest per architecture and plug one device through the harness's
-    /// own QMP client (a quick check of provisioning, reporter and QMP).
+    /// Boot one small guest per architecture and plug one device with plain QMP
+    /// `device_add` / `device_del` (a quick check of provisioning, reporter and QMP).
     BootCheck {
         /// Only this architecture (repeatable).
         #[arg(long)]
@@ -49,6 +50,9 @@ enum Cmd {
         /// Arguments for the benchmark binaries (e.g. a filter).
         args: Vec<String>,
     },
+    /// Run the fuzz targets in fuzz/ for a bounded time each (cargo-fuzz is installed into
+    /// target/fuzz/tools when missing); fails on any crash, timeout or out-of-memory input.
+    Fuzz(FuzzArgs),
     /// Provision the stack into the cache: QEMU, firmware, busybox, pciutils and every
     /// architecture's guest kernel (only what is missing; nothing is installed on the host).
     Provision {
@@ -101,6 +105,28 @@ struct E2eArgs {
 }
 
 #[derive(clap::Args)]
+struct FuzzArgs {
+    /// Seconds of fuzzing per target.
+    #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS, value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
+    /// Only this target (repeatable): config_space, sysfs_tree, lspci_dump, plan_file,
+    /// plan_request, journal_file, qmp_input.
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Afterwards add the run's inputs (up to 4 KiB) that reach code edges fuzz/corpus does
+    /// not to fuzz/corpus.
+    #[arg(long)]
+    merge: bool,
+    /// Instead of fuzzing, write fuzz/corpus anew from the project's fixtures, the planner
+    /// and the stack's QEMU (provisioned by `cargo xtask provision`).
+    #[arg(long)]
+    make_seeds: bool,
+    /// Also write the reports as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct BootArgs {
     /// Guest architecture.
     #[arg(long, default_value = "x86_64")]
@@ -131,7 +157,7 @@ struct BootArgs {
     qemu_args: Vec<String>,
 }
 
-fn print_state(state: &xtask::reporter::GuestState) {
+fn print_state(state: &guest_harness::reporter::GuestState) {
     for dev in state.pci.values() {
         let driver = dev.driver.as_deref().unwrap_or("-");
         println!("{} {:04x}:{:04x} class {:06x} driver {driver}", dev.bdf, dev.vendor, dev.device, dev.class);
@@ -205,7 +231,7 @@ fn provision(stack: &Stack, update: bool, all: bool) -> Result<(), String> {
     }
     let mut failed = Vec::new();
     for def in STACKS {
-        let s = xtask::stack(def.name).map_err(|e| e.to_string())?;
+        let s = guest_harness::stack(def.name).map_err(|e| e.to_string())?;
         if let Err(e) = tasks::provision_all(&s, update) {
             failed.push(e);
         }
@@ -217,14 +243,27 @@ fn provision(stack: &Stack, update: bool, all: bool) -> Result<(), String> {
     }
 }
 
+fn fuzz(stack: &Stack, args: FuzzArgs) -> Result<(), String> {
+    if args.make_seeds {
+        return xtask::fuzz::make_seeds(&args.targets, &tasks::stack_env(stack)?);
+    }
+    let opts = xtask::fuzz::Options {
+        seconds: args.seconds,
+        targets: args.targets,
+        merge: args.merge,
+        json: args.json,
+    };
+    xtask::fuzz::run(&opts)
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let name = cli.stack.unwrap_or_else(Stack::default_name);
-    let stack = xtask::stack(&name).map_err(|e| e.to_string())?;
+    let stack = guest_harness::stack(&name).map_err(|e| e.to_string())?;
     match cli.cmd {
         Cmd::Test { also } => {
             let more = also
                 .iter()
-                .map(|n| xtask::stack(n))
+                .map(|n| guest_harness::stack(n))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             tasks::test(&stack, &more)
@@ -232,8 +271,9 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::E2e(args) => tasks::e2e(&stack, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
         Cmd::BootCheck { arch, json } => boot_check(&stack, arch, json),
         Cmd::Bench { args } => tasks::bench(&stack, &args),
+        Cmd::Fuzz(args) => fuzz(&stack, args),
         Cmd::Provision { update, all } => provision(&stack, update, all),
-        Cmd::Fixtures => fixtures::generate(&stack, &xtask::workspace_root())
+        Cmd::Fixtures => fixtures::generate(&stack, &guest_harness::workspace_root())
             .map(|dir| println!("fixtures written to {}", dir.display())),
         Cmd::Boot(args) => boot(&stack, args),
         Cmd::Experiment { name, firmware, native_hotplug, bar_gib, reserve_gib } => {

@@ -20,8 +20,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::arch::Arch;
-use crate::guest::Firmware;
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
 
 /// A scenario file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +72,11 @@ pub enum Mode {
     /// s390x: channel devices by CCW device number, PCI devices as zPCI functions.
     Ccw,
     /// x86_64: the devices are passed through with VFIO into a QEMU running inside the
-    /// guest (see `crate::nested`).
+    /// guest (see `crate::e2e::nested`).
     NestedVfio,
+    /// x86_64: a guest shaped like Kata Containers' VM (its `[kata]` settings through
+    /// `pcie_topology::kata`; see `crate::e2e::kata`).
+    Kata,
 }
 
 impl Mode {
@@ -85,6 +88,7 @@ impl Mode {
             Mode::Numa => "numa",
             Mode::Ccw => "ccw",
             Mode::NestedVfio => "nested-vfio",
+            Mode::Kata => "kata",
         }
     }
 }
@@ -198,7 +202,7 @@ pub enum VfioBackend {
     #[default]
     Auto,
     /// iommufd and the VFIO device cdev, required: the outer guest boots Ubuntu's kernel
-    /// and the inner QEMU is bookworm-backports' QEMU 10 (see `crate::stacks`); anything
+    /// and the inner QEMU is bookworm-backports' QEMU 10 (see `guest_harness::stacks`); anything
     /// else running is a failure.
     Iommufd,
 }
@@ -234,11 +238,59 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// Kata's settings of a `kata` scenario (`[kata]`), under Kata's key names; the guest's
+/// memory, firmware and NUMA nodes come from the scenario itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KataSection {
+    /// `pcie_root_port`.
+    #[serde(default)]
+    pub pcie_root_port: u32,
+    /// `pcie_switch_port`.
+    #[serde(default)]
+    pub pcie_switch_port: u32,
+    /// `cold_plug_vfio` (`root-port`, `switch-port`, `bridge-port`, `no-port`).
+    #[serde(default = "no_port")]
+    pub cold_plug_vfio: String,
+    /// `hot_plug_vfio`.
+    #[serde(default = "no_port")]
+    pub hot_plug_vfio: String,
+    /// `default_bridges`.
+    #[serde(default = "one_bridge")]
+    pub default_bridges: u32,
+    /// `memory_slots`.
+    #[serde(default)]
+    pub memory_slots: u32,
+    /// `default_maxmemory` in MiB (0: no memory hotplug).
+    #[serde(default)]
+    pub default_maxmemory: u32,
+    /// `kernel_params` added to the guest's command line.
+    #[serde(default)]
+    pub kernel_params: String,
+    /// A `pxb-pcie` expander per NUMA node of the devices (needs `numa_nodes`).
+    #[serde(default)]
+    pub numa: bool,
+    /// Not a Kata key: extra bus numbers the plan keeps below each spare root port (room
+    /// for a switch hotplugged later). Firmware honours them; a guest that renumbers every
+    /// bus (`pci=assign-busses`) does not, so its bus numbers differ from the plan's.
+    #[serde(default)]
+    pub spare_bus_reserve: u8,
+}
+
+fn no_port() -> String {
+    "no-port".into()
+}
+
+fn one_bridge() -> u32 {
+    1
+}
+
 /// One device of a scenario (`[[device]]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSpec {
-    /// QEMU id of function 0 (other functions get `<id>-f<n>`).
+    /// QEMU id of function 0 (other functions get `<id>-f<n>`); in mode `kata` Kata's
+    /// device id (a hex string), which the mapping turns into a QEMU id.
     pub id: String,
     /// Device model.
     pub kind: DeviceKind,
@@ -264,6 +316,10 @@ pub struct DeviceSpec {
     /// How it is unplugged.
     #[serde(default)]
     pub unplug: UnplugMode,
+    /// Mode `kata`: plugged at boot (Kata's cold plug); the others are hotplugged onto
+    /// spare ports.
+    #[serde(default)]
+    pub cold: bool,
 }
 
 fn one() -> u8 {
@@ -306,25 +362,15 @@ pub struct Scenario {
     /// nested-vfio: which VFIO interface must run (default: whatever the stack offers).
     #[serde(default)]
     pub vfio_backend: VfioBackend,
+    /// Mode `kata`: Kata's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kata: Option<KataSection>,
     /// The devices, in plug order.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceSpec>,
     /// The file it was read from (not a key).
     #[serde(skip)]
     pub source: PathBuf,
-}
-
-impl Serialize for Arch {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for Arch {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 impl Scenario {
@@ -374,7 +420,27 @@ impl Scenario {
         if ccw_arch && (self.spare_ports > 0 || self.reservations != Reservations::Planned) {
             return bad("s390x has no ports: `spare_ports` and `reservations` do not apply".into());
         }
-        if self.mode == Mode::Numa {
+        let kata = self.mode == Mode::Kata;
+        if kata != self.kata.is_some() {
+            return bad("mode `kata` and a `[kata]` table go together".into());
+        }
+        if kata && self.arch != Arch::X86_64 {
+            return bad("mode `kata` runs on x86_64 (q35)".into());
+        }
+        if let Some(k) = &self.kata {
+            for v in [&k.cold_plug_vfio, &k.hot_plug_vfio] {
+                if let Err(e) = v.parse::<pcie_topology::kata::PortSetting>() {
+                    return bad(format!("[kata]: {e}"));
+                }
+            }
+            if k.numa && !(2..=8).contains(&self.numa_nodes) {
+                return bad("[kata] numa = true needs numa_nodes = 2 to 8".into());
+            }
+        }
+        if let Some(d) = self.devices.iter().find(|d| d.cold && !kata) {
+            return bad(format!("device `{}`: `cold` applies to mode `kata` only", d.id));
+        }
+        if self.mode == Mode::Numa || (kata && self.numa_nodes > 0) {
             if self.arch != Arch::X86_64 {
                 return bad("mode `numa` runs on x86_64 (q35 with pxb-pcie expanders)".into());
             }
@@ -398,7 +464,12 @@ impl Scenario {
             if !ids.insert(d.id.as_str()) {
                 return bad(format!("device id `{}` appears twice", d.id));
             }
-            if let Err(e) = pcie_topology::QemuId::new(d.id.as_str()) {
+            let id = if kata {
+                pcie_topology::kata::qemu_id(&d.id)
+            } else {
+                pcie_topology::QemuId::new(d.id.as_str())
+            };
+            if let Err(e) = id {
                 return bad(format!("device `{}`: {e}", d.id));
             }
             if d.kind.is_ccw() && !ccw_arch {
@@ -421,7 +492,7 @@ impl Scenario {
                     d.id
                 ));
             }
-            if d.place == Placement::Spare && self.spare_ports == 0 {
+            if d.place == Placement::Spare && self.spare_ports == 0 && !kata {
                 return bad(format!("device `{}` is placed on a spare port but spare_ports = 0", d.id));
             }
             if d.expect == PlugExpect::NoFit && d.place != Placement::Spare {
@@ -447,7 +518,7 @@ impl Scenario {
 
 /// The folder of the default scenario set: `xtask/scenarios`.
 pub fn default_dir() -> PathBuf {
-    crate::workspace_root().join("xtask").join("scenarios")
+    guest_harness::workspace_root().join("xtask").join("scenarios")
 }
 
 /// The default set: every `*.toml` directly in [`default_dir`], by file name. (Scenarios
@@ -464,8 +535,11 @@ pub fn default_files() -> std::io::Result<Vec<PathBuf>> {
 /// Finds a scenario file named on the command line: as given, else relative to `xtask/`,
 /// else in [`default_dir`].
 pub fn resolve(name: &Path) -> PathBuf {
-    let candidates =
-        [name.to_path_buf(), crate::workspace_root().join("xtask").join(name), default_dir().join(name)];
+    let candidates = [
+        name.to_path_buf(),
+        guest_harness::workspace_root().join("xtask").join(name),
+        default_dir().join(name),
+    ];
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| name.to_path_buf())
 }
 

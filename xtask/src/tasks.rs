@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::arch::Arch;
-use crate::command;
 use crate::e2e::{self, RunContext};
-use crate::provision::{self, Provisioned};
 use crate::scenario::{self, Scenario};
-use crate::stacks::{self, Stack};
+use guest_harness::arch::Arch;
+use guest_harness::command;
+use guest_harness::provision::{self, Provisioned};
+use guest_harness::stacks::{self, Stack};
 
 /// Provisions `stack`'s root and the guest assets of `arches`, printing what it got.
 /// Fails when the root fails; an architecture that fails is printed with what to do and
@@ -64,7 +64,7 @@ pub fn stack_env(stack: &Stack) -> Result<Vec<(String, String)>, String> {
 fn cargo(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(crate::workspace_root());
+    cmd.args(args).current_dir(guest_harness::workspace_root());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -73,7 +73,10 @@ fn cargo(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
 
 /// `cargo xtask test`: provisioning of `stack` (and of `more`), format check, clippy
 /// with warnings denied, every test and doc test with the stack's QEMU and firmware
-/// ([`stack_env`]), then the default end-to-end set on `stack` and on each of `more`.
+/// ([`stack_env`]), the default end-to-end set on `stack` and on each of `more`, then a
+/// short run of every fuzz target ([`crate::fuzz::SMOKE_SECONDS`] each; after the
+/// end-to-end runs, and its failure reported with theirs, so that neither hides the
+/// other).
 pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
     let begun = Instant::now();
     provision_stack(stack, &Arch::ALL, false)?;
@@ -96,6 +99,17 @@ pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
         }
         timings.push(format!("end-to-end on {} {:.0} s", s.name(), started.elapsed().as_secs_f64()));
     }
+    let started = Instant::now();
+    let fuzz = crate::fuzz::Options {
+        seconds: crate::fuzz::SMOKE_SECONDS,
+        targets: Vec::new(),
+        merge: false,
+        json: None,
+    };
+    if let Err(e) = crate::fuzz::run(&fuzz) {
+        failures.push(e);
+    }
+    timings.push(format!("fuzzing {:.0} s", started.elapsed().as_secs_f64()));
     eprintln!(
         "test: provisioning and tests {:.0} s, {}, total {:.0} s",
         tests_done.as_secs_f64(),

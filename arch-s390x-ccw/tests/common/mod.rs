@@ -47,11 +47,9 @@ impl Qemu {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {QEMU}: {e}"));
         let (to_qemu, from_qemu) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
-        let options = ClientOptions {
-            handshake_timeout: Duration::from_secs(20),
-            command_timeout: Duration::from_secs(10),
-            ..Default::default()
-        };
+        let mut options = ClientOptions::default();
+        options.handshake_timeout = Duration::from_secs(20);
+        options.command_timeout = Duration::from_secs(10);
         match QmpClient::from_pipes(from_qemu, to_qemu, options) {
             Ok(qmp) => Qemu { child, qmp },
             Err(e) => {

@@ -83,6 +83,11 @@ impl Qemu {
     /// Starts `binary` with `args` plus QMP on stdio, no display, no default devices. QEMU
     /// must greet within 20 s and answer every command within 10 s.
     pub fn start(binary: &str, args: &[String]) -> Qemu {
+        Qemu::try_start(binary, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Qemu::start`], with QEMU's refusal (its exit and stderr) as the error.
+    pub fn try_start(binary: &str, args: &[String]) -> Result<Qemu, String> {
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(binary)
             .args(["-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none", "-qmp", "stdio"])
@@ -93,18 +98,19 @@ impl Qemu {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
         let (to_qemu, from_qemu) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
-        let options = ClientOptions {
-            handshake_timeout: Duration::from_secs(20),
-            command_timeout: Duration::from_secs(10),
-            ..Default::default()
-        };
+        let mut options = ClientOptions::default();
+        options.handshake_timeout = Duration::from_secs(20);
+        options.command_timeout = Duration::from_secs(10);
         match QmpClient::from_pipes(from_qemu, to_qemu, options) {
-            Ok(qmp) => Qemu { child, stderr, qmp },
+            Ok(qmp) => Ok(Qemu { child, stderr, qmp }),
             Err(e) => {
                 let _ = child.kill();
                 let status = child.wait();
                 let log = std::fs::read_to_string(stderr.path()).unwrap_or_default();
-                panic!("{binary}: no QMP session ({e}), exit {status:?}: {log}\nargs: {}", args.join(" "));
+                Err(format!(
+                    "{binary}: no QMP session ({e}), exit {status:?}: {log}\nargs: {}",
+                    args.join(" ")
+                ))
             }
         }
     }

@@ -17,6 +17,7 @@ use pcilibs::requirement::Requirement;
 use crate::alloc::{FreeSet, IdAllocator};
 use crate::check::check_address_space;
 use crate::error::PlanError;
+use crate::foreign::PlacedForeign;
 use crate::format::PLAN_VERSION;
 use crate::path::GuestPciPath;
 use crate::plan::{
@@ -99,7 +100,9 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
     }
     check_capacity(request)?;
     check_request(&spec, request)?;
-    let mut taken: BTreeSet<String> = BTreeSet::new();
+    // The VMM's own ids are taken too: QEMU refuses a second device of the same id.
+    let mut taken: BTreeSet<String> =
+        request.foreign.devices.iter().map(|f| f.id.clone()).filter(|id| !id.is_empty()).collect();
     for d in &request.devices {
         for id in request_ids(d) {
             if !taken.insert(id.clone()) {
@@ -119,6 +122,7 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
     b.size_bridges(&mut bridges)?;
     buses::number_buses(&mut b, &mut host_bridges, &mut bridges)?;
     let (ports, devices) = b.place_devices()?;
+    let foreign = std::mem::take(&mut b.foreign);
     let mut plan = Plan {
         version: PLAN_VERSION,
         platform: b.spec.clone(),
@@ -131,6 +135,8 @@ pub fn plan(platform: &dyn Platform, request: &PlanRequest) -> Result<Plan, Plan
         devices,
         address: AddressReport::default(),
         extra: Default::default(),
+        foreign,
+        memory_hotplug: request.foreign.memory_hotplug,
     };
     let (report, totals) = check_address_space(&plan, &b.hotplug_totals)?;
     plan.address = report;
@@ -151,7 +157,12 @@ fn check_capacity(request: &PlanRequest) -> Result<(), PlanError> {
     let on_ports = request.devices.iter().filter(|d| !request.options.behind_bridge(d)).count();
     // Saturating: any sum that saturates is far above the 256 it is compared with.
     let spares = request.spares.iter().fold(0u64, |n, s| n.saturating_add(u64::from(s.count)));
-    let needed = u64::try_from(on_ports).unwrap_or(u64::MAX).saturating_add(spares).saturating_add(1);
+    let foreign = request.foreign.devices.iter().map(|f| u64::from(f.buses)).sum::<u64>();
+    let needed = u64::try_from(on_ports)
+        .unwrap_or(u64::MAX)
+        .saturating_add(spares)
+        .saturating_add(foreign)
+        .saturating_add(1);
     if needed > SEGMENT_BUSES {
         return Err(PlanError::Buses { needed: u32::try_from(needed).unwrap_or(u32::MAX) });
     }
@@ -257,6 +268,8 @@ struct Builder<'a> {
     device_of: BTreeMap<usize, usize>,
     /// Kernel-rule sizes every hotplug bridge gets.
     hotplug_totals: Totals,
+    /// The VMM's own devices on the root bus, with their slots (bus numbers follow).
+    foreign: Vec<PlacedForeign>,
 }
 
 impl<'a> Builder<'a> {
@@ -266,6 +279,20 @@ impl<'a> Builder<'a> {
         for s in &spec.reserved_root_slots {
             // A reserved slot below `first_root_slot` is outside the set already.
             let _ = root_slots.take(u32::from(*s));
+        }
+        // The VMM's devices take their slots first: pinned ones where pinned, the others
+        // where QEMU will put them (the lowest slots left).
+        let slots = request.foreign.root_slots(&spec.reserved_root_slots)?;
+        let mut foreign = Vec::with_capacity(slots.len());
+        for (device, addr) in request.foreign.devices.iter().zip(slots) {
+            // Below `first_root_slot`, or a second function of a taken slot: not ours anyway.
+            let _ = root_slots.take(u32::from(addr.slot()));
+            foreign.push(PlacedForeign {
+                device: device.clone(),
+                addr,
+                secondary_bus: None,
+                subordinate_bus: None,
+            });
         }
         Ok(Builder {
             spec,
@@ -280,6 +307,7 @@ impl<'a> Builder<'a> {
             per_root: Vec::new(),
             device_of: BTreeMap::new(),
             hotplug_totals: Totals::default(),
+            foreign,
         })
     }
 

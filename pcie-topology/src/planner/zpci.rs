@@ -143,6 +143,8 @@ pub(super) fn plan(spec: PlatformSpec, request: &PlanRequest, first_devno: u16) 
         devices: Vec::new(),
         address: AddressReport::default(),
         extra: ExtraArgs::default(),
+        foreign: Vec::new(),
+        memory_hotplug: request.foreign.memory_hotplug,
     };
     let mut numbers = Numbers::of(&plan, first_devno)?;
     for d in &request.devices {
@@ -242,6 +244,7 @@ fn add(plan: &mut Plan, numbers: &mut Numbers, request: &DeviceRequest) -> Resul
             host: f.host.clone(),
         }],
         need,
+        runtime_id: request.runtime_id.clone(),
     });
     Ok(())
 }

@@ -1,17 +1,39 @@
 //! The hotplug engine: drives devices through explicit states, journals every step before
 //! it is sent, rolls back partial plugs, bounds every unplug wait, and recovers after a
-//! restart (see [`recovery`]).
+//! restart (see below).
 //!
 //! Concurrency: operations on different ports run in parallel (QMP commands are matched by
 //! id, so they interleave safely); operations on one port are serialized by a per-port
 //! lock; the device table is only changed under its mutex, together with the journal
 //! record that announces the change.
+//!
+//! # Recovery
+//!
+//! [`Engine::open`] recovers after a restart: every device the journal records is
+//! reconciled with what QEMU has, and every interrupted operation is finished or rolled
+//! back.
+//!
+//! | journal says                         | QEMU has            | recovery does                           |
+//! |--------------------------------------|---------------------|-----------------------------------------|
+//! | plug under way, no failure yet       | any subset          | adds what is missing (function 0 last), checks visibility → `visible`; if that fails, rolls back |
+//! | plug failed, rollback under way      | any subset          | finishes the rollback                   |
+//! | unplug under way                     | some functions      | `device_del` again, waits → `removed` or `unplug-pending` |
+//! | unplug under way / `unplug-pending`  | none                | deletes objects and descriptors → `removed` |
+//! | `unplug-pending`                     | some                | stays pending (no second `device_del`)  |
+//! | `visible`                            | all                 | nothing                                  |
+//! | `visible`                            | none                | `removed` (gone behind the engine's back) |
+//! | `visible`                            | some                | rolls the rest back                      |
+//!
+//! QEMU refuses a second device with the same id, and recovery only adds what
+//! `qom-list` does not show, so no device is ever there twice; a port is freed only
+//! once QEMU no longer has any of its devices. A plug still to add a device that needs a
+//! descriptor the dead process held ([`PlugRequest::with_fd`]) cannot be finished: it is
+//! rolled back ([`EngineError::DescriptorGone`]).
 
-pub mod recovery;
+mod recovery;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -25,10 +47,10 @@ use crate::deadline;
 use crate::files::{self, Access, FileKind};
 use crate::journal::{self, Journal, JournalError, JournalHook, OpKind, Record, Step};
 use crate::pci;
-use crate::request::{DeviceRequest, Expectation, Prepared, RequestError};
-use crate::state::{bounded_note, now_ms, DeviceRecord, DeviceState, GuestAddress, Transition};
+use crate::request::{Expectation, PlugRequest, PlugRequestError, Prepared, SlotKey};
+use crate::state::{bounded_note, now_ms, DeviceRecord, DeviceState, GuestAddresses, Transition};
 use crate::vfio;
-use pcilibs::bdf::BdfError;
+use pcie_topology::QemuId;
 use pcilibs::sysfs::{Sysfs, SysfsError};
 
 pub use recovery::{RecoveryAction, RecoveryReport};
@@ -42,19 +64,11 @@ const MAX_IDLE_PORT_LOCKS: usize = 1024;
 pub enum EngineError {
     /// The request is invalid; nothing was sent.
     #[error(transparent)]
-    Request(#[from] RequestError),
+    Request(#[from] PlugRequestError),
     /// A VFIO pre-check failed (the host device is missing, has no IOMMU group, or its
     /// group is not viable); nothing was sent.
     #[error(transparent)]
     Vfio(#[from] SysfsError),
-    /// A VFIO device's `host=` is not a PCI address; nothing was sent.
-    #[error("device {id}: host= is not a PCI address: {source}")]
-    HostAddress {
-        /// The device id.
-        id: String,
-        /// Why.
-        source: BdfError,
-    },
     /// The journal could not be written or read.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -69,8 +83,8 @@ pub enum EngineError {
         /// The state of the device on it.
         state: DeviceState,
     },
-    /// No device on that port.
-    #[error("no device on port {0}")]
+    /// The engine holds no device of that id (none plugged, or removed already).
+    #[error("no device {0} is plugged")]
     NoDevice(String),
     /// An id of the request belongs to a device on another port.
     #[error("id {id} is already used on port {port}")]
@@ -87,6 +101,14 @@ pub enum EngineError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// A descriptor the request's caller held is gone: the request was read back from the
+    /// journal after a restart, and a device that needs it was not added yet (see
+    /// [`crate::request::FdRequest`]). Recovery rolls such a plug back.
+    #[error("descriptor {fdname} was held by the process that asked for the plug and is gone with it")]
+    DescriptorGone {
+        /// The descriptor's name.
+        fdname: String,
     },
     /// A file to pass is a FIFO, a socket or a directory: only regular files and devices
     /// are passed. Found before anything was journaled or sent, without blocking.
@@ -171,8 +193,9 @@ pub enum UnplugOutcome {
     Pending,
 }
 
-/// Engine settings.
+/// Engine settings: [`EngineOptions::default`], then change the fields that differ.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct EngineOptions {
     /// How long an unplug waits for `DEVICE_DELETED` (libvirt's 5 s by default).
     pub unplug_timeout: Duration,
@@ -301,20 +324,34 @@ impl Engine {
     /// Plugs a device onto its port: VFIO checks, `getfd`s, `object-add`s, every function
     /// (function 0 of a multi-function slot last), then waits until each is where planned.
     /// On any failure the steps already taken are rolled back and
-    /// [`EngineError::PlugFailed`] says whether the port is free again.
-    pub fn plug(&self, request: DeviceRequest) -> Result<DeviceRecord> {
+    /// [`EngineError::PlugFailed`] says whether the port is free again. Descriptors the
+    /// caller held ([`PlugRequest::with_fd`]) are closed when the plug returns (QEMU keeps
+    /// its own copy).
+    pub fn plug(&self, request: PlugRequest) -> Result<DeviceRecord> {
         self.inner.plug(request)
     }
 
-    /// Unplugs the device on `port`: `device_del` (retried with backoff while the guest is
-    /// busy), waits up to `unplug_timeout` for `DEVICE_DELETED`, then deletes objects and
-    /// descriptors and frees the port. A timeout leaves the device `UnplugPending`.
-    pub fn unplug(&self, port: &str) -> Result<UnplugOutcome> {
-        self.inner.unplug(port)
+    /// Unplugs the device `device` (its id, [`PlugRequest::device`]: the id a plan's
+    /// [`pcie_topology::Plan::release`] takes): `device_del` (retried with backoff while
+    /// the guest is busy), waits up to `unplug_timeout` for `DEVICE_DELETED`, then deletes
+    /// objects and descriptors and frees its port. A timeout leaves the device
+    /// `UnplugPending`.
+    pub fn unplug(&self, device: &str) -> Result<UnplugOutcome> {
+        let port = self.inner.port_of(device).ok_or_else(|| EngineError::NoDevice(device.to_owned()))?;
+        self.inner.unplug(&port, device)
     }
 
-    /// The record of the device on `port` (including removed ones until compaction).
-    pub fn device(&self, port: &str) -> Option<DeviceRecord> {
+    /// The record of device `id`: the one plugged now, else the latest removed one
+    /// (removed ones until compaction).
+    pub fn device(&self, id: &str) -> Option<DeviceRecord> {
+        let t = lock(&self.inner.table);
+        let mine = t.devices.values().filter(|d| d.device().as_str() == id);
+        let latest = |d: &&DeviceRecord| (!d.state.port_free(), d.history.last().map(|t| t.at_unix_ms));
+        mine.max_by_key(latest).cloned()
+    }
+
+    /// The record of the device on `port` (including a removed one until compaction).
+    pub fn on_port(&self, port: &str) -> Option<DeviceRecord> {
         lock(&self.inner.table).devices.get(port).cloned()
     }
 
@@ -329,26 +366,26 @@ impl Engine {
     }
 
     /// Asks QEMU which `UnplugPending` devices are gone and finishes their removal;
-    /// returns the ports freed. (A watcher thread does this on each `DEVICE_DELETED`; this
-    /// covers events lost with a connection.)
-    pub fn complete_pending(&self) -> Result<Vec<String>> {
+    /// returns the ids of the devices removed (their ports are free). (A watcher thread
+    /// does this on each `DEVICE_DELETED`; this covers events lost with a connection.)
+    pub fn complete_pending(&self) -> Result<Vec<QemuId>> {
         let pending: Vec<String> = lock(&self.inner.table)
             .devices
             .values()
             .filter(|d| d.state == DeviceState::UnplugPending)
-            .map(|d| d.port().to_owned())
+            .map(|d| d.port().to_string())
             .collect();
         let present = self.inner.peripheral_ids()?;
         let mut freed = Vec::new();
         for port in pending {
             let port_lock = self.inner.port_lock(&port);
             let _g = lock(&port_lock);
-            let Some(rec) = self.device(&port) else { continue };
+            let Some(rec) = self.on_port(&port) else { continue };
             if rec.state == DeviceState::UnplugPending
-                && rec.request.device_ids().all(|id| !present.contains(id))
+                && rec.request.device_ids().all(|id| !present.contains(id.as_str()))
             {
                 self.inner.complete_removal(&rec.request)?;
-                freed.push(port);
+                freed.push(rec.request.device.clone());
             }
         }
         Ok(freed)
@@ -392,8 +429,8 @@ fn watch(inner: &Weak<Inner>, events: &EventStream, stop: &AtomicBool) {
             let Some(owner) = t
                 .devices
                 .values()
-                .find(|d| !d.state.port_free() && d.request.device_ids().any(|d| d == id))
-                .map(|d| (d.port().to_owned(), d.state))
+                .find(|d| !d.state.port_free() && d.request.device_ids().any(|d| d.as_str() == id))
+                .map(|d| (d.port().to_string(), d.state))
             else {
                 continue;
             };
@@ -414,6 +451,13 @@ enum Removal {
 }
 
 impl Inner {
+    /// The port of the device `device` plugged now.
+    fn port_of(&self, device: &str) -> Option<String> {
+        let t = lock(&self.table);
+        let mut live = t.devices.values().filter(|d| !d.state.port_free());
+        live.find(|d| d.device().as_str() == device).map(|d| d.port().to_string())
+    }
+
     fn port_lock(&self, port: &str) -> Arc<Mutex<()>> {
         let mut locks = lock(&self.port_locks);
         // Requests naming ever new ports (most of them refused) must not leave a lock
@@ -435,13 +479,7 @@ impl Inner {
     }
 
     /// Journals and applies a state change.
-    fn transition(
-        &self,
-        port: &str,
-        state: DeviceState,
-        note: &str,
-        guest: Vec<(String, GuestAddress)>,
-    ) -> Result<()> {
+    fn transition(&self, port: &str, state: DeviceState, note: &str, guest: GuestAddresses) -> Result<()> {
         let mut t = lock(&self.table);
         let transition = Transition { state, at_unix_ms: now_ms(), note: bounded_note(note) };
         lock(&self.journal).append(&Record::State {
@@ -459,15 +497,16 @@ impl Inner {
         Ok(())
     }
 
-    fn plug(&self, mut request: DeviceRequest) -> Result<DeviceRecord> {
+    fn plug(&self, mut request: PlugRequest) -> Result<DeviceRecord> {
         let prepared = request.prepare()?;
-        for check in vfio::checks_for(&request)? {
+        for check in vfio::checks_for(&request) {
             check.run(&self.options.sysfs)?;
         }
         // Before the port lock and the journal: a file that cannot be passed is refused
-        // with nothing held, nothing journaled.
-        let fds = open_fds(&request)?;
-        let port = request.port.clone();
+        // with nothing held, nothing journaled. Held descriptors leave the request here, so
+        // that no record keeps them open.
+        let fds = open_fds(&mut request)?;
+        let port = request.port.to_string();
         let port_lock = self.port_lock(&port);
         let _g = lock(&port_lock);
         if self.options.check_live_windows {
@@ -483,31 +522,32 @@ impl Inner {
     /// [`EngineOptions::check_live_windows`]: the functions' `needs` against the live
     /// windows of the port's bridge. A port that `query-pci` shows as no bridge (s390x
     /// device ids, `pcie.0`) has nothing to check.
-    fn check_live_windows(&self, request: &DeviceRequest) -> Result<()> {
+    fn check_live_windows(&self, request: &PlugRequest) -> Result<()> {
         let needs: Vec<_> = request.functions.iter().flat_map(|f| f.needs.iter().copied()).collect();
         if needs.is_empty() {
             return Ok(());
         }
         let reply = self.client.execute_raw("query-pci", None, self.client.options().command_timeout)?;
-        let Some(bridge) = crate::pci::bridges(&reply).into_iter().find(|b| b.qdev_id == request.port) else {
+        let port = request.port.as_str();
+        let Some(bridge) = crate::pci::bridges(&reply).into_iter().find(|b| b.qdev_id == port) else {
             return Ok(());
         };
         let shortfalls = crate::pci::window_shortfalls(&bridge, &needs);
         if shortfalls.is_empty() {
             Ok(())
         } else {
-            Err(EngineError::WontFit { port: request.port.clone(), shortfalls })
+            Err(EngineError::WontFit { port: port.to_owned(), shortfalls })
         }
     }
 
     /// Records the plug's outcome: visible, or failed and rolled back.
     fn settle_plug(
         &self,
-        request: &DeviceRequest,
+        request: &PlugRequest,
         prepared: &Prepared,
-        result: Result<Vec<(String, GuestAddress)>>,
+        result: Result<GuestAddresses>,
     ) -> Result<DeviceRecord> {
-        let port = &request.port;
+        let port = request.port.as_str();
         match result {
             Ok(guest) => {
                 self.transition(port, DeviceState::Visible, "", guest)?;
@@ -515,29 +555,29 @@ impl Inner {
                     .devices
                     .get(port)
                     .cloned()
-                    .ok_or_else(|| EngineError::NoDevice(port.clone()))
+                    .ok_or_else(|| EngineError::NoDevice(request.device.to_string()))
             }
             // Without QEMU nothing can be rolled back now; recovery will finish the job.
             Err(e) if e.is_connection_lost() => Err(e),
             Err(cause) => {
                 self.transition(port, DeviceState::Failed, &cause.to_string(), Vec::new())?;
                 let state = self.rollback(request, prepared)?;
-                Err(EngineError::PlugFailed { port: port.clone(), cause: Box::new(cause), state })
+                Err(EngineError::PlugFailed { port: port.to_owned(), cause: Box::new(cause), state })
             }
         }
     }
 
     /// Admits a request: the port must be free and its ids unused; journals the intent.
-    fn admit(&self, request: &DeviceRequest) -> Result<()> {
-        let port = &request.port;
+    fn admit(&self, request: &PlugRequest) -> Result<()> {
+        let port = request.port.to_string();
         let mut t = lock(&self.table);
-        if let Some(d) = t.devices.get(port).filter(|d| !d.state.port_free()) {
-            return Err(EngineError::PortBusy { port: port.clone(), state: d.state });
+        if let Some(d) = t.devices.get(&port).filter(|d| !d.state.port_free()) {
+            return Err(EngineError::PortBusy { port, state: d.state });
         }
-        let ids: HashSet<&str> = request.ids().collect();
+        let ids: HashSet<&QemuId> = request.ids().collect();
         for d in t.devices.values().filter(|d| !d.state.port_free()) {
             if let Some(id) = d.request.ids().find(|id| ids.contains(id)) {
-                return Err(EngineError::IdInUse { id: id.to_owned(), port: d.port().to_owned() });
+                return Err(EngineError::IdInUse { id: id.to_string(), port: d.port().to_string() });
             }
         }
         let planned = Transition { state: DeviceState::Planned, at_unix_ms: now_ms(), note: String::new() };
@@ -551,47 +591,43 @@ impl Inner {
             j.append(&Record::State { port: port.clone(), transition: planned.clone(), guest: Vec::new() })?;
         }
         for id in &ids {
-            t.gone.remove(*id);
+            t.gone.remove(id.as_str());
         }
-        t.devices.insert(
-            port.clone(),
-            DeviceRecord {
-                request: request.clone(),
-                state: DeviceState::Planned,
-                history: vec![planned],
-                guest: Vec::new(),
-            },
-        );
+        let mut record = DeviceRecord::new(request.clone(), DeviceState::Planned);
+        record.push_history(planned);
+        t.devices.insert(port, record);
         Ok(())
     }
 
-    /// Sends descriptors (`files`, opened from `request.fds` by [`open_fds`]), objects and
-    /// devices that are not in `present`, in plug order.
+    /// Sends descriptors (`fds`, from `request.fds` by [`open_fds`]; none needed when
+    /// every device is in `present` already), objects and devices that are not in
+    /// `present`, in plug order.
     fn add_all(
         &self,
-        request: &DeviceRequest,
+        request: &PlugRequest,
         prepared: &Prepared,
         present: &HashSet<String>,
-        files: &[File],
+        fds: &[Arc<OwnedFd>],
     ) -> Result<()> {
-        let port = &request.port;
+        let port = request.port.as_str();
         self.transition(port, DeviceState::Adding, "", Vec::new())?;
         self.remove_placeholder(request)?;
-        let missing_device = request.functions.iter().any(|f| !present.contains(f.id()));
-        for (fd, file) in request.fds.iter().zip(files).filter(|_| missing_device) {
-            self.step(port, Step::GetFd { fdname: fd.fdname.clone() })?;
-            self.client.getfd(&fd.fdname, file.as_fd())?;
+        if missing_device(request, present) {
+            for (fd, file) in request.fds.iter().zip(fds) {
+                self.step(port, Step::GetFd { fdname: fd.fdname.clone() })?;
+                self.client.getfd(&fd.fdname, file.as_fd())?;
+            }
         }
-        for obj in request.objects.iter().filter(|o| !present.contains(&o.id)) {
-            self.step(port, Step::ObjectAdd { id: obj.id.clone() })?;
-            self.cmd("object-add", obj.arguments())?;
+        for obj in request.objects.iter().filter(|o| !present.contains(o.id.as_str())) {
+            self.step(port, Step::ObjectAdd { id: obj.id.to_string() })?;
+            self.cmd("object-add", Value::Object(obj.to_qmp()))?;
         }
         for f in prepared.order.iter().filter_map(|i| request.functions.get(*i)) {
-            if present.contains(f.id()) {
+            if present.contains(f.id().as_str()) {
                 continue;
             }
-            self.step(port, Step::DeviceAdd { id: f.id().to_owned() })?;
-            self.cmd("device_add", Value::Object(f.qdev.clone()))?;
+            self.step(port, Step::DeviceAdd { id: f.id().to_string() })?;
+            self.cmd("device_add", Value::Object(f.qmp_arguments()))?;
         }
         self.transition(port, DeviceState::Added, "", Vec::new())
     }
@@ -612,7 +648,7 @@ impl Inner {
     }
 
     /// Polls until every function meets its expectation or the deadline passes.
-    fn await_visible(&self, request: &DeviceRequest) -> Result<Vec<(String, GuestAddress)>> {
+    fn await_visible(&self, request: &PlugRequest) -> Result<GuestAddresses> {
         let deadline = deadline::after(self.options.visible_timeout);
         loop {
             match self.check_visible(request) {
@@ -624,7 +660,7 @@ impl Inner {
         }
     }
 
-    fn check_visible(&self, request: &DeviceRequest) -> Result<Vec<(String, GuestAddress)>> {
+    fn check_visible(&self, request: &PlugRequest) -> Result<GuestAddresses> {
         let needs_pci = request.functions.iter().any(|f| matches!(f.expect, Expectation::Pci(_)));
         let functions = if needs_pci {
             pci::functions(&self.client.execute_raw(
@@ -638,7 +674,7 @@ impl Inner {
         let present = self.peripheral_ids()?;
         let mut guest = Vec::new();
         for f in &request.functions {
-            let id = f.id();
+            let id = f.id().as_str();
             if !present.contains(id) {
                 return Err(EngineError::NotVisible {
                     id: id.into(),
@@ -651,15 +687,15 @@ impl Inner {
                 })?;
                 pci::check(found, want)
                     .map_err(|reason| EngineError::NotVisible { id: id.into(), reason })?;
-                guest.push((id.to_owned(), found.address));
+                guest.push((f.id().clone(), found.address));
             }
         }
         Ok(guest)
     }
 
     /// Undoes a failed plug. Returns the state reached.
-    fn rollback(&self, request: &DeviceRequest, prepared: &Prepared) -> Result<DeviceState> {
-        let port = &request.port;
+    fn rollback(&self, request: &PlugRequest, prepared: &Prepared) -> Result<DeviceState> {
+        let port = request.port.as_str();
         self.transition(port, DeviceState::Removing, "rollback", Vec::new())?;
         match self.remove_devices(request, prepared)? {
             Removal::Gone => {
@@ -678,15 +714,16 @@ impl Inner {
         }
     }
 
-    fn unplug(&self, port: &str) -> Result<UnplugOutcome> {
+    fn unplug(&self, port: &str, device: &str) -> Result<UnplugOutcome> {
         let port_lock = self.port_lock(port);
         let _g = lock(&port_lock);
+        // Looked up again under the port's lock: the device may have gone meanwhile.
         let rec = lock(&self.table)
             .devices
             .get(port)
-            .filter(|d| !d.state.port_free())
+            .filter(|d| !d.state.port_free() && d.device().as_str() == device)
             .cloned()
-            .ok_or_else(|| EngineError::NoDevice(port.to_owned()))?;
+            .ok_or_else(|| EngineError::NoDevice(device.to_owned()))?;
         let mut request = rec.request.clone();
         let prepared = request.prepare()?;
         self.record(&Record::Begin { port: port.to_owned(), op: OpKind::Unplug, request: None })?;
@@ -715,13 +752,13 @@ impl Inner {
     }
 
     /// Sends `device_del` for what is present and waits for `DEVICE_DELETED`.
-    fn remove_devices(&self, request: &DeviceRequest, prepared: &Prepared) -> Result<Removal> {
+    fn remove_devices(&self, request: &PlugRequest, prepared: &Prepared) -> Result<Removal> {
         let present = self.peripheral_ids()?;
         let mut waiting: HashSet<String> = HashSet::new();
         {
             // What QEMU does not have is gone: a late event then only has to cover the rest.
             let mut t = lock(&self.table);
-            for id in request.device_ids() {
+            for id in request.device_ids().map(QemuId::as_str) {
                 if present.contains(id) {
                     waiting.insert(id.to_owned());
                 } else {
@@ -734,8 +771,8 @@ impl Inner {
         }
         let events = self.client.subscribe();
         for id in deletion_targets(request, prepared, &waiting) {
-            self.step(&request.port, Step::DeviceDel { id: id.clone() })?;
-            if self.device_del(&request.port, &id)? {
+            self.step(request.port.as_str(), Step::DeviceDel { id: id.clone() })?;
+            if self.device_del(request.port.as_str(), &id)? {
                 waiting.remove(&id);
             }
         }
@@ -747,17 +784,18 @@ impl Inner {
     /// Takes a request's boot-time placeholder off its port: `device_del` of what QEMU
     /// still has, `DEVICE_DELETED` within `placeholder_timeout`, then `object-del` of its
     /// backends. Idempotent, so recovery can run it again.
-    fn remove_placeholder(&self, request: &DeviceRequest) -> Result<()> {
+    fn remove_placeholder(&self, request: &PlugRequest) -> Result<()> {
         let Some(ph) = &request.placeholder else { return Ok(()) };
-        let port = &request.port;
+        let port = request.port.as_str();
         let present = self.peripheral_ids()?;
-        let mut waiting: HashSet<String> =
-            ph.devices.iter().filter(|id| present.contains(*id)).cloned().collect();
+        let here: Vec<&str> =
+            ph.devices.iter().map(QemuId::as_str).filter(|id| present.contains(*id)).collect();
+        let mut waiting: HashSet<String> = here.iter().map(|id| (*id).to_owned()).collect();
         if !waiting.is_empty() {
             let started = Instant::now();
             let events = self.client.subscribe();
-            for id in ph.devices.iter().filter(|id| present.contains(*id)) {
-                self.step(port, Step::DeviceDel { id: id.clone() })?;
+            for id in here {
+                self.step(port, Step::DeviceDel { id: id.to_owned() })?;
                 if self.device_del(port, id)? {
                     waiting.remove(id);
                 }
@@ -768,15 +806,15 @@ impl Inner {
                 let mut devices: Vec<String> = waiting.into_iter().collect();
                 devices.sort();
                 return Err(EngineError::PlaceholderPending {
-                    port: port.clone(),
+                    port: port.to_owned(),
                     devices,
                     waited: started.elapsed(),
                 });
             }
         }
         let objects = self.qom_children("/objects")?;
-        for id in ph.objects.iter().filter(|o| objects.contains(*o)) {
-            self.step(port, Step::ObjectDel { id: id.clone() })?;
+        for id in ph.objects.iter().map(QemuId::as_str).filter(|o| objects.contains(*o)) {
+            self.step(port, Step::ObjectDel { id: id.to_owned() })?;
             self.cmd("object-del", serde_json::json!({ "id": id }))?;
         }
         Ok(())
@@ -855,17 +893,15 @@ impl Inner {
     }
 
     /// Deletes objects and descriptors of a removed device and frees its port.
-    fn complete_removal(&self, request: &DeviceRequest) -> Result<()> {
-        let port = &request.port;
+    fn complete_removal(&self, request: &PlugRequest) -> Result<()> {
+        let port = request.port.as_str();
         let objects = self.qom_children("/objects")?;
-        for obj in request.objects.iter().rev().filter(|o| objects.contains(&o.id)) {
-            self.step(port, Step::ObjectDel { id: obj.id.clone() })?;
-            self.cmd("object-del", serde_json::json!({ "id": obj.id }))?;
-        }
-        // A placeholder that left only now (its plug gave up waiting) leaves its backends.
+        // The request's objects (newest first), then those of a placeholder that left only
+        // now (its plug gave up waiting).
         let placeholder_objects = request.placeholder.iter().flat_map(|p| p.objects.iter());
-        for id in placeholder_objects.filter(|id| objects.contains(*id)) {
-            self.step(port, Step::ObjectDel { id: id.clone() })?;
+        let ids = request.objects.iter().rev().map(|o| &o.id).chain(placeholder_objects);
+        for id in ids.map(QemuId::as_str).filter(|id| objects.contains(*id)) {
+            self.step(port, Step::ObjectDel { id: id.to_owned() })?;
             self.cmd("object-del", serde_json::json!({ "id": id }))?;
         }
         for fd in request.fds.iter().rev() {
@@ -880,17 +916,17 @@ impl Inner {
         self.transition(port, DeviceState::Removed, "", Vec::new())?;
         let mut t = lock(&self.table);
         for id in request.device_ids() {
-            t.gone.remove(id);
+            t.gone.remove(id.as_str());
         }
         Ok(())
     }
 
     /// With the port lock held: finishes an `UnplugPending` device whose functions are all
     /// known gone. Returns the resulting state.
-    fn try_complete_locked(&self, request: &DeviceRequest) -> Result<DeviceState> {
+    fn try_complete_locked(&self, request: &PlugRequest) -> Result<DeviceState> {
         let all_gone = {
             let t = lock(&self.table);
-            request.device_ids().all(|id| t.gone.contains(id))
+            request.device_ids().all(|id| t.gone.contains(id.as_str()))
         };
         if all_gone {
             self.complete_removal(request)?;
@@ -910,22 +946,35 @@ impl Inner {
     }
 }
 
-/// Opens the files a request passes to QEMU, without blocking: regular files and
-/// devices (`/dev/iommu`, a VFIO cdev, a disk) are taken; a FIFO, socket or directory is
-/// [`EngineError::SpecialFile`].
-fn open_fds(request: &DeviceRequest) -> Result<Vec<File>> {
+/// The descriptors a request passes to QEMU, in the order of `request.fds`: held ones
+/// are taken out of the request; files are opened without blocking: regular files and
+/// devices (`/dev/iommu`, a VFIO cdev, a disk) are taken, a FIFO, socket or directory is
+/// [`EngineError::SpecialFile`]. A held descriptor that is gone (the request was read
+/// back from the journal) is [`EngineError::DescriptorGone`].
+fn open_fds(request: &mut PlugRequest) -> Result<Vec<Arc<OwnedFd>>> {
     request
         .fds
-        .iter()
+        .iter_mut()
         .map(|fd| {
-            let access = Access { write: fd.writable, ..Access::READ };
+            let Some(path) = fd.path().map(Path::to_path_buf) else {
+                return fd
+                    .take_held()
+                    .ok_or_else(|| EngineError::DescriptorGone { fdname: fd.fdname.clone() });
+            };
+            let access = Access { write: fd.writable(), ..Access::READ };
             let allowed = [FileKind::Regular, FileKind::CharDevice, FileKind::BlockDevice];
-            files::open(&fd.path, access, &allowed).map_err(|e| match e {
-                files::OpenError::Kind(kind) => EngineError::SpecialFile { path: fd.path.clone(), kind },
-                files::OpenError::Io(source) => EngineError::OpenFd { path: fd.path.clone(), source },
-            })
+            match files::open(&path, access, &allowed) {
+                Ok(file) => Ok(Arc::new(OwnedFd::from(file))),
+                Err(files::OpenError::Kind(kind)) => Err(EngineError::SpecialFile { path, kind }),
+                Err(files::OpenError::Io(source)) => Err(EngineError::OpenFd { path, source }),
+            }
         })
         .collect()
+}
+
+/// Whether a device of `request` is not in `present` (then its descriptors are needed).
+fn missing_device(request: &PlugRequest, present: &HashSet<String>) -> bool {
+    request.functions.iter().any(|f| !present.contains(f.id().as_str()))
 }
 
 /// Which devices get a `device_del`: in reverse plug order (then a placeholder still
@@ -933,13 +982,13 @@ fn open_fds(request: &DeviceRequest) -> Result<Vec<File>> {
 /// whose function 0 is present only function 0 (QEMU then removes the whole slot; asking
 /// again for the other functions would press the slot's attention button twice, which
 /// Linux takes as "cancel").
-fn deletion_targets(request: &DeviceRequest, prepared: &Prepared, present: &HashSet<String>) -> Vec<String> {
-    let zero_present: HashSet<&str> = prepared
+fn deletion_targets(request: &PlugRequest, prepared: &Prepared, present: &HashSet<String>) -> Vec<String> {
+    let zero_present: HashSet<&SlotKey> = prepared
         .pci
         .iter()
         .zip(&request.functions)
         .filter_map(|(p, f)| match p {
-            Some((group, 0)) if present.contains(f.id()) => Some(group.as_str()),
+            Some((slot, 0)) if present.contains(f.id().as_str()) => Some(slot),
             _ => None,
         })
         .collect();
@@ -948,13 +997,13 @@ fn deletion_targets(request: &DeviceRequest, prepared: &Prepared, present: &Hash
         .iter()
         .rev()
         .filter_map(|i| {
-            let f = request.functions.get(*i)?;
-            if !present.contains(f.id()) {
+            let id = request.functions.get(*i)?.id().as_str();
+            if !present.contains(id) {
                 return None;
             }
             match prepared.pci.get(*i).and_then(Option::as_ref) {
-                Some((group, func)) if *func != 0 && zero_present.contains(group.as_str()) => None,
-                _ => Some(f.id().to_owned()),
+                Some((slot, func)) if *func != 0 && zero_present.contains(slot) => None,
+                _ => Some(id.to_owned()),
             }
         })
         .chain(
@@ -964,8 +1013,8 @@ fn deletion_targets(request: &DeviceRequest, prepared: &Prepared, present: &Hash
                 .placeholder
                 .iter()
                 .flat_map(|p| p.devices.iter())
-                .filter(|id| present.contains(*id))
-                .cloned(),
+                .map(QemuId::to_string)
+                .filter(|id| present.contains(id)),
         )
         .collect()
 }
@@ -1020,7 +1069,7 @@ mod tests {
 
     #[test]
     fn only_function_zero_is_deleted_when_present() {
-        let mut r: DeviceRequest = serde_json::from_value(serde_json::json!({
+        let mut r: PlugRequest = serde_json::from_value(serde_json::json!({
             "port": "rp0",
             "functions": [
                 {"qdev": {"driver": "e1000e", "id": "f0", "bus": "rp0", "addr": "0.0"}},

@@ -1,33 +1,23 @@
-//! Recovery after a restart: every device the journal records is reconciled with what
-//! QEMU has, and every interrupted operation is finished or rolled back.
-//!
-//! | journal says                         | QEMU has            | recovery does                           |
-//! |--------------------------------------|---------------------|-----------------------------------------|
-//! | plug under way, no failure yet       | any subset          | adds what is missing (function 0 last), checks visibility → `visible`; if that fails, rolls back |
-//! | plug failed, rollback under way      | any subset          | finishes the rollback                   |
-//! | unplug under way                     | some functions      | `device_del` again, waits → `removed` or `unplug-pending` |
-//! | unplug under way / `unplug-pending`  | none                | deletes objects and descriptors → `removed` |
-//! | `unplug-pending`                     | some                | stays pending (no second `device_del`)  |
-//! | `visible`                            | all                 | nothing                                  |
-//! | `visible`                            | none                | `removed` (gone behind the engine's back) |
-//! | `visible`                            | some                | rolls the rest back                      |
-//!
-//! QEMU refuses a second device with the same id, and recovery only adds what
-//! `qom-list` does not show, so no device is ever there twice; a port is freed only
-//! once QEMU no longer has any of its devices.
+//! Recovery after a restart (the table is in the module docs of [`super`]).
 
 use std::collections::{BTreeMap, HashSet};
 
+use pcie_topology::QemuId;
+
 use crate::journal::{OpKind, PortLog, Record};
+use crate::request::{PlugRequest, Prepared};
 use crate::state::DeviceState;
 
 use super::{lock, EngineError, Inner, Result};
 
 /// What recovery did for one port.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryAction {
     /// The port.
     pub port: String,
+    /// The device the journal recorded on it.
+    pub device: QemuId,
     /// The state the journal recorded.
     pub before: DeviceState,
     /// The state after reconciliation.
@@ -38,6 +28,7 @@ pub struct RecoveryAction {
 
 /// What [`super::Engine::open`] found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryReport {
     /// One entry per port the journal knew about (removed ones excluded).
     pub actions: Vec<RecoveryAction>,
@@ -66,7 +57,8 @@ pub(super) fn recover(inner: &Inner, logs: &BTreeMap<String, PortLog>) -> Result
         let _g = lock(&port_lock);
         let action = reconcile(inner, log, &present)?;
         let after = lock(&inner.table).devices.get(port).map_or(DeviceState::Removed, |d| d.state);
-        report.actions.push(RecoveryAction { port: port.clone(), before, after, action });
+        let device = log.device.device().clone();
+        report.actions.push(RecoveryAction { port: port.clone(), device, before, after, action });
     }
     Ok(report)
 }
@@ -74,28 +66,32 @@ pub(super) fn recover(inner: &Inner, logs: &BTreeMap<String, PortLog>) -> Result
 fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<String> {
     let mut request = log.device.request.clone();
     let prepared = request.prepare()?;
-    let port = request.port.clone();
+    let port = request.port.to_string();
     // Functions present, and whether all are; a placeholder still present also keeps an
     // unplug-pending port taken.
-    let here: Vec<&str> =
-        request.functions.iter().map(|f| f.id()).filter(|id| present.contains(*id)).collect();
-    let all_here = here.len() == request.functions.len();
-    let nothing_left = request.device_ids().all(|id| !present.contains(id));
+    let here = request.functions.iter().filter(|f| present.contains(f.id().as_str())).count();
+    let all_here = here == request.functions.len();
+    let nothing_left = request.device_ids().all(|id| !present.contains(id.as_str()));
     let begin = |inner: &Inner| -> Result<()> {
         inner.record(&Record::Begin { port: port.clone(), op: OpKind::Recover, request: None })
     };
     match (log.open_op, log.device.state) {
         (Some(OpKind::Plug), _) if !log.device.failed_since_plan() => {
             begin(inner)?;
-            let result = super::open_fds(&request)
-                .and_then(|files| inner.add_all(&request, &prepared, present, &files))
+            // Descriptors only when a device is still to be added (one the dead process
+            // held is gone: the plug is then rolled back).
+            let fds = if super::missing_device(&request, present) {
+                super::open_fds(&mut request)
+            } else {
+                Ok(Vec::new())
+            };
+            let result = fds
+                .and_then(|fds| inner.add_all(&request, &prepared, present, &fds))
                 .and_then(|()| inner.await_visible(&request));
             match inner.settle_plug(&request, &prepared, result) {
-                Ok(_) => Ok(format!(
-                    "finished plug ({} of {} devices were there)",
-                    here.len(),
-                    request.functions.len()
-                )),
+                Ok(_) => {
+                    Ok(format!("finished plug ({} of {} devices were there)", here, request.functions.len()))
+                }
                 Err(EngineError::PlugFailed { cause, state, .. }) => {
                     Ok(format!("plug could not be finished ({cause}); rolled back to {state:?}"))
                 }
@@ -114,7 +110,7 @@ fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<
             inner.complete_removal(&request)?;
             Ok("pending unplug had completed; released".into())
         }
-        (None, DeviceState::Visible | DeviceState::Added) if here.is_empty() => {
+        (None, DeviceState::Visible | DeviceState::Added) if here == 0 => {
             begin(inner)?;
             inner.transition(&port, DeviceState::Removing, "device gone from QEMU", Vec::new())?;
             inner.complete_removal(&request)?;
@@ -131,12 +127,8 @@ fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<
 }
 
 /// Drives an interrupted unplug or rollback to `removed` or `unplug-pending`.
-fn continue_removal(
-    inner: &Inner,
-    request: &crate::request::DeviceRequest,
-    prepared: &crate::request::Prepared,
-) -> Result<DeviceState> {
-    let port = &request.port;
+fn continue_removal(inner: &Inner, request: &PlugRequest, prepared: &Prepared) -> Result<DeviceState> {
+    let port = request.port.as_str();
     inner.transition(port, DeviceState::Removing, "recovery", Vec::new())?;
     match inner.remove_devices(request, prepared)? {
         super::Removal::Gone => {

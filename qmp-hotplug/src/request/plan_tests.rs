@@ -1,12 +1,9 @@
-//! `DeviceRequest::from_action` on actions of real plans (q35 with SeaBIOS, s390x).
+//! `PlugRequest::from_action` on actions of real plans (q35 with SeaBIOS, s390x).
 
 use arch_s390x_ccw::S390xCcw;
 use arch_x86_aarch64::Q35;
 use pcie_topology::plan::{ExpectedBar, GuestLocation, HotplugAction, Mode, PlanRequest};
-use pcie_topology::{
-    DeviceRequest as PlannedDevice, FunctionRequest as PlannedFunction, FunctionResource, Plan, QemuId,
-    ResourceRole,
-};
+use pcie_topology::{DeviceRequest, FunctionRequest, FunctionResource, Plan, QemuId, ResourceRole};
 use pcilibs::bar::BarKind;
 use pcilibs::facts::ResourceOptions;
 
@@ -14,7 +11,7 @@ use super::*;
 
 const GIB: u64 = 1 << 30;
 
-fn plan_q35(mode: Mode, devices: Vec<PlannedDevice>) -> Plan {
+fn plan_q35(mode: Mode, devices: Vec<DeviceRequest>) -> Plan {
     let request = PlanRequest::default().with_mode(mode).with_devices(devices);
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
@@ -24,9 +21,9 @@ fn action(plan: &Plan, device: &str) -> HotplugAction {
 }
 
 /// e1000e's BARs (QEMU 7.2): two 128 KiB memory BARs, 32 bytes of I/O, 16 KiB, at 0–3.
-fn e1000e(function: u8) -> PlannedFunction {
+fn e1000e(function: u8) -> FunctionRequest {
     let bar = |index, kind, size| FunctionResource::bar(index, kind, false, size);
-    PlannedFunction::new(
+    FunctionRequest::new(
         function,
         "e1000e",
         vec![
@@ -38,7 +35,7 @@ fn e1000e(function: u8) -> PlannedFunction {
     )
 }
 
-fn pci(f: &FunctionRequest) -> &PciExpectation {
+fn pci(f: &PlugFunction) -> &PciExpectation {
     match &f.expect {
         Expectation::Pci(p) => p,
         other => panic!("{} expected as {other:?}", f.id()),
@@ -47,10 +44,10 @@ fn pci(f: &FunctionRequest) -> &PciExpectation {
 
 /// Each function's expectation is the plan's place for it, with each of the plan's BARs
 /// at its index (these plans know every index).
-fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
+fn assert_pci_as_planned(request: &PlugRequest, action: &HotplugAction) {
     for fa in &action.functions {
-        let f = request.functions.iter().find(|f| f.id() == fa.id().as_str()).unwrap();
-        assert_eq!(f.qdev, fa.device_add.to_qmp());
+        let f = request.functions.iter().find(|f| f.id() == fa.id()).unwrap();
+        assert_eq!(f.qmp_arguments(), fa.device_add.to_qmp());
         let GuestLocation::Pci { bdf, .. } = &fa.guest else { panic!("{} not on PCI", fa.id()) };
         let want = pci(f);
         assert_eq!(
@@ -68,11 +65,12 @@ fn assert_pci_as_planned(request: &DeviceRequest, action: &HotplugAction) {
 
 #[test]
 fn root_port_device_with_its_memory_backend() {
-    let plan = plan_q35(Mode::RootPort, vec![PlannedDevice::ivshmem("gpu0", 32 * GIB).unwrap()]);
+    let plan = plan_q35(Mode::RootPort, vec![DeviceRequest::ivshmem("gpu0", 32 * GIB).unwrap()]);
     let a = action(&plan, "gpu0");
-    let mut r = DeviceRequest::from_action(&a);
-    assert_eq!(Some(r.port.as_str()), a.port.as_ref().map(QemuId::as_str));
-    assert!(plan.port(&r.port).is_some(), "the port exists in the plan");
+    let mut r = PlugRequest::from_action(&a);
+    assert_eq!(Some(&r.port), a.port.as_ref());
+    assert_eq!(r.device, a.device);
+    assert!(plan.port(r.port.as_str()).is_some(), "the port exists in the plan");
     assert_eq!(r.functions.len(), 1);
     assert_pci_as_planned(&r, &a);
     assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 256), BarExpectation::at(2, 32 * GIB)]);
@@ -81,8 +79,8 @@ fn root_port_device_with_its_memory_backend() {
     assert_eq!(needs, [(false, 256), (true, 32 * GIB)]);
     // The ivshmem's memory backend, created before the device.
     assert_eq!(r.objects.len(), 1);
-    assert_eq!(Some(r.objects[0].arguments()), a.object_add.first().map(|o| Value::Object(o.to_qmp())));
-    assert_eq!(r.functions[0].prop("memdev"), Some(r.objects[0].id.as_str()));
+    assert_eq!(r.objects, a.object_add);
+    assert_eq!(r.functions[0].device.props["memdev"], PropValue::Str(r.objects[0].id.to_string()));
     assert!(r.placeholder.is_none() && r.fds.is_empty());
     assert_eq!(r.prepare().unwrap().order, [0]);
 }
@@ -91,7 +89,7 @@ fn root_port_device_with_its_memory_backend() {
 fn switch_port_with_placeholder() {
     // Two devices of one peer-to-peer group share a switch.
     let gpus = ["gpu0", "gpu1"].map(|id| {
-        let mut d = PlannedDevice::ivshmem(id, 32 * GIB).unwrap();
+        let mut d = DeviceRequest::ivshmem(id, 32 * GIB).unwrap();
         d.p2p_group = Some("p2p0".into());
         d
     });
@@ -99,25 +97,25 @@ fn switch_port_with_placeholder() {
     let a = action(&plan, "gpu0");
     let rm = a.remove_placeholder.as_ref().expect("the plan puts a placeholder on the downstream port");
     assert!(!rm.device_del.is_empty());
-    let mut r = DeviceRequest::from_action(&a);
+    let mut r = PlugRequest::from_action(&a);
     let port = a.port.as_ref().unwrap();
-    assert_eq!(r.port, port.as_str());
+    assert_eq!(&r.port, port);
     assert_eq!(plan.port(port.as_str()).unwrap().kind, pcie_topology::plan::PortKind::Downstream);
     let ph = r.placeholder.clone().unwrap();
-    assert_eq!(ph.devices, rm.device_del.iter().map(ToString::to_string).collect::<Vec<_>>());
-    assert_eq!(ph.objects, rm.object_del.iter().map(ToString::to_string).collect::<Vec<_>>());
+    assert_eq!(ph.devices, rm.device_del);
+    assert_eq!(ph.objects, rm.object_del);
     assert_pci_as_planned(&r, &a);
     // The engine accepts it (placeholder ids differ from the device's).
     r.prepare().unwrap();
-    assert_eq!(r.device_ids().last(), ph.devices.last().map(String::as_str));
+    assert_eq!(r.device_ids().last(), ph.devices.last());
 }
 
 #[test]
 fn multi_function_device_plugs_function_zero_last() {
-    let nic = PlannedDevice::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1), e1000e(2)]);
+    let nic = DeviceRequest::new(QemuId::new("nic0").unwrap(), vec![e1000e(0), e1000e(1), e1000e(2)]);
     let plan = plan_q35(Mode::RootPort, vec![nic]);
     let a = action(&plan, "nic0");
-    let mut r = DeviceRequest::from_action(&a);
+    let mut r = PlugRequest::from_action(&a);
     assert_eq!(r.functions.len(), 3);
     assert_pci_as_planned(&r, &a);
     let by_function: Vec<Option<u8>> = r.functions.iter().map(|f| pci(f).function).collect();
@@ -125,7 +123,7 @@ fn multi_function_device_plugs_function_zero_last() {
     let order = r.prepare().unwrap().order;
     let plugged: Vec<Option<u8>> = order.iter().map(|&i| pci(&r.functions[i]).function).collect();
     assert_eq!(plugged.last(), Some(&Some(0)), "engine order {plugged:?}");
-    assert!(r.functions.iter().all(|f| f.qdev.get("multifunction") == Some(&serde_json::Value::Bool(true))));
+    assert!(r.functions.iter().all(|f| f.device.multifunction));
     let bars = &pci(&r.functions[0]).bars;
     let e1000e =
         [(0, 128 << 10), (1, 128 << 10), (2, 32), (3, 16 << 10)].map(|(i, size)| BarExpectation::at(i, size));
@@ -140,10 +138,10 @@ fn s390x_ccw_and_zpci_with_companions_first() {
         FunctionResource::bar(4, BarKind::Mem64, true, 16 << 10),
     ];
     let devices = vec![
-        PlannedDevice::channel(QemuId::new("net1").unwrap(), "virtio-net-ccw", 0),
-        PlannedDevice::new(
+        DeviceRequest::channel(QemuId::new("net1").unwrap(), "virtio-net-ccw", 0),
+        DeviceRequest::new(
             QemuId::new("nic1").unwrap(),
-            vec![PlannedFunction::new(0, "virtio-net-pci", virtio_bars)],
+            vec![FunctionRequest::new(0, "virtio-net-pci", virtio_bars)],
         ),
     ];
     let request = PlanRequest::default().with_devices(devices);
@@ -151,26 +149,28 @@ fn s390x_ccw_and_zpci_with_companions_first() {
 
     let a = action(&plan, "net1");
     assert!(a.port.is_none());
-    let mut ccw = DeviceRequest::from_action(&a);
-    assert_eq!(ccw.port, "net1", "no port on s390x: the device id");
+    let mut ccw = PlugRequest::from_action(&a);
+    assert_eq!(ccw.port.as_str(), "net1", "no port on s390x: the device id");
+    assert_eq!(ccw.device, ccw.port);
     assert!(matches!(a.functions[0].guest, GuestLocation::Ccw { .. }));
     assert_eq!(ccw.functions.len(), 1);
-    assert_eq!(ccw.functions[0].qdev, a.functions[0].device_add.to_qmp());
+    assert_eq!(ccw.functions[0].device, a.functions[0].device_add);
     assert_eq!(ccw.functions[0].expect, Expectation::Present);
-    assert!(ccw.functions[0].prop("devno").is_some());
+    assert!(ccw.functions[0].device.props.contains_key("devno"));
     assert_eq!(ccw.prepare().unwrap().order, [0]);
 
     let a = action(&plan, "nic1");
-    let mut zpci = DeviceRequest::from_action(&a);
-    assert_eq!(zpci.port, "nic1");
+    let mut zpci = PlugRequest::from_action(&a);
+    assert_eq!(zpci.port.as_str(), "nic1");
+    assert_eq!(zpci.device.as_str(), "nic1");
     let f = &a.functions[0];
     assert!(matches!(f.guest, GuestLocation::Zpci { .. }));
     assert_eq!(f.companions.len(), 1);
-    let drivers: Vec<&str> = zpci.functions.iter().map(FunctionRequest::driver).collect();
+    let drivers: Vec<&str> = zpci.functions.iter().map(|f| f.device.driver.as_str()).collect();
     assert_eq!(drivers, ["zpci", "virtio-net-pci"], "the zpci device first");
-    assert_eq!(zpci.functions[0].prop("target"), Some("nic1"));
-    assert_eq!(zpci.functions[0].qdev, f.companions[0].to_qmp());
-    assert_eq!(zpci.functions[1].qdev, f.device_add.to_qmp());
+    assert_eq!(zpci.functions[0].device.props["target"], PropValue::Str("nic1".into()));
+    assert_eq!(zpci.functions[0].device, f.companions[0]);
+    assert_eq!(zpci.functions[1].device, f.device_add);
     // QEMU's address of a zPCI function is not the guest's: present is what is checked.
     assert!(zpci.functions.iter().all(|f| f.expect == Expectation::Present));
     assert_eq!(zpci.prepare().unwrap().order, [0, 1]);
@@ -182,29 +182,38 @@ fn s390x_ccw_and_zpci_with_companions_first() {
 fn iommufd_object_and_property_come_with_the_action() {
     let host = |function, bdf: &str| {
         let bar = FunctionResource::bar(0, BarKind::Mem64, false, 16 << 10);
-        PlannedFunction::vfio(function, bdf.parse().unwrap(), vec![bar])
+        FunctionRequest::vfio(function, bdf.parse().unwrap(), vec![bar])
     };
-    let d = PlannedDevice::new(
+    let d = DeviceRequest::new(
         QemuId::new("nvme0").unwrap(),
         vec![host(0, "0000:03:00.0"), host(1, "0000:03:00.1"), e1000e(2)],
     );
     let plan = plan_q35(Mode::RootPort, vec![d]);
     let id = QemuId::new("iommufd-nvme0").unwrap();
     let a = action(&plan, "nvme0").with_iommufd(id.clone(), None);
-    let mut r = DeviceRequest::from_action(&a);
+    let mut r = PlugRequest::from_action(&a);
     assert_eq!(r.objects.len(), 1);
-    assert_eq!(r.objects[0].arguments(), serde_json::json!({"qom-type": "iommufd", "id": "iommufd-nvme0"}));
-    let iommufd: Vec<(&str, Option<&str>)> =
-        r.functions.iter().map(|f| (f.driver(), f.prop("iommufd"))).collect();
     assert_eq!(
-        iommufd,
-        [("e1000e", None), ("vfio-pci", Some("iommufd-nvme0")), ("vfio-pci", Some("iommufd-nvme0"))]
+        Value::Object(r.objects[0].to_qmp()),
+        serde_json::json!({"qom-type": "iommufd", "id": "iommufd-nvme0"})
     );
+    let iommufd: Vec<(&str, Option<&PropValue>)> =
+        r.functions.iter().map(|f| (f.device.driver.as_str(), f.device.props.get("iommufd"))).collect();
+    let on = PropValue::Str("iommufd-nvme0".into());
+    assert_eq!(iommufd, [("e1000e", None), ("vfio-pci", Some(&on)), ("vfio-pci", Some(&on))]);
+    // The host functions are typed, and only there: `host=` is made from them.
+    let hosts: Vec<Option<String>> =
+        r.functions.iter().map(|f| f.host.as_ref().map(|h| format!("{h:?}"))).collect();
+    assert_eq!(hosts.iter().filter(|h| h.is_some()).count(), 2, "{hosts:?}");
+    assert!(r.functions.iter().all(|f| !f.device.props.contains_key("host")));
+    let args: Vec<Option<Value>> =
+        r.functions.iter().map(|f| f.qmp_arguments().get("host").cloned()).collect();
+    assert_eq!(args, [None, Some("0000:03:00.1".into()), Some("0000:03:00.0".into())]);
     assert_eq!(a.object_del, [id]);
     r.prepare().unwrap();
     // With a descriptor QEMU is given instead of opening /dev/iommu itself.
     let a = action(&plan, "nvme0").with_iommufd(QemuId::new("fd0").unwrap(), Some("iommu-fd"));
-    assert_eq!(DeviceRequest::from_action(&a).objects[0].props["fd"], "iommu-fd");
+    assert_eq!(PlugRequest::from_action(&a).objects[0].props["fd"], PropValue::Str("iommu-fd".into()));
 }
 
 #[test]
@@ -240,7 +249,7 @@ fn sriov_nvme_plan(opts: &ResourceOptions) -> Plan {
         .and_then(|d| d.facts())
         .unwrap_or_else(|e| panic!("{dir}: {e} (the workspace's pcilibs fixtures are needed)"));
     assert_eq!(facts.sriov.as_ref().map(|s| s.total_vfs), Some(4));
-    let nvme = PlannedDevice::from_facts(QemuId::new("nvme0").unwrap(), &[facts], opts).unwrap();
+    let nvme = DeviceRequest::from_facts(QemuId::new("nvme0").unwrap(), &[facts], opts).unwrap();
     let request = PlanRequest::default().with_devices(vec![nvme]);
     pcie_topology::plan(&Q35::seabios(), &request).unwrap()
 }
@@ -258,9 +267,10 @@ fn vf_apertures_are_planned_but_not_expected_and_bars_keep_their_index() {
         [(Some(0), ResourceRole::Bar, 16 << 10), (Some(0), ResourceRole::VfAperture, 64 << 10)]
     );
     // query-pci will show BAR 0 of 16 KiB, nothing else: that is all that is expected.
-    let r = DeviceRequest::from_action(&a);
+    let r = PlugRequest::from_action(&a);
     assert_eq!(pci(&r.functions[0]).bars, [BarExpectation::at(0, 16 << 10)]);
-    assert_eq!(r.functions[0].prop("host"), Some("0000:06:00.0"));
+    assert_eq!(r.functions[0].host, Some(HostRef::Pci(Bdf::parse("0000:06:00.0").unwrap())));
+    assert_eq!(r.functions[0].qmp_arguments()["host"], "0000:06:00.0");
     // Nor does the live-window check count the VF aperture: VFs come later, in the guest.
     let needs: Vec<u64> = r.functions[0].needs.iter().map(|n| n.size).collect();
     assert_eq!(needs, [16 << 10]);

@@ -170,8 +170,10 @@ fn execute(s: &mut FakeState, cmd: &str, args: &Value) -> Reply {
             }
             let (slot, function) = match args["addr"].as_str() {
                 Some(a) => {
+                    // `1.2` or `0x1.0x2`, as QEMU reads it.
                     let (x, y) = a.split_once('.').unwrap_or((a, "0"));
-                    (u8::from_str_radix(x, 16).unwrap_or(0), u8::from_str_radix(y, 16).unwrap_or(0))
+                    let hex = |t: &str| u8::from_str_radix(t.trim_start_matches("0x"), 16).unwrap_or(0);
+                    (hex(x), hex(y))
                 }
                 None => (0, 0),
             };

@@ -17,9 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pcie_topology::{DevFn, QemuDevice, QemuId, QemuObject};
+use pcilibs::bdf::Bdf;
 use qmp_hotplug::client::{ClientOptions, QmpClient};
-use qmp_hotplug::request::DeviceRequest;
-use serde_json::json;
+use qmp_hotplug::{BarExpectation, Expectation, PciExpectation, PlugFunction, PlugRequest};
 
 pub mod fake_qemu;
 
@@ -108,7 +109,8 @@ impl Qemu {
     }
 
     pub fn connect(&self) -> QmpClient {
-        let opts = ClientOptions { connect_timeout: Duration::from_secs(30), ..Default::default() };
+        let mut opts = ClientOptions::default();
+        opts.connect_timeout = Duration::from_secs(30);
         QmpClient::connect_unix(&self.qmp, opts).expect("connect to QEMU's QMP socket")
     }
 
@@ -213,12 +215,11 @@ impl FakePeer {
     }
 
     pub fn options(timeout: Duration) -> ClientOptions {
-        ClientOptions {
-            command_timeout: timeout,
-            handshake_timeout: timeout,
-            connect_timeout: timeout,
-            ..Default::default()
-        }
+        let mut o = ClientOptions::default();
+        o.command_timeout = timeout;
+        o.handshake_timeout = timeout;
+        o.connect_timeout = timeout;
+        o
     }
 }
 
@@ -230,56 +231,81 @@ impl Drop for FakePeer {
     }
 }
 
+/// A QEMU id the test knows to be valid.
+pub fn qid(id: impl Into<String>) -> QemuId {
+    QemuId::new(id).unwrap()
+}
+
+/// `driver` with id `id` on bus `bus` (at `slot.function` when given).
+pub fn device(driver: &str, id: &str, bus: &str, addr: Option<(u8, u8)>) -> QemuDevice {
+    let mut d = QemuDevice::new(driver, qid(id));
+    d.bus = Some(bus.into());
+    d.addr = addr.map(|(slot, function)| DevFn::new(slot, function).unwrap());
+    d
+}
+
+/// Expected in `query-pci` at bus `bus`, slot 0, function `function`, with `bars`.
+pub fn at(bus: usize, function: u8, bars: Vec<BarExpectation>) -> Expectation {
+    let bdf = Bdf::new(0, u8::try_from(bus).unwrap(), 0, function).unwrap();
+    Expectation::Pci(PciExpectation::at(bdf, bars))
+}
+
 /// An ivshmem-plain (one 64-bit prefetchable BAR of `mib` MiB, a GPU stand-in) as
-/// function 0 and an e1000e as function 1 on root port `rpN` (guest bus N+1).
-pub fn gpu_like(n: usize, mib: u64) -> DeviceRequest {
-    serde_json::from_value(json!({
-        "port": format!("rp{n}"),
-        "objects": [{"qom_type": "memory-backend-ram", "id": format!("mem{n}"),
-                     "props": {"size": mib << 20, "reserve": false}}],
-        "functions": [
-            {"qdev": {"driver": "ivshmem-plain", "id": format!("gpu{n}"), "bus": format!("rp{n}"),
-                      "addr": "0.0", "memdev": format!("mem{n}")},
-             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 0,
-                        "bars": [{"bar": 0, "size": 256}, {"bar": 2, "size": mib << 20}]}},
-            {"qdev": {"driver": "e1000e", "id": format!("nic{n}"), "bus": format!("rp{n}"), "addr": "0.1"},
-             "expect": {"kind": "pci", "bus": n + 1, "slot": 0, "function": 1}}
-        ]
-    }))
-    .unwrap()
+/// function 0 and an e1000e as function 1 on root port `rpN` (guest bus N+1); the device
+/// is `gpuN`.
+pub fn gpu_like(n: usize, mib: u64) -> PlugRequest {
+    let port = format!("rp{n}");
+    let mem = QemuObject::unbacked_ram(qid(format!("mem{n}")), mib << 20);
+    let gpu =
+        device("ivshmem-plain", &format!("gpu{n}"), &port, Some((0, 0))).prop("memdev", mem.id.as_str());
+    let gpu = PlugFunction::new(gpu).with_expect(at(
+        n + 1,
+        0,
+        vec![BarExpectation::at(0, 256), BarExpectation::at(2, mib << 20)],
+    ));
+    let nic = PlugFunction::new(device("e1000e", &format!("nic{n}"), &port, Some((0, 1)))).with_expect(at(
+        n + 1,
+        1,
+        vec![],
+    ));
+    PlugRequest::new(qid(&port), qid(format!("gpu{n}")), vec![gpu, nic]).with_object(mem)
 }
 
-pub fn single(port: usize, id: &str, driver: &str) -> DeviceRequest {
-    serde_json::from_value(json!({
-        "port": format!("rp{port}"),
-        "functions": [{"qdev": {"driver": driver, "id": id, "bus": format!("rp{port}")},
-                       "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": 0}}]
-    }))
-    .unwrap()
+/// One `driver` device `id` on root port `rp{port}`, expected at its bus.
+pub fn single(port: usize, id: &str, driver: &str) -> PlugRequest {
+    let f = PlugFunction::new(device(driver, id, &format!("rp{port}"), None)).with_expect(at(
+        port + 1,
+        0,
+        vec![],
+    ));
+    PlugRequest::new(qid(format!("rp{port}")), qid(id), vec![f])
 }
 
-/// `functions` e1000e functions in one slot of `rp{port}` (ids `p{port}f{f}`), each
-/// expected with a BAR 0 of `bar0` bytes, with a memory backend object `m{port}` when
-/// `object`: the request of the model-based tests.
-pub fn e1000e_slot(
-    port: usize,
-    functions: usize,
-    object: bool,
-    bar0: u64,
-) -> qmp_hotplug::request::DeviceRequest {
-    let funcs: Vec<_> = (0..functions)
-        .map(|f| serde_json::json!({
-            "qdev": {"driver": "e1000e", "id": format!("p{port}f{f}"), "bus": format!("rp{port}"), "addr": format!("0.{f}")},
-            "expect": {"kind": "pci", "bus": port + 1, "slot": 0, "function": f, "bars": [{"bar": 0, "size": bar0}]}
-        }))
+/// `functions` e1000e functions in one slot of `rp{port}` (ids `p{port}f{f}`, the device
+/// `p{port}f0`), each expected with a BAR 0 of `bar0` bytes, with a memory backend object
+/// `m{port}` when `object`: the request of the model-based tests.
+pub fn e1000e_slot(port: usize, functions: usize, object: bool, bar0: u64) -> PlugRequest {
+    let bus = format!("rp{port}");
+    let funcs: Vec<PlugFunction> = (0..functions)
+        .map(|f| {
+            let function = u8::try_from(f).unwrap();
+            let d = device("e1000e", &format!("p{port}f{f}"), &bus, Some((0, function)));
+            PlugFunction::new(d).with_expect(at(port + 1, function, vec![BarExpectation::at(0, bar0)]))
+        })
         .collect();
-    let objects = if object {
-        serde_json::json!([{"qom_type": "memory-backend-ram", "id": format!("m{port}"), "props": {"size": 1048576}}])
+    let r = PlugRequest::new(qid(&bus), qid(format!("p{port}f0")), funcs);
+    if object {
+        r.with_object(
+            QemuObject::new("memory-backend-ram", qid(format!("m{port}"))).prop("size", 1_048_576u64),
+        )
     } else {
-        serde_json::json!([])
-    };
-    serde_json::from_value(
-        serde_json::json!({"port": format!("rp{port}"), "objects": objects, "functions": funcs}),
-    )
-    .unwrap()
+        r
+    }
+}
+
+/// The engine's default settings with an unplug deadline of `unplug`.
+pub fn unplug_after(unplug: Duration) -> qmp_hotplug::EngineOptions {
+    let mut o = qmp_hotplug::EngineOptions::default();
+    o.unplug_timeout = unplug;
+    o
 }

@@ -6,22 +6,27 @@
 //! scenario's mode, and every runner returns a [`ScenarioReport`] whose [`Row`]s join the
 //! common table ([`render`]) and JSON file.
 //!
-//! A new mode plugs in with a [`crate::scenario::Mode`] variant and one arm in
-//! [`run_scenario`] calling its runner with the scenario and the [`RunContext`]; its rows
+//! The runners are this module's children ([`planned`] for the root-port, switch, NUMA and
+//! ccw modes, [`nested`] for `nested-vfio`), so they use its report types without an
+//! import circle. A new mode plugs in with a [`crate::scenario::Mode`] variant, its runner
+//! as a child module, and one arm in [`run_scenario`] calling the runner with the scenario
+//! and the [`RunContext`]; its rows
 //! use the same columns (device, planned path, guest BDF, BARs ok, hotplug ms, unplug ms,
 //! result) and set `ok` for the exit status.
 
+pub mod kata;
 pub mod models;
+pub mod nested;
 pub mod planned;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::guest::GuestAssets;
 use crate::scenario::{Mode, Scenario};
-use crate::stacks::Stack;
-use crate::table::Table;
+use guest_harness::guest::GuestAssets;
+use guest_harness::stacks::Stack;
+use guest_harness::table::Table;
 
 /// One device (or one check) of a scenario: a row of the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -157,7 +162,7 @@ pub struct RunContext {
 impl RunContext {
     /// A context for `stack`, keeping files in `target/e2e/run/<stack>`, with progress.
     pub fn new(stack: Stack) -> Self {
-        let run_dir = crate::e2e_dir().join("run").join(stack.name());
+        let run_dir = guest_harness::e2e_dir().join("run").join(stack.name());
         RunContext { stack, run_dir, progress: true }
     }
 
@@ -182,7 +187,8 @@ pub fn run_scenario(scenario: &Scenario, ctx: &RunContext) -> ScenarioReport {
     let begun = Instant::now();
     let mut report = match scenario.mode {
         Mode::RootPort | Mode::SwitchPort | Mode::Numa | Mode::Ccw => planned::run(scenario, ctx),
-        Mode::NestedVfio => crate::nested::run(scenario, ctx),
+        Mode::NestedVfio => nested::run(scenario, ctx),
+        Mode::Kata => kata::run(scenario, ctx),
     };
     if report.qemu_version.is_empty() {
         report.set_stack(scenario, &ctx.stack);

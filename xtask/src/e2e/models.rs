@@ -131,7 +131,7 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
 }
 
 impl Model {
-    /// The (index, size) pairs the guest must show, for [`crate::reporter::GuestState::bar_problems`].
+    /// The (index, size) pairs the guest must show, for [`guest_harness::reporter::GuestState::bar_problems`].
     pub fn expected_bars(&self) -> Vec<(u8, u64)> {
         self.bars.iter().map(|b| (b.index, b.size)).collect()
     }
@@ -150,7 +150,7 @@ mod tests {
     fn models_match_the_guest_fixture() {
         // Facts from pcilibs' q35 guest fixture (expected.json): vendor, device, BARs.
         let text = std::fs::read_to_string(
-            crate::workspace_root().join("pcilibs/tests/fixtures/qemu-x86_64/expected.json"),
+            guest_harness::workspace_root().join("pcilibs/tests/fixtures/qemu-x86_64/expected.json"),
         )
         .unwrap();
         let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();

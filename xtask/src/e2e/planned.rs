@@ -21,20 +21,22 @@ use pcie_topology::{
     FunctionRequest, FunctionResource, HotplugAction, HotplugProfile, Plan, PlanRequest, Platform, QemuId,
     SpareRequest,
 };
-use qmp_hotplug::journal::{Journal, Record, Step};
+use qmp_hotplug::journal::{read_file, Record, Step};
 use qmp_hotplug::{
-    ClientOptions, DeviceRequest, DeviceState, Engine, EngineOptions, Expectation, QmpClient, UnplugOutcome,
+    ClientOptions, DeviceState, Engine, EngineOptions, Expectation, PlugRequest, QmpClient, UnplugOutcome,
 };
 use serde_json::Value;
 
 use super::models::{model, Model};
 use super::{Row, RunContext, ScenarioReport};
-use crate::arch::Arch;
-use crate::guest::{Firmware, Guest, GuestAssets, GuestSpec};
-use crate::reporter::{Bdf, GuestState, PciDevice};
 use crate::scenario::{
     DeviceKind, DeviceSpec, Mode, Placement, PlugExpect, Reservations, Scenario, UnplugMode,
 };
+use guest_harness::arch::Arch;
+use guest_harness::firmware::Firmware;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::reporter::{GuestState, PciDevice};
+use pcilibs::bdf::Bdf;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -249,23 +251,20 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
     std::fs::write(dir.join("qemu.txt"), format!("{}\n", report.qemu)).map_err(s)?;
 
     // The engine's client is the QMP client of this guest: QEMU serves one at a time.
-    let client = QmpClient::connect_unix(
-        guest.qmp_socket(),
-        ClientOptions { connect_timeout: Duration::from_secs(30), ..ClientOptions::default() },
-    )
-    .map_err(|e| format!("QMP: {e}"))?;
+    let mut client_options = ClientOptions::default();
+    client_options.connect_timeout = Duration::from_secs(30);
+    let client =
+        QmpClient::connect_unix(guest.qmp_socket(), client_options).map_err(|e| format!("QMP: {e}"))?;
     let journal = dir.join("hotplug.journal");
-    let options = EngineOptions {
-        unplug_timeout: unplug_timeout(scenario),
-        visible_timeout: Duration::from_secs(30),
-        placeholder_timeout: Duration::from_secs(30),
-        // Where firmware windows are final, the engine refuses what cannot fit before
-        // sending anything; not with QEMU's default reservations, whose guest-side
-        // failure the must-fail scenario is there to reproduce.
-        check_live_windows: matches!(scenario.firmware(), Firmware::SeaBios | Firmware::Ovmf)
-            && scenario.reservations == Reservations::Planned,
-        ..EngineOptions::default()
-    };
+    let mut options = EngineOptions::default();
+    options.unplug_timeout = unplug_timeout(scenario);
+    options.visible_timeout = Duration::from_secs(30);
+    options.placeholder_timeout = Duration::from_secs(30);
+    // Where firmware windows are final, the engine refuses what cannot fit before sending
+    // anything; not with QEMU's default reservations, whose guest-side failure the
+    // must-fail scenario is there to reproduce.
+    options.check_live_windows = matches!(scenario.firmware(), Firmware::SeaBios | Firmware::Ovmf)
+        && scenario.reservations == Reservations::Planned;
     let (engine, _) =
         Engine::open(Arc::new(client), &journal, options).map_err(|e| format!("hotplug engine: {e}"))?;
     let ctx = Step3 { scenario, ctx, guest: &guest, engine: &engine, journal: &journal };
@@ -316,12 +315,12 @@ fn planned_location(action: &HotplugAction) -> String {
     parts.join(" ")
 }
 
-/// The engine's request for a plan action (`DeviceRequest::from_action`): each PCI
+/// The engine's request for a plan action (`PlugRequest::from_action`): each PCI
 /// function expected at its planned place with the plan's BARs at their indices, which
 /// `query-pci` must show. The plan's (index, size) pairs must be the model's: a plan that
 /// disagrees is an error, not a weaker check.
-fn engine_request(action: &HotplugAction, m: &Model) -> Result<DeviceRequest> {
-    let request = DeviceRequest::from_action(action);
+fn engine_request(action: &HotplugAction, m: &Model) -> Result<PlugRequest> {
+    let request = PlugRequest::from_action(action);
     let mut model: Vec<(Option<u8>, u64)> = m.bars.iter().map(|b| (Some(b.index), b.size)).collect();
     model.sort_unstable();
     for f in &request.functions {
@@ -339,21 +338,21 @@ fn engine_request(action: &HotplugAction, m: &Model) -> Result<DeviceRequest> {
 }
 
 fn journal_device_adds(journal: &Path) -> Result<usize> {
-    let (_, records) = Journal::open(journal, None).map_err(s)?;
+    let (records, _) = read_file(journal).map_err(s)?;
     Ok(records.iter().filter(|r| matches!(r, Record::Step { step: Step::DeviceAdd { .. }, .. })).count())
 }
 
 /// The guest path of a function from the chain of bridges the guest reported; behind an
 /// expander's root bus it starts with that bus number, as the plan writes it (`20/01/00`).
 fn guest_path(dev: &PciDevice) -> String {
-    let root_bus = dev.upstream.first().unwrap_or(&dev.bdf).bus;
+    let root_bus = dev.upstream.first().unwrap_or(&dev.bdf).bus();
     let root = (root_bus != 0).then(|| format!("{root_bus:02x}"));
     root.into_iter()
         .chain(dev.upstream.iter().chain(std::iter::once(&dev.bdf)).map(|b| {
-            if b.function == 0 {
-                format!("{:02x}", b.device)
+            if b.function() == 0 {
+                format!("{:02x}", b.device())
             } else {
-                format!("{:02x}.{:x}", b.device, b.function)
+                format!("{:02x}.{:x}", b.device(), b.function())
             }
         }))
         .collect::<Vec<_>>()
@@ -457,7 +456,7 @@ impl Step3<'_> {
                 return p;
             }
         };
-        let port = request.port.clone();
+        let port = request.port.to_string();
         let first = if request.placeholder.is_some() { ", placeholder removed first" } else { "" };
         self.progress(&format!("plugging {} onto {port} (planned {}){first}", d.id, p.row.planned));
         let predicted = self.live_fit(&port, &m, d.functions);
@@ -500,7 +499,7 @@ impl Step3<'_> {
     fn zpci_device_id(&self, qdev_id: &str, m: &Model) -> Result<u16> {
         let reply =
             self.engine.client().execute_raw("query-pci", None, Duration::from_secs(30)).map_err(s)?;
-        let ids = crate::hotplug::query_pci_ids(&reply, qdev_id).ok_or_else(|| {
+        let ids = guest_harness::hotplug::query_pci_ids(&reply, qdev_id).ok_or_else(|| {
             format!("QEMU holds {qdev_id} but query-pci does not list it as a PCI function")
         })?;
         match ids {
@@ -574,7 +573,7 @@ impl Step3<'_> {
         for f in action.functions.iter().rev() {
             match &f.guest {
                 GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => {
-                    let want: Bdf = bdf.to_string().parse()?;
+                    let want: Bdf = *bdf;
                     let device_id = match f.guest {
                         GuestLocation::Zpci { .. } => self.zpci_device_id(f.id().as_str(), m)?,
                         _ => m.device,
@@ -597,7 +596,7 @@ impl Step3<'_> {
                     });
                     let found = match found {
                         Ok(found) => found,
-                        Err(crate::guest::GuestError::Timeout { waited, .. }) => {
+                        Err(guest_harness::guest::GuestError::Timeout { waited, .. }) => {
                             return Err(self.never_listed(f.id().as_str(), &what, waited, before));
                         }
                         Err(e) => return Err(e.to_string()),
@@ -772,7 +771,7 @@ impl Step3<'_> {
 
     fn unplug(&self, p: &mut Plugged<'_>, port: &str) {
         let result = match p.spec.unplug {
-            UnplugMode::Normal => self.unplug_normal(p, port),
+            UnplugMode::Normal => self.unplug_normal(p),
             UnplugMode::GuestStopped => self.unplug_guest_stopped(p, port),
             UnplugMode::GuestHung => self.unplug_guest_hung(p, port),
         };
@@ -787,9 +786,9 @@ impl Step3<'_> {
         ));
     }
 
-    fn unplug_normal(&self, p: &mut Plugged<'_>, port: &str) -> Result<()> {
+    fn unplug_normal(&self, p: &mut Plugged<'_>) -> Result<()> {
         let t0 = Instant::now();
-        match self.engine.unplug(port).map_err(s)? {
+        match self.engine.unplug(p.spec.id.as_str()).map_err(s)? {
             UnplugOutcome::Removed => {}
             other => {
                 return Err(format!(
@@ -815,9 +814,9 @@ impl Step3<'_> {
     fn unplug_guest_stopped(&self, p: &mut Plugged<'_>, port: &str) -> Result<()> {
         self.qmp("stop")?;
         let t0 = Instant::now();
-        let outcome = self.engine.unplug(port);
+        let outcome = self.engine.unplug(p.spec.id.as_str());
         let waited = t0.elapsed();
-        let state = self.engine.device(port).map(|d| d.state);
+        let state = self.engine.device(p.spec.id.as_str()).map(|d| d.state);
         let held = !self.engine.is_port_free(port);
         // Whatever happened, the guest runs again.
         self.qmp("cont")?;
@@ -871,14 +870,14 @@ impl Step3<'_> {
             return Err(format!("QEMU should run on with the guest dead, its status is {running:?}"));
         }
         let t0 = Instant::now();
-        let outcome = self.engine.unplug(port).map_err(s)?;
+        let outcome = self.engine.unplug(p.spec.id.as_str()).map_err(s)?;
         let waited = t0.elapsed();
         if outcome != UnplugOutcome::Pending {
             return Err(format!("ended {outcome:?} although the guest kernel is dead"));
         }
         // A second deadline: a dead guest never sends the event late either.
         std::thread::sleep(unplug_timeout(self.scenario));
-        let state = self.engine.device(port).map(|d| d.state);
+        let state = self.engine.device(p.spec.id.as_str()).map(|d| d.state);
         let held = !self.engine.is_port_free(port);
         let in_qemu = self.peripheral()?.iter().any(|id| id.starts_with(p.spec.id.as_str()));
         if state != Some(DeviceState::UnplugPending) || !held || !in_qemu {
@@ -901,7 +900,7 @@ impl Step3<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reporter::Resource;
+    use guest_harness::reporter::Resource;
     use qmp_hotplug::BarExpectation;
 
     fn scenario(text: &str) -> Scenario {
@@ -939,7 +938,7 @@ mod tests {
             assert_eq!(Some(r.port.as_str()), action.port.as_ref().map(|p| p.as_str()));
             let ph = r.placeholder.as_ref().expect("a placeholder to remove first");
             let removal = action.remove_placeholder.as_ref().unwrap();
-            assert_eq!(ph.devices, removal.device_del.iter().map(ToString::to_string).collect::<Vec<_>>());
+            assert_eq!(ph.devices, removal.device_del);
             assert!(!ph.objects.is_empty());
             assert_eq!(r.objects.len(), 1);
             assert_eq!(r.objects[0].qom_type, "memory-backend-ram");
@@ -995,8 +994,9 @@ mod tests {
         let planned = make_plan(&s, 256).unwrap();
         let action = planned.plan.hotplug_action("mf0").unwrap();
         let r = engine_request(&action, &model(DeviceKind::E1000e, None)).unwrap();
-        let ids: Vec<&str> = r.functions.iter().map(|f| f.id()).collect();
+        let ids: Vec<&str> = r.functions.iter().map(|f| f.id().as_str()).collect();
         assert_eq!(ids, ["mf0-f1", "mf0"], "function 0 last");
+        assert_eq!(r.device.as_str(), "mf0", "unplugged by the device's id");
         assert!(r.placeholder.is_none());
         let e1000e: Vec<BarExpectation> = model(DeviceKind::E1000e, None)
             .bars
@@ -1027,13 +1027,14 @@ mod tests {
             &model(DeviceKind::VirtioNetCcw, None),
         )
         .unwrap();
-        assert_eq!(ccw.port, "net0");
+        assert_eq!((ccw.port.as_str(), ccw.device.as_str()), ("net0", "net0"));
         assert_eq!(ccw.functions[0].expect, Expectation::Present);
         let action = planned.plan.hotplug_action("znic0").unwrap();
         assert_eq!(planned_location(&action), "0001:00:00.0 (uid 1, fid 0)");
         let z = engine_request(&action, &model(DeviceKind::VirtioNet, None)).unwrap();
-        let ids: Vec<&str> = z.functions.iter().map(|f| f.id()).collect();
+        let ids: Vec<&str> = z.functions.iter().map(|f| f.id().as_str()).collect();
         assert_eq!(ids, ["zpci-znic0", "znic0"], "the zpci device goes first");
+        assert_eq!(z.device.as_str(), "znic0");
     }
 
     fn dev(bdf: &str, upstream: &[&str], resources: Vec<Resource>) -> PciDevice {
@@ -1093,9 +1094,9 @@ mod tests {
             index: 15,
             start: 0x40_0000_0000,
             end: 0x40_0000_0000 + size - 1,
-            flags: crate::reporter::IORESOURCE_MEM
-                | crate::reporter::IORESOURCE_PREFETCH
-                | crate::reporter::IORESOURCE_MEM_64,
+            flags: guest_harness::reporter::IORESOURCE_MEM
+                | guest_harness::reporter::IORESOURCE_PREFETCH
+                | guest_harness::reporter::IORESOURCE_MEM_64,
         };
         let mut state = GuestState::default();
         let port = dev("0000:02:01.0", &["0000:00:01.0", "0000:01:00.0"], vec![pref(32 << 30)]);
