@@ -1035,6 +1035,15 @@ mod tests {
         let ids: Vec<&str> = z.functions.iter().map(|f| f.id().as_str()).collect();
         assert_eq!(ids, ["zpci-znic0", "znic0"], "the zpci device goes first");
         assert_eq!(z.device.as_str(), "znic0");
+        // The function is expected in query-pci with the model's BARs, at any address.
+        let Expectation::Pci(want) = &z.functions[1].expect else { panic!("znic0 on PCI") };
+        assert_eq!((want.bus, want.slot, want.function), (None, None, None));
+        let virtio: Vec<BarExpectation> = model(DeviceKind::VirtioNet, None)
+            .bars
+            .iter()
+            .map(|b| BarExpectation::at(b.index, b.size))
+            .collect();
+        assert_eq!(want.bars, virtio);
     }
 
     fn dev(bdf: &str, upstream: &[&str], resources: Vec<Resource>) -> PciDevice {
