@@ -377,6 +377,17 @@ pub fn parse_stanzas(show_output: &str) -> Vec<(String, Vec<Dependency>)> {
         .collect()
 }
 
+/// Each stanza of `apt-cache show` output: its `Package:` and `Version:`.
+pub fn parse_package_versions(show_output: &str) -> Vec<(String, String)> {
+    show_output
+        .split("\n\n")
+        .filter_map(|stanza| {
+            let package = stanza.lines().find_map(|l| l.strip_prefix("Package:"))?.trim();
+            Some((package.to_string(), parse_version(stanza)?))
+        })
+        .collect()
+}
+
 /// The packages `apt-get -s install` would unpack: its `Inst NAME (VERSION SUITES [ARCH])`
 /// lines.
 pub fn parse_simulated_installs(output: &str) -> Vec<DebRef> {
@@ -701,6 +712,89 @@ impl DebCache {
         )
     }
 
+    /// The names of the packages the lists know that start with `prefix` (`apt-cache
+    /// pkgnames`), of any architecture, each once.
+    pub fn pkgnames(&self, prefix: &str) -> std::result::Result<Vec<String>, CommandError> {
+        let _apt = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = command::output(self.source.command(&self.root, "apt-cache").args(["pkgnames", prefix]))?;
+        let mut names: Vec<String> =
+            out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// `apt-cache show` of every version of each of `packages` for `arch`, in one call:
+    /// each stanza's package and version (see [`parse_package_versions`]).
+    pub fn show_versions(
+        &self,
+        packages: &[String],
+        arch: Arch,
+    ) -> std::result::Result<Vec<(String, String)>, CommandError> {
+        if packages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _apt = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = command::output(
+            self.source
+                .command(&self.root, "apt-cache")
+                .arg("show")
+                .args(packages.iter().map(|p| format!("{p}:{}", arch.deb_arch()))),
+        )?;
+        Ok(parse_package_versions(&out))
+    }
+
+    /// The packages `name` resolved to with the current lists, if that resolution is
+    /// remembered (see [`DebCache::ensure_set`]).
+    pub fn resolved(&self, name: &str, arch: Arch) -> Option<Vec<DebRef>> {
+        let lists = lists_fingerprint(&self.lists_dir());
+        std::fs::read_to_string(self.memo_file(name, arch)).ok().and_then(|t| parse_memo(&t, &lists))
+    }
+
+    /// Forgets what `name` resolved to, so the next [`DebCache::ensure_set`] resolves it
+    /// again.
+    pub fn forget(&self, name: &str, arch: Arch) {
+        // A memo that cannot be removed is stale only until the lists change.
+        let _ = std::fs::remove_file(self.memo_file(name, arch));
+    }
+
+    fn unserved_file(&self, arch: Arch) -> PathBuf {
+        self.state_dir().join(format!("unserved_{}", arch.deb_arch()))
+    }
+
+    /// Records that the archive answered 404 for `package` at `version` of `arch` with
+    /// the current lists, so later runs do not ask again (and do not refresh the lists
+    /// for it) until the lists change.
+    pub fn mark_unserved(&self, arch: Arch, package: &str, version: &str) -> Result<()> {
+        let lists = lists_fingerprint(&self.lists_dir());
+        let path = self.unserved_file(arch);
+        let mut text = std::fs::read_to_string(&path)
+            .ok()
+            .filter(|t| t.lines().next() == Some(lists.as_str()))
+            .unwrap_or_else(|| format!("{lists}\n"));
+        let line = format!("{package} {version}");
+        if !text.lines().any(|l| l == line) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let dir = self.state_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        std::fs::write(&path, text).map_err(io_err("writing", &path))
+    }
+
+    /// Whether the archive answered 404 for any of `refs` with the current lists
+    /// ([`DebCache::mark_unserved`]).
+    pub fn is_unserved(&self, arch: Arch, refs: &[DebRef]) -> bool {
+        let lists = lists_fingerprint(&self.lists_dir());
+        let Ok(text) = std::fs::read_to_string(self.unserved_file(arch)) else { return false };
+        let mut lines = text.lines();
+        if lines.next() != Some(lists.as_str()) {
+            return false;
+        }
+        let known: BTreeSet<&str> = lines.collect();
+        refs.iter().any(|r| known.contains(format!("{} {}", r.package, r.version).as_str()))
+    }
+
     /// The last version of `name` that was unpacked for `arch`, if it is still there.
     pub fn cached(&self, name: &str, arch: Arch) -> Option<Unpacked> {
         let text = std::fs::read_to_string(self.current_file(name, arch)).ok()?;
@@ -1017,6 +1111,43 @@ mod tests {
         let got = cache.cached("busybox-static", Arch::S390x).unwrap();
         assert_eq!(got.version, "1:1.0-1");
         assert_eq!(got.dir, dir);
+    }
+
+    #[test]
+    fn unserved_packages_are_remembered_with_the_lists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DebCache::new(tmp.path(), source());
+        let r = DebRef {
+            package: "linux-image-7.3.4+deb13-s390x".into(),
+            version: "7.3.4-1".into(),
+            arch: "s390x".into(),
+        };
+        assert!(!cache.is_unserved(Arch::S390x, std::slice::from_ref(&r)));
+        cache.mark_unserved(Arch::S390x, &r.package, &r.version).unwrap();
+        cache.mark_unserved(Arch::S390x, &r.package, &r.version).unwrap();
+        assert!(cache.is_unserved(Arch::S390x, std::slice::from_ref(&r)));
+        assert!(!cache.is_unserved(Arch::Aarch64, std::slice::from_ref(&r)));
+        let other = DebRef { version: "7.3.5-1".into(), ..r.clone() };
+        assert!(!cache.is_unserved(Arch::S390x, &[other]));
+        // New lists: asked again.
+        let lists = cache.lists_dir();
+        std::fs::create_dir_all(&lists).unwrap();
+        std::fs::write(lists.join("x_Packages"), "Package: a\n").unwrap();
+        assert!(!cache.is_unserved(Arch::S390x, &[r]));
+    }
+
+    #[test]
+    fn package_versions_of_several_packages() {
+        let show =
+            "Package: linux-image-7.2.11+deb13-s390x\nArchitecture: s390x\nVersion: 7.2.11-1~bpo13+1\n\n\
+                    Package: linux-image-6.12.113+deb13-s390x\nVersion: 6.12.113-1\n\nNo Package here\n";
+        assert_eq!(
+            parse_package_versions(show),
+            [
+                ("linux-image-7.2.11+deb13-s390x".to_string(), "7.2.11-1~bpo13+1".to_string()),
+                ("linux-image-6.12.113+deb13-s390x".to_string(), "6.12.113-1".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -23,6 +23,16 @@ pub enum HotplugError {
     /// The guest did not get there in time, or QEMU died.
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// QEMU holds the device but `query-pci` does not show it as a function of the vendor.
+    #[error("QEMU accepted {id} but query-pci shows {found} for it, not a function of vendor {vendor:04x}")]
+    NotPresented {
+        /// The QEMU id.
+        id: String,
+        /// The vendor expected.
+        vendor: u16,
+        /// What `query-pci` shows for it (`vendor:device` or `nothing`).
+        found: String,
+    },
 }
 
 /// Result alias for this module.
@@ -62,8 +72,10 @@ const SETTLE: Duration = Duration::from_millis(600);
 pub struct Expect<'a> {
     /// Vendor id of the new function.
     pub vendor: u16,
-    /// Device id of the new function.
-    pub device: u16,
+    /// Device id of the new function; `None`: the one QEMU presents for it (`query-pci`
+    /// right after the `device_add`), for devices whose id depends on the machine
+    /// version (virtio on s390x's zPCI bus).
+    pub device: Option<u16>,
     /// BARs (index, size) that must be assigned.
     pub bars: &'a [(u8, u64)],
 }
@@ -83,6 +95,10 @@ pub fn plug(
     let kmsg_before = guest.state().kmsg.len();
     let sent = Instant::now();
     execute(qmp, "device_add", args, deadline)?;
+    let device = match device {
+        Some(device) => device,
+        None => presented_device(qmp, &id, vendor, deadline)?,
+    };
     let what = format!("{id} ({vendor:04x}:{device:04x}) in the guest");
     let (bdf, seen) = guest.wait_map(&what, deadline, |s| {
         let new = s.find(vendor, device).find(|d| !before.contains(&d.bdf))?;
@@ -115,6 +131,35 @@ pub fn plug(
         kmsg,
         state,
     })
+}
+
+/// The device id QEMU presents for the function `id` of `vendor` (`query-pci`).
+fn presented_device(qmp: &QmpClient, id: &str, vendor: u16, deadline: Instant) -> Result<u16> {
+    let reply = execute(qmp, "query-pci", json!({}), deadline)?;
+    match query_pci_ids(&reply, id) {
+        Some((v, device)) if v == vendor => Ok(device),
+        other => Err(HotplugError::NotPresented {
+            id: id.to_string(),
+            vendor,
+            found: other.map_or_else(|| "nothing".into(), |(v, d)| format!("{v:04x}:{d:04x}")),
+        }),
+    }
+}
+
+/// The vendor and device id `query-pci` shows for the function with QEMU id `qdev_id`, on
+/// any bus (behind bridges too; s390x's zPCI bus included).
+pub fn query_pci_ids(reply: &Value, qdev_id: &str) -> Option<(u16, u16)> {
+    fn walk(devices: &[Value], qdev_id: &str) -> Option<(u16, u16)> {
+        devices.iter().find_map(|d| {
+            if d.get("qdev_id").and_then(Value::as_str) == Some(qdev_id) {
+                let id = |k: &str| d.get("id")?.get(k)?.as_u64().and_then(|v| u16::try_from(v).ok());
+                return Some((id("vendor")?, id("device")?));
+            }
+            let below = d.get("pci_bridge")?.get("devices")?.as_array()?;
+            walk(below, qdev_id)
+        })
+    }
+    reply.as_array()?.iter().find_map(|bus| walk(bus.get("devices")?.as_array()?, qdev_id))
 }
 
 /// `device_del id`, then waits for `DEVICE_DELETED` and for the guest to drop `bdf`.
@@ -238,5 +283,18 @@ mod tests {
         assert!(err.to_string().contains("DEVICE_DELETED for d2"), "{err}");
         drop(qmp);
         peer.join().unwrap();
+    }
+
+    #[test]
+    fn query_pci_ids_finds_a_function_on_any_bus() {
+        // QEMU 11.1's query-pci on s390x (the zPCI bus), and a q35 function behind a port.
+        let zpci = serde_json::json!([{"bus": 0, "devices": [{"bus": 0, "slot": 0, "function": 0,
+            "qdev_id": "znic0", "id": {"vendor": 6900, "device": 4161}, "regions": []}]}]);
+        assert_eq!(query_pci_ids(&zpci, "znic0"), Some((0x1af4, 0x1041)));
+        assert_eq!(query_pci_ids(&zpci, "other"), None);
+        let q35 = serde_json::json!([{"bus": 0, "devices": [{"qdev_id": "rp0", "id": {"vendor": 6966, "device": 12},
+            "pci_bridge": {"devices": [{"qdev_id": "nic0", "id": {"vendor": 32902, "device": 4307}}]}}]}]);
+        assert_eq!(query_pci_ids(&q35, "nic0"), Some((0x8086, 0x10d3)));
+        assert_eq!(query_pci_ids(&serde_json::json!({"error": 1}), "nic0"), None);
     }
 }

@@ -194,23 +194,79 @@ pub fn kernel_series(version: &str) -> Option<String> {
         .then(|| format!("{major}.{minor}"))
 }
 
-/// The kernels of the metapackage's other versions (`apt-cache show` stanzas, newest
-/// first) of the same series as `failed_version`: each one's image package and version.
-pub fn same_series_images(
-    stanzas: &[(String, Vec<debs::Dependency>)],
-    failed_version: &str,
+/// The upstream version at the start of a kernel release or package version
+/// (`7.2.11+deb13-s390x` → `[7, 2, 11]`, `6.1.0-56-amd64` → `[6, 1, 0]`).
+pub fn upstream_version(text: &str) -> Vec<u32> {
+    let head = text.split(['+', '-', '~']).next().unwrap_or("");
+    head.split('.').map_while(|p| p.parse().ok()).collect()
+}
+
+/// Whether `image` is a kernel image package of the plain flavour of `arch`:
+/// `linux-image-<upstream>+<abi>-<debarch>` (trixie and later) or
+/// `linux-image-<upstream>-<abi number>-<debarch>` (bookworm); not `-dbg`, `-unsigned`,
+/// `-cloud-…` or `-rt-…`.
+pub fn is_plain_image(image: &str, arch: Arch) -> bool {
+    let Some(release) = image.strip_prefix("linux-image-") else { return false };
+    let Some(head) = release.strip_suffix(&format!("-{}", arch.deb_arch())) else { return false };
+    let upstream_len = head.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(head.len());
+    if upstream_version(head).len() < 2 {
+        return false;
+    }
+    let abi = &head[upstream_len..];
+    match abi.strip_prefix('+') {
+        Some(rest) => !rest.is_empty() && !rest.contains('-'),
+        None => abi.strip_prefix('-').is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())),
+    }
+}
+
+/// The kernels to try when the archive does not serve `failed` (image package and
+/// version), best first: the other plain images of `arch` (see [`is_plain_image`]) of the
+/// same series (`6.12`), then of the same major version (`7.x`: the same generation),
+/// each newest first. `known` holds every (package, version) the lists know.
+pub fn fallback_images(
+    known: &[(String, String)],
+    failed: &(String, String),
+    arch: Arch,
 ) -> Vec<(String, String)> {
-    let Some(series) = kernel_series(failed_version) else { return Vec::new() };
-    stanzas
+    let want = upstream_version(failed.0.trim_start_matches("linux-image-"));
+    let Some(want_series) = want.get(..2) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Candidate<'_>> = known
         .iter()
-        .filter(|(version, _)| {
-            version != failed_version && kernel_series(version).as_deref() == Some(&series)
+        .enumerate()
+        .filter(|(_, k)| *k != failed && is_plain_image(&k.0, arch))
+        .filter_map(|(i, k)| {
+            let upstream = upstream_version(k.0.trim_start_matches("linux-image-"));
+            (upstream.first() == want.first()).then(|| Candidate {
+                same_series: upstream.get(..2) == Some(want_series),
+                upstream,
+                listed_at: i,
+                image: k,
+            })
         })
-        .filter_map(|(version, depends)| {
-            let (image, pinned) = depends.iter().find(|(n, _)| n.starts_with("linux-image-"))?;
-            Some((image.clone(), pinned.clone().unwrap_or_else(|| version.clone())))
-        })
-        .collect()
+        .collect();
+    // Same series first, then newest upstream first; apt's order (newest Debian version
+    // first) among versions of one upstream.
+    out.sort_by(|a, b| {
+        b.same_series
+            .cmp(&a.same_series)
+            .then_with(|| b.upstream.cmp(&a.upstream))
+            .then_with(|| a.listed_at.cmp(&b.listed_at))
+    });
+    out.into_iter().map(|c| c.image.clone()).collect()
+}
+
+/// A kernel image [`fallback_images`] may try instead of the one the archive did not serve.
+struct Candidate<'a> {
+    /// Of the failed kernel's series (`6.12`).
+    same_series: bool,
+    /// Its upstream version, numbers (`[6, 12, 113]`).
+    upstream: Vec<u32>,
+    /// Its place in the lists (apt's order).
+    listed_at: usize,
+    /// Package and version.
+    image: &'a (String, String),
 }
 
 /// The packages of `image` at `version` (the image first, then its split parts).
@@ -232,42 +288,104 @@ fn image_packages(cache: &DebCache, arch: Arch, image: &str, version: &str) -> d
     Ok(refs)
 }
 
-/// When the archive does not serve the candidate kernel of `arch` (404: a new version
-/// listed before its files reached the mirror), the newest other version of the same
-/// series that it does serve; the error of the candidate when there is none.
-fn same_series_fallback(cache: &DebCache, arch: Arch, failed: debs::DebError) -> Result<debs::Unpacked> {
+/// The folder name under which the kernel that stands in for an unserved one is
+/// remembered.
+fn fallback_key(meta: &str) -> String {
+    format!("{meta}.fallback")
+}
+
+/// When the archive does not serve the candidate kernel of `arch` (404: listed before its
+/// files reached the mirror, or withdrawn), the best kernel it does serve of the same
+/// series, else of the same major version ([`fallback_images`]); the candidate's error
+/// when there is none. The choice is remembered with the lists, so later runs ask
+/// nothing.
+fn fallback_kernel(cache: &DebCache, arch: Arch, failed: debs::DebError) -> Result<debs::Unpacked> {
     let meta = format!("linux-image-{}", arch.deb_arch());
-    let failed_version = match &failed {
-        debs::DebError::Fetch { version, .. } => version.clone(),
-        _ => return Err(failed.into()),
+    let key = fallback_key(&meta);
+    if cache.resolved(&key, arch).is_some_and(|refs| !cache.is_unserved(arch, &refs)) {
+        let unknown = || debs::DebError::Io {
+            what: "no remembered kernel for",
+            path: PathBuf::from(&key),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        // The remembered choice is used as it is (the closure only runs without one).
+        if let Ok(found) = cache.ensure_set(&key, arch, |_| Err(unknown())) {
+            return Ok(found);
+        }
+    }
+    let failed_image = match cache.resolved(&meta, arch).and_then(|r| r.into_iter().next()) {
+        Some(r) => (r.package, r.version),
+        None => return Err(failed.into()),
     };
-    let Ok(all) = cache.show_all(&meta, arch) else { return Err(failed.into()) };
-    for (image, version) in same_series_images(&debs::parse_stanzas(&all), &failed_version) {
-        let key = format!("{meta}.fallback");
+    let known = image_versions(cache, arch, &failed_image.0).unwrap_or_default();
+    for (image, version) in fallback_images(&known, &failed_image, arch) {
+        let probe =
+            [DebRef { package: image.clone(), version: version.clone(), arch: arch.deb_arch().into() }];
+        if cache.is_unserved(arch, &probe) {
+            continue;
+        }
+        cache.forget(&key, arch);
         match cache.ensure_set(&key, arch, |c| image_packages(c, arch, &image, &version)) {
             Ok(found) => {
                 eprintln!(
-                    "kernels: {arch}: the archive does not serve kernel {failed_version} (404); using {} {} of the same series",
-                    found.package, found.version
+                    "kernels: {arch}: the archive does not serve kernel {} {} (404); using {} {} instead",
+                    failed_image.0, failed_image.1, found.package, found.version
                 );
                 return Ok(found);
             }
-            Err(e) if e.is_not_found() => continue,
+            Err(e) if e.is_not_found() => mark_unserved(cache, arch, &e),
             Err(e) => return Err(e.into()),
         }
     }
     Err(failed.into())
 }
 
+/// Every (image package, version) of `arch` of the same major version as `image` that the
+/// lists know.
+fn image_versions(cache: &DebCache, arch: Arch, image: &str) -> debs::Result<Vec<(String, String)>> {
+    let major = upstream_version(image.trim_start_matches("linux-image-")).first().copied().unwrap_or(0);
+    let fetch = |e: crate::command::CommandError| debs::DebError::Fetch {
+        package: format!("linux-image-{major}.*"),
+        arch: arch.deb_arch(),
+        version: String::new(),
+        source_name: cache.source().name.into(),
+        source: Box::new(e),
+    };
+    let names: Vec<String> = cache
+        .pkgnames(&format!("linux-image-{major}."))
+        .map_err(fetch)?
+        .into_iter()
+        .filter(|n| is_plain_image(n, arch))
+        .collect();
+    cache.show_versions(&names, arch).map_err(fetch)
+}
+
+/// Remembers the package a 404 named as not served (see [`debs::DebCache::mark_unserved`]).
+fn mark_unserved(cache: &DebCache, arch: Arch, e: &debs::DebError) {
+    if let debs::DebError::Fetch { package, version, .. } = e {
+        // Only saves asking again; a failure to write it changes nothing else.
+        let _ = cache.mark_unserved(arch, package, version);
+    }
+}
+
 /// The kernel for `arch`, resolved from Debian's `linux-image-<debarch>` metapackage, all
-/// its packages unpacked into one folder. When the archive does not serve the candidate
-/// (404), the newest served version of the same kernel series is used.
+/// its packages unpacked into one folder. When the archive does not serve it (404), the
+/// best served kernel of the same series or, failing that, the same major version is
+/// used ([`fallback_kernel`]).
 pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
     let meta = format!("linux-image-{}", arch.deb_arch());
-    let unpacked = match cache.ensure_set(&meta, arch, |c| kernel_packages(c, arch)) {
-        Ok(found) => found,
-        Err(e) if e.is_not_found() => same_series_fallback(cache, arch, e)?,
-        Err(e) => return Err(e.into()),
+    let known_unserved = cache.resolved(&meta, arch).is_some_and(|refs| cache.is_unserved(arch, &refs));
+    let unpacked = if known_unserved {
+        fallback_kernel(cache, arch, unserved_error(cache, arch, &meta))?
+    } else {
+        match cache.ensure_set(&meta, arch, |c| kernel_packages(c, arch)) {
+            Ok(found) => found,
+            Err(e) if e.is_not_found() => {
+                mark_unserved(cache, arch, &e);
+                fallback_kernel(cache, arch, e)?
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     let release = unpacked.package.trim_start_matches("linux-image-").to_string();
     let (image, config, modules_dir) = locate_kernel(&unpacked.dir, &release)?;
@@ -280,6 +398,23 @@ pub fn ensure_kernel(cache: &DebCache, arch: Arch) -> Result<GuestKernel> {
         modules_dir,
         config,
     })
+}
+
+/// The error of a kernel known not to be served (an earlier run's 404).
+fn unserved_error(cache: &DebCache, arch: Arch, meta: &str) -> debs::DebError {
+    let main = cache.resolved(meta, arch).and_then(|r| r.into_iter().next());
+    let (package, version) = main.map(|r| (r.package, r.version)).unwrap_or_default();
+    debs::DebError::Fetch {
+        package,
+        arch: arch.deb_arch(),
+        version,
+        source_name: cache.source().name.into(),
+        source: Box::new(crate::command::CommandError::Failed {
+            line: "apt-get download".into(),
+            status: "404".into(),
+            stderr: "the archive answered 404 Not Found earlier with the same lists".into(),
+        }),
+    }
 }
 
 /// The statically linked busybox of the guest architecture (`busybox-static:<debarch>`):
@@ -549,22 +684,47 @@ mod tests {
     }
 
     #[test]
-    fn fallback_stays_in_the_kernel_series() {
-        assert_eq!(kernel_series("6.12.118-1").as_deref(), Some("6.12"));
-        assert_eq!(kernel_series("7.3.4-1~bpo13+1").as_deref(), Some("7.3"));
-        assert_eq!(kernel_series("1:2"), None);
-        let show = "Package: linux-image-s390x\nVersion: 7.3.4-1~bpo13+1\nDepends: linux-image-7.3.4+deb13-s390x (= 7.3.4-1~bpo13+1)\n\n\
-                    Package: linux-image-s390x\nVersion: 6.12.118-1\nDepends: linux-image-6.12.118+deb13-s390x (= 6.12.118-1)\n\n\
-                    Package: linux-image-s390x\nVersion: 6.12.117-1\nDepends: linux-image-6.12.117+deb13-s390x (= 6.12.117-1)\n";
-        let stanzas = debs::parse_stanzas(show);
-        assert_eq!(stanzas.len(), 3);
-        // trixie's 6.12.118 missing: 6.12.117, not the 7.3 of another generation.
+    fn fallback_prefers_the_series_then_the_generation() {
+        assert_eq!(upstream_version("7.2.11+deb13-s390x"), [7, 2, 11]);
+        assert_eq!(upstream_version("6.1.0-56-amd64"), [6, 1, 0]);
+        assert!(upstream_version("s390x").is_empty());
+        for (name, plain) in [
+            ("linux-image-6.12.113+deb13-s390x", true),
+            ("linux-image-6.12.115+deb13.1-s390x", true),
+            ("linux-image-6.1.0-56-s390x", true),
+            ("linux-image-7.2.11+deb13-s390x-dbg", false),
+            ("linux-image-6.12.113+deb13-cloud-s390x", false),
+            ("linux-image-6.12.113+deb13-amd64", false),
+            ("linux-image-s390x", false),
+        ] {
+            assert_eq!(is_plain_image(name, Arch::S390x), plain, "{name}");
+        }
+        let k = |p: &str, v: &str| (p.to_string(), v.to_string());
+        // What trixie-security and trixie-backports list for s390x.
+        let known = [
+            k("linux-image-6.12.118+deb13-s390x", "6.12.118-1"),
+            k("linux-image-6.12.113+deb13-s390x", "6.12.113-1"),
+            k("linux-image-6.12.117+deb13-s390x", "6.12.117-1"),
+            k("linux-image-6.12.115+deb13.1-s390x", "6.12.115-2"),
+            k("linux-image-7.2.9+deb13-s390x", "7.2.9-1~bpo13+1"),
+            k("linux-image-7.3.4+deb13-s390x", "7.3.4-1~bpo13+1"),
+            k("linux-image-7.2.11+deb13-s390x", "7.2.11-1~bpo13+1"),
+            k("linux-image-7.2.11+deb13-s390x-dbg", "7.2.11-1~bpo13+1"),
+        ];
+        // trixie's 6.12.118 missing: the other 6.12s, newest first, never 7.x.
+        let got = fallback_images(&known, &known[0], Arch::S390x);
+        let names: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
-            same_series_images(&stanzas, "6.12.118-1"),
-            [("linux-image-6.12.117+deb13-s390x".to_string(), "6.12.117-1".to_string())]
+            names,
+            [
+                "linux-image-6.12.117+deb13-s390x",
+                "linux-image-6.12.115+deb13.1-s390x",
+                "linux-image-6.12.113+deb13-s390x"
+            ]
         );
-        // current's 7.3.4 missing: nothing else of 7.3, so no fallback at all.
-        assert!(same_series_images(&stanzas, "7.3.4-1~bpo13+1").is_empty());
+        // current's 7.3.4 missing and no other 7.3: the newest 7.x, never 6.x.
+        let got = fallback_images(&known, &known[5], Arch::S390x);
+        assert_eq!(got, [known[6].clone(), known[4].clone()]);
     }
 
     #[test]

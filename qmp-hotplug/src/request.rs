@@ -573,7 +573,8 @@ fn cut(s: &str) -> String {
 #[non_exhaustive]
 pub enum Expectation {
     /// The device exists in QEMU (`qom-list /machine/peripheral`); for devices that are
-    /// not on a PCI bus QEMU reports: CCW devices, `vfio-ap`, `zpci`.
+    /// not on a PCI bus QEMU reports: CCW devices, `vfio-ap`, the `zpci` device (its PCI
+    /// function is [`Expectation::Pci`] at any address).
     #[default]
     Present,
     /// The device is in `query-pci` under its id, where and as large as planned.
@@ -746,15 +747,19 @@ impl BarExpectation {
 impl Expectation {
     /// What proves a function planned at `location` with `bars` arrived: a PCI function
     /// in `query-pci` at its planned bus, slot and function, with each BAR `query-pci`
-    /// will show at its index and size ([`BarExpectation::planned`]); anything else (ccw,
-    /// vfio-ap, and zPCI, whose planned BDF is the guest's view, not QEMU's) present in
-    /// QEMU.
+    /// will show at its index and size ([`BarExpectation::planned`]); a zPCI function the
+    /// same at any address ([`PciExpectation::anywhere`]: its planned BDF is the guest's
+    /// view, not QEMU's, and `query-pci` lists it on s390x's own PCI bus); anything else
+    /// (ccw, vfio-ap) present in QEMU.
+    ///
+    /// This is what QEMU shows. Whether the guest lists the function is the caller's to
+    /// check in the guest: QEMU holds a hotplugged function whether or not the guest's
+    /// kernel ever picks it up.
     pub fn planned(location: &GuestLocation, bars: &[ExpectedBar]) -> Expectation {
+        let bars = || bars.iter().filter_map(BarExpectation::planned).collect();
         match location {
-            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation::at(
-                *bdf,
-                bars.iter().filter_map(BarExpectation::planned).collect(),
-            )),
+            GuestLocation::Pci { bdf, .. } => Expectation::Pci(PciExpectation::at(*bdf, bars())),
+            GuestLocation::Zpci { .. } => Expectation::Pci(PciExpectation::anywhere(bars())),
             _ => Expectation::Present,
         }
     }
@@ -874,7 +879,8 @@ impl PlugRequest {
     ///   `device_add` expected as [`Expectation::planned`] says: a PCI function at its
     ///   planned bus, slot and function with each BAR pinned to the plan's index at the
     ///   size `query-pci` shows (the ROM as BAR 6; SR-IOV VF apertures not expected; a
-    ///   resizable BAR at its current size); ccw, zPCI and vfio-ap functions present. Its
+    ///   resizable BAR at its current size); a zPCI function the same at any address
+    ///   (QEMU's bus and slot are not the guest's); ccw and vfio-ap functions present. Its
     ///   host function is the action's typed one.
     /// - `placeholder`: the action's `remove_placeholder`.
     /// - each function's `needs`: its BARs as the guest will show them, for the engine's
@@ -1090,14 +1096,17 @@ impl PlugRequest {
     }
 
     /// For each function: its (slot, function) when it is a PCI function: its address,
-    /// else the slot and function it is expected at.
+    /// else the slot and function it is expected at. A function expected anywhere (a zPCI
+    /// function: QEMU picks its address) belongs to no slot of the request.
     fn pci_addresses(&self) -> Vec<Option<(SlotKey, u8)>> {
         self.functions
             .iter()
             .map(|f| {
                 let (slot, func) = match (f.device.addr, &f.expect) {
                     (Some(a), _) => (a.slot(), a.function()),
-                    (None, Expectation::Pci(p)) => (p.slot.unwrap_or(0), p.function.unwrap_or(0)),
+                    (None, Expectation::Pci(PciExpectation { slot: Some(slot), function, .. })) => {
+                        (*slot, function.unwrap_or(0))
+                    }
                     (None, _) => return None,
                 };
                 Some(((f.device.bus.clone(), slot), func))

@@ -91,12 +91,13 @@ fn functions(state: &GuestState) -> Vec<String> {
 
 fn check_pci(guest: &Guest, row: &mut BootCheck) -> Result<(), String> {
     let qmp = guest.qmp(deadline(10)).map_err(|e| e.to_string())?;
-    // virtio-net is modern-only (device 0x1041) on a PCIe port, transitional (0x1000) on
-    // s390x's zPCI bus.
+    // virtio-net is modern-only (device 0x1041) on a PCIe port; on s390x's zPCI bus it is
+    // transitional (0x1000) up to the s390-ccw-virtio-11.0 machine and modern-only from
+    // 11.1 on, so there the id is the one QEMU presents.
     let (args, device) = if guest.arch() == Arch::S390x {
-        (json!({"driver": "virtio-net-pci", "id": "net0"}), 0x1000)
+        (json!({"driver": "virtio-net-pci", "id": "net0"}), None)
     } else {
-        (json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp1"}), 0x1041)
+        (json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp1"}), Some(0x1041))
     };
     let mut done = Hotplugged { device: "virtio-net-pci".into(), ..Hotplugged::default() };
     let result = (|| {

@@ -24,7 +24,7 @@ pub fn ivshmem(size: u64) -> [(u8, u64); 2] {
 }
 
 fn expect_ivshmem(bars: &[(u8, u64)]) -> Expect<'_> {
-    Expect { vendor: 0x1af4, device: 0x1110, bars }
+    Expect { vendor: 0x1af4, device: Some(0x1110), bars }
 }
 
 const GIB: u64 = 1 << 30;
@@ -240,7 +240,7 @@ pub fn aarch64_hpmmioprefsize(stack: &Stack, opts: Options) -> Result<bool> {
     let qmp = guest.qmp(deadline(10)).map_err(s)?;
     let args = json!({"driver": "virtio-net-pci", "id": "net0", "bus": "rp2"});
     println!("  device_add {args}");
-    let expect = Expect { vendor: 0x1af4, device: 0x1041, bars: &[] };
+    let expect = Expect { vendor: 0x1af4, device: Some(0x1041), bars: &[] };
     let net = hotplug::plug(&guest, &qmp, args, expect, deadline(60)).map_err(s)?;
     print_plugged(&net);
     plug_gpu0(&guest, &qmp, gib)
@@ -260,7 +260,7 @@ pub fn s390x_ccw_zpci(stack: &Stack) -> Result<bool> {
     let args = json!({"driver": "virtio-net-pci", "id": "net1"});
     println!("  device_add {args}");
     let plugged =
-        hotplug::plug(&guest, &qmp, args, Expect { vendor: 0x1af4, device: 0x1000, bars: &[] }, deadline(60))
+        hotplug::plug(&guest, &qmp, args, Expect { vendor: 0x1af4, device: None, bars: &[] }, deadline(60))
             .map_err(s)?;
     print_plugged(&plugged);
     if let Some(z) = &plugged.device.zpci {

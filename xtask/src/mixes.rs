@@ -145,7 +145,7 @@ fn run_mix(
         if small {
             args["multifunction"] = json!(true);
         }
-        let expect = Expect { vendor: 0x1af4, device: 0x1110, bars: &bars };
+        let expect = Expect { vendor: 0x1af4, device: Some(0x1110), bars: &bars };
         let p = match hotplug::plug(&guest, &qmp, args, expect, deadline(90)) {
             Ok(p) => p,
             Err(e) => {

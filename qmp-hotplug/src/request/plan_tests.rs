@@ -172,8 +172,16 @@ fn s390x_ccw_and_zpci_with_companions_first() {
     assert_eq!(zpci.functions[0].device, f.companions[0]);
     assert_eq!(zpci.functions[1].device, f.device_add);
     // QEMU's address of a zPCI function is not the guest's: present is what is checked.
-    assert!(zpci.functions.iter().all(|f| f.expect == Expectation::Present));
-    assert_eq!(zpci.prepare().unwrap().order, [0, 1]);
+    // The zpci device is present; its function is in query-pci with the planned BARs at
+    // any address (QEMU's address of a zPCI function is not the guest's).
+    assert_eq!(zpci.functions[0].expect, Expectation::Present);
+    let bars = vec![BarExpectation::at(1, 4 << 10), BarExpectation::at(4, 16 << 10)];
+    assert_eq!(zpci.functions[1].expect, Expectation::Pci(PciExpectation::anywhere(bars)));
+    let prepared = zpci.prepare().unwrap();
+    assert_eq!(prepared.order, [0, 1]);
+    // Expected anywhere: no slot of the request, so nothing multi-function about it.
+    assert_eq!(prepared.pci, [None, None]);
+    assert!(!zpci.functions[1].device.multifunction);
 }
 
 /// An action on the iommufd interface: the `iommufd` object before the devices, and the

@@ -44,8 +44,11 @@ pub struct Model {
     pub vendor: u16,
     /// PCI device id the guest sees on a PCI Express port.
     pub device: u16,
-    /// PCI device id on s390x's zPCI bus, where virtio devices are transitional.
-    pub zpci_device: u16,
+    /// PCI device ids the function may show on s390x's zPCI bus: virtio devices there are
+    /// transitional (`1af4:1000`) up to QEMU's `s390-ccw-virtio-11.0` machine and
+    /// modern-only (`1af4:1041`, as on a PCI Express port) from `s390-ccw-virtio-11.1`
+    /// on. Which one a run gets is read from QEMU (`query-pci`) after the plug.
+    pub zpci_devices: &'static [u16],
     /// BARs.
     pub bars: Vec<BarSpec>,
     /// Needs a block device (`drive=`): a `null-co` node is created at boot.
@@ -61,11 +64,11 @@ const KIB: u64 = 1 << 10;
 /// The model of `kind`; `bar_size` is the large BAR of an ivshmem.
 pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
     use BarKind::{Io, Mem32, Mem64};
-    let virtio = |driver: &'static str, device: u16, zpci_device: u16, needs_drive: bool| Model {
+    let virtio = |driver: &'static str, device: u16, zpci_devices: &'static [u16], needs_drive: bool| Model {
         driver,
         vendor: 0x1af4,
         device,
-        zpci_device,
+        zpci_devices,
         bars: vec![BarSpec::new(1, Mem32, false, 4 * KIB), BarSpec::new(4, Mem64, true, 16 * KIB)],
         needs_drive,
         needs_serial: false,
@@ -75,7 +78,7 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
         driver,
         vendor: 0,
         device: 0,
-        zpci_device: 0,
+        zpci_devices: &[],
         bars: Vec::new(),
         needs_drive,
         needs_serial: false,
@@ -86,7 +89,7 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
             driver: "ivshmem-plain",
             vendor: 0x1af4,
             device: 0x1110,
-            zpci_device: 0x1110,
+            zpci_devices: &[0x1110],
             bars: vec![
                 BarSpec::new(0, Mem32, false, 256),
                 BarSpec::new(2, Mem64, true, bar_size.unwrap_or(1 << 30)),
@@ -95,13 +98,13 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
             needs_serial: false,
             cutype: None,
         },
-        DeviceKind::VirtioNet => virtio("virtio-net-pci", 0x1041, 0x1000, false),
-        DeviceKind::VirtioBlk => virtio("virtio-blk-pci", 0x1042, 0x1001, true),
+        DeviceKind::VirtioNet => virtio("virtio-net-pci", 0x1041, &[0x1000, 0x1041], false),
+        DeviceKind::VirtioBlk => virtio("virtio-blk-pci", 0x1042, &[0x1001, 0x1042], true),
         DeviceKind::Nvme => Model {
             driver: "nvme",
             vendor: 0x1b36,
             device: 0x0010,
-            zpci_device: 0x0010,
+            zpci_devices: &[0x0010],
             bars: vec![BarSpec::new(0, Mem64, false, 16 * KIB)],
             needs_drive: false,
             needs_serial: true,
@@ -111,7 +114,7 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
             driver: "e1000e",
             vendor: 0x8086,
             device: 0x10d3,
-            zpci_device: 0x10d3,
+            zpci_devices: &[0x10d3],
             bars: vec![
                 BarSpec::new(0, Mem32, false, 128 * KIB),
                 BarSpec::new(1, Mem32, false, 128 * KIB),

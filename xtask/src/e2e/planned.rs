@@ -511,6 +511,45 @@ impl Step3<'_> {
         p
     }
 
+    /// The PCI device id QEMU presents for the zPCI function `qdev_id` (`query-pci`,
+    /// which lists s390x's zPCI bus too): one of the model's ids on zPCI, which depend on
+    /// the machine version (see [`Model::zpci_devices`]).
+    fn zpci_device_id(&self, qdev_id: &str, m: &Model) -> Result<u16> {
+        let reply =
+            self.engine.client().execute_raw("query-pci", None, Duration::from_secs(30)).map_err(s)?;
+        let ids = guest_harness::hotplug::query_pci_ids(&reply, qdev_id).ok_or_else(|| {
+            format!("QEMU holds {qdev_id} but query-pci does not list it as a PCI function")
+        })?;
+        match ids {
+            (vendor, device) if vendor == m.vendor && m.zpci_devices.contains(&device) => Ok(device),
+            (vendor, device) => Err(format!(
+                "QEMU presents {qdev_id} as {vendor:04x}:{device:04x}; a {} on zPCI is {:04x}:{}",
+                m.driver,
+                m.vendor,
+                m.zpci_devices.iter().map(|d| format!("{d:04x}")).collect::<Vec<_>>().join(" or ")
+            )),
+        }
+    }
+
+    /// The failure of a function QEMU holds (the engine reported it plugged) that the
+    /// guest never listed: what was awaited, for how long, and what the guest lists that
+    /// is new since the plug.
+    fn never_listed(&self, id: &str, what: &str, waited: Duration, before: &GuestState) -> String {
+        let now = self.guest.state();
+        let new: Vec<String> = now
+            .pci
+            .values()
+            .filter(|d| before.pci.get(&d.bdf).map_or(true, |old| old.node != d.node))
+            .map(|d| format!("{} {:04x}:{:04x}", d.bdf, d.vendor, d.device))
+            .collect();
+        let listed = if new.is_empty() { "nothing new".to_string() } else { new.join(", ") };
+        format!(
+            "QEMU holds {id} (the engine reported it plugged) but the guest never listed {what} \
+             within {:.0} s; new in the guest since the plug: {listed}",
+            waited.as_secs_f64()
+        )
+    }
+
     /// A device that must not fit: the planner refused it. Proves that the engine was never
     /// asked: no new `device_add` in its journal, nothing of the device in QEMU.
     fn refused(&self, p: &mut Plugged<'_>, error: &str, adds_before: Result<usize>) {
@@ -553,19 +592,19 @@ impl Step3<'_> {
             match &f.guest {
                 GuestLocation::Pci { bdf, .. } | GuestLocation::Zpci { bdf, .. } => {
                     let want: Bdf = *bdf;
-                    let device_id =
-                        if matches!(f.guest, GuestLocation::Zpci { .. }) { m.zpci_device } else { m.device };
+                    let device_id = match f.guest {
+                        GuestLocation::Zpci { .. } => self.zpci_device_id(f.id().as_str(), m)?,
+                        _ => m.device,
+                    };
                     let what = format!("{} ({:04x}:{device_id:04x}) at {want}", f.id(), m.vendor);
                     let found = self.guest.wait_map(&what, deadline, |st| {
                         let at = st.snapshot_at.unwrap_or_else(Instant::now);
                         let is_new =
                             |d: &&PciDevice| before.pci.get(&d.bdf).map_or(true, |old| old.node != d.node);
-                        if let Some(d) = st
-                            .pci
-                            .get(&want)
-                            .filter(|d| d.vendor == m.vendor && d.device == device_id)
-                            .filter(is_new)
-                        {
+                        // Whatever is new at the planned address is the function; its ids
+                        // are checked below, so other ids fail at once instead of at the
+                        // deadline.
+                        if let Some(d) = st.pci.get(&want).filter(is_new) {
                             return Some(Ok((d.clone(), at)));
                         }
                         // A new function elsewhere: the plan's address was wrong.
@@ -573,11 +612,27 @@ impl Step3<'_> {
                             .find(|d| !before.pci.contains_key(&d.bdf) && !planned_bdfs.contains(&d.bdf))
                             .map(|d| Err(d.bdf))
                     });
-                    match found.map_err(s)? {
+                    let found = match found {
+                        Ok(found) => found,
+                        Err(guest_harness::guest::GuestError::Timeout { waited, .. }) => {
+                            return Err(self.never_listed(f.id().as_str(), &what, waited, before));
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    match found {
                         Ok((dev, at)) => {
                             last_seen = last_seen.max(at);
                             guest_col.push(want.to_string());
                             seen.push(Seen::Pci(want));
+                            if (dev.vendor, dev.device) != (m.vendor, device_id) {
+                                row.fail(format!(
+                                    "the guest lists {:04x}:{:04x} at {want} where {} ({:04x}:{device_id:04x}) was plugged",
+                                    dev.vendor,
+                                    dev.device,
+                                    f.id(),
+                                    m.vendor
+                                ));
+                            }
                             if let GuestLocation::Pci { path, .. } = &f.guest {
                                 let got = guest_path(&dev);
                                 if got != path.to_string() {
@@ -998,6 +1053,15 @@ mod tests {
         let ids: Vec<&str> = z.functions.iter().map(|f| f.id().as_str()).collect();
         assert_eq!(ids, ["zpci-znic0", "znic0"], "the zpci device goes first");
         assert_eq!(z.device.as_str(), "znic0");
+        // The function is expected in query-pci with the model's BARs, at any address.
+        let Expectation::Pci(want) = &z.functions[1].expect else { panic!("znic0 on PCI") };
+        assert_eq!((want.bus, want.slot, want.function), (None, None, None));
+        let virtio: Vec<BarExpectation> = model(DeviceKind::VirtioNet, None)
+            .bars
+            .iter()
+            .map(|b| BarExpectation::at(b.index, b.size))
+            .collect();
+        assert_eq!(want.bars, virtio);
     }
 
     fn dev(bdf: &str, upstream: &[&str], resources: Vec<Resource>) -> PciDevice {

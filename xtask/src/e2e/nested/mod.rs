@@ -1,7 +1,7 @@
 //! The `nested-vfio` scenarios: the real kernel VFIO stack end to end, without hardware.
 //!
 //! An outer q35 guest (software emulation, `kernel-irqchip=split`,
-//! `intel-iommu,intremap=on,caching-mode=on`, `intel_iommu=on`) gets the scenario's
+//! `intel-iommu,intremap=on,caching-mode=on,aw-bits=39`, `intel_iommu=on`) gets the scenario's
 //! emulated devices on root ports: `ivshmem-plain` with a large 64-bit prefetchable BAR,
 //! `nvme` with SR-IOV, `e1000e`, a multi-function `e1000e`. Its initramfs carries the VFIO
 //! modules of the guest kernel package, QEMU with its libraries and firmware
