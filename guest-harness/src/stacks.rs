@@ -175,8 +175,9 @@ pub const STACKS: [StackDef; 3] = [
         ],
         pins: &[],
         // Debian 13 packages the s390x emulator on its own (`qemu-system-misc` still
-        // depends on it in 10.0, no longer in 11).
-        extra_packages: &["qemu-system-s390x"],
+        // depends on it in 10.0, no longer in 11), and `qxl` (the planner's placeholder
+        // with a 32-bit RAM BAR and an I/O BAR) with the SPICE modules.
+        extra_packages: &["qemu-system-s390x", "qemu-system-modules-spice"],
     },
     StackDef {
         name: "current",
@@ -196,7 +197,7 @@ pub const STACKS: [StackDef; 3] = [
             // ...and nothing else unless asked for by name.
             Pin { packages: "*", suite: "sid", priority: 1 },
         ],
-        extra_packages: &["qemu-system-s390x"],
+        extra_packages: &["qemu-system-s390x", "qemu-system-modules-spice"],
     },
 ];
 
