@@ -274,7 +274,14 @@ pub fn random(stack: &Stack, opts: &RandomOptions) -> Result<(), String> {
             Verdict::Failed(why) => format!("FAILED: {}", why.lines().next().unwrap_or("")),
         };
         let wall = c.report.as_ref().map_or(0.0, |r| r.wall_ms as f64 / 1000.0);
-        t.row([c.scenario.clone(), c.platform.clone(), s.mode.name().into(), describe(s), format!("{wall:.0}"), verdict]);
+        t.row([
+            c.scenario.clone(),
+            c.platform.clone(),
+            s.mode.name().into(),
+            describe(s),
+            format!("{wall:.0}"),
+            verdict,
+        ]);
     }
     let failed: Vec<&rnd::Checked> = checked.iter().filter(|c| !c.verdict.ok()).collect();
     let reports: Vec<e2e::ScenarioReport> = failed.iter().filter_map(|c| c.report.clone()).collect();
@@ -298,7 +305,8 @@ pub fn random(stack: &Stack, opts: &RandomOptions) -> Result<(), String> {
     }
     let mut kept = Vec::new();
     for c in &failed {
-        let (Some(s), Verdict::Failed(why)) = (scenarios.iter().find(|s| s.name == c.scenario), &c.verdict) else {
+        let (Some(s), Verdict::Failed(why)) = (scenarios.iter().find(|s| s.name == c.scenario), &c.verdict)
+        else {
             continue;
         };
         if opts.shrink_runs == 0 {

@@ -321,7 +321,9 @@ fn ports_at_boot(scenario: &Scenario, plan: &Plan, state: &GuestState) -> Option
                 let w: Vec<String> = bridge.windows().map(ToString::to_string).collect();
                 row.notes.push(format!("port {} ({bdf}) windows {}", port.id, w.join(" ")));
                 problems.extend(
-                    bridge_window_problems(bridge, r).into_iter().map(|p| format!("{} ({}): {p}", port.id, r.purpose)),
+                    bridge_window_problems(bridge, r)
+                        .into_iter()
+                        .map(|p| format!("{} ({}): {p}", port.id, r.purpose)),
                 );
             }
         }

@@ -65,8 +65,7 @@ pub fn generate(seed: u64) -> Scenario {
         let functions = if rng.u8(..4) == 0 { rng.u8(2..=8) } else { 1 };
         let place = if rng.u8(..4) == 0 { Placement::Spare } else { Placement::Planned };
         let planned = place == Placement::Planned;
-        let group = (planned && mode != Mode::Numa && rng.bool())
-            .then(|| format!("p2p{}", rng.u8(..2)));
+        let group = (planned && mode != Mode::Numa && rng.bool()).then(|| format!("p2p{}", rng.u8(..2)));
         let numa_node = (planned && mode == Mode::Numa && rng.u8(..5) > 0).then(|| rng.u32(..numa_nodes));
         devices.push(device(format!("d{i}"), kind, bar_size, functions, place, group, numa_node));
     }
@@ -74,12 +73,26 @@ pub fn generate(seed: u64) -> Scenario {
     let spare_profile = spare_profile(&devices, &mut rng);
     // Room for every device placed at run time, and now and then empty spare ports too
     // (their windows must exist all the same).
-    let empty_spares = if on_spares > 0 { rng.u32(..=2) } else if rng.u8(..3) == 0 { rng.u32(1..=2) } else { 0 };
+    let empty_spares = if on_spares > 0 {
+        rng.u32(..=2)
+    } else if rng.u8(..3) == 0 {
+        rng.u32(1..=2)
+    } else {
+        0
+    };
     let spare_ports = on_spares + empty_spares;
     if spare_ports > 0 && rng.u8(..5) == 0 {
         // One device that fits no port: placing it must fail before any device_add.
         let size = no_fit_size(&devices, spare_profile.as_deref());
-        let mut d = device(format!("d{count}"), DeviceKind::Ivshmem, Some(Size(size)), 1, Placement::Spare, None, None);
+        let mut d = device(
+            format!("d{count}"),
+            DeviceKind::Ivshmem,
+            Some(Size(size)),
+            1,
+            Placement::Spare,
+            None,
+            None,
+        );
         d.expect = PlugExpect::NoFit;
         let at = rng.usize(..=devices.len());
         devices.insert(at, d);
