@@ -138,7 +138,7 @@ fn version_2_plans_read_as_todays_plans() {
         if file.contains("ovmf") {
             assert_eq!(old.address.mmio64_aperture.map(|a| a.size), Some(288 << 30), "{file}");
             assert_eq!(today.address.mmio64_aperture.map(|a| a.size), Some(512 << 30), "{file}");
-            today.address = old.address.clone();
+            today.address = old.address;
             today.extra = old.extra.clone();
         }
         assert_eq!(old, today, "{file}");
