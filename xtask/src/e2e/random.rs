@@ -571,6 +571,15 @@ mod tests {
     }
 
     #[test]
+    fn regression_scenarios_parse() {
+        let files = regression_files().unwrap();
+        assert!(files.len() >= 4, "{files:?}");
+        for f in files {
+            Scenario::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
     fn signatures_ignore_numbers() {
         assert_eq!(
             signature("d1: port 00:03.0 has no 64-bit prefetchable window (planned 64G)"),
