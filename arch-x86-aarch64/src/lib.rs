@@ -112,6 +112,10 @@ pub const OVMF_PATH: &str = "/usr/share/ovmf/OVMF.fd";
 pub const AAVMF_PATH: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
 /// OVMF's 64-bit aperture when `X-PciMmio64Mb` is not given (edk2 2022.11).
 pub const OVMF_DEFAULT_MMIO64: u64 = 32 * GIB;
+/// OVMF's default prefetchable padding of a hotplug-capable bridge that carries no
+/// reservation (a switch downstream port under native PCIe hotplug; a root port with
+/// `pref64-reserve=0`): 512 MiB (edk2 2022.11).
+pub const OVMF_DEFAULT_PREF_PADDING: u64 = 512 * MIB;
 /// From this many guest physical address bits on, OVMF makes an aperture smaller than an
 /// eighth of the address space that eighth, at its top (measured with Debian's edk2
 /// 2022.11 under QEMU 7.2: 39 bits placed a 32 GiB aperture at 32 GiB, 40 bits at
@@ -218,6 +222,7 @@ impl Platform for Q35 {
                     default_size: OVMF_DEFAULT_MMIO64,
                     top_eighth_from_bits: (self.generation != FirmwareGeneration::OvmfFixedAperture)
                         .then_some(OVMF_TOP_EIGHTH_FROM_BITS),
+                    downstream_padding: OVMF_DEFAULT_PREF_PADDING,
                 },
             ),
         };

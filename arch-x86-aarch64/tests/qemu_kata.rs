@@ -300,18 +300,19 @@ fn seabios_memory_hotplug_moves_the_64bit_windows() {
 
 #[test]
 fn ovmf_memory_hotplug_moves_the_64bit_aperture() {
-    // A spare for an H100 asks OVMF for a 256 GiB aperture (more than an eighth of the
-    // 40-bit address space, so OVMF places it above memory); with 298 GiB of hotplug
-    // memory and 10 slots, memory ends at 312 GiB and the aperture, aligned to its size,
-    // starts at 512 GiB instead of 256 GiB.
+    // A spare for an H100 asks OVMF for a 512 GiB aperture (256 GiB of windows and more,
+    // rounded up to a power of two; more than an eighth of the 40-bit address space, so
+    // OVMF places it above memory); with 598 GiB of hotplug memory and 10 slots, memory
+    // ends at 612 GiB and the aperture, aligned to its size, starts at 1 TiB instead of
+    // 512 GiB.
     let mut request = request();
     request.spares.push(SpareRequest::new(HotplugProfile::h100(), 1));
     request.options.guest_ram = 2 * GIB;
-    let hotplug = Foreign::new().with_memory_hotplug(MemoryHotplug::new(10, 300 * GIB));
+    let hotplug = Foreign::new().with_memory_hotplug(MemoryHotplug::new(10, 600 * GIB));
     let platform = common::q35_ovmf();
     let plan = plan(&platform, &request.clone().with_foreign(hotplug)).unwrap();
-    assert_eq!(plan.address.mmio64_aperture.unwrap().base, 512 * GIB, "{}", plan.explain());
-    let qemu = start(&plan, &[], "2G,slots=10,maxmem=300G").unwrap();
+    assert_eq!(plan.address.mmio64_aperture.unwrap().base, 1024 * GIB, "{}", plan.explain());
+    let qemu = start(&plan, &[], "2G,slots=10,maxmem=600G").unwrap();
     let devs = qemu.wait_pci(Duration::from_secs(240), programmed(&plan));
     windows_inside_aperture(&plan, &devs).unwrap();
     let blind = pcie_topology::plan(&platform, &request).unwrap();

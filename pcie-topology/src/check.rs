@@ -81,6 +81,14 @@ pub(crate) fn check_address_space(
     // aperture above it.
     let memory_end = plan.memory_hotplug.map(|h| h.end(ram, ram_end)).transpose()?;
     let below_aperture = memory_end.unwrap_or(ram_end);
+    // Room for what the firmware may add to switch downstream ports (OVMF's padding).
+    let padding = match spec.mmio64 {
+        Mmio64Aperture::FwCfgSized { downstream_padding, .. } => {
+            let downstream = plan.ports.iter().filter(|p| p.kind == PortKind::Downstream).count() as u64;
+            downstream_padding.checked_mul(downstream).ok_or(AddressSpaceError::Overflow)?
+        }
+        _ => 0,
+    };
     let grows =
         matches!(spec.mmio64, Mmio64Aperture::GrowsAfterRam | Mmio64Aperture::EndOfAddressSpace { .. });
     let aperture = if let Some(p) = placed {
@@ -88,7 +96,8 @@ pub(crate) fn check_address_space(
     } else if pref.is_empty() && grows {
         None
     } else {
-        spec.mmio64_range_above(below_aperture, pref.size, pref.align)?
+        let with_padding = pref.size.checked_add(padding).ok_or(AddressSpaceError::Overflow)?;
+        spec.mmio64_range_above(below_aperture, with_padding, pref.align)?
     };
     if let (Mmio64Aperture::Fixed { base, .. }, Some(end)) = (spec.mmio64, memory_end) {
         if end > base {

@@ -1019,6 +1019,8 @@ impl Plan {
             .iter()
             .enumerate()
             .filter(|(_, p)| p.occupant.is_none())
+            // A root port with a switch below it has no occupant but no free slot either.
+            .filter(|(_, p)| !self.switches.iter().any(|s| s.root_port == p.id))
             .filter(|(_, p)| (p.kind == PortKind::BridgeSlot) == behind_bridge)
             .filter(|(_, p)| {
                 request.numa_node.is_none() || self.mode != Mode::Numa || p.numa_node == request.numa_node

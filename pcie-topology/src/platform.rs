@@ -93,6 +93,14 @@ pub enum Mmio64Aperture {
         /// an eighth or more, the aperture is placed as above). `None`: never.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         top_eighth_from_bits: Option<u8>,
+        /// Prefetchable space the firmware may add to each switch downstream port on
+        /// top of what is plugged behind it: such a port has no reservation capability,
+        /// and when it is hotplug-capable (native PCIe hotplug) OVMF pads it with its
+        /// default (512 MiB, measured with edk2 2022.11 under QEMU 7.2: a 512 MiB
+        /// placeholder gave a 1 GiB window). The aperture leaves that much room per
+        /// downstream port.
+        #[serde(default)]
+        downstream_padding: u64,
     },
     /// A fixed window of the machine (aarch64 `virt`'s high PCIe MMIO region).
     Fixed {
@@ -310,7 +318,14 @@ impl PlatformSpec {
                 Range { base, size: end.checked_sub(base).ok_or_else(overflow)? }
             }
             Mmio64Aperture::FwCfgSized { default_size, .. } => {
-                let size = align_up(packed, GIB).ok_or_else(overflow)?.max(default_size);
+                // A power of two, at a base aligned to it: power-of-two windows, each
+                // aligned to its size, then always pack into it whatever order the
+                // firmware places them in (an aperture of 257 GiB holds 256 GiB + 512 MiB
+                // only when the 256 GiB window comes first).
+                let size = align_up(packed, GIB)
+                    .and_then(crate::units::next_pow2)
+                    .ok_or_else(overflow)?
+                    .max(default_size);
                 let floor_pow2 = 1u64 << (63 - size.leading_zeros().min(63));
                 let base =
                     align_up(ram_end, GIB).and_then(|b| align_up(b, floor_pow2)).ok_or_else(overflow)?;

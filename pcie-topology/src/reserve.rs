@@ -88,6 +88,18 @@ pub(crate) fn size_window(
     let need_size = align_up(need.size, gran).ok_or_else(overflow)?;
     if need.is_empty() {
         return Ok(match rule {
+            // OVMF reads a reservation of 0 as "none given" and pads the port with its
+            // default instead (512 MiB prefetchable, measured with edk2 2022.11): windows
+            // the plan does not count, which can push a planned window out of the
+            // aperture. The smallest window it honours, 1 MiB, keeps it out.
+            WindowRule::ReservePowerOfTwo if granularity >= pcilibs::requirement::MEM_GRANULARITY => Sized {
+                reserve: Some(gran),
+                window: WindowReservation { size: gran, align: gran },
+                why: format!(
+                    "nothing needs this window; {} because the firmware replaces a reservation of 0 with its default (512 MiB prefetchable)",
+                    human_size(gran)
+                ),
+            },
             WindowRule::ReservePowerOfTwo => Sized {
                 reserve: Some(0),
                 window: WindowReservation::default(),

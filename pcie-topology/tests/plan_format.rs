@@ -132,6 +132,15 @@ fn version_2_plans_read_as_todays_plans() {
         // differs.
         let mut today = today;
         today.platform.mmio64 = old.platform.mmio64;
+        // OVMF's aperture is a power of two since (power-of-two windows then always pack,
+        // and it leaves room for OVMF's padding of downstream ports): a file written
+        // before keeps the aperture, and the fw_cfg size, it was planned with.
+        if file.contains("ovmf") {
+            assert_eq!(old.address.mmio64_aperture.map(|a| a.size), Some(288 << 30), "{file}");
+            assert_eq!(today.address.mmio64_aperture.map(|a| a.size), Some(512 << 30), "{file}");
+            today.address = old.address;
+            today.extra = old.extra.clone();
+        }
         assert_eq!(old, today, "{file}");
     }
     let old = Plan::from_json(&fixture("plan-v2-q35-seabios-switch.json")).unwrap();

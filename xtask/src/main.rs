@@ -108,6 +108,20 @@ struct E2eArgs {
     /// Guests running at the same time.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Instead of scenario files, N random scenarios (seeds S, S+1, …): each must be
+    /// refused by the planner before boot or pass in its guest; a failure is shrunk and
+    /// written to xtask/scenarios/regressions/.
+    #[arg(long, value_name = "N", conflicts_with = "scenarios")]
+    random: Option<u32>,
+    /// First seed of --random (default: from the clock, printed).
+    #[arg(long, value_name = "S", requires = "random")]
+    seed: Option<u64>,
+    /// Guest runs at most per failure to shrink it (0: no shrinking, no file).
+    #[arg(long, default_value_t = 16, requires = "random")]
+    shrink_runs: usize,
+    /// Stop starting random scenarios after this many seconds.
+    #[arg(long, value_name = "SECONDS", requires = "random")]
+    budget_s: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -274,7 +288,20 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             tasks::test(&stack, &more)
         }
-        Cmd::E2e(args) => tasks::e2e(&stack, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
+        Cmd::E2e(args) => match args.random {
+            Some(count) => tasks::random(
+                &stack,
+                &tasks::RandomOptions {
+                    count,
+                    seed: args.seed.unwrap_or_else(tasks::clock_seed),
+                    jobs: args.jobs,
+                    shrink_runs: args.shrink_runs,
+                    budget: args.budget_s.map(Duration::from_secs),
+                    json: args.json,
+                },
+            ),
+            None => tasks::e2e(&stack, &args.scenarios, &args.arch, args.json.as_deref(), args.jobs),
+        },
         Cmd::BootCheck { arch, json } => boot_check(&stack, arch, json),
         Cmd::Bench { args } => tasks::bench(&stack, &args),
         Cmd::Fuzz(args) => fuzz(&stack, args),

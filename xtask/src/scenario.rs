@@ -294,7 +294,7 @@ pub struct DeviceSpec {
     pub id: String,
     /// Device model.
     pub kind: DeviceKind,
-    /// Size of the large BAR (`ivshmem` only).
+    /// Size of the large BAR (`ivshmem` only): a power of two of at least 4 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bar_size: Option<Size>,
     /// Number of functions of the device (1–8), all of `kind`, plugged as one
@@ -479,8 +479,8 @@ impl Scenario {
                 return bad(format!("device `{}`: `bar_size` is required for ivshmem and only for it", d.id));
             }
             if let Some(Size(size)) = d.bar_size {
-                if !size.is_power_of_two() || size < (1 << 20) {
-                    return bad(format!("device `{}`: bar_size must be a power of two of at least 1M", d.id));
+                if !size.is_power_of_two() || size < (4 << 10) {
+                    return bad(format!("device `{}`: bar_size must be a power of two of at least 4K", d.id));
                 }
             }
             if !(1..=8).contains(&d.functions) {

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::e2e::random::{self as rnd, Verdict};
 use crate::e2e::{self, RunContext};
 use crate::scenario::{self, Scenario};
 use guest_harness::arch::Arch;
@@ -100,6 +101,23 @@ pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
         timings.push(format!("end-to-end on {} {:.0} s", s.name(), started.elapsed().as_secs_f64()));
     }
     let started = Instant::now();
+    if let Err(e) = regressions(stack, 2) {
+        failures.push(e);
+    }
+    // A few random scenarios with a seed of their own each run (printed), within a budget.
+    let opts = RandomOptions {
+        count: RANDOM_IN_TEST,
+        seed: clock_seed(),
+        jobs: 2,
+        shrink_runs: 4,
+        budget: Some(RANDOM_BUDGET),
+        json: None,
+    };
+    if let Err(e) = random(stack, &opts) {
+        failures.push(e);
+    }
+    timings.push(format!("regressions and random scenarios {:.0} s", started.elapsed().as_secs_f64()));
+    let started = Instant::now();
     let fuzz = crate::fuzz::Options {
         seconds: crate::fuzz::SMOKE_SECONDS,
         targets: Vec::new(),
@@ -122,6 +140,12 @@ pub fn test(stack: &Stack, more: &[Stack]) -> Result<(), String> {
         Err(failures.join("\n"))
     }
 }
+
+/// Random scenarios `cargo xtask test` runs.
+pub const RANDOM_IN_TEST: u32 = 3;
+
+/// No random scenario of `cargo xtask test` starts after this long.
+pub const RANDOM_BUDGET: Duration = Duration::from_secs(180);
 
 /// Loads the scenarios named (the default set when none), keeps those of `arches` (all
 /// when empty).
@@ -201,4 +225,170 @@ pub fn bench(stack: &Stack, extra: &[String]) -> Result<(), String> {
         args.extend(extra.iter().map(String::as_str));
     }
     cargo(&args, &env)
+}
+
+/// What `cargo xtask e2e --random` runs.
+#[derive(Clone, Debug)]
+pub struct RandomOptions {
+    /// Scenarios to generate.
+    pub count: u32,
+    /// Seed of the first; the others take the next seeds.
+    pub seed: u64,
+    /// Guests at a time.
+    pub jobs: usize,
+    /// Guest runs at most to shrink each failure (0: neither shrink nor write a file).
+    pub shrink_runs: usize,
+    /// Start no scenario after this long.
+    pub budget: Option<Duration>,
+    /// Also write the verdicts as JSON here.
+    pub json: Option<PathBuf>,
+}
+
+/// A seed from the clock (nanoseconds since the epoch), for runs that must differ.
+pub fn clock_seed() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(now.as_nanos() % u128::from(u64::MAX)).unwrap_or(0)
+}
+
+/// `cargo xtask e2e --random N --seed S`: generates scenarios of seeds S, S+1, …, checks
+/// each ([`rnd::check_one`]), prints the verdicts and the counts per platform, shrinks each
+/// failure into `xtask/scenarios/regressions/`; fails when any scenario failed.
+pub fn random(stack: &Stack, opts: &RandomOptions) -> Result<(), String> {
+    let seeds: Vec<u64> = (0..u64::from(opts.count)).map(|i| opts.seed.wrapping_add(i)).collect();
+    let scenarios: Vec<Scenario> = seeds.iter().map(|&s| rnd::generate(s)).collect();
+    eprintln!(
+        "e2e --random: {} scenarios from seed {} (again: cargo xtask e2e --random {} --seed {})",
+        opts.count, opts.seed, opts.count, opts.seed
+    );
+    provision_stack(stack, &[Arch::X86_64, Arch::Aarch64], false)?;
+    let mut ctx = RunContext::new(stack.clone());
+    ctx.unplug = false;
+    let begun = Instant::now();
+    let checked = rnd::run_checked(&scenarios, &ctx, opts.jobs, opts.budget.map(|b| begun + b));
+    let mut t = guest_harness::table::Table::new(["scenario", "platform", "mode", "devices", "s", "verdict"]);
+    for c in &checked {
+        let Some(s) = scenarios.iter().find(|s| s.name == c.scenario) else { continue };
+        let verdict = match &c.verdict {
+            Verdict::Passed => "passed".to_string(),
+            Verdict::Refused(why) => format!("refused before boot: {why}"),
+            Verdict::Failed(why) => format!("FAILED: {}", why.lines().next().unwrap_or("")),
+        };
+        let wall = c.report.as_ref().map_or(0.0, |r| r.wall_ms as f64 / 1000.0);
+        t.row([
+            c.scenario.clone(),
+            c.platform.clone(),
+            s.mode.name().into(),
+            describe(s),
+            format!("{wall:.0}"),
+            verdict,
+        ]);
+    }
+    let failed: Vec<&rnd::Checked> = checked.iter().filter(|c| !c.verdict.ok()).collect();
+    let reports: Vec<e2e::ScenarioReport> = failed.iter().filter_map(|c| c.report.clone()).collect();
+    if !reports.is_empty() {
+        println!("{}", e2e::render(&reports));
+    }
+    println!("{}", t.render());
+    println!("{}", rnd::counts(&checked).render());
+    println!(
+        "{} of {} random scenarios ran in {:.0} s (seeds {}..={}), {} failed",
+        checked.len(),
+        opts.count,
+        begun.elapsed().as_secs_f64(),
+        opts.seed,
+        seeds.last().copied().unwrap_or(opts.seed),
+        failed.len()
+    );
+    if let Some(path) = &opts.json {
+        let text = serde_json::to_string_pretty(&checked).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    let mut kept = Vec::new();
+    for c in &failed {
+        let (Some(s), Verdict::Failed(why)) = (scenarios.iter().find(|s| s.name == c.scenario), &c.verdict)
+        else {
+            continue;
+        };
+        if opts.shrink_runs == 0 {
+            continue;
+        }
+        let seed = seeds.iter().copied().find(|&x| rnd::name(x) == s.name).unwrap_or(opts.seed);
+        let limits = rnd::ShrinkLimits { runs: opts.shrink_runs, time: Duration::from_secs(1800) };
+        let (small, why) = rnd::shrink(s, why, &ctx, opts.jobs, limits);
+        let path = rnd::write_regression(&rnd::regressions_dir(), &small, seed, &why)?;
+        eprintln!("e2e --random: {} shrunk to {} ({})", s.name, path.display(), describe(&small));
+        kept.push(path.display().to_string());
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        let names: Vec<&str> = failed.iter().map(|c| c.scenario.as_str()).collect();
+        Err(format!(
+            "{} of {} random scenarios failed: {}{}",
+            failed.len(),
+            checked.len(),
+            names.join(", "),
+            if kept.is_empty() { String::new() } else { format!("; kept as {}", kept.join(", ")) }
+        ))
+    }
+}
+
+/// The devices of a scenario in a few words: `ivshmem(64G) e1000e×2 spare:nvme no-fit:ivshmem(1T)`.
+fn describe(s: &Scenario) -> String {
+    let mut parts: Vec<String> = s
+        .devices
+        .iter()
+        .map(|d| {
+            let mut t = d.kind.name().to_string();
+            if let Some(b) = d.bar_size {
+                t.push_str(&format!("({b})"));
+            }
+            if d.functions > 1 {
+                t.push_str(&format!("x{}", d.functions));
+            }
+            if d.expect == scenario::PlugExpect::NoFit {
+                t = format!("no-fit:{t}");
+            } else if d.place == scenario::Placement::Spare {
+                t = format!("spare:{t}");
+            }
+            if let Some(g) = &d.group {
+                t.push_str(&format!("@{g}"));
+            }
+            if let Some(n) = d.numa_node {
+                t.push_str(&format!("#n{n}"));
+            }
+            t
+        })
+        .collect();
+    if s.spare_ports > 0 {
+        parts.push(format!("+{} spare ports", s.spare_ports));
+    }
+    parts.join(" ")
+}
+
+/// The regression scenarios (`xtask/scenarios/regressions/`) under the random rule
+/// (refused before boot or passing in the guest); fails when any fails.
+pub fn regressions(stack: &Stack, jobs: usize) -> Result<(), String> {
+    let files = rnd::regression_files().map_err(|e| format!("{}: {e}", rnd::regressions_dir().display()))?;
+    if files.is_empty() {
+        return Ok(());
+    }
+    let scenarios: Vec<Scenario> =
+        files.iter().map(|f| Scenario::load(f)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    provision_stack(stack, &[Arch::X86_64, Arch::Aarch64], false)?;
+    let ctx = RunContext::new(stack.clone());
+    let checked = rnd::run_checked(&scenarios, &ctx, jobs, None);
+    let failed: Vec<String> = checked
+        .iter()
+        .filter_map(|c| match &c.verdict {
+            Verdict::Failed(why) => Some(format!("{}: {}", c.scenario, why.lines().next().unwrap_or(""))),
+            _ => None,
+        })
+        .collect();
+    eprintln!("regressions: {} scenarios, {} failed", checked.len(), failed.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("regression scenarios failed:\n{}", failed.join("\n")))
+    }
 }

@@ -18,6 +18,7 @@ pub mod kata;
 pub mod models;
 pub mod nested;
 pub mod planned;
+pub mod random;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -157,13 +158,16 @@ pub struct RunContext {
     pub run_dir: PathBuf,
     /// Print progress lines.
     pub progress: bool,
+    /// Unplug every device again after the plug checks (planned modes). Random runs,
+    /// which test where BARs land, skip it to run more scenarios in the same time.
+    pub unplug: bool,
 }
 
 impl RunContext {
     /// A context for `stack`, keeping files in `target/e2e/run/<stack>`, with progress.
     pub fn new(stack: Stack) -> Self {
         let run_dir = guest_harness::e2e_dir().join("run").join(stack.name());
-        RunContext { stack, run_dir, progress: true }
+        RunContext { stack, run_dir, progress: true, unplug: true }
     }
 
     /// The folder of one scenario's files, emptied first.

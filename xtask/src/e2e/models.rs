@@ -4,7 +4,10 @@
 //!
 //! BAR layouts are QEMU 7.2's, as the guest kernel reports them on a PCI Express port
 //! (`pcilibs/tests/fixtures/qemu-x86_64/expected.json` holds the same facts read from a
-//! guest): virtio devices there are modern-only, without an I/O BAR.
+//! guest): virtio devices there are modern-only, without an I/O BAR. `virtio-net-pci`
+//! and `e1000e` also carry QEMU's iPXE option ROM (`efi-virtio.rom`, `efi-e1000e.rom`:
+//! 244 KiB in bookworm, 256 KiB in trixie and later), an expansion ROM BAR of 256 KiB
+//! that the guest kernel places in the port's 32-bit window like any other BAR.
 
 use pcilibs::bar::BarKind;
 use pcilibs::requirement::Resource;
@@ -14,7 +17,7 @@ use crate::scenario::DeviceKind;
 /// One BAR of a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarSpec {
-    /// BAR index (0–5).
+    /// BAR index (0–5; [`ROM`] for the expansion ROM).
     pub index: u8,
     /// Address space.
     pub kind: BarKind,
@@ -24,14 +27,30 @@ pub struct BarSpec {
     pub size: u64,
 }
 
+/// The index `query-pci` and the planner give the expansion ROM.
+pub const ROM: u8 = qmp_hotplug::BarExpectation::ROM;
+
+/// QEMU's iPXE option ROMs round up to a 256 KiB ROM BAR.
+const IPXE_ROM: u64 = 256 * KIB;
+
 impl BarSpec {
     const fn new(index: u8, kind: BarKind, prefetchable: bool, size: u64) -> Self {
         BarSpec { index, kind, prefetchable, size }
     }
 
+    /// The expansion ROM of `size` bytes.
+    const fn rom(size: u64) -> Self {
+        BarSpec { index: ROM, kind: BarKind::Mem32, prefetchable: false, size }
+    }
+
+    /// Whether this is the expansion ROM.
+    pub fn is_rom(&self) -> bool {
+        self.index == ROM
+    }
+
     /// As a planner resource.
     pub fn resource(&self) -> Resource {
-        Resource::bar(self.kind, self.prefetchable, self.size)
+        Resource { rom: self.is_rom(), ..Resource::bar(self.kind, self.prefetchable, self.size) }
     }
 }
 
@@ -98,7 +117,11 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
             needs_serial: false,
             cutype: None,
         },
-        DeviceKind::VirtioNet => virtio("virtio-net-pci", 0x1041, &[0x1000, 0x1041], false),
+        DeviceKind::VirtioNet => {
+            let mut m = virtio("virtio-net-pci", 0x1041, &[0x1000, 0x1041], false);
+            m.bars.push(BarSpec::rom(IPXE_ROM));
+            m
+        }
         DeviceKind::VirtioBlk => virtio("virtio-blk-pci", 0x1042, &[0x1001, 0x1042], true),
         DeviceKind::Nvme => Model {
             driver: "nvme",
@@ -120,6 +143,7 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
                 BarSpec::new(1, Mem32, false, 128 * KIB),
                 BarSpec::new(2, Io, false, 32),
                 BarSpec::new(3, Mem32, false, 16 * KIB),
+                BarSpec::rom(IPXE_ROM),
             ],
             needs_drive: false,
             needs_serial: false,
@@ -133,7 +157,7 @@ pub fn model(kind: DeviceKind, bar_size: Option<u64>) -> Model {
 impl Model {
     /// The (index, size) pairs the guest must show, for [`guest_harness::reporter::GuestState::bar_problems`].
     pub fn expected_bars(&self) -> Vec<(u8, u64)> {
-        self.bars.iter().map(|b| (b.index, b.size)).collect()
+        self.bars.iter().filter(|b| !b.is_rom()).map(|b| (b.index, b.size)).collect()
     }
 
     /// Planner resources of one function.
@@ -165,8 +189,8 @@ mod tests {
             assert_eq!(f["vendor"].as_str().unwrap(), format!("{:04x}", m.vendor), "{bdf}");
             assert_eq!(f["device"].as_str().unwrap(), format!("{:04x}", m.device), "{bdf}");
             let bars = f["bars"].as_object().unwrap();
-            assert_eq!(bars.len(), m.bars.len(), "{bdf}");
-            for b in &m.bars {
+            assert_eq!(bars.len(), m.expected_bars().len(), "{bdf}");
+            for b in m.bars.iter().filter(|b| !b.is_rom()) {
                 let want = &bars[&b.index.to_string()];
                 assert_eq!(want["size"].as_u64().unwrap(), b.size, "{bdf} BAR {}", b.index);
                 assert_eq!(want["prefetchable"].as_bool().unwrap(), b.prefetchable, "{bdf} BAR {}", b.index);
