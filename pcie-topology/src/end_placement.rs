@@ -136,25 +136,8 @@ impl EndPlacement {
             base = lower;
         }
         let base = align_up(base, first_align).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
-        let mut starts = vec![0u64; entries.len()];
-        let mut placed: Vec<(WindowReservation, u64)> = Vec::with_capacity(order.len());
-        let mut at = base;
-        for (i, w) in &order {
-            if let Some(s) = starts.get_mut(*i) {
-                *s = at;
-            }
-            placed.push((*w, at));
-            at = at.checked_add(w.size).ok_or_else(overflow)?;
-        }
-        let end = align_up(at, GIB).ok_or_else(overflow)?;
-        if end > self.top {
-            return Ok(None);
-        }
-        let tie_starts = entries
-            .iter()
-            .map(|e| placed.iter().filter(|(w, _)| *w == e.window).map(|(_, s)| *s).collect())
-            .collect();
-        Ok(Some(Layout { region: Range::new(base, end - base), starts, tie_starts }))
+        let layout = lay_out_from(base, entries, &order)?;
+        Ok((layout.region.end() <= self.top).then_some(layout))
     }
 }
 
@@ -168,10 +151,22 @@ pub(crate) fn layout_after_ram(floor: u64, entries: &[Entry]) -> Result<Layout, 
     order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
     let first_align = order.first().map_or(1, |(_, w)| w.align.max(1));
     let base = align_up(floor, first_align).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
+    lay_out_from(base, entries, &order)
+}
+
+/// Places the windows of `order` one after the other from `base`; the region ends at the
+/// next 1 GiB boundary. Each entry's start, and the starts of every window equal to its
+/// own (the places its tie group may get).
+fn lay_out_from(
+    base: u64,
+    entries: &[Entry],
+    order: &[(usize, WindowReservation)],
+) -> Result<Layout, AddressSpaceError> {
+    let overflow = || AddressSpaceError::Overflow;
     let mut starts = vec![0u64; entries.len()];
     let mut placed: Vec<(WindowReservation, u64)> = Vec::with_capacity(order.len());
     let mut at = base;
-    for (i, w) in &order {
+    for (i, w) in order {
         if let Some(s) = starts.get_mut(*i) {
             *s = at;
         }

@@ -200,11 +200,7 @@ impl<'a> Builder<'a> {
         }
         let WindowRule::ReservePlaced { start_align } = self.spec.window_rule else { return Ok(None) };
         let ram = self.opts.guest_ram;
-        let ram_end = self.spec.ram_end(ram)?;
-        let floor = match self.request.foreign.memory_hotplug {
-            Some(h) => h.end(ram, ram_end)?,
-            None => ram_end,
-        };
+        let floor = self.aperture_floor()?;
         let targets = self.end_targets()?;
         let unpadded: Vec<WindowReservation> = self.ports.iter().map(|p| p.reservation.pref).collect();
         let widths: Vec<u8> = match self.opts.guest_phys_bits {
@@ -325,6 +321,17 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Where the 64-bit windows may begin: the end of RAM, or of memory hotplug's device
+    /// memory region above it.
+    fn aperture_floor(&self) -> Result<u64, PlanError> {
+        let ram = self.opts.guest_ram;
+        let ram_end = self.spec.ram_end(ram)?;
+        Ok(match self.request.foreign.memory_hotplug {
+            Some(h) => h.end(ram, ram_end)?,
+            None => ram_end,
+        })
+    }
+
     /// SeaBIOS up to 1.16.2 lays the windows out upwards from the end of RAM; one that
     /// comes to straddle QEMU's reserved range below 1 TiB ([`AMD_HT_HOLE`]) may have no
     /// aligned slot left for its largest BAR outside it (measured: 4 × 128 GiB windows of
@@ -332,12 +339,7 @@ impl<'a> Builder<'a> {
     /// The first window in the firmware's order grows until every hotplug port's window
     /// holds its profile clear of the range.
     fn avoid_hole_after_ram(&mut self, bridges: &[PciBridge]) -> Result<(), PlanError> {
-        let ram = self.opts.guest_ram;
-        let ram_end = self.spec.ram_end(ram)?;
-        let floor = match self.request.foreign.memory_hotplug {
-            Some(h) => h.end(ram, ram_end)?,
-            None => ram_end,
-        };
+        let floor = self.aperture_floor()?;
         let targets = self.end_targets()?;
         let windows: Vec<WindowReservation> = self.ports.iter().map(|p| p.reservation.pref).collect();
         let no_pad = EndPlacement { top: u64::MAX, pad: false, floor };

@@ -45,6 +45,7 @@ use qmp_hotplug::{
 };
 
 use super::models::{model, Model};
+use super::planned::numa_args;
 use super::{Row, RunContext, ScenarioReport};
 use crate::scenario::{DeviceKind, DeviceSpec, KataSection, Scenario};
 use guest_harness::firmware::Firmware;
@@ -152,26 +153,6 @@ fn with_ids(mut request: qmp_hotplug::PlugRequest, m: &Model) -> qmp_hotplug::Pl
         }
     }
     request
-}
-
-/// `-object`/`-numa` arguments for `nodes` guest NUMA nodes sharing `memory_mib`.
-fn numa_args(nodes: u32, memory_mib: u32) -> Vec<String> {
-    if nodes == 0 {
-        return Vec::new();
-    }
-    let each = memory_mib / nodes;
-    let mut args = Vec::new();
-    for n in 0..nodes {
-        let size = if n == 0 { memory_mib - each * (nodes - 1) } else { each };
-        let cpus = if n == 0 { ",cpus=0" } else { "" };
-        args.extend([
-            "-object".to_string(),
-            format!("memory-backend-ram,id=numa{n},size={size}M"),
-            "-numa".to_string(),
-            format!("node,nodeid={n}{cpus},memdev=numa{n}"),
-        ]);
-    }
-    args
 }
 
 fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport) -> Result<()> {

@@ -206,7 +206,7 @@ fn guest_spec(scenario: &Scenario, planned: &Planned) -> GuestSpec {
 
 /// `-object`/`-numa` arguments for `nodes` guest NUMA nodes sharing `memory_mib` evenly
 /// (node 0 gets the rest); the one vCPU sits on node 0, the other nodes hold memory only.
-fn numa_args(nodes: u32, memory_mib: u32) -> Vec<String> {
+pub(crate) fn numa_args(nodes: u32, memory_mib: u32) -> Vec<String> {
     if nodes == 0 {
         return Vec::new();
     }
