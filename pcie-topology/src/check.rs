@@ -158,7 +158,9 @@ pub(crate) fn check_address_space(
         mmio32_available: spec.mmio32.size,
         io_needed: io,
         io_available: spec.io.size,
-        mmio64_needed: pref.size,
+        // Where the firmware lays the windows out end to end, the region it takes is what
+        // they need; packing by alignment (the bound elsewhere) can exceed it.
+        mmio64_needed: placed.map_or(pref.size, |p| p.region.size),
         mmio64_aperture: aperture,
         ram_end,
         memory_end,

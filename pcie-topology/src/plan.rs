@@ -379,7 +379,9 @@ pub struct AddressReport {
     pub io_needed: u64,
     /// I/O ports available.
     pub io_available: u64,
-    /// 64-bit MMIO the windows need (packed by alignment).
+    /// 64-bit MMIO the windows need: packed by alignment, or, where the firmware lays
+    /// them out end to end from where the plan says (SeaBIOS from 1.16.3 on), the region
+    /// they take there.
     pub mmio64_needed: u64,
     /// Where the 64-bit aperture will be (`None`: no 64-bit window).
     pub mmio64_aperture: Option<crate::platform::Range>,

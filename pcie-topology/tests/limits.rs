@@ -332,3 +332,27 @@ fn ram_past_the_bound_is_a_phys_bits_error() {
         );
     }
 }
+
+/// Found by the `plan_request` fuzz target (reproducer `end-of-space-needed-over-region`):
+/// under SeaBIOS from 1.16.3 on the windows are laid out end to end where the plan says,
+/// and the report gave the packed-by-alignment sum (383 GiB for three A100 spares) as
+/// what is needed next to a 320 GiB aperture that holds them. The report's need is now
+/// the region the windows take, never more than the aperture.
+#[test]
+fn end_of_space_report_needs_no_more_than_its_aperture() {
+    use arch_x86_aarch64::FirmwareGeneration;
+    let a100 = pcie_topology::HotplugProfile::parse("16M:mem32,64G:pref64,32M:pref64").unwrap();
+    for generation in [FirmwareGeneration::SeaBiosEndOfSpace, FirmwareGeneration::SeaBiosEndOfSpaceCapped] {
+        for count in 1..=4 {
+            let platform = Q35::for_generation(generation, "").unwrap();
+            let request = PlanRequest::default()
+                .with_spares(vec![pcie_topology::SpareRequest::new(a100.clone(), count)]);
+            let plan = pcie_topology::plan(&platform, &request).unwrap();
+            let a = &plan.address;
+            let aperture = a.mmio64_aperture.unwrap();
+            assert!(a.mmio64_needed <= aperture.size, "{generation:?} x{count}: {a:?}");
+            let windows: u64 = plan.ports.iter().map(|p| p.reservation.pref.size).sum();
+            assert!(a.mmio64_needed >= windows, "{generation:?} x{count}: {a:?}");
+        }
+    }
+}
