@@ -64,9 +64,14 @@ impl<'a> Builder<'a> {
             return PortSizing::Reserved;
         }
         // The firmware gives an empty downstream port minimum memory windows and no I/O
-        // window: an I/O BAR needs a placeholder as much as a large memory BAR does.
+        // window: an I/O BAR needs a placeholder as much as a large memory BAR does, where
+        // the placeholder's boot-time windows are measured (SeaBIOS). Under OVMF the plan
+        // would claim power-of-two windows the firmware does not give a boot device (18 MiB
+        // measured for a 32 MiB claim), so there an I/O BAR is refused at the minimum.
+        let io_needs_placeholder =
+            !need.io.is_empty() && self.spec.window_rule != WindowRule::ReservePowerOfTwo;
         let beyond_minimum =
-            !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY && need.io.is_empty());
+            !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY) || io_needs_placeholder;
         if self.opts.switch_placeholders && beyond_minimum {
             PortSizing::Placeholder
         } else {
