@@ -49,7 +49,7 @@ use super::planned::numa_args;
 use super::{Row, RunContext, ScenarioReport};
 use crate::scenario::{DeviceKind, DeviceSpec, KataSection, Scenario};
 use guest_harness::firmware::Firmware;
-use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::guest::{Guest, GuestSpec};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -196,13 +196,7 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
     spec.cmdline.extend(config.kernel_params.split_whitespace().map(String::from));
     spec.cmdline.extend(plan.kernel_args().iter().cloned());
     spec.phys_bits = plan.cpu_phys_bits();
-    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(s)?;
-    report.set_versions(scenario, &assets);
-    let guest = Guest::boot(&spec, &assets).map_err(s)?;
-    report.qemu = guest.command_line();
-    report.accel = guest.accel().qemu_name().into();
-    report.boot_ms = guest.boot_time().map(|d| d.as_millis());
-    std::fs::write(dir.join("qemu.txt"), format!("{}\n", report.qemu)).map_err(s)?;
+    let guest = super::boot_recorded(scenario, &spec, ctx, &dir, report)?;
 
     // The VMM's connection, held for the whole run.
     let mut options = ClientOptions::default();

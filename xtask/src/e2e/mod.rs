@@ -20,12 +20,12 @@ pub mod nested;
 pub mod planned;
 pub mod random;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::scenario::{Mode, Scenario};
-use guest_harness::guest::GuestAssets;
+use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
 use guest_harness::stacks::Stack;
 use guest_harness::table::Table;
 
@@ -69,6 +69,27 @@ impl Row {
         }
         self.ok = false;
     }
+}
+
+/// Boots `spec` with the stack's assets for `scenario` and records in `report` what ran:
+/// the versions, QEMU's command line (also written to `dir/qemu.txt`), the accelerator
+/// and the boot time.
+pub(crate) fn boot_recorded(
+    scenario: &Scenario,
+    spec: &GuestSpec,
+    ctx: &RunContext,
+    dir: &Path,
+    report: &mut ScenarioReport,
+) -> Result<Guest, String> {
+    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(|e| e.to_string())?;
+    report.set_versions(scenario, &assets);
+    let guest = Guest::boot(spec, &assets).map_err(|e| e.to_string())?;
+    report.qemu = guest.command_line();
+    report.accel = guest.accel().qemu_name().into();
+    report.boot_ms = guest.boot_time().map(|d| d.as_millis());
+    let file = dir.join("qemu.txt");
+    std::fs::write(&file, format!("{}\n", report.qemu)).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(guest)
 }
 
 /// What one scenario did.

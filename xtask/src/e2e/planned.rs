@@ -34,7 +34,7 @@ use crate::scenario::{
 };
 use guest_harness::arch::Arch;
 use guest_harness::firmware::Firmware;
-use guest_harness::guest::{Guest, GuestAssets, GuestSpec};
+use guest_harness::guest::{Guest, GuestSpec};
 use guest_harness::reporter::{GuestState, PciDevice};
 use guest_harness::stacks::{StackRoot, OVMF_FD, SEABIOS_BIN};
 use pcilibs::bdf::Bdf;
@@ -266,13 +266,7 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
     std::fs::write(dir.join("plan.json"), planned.plan.to_json().map_err(s)?).map_err(s)?;
     std::fs::write(dir.join("plan.txt"), planned.plan.explain()).map_err(s)?;
     let spec = guest_spec(scenario, &planned);
-    let assets = GuestAssets::ensure(&ctx.stack, scenario.arch).map_err(s)?;
-    report.set_versions(scenario, &assets);
-    let guest = Guest::boot(&spec, &assets).map_err(s)?;
-    report.qemu = guest.command_line();
-    report.accel = guest.accel().qemu_name().into();
-    report.boot_ms = guest.boot_time().map(|d| d.as_millis());
-    std::fs::write(dir.join("qemu.txt"), format!("{}\n", report.qemu)).map_err(s)?;
+    let guest = super::boot_recorded(scenario, &spec, ctx, &dir, report)?;
 
     // The engine's client is the QMP client of this guest: QEMU serves one at a time.
     let mut client_options = ClientOptions::default();
