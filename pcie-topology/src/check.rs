@@ -12,19 +12,8 @@ use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{AddressReport, Plan, Port, PortKind};
 use crate::planner::Placed;
 use crate::platform::{Mmio64Aperture, Range, Totals};
-use crate::reserve::WindowReservation;
+use crate::reserve::{pack_windows as pack, WindowReservation};
 use crate::units::{bits_for_end, MAX_PHYS_BITS};
-
-/// Packs windows largest alignment first (the order firmware places them in).
-fn pack(windows: impl Iterator<Item = WindowReservation>) -> Result<WindowRequirement, AddressSpaceError> {
-    let mut list: Vec<WindowReservation> = windows.filter(|w| w.size > 0).collect();
-    list.sort_by_key(|w| std::cmp::Reverse((w.align, w.size)));
-    let mut total = WindowRequirement::default();
-    for w in list {
-        total = total.combine(&w.as_requirement()).ok_or(AddressSpaceError::Overflow)?;
-    }
-    Ok(total)
-}
 
 /// Checks 32-bit hole, I/O space, 64-bit aperture and physical address width.
 ///

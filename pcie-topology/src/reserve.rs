@@ -47,6 +47,23 @@ impl WindowReservation {
     }
 }
 
+/// The space `windows` take when firmware places them one after another: largest
+/// alignment first and, among equal alignments, in the order given (the bus scan order),
+/// each at the next address its alignment allows. EDK2 orders a bridge's children so;
+/// where a window's size is not a multiple of its alignment (OVMF's boot-time windows),
+/// another order would need a different amount of space.
+pub(crate) fn pack_windows(
+    windows: impl Iterator<Item = WindowReservation>,
+) -> Result<WindowRequirement, AddressSpaceError> {
+    let mut list: Vec<WindowReservation> = windows.filter(|w| w.size > 0).collect();
+    list.sort_by_key(|w| std::cmp::Reverse(w.align));
+    let mut total = WindowRequirement::default();
+    for w in list {
+        total = total.combine(&w.as_requirement()).ok_or(AddressSpaceError::Overflow)?;
+    }
+    Ok(total)
+}
+
 /// How one window of one port is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sized {
@@ -119,25 +136,7 @@ pub(crate) fn size_window(
         });
     }
     if present_at_boot {
-        // Firmware aligns the window to its largest boot-time child and rounds its size up
-        // to that alignment.
-        let align = need.align.max(gran);
-        let size = align_up(need_size, align).ok_or_else(overflow)?;
-        let window = WindowReservation { size, align };
-        let reserve = match rule {
-            WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePlaced { .. } => Some(need_size),
-            WindowRule::ReservePowerOfTwo => Some(0),
-            _ => None,
-        };
-        return Ok(Sized {
-            reserve,
-            window,
-            why: format!(
-                "{} for what is plugged at boot; firmware aligns the window to its largest BAR ({}) and rounds it to that",
-                human_size(size),
-                human_size(align)
-            ),
-        });
+        return boot_sized(rule, need.align.max(gran), need_size, granularity);
     }
     Ok(match rule {
         // Under ReservePlaced too: the 32-bit windows are placed in the 32-bit hole with
@@ -192,6 +191,49 @@ pub(crate) fn size_window(
     })
 }
 
+/// A window sized by firmware from what is plugged at boot: aligned to the largest child
+/// (`align`), holding the children packed (`need_size`, already in window steps).
+fn boot_sized(
+    rule: WindowRule,
+    align: u64,
+    need_size: u64,
+    granularity: u64,
+) -> Result<Sized, AddressSpaceError> {
+    let overflow = || AddressSpaceError::Overflow;
+    if rule == WindowRule::ReservePowerOfTwo {
+        // EDK2's PCI bus driver packs the children and rounds the sum up to the window
+        // granularity only (1 MiB, 4 KiB for I/O): BARs of 16 MiB, 1 MiB and 8 KiB get an
+        // 18 MiB window, measured. The port's reservation then pads the window to at least
+        // the reserved size, and a prefetchable reservation of 0 means "the firmware's
+        // default" (hundreds of MiB): 1 MiB asks for nothing beyond what the children take.
+        let mem = granularity >= pcilibs::requirement::MEM_GRANULARITY;
+        return Ok(Sized {
+            reserve: Some(if mem { granularity } else { 0 }),
+            window: WindowReservation { size: need_size, align },
+            why: format!(
+                "{} for what is plugged at boot; firmware packs the BARs and aligns the window to the largest ({})",
+                human_size(need_size),
+                human_size(align)
+            ),
+        });
+    }
+    // SeaBIOS also rounds the window's size up to that alignment.
+    let size = align_up(need_size, align).ok_or_else(overflow)?;
+    let reserve = match rule {
+        WindowRule::ReserveUnaligned { .. } | WindowRule::ReservePlaced { .. } => Some(need_size),
+        _ => None,
+    };
+    Ok(Sized {
+        reserve,
+        window: WindowReservation { size, align },
+        why: format!(
+            "{} for what is plugged at boot; firmware aligns the window to its largest BAR ({}) and rounds it to that",
+            human_size(size),
+            human_size(align)
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +274,23 @@ mod tests {
         // As SeaBIOS showed behind a switch port: 128 GiB + 32 MiB rounds up to 256 GiB.
         assert_eq!(s.window, WindowReservation { size: 256 * GIB, align: 128 * GIB });
         assert!(s.window.holds(&H100_PREF));
+    }
+
+    /// OVMF gave a switch downstream port whose boot-time placeholder has BARs of 16 MiB,
+    /// 1 MiB and 8 KiB an 18 MiB window at 16 MiB alignment, not 32 MiB (random seed 3001).
+    #[test]
+    fn ovmf_boot_time_windows_are_the_packed_bars_in_mib_steps() {
+        let bars = WindowRequirement { size: 17 * MIB + 8 * 1024, align: 16 * MIB };
+        let s = size_window(WindowRule::ReservePowerOfTwo, &bars, MIB, true).unwrap();
+        assert_eq!(s.window, WindowReservation { size: 18 * MIB, align: 16 * MIB });
+        // A prefetchable reservation of 0 would pad the window to the firmware's default.
+        assert_eq!(s.reserve, Some(MIB));
+        let io = WindowRequirement { size: 32, align: 32 };
+        let s = size_window(WindowRule::ReservePowerOfTwo, &io, 4 * 1024, true).unwrap();
+        assert_eq!((s.window.size, s.reserve), (4 * 1024, Some(0)));
+        // SeaBIOS rounds the same window up to its alignment.
+        let s = size_window(WindowRule::ReserveUnaligned { start_align: 2 * MIB }, &bars, MIB, true).unwrap();
+        assert_eq!(s.window, WindowReservation { size: 32 * MIB, align: 16 * MIB });
     }
 
     /// Sizes whose window would not fit 64 bits were sized `u64::MAX` (a reservation of

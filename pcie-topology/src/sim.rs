@@ -2,7 +2,7 @@
 //! BARs inside them, used to check a plan's promise that every BAR fits.
 //!
 //! The layout follows the firmware's order: the root-level windows of each kind are
-//! sorted by their (guaranteed) alignment, largest first, then by size, and placed one
+//! sorted by their (guaranteed) alignment, largest first, then in bus order, and placed one
 //! after another from the aperture base; windows of downstream ports are placed the same
 //! way inside their root port's window. BARs are then assigned inside a window largest
 //! alignment first, each at the next address aligned to its size, as Linux does. The
@@ -88,7 +88,8 @@ fn place_sequence(
     kind: WindowKind,
 ) -> Result<Vec<PlacedWindow>, AddressSpaceError> {
     let mut list: Vec<&(QemuId, WindowReservation)> = windows.iter().filter(|(_, w)| w.size > 0).collect();
-    list.sort_by_key(|w| std::cmp::Reverse((w.1.align, w.1.size)));
+    // Stable: equal alignments keep the bus scan order, as in `reserve::pack_windows`.
+    list.sort_by_key(|w| std::cmp::Reverse(w.1.align));
     let mut cursor = base;
     let mut out = Vec::new();
     for (port, w) in list {

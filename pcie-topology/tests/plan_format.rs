@@ -141,6 +141,16 @@ fn version_2_plans_read_as_todays_plans() {
             today.address = old.address;
             today.extra = old.extra.clone();
         }
+        // A switch's root port records what its downstream windows need packed the way
+        // firmware places them, largest alignment first (98 MiB here, 112 MiB in port
+        // order before); its window is what it was.
+        for (o, t) in old.ports.iter().zip(today.ports.iter_mut()) {
+            if t.reservation.purpose.starts_with("switch ") {
+                assert_eq!(o.reservation.mem, t.reservation.mem, "{file}: {}", t.id);
+                assert!(t.reservation.need.mem.size <= o.reservation.need.mem.size, "{file}: {}", t.id);
+                t.reservation.need = o.reservation.need;
+            }
+        }
         assert_eq!(old, today, "{file}");
     }
     let old = Plan::from_json(&fixture("plan-v2-q35-seabios-switch.json")).unwrap();

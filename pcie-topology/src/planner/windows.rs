@@ -12,7 +12,7 @@ use crate::plan::{
 use crate::platform::{BusNumbering, WindowRule};
 use crate::qemu::{DevFn, PropValue, QemuDevice, QemuId, QemuObject};
 use crate::request::{DeviceRequest, RequestError};
-use crate::reserve::{size_window, WindowReservation};
+use crate::reserve::{pack_windows, size_window, WindowReservation};
 use crate::units::{human_size, next_pow2, MIB};
 
 /// The rule a port's windows are sized by: how the firmware (or the guest kernel) will
@@ -64,14 +64,9 @@ impl<'a> Builder<'a> {
             return PortSizing::Reserved;
         }
         // The firmware gives an empty downstream port minimum memory windows and no I/O
-        // window: an I/O BAR needs a placeholder as much as a large memory BAR does, where
-        // the placeholder's boot-time windows are measured (SeaBIOS). Under OVMF the plan
-        // would claim power-of-two windows the firmware does not give a boot device (18 MiB
-        // measured for a 32 MiB claim), so there an I/O BAR is refused at the minimum.
-        let io_needs_placeholder =
-            !need.io.is_empty() && self.spec.window_rule != WindowRule::ReservePowerOfTwo;
+        // window: an I/O BAR needs a placeholder as much as a large memory BAR does.
         let beyond_minimum =
-            !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY) || io_needs_placeholder;
+            !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY) || !need.io.is_empty();
         if self.opts.switch_placeholders && beyond_minimum {
             PortSizing::Placeholder
         } else {
@@ -199,16 +194,17 @@ impl<'a> Builder<'a> {
         let (hp_mem, hp_pref) = (self.hotplug_totals.hotplug_mem, self.hotplug_totals.hotplug_pref);
         let switches = self.switches.clone();
         for sw in &switches {
-            let mut need = Requirement::default();
-            for p in self.ports.iter().filter(|p| p.switch.as_ref() == Some(&sw.id)) {
-                let r = &p.reservation;
-                let windows = Requirement {
-                    mem: r.mem.as_requirement(),
-                    pref: r.pref.as_requirement(),
-                    io: r.io.as_requirement(),
-                };
-                need = need.combine(&windows).map_err(|_| AddressSpaceError::Overflow)?;
-            }
+            let below: Vec<&Reservation> = self
+                .ports
+                .iter()
+                .filter(|p| p.switch.as_ref() == Some(&sw.id))
+                .map(|p| &p.reservation)
+                .collect();
+            let need = Requirement {
+                mem: pack_windows(below.iter().map(|r| r.mem))?,
+                pref: pack_windows(below.iter().map(|r| r.pref))?,
+                io: pack_windows(below.iter().map(|r| r.io))?,
+            };
             let mut res = self.sized(&need, true)?;
             res.why.insert(0, format!("covers the windows of switch {}'s downstream ports", sw.id));
             if kernel {
