@@ -65,9 +65,8 @@ impl<'a> Builder<'a> {
         }
         // The firmware gives an empty downstream port minimum memory windows and no I/O
         // window: an I/O BAR needs a placeholder as much as a large memory BAR does.
-        let beyond_minimum =
-            !(need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY) || !need.io.is_empty();
-        if self.opts.switch_placeholders && beyond_minimum {
+        let at_minimum = need.pref.is_empty() && need.mem.size <= MEM_GRANULARITY && need.io.is_empty();
+        if self.opts.switch_placeholders && !at_minimum {
             PortSizing::Placeholder
         } else {
             PortSizing::FirmwareMinimum
