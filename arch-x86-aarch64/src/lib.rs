@@ -114,7 +114,8 @@ pub const AAVMF_PATH: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
 pub const OVMF_DEFAULT_MMIO64: u64 = 32 * GIB;
 /// OVMF's default prefetchable padding of a hotplug-capable bridge that carries no
 /// reservation (a switch downstream port under native PCIe hotplug; a root port with
-/// `pref64-reserve=0`): 512 MiB (edk2 2022.11).
+/// `pref64-reserve=0`) as measured in a 128 GiB aperture: 512 MiB (edk2 2022.11). It is
+/// a 256th of the aperture, which the planner counts for larger ones.
 pub const OVMF_DEFAULT_PREF_PADDING: u64 = 512 * MIB;
 /// From this many guest physical address bits on, OVMF makes an aperture smaller than an
 /// eighth of the address space that eighth, at its top (measured with Debian's edk2

@@ -15,6 +15,47 @@ use crate::platform::{Mmio64Aperture, Range, Totals};
 use crate::reserve::{pack_windows as pack, WindowReservation};
 use crate::units::{bits_for_end, MAX_PHYS_BITS};
 
+/// The prefetchable padding OVMF gives a hotplug-capable bridge that carries no
+/// reservation (a switch downstream port): a 256th of its 64-bit aperture, once that is
+/// larger than the 32 GiB default (EDK2's `PciHotPlugInitDxe` since edk2-stable202211);
+/// at least `floor`, the padding measured.
+fn ovmf_padding(aperture: u64, floor: u64) -> Result<u64, AddressSpaceError> {
+    const DEFAULT_APERTURE: u64 = 32 << 30;
+    let share = if aperture > DEFAULT_APERTURE {
+        crate::units::next_pow2(aperture >> 8).ok_or(AddressSpaceError::Overflow)?
+    } else {
+        0
+    };
+    Ok(share.max(floor))
+}
+
+/// An OVMF aperture that holds `pref` and the padding of `downstream` switch downstream
+/// ports, the padding depending on the aperture's own size: grown until both fit (a
+/// handful of doublings; more downstream ports than a 256th each allows overflow and are
+/// an error).
+fn padded_aperture(
+    spec: &crate::platform::PlatformSpec,
+    below: u64,
+    pref: WindowRequirement,
+    downstream: u64,
+    floor: u64,
+) -> Result<Option<Range>, AddressSpaceError> {
+    let mut each = floor;
+    for _ in 0..64 {
+        let padding = each.checked_mul(downstream).ok_or(AddressSpaceError::Overflow)?;
+        let with_padding = pref.size.checked_add(padding).ok_or(AddressSpaceError::Overflow)?;
+        let Some(range) = spec.mmio64_range_above(below, with_padding, pref.align)? else {
+            return Ok(None);
+        };
+        let needed_each = if downstream == 0 { 0 } else { ovmf_padding(range.size, floor)? };
+        if needed_each <= each {
+            return Ok(Some(range));
+        }
+        each = needed_each;
+    }
+    Err(AddressSpaceError::Overflow)
+}
+
 /// Checks 32-bit hole, I/O space, 64-bit aperture and physical address width.
 ///
 /// `placed` is the 64-bit region the planner laid out for firmware that places it at the
@@ -70,23 +111,17 @@ pub(crate) fn check_address_space(
     // aperture above it.
     let memory_end = plan.memory_hotplug.map(|h| h.end(ram, ram_end)).transpose()?;
     let below_aperture = memory_end.unwrap_or(ram_end);
-    // Room for what the firmware may add to switch downstream ports (OVMF's padding).
-    let padding = match spec.mmio64 {
-        Mmio64Aperture::FwCfgSized { downstream_padding, .. } => {
-            let downstream = plan.ports.iter().filter(|p| p.kind == PortKind::Downstream).count() as u64;
-            downstream_padding.checked_mul(downstream).ok_or(AddressSpaceError::Overflow)?
-        }
-        _ => 0,
-    };
     let grows =
         matches!(spec.mmio64, Mmio64Aperture::GrowsAfterRam | Mmio64Aperture::EndOfAddressSpace { .. });
     let aperture = if let Some(p) = placed {
         Some(p.region)
     } else if pref.is_empty() && grows {
         None
+    } else if let Mmio64Aperture::FwCfgSized { downstream_padding, .. } = spec.mmio64 {
+        let downstream = plan.ports.iter().filter(|p| p.kind == PortKind::Downstream).count() as u64;
+        padded_aperture(spec, below_aperture, pref, downstream, downstream_padding)?
     } else {
-        let with_padding = pref.size.checked_add(padding).ok_or(AddressSpaceError::Overflow)?;
-        spec.mmio64_range_above(below_aperture, with_padding, pref.align)?
+        spec.mmio64_range_above(below_aperture, pref.size, pref.align)?
     };
     if let (Mmio64Aperture::Fixed { base, .. }, Some(end)) = (spec.mmio64, memory_end) {
         if end > base {

@@ -93,12 +93,13 @@ pub enum Mmio64Aperture {
         /// an eighth or more, the aperture is placed as above). `None`: never.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         top_eighth_from_bits: Option<u8>,
-        /// Prefetchable space the firmware may add to each switch downstream port on
-        /// top of what is plugged behind it: such a port has no reservation capability,
-        /// and when it is hotplug-capable (native PCIe hotplug) OVMF pads it with its
-        /// default (512 MiB, measured with edk2 2022.11 under QEMU 7.2: a 512 MiB
-        /// placeholder gave a 1 GiB window). The aperture leaves that much room per
-        /// downstream port.
+        /// Least prefetchable padding the firmware may give each switch downstream
+        /// port: such a port has no reservation capability, and when it is
+        /// hotplug-capable (native PCIe hotplug) OVMF widens its window to its default
+        /// padding, a 256th of the 64-bit aperture once that is above 32 GiB (512 MiB
+        /// measured in a 128 GiB aperture; a 512 MiB placeholder got a 1 GiB window in
+        /// a 256 GiB one; edk2 2022.11 under QEMU 7.2). The aperture leaves room for
+        /// the larger of this and its own 256th per downstream port.
         #[serde(default)]
         downstream_padding: u64,
     },
