@@ -181,10 +181,11 @@ fn lay_out_from(
     Ok(Layout { region: Range::new(base, end - base), starts, tie_starts })
 }
 
-/// Index of the entry the firmware places first (largest alignment, then size).
-pub(crate) fn first_in_order(entries: &[Entry]) -> Option<usize> {
+/// Index of the first entry in the firmware's order (largest alignment, then size) that
+/// `pick` accepts.
+pub(crate) fn first_in_order(entries: &[Entry], pick: impl Fn(usize) -> bool) -> Option<usize> {
     let mut order: Vec<(usize, WindowReservation)> =
-        entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
+        entries.iter().map(|e| e.window).enumerate().filter(|(i, w)| w.size > 0 && pick(*i)).collect();
     order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
     order.first().map(|(i, _)| *i)
 }

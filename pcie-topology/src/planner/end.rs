@@ -335,9 +335,11 @@ impl<'a> Builder<'a> {
     /// SeaBIOS up to 1.16.2 lays the windows out upwards from the end of RAM; one that
     /// comes to straddle QEMU's reserved range below 1 TiB ([`AMD_HT_HOLE`]) may have no
     /// aligned slot left for its largest BAR outside it (measured: 4 × 128 GiB windows of
-    /// 256 GiB + 30 MiB, the fourth from 772 GiB, its only slot at 896 GiB..1 TiB refused).
-    /// The first window in the firmware's order grows until every hotplug port's window
-    /// holds its profile clear of the range.
+    /// 256 GiB + 30 MiB, the fourth from 772 GiB, its only slot at 896 GiB..1 TiB refused;
+    /// random seed 2004: two 256 GiB spare windows, the second at
+    /// 0x80ffe00000-0x100ffbfffff, its only slot 768 GiB..1 TiB refused). The first port
+    /// window in the firmware's order grows until every hotplug port's window holds its
+    /// profile clear of the range; where no growth does, the plan is refused.
     fn avoid_hole_after_ram(&mut self, bridges: &[PciBridge]) -> Result<(), PlanError> {
         let floor = self.aperture_floor()?;
         let targets = self.end_targets()?;
@@ -347,11 +349,15 @@ impl<'a> Builder<'a> {
         if self.all_fit_low(&windows, bridges) {
             return Ok(());
         }
-        let Some(first) = crate::end_placement::first_in_order(&entries) else { return Ok(()) };
-        // Only a root port's window can be grown (through its reservation).
+        // Only a port's window can be grown (through its reservation), and growing the
+        // first port window in the firmware's order moves every other port window: a
+        // bridge window or one of the VMM's BARs may come before it (larger alignment).
+        let is_port = |e: usize| index.contains(&Some(e));
+        let Some(first) = crate::end_placement::first_in_order(&entries, is_port) else { return Ok(()) };
         let Some(port) = index.iter().position(|e| *e == Some(first)) else { return Ok(()) };
         let original = entries.get(first).map(|e| e.window).unwrap_or_default();
         let step = GIB;
+        let mut unfit = None;
         for k in 0..=(2 * AMD_HT_HOLE.end() / step) {
             let grow = k * step;
             if let Some(e) = entries.get_mut(first) {
@@ -361,28 +367,36 @@ impl<'a> Builder<'a> {
             if layout.region.base >= AMD_HT_HOLE.end() || layout.region.end() <= AMD_HT_HOLE.base {
                 return Ok(());
             }
-            let fits = targets.iter().all(|t| {
+            let misfit = targets.iter().find(|t| {
                 let e = index.get(t.port).copied().flatten();
                 let entry = e.and_then(|e| entries.get(e).zip(layout.tie_starts.get(e)));
-                entry.is_some_and(|(entry, starts)| {
+                !entry.is_some_and(|(entry, starts)| {
                     fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
                 })
             });
-            if fits {
-                if grow > 0 {
-                    if let Some(p) = self.ports.get_mut(port) {
-                        p.reservation.pref.size =
-                            original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
-                        p.reservation.why.push(format!(
-                            "{} more than it needs: the firmware lays the windows out from the end of RAM, and this moves the others' large BARs clear of the range QEMU reserves below 1 TiB for AMD-vendor CPUs",
-                            human_size(grow)
-                        ));
-                    }
-                }
-                return Ok(());
+            if let Some(t) = misfit {
+                unfit = unfit.or(Some(t.port));
+                continue;
             }
+            if grow > 0 {
+                if let Some(p) = self.ports.get_mut(port) {
+                    p.reservation.pref.size =
+                        original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
+                    p.reservation.why.push(format!(
+                        "{} more than it needs: the firmware lays the windows out from the end of RAM, and this moves the others' large BARs clear of the range QEMU reserves below 1 TiB for AMD-vendor CPUs",
+                        human_size(grow)
+                    ));
+                }
+            }
+            return Ok(());
         }
-        Ok(())
+        let port = unfit.and_then(|i| self.ports.get(i)).map(|p| p.id.to_string()).unwrap_or_default();
+        Err(AddressSpaceError::ReservedRange {
+            port,
+            reserved_base: AMD_HT_HOLE.base,
+            reserved_last: AMD_HT_HOLE.end() - 1,
+        }
+        .into())
     }
 
     /// The firmware places the region as SeaBIOS 1.16.2 did: only 2 MiB start alignment
