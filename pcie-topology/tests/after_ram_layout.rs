@@ -10,8 +10,8 @@
 use arch_x86_aarch64::{FirmwareGeneration, Q35};
 use pcie_topology::units::{GIB, MIB};
 use pcie_topology::{
-    plan, DeviceRequest, Foreign, ForeignDevice, HotplugProfile, Plan, PlanRequest, PortKind, SpareRequest,
-    AMD_HT_HOLE,
+    plan, AddressSpaceError, DeviceRequest, Foreign, ForeignDevice, HotplugProfile, Mode, Plan, PlanError,
+    PlanRequest, PortKind, SpareRequest, AMD_HT_HOLE,
 };
 use pcilibs::bar::BarKind;
 use pcilibs::requirement::Resource;
@@ -25,11 +25,18 @@ use pcilibs::requirement::Resource;
 /// number first).
 fn firmware_layout(plan: &Plan) -> Vec<(String, u64, Vec<u64>)> {
     let floor = plan.platform.ram_end(plan.options.guest_ram).unwrap().max(4 * GIB);
+    // A switch's root port window is aligned to the largest of its downstream windows.
+    let below = |root: &str| {
+        let switch = plan.switches.iter().find(|s| s.root_port.as_str() == root);
+        let downstream =
+            plan.ports.iter().filter(|p| switch.is_some_and(|s| p.switch.as_ref() == Some(&s.id)));
+        downstream.map(|p| p.reservation.pref.align).max().unwrap_or(0)
+    };
     let ports = plan
         .ports
         .iter()
         .filter(|p| p.kind == PortKind::Root && p.reservation.pref.size > 0)
-        .map(|p| (Some(p.id.to_string()), p.reservation.pref.size, 2 * MIB));
+        .map(|p| (Some(p.id.to_string()), p.reservation.pref.size, below(p.id.as_str()).max(2 * MIB)));
     let vmm = plan.foreign.iter().map(|f| f.device.requirement().unwrap().pref).filter(|w| w.size > 0);
     let mut entries: Vec<(Option<String>, u64, u64)> =
         ports.chain(vmm.map(|w| (None, w.size, w.align))).collect();
@@ -138,6 +145,59 @@ fn a_vmm_bar_first_in_the_firmware_order_still_leaves_the_windows_clear_of_the_h
     let platform = Q35::for_generation(FirmwareGeneration::SeaBiosAfterRam, "").unwrap();
     let plan = plan(&platform, &request).unwrap();
     check(&plan, &spare_ports(&plan), 256 * GIB, "a VMM BAR first");
+}
+
+/// Three 256 GiB devices behind one switch: the switch's root port window is aligned to
+/// 256 GiB and comes first, at 256 GiB..1 TiB, and the third downstream window,
+/// 0xc000000000-0xffffffffff, holds the reserved range (measured on bookworm: "clipped
+/// [mem size 0x4000000000 64bit pref] to [mem size 0x3d00000000 64bit pref] for e820
+/// entry", then "can't assign; no space"). No reservation moves it: refused.
+#[test]
+fn a_switch_window_over_the_ht_hole_is_refused() {
+    let devices = (0..3)
+        .map(|i| {
+            let mut d = DeviceRequest::ivshmem(&format!("g{i}"), 256 * GIB).unwrap();
+            d.p2p_group = Some("p2p0".into());
+            d
+        })
+        .collect();
+    let mut request = PlanRequest::default().with_mode(Mode::SwitchPort).with_devices(devices);
+    request.options.guest_ram = 256 * MIB;
+    let platform = Q35::for_generation(FirmwareGeneration::SeaBiosAfterRam, "").unwrap();
+    let Err(e) = plan(&platform, &request) else { panic!("three 256G devices behind a switch were planned") };
+    assert!(
+        matches!(
+            &e,
+            PlanError::AddressSpace(AddressSpaceError::ReservedRange { port, reserved_base: 0xfd_0000_0000, reserved_last: 0xff_ffff_ffff })
+                if port == "rp0"
+        ),
+        "{e}"
+    );
+}
+
+/// Two 256 GiB devices behind a switch (its window first, 256..768 GiB, clear of the
+/// range) and two 256 GiB spare root ports after it: the first spare window grows so that
+/// both hold their BAR clear of the range.
+#[test]
+fn spare_windows_after_a_switch_move_clear_of_the_ht_hole() {
+    let devices = (0..2)
+        .map(|i| {
+            let mut d = DeviceRequest::ivshmem(&format!("g{i}"), 256 * GIB).unwrap();
+            d.p2p_group = Some("p2p0".into());
+            d
+        })
+        .collect();
+    let profile = HotplugProfile::parse("256:mem32,256G:pref64").unwrap();
+    let mut request = PlanRequest::default()
+        .with_mode(Mode::SwitchPort)
+        .with_devices(devices)
+        .with_spares(vec![SpareRequest::new(profile, 2)]);
+    request.options.guest_ram = 256 * MIB;
+    let platform = Q35::for_generation(FirmwareGeneration::SeaBiosAfterRam, "").unwrap();
+    let plan = plan(&platform, &request).unwrap();
+    let spares = spare_ports(&plan);
+    assert_eq!(spares.len(), 2);
+    check(&plan, &spares, 256 * GIB, "a switch and two spares");
 }
 
 /// The same across counts, BAR sizes and RAM sizes, with spare ports and ports planned
