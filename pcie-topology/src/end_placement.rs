@@ -114,11 +114,7 @@ impl EndPlacement {
     /// floor and the top.
     pub(crate) fn layout(&self, entries: &[Entry]) -> Result<Option<Layout>, AddressSpaceError> {
         let overflow = || AddressSpaceError::Overflow;
-        // (input index, window), in the firmware's order. Stable: ties keep the input
-        // order; the tie groups below make that irrelevant.
-        let mut order: Vec<(usize, WindowReservation)> =
-            entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
-        order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
+        let order = firmware_order(entries);
         let sum = order.iter().try_fold(0u64, |a, (_, w)| a.checked_add(w.size)).ok_or_else(overflow)?;
         let first_align = order.first().map_or(1, |(_, w)| w.align.max(1));
         let mut size = align_up(sum, GIB).ok_or_else(overflow)?;
@@ -146,11 +142,16 @@ impl EndPlacement {
 /// alignment and to 1 GiB, upwards without a limit.
 pub(crate) fn layout_after_ram(floor: u64, entries: &[Entry]) -> Result<Layout, AddressSpaceError> {
     let overflow = || AddressSpaceError::Overflow;
-    let mut order: Vec<(usize, WindowReservation)> =
-        entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
-    order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
+    let order = firmware_order(entries);
     let first_align = order.first().map_or(1, |(_, w)| w.align.max(1));
     let base = align_up(floor, first_align).and_then(|b| align_up(b, GIB)).ok_or_else(overflow)?;
+    lay_out_from(base, entries, &order)
+}
+
+/// Lays `entries` out as the firmware lays out the windows below a bridge whose own
+/// window starts at `base`: in the same order as [`layout_after_ram`], end to end.
+pub(crate) fn layout_inside(base: u64, entries: &[Entry]) -> Result<Layout, AddressSpaceError> {
+    let order = firmware_order(entries);
     lay_out_from(base, entries, &order)
 }
 
@@ -181,12 +182,20 @@ fn lay_out_from(
     Ok(Layout { region: Range::new(base, end - base), starts, tie_starts })
 }
 
-/// Index of the entry the firmware places first (largest alignment, then size).
-pub(crate) fn first_in_order(entries: &[Entry]) -> Option<usize> {
+/// The entries that take space, as (input index, window) in the firmware's order: largest
+/// alignment first, then largest size. Stable: ties keep the input order (the tie groups
+/// of [`Layout`] make that irrelevant).
+fn firmware_order(entries: &[Entry]) -> Vec<(usize, WindowReservation)> {
     let mut order: Vec<(usize, WindowReservation)> =
         entries.iter().map(|e| e.window).enumerate().filter(|(_, w)| w.size > 0).collect();
     order.sort_by_key(|(_, w)| std::cmp::Reverse((w.align, w.size)));
-    order.first().map(|(i, _)| *i)
+    order
+}
+
+/// Index of the first entry in the firmware's order (largest alignment, then size) that
+/// `pick` accepts.
+pub(crate) fn first_in_order(entries: &[Entry], pick: impl Fn(usize) -> bool) -> Option<usize> {
+    firmware_order(entries).into_iter().map(|(i, _)| i).find(|i| pick(*i))
 }
 
 fn overlaps(base: u64, size: u64, range: Range) -> bool {

@@ -58,6 +58,19 @@ pub enum AddressSpaceError {
         /// First address of the aperture.
         aperture_base: u64,
     },
+    /// Firmware that lays the 64-bit windows out upwards from the end of RAM (SeaBIOS up
+    /// to 1.16.2) would leave a hotplug port's window without room for its BARs outside
+    /// the range QEMU reserves below 1 TiB for AMD-vendor CPUs, however much the first
+    /// port window grows to move it.
+    #[error("64-bit MMIO: port `{port}`'s window cannot hold its BARs clear of {reserved_base:#x}-{reserved_last:#x}, which QEMU reserves below 1 TiB for AMD-vendor CPUs, where the firmware lays the windows out from the end of RAM; use fewer or smaller ports, or SeaBIOS 1.16.3 or later")]
+    ReservedRange {
+        /// The port whose window cannot hold its BARs.
+        port: String,
+        /// First address of the reserved range.
+        reserved_base: u64,
+        /// Last address of the reserved range.
+        reserved_last: u64,
+    },
     /// The arithmetic of the address space overflowed 64 bits.
     #[error("address-space totals overflow 64 bits")]
     Overflow,

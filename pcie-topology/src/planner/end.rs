@@ -6,7 +6,8 @@ use pcilibs::requirement::{Window, WindowRequirement};
 
 use super::Builder;
 use crate::end_placement::{
-    fits_everywhere, layout_after_ram, EndPlacement, Entry, AMD_HT_HOLE, TRUSTED_PHYS_BITS,
+    fits_everywhere, layout_after_ram, layout_inside, EndPlacement, Entry, Layout, AMD_HT_HOLE,
+    TRUSTED_PHYS_BITS,
 };
 use crate::error::{AddressSpaceError, PlanError};
 use crate::plan::{PciBridge, PortKind};
@@ -65,6 +66,36 @@ struct Target {
     need: WindowRequirement,
 }
 
+/// A switch whose downstream ports wait for devices: the index of its root port, each
+/// downstream port's index and prefetchable window, and the targets among them.
+struct SwitchTarget {
+    root: usize,
+    windows: Vec<(usize, WindowReservation)>,
+    targets: Vec<Target>,
+}
+
+impl SwitchTarget {
+    /// Whether every target holds its BARs clear of [`AMD_HT_HOLE`] wherever the firmware
+    /// may put it when the root port's window starts at any of `root_starts`: inside it
+    /// the downstream windows follow one another in the firmware's order.
+    fn fits(&self, root_starts: &[u64]) -> Result<bool, AddressSpaceError> {
+        let entries: Vec<Entry> = self.windows.iter().map(|(_, w)| Entry { window: *w }).collect();
+        for start in root_starts {
+            let layout = layout_inside(*start, &entries)?;
+            for t in &self.targets {
+                let Some(at) = self.windows.iter().position(|(i, _)| *i == t.port) else { continue };
+                let (Some(entry), Some(starts)) = (entries.get(at), layout.tie_starts.get(at)) else {
+                    continue;
+                };
+                if !fits_everywhere(starts, entry.window.size, &t.bars, &t.need) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// What the layout decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Placed {
@@ -82,26 +113,49 @@ impl<'a> Builder<'a> {
             if p.kind != PortKind::Root || self.switches.iter().any(|s| s.root_port == p.id) {
                 continue;
             }
-            let resources: Vec<_> = match (self.device_of.get(&i), &p.profile) {
-                (Some(d), _) => {
-                    let d = self
-                        .request
-                        .devices
-                        .get(*d)
-                        .ok_or_else(|| PlanError::UnknownDevice(d.to_string()))?;
-                    if d.cold_plug {
-                        continue;
-                    }
-                    d.resources().copied().collect()
+            out.extend(self.target(i)?);
+        }
+        Ok(out)
+    }
+
+    /// Port `i` as a target: what its device (plugged after boot) or its profile puts in
+    /// its prefetchable window; `None` for a port with a cold-plugged device, nothing to
+    /// wait for, or nothing prefetchable.
+    fn target(&self, i: usize) -> Result<Option<Target>, PlanError> {
+        let Some(p) = self.ports.get(i) else { return Ok(None) };
+        let resources: Vec<_> = match (self.device_of.get(&i), &p.profile) {
+            (Some(d), _) => {
+                let d =
+                    self.request.devices.get(*d).ok_or_else(|| PlanError::UnknownDevice(d.to_string()))?;
+                if d.cold_plug {
+                    return Ok(None);
                 }
-                (None, Some(profile)) => profile.resources.iter().map(|r| r.resource).collect(),
-                (None, None) => continue,
-            };
-            let bars: Vec<u64> =
-                resources.iter().filter(|r| r.window() == Window::Pref).map(|r| r.size).collect();
-            let need = p.reservation.need.pref;
-            if !need.is_empty() {
-                out.push(Target { port: i, bars, need });
+                d.resources().copied().collect()
+            }
+            (None, Some(profile)) => profile.resources.iter().map(|r| r.resource).collect(),
+            (None, None) => return Ok(None),
+        };
+        let bars: Vec<u64> =
+            resources.iter().filter(|r| r.window() == Window::Pref).map(|r| r.size).collect();
+        let need = p.reservation.need.pref;
+        Ok((!need.is_empty()).then_some(Target { port: i, bars, need }))
+    }
+
+    /// The switches on root ports whose downstream ports take a device after boot: the
+    /// root port's index, every downstream port's prefetchable window (they share the
+    /// root port's window) and the targets among them.
+    fn switch_targets(&self) -> Result<Vec<SwitchTarget>, PlanError> {
+        let mut out = Vec::new();
+        for sw in &self.switches {
+            let Some(root) = self.ports.iter().position(|p| p.id == sw.root_port) else { continue };
+            let mut windows = Vec::new();
+            let mut targets = Vec::new();
+            for (i, p) in self.ports.iter().enumerate().filter(|(_, p)| p.switch.as_ref() == Some(&sw.id)) {
+                windows.push((i, p.reservation.pref));
+                targets.extend(self.target(i)?);
+            }
+            if !targets.is_empty() {
+                out.push(SwitchTarget { root, windows, targets });
             }
         }
         Ok(out)
@@ -335,53 +389,99 @@ impl<'a> Builder<'a> {
     /// SeaBIOS up to 1.16.2 lays the windows out upwards from the end of RAM; one that
     /// comes to straddle QEMU's reserved range below 1 TiB ([`AMD_HT_HOLE`]) may have no
     /// aligned slot left for its largest BAR outside it (measured: 4 × 128 GiB windows of
-    /// 256 GiB + 30 MiB, the fourth from 772 GiB, its only slot at 896 GiB..1 TiB refused).
-    /// The first window in the firmware's order grows until every hotplug port's window
-    /// holds its profile clear of the range.
+    /// 256 GiB + 30 MiB, the fourth from 772 GiB, its only slot at 896 GiB..1 TiB refused;
+    /// random seed 2004: two 256 GiB spare windows, the second at
+    /// 0x80ffe00000-0x100ffbfffff, its only slot 768 GiB..1 TiB refused). The first port
+    /// window in the firmware's order grows until every hotplug port's window holds its
+    /// profile clear of the range; where no growth does, the plan is refused.
     fn avoid_hole_after_ram(&mut self, bridges: &[PciBridge]) -> Result<(), PlanError> {
         let floor = self.aperture_floor()?;
         let targets = self.end_targets()?;
+        let switches = self.switch_targets()?;
         let windows: Vec<WindowReservation> = self.ports.iter().map(|p| p.reservation.pref).collect();
         let no_pad = EndPlacement { top: u64::MAX, pad: false, floor };
         let (mut entries, index) = self.end_entries(&no_pad, &windows, bridges)?;
         if self.all_fit_low(&windows, bridges) {
             return Ok(());
         }
-        let Some(first) = crate::end_placement::first_in_order(&entries) else { return Ok(()) };
-        // Only a root port's window can be grown (through its reservation).
-        let Some(port) = index.iter().position(|e| *e == Some(first)) else { return Ok(()) };
-        let original = entries.get(first).map(|e| e.window).unwrap_or_default();
-        let step = GIB;
-        for k in 0..=(2 * AMD_HT_HOLE.end() / step) {
-            let grow = k * step;
-            if let Some(e) = entries.get_mut(first) {
+        // Only a window the plan sizes freely can grow (through its reservation; the
+        // firmware rounds a switch's or a boot-time device's window to its largest BAR),
+        // and growing the first of them in the firmware's order moves every window after
+        // it: a bridge window, a switch or one of the VMM's BARs may come before it
+        // (larger alignment). With none, the layout is checked as it is.
+        let free: Vec<usize> =
+            self.filler_ports().into_iter().filter_map(|i| index.get(i).copied().flatten()).collect();
+        let first = crate::end_placement::first_in_order(&entries, |e| free.contains(&e));
+        let original = first.and_then(|e| entries.get(e)).map(|e| e.window).unwrap_or_default();
+        let steps = if first.is_some() { 2 * AMD_HT_HOLE.end() / GIB } else { 0 };
+        let mut unfit = None;
+        for k in 0..=steps {
+            let grow = k * GIB;
+            if let Some(e) = first.and_then(|e| entries.get_mut(e)) {
                 e.window.size = original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
             }
             let layout = layout_after_ram(floor, &entries)?;
             if layout.region.base >= AMD_HT_HOLE.end() || layout.region.end() <= AMD_HT_HOLE.base {
                 return Ok(());
             }
-            let fits = targets.iter().all(|t| {
-                let e = index.get(t.port).copied().flatten();
-                let entry = e.and_then(|e| entries.get(e).zip(layout.tie_starts.get(e)));
-                entry.is_some_and(|(entry, starts)| {
-                    fits_everywhere(starts, entry.window.size, &t.bars, &t.need)
-                })
-            });
-            if fits {
-                if grow > 0 {
-                    if let Some(p) = self.ports.get_mut(port) {
-                        p.reservation.pref.size =
-                            original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
-                        p.reservation.why.push(format!(
-                            "{} more than it needs: the firmware lays the windows out from the end of RAM, and this moves the others' large BARs clear of the range QEMU reserves below 1 TiB for AMD-vendor CPUs",
-                            human_size(grow)
-                        ));
-                    }
-                }
-                return Ok(());
+            match self.misfit(&targets, &switches, &entries, &index, &layout)? {
+                Some(port) => unfit = unfit.or(Some(port)),
+                None => return self.record_growth(first, &index, original, grow),
             }
         }
+        let port = unfit.and_then(|i| self.ports.get(i)).map(|p| p.id.to_string()).unwrap_or_default();
+        Err(AddressSpaceError::ReservedRange {
+            port,
+            reserved_base: AMD_HT_HOLE.base,
+            reserved_last: AMD_HT_HOLE.end().saturating_sub(1),
+        }
+        .into())
+    }
+
+    /// The first port (a target root port, or a switch's root port) whose BARs do not fit
+    /// clear of [`AMD_HT_HOLE`] in `layout`, or `None` when all do.
+    fn misfit(
+        &self,
+        targets: &[Target],
+        switches: &[SwitchTarget],
+        entries: &[Entry],
+        index: &[Option<usize>],
+        layout: &Layout,
+    ) -> Result<Option<usize>, PlanError> {
+        let starts_of =
+            |port: usize| index.get(port).copied().flatten().and_then(|e| layout.tie_starts.get(e));
+        for t in targets {
+            let e = index.get(t.port).copied().flatten();
+            let entry = e.and_then(|e| entries.get(e).zip(starts_of(t.port)));
+            let fits = entry
+                .is_some_and(|(entry, starts)| fits_everywhere(starts, entry.window.size, &t.bars, &t.need));
+            if !fits {
+                return Ok(Some(t.port));
+            }
+        }
+        for sw in switches {
+            if !sw.fits(starts_of(sw.root).map_or(&[][..], Vec::as_slice))? {
+                return Ok(Some(sw.root));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes `grow` more bytes into the reservation of the port whose entry is `first`.
+    fn record_growth(
+        &mut self,
+        first: Option<usize>,
+        index: &[Option<usize>],
+        original: WindowReservation,
+        grow: u64,
+    ) -> Result<(), PlanError> {
+        let port = first.and_then(|f| index.iter().position(|e| *e == Some(f)));
+        let Some(p) = port.and_then(|i| self.ports.get_mut(i)).filter(|_| grow > 0) else { return Ok(()) };
+        p.reservation.pref.size = original.size.checked_add(grow).ok_or(AddressSpaceError::Overflow)?;
+        p.reservation.why.push(format!(
+            "{} more than it needs: the firmware lays the windows out from the end of RAM, and this moves the others' large BARs clear of the range QEMU reserves below 1 TiB for AMD-vendor CPUs",
+            human_size(grow)
+        ));
         Ok(())
     }
 

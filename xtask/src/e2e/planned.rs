@@ -292,6 +292,7 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
     for d in &scenario.devices {
         plugged.push(ctx.plug(&mut planned, d));
     }
+    save_guest_records(&guest, &dir);
     for p in plugged.iter_mut().filter(|_| ctx.ctx.unplug) {
         if let Some(port) = p.port.clone() {
             ctx.unplug(p, &port);
@@ -305,6 +306,21 @@ fn run_inner(scenario: &Scenario, ctx: &RunContext, report: &mut ScenarioReport)
     }
     report.rows = boot_rows.into_iter().chain(plugged.into_iter().map(|p| p.row)).collect();
     Ok(())
+}
+
+/// Writes the guest kernel's log and its address map (`dmesg.txt`, `iomem.txt`) into the
+/// run folder once every device is plugged: where a BAR failed, the kernel's own words and
+/// the windows it placed around it say why. Best effort: a guest that no longer answers
+/// leaves the reason in the file instead.
+fn save_guest_records(guest: &Guest, dir: &Path) {
+    for (file, command) in [("dmesg.txt", "dmesg"), ("iomem.txt", "cat /proc/iomem")] {
+        let text = match guest.exec(command, Instant::now() + Duration::from_secs(30)) {
+            Ok(out) => out.lines.join("\n") + "\n",
+            Err(e) => format!("`{command}` failed: {e}\n"),
+        };
+        // A folder that cannot be written loses only this record, not the run's verdict.
+        let _ = std::fs::write(dir.join(file), text);
+    }
 }
 
 /// Every planned port's windows as the firmware left them at boot, before any plug: each
