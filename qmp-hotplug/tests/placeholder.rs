@@ -128,6 +128,37 @@ fn placeholder_leaves_before_the_device_comes() {
     assert!(!after[before..].iter().any(|s| matches!(s, Step::DeviceDel { .. } | Step::ObjectDel { .. })));
 }
 
+/// A guest slow to answer ejects the placeholder's slot a second time, after the new
+/// device is in it (ACPI hotplug on a loaded host: the device vanished from QEMU and the
+/// plug failed after its whole deadline). The engine adds it once more.
+#[test]
+fn a_late_second_eject_of_the_placeholder_slot_is_survived() {
+    let fake = Arc::new(fake_with_placeholder());
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let engine = open(&fake.path, &journal, Duration::from_secs(20));
+    fake.state.lock().unwrap().ejects_after_add = 1;
+    let guest = {
+        let fake = Arc::clone(&fake);
+        std::thread::spawn(move || {
+            wait_until("device_del of the placeholder", || {
+                fake.state.lock().unwrap().devices.get("ph0").is_some_and(|d| d.pending)
+            });
+            fake.guest_ejects()
+        })
+    };
+    let started = Instant::now();
+    let rec = engine.plug(request_with_placeholder()).unwrap();
+    assert_eq!(guest.join().unwrap(), vec!["ph0".to_string()]);
+    assert_eq!(rec.state, DeviceState::Visible);
+    assert!(started.elapsed() < Duration::from_secs(5), "no deadline waited out: {:?}", started.elapsed());
+    let s = fake.state.lock().unwrap();
+    assert!(s.devices.contains_key("gpu0"));
+    assert_eq!(s.adds, 2, "added again once");
+    let adds = steps(&journal).into_iter().filter(|st| matches!(st, Step::DeviceAdd { .. })).count();
+    assert_eq!(adds, 2, "both device_adds journaled");
+}
+
 #[test]
 fn guest_not_answering_keeps_the_port_until_the_placeholder_is_gone() {
     let fake = fake_with_placeholder();

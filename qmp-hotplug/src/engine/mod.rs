@@ -60,6 +60,14 @@ pub use recovery::{RecoveryAction, RecoveryReport};
 /// Port locks kept before those nobody holds are dropped.
 const MAX_IDLE_PORT_LOCKS: usize = 1024;
 
+/// Why a function is not visible when QEMU itself no longer has it.
+const NOT_IN_QEMU: &str = "not in /machine/peripheral";
+
+/// Whether `e` says QEMU no longer has a function it had created.
+fn vanished(e: &EngineError) -> bool {
+    matches!(e, EngineError::NotVisible { reason, .. } if reason == NOT_IN_QEMU)
+}
+
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -545,10 +553,34 @@ impl Inner {
             self.check_live_windows(&request)?;
         }
         self.admit(&request)?;
+        let deadline = deadline::after(self.options.visible_timeout);
         let result = self
             .add_all(&request, &prepared, &HashSet::new(), &fds)
-            .and_then(|()| self.await_visible(&request));
+            .and_then(|()| self.await_visible(&request, deadline))
+            .or_else(|cause| self.readd_after_late_eject(&request, &prepared, &fds, cause, deadline));
         self.settle_plug(&request, &prepared, result)
+    }
+
+    /// A guest slow to answer the placeholder's removal can be asked twice (ACPI
+    /// hotplug): its second eject of the slot then takes the device just added, and QEMU
+    /// removes it (seen on a loaded host, QEMU 11.1 and Linux 7.3). A device QEMU no
+    /// longer has, after a plug that took a placeholder off, is added once more within the
+    /// same deadline; any other failure stands.
+    fn readd_after_late_eject(
+        &self,
+        request: &PlugRequest,
+        prepared: &Prepared,
+        fds: &[Arc<OwnedFd>],
+        cause: EngineError,
+        deadline: Instant,
+    ) -> Result<Found> {
+        if request.placeholder.is_none() || !vanished(&cause) || Instant::now() >= deadline {
+            return Err(cause);
+        }
+        let mut present = self.peripheral_ids()?;
+        present.extend(self.qom_children("/objects")?);
+        self.add_all(request, prepared, &present, fds)?;
+        self.await_visible(request, deadline)
     }
 
     /// [`EngineOptions::check_live_windows`]: the functions' `needs` against the live
@@ -685,13 +717,16 @@ impl Inner {
         Ok(list.into_iter().filter(|p| p.type_.starts_with("child<")).map(|p| p.name).collect())
     }
 
-    /// Polls until every function meets its expectation or the deadline passes.
-    fn await_visible(&self, request: &PlugRequest) -> Result<Found> {
-        let deadline = deadline::after(self.options.visible_timeout);
+    /// Polls until every function meets its expectation or `deadline` passes. A function
+    /// QEMU does not have ends the wait at once: `device_add` had created it, so something
+    /// removed it, and it will not come back by waiting.
+    pub(super) fn await_visible(&self, request: &PlugRequest, deadline: Instant) -> Result<Found> {
         loop {
             match self.check_visible(request) {
                 Ok(guest) => return Ok(guest),
-                Err(e @ EngineError::NotVisible { .. }) if Instant::now() >= deadline => return Err(e),
+                Err(e @ EngineError::NotVisible { .. }) if vanished(&e) || Instant::now() >= deadline => {
+                    return Err(e)
+                }
                 Err(EngineError::NotVisible { .. }) => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => return Err(e),
             }
@@ -714,10 +749,7 @@ impl Inner {
         for f in &request.functions {
             let id = f.id().as_str();
             if !present.contains(id) {
-                return Err(EngineError::NotVisible {
-                    id: id.into(),
-                    reason: "not in /machine/peripheral".into(),
-                });
+                return Err(EngineError::NotVisible { id: id.into(), reason: NOT_IN_QEMU.into() });
             }
             let check = match &f.expect {
                 Expectation::Pci(want) => {

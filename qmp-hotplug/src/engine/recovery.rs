@@ -85,9 +85,10 @@ fn reconcile(inner: &Inner, log: &PortLog, present: &HashSet<String>) -> Result<
             } else {
                 Ok(Vec::new())
             };
-            let result = fds
-                .and_then(|fds| inner.add_all(&request, &prepared, present, &fds))
-                .and_then(|()| inner.await_visible(&request));
+            let result =
+                fds.and_then(|fds| inner.add_all(&request, &prepared, present, &fds)).and_then(|()| {
+                    inner.await_visible(&request, crate::deadline::after(inner.options.visible_timeout))
+                });
             match inner.settle_plug(&request, &prepared, result) {
                 Ok(_) => {
                     Ok(format!("finished plug ({} of {} devices were there)", here, request.functions.len()))

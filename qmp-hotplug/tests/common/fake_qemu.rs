@@ -34,6 +34,9 @@ pub struct FakeState {
     /// `device_del` removes at once and sends `DEVICE_DELETED` (a guest that answers
     /// immediately), instead of leaving the device pending.
     pub auto_eject: bool,
+    /// This many `device_add`s from now on are undone at once by the guest (a late
+    /// duplicate eject of the slot): the device goes, `DEVICE_DELETED` is sent.
+    pub ejects_after_add: u32,
     /// Events to send after the reply being made.
     pub outbox: Vec<Value>,
 }
@@ -181,6 +184,12 @@ fn execute(s: &mut FakeState, cmd: &str, args: &Value) -> Reply {
                 return generic(format!("PCI: slot {slot} function {function} not available"));
             }
             s.adds += 1;
+            if s.ejects_after_add > 0 {
+                // A guest's late eject of the slot takes the new device at once.
+                s.ejects_after_add -= 1;
+                s.outbox.push(event_deleted(&id));
+                return Ok(json!({}));
+            }
             s.devices.insert(id, FakeDevice { bus: n + 1, slot, function, pending: false });
             Ok(json!({}))
         }
