@@ -72,6 +72,19 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A guest that answers the placeholder's `device_del` `after` it is asked: the thread
+/// returns what it ejected.
+fn guest_answers_placeholder(fake: &Arc<FakeQemu>, after: Duration) -> std::thread::JoinHandle<Vec<String>> {
+    let fake = Arc::clone(fake);
+    std::thread::spawn(move || {
+        wait_until("device_del of the placeholder", || {
+            fake.state.lock().unwrap().devices.get("ph0").is_some_and(|d| d.pending)
+        });
+        std::thread::sleep(after);
+        fake.guest_ejects()
+    })
+}
+
 #[test]
 fn placeholder_leaves_before_the_device_comes() {
     let fake = Arc::new(fake_with_placeholder());
@@ -79,16 +92,7 @@ fn placeholder_leaves_before_the_device_comes() {
     let journal = dir.path().join("journal");
     let engine = open(&fake.path, &journal, Duration::from_secs(20));
     // The guest answers the slot a little later, as a real one does.
-    let guest = {
-        let fake = Arc::clone(&fake);
-        std::thread::spawn(move || {
-            wait_until("device_del of the placeholder", || {
-                fake.state.lock().unwrap().devices.get("ph0").is_some_and(|d| d.pending)
-            });
-            std::thread::sleep(Duration::from_millis(100));
-            fake.guest_ejects()
-        })
-    };
+    let guest = guest_answers_placeholder(&fake, Duration::from_millis(100));
     let rec = engine.plug(request_with_placeholder()).unwrap();
     assert_eq!(guest.join().unwrap(), vec!["ph0".to_string()]);
     assert_eq!(rec.state, DeviceState::Visible);
@@ -138,15 +142,7 @@ fn a_late_second_eject_of_the_placeholder_slot_is_survived() {
     let journal = dir.path().join("journal");
     let engine = open(&fake.path, &journal, Duration::from_secs(20));
     fake.state.lock().unwrap().ejects_after_add = 1;
-    let guest = {
-        let fake = Arc::clone(&fake);
-        std::thread::spawn(move || {
-            wait_until("device_del of the placeholder", || {
-                fake.state.lock().unwrap().devices.get("ph0").is_some_and(|d| d.pending)
-            });
-            fake.guest_ejects()
-        })
-    };
+    let guest = guest_answers_placeholder(&fake, Duration::ZERO);
     let started = Instant::now();
     let rec = engine.plug(request_with_placeholder()).unwrap();
     assert_eq!(guest.join().unwrap(), vec!["ph0".to_string()]);
